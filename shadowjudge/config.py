@@ -1,0 +1,297 @@
+"""One YAML config, validated by pydantic, with env-var overrides for secrets and URLs.
+
+Overrides use `SHADOWJUDGE__SECTION__KEY=value` (double underscores walk the tree; list items by
+index, e.g. `SHADOWJUDGE__ROUTES__0__INCUMBENT__BASE_URL`). Secrets are never written in the file:
+targets name the env var that holds their key (`api_key_env`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "SHADOWJUDGE__"
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; the message names the file, the key and the problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StoreConfig(_Strict):
+    url: str = "sqlite:///.shadowjudge/shadowjudge.db"
+
+
+class MlflowConfig(_Strict):
+    tracking_uri: str = "sqlite:///.shadowjudge/mlflow.db"
+    experiment_prefix: str = "shadowjudge"
+    ui_url: str | None = Field(default=None, description="Base URL of the MLflow UI, for links in alerts")
+    enabled: bool = True
+
+
+class SourceConfig(_Strict):
+    """A traffic source. `kind` picks the module in shadowjudge.traffic that reads it."""
+
+    name: str
+    kind: Literal["jsonl", "otel", "sql"] = "jsonl"
+    path: str | None = None
+    url: str | None = None
+    table: str | None = None
+    mapping: str | dict[str, str] | None = None
+    max_record_bytes: int = Field(default=1_000_000, gt=0)
+    batch_size: int = Field(default=1000, gt=0)
+
+    @model_validator(mode="after")
+    def _needs_location(self) -> "SourceConfig":
+        if self.kind in ("jsonl", "otel") and not self.path:
+            raise ValueError(f"source kind '{self.kind}' needs 'path'")
+        if self.kind == "sql" and not (self.url and (self.table or self.mapping)):
+            raise ValueError("source kind 'sql' needs 'url' and 'table' (or a 'mapping' that names one)")
+        return self
+
+
+class SamplingConfig(_Strict):
+    rate: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: str = "shadowjudge"
+    routes: list[str] = Field(default_factory=list, description="Only these routes; empty means all")
+    models: list[str] = Field(default_factory=list, description="Only these incumbent models; empty means all")
+    metadata_equals: dict[str, str] = Field(default_factory=dict)
+    stratify_by: str | None = Field(default=None, description="Metadata key whose values are strata")
+    per_stratum_quota: int | None = Field(default=None, gt=0)
+    min_per_stratum: int = Field(default=0, ge=0)
+    daily_cap: int | None = Field(default=None, gt=0)
+
+
+class RedactionConfig(_Strict):
+    enabled: bool = True
+    extra_patterns: dict[str, str] = Field(default_factory=dict, description="name -> regex")
+
+    @field_validator("extra_patterns")
+    @classmethod
+    def _compiles(cls, v: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for name, pattern in v.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern '{name}' is not a valid regex: {exc}") from None
+        return v
+
+
+class Price(_Strict):
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+    cached_input_per_mtok: float | None = Field(default=None, ge=0)
+
+
+class TargetConfig(_Strict):
+    """One model behind an OpenAI-compatible endpoint, as the gateway names it."""
+
+    name: str
+    model: str
+    base_url: str
+    api_key_env: str | None = None
+    concurrency: int = Field(default=8, gt=0)
+    rpm: int | None = Field(default=None, gt=0)
+    tpm: int | None = Field(default=None, gt=0)
+
+    def api_key(self) -> str:
+        """The key from the environment; a placeholder for keyless local endpoints."""
+        if self.api_key_env:
+            value = os.environ.get(self.api_key_env)
+            if not value:
+                raise ConfigError(f"target '{self.name}': env var {self.api_key_env} is not set")
+            return value
+        return "not-needed"
+
+
+class ShadowConfig(_Strict):
+    stream: bool = True
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=3, ge=0)
+    max_tokens: int | None = Field(default=512, gt=0)
+    budget_usd: float | None = Field(default=None, gt=0)
+    consistency_k: int = Field(default=1, ge=1)
+    max_samples: int | None = Field(default=None, gt=0, description="Cap on samples replayed per cycle")
+
+
+class JudgeConfig(_Strict):
+    evaluator: str = Field(default="small-judge", description="small-judge | llm-judge | lexical")
+    model_uri: str | None = Field(default=None, description="Default: models:/<registered_name>@champion")
+    registered_name: str = "shadowjudge-judge"
+    accept_floor: float = Field(default=0.5, ge=0, le=1, description="Score at which an answer is accepted")
+    calibration_fraction: float = Field(default=0.0, ge=0, le=1)
+    batch_size: int = Field(default=32, gt=0)
+
+
+class CriteriaConfig(_Strict):
+    """Success criteria declared before a test starts (Kayenta-style)."""
+
+    min_quality_ratio: float = Field(default=0.97, gt=0)
+    max_cost_ratio: float = Field(default=1.10, gt=0)
+    max_p95_latency_ratio: float = Field(default=1.0, gt=0)
+    max_error_rate_delta: float = Field(default=0.0, ge=0)
+    min_samples: int = Field(default=30, gt=0)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+
+
+class PolicyConfig(_Strict):
+    kind: Literal["ladder", "cost_aware", "bandit"] = "ladder"
+    steps: list[int] = Field(default_factory=lambda: [1, 5, 25, 50, 100])
+    min_dwell_s: float = Field(default=0, ge=0)
+    min_samples_per_step: int = Field(default=0, ge=0)
+    max_step_change: int = Field(default=100, gt=0, le=100)
+    incumbent_min_weight: int = Field(default=0, ge=0, le=100)
+    frozen: bool = False
+    manual_gate: bool = False
+
+    @field_validator("steps")
+    @classmethod
+    def _ladder(cls, v: list[int]) -> list[int]:
+        if not v or any(s <= 0 or s > 100 for s in v) or v != sorted(set(v)):
+            raise ValueError("steps must be strictly increasing percentages in (0, 100]")
+        return v
+
+
+class GatewayConfig(_Strict):
+    kind: Literal["truefoundry", "litellm", "litellm_api", "portkey", "nginx"] = "truefoundry"
+    path: str | None = None
+    url: str | None = None
+    api_key_env: str | None = None
+    reload_command: list[str] | None = None
+
+
+class RouteConfig(_Strict):
+    name: str
+    incumbent: TargetConfig
+    candidates: list[TargetConfig] = Field(min_length=1)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    criteria: CriteriaConfig = Field(default_factory=CriteriaConfig)
+    slice_key: str | None = Field(default=None, description="Metadata key to analyse per slice")
+
+    @model_validator(mode="after")
+    def _unique_targets(self) -> "RouteConfig":
+        names = [self.incumbent.name] + [c.name for c in self.candidates]
+        if len(set(names)) != len(names):
+            raise ValueError(f"target names must be unique within route '{self.name}': {names}")
+        return self
+
+
+class Config(_Strict):
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    sources: list[SourceConfig] = Field(min_length=1)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    redaction: RedactionConfig = Field(default_factory=RedactionConfig)
+    pricing: dict[str, Price] = Field(default_factory=dict)
+    shadow: ShadowConfig = Field(default_factory=ShadowConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    routes: list[RouteConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "Config":
+        for kind, names in (("source", [s.name for s in self.sources]), ("route", [r.name for r in self.routes])):
+            if len(set(names)) != len(names):
+                raise ValueError(f"{kind} names must be unique: {names}")
+        return self
+
+    def route(self, name: str) -> RouteConfig:
+        for r in self.routes:
+            if r.name == name:
+                return r
+        raise ConfigError(f"no route named '{name}' (known: {[r.name for r in self.routes]})")
+
+    def fingerprint(self) -> str:
+        """Hash of the effective config: logged with every run so results trace back to it."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _apply_env_overrides(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in key[len(ENV_PREFIX):].split("__") if p]
+        node: Any = data
+        for i, part in enumerate(path):
+            last = i == len(path) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"env override {key}: '{part}' is not an index of that list")
+                idx = int(part)
+                if last:
+                    node[idx] = yaml.safe_load(value)
+                else:
+                    node = node[idx]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = yaml.safe_load(value)
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise ConfigError(f"env override {key}: '{part}' walks into a scalar")
+    return data
+
+
+def _format_location(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def parse_config(data: Any, source: str = "<config>", environ: dict[str, str] | None = None) -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    data = _apply_env_overrides(data, dict(os.environ if environ is None else environ))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{source}: invalid config"]
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {_format_location(err['loc'])}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Config:
+    """Read and validate a config file. Relative paths inside it resolve against the file's folder."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    config = parse_config(data, str(path), environ)
+    return _resolve_paths(config, path.parent)
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    for source in config.sources:
+        if source.path and not Path(source.path).is_absolute():
+            source.path = str((base / source.path).resolve())
+    for route in config.routes:
+        if route.gateway.path and not Path(route.gateway.path).is_absolute():
+            route.gateway.path = str((base / route.gateway.path).resolve())
+    for section in (config.store, config.mlflow):
+        attr = "url" if section is config.store else "tracking_uri"
+        value = getattr(section, attr)
+        if value.startswith("sqlite:///") and not value.startswith("sqlite:////"):
+            rel = value[len("sqlite:///"):]
+            if rel and rel != ":memory:":
+                setattr(section, attr, "sqlite:///" + str((base / rel).resolve()))
+    return config

@@ -1,0 +1,251 @@
+"""SQLAlchemy 2.0 models. The schema is created only by Alembic (migrations/); tests check the two agree.
+
+Every table that a flow writes has a natural unique key, so a rerun upserts instead of duplicating.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+Base.metadata.naming_convention = NAMING  # type: ignore[assignment]
+
+# SQLite only autoincrements INTEGER PRIMARY KEY; BigInteger elsewhere.
+BigId = BigInteger().with_variant(Integer, "sqlite")
+
+
+class TrafficSample(Base):
+    """A sampled production request, normalised and redacted (raw text never lands here)."""
+
+    __tablename__ = "traffic_samples"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(128), unique=True)
+    source: Mapped[str] = mapped_column(String(128))
+    source_position: Mapped[str] = mapped_column(String(512))
+    route: Mapped[str] = mapped_column(String(128))
+    incumbent_model: Mapped[str] = mapped_column(String(256))
+    messages: Mapped[list[Any]] = mapped_column(JSON)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    response_text: Mapped[str | None] = mapped_column(Text)
+    input_tokens: Mapped[int | None] = mapped_column(Integer)
+    output_tokens: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    ttft_ms: Mapped[float | None] = mapped_column(Float)
+    cost_usd: Mapped[float | None] = mapped_column(Float)
+    cache_hit: Mapped[bool] = mapped_column(Boolean, default=False)
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    stratum: Mapped[str | None] = mapped_column(String(256))
+    redactions: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    request_ts: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ingested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        Index("ix_traffic_samples_route_request_ts", "route", "request_ts"),
+        Index("ix_traffic_samples_ingested_at", "ingested_at"),
+    )
+
+
+class SourceCursor(Base):
+    """How far a source has been read; advanced in the same transaction as the samples it covers."""
+
+    __tablename__ = "source_cursors"
+
+    source: Mapped[str] = mapped_column(String(128), primary_key=True)
+    position: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class QuarantinedRecord(Base):
+    """Input that could not be used: where it was and why, never its raw text."""
+
+    __tablename__ = "quarantined_records"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    source: Mapped[str] = mapped_column(String(128))
+    position: Mapped[str] = mapped_column(String(512))
+    reason: Mapped[str] = mapped_column(String(1024))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (UniqueConstraint("source", "position"),)
+
+
+class ShadowRun(Base):
+    """One cycle's shadow test of one route. `run_key` is deterministic so a rerun finds it."""
+
+    __tablename__ = "shadow_runs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    run_key: Mapped[str] = mapped_column(String(128), unique=True)
+    route: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(32), default="cycle")
+    status: Mapped[str] = mapped_column(String(32), default="running")
+    config_hash: Mapped[str] = mapped_column(String(64))
+    judge_version: Mapped[str | None] = mapped_column(String(256))
+    sample_ids: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    decision: Mapped[str | None] = mapped_column(String(32))
+    summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_shadow_runs_route_started_at", "route", "started_at"),)
+
+
+class ShadowResult(Base):
+    """One replayed request against one target (attempt > 0 in consistency mode)."""
+
+    __tablename__ = "shadow_results"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("shadow_runs.id", ondelete="CASCADE"))
+    sample_id: Mapped[int] = mapped_column(ForeignKey("traffic_samples.id", ondelete="CASCADE"))
+    target: Mapped[str] = mapped_column(String(128))
+    model: Mapped[str] = mapped_column(String(256))
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    output_text: Mapped[str | None] = mapped_column(Text)
+    ttft_ms: Mapped[float | None] = mapped_column(Float)
+    itl_ms: Mapped[float | None] = mapped_column(Float, doc="mean inter-token latency")
+    tpot_ms: Mapped[float | None] = mapped_column(Float)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    input_tokens: Mapped[int | None] = mapped_column(Integer)
+    output_tokens: Mapped[int | None] = mapped_column(Integer)
+    cost_usd: Mapped[float | None] = mapped_column(Float)
+    error_class: Mapped[str | None] = mapped_column(String(128))
+    retries: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (UniqueConstraint("run_id", "sample_id", "target", "attempt"),)
+
+
+class Judgment(Base):
+    """An evaluator's verdict on one (incumbent, candidate) pair for one sample."""
+
+    __tablename__ = "judgments"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("shadow_runs.id", ondelete="CASCADE"))
+    sample_id: Mapped[int] = mapped_column(ForeignKey("traffic_samples.id", ondelete="CASCADE"))
+    target: Mapped[str] = mapped_column(String(128))
+    evaluator: Mapped[str] = mapped_column(String(256), doc="evaluator version string")
+    candidate_score: Mapped[float | None] = mapped_column(Float)
+    incumbent_score: Mapped[float | None] = mapped_column(Float)
+    preference: Mapped[float | None] = mapped_column(Float, doc="P(candidate better than incumbent)")
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (UniqueConstraint("run_id", "sample_id", "target", "evaluator"),)
+
+
+class Alert(Base):
+    """A regression or drift finding. `fingerprint` is the cause; one open alert per cause."""
+
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    fingerprint: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16), default="open")
+    severity: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[str] = mapped_column(String(32))
+    route: Mapped[str] = mapped_column(String(128))
+    target: Mapped[str | None] = mapped_column(String(128))
+    metric: Mapped[str] = mapped_column(String(128))
+    slice: Mapped[str | None] = mapped_column(String(256))
+    effect_size: Mapped[float | None] = mapped_column(Float)
+    ci_low: Mapped[float | None] = mapped_column(Float)
+    ci_high: Mapped[float | None] = mapped_column(Float)
+    action: Mapped[str | None] = mapped_column(String(256))
+    message: Mapped[str] = mapped_column(Text)
+    bundle: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("shadow_runs.id", ondelete="SET NULL"))
+    occurrences: Mapped[int] = mapped_column(Integer, default=1)
+    delivered: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, doc="sink -> delivery status")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+    __table_args__ = (
+        Index("ix_alerts_fingerprint_status", "fingerprint", "status"),
+        Index("ix_alerts_status_created_at", "status", "created_at"),
+    )
+
+
+class RouteState(Base):
+    """Where a route's rollout stands now; the controller steps it one iteration at a time."""
+
+    __tablename__ = "route_state"
+
+    route: Mapped[str] = mapped_column(String(128), primary_key=True)
+    weights: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    candidate: Mapped[str | None] = mapped_column(String(128))
+    step_index: Mapped[int] = mapped_column(Integer, default=-1)
+    step_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    phase: Mapped[str] = mapped_column(String(32), default="idle")
+    frozen: Mapped[bool] = mapped_column(Boolean, default=False)
+    approved_step: Mapped[int | None] = mapped_column(Integer)
+    revision: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class RouteWeightChange(Base):
+    """Every weight change pushed (or refused) for a route: before, after, why, and the analysis."""
+
+    __tablename__ = "route_weight_history"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    route: Mapped[str] = mapped_column(String(128))
+    revision: Mapped[int] = mapped_column(Integer)
+    before: Mapped[dict[str, Any]] = mapped_column(JSON)
+    after: Mapped[dict[str, Any]] = mapped_column(JSON)
+    reason: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(32), default="applied")
+    gateway: Mapped[str] = mapped_column(String(64))
+    analysis_link: Mapped[str | None] = mapped_column(String(1024))
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("shadow_runs.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("route", "revision"),
+        Index("ix_route_weight_history_route_created_at", "route", "created_at"),
+    )
+
+
+class Lock(Base):
+    """A lease-based lock row; acquiring is an INSERT that only one writer can win (SQLite and PostgreSQL)."""
+
+    __tablename__ = "locks"
+
+    name: Mapped[str] = mapped_column(String(256), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(256))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

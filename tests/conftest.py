@@ -1,0 +1,77 @@
+"""Shared fixtures: migrated stores on SQLite and (when SHADOWJUDGE_TEST_PG_URL is set) PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import create_engine, text
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from shadowjudge.store import dispose_engines, get_engine, upgrade_database  # noqa: E402
+
+PG_URL = os.environ.get("SHADOWJUDGE_TEST_PG_URL")
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> Iterator[str]:
+    """A fresh, throwaway database on the PostgreSQL server, dropped after the session."""
+    if not PG_URL:
+        pytest.skip("SHADOWJUDGE_TEST_PG_URL is not set")
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    name = f"sj_test_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_URL.rsplit("/", 1)[0] + "/" + name
+    yield url
+    dispose_engines()
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def _fresh_pg_schema(server_url: str) -> str:
+    """A new schema-less database per test so tests never see each other's rows."""
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    name = f"sj_t_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return server_url.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.pg)])
+def store_url(request, tmp_path) -> Iterator[str]:
+    """A migrated, empty store; every test using it runs on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/store.db"
+    else:
+        url = _fresh_pg_schema(request.getfixturevalue("pg_server_url"))
+    upgrade_database(url)
+    yield url
+    engine = get_engine(url)
+    engine.dispose()
+    if request.param == "postgresql":
+        admin = create_engine(request.getfixturevalue("pg_server_url"), isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    url = f"sqlite:///{tmp_path}/store.db"
+    upgrade_database(url)
+    return url
+
+
+@pytest.fixture
+def engine(store_url):
+    return get_engine(store_url)

@@ -1,0 +1,48 @@
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import func, inspect, select
+
+from shadowjudge.store import Base, SourceCursor, TrafficSample, current_revision, get_engine, insert_ignoring_duplicates, session_scope, upgrade_database
+from shadowjudge.store.models import utcnow
+
+
+def test_migrations_create_every_table_and_match_the_models(store_url):
+    engine = get_engine(store_url)
+    tables = set(inspect(engine).get_table_names())
+    assert set(Base.metadata.tables) <= tables
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == [], f"models and migrations disagree: {diff}"
+
+
+def test_upgrade_is_idempotent(store_url):
+    first = current_revision(store_url)
+    assert upgrade_database(store_url) == first
+
+
+def _sample(i: int) -> dict:
+    return dict(request_id=f"req-{i}", source="s", source_position=str(i), route="chat", incumbent_model="m",
+                messages=[{"role": "user", "content": "hi"}], params={}, meta={}, redactions={},
+                request_ts=utcnow(), ingested_at=utcnow(), cache_hit=False)
+
+
+def test_insert_ignoring_duplicates_never_duplicates(store_url):
+    engine = get_engine(store_url)
+    with session_scope(engine) as s:
+        assert insert_ignoring_duplicates(s, TrafficSample, [_sample(1), _sample(2)], ["request_id"]) == 2
+    with session_scope(engine) as s:
+        assert insert_ignoring_duplicates(s, TrafficSample, [_sample(2), _sample(3)], ["request_id"]) == 1
+        assert s.scalar(select(func.count()).select_from(TrafficSample)) == 3
+
+
+def test_session_scope_rolls_back_on_error(store_url):
+    engine = get_engine(store_url)
+    try:
+        with session_scope(engine) as s:
+            s.add(SourceCursor(source="x", position={"offset": 1}))
+            s.flush()
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    with session_scope(engine) as s:
+        assert s.get(SourceCursor, "x") is None
