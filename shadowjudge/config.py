@@ -16,10 +16,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from shadowjudge.errors import InputError
+
 ENV_PREFIX = "SHADOWJUDGE__"
 
 
-class ConfigError(Exception):
+class ConfigError(InputError):
     """A config that cannot be used; the message names the file, the key and the problem."""
 
 

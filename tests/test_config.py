@@ -1,0 +1,83 @@
+import pytest
+import yaml
+
+from shadowjudge.config import ConfigError, load_config, parse_config
+
+EXAMPLE = "configs/shadowjudge.yaml"
+
+
+def _example() -> dict:
+    with open(EXAMPLE) as fh:
+        return yaml.safe_load(fh)
+
+
+def test_worked_example_loads_and_resolves_paths():
+    config = load_config(EXAMPLE)
+    assert config.routes[0].name == "chat-default"
+    assert config.sources[0].path.endswith("shadowjudge/demo_data/requests.jsonl.gz")
+    assert config.store.url.startswith("sqlite:////")
+
+
+def test_fingerprint_changes_with_the_config():
+    a = parse_config(_example(), environ={})
+    data = _example()
+    data["sampling"]["rate"] = 0.25
+    assert parse_config(data, environ={}).fingerprint() != a.fingerprint()
+    assert parse_config(_example(), environ={}).fingerprint() == a.fingerprint()
+
+
+@pytest.mark.parametrize("mutate, key, words", [
+    (lambda d: d["sampling"].__setitem__("rate", 1.5), "sampling.rate", "less than or equal to 1"),
+    (lambda d: d["routes"][0]["incumbent"].pop("base_url"), "routes[0].incumbent.base_url", "Field required"),
+    (lambda d: d["routes"][0]["policy"].__setitem__("steps", [50, 5]), "routes[0].policy.steps", "strictly increasing"),
+    (lambda d: d["store"].__setitem__("uri", "x"), "store.uri", "Extra inputs are not permitted"),
+    (lambda d: d["redaction"]["extra_patterns"].__setitem__("bad", "("), "redaction.extra_patterns", "not a valid regex"),
+    (lambda d: d.__setitem__("routes", []), "routes", "at least 1"),
+])
+def test_bad_config_names_file_key_and_problem(tmp_path, mutate, key, words):
+    data = _example()
+    mutate(data)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, environ={})
+    message = str(exc.value)
+    assert str(path) in message and key in message and words in message
+
+
+def test_env_overrides_reach_nested_keys_and_list_items():
+    env = {"SHADOWJUDGE__STORE__URL": "postgresql://db/x",
+           "SHADOWJUDGE__ROUTES__0__INCUMBENT__BASE_URL": "http://other:1/v1",
+           "SHADOWJUDGE__SAMPLING__RATE": "0.2"}
+    config = parse_config(_example(), environ=env)
+    assert config.store.url == "postgresql://db/x"
+    assert config.routes[0].incumbent.base_url == "http://other:1/v1"
+    assert config.sampling.rate == 0.2
+
+
+def test_env_override_with_a_bad_index_is_a_config_error():
+    with pytest.raises(ConfigError, match="ROUTES__7"):
+        parse_config(_example(), environ={"SHADOWJUDGE__ROUTES__7__NAME": "x"})
+
+
+def test_unreadable_and_non_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("routes: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(scalar)
+
+
+def test_api_key_comes_from_env_and_a_missing_one_is_named(monkeypatch):
+    config = parse_config(_example(), environ={})
+    target = config.routes[0].candidates[0]
+    monkeypatch.delenv("CANDIDATE_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="CANDIDATE_API_KEY"):
+        target.api_key()
+    monkeypatch.setenv("CANDIDATE_API_KEY", "sk-test")
+    assert target.api_key() == "sk-test"
