@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 13:28:45.578052
+Create Date: 2026-11-23 16:12:46.152445
 """
 from alembic import op
 import sqlalchemy as sa
@@ -41,6 +41,11 @@ def upgrade() -> None:
     sa.Column('frozen', sa.Boolean(), nullable=False),
     sa.Column('approved_step', sa.Integer(), nullable=True),
     sa.Column('revision', sa.Integer(), nullable=False),
+    sa.Column('serving', sa.String(length=128), nullable=True),
+    sa.Column('samples_in_step', sa.Integer(), nullable=False),
+    sa.Column('policy_state', sa.JSON(), nullable=False),
+    sa.Column('last_run_id', sa.Integer(), nullable=True),
+    sa.Column('last_outcome', sa.JSON(), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('route', name=op.f('pk_route_state'))
     )
@@ -150,6 +155,8 @@ def upgrade() -> None:
     sa.Column('after', sa.JSON(), nullable=False),
     sa.Column('reason', sa.Text(), nullable=False),
     sa.Column('status', sa.String(length=32), nullable=False),
+    sa.Column('decision', sa.String(length=32), nullable=False),
+    sa.Column('error', sa.Text(), nullable=True),
     sa.Column('gateway', sa.String(length=64), nullable=False),
     sa.Column('analysis_link', sa.String(length=1024), nullable=True),
     sa.Column('run_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),

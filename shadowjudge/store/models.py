@@ -215,6 +215,11 @@ class RouteState(Base):
     frozen: Mapped[bool] = mapped_column(Boolean, default=False)
     approved_step: Mapped[int | None] = mapped_column(Integer)
     revision: Mapped[int] = mapped_column(Integer, default=0)
+    serving: Mapped[str | None] = mapped_column(String(128), doc="target that holds the route: the incumbent until a promotion")
+    samples_in_step: Mapped[int] = mapped_column(Integer, default=0)
+    policy_state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, doc="failed candidates, bandit posteriors")
+    last_run_id: Mapped[int | None] = mapped_column(Integer, doc="run whose verdicts were applied last: a rerun is a no-op")
+    last_outcome: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
@@ -230,6 +235,8 @@ class RouteWeightChange(Base):
     after: Mapped[dict[str, Any]] = mapped_column(JSON)
     reason: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(32), default="applied")
+    decision: Mapped[str] = mapped_column(String(32), default="")
+    error: Mapped[str | None] = mapped_column(Text, doc="why the gateway refused or failed, secrets removed")
     gateway: Mapped[str] = mapped_column(String(64))
     analysis_link: Mapped[str | None] = mapped_column(String(1024))
     run_id: Mapped[int | None] = mapped_column(ForeignKey("shadow_runs.id", ondelete="SET NULL"))
