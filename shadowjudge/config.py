@@ -136,6 +136,9 @@ class JudgeConfig(_Strict):
     batch_size: int = Field(default=32, gt=0)
 
 
+CANARY_METRICS = ("quality", "error_rate", "cost_per_outcome", "latency_p95", "ttft")
+
+
 class CriteriaConfig(_Strict):
     """Success criteria declared before a test starts (Kayenta-style)."""
 
@@ -145,6 +148,81 @@ class CriteriaConfig(_Strict):
     max_error_rate_delta: float = Field(default=0.0, ge=0)
     min_samples: int = Field(default=30, gt=0)
     confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    # What a judge that only gives preferences must show instead of the quality ratio.
+    min_preference: float = Field(default=0.45, ge=0, le=1, description="Lowest mean P(candidate better) tolerated")
+    max_ttft_ratio: float = Field(default=1.0, gt=0, description="Time to first token, candidate over incumbent")
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {"quality": 40, "error_rate": 20, "cost_per_outcome": 15, "latency_p95": 15, "ttft": 10},
+        description="Metric weights of the canary score; a metric left out is measured but not scored")
+    critical: list[str] = Field(default_factory=lambda: ["quality", "error_rate"],
+                                description="Metrics whose failure fails the candidate whatever the score")
+    pass_score: float = Field(default=95, ge=0, le=100)
+    marginal_score: float = Field(default=75, ge=0, le=100)
+    min_slice_samples: int = Field(default=20, gt=0)
+    slice_failure: Literal["fail", "mark"] = Field(
+        default="fail", description="A failing slice fails the candidate ('fail') or caps it at marginal ('mark')")
+    bootstrap_resamples: int = Field(default=2000, ge=200)
+
+    @model_validator(mode="after")
+    def _known_metrics(self) -> "CriteriaConfig":
+        unknown = (set(self.weights) | set(self.critical)) - set(CANARY_METRICS)
+        if unknown:
+            raise ValueError(f"unknown metric(s) {sorted(unknown)}; known: {list(CANARY_METRICS)}")
+        if any(w < 0 for w in self.weights.values()):
+            raise ValueError("metric weights must be >= 0")
+        if self.marginal_score > self.pass_score:
+            raise ValueError("marginal_score must not exceed pass_score")
+        return self
+
+
+class DriftConfig(_Strict):
+    """Thresholds of the drift checks: a check alarms only when its test AND its effect size agree."""
+
+    alpha: float = Field(default=0.05, gt=0, lt=0.5, description="False-alarm rate of one drift check")
+    min_samples: int = Field(default=50, gt=1, description="Per window; fewer gives 'nodata'")
+    max_embeddings: int = Field(default=2000, ge=100, description="Per window: larger windows are subsampled")
+    permutations: int = Field(default=500, ge=100)
+    min_auc: float = Field(default=0.6, gt=0.5, lt=1, description="Domain-classifier AUC that counts as drift")
+    min_mmd: float = Field(default=0.05, gt=0, description="MMD (RBF kernel, not squared) that counts as drift")
+    max_psi: float = Field(default=0.2, gt=0, description="Population stability index that counts as drift")
+    max_rate_delta: float = Field(default=0.05, gt=0, le=1, description="Refusal / format-compliance rate change")
+    max_agreement_drop: float = Field(default=0.05, gt=0, le=1, description="Fall in judge-teacher agreement")
+
+
+class AlertSinkConfig(_Strict):
+    """Where alerts go. URLs that embed a secret (Slack, most webhooks) come from `url_env`, never the file."""
+
+    name: str
+    kind: Literal["webhook", "slack", "pagerduty"]
+    url: str | None = Field(default=None, description="A URL without secrets; PagerDuty defaults to Events v2")
+    url_env: str | None = Field(default=None, description="Env var that holds the URL")
+    routing_key_env: str | None = Field(default=None, description="PagerDuty: env var with the integration key")
+    min_severity: Literal["info", "warning", "critical"] = "warning"
+    timeout_s: float = Field(default=10.0, gt=0)
+    max_attempts: int = Field(default=4, ge=1, le=10)
+    backoff_s: float = Field(default=0.5, ge=0)
+
+    @model_validator(mode="after")
+    def _has_destination(self) -> "AlertSinkConfig":
+        if self.url and self.url_env:
+            raise ValueError(f"sink '{self.name}': give 'url' or 'url_env', not both")
+        if self.kind != "pagerduty" and not (self.url or self.url_env):
+            raise ValueError(f"sink '{self.name}': needs 'url' or 'url_env'")
+        if self.kind == "pagerduty" and not self.routing_key_env:
+            raise ValueError(f"sink '{self.name}': pagerduty needs 'routing_key_env'")
+        return self
+
+
+class AlertsConfig(_Strict):
+    sinks: list[AlertSinkConfig] = Field(default_factory=list)
+    max_examples: int = Field(default=5, ge=0, le=50, description="Worst examples carried by each alert")
+
+    @model_validator(mode="after")
+    def _unique_sinks(self) -> "AlertsConfig":
+        names = [s.name for s in self.sinks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sink names must be unique: {names}")
+        return self
 
 
 class PolicyConfig(_Strict):
@@ -200,6 +278,8 @@ class Config(_Strict):
     shadow: ShadowConfig = Field(default_factory=ShadowConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     routes: list[RouteConfig] = Field(min_length=1)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
 
     @model_validator(mode="after")
     def _unique_names(self) -> "Config":

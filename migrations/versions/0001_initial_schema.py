@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 16:12:46.152445
+Create Date: 2026-11-23 16:14:35.894781
 """
 from alembic import op
 import sqlalchemy as sa
@@ -106,6 +106,7 @@ def upgrade() -> None:
     op.create_table('alerts',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
     sa.Column('fingerprint', sa.String(length=128), nullable=False),
+    sa.Column('open_key', sa.String(length=128), nullable=True),
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('severity', sa.String(length=16), nullable=False),
     sa.Column('kind', sa.String(length=32), nullable=False),
@@ -125,7 +126,8 @@ def upgrade() -> None:
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['run_id'], ['shadow_runs.id'], name=op.f('fk_alerts_run_id_shadow_runs'), ondelete='SET NULL'),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_alerts'))
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_alerts')),
+    sa.UniqueConstraint('open_key', name=op.f('uq_alerts_open_key'))
     )
     with op.batch_alter_table('alerts', schema=None) as batch_op:
         batch_op.create_index('ix_alerts_fingerprint_status', ['fingerprint', 'status'], unique=False)

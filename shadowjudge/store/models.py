@@ -176,6 +176,10 @@ class Alert(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     fingerprint: Mapped[str] = mapped_column(String(128))
+    open_key: Mapped[str | None] = mapped_column(
+        String(128), unique=True,
+        doc="the fingerprint while the alert is unresolved, NULL once resolved: at most one unresolved alert per cause, "
+            "enforced by the database even when two cycles raise it at once")
     status: Mapped[str] = mapped_column(String(16), default="open")
     severity: Mapped[str] = mapped_column(String(16))
     kind: Mapped[str] = mapped_column(String(32))
