@@ -1,0 +1,145 @@
+"""Kayenta-style canary judgement: a per-metric classifier and a separate scorer.
+
+The classifier turns one metric's effect (candidate against incumbent) and its interval into pass / marginal /
+fail / nodata against the tolerance declared in the route's criteria. The scorer weights the classifications into
+one 0-100 score and a verdict. Keeping the two apart means the weights can change without touching any statistics,
+and every verdict can be traced to the metric results behind it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+
+from shadowjudge.config import CriteriaConfig
+
+
+class Classification(StrEnum):
+    PASS = "pass"
+    MARGINAL = "marginal"
+    FAIL = "fail"
+    NODATA = "nodata"
+
+
+class Verdict(StrEnum):
+    PASS = "pass"
+    MARGINAL = "marginal"
+    FAIL = "fail"
+    INCONCLUSIVE = "inconclusive"
+
+
+_CREDIT = {Classification.PASS: 1.0, Classification.MARGINAL: 0.5, Classification.FAIL: 0.0}
+
+
+@dataclass(frozen=True)
+class MetricResult:
+    """One metric, candidate against incumbent.
+
+    `effect` is in the units the criterion is stated in: a ratio (candidate / incumbent, no change = 1), a
+    difference (candidate - incumbent, no change = 0) or a level (mean preference, no change = 0.5);
+    `tolerance` is the worst effect the criteria accept. `shift*` and `p_value` are the Mann-Whitney U test and
+    Hodges-Lehmann shift (candidate - incumbent, in the metric's own unit) where the metric has one.
+    """
+
+    metric: str
+    classification: Classification
+    method: str
+    effect_kind: str
+    effect: float | None
+    ci_low: float | None
+    ci_high: float | None
+    tolerance: float | None
+    no_change: float
+    higher_is_better: bool
+    candidate_value: float | None
+    incumbent_value: float | None
+    n_candidate: int
+    n_incumbent: int
+    p_value: float | None = None
+    shift: float | None = None
+    shift_ci_low: float | None = None
+    shift_ci_high: float | None = None
+    note: str = ""
+
+    def describe(self) -> str:
+        """One line a person can act on: what moved, by how much, against what bound."""
+        if self.classification is Classification.NODATA or self.effect is None:
+            return f"{self.metric}: no data ({self.note or 'too few samples'})"
+        unit = {"ratio": "x", "difference": "", "level": ""}[self.effect_kind]
+        bound = "min" if self.higher_is_better else "max"
+        return (f"{self.metric} {self.classification}: {self.effect_kind} {self.effect:.3g}{unit} "
+                f"[{_fmt(self.ci_low)}, {_fmt(self.ci_high)}], {bound} {_fmt(self.tolerance)} "
+                f"(candidate {_fmt(self.candidate_value)} vs incumbent {_fmt(self.incumbent_value)}, "
+                f"n={self.n_candidate}/{self.n_incumbent})")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.3g}"
+
+
+def classify_effect(effect: float, ci_low: float, ci_high: float, tolerance: float, no_change: float,
+                    higher_is_better: bool) -> Classification:
+    """Classify an effect and its interval against a tolerance bound.
+
+    With a non-inferiority margin (tolerance at or on the worse side of no change), as Kayenta does:
+    fail when the whole interval is beyond the tolerance; marginal when the estimate is beyond it and the
+    candidate is significantly worse than no change, though not confidently beyond the bound; pass otherwise.
+    With a superiority requirement (tolerance on the better side of no change), pass needs the whole interval
+    inside the bound, so an underpowered comparison never passes by default.
+    """
+    if not all(math.isfinite(v) for v in (effect, ci_low, ci_high)):
+        return Classification.NODATA
+    sign = 1.0 if higher_is_better else -1.0
+    # In 'goodness' orientation: bigger is better for every metric.
+    est, lo, hi = sign * effect, min(sign * ci_low, sign * ci_high), max(sign * ci_low, sign * ci_high)
+    tol, null = sign * tolerance, sign * no_change
+    if hi < tol:
+        return Classification.FAIL
+    if tol > null:  # the criteria demand an improvement
+        return Classification.PASS if lo >= tol else Classification.MARGINAL
+    if est < tol and hi < null:
+        return Classification.MARGINAL
+    return Classification.PASS
+
+
+@dataclass(frozen=True)
+class Score:
+    verdict: Verdict
+    score: float | None
+    reasons: list[str]
+
+
+def score_metrics(results: list[MetricResult], criteria: CriteriaConfig, n: int, min_samples: int) -> Score:
+    """Weight the classifications into a 0-100 score and a verdict.
+
+    Too little data is inconclusive, never a pass: fewer than `min_samples` judged samples, or a critical metric
+    without data. A failed critical metric fails the candidate whatever the score. Metrics without data are left
+    out of the score (their weight does not count either way).
+    """
+    by_name = {r.metric: r for r in results}
+    if n < min_samples:
+        return Score(Verdict.INCONCLUSIVE, None, [f"only {n} samples, {min_samples} needed"])
+    missing = [m for m in criteria.critical
+               if m not in by_name or by_name[m].classification is Classification.NODATA]
+    if missing:
+        return Score(Verdict.INCONCLUSIVE, None, [f"no data for critical metric(s) {', '.join(missing)}"])
+    total = credit = 0.0
+    for r in results:
+        weight = criteria.weights.get(r.metric, 0.0)
+        if r.classification is Classification.NODATA or weight == 0:
+            continue
+        total += weight
+        credit += weight * _CREDIT[r.classification]
+    if total == 0:
+        return Score(Verdict.INCONCLUSIVE, None, ["no weighted metric has data"])
+    score = round(100.0 * credit / total, 1)
+    reasons = [r.describe() for r in results if r.classification in (Classification.FAIL, Classification.MARGINAL)]
+    critical_failed = [m for m in criteria.critical if by_name[m].classification is Classification.FAIL]
+    if critical_failed:
+        return Score(Verdict.FAIL, score, [f"critical metric(s) failed: {', '.join(critical_failed)}", *reasons])
+    if score < criteria.marginal_score:
+        return Score(Verdict.FAIL, score, [f"score {score} < {criteria.marginal_score}", *reasons])
+    if score < criteria.pass_score:
+        return Score(Verdict.MARGINAL, score, [f"score {score} < {criteria.pass_score}", *reasons])
+    return Score(Verdict.PASS, score, reasons)

@@ -1,0 +1,361 @@
+"""Regression analysis of a shadow run: per candidate, is it better, worse or inconclusive, overall and per slice.
+
+`analyze_run` is what the cycle calls. It measures each candidate against the incumbent on the metrics the route's
+criteria name (judge quality, error rate, cost per accepted outcome, P95 latency, TTFT), classifies each against its
+tolerance, scores them into a verdict, and repeats per slice of `route.slice_key` so a candidate that is better on
+average but worse on one slice is caught with the slice named. Slices are tested at a Bonferroni-adjusted confidence
+so that many slices do not multiply false alarms.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Engine
+
+from shadowjudge.analysis.canary import Classification, MetricResult, Verdict, classify_effect, score_metrics
+from shadowjudge.analysis.run_data import PairJudgment, RunData, TargetRecord, load_run_data
+from shadowjudge.analysis.stats import bootstrap_interval, mann_whitney_shift
+from shadowjudge.config import CriteriaConfig, RouteConfig
+
+WORST_EXAMPLES = 10
+
+
+@dataclass
+class SliceResult:
+    key: str
+    value: str
+    n: int
+    verdict: Verdict
+    score: float | None
+    metrics: list[MetricResult]
+    reasons: list[str]
+    worst_sample_ids: list[int] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.key}={self.value}"
+
+
+@dataclass
+class CandidateAnalysis:
+    target: str
+    model: str
+    verdict: Verdict
+    score: float | None
+    n: int  # samples the candidate was replayed on
+    n_judged: int  # of those, judged pairs with scores (or preferences)
+    metrics: list[MetricResult]
+    slices: list[SliceResult]
+    reasons: list[str]
+    worst_sample_ids: list[int] = field(default_factory=list)
+
+    @property
+    def failing_slices(self) -> list[SliceResult]:
+        return [s for s in self.slices if s.verdict is Verdict.FAIL]
+
+    def metric(self, name: str) -> MetricResult | None:
+        return next((m for m in self.metrics if m.metric == name), None)
+
+
+@dataclass
+class RunAnalysis:
+    run_id: int
+    route: str
+    incumbent: str
+    incumbent_source: str
+    evaluator_version: str | None
+    slice_key: str | None
+    confidence: float
+    candidates: list[CandidateAnalysis]
+
+    def candidate(self, target: str) -> CandidateAnalysis:
+        for c in self.candidates:
+            if c.target == target:
+                return c
+        raise KeyError(f"run {self.run_id} has no analysis for candidate '{target}'")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable (NaN and infinities become null) for MLflow, alerts and the run summary."""
+        return _json_safe(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RunAnalysis":
+        def metric(d: Mapping[str, Any]) -> MetricResult:
+            return MetricResult(**{**d, "classification": Classification(d["classification"])})
+
+        def slice_(d: Mapping[str, Any]) -> SliceResult:
+            return SliceResult(**{**d, "verdict": Verdict(d["verdict"]), "metrics": [metric(m) for m in d["metrics"]]})
+
+        candidates = [CandidateAnalysis(**{**c, "verdict": Verdict(c["verdict"]),
+                                           "metrics": [metric(m) for m in c["metrics"]],
+                                           "slices": [slice_(s) for s in c["slices"]]})
+                      for c in data["candidates"]]
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known and k != "candidates"}, candidates=candidates)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return _json_safe(value.item())
+    return value
+
+
+def _finite(values: list[float | None]) -> np.ndarray:
+    arr = np.array([v for v in values if v is not None], dtype=float)
+    return arr[np.isfinite(arr)]
+
+
+def _seed(*parts: object) -> int:
+    return zlib.crc32("|".join(map(str, parts)).encode())
+
+
+@dataclass(frozen=True)
+class _Measure:
+    """The shared settings of one set of metric computations (the whole run or one slice)."""
+
+    criteria: CriteriaConfig
+    confidence: float
+    min_n: int
+    accept_floor: float
+    seed_base: str
+
+    def seed(self, metric: str) -> int:
+        return _seed(self.seed_base, metric)
+
+    def interval(self, statistic, groups, metric: str):
+        return bootstrap_interval(statistic, groups, self.criteria.bootstrap_resamples, self.confidence,
+                                  self.seed(metric))
+
+
+def _nodata(metric: str, method: str, kind: str, no_change: float, higher: bool, n_c: int, n_i: int,
+            note: str) -> MetricResult:
+    return MetricResult(metric, Classification.NODATA, method, kind, None, None, None, None, no_change, higher,
+                        None, None, n_c, n_i, note=note)
+
+
+def _quality(pairs: list[PairJudgment], m: _Measure) -> MetricResult:
+    scored = [(p.candidate_score, p.incumbent_score) for p in pairs
+              if p.candidate_score is not None and p.incumbent_score is not None]
+    if scored:
+        c = np.array([s[0] for s in scored], dtype=float)
+        i = np.array([s[1] for s in scored], dtype=float)
+        n = len(c)
+        method = "paired bootstrap ratio of mean judge scores; Mann-Whitney U"
+        if n < m.min_n:
+            return _nodata("quality", method, "ratio", 1.0, True, n, n, f"{n} judged pairs, {m.min_n} needed")
+        if i.mean() <= 0:
+            return _nodata("quality", method, "ratio", 1.0, True, n, n, "the incumbent's mean score is 0")
+        ci = m.interval(lambda c_, i_: c_.mean(axis=1) / i_.mean(axis=1), [[c, i]], "quality")
+        mw = mann_whitney_shift(i, c, m.confidence)
+        tol = m.criteria.min_quality_ratio
+        return MetricResult("quality", classify_effect(ci.estimate, ci.low, ci.high, tol, 1.0, True), method,
+                            "ratio", ci.estimate, ci.low, ci.high, tol, 1.0, True, float(c.mean()), float(i.mean()),
+                            n, n, mw.p_value, mw.shift, mw.ci_low, mw.ci_high)
+    prefs = _finite([p.preference for p in pairs])
+    method = "bootstrap mean preference P(candidate better)"
+    if len(prefs) == 0:
+        return _nodata("quality", method, "level", 0.5, True, 0, 0, "no judgments for this candidate")
+    if len(prefs) < m.min_n:
+        return _nodata("quality", method, "level", 0.5, True, len(prefs), len(prefs),
+                       f"{len(prefs)} judged pairs, {m.min_n} needed")
+    ci = m.interval(lambda q: q.mean(axis=1), [[prefs]], "quality")
+    tol = m.criteria.min_preference
+    return MetricResult("quality", classify_effect(ci.estimate, ci.low, ci.high, tol, 0.5, True), method, "level",
+                        ci.estimate, ci.low, ci.high, tol, 0.5, True, float(prefs.mean()), 0.5,
+                        len(prefs), len(prefs))
+
+
+def _error_rate(cand: list[TargetRecord], inc: list[TargetRecord], m: _Measure) -> MetricResult:
+    method = "bootstrap difference of error rates"
+    c = np.array([r.error for r in cand], dtype=float)
+    i = np.array([r.error for r in inc], dtype=float)
+    if len(c) < m.min_n or len(i) < m.min_n:
+        return _nodata("error_rate", method, "difference", 0.0, False, len(c), len(i),
+                       f"{min(len(c), len(i))} requests, {m.min_n} needed")
+    ci = m.interval(lambda c_, i_: c_.mean(axis=1) - i_.mean(axis=1), [[c], [i]], "error_rate")
+    tol = m.criteria.max_error_rate_delta
+    return MetricResult("error_rate", classify_effect(ci.estimate, ci.low, ci.high, tol, 0.0, False), method,
+                        "difference", ci.estimate, ci.low, ci.high, tol, 0.0, False, float(c.mean()),
+                        float(i.mean()), len(c), len(i))
+
+
+def _cost_per_outcome(cand: dict[int, TargetRecord], inc: dict[int, TargetRecord],
+                      pairs: dict[int, PairJudgment], m: _Measure) -> MetricResult:
+    """Cost per accepted answer (judge score >= accept floor), paired by sample; per request without scores."""
+    scored = any(p.candidate_score is not None and p.incumbent_score is not None for p in pairs.values())
+    method = ("paired bootstrap ratio of cost per accepted answer" if scored
+              else "paired bootstrap ratio of cost per request (no judge scores)")
+    rows = []
+    for sid, c in cand.items():
+        i = inc.get(sid)
+        if i is None or i.error:
+            continue
+        c_cost = 0.0 if c.cost_usd is None and c.error else c.cost_usd
+        if c_cost is None or i.cost_usd is None:
+            continue
+        if scored:
+            p = pairs.get(sid)
+            if p is None and not c.error:
+                continue  # answered but not judged: its outcome is unknown
+            c_ok = (not c.error) and p is not None and p.candidate_score is not None \
+                and p.candidate_score >= m.accept_floor
+            i_ok = p is not None and p.incumbent_score is not None and p.incumbent_score >= m.accept_floor
+        else:
+            c_ok, i_ok = not c.error, True
+        rows.append((c_cost, float(c_ok), i.cost_usd, float(i_ok)))
+    if len(rows) < m.min_n:
+        return _nodata("cost_per_outcome", method, "ratio", 1.0, False, len(rows), len(rows),
+                       f"{len(rows)} samples with known cost, {m.min_n} needed")
+    cc, ca, ic, ia = (np.array(col, dtype=float) for col in zip(*rows))
+    if ia.sum() == 0 or ic.sum() == 0:
+        return _nodata("cost_per_outcome", method, "ratio", 1.0, False, len(rows), len(rows),
+                       "the incumbent has no accepted answer or no cost")
+
+    def ratio(cc_, ca_, ic_, ia_):
+        return (cc_.sum(axis=1) / ca_.sum(axis=1)) / (ic_.sum(axis=1) / ia_.sum(axis=1))
+
+    ci = m.interval(ratio, [[cc, ca, ic, ia]], "cost_per_outcome")
+    tol = m.criteria.max_cost_ratio
+    c_val = float(cc.sum() / ca.sum()) if ca.sum() else math.inf
+    return MetricResult("cost_per_outcome", classify_effect(ci.estimate, ci.low, ci.high, tol, 1.0, False), method,
+                        "ratio", ci.estimate, ci.low, ci.high, tol, 1.0, False, c_val, float(ic.sum() / ia.sum()),
+                        len(rows), len(rows))
+
+
+def _latency_p95(cand: list[TargetRecord], inc: list[TargetRecord], m: _Measure) -> MetricResult:
+    method = "bootstrap ratio of P95 total latency; Mann-Whitney U"
+    c = _finite([r.latency_ms for r in cand if not r.error])
+    i = _finite([r.latency_ms for r in inc if not r.error])
+    if len(c) < m.min_n or len(i) < m.min_n:
+        return _nodata("latency_p95", method, "ratio", 1.0, False, len(c), len(i),
+                       f"{min(len(c), len(i))} latencies, {m.min_n} needed")
+    if np.percentile(i, 95) <= 0:
+        return _nodata("latency_p95", method, "ratio", 1.0, False, len(c), len(i), "incumbent P95 latency is 0")
+    ci = m.interval(lambda c_, i_: np.percentile(c_, 95, axis=1) / np.percentile(i_, 95, axis=1), [[c], [i]],
+                    "latency_p95")
+    mw = mann_whitney_shift(i, c, m.confidence)
+    tol = m.criteria.max_p95_latency_ratio
+    return MetricResult("latency_p95", classify_effect(ci.estimate, ci.low, ci.high, tol, 1.0, False), method,
+                        "ratio", ci.estimate, ci.low, ci.high, tol, 1.0, False, float(np.percentile(c, 95)),
+                        float(np.percentile(i, 95)), len(c), len(i), mw.p_value, mw.shift, mw.ci_low, mw.ci_high)
+
+
+def _ttft(cand: list[TargetRecord], inc: list[TargetRecord], m: _Measure) -> MetricResult:
+    """Hodges-Lehmann shift of time to first token, stated as a ratio to the incumbent's median."""
+    method = "Mann-Whitney U, Hodges-Lehmann shift over the incumbent's median TTFT"
+    c = _finite([r.ttft_ms for r in cand if not r.error])
+    i = _finite([r.ttft_ms for r in inc if not r.error])
+    if len(c) < m.min_n or len(i) < m.min_n:
+        return _nodata("ttft", method, "ratio", 1.0, False, len(c), len(i),
+                       f"{min(len(c), len(i))} TTFT values, {m.min_n} needed")
+    base = float(np.median(i))
+    if base <= 0:
+        return _nodata("ttft", method, "ratio", 1.0, False, len(c), len(i), "incumbent median TTFT is 0")
+    mw = mann_whitney_shift(i, c, m.confidence)
+    effect, lo, hi = 1 + mw.shift / base, 1 + mw.ci_low / base, 1 + mw.ci_high / base
+    tol = m.criteria.max_ttft_ratio
+    return MetricResult("ttft", classify_effect(effect, lo, hi, tol, 1.0, False), method, "ratio", effect, lo, hi,
+                        tol, 1.0, False, float(np.median(c)), base, len(c), len(i), mw.p_value, mw.shift,
+                        mw.ci_low, mw.ci_high)
+
+
+def _measure(data: RunData, target: str, ids: set[int] | None, m: _Measure) -> tuple[list[MetricResult], int, int]:
+    cand = {sid: r for sid, r in data.candidates[target].items() if ids is None or sid in ids}
+    inc = {sid: r for sid, r in data.incumbent.items() if ids is None or sid in ids}
+    pairs = {sid: p for sid, p in data.judgments[target].items() if ids is None or sid in ids}
+    quality = _quality(list(pairs.values()), m)
+    metrics = [
+        quality,
+        _error_rate(list(cand.values()), list(inc.values()), m),
+        _cost_per_outcome(cand, inc, pairs, m),
+        _latency_p95(list(cand.values()), list(inc.values()), m),
+        _ttft(list(cand.values()), list(inc.values()), m),
+    ]
+    return metrics, len(cand), quality.n_candidate
+
+
+def _worst_samples(data: RunData, target: str, ids: set[int] | None) -> list[int]:
+    """Candidate errors first, then the pairs where the candidate lost most to the incumbent."""
+    keyed = []
+    for sid, rec in data.candidates[target].items():
+        if ids is not None and sid not in ids:
+            continue
+        p = data.judgments[target].get(sid)
+        if rec.error:
+            keyed.append((-math.inf, sid))
+        elif p is not None and p.candidate_score is not None and p.incumbent_score is not None:
+            keyed.append((p.candidate_score - p.incumbent_score, sid))
+        elif p is not None and p.preference is not None:
+            keyed.append((p.preference - 0.5, sid))
+    keyed.sort()
+    return [sid for key, sid in keyed[:WORST_EXAMPLES] if key < 0]
+
+
+def _analyse_candidate(data: RunData, route: RouteConfig, target: str, accept_floor: float) -> CandidateAnalysis:
+    criteria = route.criteria
+    overall = _Measure(criteria, criteria.confidence, criteria.min_samples, accept_floor,
+                       f"{data.run_id}|{target}|all")
+    metrics, n, n_judged = _measure(data, target, None, overall)
+    score = score_metrics(metrics, criteria, n_judged, criteria.min_samples)
+    verdict, reasons = score.verdict, list(score.reasons)
+
+    slices: list[SliceResult] = []
+    if route.slice_key and data.slices:
+        members: dict[str, set[int]] = {}
+        for sid in data.candidates[target]:
+            members.setdefault(data.slices.get(sid, "(none)"), set()).add(sid)
+        testable = [v for v, ids in members.items() if len(ids) >= criteria.min_slice_samples]
+        # Bonferroni over the slices actually tested: k slices must not give k chances of a false alarm.
+        slice_conf = 1 - (1 - criteria.confidence) / max(1, len(testable))
+        for value in sorted(members):
+            ids = members[value]
+            if value not in testable:
+                slices.append(SliceResult(route.slice_key, value, len(ids), Verdict.INCONCLUSIVE, None, [],
+                                          [f"only {len(ids)} samples, {criteria.min_slice_samples} needed"]))
+                continue
+            m = _Measure(criteria, slice_conf, criteria.min_slice_samples, accept_floor,
+                         f"{data.run_id}|{target}|{route.slice_key}={value}")
+            s_metrics, s_n, s_judged = _measure(data, target, ids, m)
+            s_score = score_metrics(s_metrics, criteria, s_judged, criteria.min_slice_samples)
+            slices.append(SliceResult(route.slice_key, value, s_n, s_score.verdict, s_score.score, s_metrics,
+                                      s_score.reasons, _worst_samples(data, target, ids)))
+        failing = [s for s in slices if s.verdict is Verdict.FAIL]
+        if failing:
+            names = ", ".join(s.label for s in failing)
+            if criteria.slice_failure == "fail":
+                verdict = Verdict.FAIL
+                reasons.insert(0, f"slice(s) {names} fail")
+            else:
+                if verdict is Verdict.PASS:
+                    verdict = Verdict.MARGINAL
+                reasons.insert(0, f"slice(s) {names} fail (marked)")
+            for s in failing:
+                reasons.extend(f"[{s.label}] {r}" for r in s.reasons)
+    return CandidateAnalysis(target, data.models.get(target, target), verdict, score.score, n, n_judged, metrics,
+                             slices, reasons, _worst_samples(data, target, None))
+
+
+def analyze_run(engine: Engine, run_id: int, route: RouteConfig, evaluator_version: str | None = None,
+                accept_floor: float = 0.5) -> RunAnalysis:
+    """Analyse every candidate of a stored shadow run against the incumbent, overall and per slice.
+
+    `evaluator_version` picks whose judgments count (default: the run's judge). `accept_floor` is the judge score
+    at which an answer counts as an accepted outcome (config.judge.accept_floor), for cost per outcome.
+    Deterministic: the same stored data gives the same analysis (bootstrap seeds derive from the run).
+    """
+    data = load_run_data(engine, run_id, route, evaluator_version)
+    candidates = [_analyse_candidate(data, route, c.name, accept_floor) for c in route.candidates]
+    return RunAnalysis(run_id, route.name, route.incumbent.name, data.incumbent_source, data.evaluator,
+                       route.slice_key, route.criteria.confidence, candidates)

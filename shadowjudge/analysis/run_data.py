@@ -1,0 +1,125 @@
+"""What the canary analysis reads from the store for one shadow run, in plain per-sample records.
+
+The incumbent's numbers come from its own replay in the run when its endpoint was configured (a shadow result with
+target == route.incumbent.name), so both sides are measured under the same conditions; otherwise from what the
+gateway logged for the sampled request (traffic_samples: latency, TTFT, cost, answer).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine, select
+
+from shadowjudge.config import RouteConfig
+from shadowjudge.errors import ShadowJudgeError
+from shadowjudge.store import Judgment, ShadowResult, ShadowRun, TrafficSample, session_scope
+
+MISSING_SLICE = "(none)"
+
+
+class AnalysisError(ShadowJudgeError):
+    """The run cannot be analysed as asked (unknown run, wrong route); the message says which."""
+
+
+@dataclass(frozen=True)
+class TargetRecord:
+    """One target's answer to one sample (attempt 0)."""
+
+    sample_id: int
+    error: bool
+    latency_ms: float | None
+    ttft_ms: float | None
+    cost_usd: float | None
+
+
+@dataclass(frozen=True)
+class PairJudgment:
+    sample_id: int
+    candidate_score: float | None
+    incumbent_score: float | None
+    preference: float | None
+
+
+@dataclass
+class RunData:
+    run_id: int
+    route: str
+    evaluator: str | None
+    incumbent_source: str  # "replay" or "logs"
+    incumbent: dict[int, TargetRecord]
+    candidates: dict[str, dict[int, TargetRecord]]
+    judgments: dict[str, dict[int, PairJudgment]]
+    slices: dict[int, str] = field(default_factory=dict)
+    models: dict[str, str] = field(default_factory=dict)
+
+
+def _pick_evaluator(session, run: ShadowRun, requested: str | None) -> str | None:
+    """The requested version, else the run's judge, else the version that judged most of the run's pairs."""
+    if requested:
+        return requested
+    if run.judge_version:
+        return run.judge_version
+    counts = Counter(session.scalars(select(Judgment.evaluator).where(Judgment.run_id == run.id)))
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def load_run_data(engine: Engine, run_id: int, route: RouteConfig, evaluator_version: str | None = None) -> RunData:
+    with session_scope(engine) as s:
+        run = s.get(ShadowRun, run_id)
+        if run is None:
+            raise AnalysisError(f"shadow run {run_id} does not exist")
+        if run.route != route.name:
+            raise AnalysisError(f"shadow run {run_id} belongs to route '{run.route}', not '{route.name}'")
+        evaluator = _pick_evaluator(s, run, evaluator_version)
+        results = s.execute(
+            select(ShadowResult.sample_id, ShadowResult.target, ShadowResult.model, ShadowResult.output_text,
+                   ShadowResult.error_class, ShadowResult.latency_ms, ShadowResult.ttft_ms, ShadowResult.cost_usd)
+            .where(ShadowResult.run_id == run_id, ShadowResult.attempt == 0)
+        ).all()
+        sample_ids = set(run.sample_ids or []) | {r.sample_id for r in results}
+        samples = s.execute(
+            select(TrafficSample.id, TrafficSample.meta, TrafficSample.response_text, TrafficSample.latency_ms,
+                   TrafficSample.ttft_ms, TrafficSample.cost_usd, TrafficSample.incumbent_model)
+            .where(TrafficSample.id.in_(sample_ids))
+        ).all() if sample_ids else []
+        judgments = s.execute(
+            select(Judgment.sample_id, Judgment.target, Judgment.candidate_score, Judgment.incumbent_score,
+                   Judgment.preference)
+            .where(Judgment.run_id == run_id, Judgment.evaluator == evaluator)
+        ).all() if evaluator else []
+
+    candidate_names = {c.name for c in route.candidates}
+    candidates: dict[str, dict[int, TargetRecord]] = {c.name: {} for c in route.candidates}
+    replayed_incumbent: dict[int, TargetRecord] = {}
+    models = {c.name: c.model for c in route.candidates} | {route.incumbent.name: route.incumbent.model}
+    for r in results:
+        record = TargetRecord(r.sample_id, r.error_class is not None or r.output_text is None,
+                              r.latency_ms, r.ttft_ms, r.cost_usd)
+        if r.target == route.incumbent.name:
+            replayed_incumbent[r.sample_id] = record
+        elif r.target in candidate_names:
+            candidates[r.target][r.sample_id] = record
+        models[r.target] = r.model
+
+    if replayed_incumbent:
+        incumbent, source = replayed_incumbent, "replay"
+    else:
+        # A logged request without an answer is counted as the incumbent's error.
+        incumbent = {t.id: TargetRecord(t.id, t.response_text is None, t.latency_ms, t.ttft_ms, t.cost_usd)
+                     for t in samples}
+        source = "logs"
+
+    slices: dict[int, str] = {}
+    if route.slice_key:
+        for t in samples:
+            value = (t.meta or {}).get(route.slice_key)
+            slices[t.id] = MISSING_SLICE if value is None or value == "" else str(value)
+
+    pairs: dict[str, dict[int, PairJudgment]] = {name: {} for name in candidates}
+    for j in judgments:
+        if j.target in pairs:
+            pairs[j.target][j.sample_id] = PairJudgment(j.sample_id, j.candidate_score, j.incumbent_score,
+                                                        j.preference)
+    return RunData(run_id, route.name, evaluator, source, incumbent, candidates, pairs, slices, models)

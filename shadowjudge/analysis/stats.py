@@ -1,0 +1,164 @@
+"""Two-sample statistics used by the canary analysis and the drift checks.
+
+Plain numpy/scipy functions: a Mann-Whitney U test with a Hodges-Lehmann shift interval (rank based, so one slow
+outlier cannot move it), percentile-bootstrap intervals for rates, ratios and percentiles, and the distribution
+distances (KS, PSI) of the output-drift checks. Every random step takes a seed so an analysis rerun on the same data
+gives the same answer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats as sps
+
+# Materialise all pairwise differences up to this many; above it, select order statistics by bisection.
+_MAX_PAIRWISE = 2_000_000
+# Elements per bootstrap chunk (resamples x sample size), to bound memory on large windows.
+_BOOTSTRAP_CHUNK = 2_000_000
+
+
+@dataclass(frozen=True)
+class ShiftEstimate:
+    """Location shift of `y` relative to `x` (y - x): Hodges-Lehmann estimate, its interval and the U test."""
+
+    shift: float
+    ci_low: float
+    ci_high: float
+    p_value: float  # two-sided Mann-Whitney U
+    n_x: int
+    n_y: int
+
+
+@dataclass(frozen=True)
+class Interval:
+    estimate: float
+    low: float
+    high: float
+
+
+def _as_array(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    arr = np.asarray(values, dtype=float)
+    return arr[np.isfinite(arr)]
+
+
+def _kth_pairwise_difference(x_sorted: np.ndarray, y_sorted: np.ndarray, k: int) -> float:
+    """The k-th smallest (1-based) of all y_j - x_i, without building the m*n matrix when it is large."""
+    m, n = len(x_sorted), len(y_sorted)
+    if m * n <= _MAX_PAIRWISE:
+        diffs = np.subtract.outer(y_sorted, x_sorted).ravel()
+        return float(np.partition(diffs, k - 1)[k - 1])
+
+    def count_le(d: float) -> int:
+        # y_j - x_i <= d  <=>  x_i >= y_j - d
+        return int(m * n - np.searchsorted(x_sorted, y_sorted - d, side="left").sum())
+
+    lo, hi = float(y_sorted[0] - x_sorted[-1]), float(y_sorted[-1] - x_sorted[0])
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        if count_le(mid) >= k:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def mann_whitney_shift(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray,
+                       confidence: float = 0.95) -> ShiftEstimate:
+    """Mann-Whitney U test of y against x, with the Hodges-Lehmann shift and its distribution-free interval.
+
+    The interval is the pair of order statistics of the m*n differences that the U distribution (normal
+    approximation) puts at the requested confidence; it needs no assumption about the shape of either sample.
+    """
+    xs, ys = np.sort(_as_array(x)), np.sort(_as_array(y))
+    m, n = len(xs), len(ys)
+    if m == 0 or n == 0:
+        raise ValueError("mann_whitney_shift needs at least one finite value in each sample")
+    mn = m * n
+    median = 0.5 * (_kth_pairwise_difference(xs, ys, (mn + 1) // 2) + _kth_pairwise_difference(xs, ys, mn // 2 + 1))
+    z = sps.norm.ppf(0.5 + confidence / 2)
+    k = int(math.floor(mn / 2 - z * math.sqrt(mn * (m + n + 1) / 12.0)))
+    if k < 1:  # too few values for this confidence: the interval is the full range of differences
+        low, high = float(ys[0] - xs[-1]), float(ys[-1] - xs[0])
+    else:
+        low, high = _kth_pairwise_difference(xs, ys, k), _kth_pairwise_difference(xs, ys, mn - k + 1)
+    if np.ptp(np.concatenate([xs, ys])) == 0:
+        p = 1.0
+    else:
+        p = float(sps.mannwhitneyu(ys, xs, alternative="two-sided", method="asymptotic").pvalue)
+    return ShiftEstimate(float(median), float(low), float(high), p, m, n)
+
+
+Statistic = Callable[..., np.ndarray]
+
+
+def bootstrap_interval(statistic: Statistic, groups: Sequence[Sequence[np.ndarray]], resamples: int = 2000,
+                       confidence: float = 0.95, seed: int = 0) -> Interval:
+    """Percentile bootstrap interval of `statistic` over independently resampled groups.
+
+    `groups` is a list of groups; the arrays within a group share one index and are resampled together (paired
+    data), different groups are resampled independently (unpaired data). `statistic` receives every array, in
+    order, as a 2-D array (resamples x n) and returns one value per row; it is called once on the data itself
+    (as 1 x n arrays) for the estimate. Resamples where the statistic is not finite (a zero denominator) are
+    dropped; if more than half are, the interval is NaN.
+    """
+    arrays = [[np.asarray(a, dtype=float) for a in group] for group in groups]
+    for group in arrays:
+        if len({len(a) for a in group}) != 1 or len(group[0]) == 0:
+            raise ValueError("bootstrap_interval: the arrays of a group must be non-empty and of equal length")
+    estimate = float(statistic(*[a[None, :] for group in arrays for a in group])[0])
+    rng = np.random.default_rng(seed)
+    largest = max(len(group[0]) for group in arrays)
+    chunk = max(1, min(resamples, _BOOTSTRAP_CHUNK // largest))
+    values: list[np.ndarray] = []
+    done = 0
+    while done < resamples:
+        b = min(chunk, resamples - done)
+        drawn = []
+        for group in arrays:
+            idx = rng.integers(0, len(group[0]), size=(b, len(group[0])))
+            drawn.extend(a[idx] for a in group)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            values.append(np.asarray(statistic(*drawn), dtype=float))
+        done += b
+    boot = np.concatenate(values)
+    finite = boot[np.isfinite(boot)]
+    if len(finite) < resamples / 2:
+        return Interval(estimate, math.nan, math.nan)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(finite, [tail, 100 - tail])
+    return Interval(estimate, float(low), float(high))
+
+
+def population_stability_index(reference: Sequence[float] | np.ndarray, current: Sequence[float] | np.ndarray,
+                               bins: int = 10) -> float:
+    """PSI over the reference's quantile bins (0.1: minor shift, 0.2: significant, by the usual reading)."""
+    ref, cur = _as_array(reference), _as_array(current)
+    if len(ref) == 0 or len(cur) == 0:
+        return math.nan
+    edges = np.unique(np.quantile(ref, np.linspace(0, 1, bins + 1)[1:-1]))
+    ref_counts = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=len(edges) + 1)
+    cur_counts = np.bincount(np.searchsorted(edges, cur, side="right"), minlength=len(edges) + 1)
+    eps = 1e-4  # an empty bin must not make the index infinite
+    p = np.clip(ref_counts / len(ref), eps, None)
+    q = np.clip(cur_counts / len(cur), eps, None)
+    return float(np.sum((q - p) * np.log(q / p)))
+
+
+def ks_test(reference: Sequence[float] | np.ndarray, current: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    """Two-sample Kolmogorov-Smirnov statistic and p-value."""
+    result = sps.ks_2samp(_as_array(reference), _as_array(current))
+    return float(result.statistic), float(result.pvalue)
+
+
+def rate_difference(reference: Sequence[bool] | np.ndarray, current: Sequence[bool] | np.ndarray) -> tuple[float, float]:
+    """Current rate minus reference rate, and Fisher's exact two-sided p-value of the 2x2 table."""
+    ref, cur = np.asarray(reference, dtype=bool), np.asarray(current, dtype=bool)
+    table = [[int(cur.sum()), int(len(cur) - cur.sum())], [int(ref.sum()), int(len(ref) - ref.sum())]]
+    p = float(sps.fisher_exact(table).pvalue)
+    return float(cur.mean() - ref.mean()), p
