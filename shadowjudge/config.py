@@ -234,6 +234,8 @@ class PolicyConfig(_Strict):
     incumbent_min_weight: int = Field(default=0, ge=0, le=100)
     frozen: bool = False
     manual_gate: bool = False
+    quality_floor: float | None = Field(
+        default=None, ge=0, description="cost_aware: least verdict quality a target needs; default: a passing verdict")
 
     @field_validator("steps")
     @classmethod
@@ -241,6 +243,14 @@ class PolicyConfig(_Strict):
         if not v or any(s <= 0 or s > 100 for s in v) or v != sorted(set(v)):
             raise ValueError("steps must be strictly increasing percentages in (0, 100]")
         return v
+
+    @model_validator(mode="after")
+    def _promotion_reachable(self) -> "PolicyConfig":
+        if self.incumbent_min_weight > self.max_step_change:
+            raise ValueError(
+                f"incumbent_min_weight ({self.incumbent_min_weight}) exceeds max_step_change ({self.max_step_change}): "
+                "the last promotion step moves the incumbent's minimum in one change, so it could never happen")
+        return self
 
 
 class GatewayConfig(_Strict):

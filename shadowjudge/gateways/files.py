@@ -1,0 +1,188 @@
+"""Gateways whose config is a file: atomic writes that keep the previous revision, and an optional reload command.
+
+A file gateway's push writes a temp file next to the target, fsyncs it, saves the current file as `<name>.prev`,
+renames the temp over the target (atomic on POSIX) and fsyncs the folder; a crash leaves either the old or the new
+file, never half of one. If the reload command then fails, the previous text is written back, so the file on disk
+matches the config the gateway still runs.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+
+from shadowjudge.config import RouteConfig, TargetConfig
+from shadowjudge.gateways.base import (
+    GatewayConfigInvalid,
+    GatewayRejected,
+    GatewaySnapshot,
+    GatewayUnavailable,
+    Weights,
+    check_weights,
+)
+
+RELOAD_TIMEOUT_S = 60.0
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def previous_revision_path(path: Path) -> Path:
+    return path.with_name(path.name + ".prev")
+
+
+def write_config_file(path: Path, text: str | None, keep_previous: bool = True) -> None:
+    """Make `text` the file's content atomically (None removes the file), keeping the current one as `.prev`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if keep_previous and path.exists():
+            _replace_atomically(previous_revision_path(path), path.read_text(encoding="utf-8"))
+        if text is None:
+            path.unlink(missing_ok=True)
+            _fsync_dir(path.parent)
+        else:
+            _replace_atomically(path, text)
+    except OSError as exc:
+        raise GatewayUnavailable(f"{path}: cannot write gateway config: {exc.strerror or exc}") from None
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """Round-trip YAML: comments, key order and keys we do not know survive a render."""
+    try:
+        return _yaml().load(text)
+    except YAMLError as exc:
+        raise GatewayConfigInvalid(f"{where}: not valid YAML: {exc}") from None
+
+
+def dump_yaml(doc: Any) -> str:
+    buf = io.StringIO()
+    _yaml().dump(doc, buf)
+    return buf.getvalue()
+
+
+def _yaml() -> YAML:
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    return yaml
+
+
+def route_targets(route: RouteConfig) -> list[TargetConfig]:
+    return [route.incumbent, *route.candidates]
+
+
+def model_owner(route: RouteConfig, ident: str) -> str | None:
+    """The route target an entry names, by target name or by model (with or without a `provider/` prefix)."""
+    targets = route_targets(route)
+    for t in targets:
+        if ident == t.name:
+            return t.name
+    matches = [t.name for t in targets if ident == t.model or ident.split("/", 1)[-1] == t.model]
+    return matches[0] if len(matches) == 1 else None
+
+
+class FileGateway:
+    """Shared push/read mechanics; a subclass says how its format stores weights (parse_weights, render_text)."""
+
+    kind = "file"
+
+    def __init__(self, route: RouteConfig, path: str | Path, reload_command: Sequence[str] | None = None) -> None:
+        self.route = route
+        self.path = Path(path)
+        self.reload_command = list(reload_command) if reload_command else None
+        self.name = f"{self.kind}:{self.path}"
+
+    # -- format-specific ---------------------------------------------------------------------------------------
+    def parse_weights(self, text: str) -> Weights:
+        raise NotImplementedError
+
+    def render_text(self, text: str | None, weights: Mapping[str, int]) -> str:
+        raise NotImplementedError
+
+    def check_rendered(self, text: str) -> None:
+        """Format rules beyond the weights (schema, external validator). Raise GatewayRejected."""
+
+    # -- Gateway protocol --------------------------------------------------------------------------------------
+    def read_current(self) -> GatewaySnapshot:
+        text = self._read_text()
+        if text is None:
+            return GatewaySnapshot(weights={}, document=None)
+        return GatewaySnapshot(weights=self.parse_weights(text), document=text)
+
+    def render(self, current: GatewaySnapshot, weights: Mapping[str, int]) -> str:
+        check_weights(weights, f"route '{self.route.name}'")
+        return self.render_text(current.document, weights)
+
+    def validate(self, rendered: str, weights: Mapping[str, int]) -> None:
+        check_weights(weights, f"route '{self.route.name}'")
+        try:
+            parsed = self.parse_weights(rendered)
+        except GatewayConfigInvalid as exc:
+            raise GatewayRejected(f"{self.path}: rendered config does not parse back: {exc}") from None
+        if parsed != dict(weights):
+            raise GatewayRejected(f"{self.path}: rendered config holds {parsed}, not the weights {dict(weights)}")
+        self.check_rendered(rendered)
+
+    def push(self, rendered: str | None) -> None:
+        previous = self._read_text()
+        write_config_file(self.path, rendered)
+        if self.reload_command:
+            try:
+                self._reload()
+            except GatewayRejected:
+                write_config_file(self.path, previous, keep_previous=False)
+                raise
+
+    def read_back(self) -> Weights:
+        text = self._read_text()
+        return {} if text is None else self.parse_weights(text)
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+    def _read_text(self) -> str | None:
+        try:
+            return self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise GatewayUnavailable(f"{self.path}: cannot read gateway config: {exc.strerror or exc}") from None
+
+    def _reload(self) -> None:
+        argv = [arg.replace("{path}", str(self.path)) for arg in self.reload_command or []]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=RELOAD_TIMEOUT_S, check=False)
+        except FileNotFoundError:
+            raise GatewayRejected(f"{self.name}: reload command not found: {argv[0]}") from None
+        except subprocess.TimeoutExpired:
+            raise GatewayRejected(f"{self.name}: reload command timed out after {RELOAD_TIMEOUT_S:.0f}s") from None
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip()[-500:]
+            raise GatewayRejected(f"{self.name}: reload command exited {proc.returncode}: {tail}")

@@ -1,0 +1,155 @@
+"""TrueFoundry AI Gateway routing YAML: weight-based routing over `load_balance_targets`.
+
+Two documented shapes hold the same routing block, and both are accepted:
+
+- the gateway routing config (`type: gateway-load-balancing-config`, a list of `rules`): the route's block is the
+  rule whose `id` is the route name; a new file gets one rule per route, matching requests for the model named
+  like the route (`when.models: [<route>]`);
+- a virtual-model group (`integrations`: virtual models with a `routing_config`): the route's block is the
+  `routing_config` of the virtual model named like the route.
+
+Each target entry is `{target: <model id>, weight: <0..100>}` plus whatever else the user wrote there
+(`metadata_match`, `retry_config`, `override_params`, `fallback_*`, sticky routing): only `weight` is touched, and
+comments, key order and other rules survive. An entry belongs to a route target when it names the target's `name`
+or its `model` (TrueFoundry ids look like `provider-account/model`). An entry for a model the route does not know
+must hold weight 0, or the file is refused: its traffic would silently disappear from the sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+from shadowjudge.gateways.base import GatewayConfigInvalid, GatewayRejected, Weights
+from shadowjudge.gateways.files import FileGateway, dump_yaml, load_yaml, model_owner, route_targets
+
+CONFIG_TYPE = "gateway-load-balancing-config"
+WEIGHT_BASED = "weight-based-routing"
+
+
+class TrueFoundryGateway(FileGateway):
+    kind = "truefoundry"
+
+    def parse_weights(self, text: str) -> Weights:
+        doc = self._load(text)
+        block = self._routing_block(doc)
+        if block is None:
+            return {}
+        return self._weights_of(block)
+
+    def render_text(self, text: str | None, weights: Mapping[str, int]) -> str:
+        doc = self._load(text) if text and text.strip() else _new_document()
+        block = self._routing_block(doc)
+        if block is None:
+            block = self._add_rule(doc)
+        block.setdefault("type", WEIGHT_BASED)
+        entries = block.setdefault("load_balance_targets", CommentedSeq())
+        owned = self._owned_entries(block)
+        for target in route_targets(self.route):
+            entry = owned.get(target.name)
+            if entry is None:
+                entry = CommentedMap(target=target.model)
+                entries.append(entry)
+            entry["weight"] = int(weights.get(target.name, 0))
+        return dump_yaml(doc)
+
+    def check_rendered(self, text: str) -> None:
+        doc = self._load(text)
+        if "rules" in doc:
+            if doc.get("type") != CONFIG_TYPE:
+                raise GatewayRejected(f"{self.path}: top-level 'type' must be '{CONFIG_TYPE}'")
+            if not doc.get("name"):
+                raise GatewayRejected(f"{self.path}: top-level 'name' is required")
+            ids = [r.get("id") for r in doc["rules"] if isinstance(r, dict)]
+            if len(ids) != len(doc["rules"]) or None in ids or len(set(ids)) != len(ids):
+                raise GatewayRejected(f"{self.path}: every rule needs a unique 'id', got {ids}")
+            block = self._routing_block(doc)
+            when = (block or {}).get("when") or {}
+            if not when.get("models"):
+                raise GatewayRejected(f"{self.path}: rule '{self.route.name}' needs 'when.models'")
+
+    # -- document navigation -----------------------------------------------------------------------------------
+    def _load(self, text: str) -> Any:
+        doc = load_yaml(text, str(self.path))
+        if doc is None:
+            return _new_document()
+        if not isinstance(doc, dict):
+            raise GatewayConfigInvalid(f"{self.path}: the top level must be a mapping, got {type(doc).__name__}")
+        return doc
+
+    def _routing_block(self, doc: Any) -> Any | None:
+        """The mapping that holds this route's `load_balance_targets`, or None if the file has none yet."""
+        found = []
+        for i, rule in enumerate(_as_list(doc.get("rules"), f"{self.path}: 'rules'")):
+            if isinstance(rule, dict) and rule.get("id") == self.route.name:
+                found.append((f"rules[{i}]", rule))
+        for i, model in enumerate(_as_list(doc.get("integrations"), f"{self.path}: 'integrations'")):
+            if isinstance(model, dict) and model.get("name") == self.route.name:
+                config = model.get("routing_config")
+                if not isinstance(config, dict):
+                    raise GatewayConfigInvalid(f"{self.path}: integrations[{i}] '{self.route.name}' has no 'routing_config'")
+                found.append((f"integrations[{i}].routing_config", config))
+        if len(found) > 1:
+            raise GatewayConfigInvalid(
+                f"{self.path}: route '{self.route.name}' is defined more than once: {[w for w, _ in found]}")
+        if not found:
+            return None
+        where, block = found[0]
+        kind = block.get("type", WEIGHT_BASED)
+        if kind != WEIGHT_BASED:
+            raise GatewayConfigInvalid(
+                f"{self.path}: {where} routes '{self.route.name}' with '{kind}'; route weights need '{WEIGHT_BASED}'")
+        return block
+
+    def _add_rule(self, doc: Any) -> Any:
+        if "integrations" in doc and "rules" not in doc:
+            raise GatewayConfigInvalid(
+                f"{self.path}: no virtual model named '{self.route.name}' in this group; create it (weight-based) first")
+        rules = doc.setdefault("rules", CommentedSeq())
+        rule = CommentedMap(id=self.route.name, type=WEIGHT_BASED)
+        rule["when"] = CommentedMap(models=CommentedSeq([self.route.name]))
+        rule["load_balance_targets"] = CommentedSeq()
+        rules.append(rule)
+        return rule
+
+    def _owned_entries(self, block: Any) -> dict[str, Any]:
+        """Route target name -> its entry; refuses duplicates and unknown models that carry weight."""
+        entries = _as_list(block.get("load_balance_targets"), f"{self.path}: rule '{self.route.name}' load_balance_targets")
+        owned: dict[str, Any] = {}
+        for i, entry in enumerate(entries):
+            where = f"{self.path}: rule '{self.route.name}' load_balance_targets[{i}]"
+            if not isinstance(entry, dict) or not isinstance(entry.get("target"), str):
+                raise GatewayConfigInvalid(f"{where}: needs a 'target' string")
+            weight = entry.get("weight", 0)
+            if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 100:
+                raise GatewayConfigInvalid(f"{where}: 'weight' must be an integer in [0, 100], got {weight!r}")
+            owner = model_owner(self.route, entry["target"])
+            if owner is None:
+                if weight:
+                    raise GatewayConfigInvalid(
+                        f"{where}: '{entry['target']}' holds weight {weight} but is not a target of route "
+                        f"'{self.route.name}'; add it to the route or set its weight to 0")
+                continue
+            if owner in owned:
+                raise GatewayConfigInvalid(f"{where}: a second entry for target '{owner}'")
+            owned[owner] = entry
+        return owned
+
+    def _weights_of(self, block: Any) -> Weights:
+        return {name: int(entry.get("weight", 0)) for name, entry in self._owned_entries(block).items()}
+
+
+def _new_document() -> CommentedMap:
+    doc = CommentedMap(name="shadowjudge-routing", type=CONFIG_TYPE)
+    doc["rules"] = CommentedSeq()
+    return doc
+
+
+def _as_list(value: Any, where: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise GatewayConfigInvalid(f"{where} must be a list, got {type(value).__name__}")
+    return value

@@ -1,0 +1,364 @@
+"""The rollout controller: one pure decision per cycle, from the route config, its state and the cycle's verdicts.
+
+Stepped one iteration at a time, like Flagger's or Argo Rollouts' canary controllers:
+
+1. Rollback first. A candidate holding traffic whose verdict fails, that has a critical alert, or that was already
+   marked failed, goes to 0 in this cycle, whatever the freeze switch, the gate, the dwell time or the step limit
+   say: holding a failing candidate in traffic is what none of those guards may cause. A rolled-back candidate stays
+   failed until its target config (model, endpoint) changes, as Flagger retries a canary only on a new revision.
+2. Then the state must agree with the config: after a promotion the config's incumbent is stale, and the
+   controller holds until the config names the promoted target as incumbent.
+3. Then freeze, the policy's proposal, and the guards on every advance: minimum dwell time and sample count since
+   the last change, the manual gate, the per-step change limit and the incumbent's minimum weight.
+
+`decide` never touches the store or a gateway; shadowjudge.routing.step applies its decision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, Literal
+
+import numpy as np
+
+from shadowjudge.config import RouteConfig, TargetConfig
+from shadowjudge.errors import InputError
+from shadowjudge.routing.verdicts import CandidateVerdict
+from shadowjudge.routing.weights import Weights, apportion, limit_change, weights_diff, with_floor
+
+Action = Literal["advance", "promote", "rollback", "hold"]
+BANDIT_DRAWS = 4000
+
+
+class RoutingStateError(InputError):
+    """The stored route state and the route config cannot be reconciled without a person."""
+
+
+@dataclass
+class RolloutState:
+    """A route's rollout as the controller sees it (the `route_state` row, as plain data)."""
+
+    route: str
+    weights: Weights
+    serving: str
+    candidate: str | None = None
+    step_index: int = -1
+    step_started_at: datetime | None = None
+    phase: str = "idle"
+    frozen: bool = False
+    approved_step: int | None = None
+    samples_in_step: int = 0
+    failed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    posteriors: dict[str, list[float]] = field(default_factory=dict)
+    revision: int = 0
+
+    @classmethod
+    def initial(cls, route: RouteConfig) -> "RolloutState":
+        weights = {t.name: 0 for t in targets_of(route)}
+        weights[route.incumbent.name] = 100
+        return cls(route=route.name, weights=weights, serving=route.incumbent.name)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do this cycle. `applied` is the state once the gateway holds `after`; `refused` the state if the push
+    fails: not advanced, except that a rollback stays decided (it is retried next cycle even if verdicts change)."""
+
+    action: Action
+    before: Weights
+    after: Weights
+    reason: str
+    applied: RolloutState
+    refused: RolloutState
+
+    @property
+    def changes_weights(self) -> bool:
+        return self.after != self.before
+
+
+def targets_of(route: RouteConfig) -> list[TargetConfig]:
+    return [route.incumbent, *route.candidates]
+
+
+def target_fingerprint(target: TargetConfig) -> str:
+    """A failed candidate is retried only when this changes (a new model or endpoint is a new revision)."""
+    return hashlib.sha256(f"{target.model}\n{target.base_url}".encode()).hexdigest()[:16]
+
+
+def decide(route: RouteConfig, state: RolloutState, verdicts: dict[str, CandidateVerdict], now: datetime,
+           *, seed: int | None = None) -> Decision:
+    """One controller iteration. `verdicts` maps candidate names to this cycle's verdict (missing = no evidence)."""
+    names = [t.name for t in targets_of(route)]
+    state = _reconciled(route, state, names)
+    before = dict(state.weights)
+    observed = _observe(route, state, verdicts)
+
+    rollback = _rollback(route, observed, verdicts, names, now)
+    if rollback is not None:
+        return rollback
+
+    serving = observed.serving
+    if serving != route.incumbent.name:
+        what = (f"'{serving}' was promoted and now serves route '{route.name}', but the config still names "
+                f"'{route.incumbent.name}' as incumbent: make '{serving}' the incumbent to start a new rollout"
+                if observed.phase == "promoted" else
+                f"'{serving}' serves route '{route.name}' but the config names '{route.incumbent.name}' as incumbent; "
+                f"roll back to it (`shadowjudge routes rollback {route.name} --to {route.incumbent.name}`) or update the config")
+        return _hold(observed, before, f"config stale: {what}")
+    if observed.phase == "promoted":
+        observed = replace(observed, phase="idle")
+
+    if observed.frozen or route.policy.frozen:
+        where = "state" if observed.frozen else "config"
+        return _hold(observed, before, f"frozen ({where}): weights stay {_fmt(before)}")
+
+    kind = route.policy.kind
+    if kind == "ladder":
+        proposal = _ladder(route, observed, verdicts)
+    elif kind == "cost_aware":
+        proposal = _cost_aware(route, observed, verdicts)
+    else:
+        proposal = _bandit(route, observed, verdicts, seed)
+    if isinstance(proposal, str):
+        return _hold(observed, before, proposal)
+    return _guarded_move(route, observed, proposal, names, now)
+
+
+# -- state preparation -----------------------------------------------------------------------------------------
+
+def _reconciled(route: RouteConfig, state: RolloutState, names: list[str]) -> RolloutState:
+    """State restricted to the config's targets; failed marks dropped for targets whose config changed."""
+    orphans = {n: w for n, w in state.weights.items() if n not in names and w > 0}
+    if orphans:
+        raise RoutingStateError(
+            f"route '{route.name}': {orphans} hold traffic but are not targets in the config; put them back in the "
+            f"config, roll back (`shadowjudge routes rollback {route.name}`), then remove them")
+    weights = {n: int(state.weights.get(n, 0)) for n in names}
+    if sum(weights.values()) != 100:
+        raise RoutingStateError(f"route '{route.name}': stored weights {state.weights} do not sum to 100")
+    if state.serving not in names:
+        raise RoutingStateError(
+            f"route '{route.name}': serving target '{state.serving}' is not in the config (targets: {names})")
+    by_name = {t.name: t for t in targets_of(route)}
+    failed = {n: mark for n, mark in state.failed.items()
+              if n in by_name and mark.get("fingerprint") == target_fingerprint(by_name[n])}
+    candidate = state.candidate if state.candidate in names and state.candidate != state.serving else None
+    return replace(state, weights=weights, failed=failed, candidate=candidate)
+
+
+def _observe(route: RouteConfig, state: RolloutState, verdicts: dict[str, CandidateVerdict]) -> RolloutState:
+    """Evidence this cycle adds whatever is decided: samples toward the dwell, and the bandit's posteriors."""
+    posteriors = {k: list(v) for k, v in state.posteriors.items()}
+    for name, v in verdicts.items():
+        if v.score is not None and v.n > 0:
+            a, b = posteriors.get(name, [1.0, 1.0])
+            posteriors[name] = [a + v.score * v.n, b + (1.0 - v.score) * v.n]
+    return replace(state, samples_in_step=state.samples_in_step + _step_samples(route, state, verdicts),
+                   posteriors=posteriors)
+
+
+def _step_samples(route: RouteConfig, state: RolloutState, verdicts: dict[str, CandidateVerdict]) -> int:
+    """Samples that count toward the current step: the moving candidate's, or the fewest any candidate had."""
+    if route.policy.kind == "ladder" and state.candidate:
+        v = verdicts.get(state.candidate)
+        return v.n if v else 0
+    counts = [v.n for name, v in verdicts.items() if name != state.serving]
+    return min(counts) if counts else 0
+
+
+# -- rollback --------------------------------------------------------------------------------------------------
+
+def _rollback(route: RouteConfig, state: RolloutState, verdicts: dict[str, CandidateVerdict], names: list[str],
+              now: datetime) -> Decision | None:
+    by_name = {t.name: t for t in targets_of(route)}
+    reasons: dict[str, str] = {}
+    for name in names:
+        if name == state.serving:
+            continue
+        holding = state.weights.get(name, 0) > 0 or name == state.candidate
+        if not holding:
+            continue
+        v = verdicts.get(name)
+        if v is not None and v.critical_alert:
+            reasons[name] = "critical alert"
+        elif v is not None and v.verdict == "fail":
+            reasons[name] = f"analysis failed (score={_num(v.score)}, quality={_num(v.quality)}, n={v.n})"
+        elif name in state.failed and state.weights.get(name, 0) > 0:
+            reasons[name] = f"marked failed earlier ({state.failed[name].get('reason', '')}); rollback not yet in force"
+    if not reasons:
+        return None
+    after = dict(state.weights)
+    for name in reasons:
+        after[name] = 0
+    after[state.serving] += 100 - sum(after.values())
+    failed = dict(state.failed)
+    for name, why in reasons.items():
+        failed.setdefault(name, {"fingerprint": target_fingerprint(by_name[name]), "reason": why, "at": now.isoformat()})
+    text = "; ".join(f"{n}: {why}" for n, why in reasons.items())
+    reason = f"rollback {', '.join(reasons)} to 0 ({weights_diff(state.weights, after)}): {text}"
+    keep_candidate = state.candidate if state.candidate not in reasons else None
+    phase = "progressing" if keep_candidate else "rolled_back"
+    applied = replace(state, weights=after, failed=failed, candidate=keep_candidate, phase=phase,
+                      step_index=-1 if not keep_candidate else state.step_index, step_started_at=now,
+                      samples_in_step=0, approved_step=None)
+    refused = replace(state, failed=failed, phase="rolling_back")
+    return Decision("rollback", dict(state.weights), after, reason, applied, refused)
+
+
+# -- policies: each proposes where the weights should go, or says why they stay ------------------------------
+
+@dataclass(frozen=True)
+class Proposal:
+    desired: Weights
+    candidate: str | None
+    why: str
+    completes: bool  # desired hands the route to `candidate` entirely: reaching it is a promotion
+
+
+def _ladder(route: RouteConfig, state: RolloutState, verdicts: dict[str, CandidateVerdict]) -> Proposal | str:
+    active = state.candidate
+    if active is None:
+        eligible = [c.name for c in route.candidates if c.name != state.serving and c.name not in state.failed]
+        passing = [n for n in eligible if verdicts.get(n) and verdicts[n].verdict == "pass"]
+        if not passing:
+            return f"no candidate to start: {_verdict_summary(eligible, verdicts, state.failed)}"
+        active = passing[0]
+    v = verdicts.get(active)
+    if v is None:
+        return f"'{active}' at {state.weights[active]}%: no verdict this cycle, weights held"
+    if v.verdict != "pass":
+        return f"'{active}' at {state.weights[active]}%: verdict {v.verdict} (n={v.n}), weights held"
+    current = state.weights[active]
+    floor = route.policy.incumbent_min_weight
+    rungs = [s for s in route.policy.steps if s == 100 or 100 - s >= floor]
+    higher = [s for s in rungs if s > current]
+    if not higher:
+        return f"'{active}' at {current}%: top of the ladder {route.policy.steps} without 100, weights held"
+    rung = higher[0]
+    desired = {n: 0 for n in state.weights}
+    desired[active] = rung
+    desired[state.serving] = 100 - rung
+    return Proposal(desired, active, f"'{active}' passed (score={_num(v.score)}, n={v.n}): ladder step {rung}%",
+                    completes=rung == 100)
+
+
+def _cost_aware(route: RouteConfig, state: RolloutState, verdicts: dict[str, CandidateVerdict]) -> Proposal | str:
+    floor = route.policy.quality_floor
+    holding_unsettled = [n for n, w in state.weights.items()
+                         if w > 0 and n != state.serving and (n not in verdicts or verdicts[n].verdict != "pass")]
+    if holding_unsettled:
+        n = holding_unsettled[0]
+        return f"'{n}' holds {state.weights[n]}% with verdict {verdicts[n].verdict if n in verdicts else 'missing'}: weights held"
+    serving_costs = {v.incumbent_cost_per_outcome for v in verdicts.values() if v.incumbent_cost_per_outcome is not None}
+    if not serving_costs:
+        return f"no incumbent cost_per_outcome in this cycle's verdicts: cannot compare cost with '{state.serving}'"
+    costs: dict[str, float] = {state.serving: min(serving_costs)}
+    for c in route.candidates:
+        v = verdicts.get(c.name)
+        if c.name == state.serving or c.name in state.failed or v is None or v.verdict != "pass":
+            continue
+        if v.cost_per_outcome is None or (floor is not None and (v.quality is None or v.quality < floor)):
+            continue
+        costs[c.name] = v.cost_per_outcome
+    cheapest = min(costs, key=lambda n: (costs[n], n != state.serving))
+    desired = {n: 0 for n in state.weights}
+    desired[cheapest] = 100
+    if cheapest == state.serving:
+        if state.weights[state.serving] == 100:
+            return f"'{state.serving}' is the cheapest passing target (${costs[cheapest]:.4g}/outcome): weights held"
+        return Proposal(desired, None, f"'{state.serving}' is the cheapest passing target: traffic returns to it",
+                        completes=False)
+    return Proposal(desired, cheapest, f"'{cheapest}' is the cheapest passing target (${costs[cheapest]:.4g} vs "
+                                       f"${costs[state.serving]:.4g}/outcome for '{state.serving}')", completes=True)
+
+
+def _bandit(route: RouteConfig, state: RolloutState, verdicts: dict[str, CandidateVerdict],
+            seed: int | None) -> Proposal | str:
+    arms = [c.name for c in route.candidates if c.name != state.serving and c.name not in state.failed]
+    fed = [n for n in arms if n in state.posteriors]
+    if not fed:
+        return "bandit: no judge scores yet for any candidate"
+    rng = np.random.default_rng(seed if seed is not None else bandit_seed(route.name, state.revision))
+    draws = np.stack([rng.beta(*state.posteriors[n], size=BANDIT_DRAWS) for n in fed])
+    # The incumbent is the reference: a preference of 0.5 is "as good as the incumbent".
+    reference = np.full((1, BANDIT_DRAWS), 0.5)
+    winners = np.argmax(np.vstack([reference, draws]), axis=0)
+    shares = {state.serving: float(np.mean(winners == 0))}
+    for i, n in enumerate(fed):
+        shares[n] = float(np.mean(winners == i + 1))
+    desired = apportion(shares, list(state.weights))
+    summary = ", ".join(f"{n}={shares[n]:.2f}" for n in shares)
+    return Proposal(desired, None, f"bandit: P(best) {summary}", completes=False)
+
+
+def bandit_seed(route: str, revision: int) -> int:
+    """Reproducible draws: the same route at the same revision always proposes the same weights."""
+    return int.from_bytes(hashlib.sha256(f"{route}:{revision}".encode()).digest()[:8], "big")
+
+
+# -- guards ----------------------------------------------------------------------------------------------------
+
+def _guarded_move(route: RouteConfig, state: RolloutState, proposal: Proposal, names: list[str],
+                  now: datetime) -> Decision:
+    policy = route.policy
+    before = dict(state.weights)
+    if proposal.desired == before:
+        return _hold(state, before, f"{proposal.why}; weights already there")
+    if state.step_started_at is not None and policy.min_dwell_s > 0:
+        dwelt = (now - state.step_started_at).total_seconds()
+        if dwelt < policy.min_dwell_s:
+            return _hold(state, before, f"{proposal.why}; dwell {dwelt:.0f}s of {policy.min_dwell_s:.0f}s since the last change")
+    if state.samples_in_step < policy.min_samples_per_step:
+        return _hold(state, before, f"{proposal.why}; {state.samples_in_step} of {policy.min_samples_per_step} samples "
+                                    "since the last change")
+    gate = state.step_index + 1
+    if policy.manual_gate and (state.approved_step is None or state.approved_step < gate):
+        return _hold(state, before, f"{proposal.why}; waiting for approval of step {gate} "
+                                    f"(`shadowjudge routes approve {route.name}`)")
+
+    moved = limit_change(before, proposal.desired, policy.max_step_change, names)
+    completes = proposal.completes and moved == proposal.desired
+    if not completes and policy.incumbent_min_weight:
+        moved = with_floor(moved, state.serving, policy.incumbent_min_weight, names)
+    if moved == before:
+        return _hold(state, before, f"{proposal.why}; the step limit ({policy.max_step_change}) and the incumbent's "
+                                    f"minimum ({policy.incumbent_min_weight}%) allow no move")
+
+    limited = "" if moved == proposal.desired else f" (limited to {weights_diff(before, moved)})"
+    common = dict(weights=moved, step_started_at=now, samples_in_step=0)
+    if completes and proposal.candidate is not None:
+        applied = replace(state, **common, serving=proposal.candidate, candidate=None, phase="promoted",
+                          step_index=-1, approved_step=None)
+        reason = (f"promote '{proposal.candidate}': {proposal.why}; it now serves route '{route.name}' "
+                  f"({weights_diff(before, moved)}); the config's incumbent '{route.incumbent.name}' is now stale")
+        action: Action = "promote"
+    else:
+        step_index = state.step_index + 1
+        if policy.kind == "ladder" and proposal.candidate is not None:
+            step_index = max([i for i, s in enumerate(policy.steps) if s <= moved[proposal.candidate]], default=-1)
+        applied = replace(state, **common, candidate=proposal.candidate, step_index=step_index,
+                          phase="progressing" if any(w for n, w in moved.items() if n != state.serving) else "idle")
+        reason = f"advance: {proposal.why}{limited}: {weights_diff(before, moved)}"
+        action = "advance"
+    return Decision(action, before, moved, reason, applied, state)
+
+
+def _hold(state: RolloutState, before: Weights, reason: str) -> Decision:
+    return Decision("hold", before, dict(before), f"hold: {reason}", state, state)
+
+
+def _verdict_summary(names: list[str], verdicts: dict[str, CandidateVerdict], failed: dict[str, Any]) -> str:
+    if not names:
+        return "every candidate failed earlier (" + ", ".join(failed) + ")" if failed else "no candidates"
+    parts = [f"{n}={verdicts[n].verdict}" if n in verdicts else f"{n}=no verdict" for n in names]
+    return ", ".join(parts)
+
+
+def _fmt(weights: Weights) -> str:
+    return ", ".join(f"{n}={w}" for n, w in weights.items())
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"

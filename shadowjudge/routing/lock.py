@@ -1,0 +1,84 @@
+"""A lease lock in the store, so only one writer pushes a route's weights at a time (SQLite and PostgreSQL).
+
+Acquiring is an INSERT of the lock's row, which the primary key lets only one writer win; a lease whose holder
+died is taken over by an UPDATE that only matches while the lease is expired, which again only one writer wins.
+Leases expire on the wall clock (not the controller's simulated clock): they guard real processes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from types import TracebackType
+
+from sqlalchemy import Engine, delete, update
+from sqlalchemy.exc import IntegrityError
+
+from shadowjudge.store import Lock, session_scope
+
+
+def wall_clock() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def as_utc(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; every datetime the store holds is UTC."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def default_holder() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class LeaseLock:
+    """`with LeaseLock(engine, "route:chat") as lock: if lock.held: ...`; released on exit, expires if we die."""
+
+    def __init__(self, engine: Engine, name: str, *, holder: str | None = None, ttl_s: float = 300.0,
+                 clock: Callable[[], datetime] = wall_clock) -> None:
+        self.engine = engine
+        self.name = name
+        self.holder = holder or default_holder()
+        self.ttl = timedelta(seconds=ttl_s)
+        self.clock = clock
+        self.held = False
+
+    def acquire(self) -> bool:
+        now = as_utc(self.clock())
+        expires = now + self.ttl
+        try:
+            with session_scope(self.engine) as s:
+                s.add(Lock(name=self.name, holder=self.holder, expires_at=expires))
+                s.flush()
+            self.held = True
+            return True
+        except IntegrityError:
+            pass
+        with session_scope(self.engine) as s:
+            taken = s.execute(
+                update(Lock).where(Lock.name == self.name, Lock.expires_at < now)
+                .values(holder=self.holder, expires_at=expires)
+            )
+            self.held = taken.rowcount == 1
+        return self.held
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        with session_scope(self.engine) as s:
+            s.execute(delete(Lock).where(Lock.name == self.name, Lock.holder == self.holder))
+        self.held = False
+
+    def current_holder(self) -> tuple[str, datetime] | None:
+        with session_scope(self.engine) as s:
+            row = s.get(Lock, self.name)
+            return None if row is None else (row.holder, as_utc(row.expires_at))
+
+    def __enter__(self) -> "LeaseLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()

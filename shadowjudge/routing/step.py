@@ -1,0 +1,304 @@
+"""Apply the controller's decision: under the route's lock, push through the gateway, record history and state.
+
+Order of writes for a change: a `pending` history row claims the next revision, the gateway is pushed (and read
+back), then one transaction marks the row applied or failed and stores the new state. A crash after the push but
+before that transaction leaves the row `pending` and the state behind the gateway; the next cycle sees the gateway
+disagree with the state and pushes the state's weights again (the conservative direction).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+
+from shadowjudge.config import RouteConfig
+from shadowjudge.errors import InputError, ShadowJudgeError
+from shadowjudge.gateways.base import Gateway, GatewayError
+from shadowjudge.routing.controller import Decision, RolloutState, decide, target_fingerprint, targets_of
+from shadowjudge.routing.lock import LeaseLock, as_utc
+from shadowjudge.routing.push import PushResult, describe_error, preview_push, push_weights
+from shadowjudge.routing.verdicts import CandidateVerdict, index_verdicts
+from shadowjudge.routing.weights import Weights, weights_diff
+from shadowjudge.store import RouteState, RouteWeightChange, session_scope
+
+
+class RouteBusy(ShadowJudgeError):
+    """Another writer holds the route's lock."""
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one step did. `weights_after` is what the route's state now records (the gateway holds it when
+    `pushed`, or already held it); `proposed` is what the decision wanted, which differs when a push failed."""
+
+    route: str
+    decision: str
+    weights_before: Weights
+    weights_after: Weights
+    proposed: Weights
+    reason: str
+    pushed: bool
+    status: str  # applied | failed | unchanged | dry_run | busy
+    phase: str
+    serving: str
+    revision: int | None = None
+    error: str | None = None
+    config_diff: str | None = None
+    replayed: bool = False
+
+    @property
+    def diff(self) -> str:
+        return weights_diff(self.weights_before, self.proposed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def lock_name(route: str) -> str:
+    return f"route:{route}"
+
+
+def step_route(engine: Engine, route: RouteConfig, verdicts: Iterable[CandidateVerdict] | Mapping[str, CandidateVerdict],
+               *, gateway: Gateway, now: datetime, run_id: int | None = None, analysis_link: str | None = None,
+               dry_run: bool = False) -> StepOutcome:
+    """One controller iteration for one route: decide from this cycle's verdicts, push, record.
+
+    Idempotent per `run_id`: stepping the same run again returns the recorded outcome (`replayed=True`) and
+    changes nothing. A gateway fault never raises: the outcome says `failed`, the previous gateway config stays
+    in force and the state is not advanced, so the next cycle retries. Raises InputError for verdicts or state
+    that do not fit the route config.
+    """
+    now = as_utc(now)
+    by_target = index_verdicts(route, verdicts)
+    if dry_run:
+        state = load_rollout_state(engine, route)
+        decision = decide(route, state, by_target, now)
+        return _preview(route, gateway, decision)
+    lock = LeaseLock(engine, lock_name(route.name))
+    if not lock.acquire():
+        holder = lock.current_holder()
+        state = load_rollout_state(engine, route)
+        who = f"{holder[0]} until {holder[1].isoformat()}" if holder else "another writer"
+        return StepOutcome(route.name, "busy", state.weights, state.weights, state.weights,
+                           f"busy: {who} holds the route lock; retried next cycle", pushed=False, status="busy",
+                           phase=state.phase, serving=state.serving)
+    try:
+        with session_scope(engine) as s:
+            row = s.get(RouteState, route.name)
+            if row is not None and run_id is not None and row.last_run_id == run_id and row.last_outcome:
+                return replace(StepOutcome(**row.last_outcome), replayed=True)
+        state = load_rollout_state(engine, route)
+        decision = decide(route, state, by_target, now)
+        return _apply(engine, route, gateway, decision, now=now, run_id=run_id, analysis_link=analysis_link)
+    finally:
+        lock.release()
+
+
+def _apply(engine: Engine, route: RouteConfig, gateway: Gateway, decision: Decision, *, now: datetime,
+           run_id: int | None, analysis_link: str | None, label: str | None = None) -> StepOutcome:
+    """Push the decision if the gateway does not already hold it; record history and state. Caller holds the lock."""
+    action = label or decision.action
+    reason = decision.reason
+    push_needed = decision.changes_weights
+    if not push_needed:
+        try:
+            held = gateway.read_current().weights
+        except GatewayError as exc:
+            held = None
+            reason += f"; gateway not checked: {describe_error(exc)}"
+        if held is not None and held != decision.after:
+            push_needed = True
+            action = "reconcile" if action == "hold" else action
+            reason += f"; gateway held {held or 'nothing'}, pushing the recorded weights"
+
+    revision: int | None = None
+    result: PushResult | None = None
+    if push_needed:
+        revision = _claim_revision(engine, route, gateway, decision, action, reason, run_id, analysis_link, now)
+        result = push_weights(gateway, decision.after)
+    ok = result is None or result.ok
+    new_state = decision.applied if ok else decision.refused
+    if result is not None and not result.ok:
+        reason += f"; push failed ({'previous config restored' if result.restored else 'previous config kept'})"
+    outcome = StepOutcome(
+        route=route.name, decision=action, weights_before=decision.before, weights_after=dict(new_state.weights),
+        proposed=decision.after, reason=reason, pushed=result is not None and result.ok,
+        status="unchanged" if result is None else ("applied" if result.ok else "failed"),
+        phase=new_state.phase, serving=new_state.serving, revision=revision,
+        error=None if result is None else result.error)
+    with session_scope(engine) as s:
+        if revision is not None:
+            change = s.scalar(select(RouteWeightChange).where(RouteWeightChange.route == route.name,
+                                                              RouteWeightChange.revision == revision))
+            change.status = outcome.status
+            change.error = outcome.error
+            change.reason = reason
+        row = s.get(RouteState, route.name)
+        if row is None:
+            row = RouteState(route=route.name)
+            s.add(row)
+        _store_state(row, new_state)
+        if revision is not None:
+            row.revision = revision
+        if run_id is not None:
+            row.last_run_id = run_id
+        row.last_outcome = outcome.to_dict()
+    return outcome
+
+
+def _claim_revision(engine: Engine, route: RouteConfig, gateway: Gateway, decision: Decision, action: str, reason: str,
+                    run_id: int | None, analysis_link: str | None, now: datetime) -> int:
+    with session_scope(engine) as s:
+        last = s.scalar(select(func.max(RouteWeightChange.revision)).where(RouteWeightChange.route == route.name))
+        revision = (last or 0) + 1
+        s.add(RouteWeightChange(route=route.name, revision=revision, before=decision.before, after=decision.after,
+                                reason=reason, status="pending", decision=action, gateway=gateway.name[:64],
+                                analysis_link=analysis_link, run_id=run_id, created_at=now))
+    return revision
+
+
+def _preview(route: RouteConfig, gateway: Gateway, decision: Decision) -> StepOutcome:
+    preview = preview_push(gateway, decision.after)
+    reason = decision.reason
+    if preview.error:
+        reason += f"; the push would fail: {preview.error}"
+    elif preview.gateway_before is not None and preview.gateway_before != decision.before:
+        reason += f"; note: the gateway holds {preview.gateway_before or 'nothing'}"
+    return StepOutcome(route.name, decision.action, decision.before, decision.before, decision.after, reason,
+                       pushed=False, status="dry_run", phase=decision.applied.phase, serving=decision.applied.serving,
+                       error=preview.error, config_diff=preview.config_diff)
+
+
+# -- state row <-> RolloutState ---------------------------------------------------------------------------------
+
+def load_rollout_state(engine: Engine, route: RouteConfig) -> RolloutState:
+    with session_scope(engine) as s:
+        row = s.get(RouteState, route.name)
+        return RolloutState.initial(route) if row is None else _from_row(row, route)
+
+
+def _from_row(row: RouteState, route: RouteConfig) -> RolloutState:
+    policy_state = row.policy_state or {}
+    weights = {k: int(v) for k, v in (row.weights or {}).items()}
+    if not weights:
+        return replace(RolloutState.initial(route), frozen=bool(row.frozen), approved_step=row.approved_step,
+                       revision=row.revision)
+    return RolloutState(
+        route=row.route, weights=weights, serving=row.serving or route.incumbent.name, candidate=row.candidate,
+        step_index=row.step_index, step_started_at=as_utc(row.step_started_at) if row.step_started_at else None,
+        phase=row.phase, frozen=bool(row.frozen), approved_step=row.approved_step,
+        samples_in_step=row.samples_in_step or 0, failed=dict(policy_state.get("failed", {})),
+        posteriors={k: list(v) for k, v in policy_state.get("posteriors", {}).items()}, revision=row.revision)
+
+
+def _store_state(row: RouteState, state: RolloutState) -> None:
+    row.weights = dict(state.weights)
+    row.serving = state.serving
+    row.candidate = state.candidate
+    row.step_index = state.step_index
+    row.step_started_at = state.step_started_at
+    row.phase = state.phase
+    row.frozen = state.frozen
+    row.approved_step = state.approved_step
+    row.samples_in_step = state.samples_in_step
+    row.policy_state = {"failed": state.failed, "posteriors": state.posteriors}
+
+
+# -- operator actions (the `shadowjudge routes` commands) --------------------------------------------------------
+
+def _locked(engine: Engine, route: str, wait_s: float = 10.0) -> LeaseLock:
+    lock = LeaseLock(engine, lock_name(route))
+    deadline = time.monotonic() + wait_s
+    while not lock.acquire():
+        if time.monotonic() > deadline:
+            holder = lock.current_holder()
+            raise RouteBusy(f"route '{route}' is locked by {holder[0] if holder else 'another writer'}; try again")
+        time.sleep(0.2)
+    return lock
+
+
+def _update_state(engine: Engine, route: RouteConfig, change: Any) -> RolloutState:
+    lock = _locked(engine, route.name)
+    try:
+        state = change(load_rollout_state(engine, route))
+        with session_scope(engine) as s:
+            row = s.get(RouteState, route.name)
+            if row is None:
+                row = RouteState(route=route.name, revision=0)
+                s.add(row)
+            _store_state(row, state)
+        return state
+    finally:
+        lock.release()
+
+
+def approve_step(engine: Engine, route: RouteConfig) -> RolloutState:
+    """Let the next gated step proceed (the manual gate); the approval is consumed by that step."""
+    return _update_state(engine, route, lambda st: replace(st, approved_step=st.step_index + 1))
+
+
+def set_frozen(engine: Engine, route: RouteConfig, frozen: bool) -> RolloutState:
+    """Freeze stops every advance (rollbacks still happen); unfreeze lets the controller continue."""
+    return _update_state(engine, route, lambda st: replace(st, frozen=frozen))
+
+
+def manual_rollback(engine: Engine, route: RouteConfig, *, gateway: Gateway, now: datetime, to: str | None = None,
+                    reason: str = "manual rollback") -> StepOutcome:
+    """Send all traffic to `to` (default: the serving target) now, and mark the candidates it takes traffic from
+    as failed. With `to` set to the config's incumbent after a promotion, this undoes the promotion."""
+    now = as_utc(now)
+    names = [t.name for t in targets_of(route)]
+    lock = _locked(engine, route.name)
+    try:
+        state = load_rollout_state(engine, route)
+        target = to or state.serving
+        if target not in names:
+            raise InputError(f"route '{route.name}': cannot roll back to '{target}': not a target (targets: {names})")
+        after = {n: (100 if n == target else 0) for n in names}
+        by_name = {t.name: t for t in targets_of(route)}
+        failed = dict(state.failed)
+        for n, w in state.weights.items():
+            if n != target and n in by_name and (w > 0 or n == state.candidate) and n != route.incumbent.name:
+                failed.setdefault(n, {"fingerprint": target_fingerprint(by_name[n]), "reason": reason,
+                                      "at": now.isoformat()})
+        applied = replace(state, weights=after, serving=target, candidate=None, step_index=-1, step_started_at=now,
+                          phase="rolled_back", samples_in_step=0, approved_step=None, failed=failed)
+        text = f"{reason}: all traffic to '{target}' ({weights_diff(state.weights, after)})"
+        decision = Decision("rollback", dict(state.weights), after, text, applied, state)
+        return _apply(engine, route, gateway, decision, now=now, run_id=None, analysis_link=None,
+                      label="manual_rollback")
+    finally:
+        lock.release()
+
+
+def route_history(engine: Engine, route: str, limit: int = 50) -> list[dict[str, Any]]:
+    """Newest first: every change pushed or attempted for the route."""
+    with session_scope(engine) as s:
+        rows = s.scalars(select(RouteWeightChange).where(RouteWeightChange.route == route)
+                         .order_by(RouteWeightChange.revision.desc()).limit(limit))
+        return [{"revision": r.revision, "at": as_utc(r.created_at).isoformat(), "decision": r.decision,
+                 "status": r.status, "before": r.before, "after": r.after, "reason": r.reason, "error": r.error,
+                 "gateway": r.gateway, "analysis_link": r.analysis_link, "run_id": r.run_id} for r in rows]
+
+
+def route_status(engine: Engine, route: RouteConfig) -> dict[str, Any]:
+    """The state `routes show` prints, with whether the config's incumbent is stale."""
+    with session_scope(engine) as s:
+        row = s.get(RouteState, route.name)
+        last = dict(row.last_outcome or {}) if row is not None else {}
+    state = load_rollout_state(engine, route)
+    return {
+        "route": route.name, "policy": route.policy.kind, "weights": state.weights, "serving": state.serving,
+        "config_incumbent": route.incumbent.name, "config_stale": state.serving != route.incumbent.name,
+        "candidate": state.candidate, "phase": state.phase, "step_index": state.step_index,
+        "step_started_at": state.step_started_at.isoformat() if state.step_started_at else None,
+        "samples_in_step": state.samples_in_step, "frozen": state.frozen or route.policy.frozen,
+        "manual_gate": route.policy.manual_gate, "approved_step": state.approved_step,
+        "failed": state.failed, "revision": state.revision, "last_decision": last.get("decision"),
+        "last_reason": last.get("reason"),
+    }
