@@ -1,0 +1,279 @@
+"""PII redaction applied to every sampled request before anything is written to the store.
+
+Each detector replaces what it finds by a typed placeholder (`[EMAIL]`, `[PHONE]`, ...) and counts it by kind.
+Numbers that merely look like card numbers or IBANs are left alone unless their checksum holds (Luhn, mod-97),
+so prices, order numbers and years survive.
+
+Speed matters (every sampled request goes through here), so each detector has a cheap gate (a substring test
+in C) and its regex starts with a literal or a character class, which lets `re` skip ahead instead of trying a
+match at every position. Detectors run in order: secrets first (they contain digit runs the number detectors
+would otherwise claim), then e-mails, then the numeric kinds.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from shadowjudge.config import RedactionConfig
+
+EMAIL = "EMAIL"
+PHONE = "PHONE"
+CARD = "CARD_NUMBER"
+IBAN = "IBAN"
+IP_ADDRESS = "IP_ADDRESS"
+API_KEY = "API_KEY"
+BEARER_TOKEN = "BEARER_TOKEN"
+BUILTIN_KINDS = (API_KEY, BEARER_TOKEN, EMAIL, IBAN, CARD, IP_ADDRESS, PHONE)
+
+_API_KEY_PREFIXES = ("sk-", "sk_", "rk_", "pk_", "AKIA", "ASIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_",
+                     "github_pat_", "xox", "AIza", "glpat-", "hf_", "eyJ")
+_API_KEY = re.compile(
+    r"(?<![A-Za-z0-9_-])(?:sk-(?:proj-|ant-|or-)?[A-Za-z0-9_-]{20,}"  # OpenAI, Anthropic, OpenRouter, generic sk- keys
+    r"|(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}"  # Stripe
+    r"|A(?:KIA|SIA)[0-9A-Z]{16}"  # AWS access key ids
+    r"|gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,}"  # GitHub
+    r"|xox[abposr]-[A-Za-z0-9-]{10,}"  # Slack
+    r"|AIza[0-9A-Za-z_-]{35}"  # Google
+    r"|glpat-[A-Za-z0-9_-]{20,}"  # GitLab
+    r"|hf_[A-Za-z0-9]{30,}"  # Hugging Face
+    r"|eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"  # JWTs
+    r")(?![A-Za-z0-9_-])"
+)
+_BEARER = re.compile(r"([Bb]earer|BEARER)(\s+)[A-Za-z0-9._~+/-]{8,}=*")
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+_IBAN = re.compile(r"[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])")
+# 13 to 19 digits, optionally grouped by single spaces or dashes; not glued to other digits or letters.
+_CARD = re.compile(r"\d(?<![\w.]\d)(?:[ -]?\d){12,18}(?![\w]|[.,]\d)")
+_IPV4 = re.compile(r"\d(?<![\w.]\d)\d{0,2}(?:\.\d{1,3}){3}(?![\w]|\.\d)")
+_IPV6 = re.compile(r"[0-9A-Fa-f:](?<![\w:][0-9A-Fa-f:])[0-9A-Fa-f:]*:[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*(?![\w:])")
+# International (+CC ...), North American ((415) 555-0100, 415-555-0100) and trunk-prefixed national
+# (020 7946 0958) numbers. Bare digit runs are not phones: too many false positives (ids, amounts).
+_PHONE = re.compile(
+    r"\+(?<![\w+]\+)\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){1,5}[ .-]?\d{2,4}(?!\d)"
+    r"|[(\d](?<![\w(.+-][(\d])(?:(?<=\()\d{3}\) ?|(?<=\d)\d{2}[ .-])\d{3}[ .-]\d{4}(?![\d]|[.,]\d)"
+    r"|0(?<![\w.+-]0)\d{1,4}[ -]\d{3,4}[ -]?\d{3,4}(?![\d]|[.,]\d)"
+)
+
+
+def luhn_valid(digits: str) -> bool:
+    """The Luhn checksum every payment card number carries."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def iban_valid(candidate: str) -> bool:
+    """ISO 13616 check: move the first four characters to the end, letters to numbers, mod 97 must be 1."""
+    iban = candidate.replace(" ", "")
+    if not 15 <= len(iban) <= 34:
+        return False
+    rearranged = iban[4:] + iban[:4]
+    try:
+        return int("".join(str(int(ch, 36)) for ch in rearranged)) % 97 == 1
+    except ValueError:
+        return False
+
+
+def _card_ok(match: str) -> bool:
+    digits = match.replace(" ", "").replace("-", "")
+    return 13 <= len(digits) <= 19 and luhn_valid(digits)
+
+
+def _ipv4_ok(match: str) -> bool:
+    return all(len(octet) <= 3 and int(octet) <= 255 for octet in match.split("."))
+
+
+def _ipv6_ok(match: str) -> bool:
+    if match.count(":") < 2:
+        return False
+    try:
+        ipaddress.IPv6Address(match)
+    except ValueError:
+        return False
+    return True
+
+
+def _phone_ok(match: str) -> bool:
+    digits = sum(ch.isdigit() for ch in match)
+    return 7 <= digits <= 15
+
+
+@dataclass(frozen=True)
+class Detector:
+    """One kind of sensitive text: a regex, an optional cheap gate and an optional check of each match."""
+
+    kind: str
+    pattern: re.Pattern[str]
+    gate: Callable[[str], bool] | None = None
+    valid: Callable[[str], bool] | None = None
+
+
+def _gate_api_key(text: str) -> bool:
+    # Single characters and short literals found with memchr-speed `in`; `_` covers sk_/rk_/pk_/gh?_/hf_.
+    return ("_" in text or "k-" in text or "xox" in text or "lpat-" in text or "AKIA" in text
+            or "ASIA" in text or "AIza" in text or "eyJ" in text)
+
+
+def _gate_bearer(text: str) -> bool:
+    return "earer" in text or "EARER" in text
+
+
+def _gate_email(text: str) -> bool:
+    return "@" in text
+
+
+def _gate_ipv6(text: str) -> bool:
+    return ":" in text and _IPV6_HINT.search(text) is not None
+
+
+_IPV6_HINT = re.compile(r":[0-9A-Fa-f]{0,4}:")
+_NOT_DIGITS = bytes(b for b in range(256) if not 48 <= b <= 57)
+# Where numeric PII can be: a run of digits and separators. One scan finds these windows; the numeric
+# detectors then run only inside them (plus 34 characters before, for an IBAN's letters).
+_NUMERIC_RUN = re.compile(r"[0-9][0-9 .()/+-]{5,}[0-9]")
+_WINDOW_BEFORE = 34
+_WINDOW_AFTER = 2
+
+
+def builtin_text_detectors() -> list[Detector]:
+    """Detectors run over the whole text, each behind its gate, in priority order."""
+    return [
+        Detector(API_KEY, _API_KEY, _gate_api_key),
+        Detector(BEARER_TOKEN, _BEARER, _gate_bearer),
+        Detector(EMAIL, _EMAIL, _gate_email),
+        Detector(IP_ADDRESS, _IPV6, _gate_ipv6, _ipv6_ok),
+    ]
+
+
+def builtin_numeric_detectors() -> list[Detector]:
+    """Detectors run only inside numeric windows, in priority order (checksummed kinds first)."""
+    return [
+        Detector(IBAN, _IBAN, None, iban_valid),
+        Detector(CARD, _CARD, None, _card_ok),
+        Detector(IP_ADDRESS, _IPV4, None, _ipv4_ok),
+        Detector(PHONE, _PHONE, None, _phone_ok),
+    ]
+
+
+_Span = tuple[int, int, int, str]  # start, end, priority, kind
+
+
+class Redactor:
+    """Replaces sensitive substrings in text and JSON-like values, counting replacements by kind.
+
+    Every detector looks at the original text; where two findings overlap, the earlier detector wins
+    (configured extra patterns, then secrets, e-mails, IBANs, cards, IP addresses, phones).
+    """
+
+    def __init__(self, text_detectors: list[Detector], numeric_detectors: list[Detector],
+                 enabled: bool = True, cache_size: int = 2048) -> None:
+        self.text_detectors = text_detectors
+        self.numeric_detectors = numeric_detectors
+        self.enabled = enabled
+        # System prompts and templates repeat across requests: remember recent short results.
+        self._cache: dict[str, tuple[str, tuple[tuple[str, int], ...]]] = {}
+        self._cache_size = cache_size
+
+    @classmethod
+    def from_config(cls, config: RedactionConfig) -> "Redactor":
+        """Configured extra patterns run first, so a site-specific id is not half-claimed by a built-in kind."""
+        extras = [Detector(name.upper(), re.compile(pattern)) for name, pattern in config.extra_patterns.items()]
+        return cls(extras + builtin_text_detectors(), builtin_numeric_detectors(), enabled=config.enabled)
+
+    @property
+    def kinds(self) -> list[str]:
+        return list(dict.fromkeys(d.kind for d in self.text_detectors + self.numeric_detectors))
+
+    def redact(self, text: str, counts: dict[str, int]) -> str:
+        """`text` with every finding replaced by `[KIND]`; `counts[KIND]` grows by the number replaced."""
+        if not self.enabled or len(text) < 7:
+            return text
+        cacheable = len(text) <= 4096
+        if cacheable:
+            hit = self._cache.get(text)
+            if hit is not None:
+                for kind, n in hit[1]:
+                    counts[kind] = counts.get(kind, 0) + n
+                return hit[0]
+        spans = self._find(text)
+        if spans:
+            result, found = self._replace(text, spans)
+        else:
+            result, found = text, {}
+        for kind, n in found.items():
+            counts[kind] = counts.get(kind, 0) + n
+        if cacheable:
+            if len(self._cache) >= self._cache_size:
+                self._cache.clear()
+            self._cache[text] = (result, tuple(found.items()))
+        return result
+
+    def _find(self, text: str) -> list[_Span]:
+        spans: list[_Span] = []
+        for priority, det in enumerate(self.text_detectors):
+            if det.gate is not None and not det.gate(text):
+                continue
+            for m in det.pattern.finditer(text):
+                if det.valid is None or det.valid(m.group()):
+                    start = m.end(2) if det.kind == BEARER_TOKEN else m.start()  # keep "Bearer "
+                    spans.append((start, m.end(), priority, det.kind))
+        if len(text.encode("utf-8", "surrogatepass").translate(None, _NOT_DIGITS)) >= 7:
+            base = len(self.text_detectors)
+            for lo, hi in self._numeric_windows(text):
+                for offset, det in enumerate(self.numeric_detectors):
+                    for m in det.pattern.finditer(text, lo, hi):
+                        if det.valid is None or det.valid(m.group()):
+                            spans.append((m.start(), m.end(), base + offset, det.kind))
+        return spans
+
+    @staticmethod
+    def _numeric_windows(text: str) -> list[tuple[int, int]]:
+        windows: list[tuple[int, int]] = []
+        n = len(text)
+        for m in _NUMERIC_RUN.finditer(text):
+            lo, hi = max(0, m.start() - _WINDOW_BEFORE), min(n, m.end() + _WINDOW_AFTER)
+            if windows and lo <= windows[-1][1]:
+                windows[-1] = (windows[-1][0], hi)
+            else:
+                windows.append((lo, hi))
+        return windows
+
+    @staticmethod
+    def _replace(text: str, spans: list[_Span]) -> tuple[str, dict[str, int]]:
+        # Highest priority first; a finding is kept only if it overlaps none already kept.
+        spans.sort(key=lambda s: (s[2], s[0]))
+        kept: list[_Span] = []
+        for span in spans:
+            if all(span[1] <= k[0] or span[0] >= k[1] for k in kept):
+                kept.append(span)
+        kept.sort()
+        pieces: list[str] = []
+        found: dict[str, int] = {}
+        last = 0
+        for start, end, _, kind in kept:
+            pieces.append(text[last:start])
+            pieces.append(f"[{kind}]")
+            found[kind] = found.get(kind, 0) + 1
+            last = end
+        pieces.append(text[last:])
+        return "".join(pieces), found
+
+    def redact_value(self, value: Any, counts: dict[str, int]) -> Any:
+        """Redact every string inside a JSON-like value (dict keys are left as they are)."""
+        if isinstance(value, str):
+            return self.redact(value, counts)
+        if isinstance(value, Mapping):
+            return {k: self.redact_value(v, counts) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.redact_value(v, counts) for v in value]
+        return value

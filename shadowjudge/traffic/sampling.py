@@ -1,0 +1,182 @@
+"""Which requests become samples.
+
+In order, a request is dropped if it is outside the backfill window, on another route, from another incumbent
+model, or missing a required metadata value; then it is a duplicate if its request id is already stored.
+Otherwise it is kept when its hash says so (`hash(seed, request_id) < rate`, so the same request is always in
+or out, and one in at 1% is also in at 5%), or when its stratum is still below the floor (`min_per_stratum`
+per day, so rare slices get samples too); a kept request is then dropped again if the day's cap or its
+stratum's quota for the day is reached.
+
+Days are UTC calendar days of the request's timestamp, and counts come from the store, so caps hold across
+runs, sources and backfills.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import date, datetime, time, timedelta, timezone
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from shadowjudge.config import SamplingConfig
+from shadowjudge.store import TrafficSample
+from shadowjudge.traffic.records import TrafficRecord
+from shadowjudge.traffic.redaction import Redactor
+from shadowjudge.traffic.source import TimeWindow
+
+_TWO_64 = float(2**64)
+_LOOKUP_CHUNK = 900
+MAX_STRATUM = 256
+
+# Why a request read was not kept; the keys of `filtered_by` in the ingest report.
+OUTSIDE_WINDOW = "outside_window"
+ROUTE = "route"
+MODEL = "model"
+METADATA = "metadata"
+RATE = "rate"
+DAILY_CAP = "daily_cap"
+STRATUM_QUOTA = "stratum_quota"
+
+
+def hash_fraction(seed: str, request_id: str) -> float:
+    """A request's fixed place in [0, 1): sampling at rate r keeps exactly those below r."""
+    digest = hashlib.blake2b(f"{seed}\x00{request_id}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / _TWO_64
+
+
+@dataclass
+class DayCount:
+    total: int = 0
+    by_stratum: Counter[str | None] = field(default_factory=Counter)
+
+
+class DailyBudget:
+    """Samples stored per UTC day (in all and per stratum), read from the store the first time a day is seen
+    and kept up to date as batches commit."""
+
+    def __init__(self) -> None:
+        self._days: dict[date, DayCount] = {}
+
+    def day(self, session: Session, day: date) -> DayCount:
+        count = self._days.get(day)
+        if count is None:
+            start = datetime.combine(day, time.min, tzinfo=timezone.utc)
+            rows = session.execute(
+                select(TrafficSample.stratum, func.count())
+                .where(TrafficSample.request_ts >= start, TrafficSample.request_ts < start + timedelta(days=1))
+                .group_by(TrafficSample.stratum)
+            ).all()
+            count = DayCount(sum(n for _, n in rows), Counter({s: n for s, n in rows}))
+            self._days[day] = count
+        return count
+
+    def add(self, day: date, stratum: str | None) -> None:
+        count = self._days.setdefault(day, DayCount())
+        count.total += 1
+        count.by_stratum[stratum] += 1
+
+    def remove(self, day: date, stratum: str | None) -> None:
+        """Undo an `add` for a sample that turned out not to be new (another writer stored it first)."""
+        count = self._days.get(day)
+        if count is not None:
+            count.total -= 1
+            count.by_stratum[stratum] -= 1
+
+    def forget(self) -> None:
+        """Drop what is cached (after a failed batch): the next look reads the store again."""
+        self._days.clear()
+
+
+@dataclass
+class Selection:
+    """The outcome of sampling one batch."""
+
+    admitted: list[tuple[TrafficRecord, str | None]]
+    duplicates: int
+    filtered_by: Counter[str]
+
+
+class Sampler:
+    def __init__(self, config: SamplingConfig, redactor: Redactor) -> None:
+        self.config = config
+        self.redactor = redactor
+        self._routes = frozenset(config.routes)
+        self._models = frozenset(config.models)
+        floor = config.min_per_stratum
+        if config.per_stratum_quota is not None:
+            floor = min(floor, config.per_stratum_quota)
+        self._floor = floor if config.stratify_by else 0
+
+    def screen(self, record: TrafficRecord, window: TimeWindow) -> str | None:
+        """Why the record is filtered out before sampling, or None if it passes."""
+        if not window.contains(record.timestamp):
+            return OUTSIDE_WINDOW
+        if self._routes and record.route not in self._routes:
+            return ROUTE
+        if self._models and record.incumbent_model not in self._models:
+            return MODEL
+        for key, expected in self.config.metadata_equals.items():
+            value = record.metadata.get(key)
+            if value is None or str(value) != expected:
+                return METADATA
+        return None
+
+    def stratum(self, record: TrafficRecord) -> str | None:
+        """The record's stratum: its (redacted) value of the `stratify_by` metadata key."""
+        key = self.config.stratify_by
+        if key is None:
+            return None
+        value = record.metadata.get(key)
+        if value is None:
+            return None
+        text = value if isinstance(value, str) else str(value)
+        return self.redactor.redact(text, {})[:MAX_STRATUM]
+
+    def hash_in(self, record: TrafficRecord) -> bool:
+        return self.config.rate >= 1.0 or hash_fraction(self.config.seed, record.request_id) < self.config.rate
+
+    def select(self, session: Session, records: list[TrafficRecord], window: TimeWindow,
+               budget: DailyBudget) -> Selection:
+        filtered: Counter[str] = Counter()
+        passing: list[tuple[TrafficRecord, str | None, date]] = []
+        for record in records:
+            reason = self.screen(record, window)
+            if reason is not None:
+                filtered[reason] += 1
+            else:
+                passing.append((record, self.stratum(record), record.timestamp.date()))
+        stored = existing_request_ids(session, [r.request_id for r, _, _ in passing])
+
+        cap, quota = self.config.daily_cap, self.config.per_stratum_quota
+        admitted: list[tuple[TrafficRecord, str | None]] = []
+        duplicates = 0
+        seen: set[str] = set()
+        for record, stratum, day in passing:
+            if record.request_id in stored or record.request_id in seen:
+                duplicates += 1
+                continue
+            seen.add(record.request_id)
+            count = budget.day(session, day)
+            in_stratum = count.by_stratum[stratum]
+            if not self.hash_in(record) and in_stratum >= self._floor:
+                filtered[RATE] += 1
+            elif cap is not None and count.total >= cap:
+                filtered[DAILY_CAP] += 1
+            elif quota is not None and in_stratum >= quota:
+                filtered[STRATUM_QUOTA] += 1
+            else:
+                admitted.append((record, stratum))
+                budget.add(day, stratum)
+        return Selection(admitted, duplicates, filtered)
+
+
+def existing_request_ids(session: Session, request_ids: list[str]) -> set[str]:
+    found: set[str] = set()
+    unique = list(dict.fromkeys(request_ids))
+    for i in range(0, len(unique), _LOOKUP_CHUNK):
+        chunk = unique[i:i + _LOOKUP_CHUNK]
+        found.update(session.scalars(select(TrafficSample.request_id).where(TrafficSample.request_id.in_(chunk))))
+    return found

@@ -1,0 +1,1 @@
+"""One module per source kind (`SourceConfig.kind`), each with `open_source(config) -> TrafficSource`."""
