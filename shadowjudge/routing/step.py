@@ -157,9 +157,17 @@ def _claim_revision(engine: Engine, route: RouteConfig, gateway: Gateway, decisi
         last = s.scalar(select(func.max(RouteWeightChange.revision)).where(RouteWeightChange.route == route.name))
         revision = (last or 0) + 1
         s.add(RouteWeightChange(route=route.name, revision=revision, before=decision.before, after=decision.after,
-                                reason=reason, status="pending", decision=action, gateway=gateway.name[:64],
+                                reason=reason, status="pending", decision=action, gateway=_short(gateway.name),
                                 analysis_link=analysis_link, run_id=run_id, created_at=now))
     return revision
+
+
+def _short(name: str, limit: int = 64) -> str:
+    """The history column is 64 characters: keep the kind and the end of the location."""
+    if len(name) <= limit:
+        return name
+    kind = name.split(":", 1)[0]
+    return f"{kind}:…{name[-(limit - len(kind) - 2):]}"
 
 
 def _preview(route: RouteConfig, gateway: Gateway, decision: Decision) -> StepOutcome:

@@ -1,0 +1,234 @@
+"""`shadowjudge routes ...`: see and steer route rollouts (history, show, step, approve, freeze, rollback).
+
+Every command takes `--config` to find the store and the route's gateway. Errors print one line and exit with the
+error's status (2 for bad input), never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shadowjudge.config import Config, RouteConfig, load_config
+from shadowjudge.errors import InputError, ShadowJudgeError
+
+routes_cli = typer.Typer(help="Route weights: history, state, manual gate, freeze and rollback.",
+                         no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+console = Console(width=160)
+err_console = Console(stderr=True)
+
+ConfigOption = typer.Option(Path("configs/shadowjudge.yaml"), "--config", "-c", help="Config YAML",
+                            envvar="SHADOWJUDGE_CONFIG")
+JsonOption = typer.Option(False, "--json", help="Print JSON instead of a table")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _clean_errors(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ShadowJudgeError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+    return wrapper  # type: ignore[return-value]
+
+
+def _open(config_path: Path, route_name: str) -> tuple[Config, RouteConfig, Any]:
+    from shadowjudge.store import get_engine
+    from shadowjudge.store.database import has_schema
+
+    cfg = load_config(config_path)
+    route = cfg.route(route_name)
+    engine = get_engine(cfg.store.url)
+    if not has_schema(engine):
+        raise ShadowJudgeError("the store has no schema yet: run `shadowjudge init --config ...` first")
+    return cfg, route, engine
+
+
+def _print_outcome(outcome: Any, as_json: bool) -> None:
+    if as_json:
+        console.print_json(json.dumps(outcome.to_dict(), default=str))
+        return
+    console.print(f"route [bold]{outcome.route}[/]: [bold]{outcome.decision}[/] ({outcome.status}); "
+                  f"{outcome.diff}", highlight=False)
+    console.print(f"  {outcome.reason}", highlight=False)
+    if outcome.error:
+        console.print(f"  [red]{outcome.error}[/]", highlight=False)
+    if outcome.config_diff:
+        console.print(outcome.config_diff, markup=False, highlight=False)
+
+
+@routes_cli.command()
+@_clean_errors
+def show(route: Optional[str] = typer.Argument(None, help="Route name (default: every route)"),
+         config: Path = ConfigOption, as_json: bool = JsonOption) -> None:
+    """Current weights, phase, serving target and whether the config's incumbent is stale."""
+    from shadowjudge.routing.step import route_status
+    from shadowjudge.store import get_engine
+
+    cfg = load_config(config)
+    routes = [cfg.route(route)] if route else cfg.routes
+    if route:
+        _open(config, route)
+    engine = get_engine(cfg.store.url)
+    states = [route_status(engine, r) for r in routes]
+    if as_json:
+        console.print_json(json.dumps(states, default=str))
+        return
+    table = Table(title="Routes")
+    for col in ("route", "policy", "weights", "serving", "candidate", "phase", "step", "samples", "frozen", "gate",
+                "revision"):
+        table.add_column(col)
+    for st in states:
+        serving = st["serving"] + (" [yellow](config stale)[/]" if st["config_stale"] else "")
+        gate = ("approved " + str(st["approved_step"]) if st["approved_step"] is not None else "waiting") \
+            if st["manual_gate"] else "-"
+        table.add_row(st["route"], st["policy"], ", ".join(f"{k}={v}" for k, v in st["weights"].items()), serving,
+                      st["candidate"] or "-", st["phase"], str(st["step_index"]), str(st["samples_in_step"]),
+                      "yes" if st["frozen"] else "no", gate, str(st["revision"]))
+    console.print(table)
+    for st in states:
+        if st["failed"]:
+            console.print(f"{st['route']}: failed candidates: " +
+                          "; ".join(f"{n} ({m.get('reason', '')})" for n, m in st["failed"].items()), highlight=False)
+        if st["last_reason"]:
+            console.print(f"{st['route']}: last: {st['last_reason']}", highlight=False)
+
+
+@routes_cli.command()
+@_clean_errors
+def history(route: str = typer.Argument(..., help="Route name"), config: Path = ConfigOption,
+            limit: int = typer.Option(50, min=1, max=10000), as_json: bool = JsonOption) -> None:
+    """Every weight change pushed or attempted, newest first: before, after, why, status and analysis link."""
+    from shadowjudge.routing.step import route_history
+
+    _, rc, engine = _open(config, route)
+    rows = route_history(engine, rc.name, limit=limit)
+    if as_json:
+        console.print_json(json.dumps(rows, default=str))
+        return
+    table = Table(title=f"Route '{rc.name}' weight history")
+    for col in ("rev", "at", "decision", "status", "before", "after", "reason", "analysis"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        reason = r["reason"] + (f" [red]{r['error']}[/]" if r["error"] else "")
+        table.add_row(str(r["revision"]), r["at"][:19], r["decision"], r["status"],
+                      ", ".join(f"{k}={v}" for k, v in r["before"].items()),
+                      ", ".join(f"{k}={v}" for k, v in r["after"].items()), reason, r["analysis_link"] or "-")
+    console.print(table)
+
+
+@routes_cli.command()
+@_clean_errors
+def step(route: str = typer.Argument(..., help="Route name"),
+         verdicts: Path = typer.Option(..., "--verdicts", help="JSON list of candidate verdicts "
+                                       "({target, verdict, score, quality, cost_per_outcome, n, critical_alert, ...})"),
+         config: Path = ConfigOption,
+         dry_run: bool = typer.Option(False, "--dry-run", help="Decide and render, print the diff, write nothing"),
+         run_id: Optional[int] = typer.Option(None, help="Shadow run the verdicts come from (idempotency key)"),
+         analysis_link: Optional[str] = typer.Option(None, help="Link recorded with the change"),
+         as_json: bool = JsonOption) -> None:
+    """Step the controller once with verdicts from a file (the cycle flow does this with its own analysis)."""
+    from shadowjudge.gateways import get_gateway
+    from shadowjudge.routing.step import step_route
+    from shadowjudge.routing.verdicts import CandidateVerdict
+
+    _, rc, engine = _open(config, route)
+    try:
+        raw = json.loads(verdicts.read_text())
+    except OSError as exc:
+        raise InputError(f"{verdicts}: cannot read: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{verdicts}: not valid JSON: {exc}") from None
+    if not isinstance(raw, list) or not all(isinstance(v, dict) for v in raw):
+        raise InputError(f"{verdicts}: expected a JSON list of verdict objects")
+    try:
+        parsed = [CandidateVerdict(**v) for v in raw]
+    except TypeError as exc:
+        raise InputError(f"{verdicts}: {exc}") from None
+    outcome = step_route(engine, rc, parsed, gateway=get_gateway(rc.gateway, rc), now=datetime.now(timezone.utc),
+                         run_id=run_id, analysis_link=analysis_link, dry_run=dry_run)
+    _print_outcome(outcome, as_json)
+    if outcome.status == "failed":
+        raise typer.Exit(1)
+
+
+@routes_cli.command()
+@_clean_errors
+def approve(route: str = typer.Argument(..., help="Route name"), config: Path = ConfigOption) -> None:
+    """Approve the next step of a route under a manual gate."""
+    from shadowjudge.routing.step import approve_step
+
+    _, rc, engine = _open(config, route)
+    state = approve_step(engine, rc)
+    console.print(f"route [bold]{rc.name}[/]: step {state.approved_step} approved; it runs at the next cycle that "
+                  "passes the other checks", highlight=False)
+
+
+@routes_cli.command()
+@_clean_errors
+def freeze(route: str = typer.Argument(..., help="Route name"), config: Path = ConfigOption) -> None:
+    """Stop every advance on a route (failing candidates are still rolled back)."""
+    from shadowjudge.routing.step import set_frozen
+
+    _, rc, engine = _open(config, route)
+    state = set_frozen(engine, rc, True)
+    console.print(f"route [bold]{rc.name}[/] frozen at {state.weights}", highlight=False)
+
+
+@routes_cli.command()
+@_clean_errors
+def unfreeze(route: str = typer.Argument(..., help="Route name"), config: Path = ConfigOption) -> None:
+    """Let the controller advance a frozen route again."""
+    from shadowjudge.routing.step import set_frozen
+
+    _, rc, engine = _open(config, route)
+    set_frozen(engine, rc, False)
+    suffix = " (the config's policy.frozen is still true)" if rc.policy.frozen else ""
+    console.print(f"route [bold]{rc.name}[/] unfrozen{suffix}", highlight=False)
+
+
+@routes_cli.command()
+@_clean_errors
+def rollback(route: str = typer.Argument(..., help="Route name"), config: Path = ConfigOption,
+             to: Optional[str] = typer.Option(None, "--to", help="Target to send all traffic to (default: serving)"),
+             reason: str = typer.Option("manual rollback", help="Recorded in the history"),
+             dry_run: bool = typer.Option(False, "--dry-run", help="Print the diff, write nothing"),
+             as_json: bool = JsonOption) -> None:
+    """Send all traffic to one target now and mark the candidates it takes traffic from as failed."""
+    from shadowjudge.gateways import get_gateway
+    from shadowjudge.routing.push import preview_push
+    from shadowjudge.routing.step import load_rollout_state, manual_rollback
+    from shadowjudge.routing.weights import weights_diff
+
+    _, rc, engine = _open(config, route)
+    gateway = get_gateway(rc.gateway, rc)
+    if dry_run:
+        state = load_rollout_state(engine, rc)
+        target = to or state.serving
+        names = [rc.incumbent.name, *[c.name for c in rc.candidates]]
+        if target not in names:
+            raise InputError(f"route '{rc.name}': cannot roll back to '{target}': not a target (targets: {names})")
+        after = {n: (100 if n == target else 0) for n in names}
+        preview = preview_push(gateway, after)
+        console.print(f"route [bold]{rc.name}[/]: rollback would set {weights_diff(state.weights, after)}",
+                      highlight=False)
+        if preview.error:
+            console.print(f"  [red]the push would fail: {preview.error}[/]", highlight=False)
+        if preview.config_diff:
+            console.print(preview.config_diff, markup=False, highlight=False)
+        return
+    outcome = manual_rollback(engine, rc, gateway=gateway, now=datetime.now(timezone.utc), to=to, reason=reason)
+    _print_outcome(outcome, as_json)
+    if outcome.status == "failed":
+        raise typer.Exit(1)
