@@ -75,7 +75,7 @@ class MetricResult:
 
 
 def _fmt(value: float | None) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.3g}"
+    return "-" if value is None or math.isnan(value) else f"{value:.3g}"
 
 
 def classify_effect(effect: float, ci_low: float, ci_high: float, tolerance: float, no_change: float,
@@ -88,7 +88,7 @@ def classify_effect(effect: float, ci_low: float, ci_high: float, tolerance: flo
     With a superiority requirement (tolerance on the better side of no change), pass needs the whole interval
     inside the bound, so an underpowered comparison never passes by default.
     """
-    if not all(math.isfinite(v) for v in (effect, ci_low, ci_high)):
+    if any(math.isnan(v) for v in (effect, ci_low, ci_high)):
         return Classification.NODATA
     sign = 1.0 if higher_is_better else -1.0
     # In 'goodness' orientation: bigger is better for every metric.

@@ -104,14 +104,16 @@ def bootstrap_interval(statistic: Statistic, groups: Sequence[Sequence[np.ndarra
     `groups` is a list of groups; the arrays within a group share one index and are resampled together (paired
     data), different groups are resampled independently (unpaired data). `statistic` receives every array, in
     order, as a 2-D array (resamples x n) and returns one value per row; it is called once on the data itself
-    (as 1 x n arrays) for the estimate. Resamples where the statistic is not finite (a zero denominator) are
-    dropped; if more than half are, the interval is NaN.
+    (as 1 x n arrays) for the estimate. An infinite value is kept (a candidate with no accepted answer has an
+    infinite cost per outcome); resamples where the statistic is NaN (0/0) are dropped, and if more than half
+    are, the interval is NaN.
     """
     arrays = [[np.asarray(a, dtype=float) for a in group] for group in groups]
     for group in arrays:
         if len({len(a) for a in group}) != 1 or len(group[0]) == 0:
             raise ValueError("bootstrap_interval: the arrays of a group must be non-empty and of equal length")
-    estimate = float(statistic(*[a[None, :] for group in arrays for a in group])[0])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        estimate = float(statistic(*[a[None, :] for group in arrays for a in group])[0])
     rng = np.random.default_rng(seed)
     largest = max(len(group[0]) for group in arrays)
     chunk = max(1, min(resamples, _BOOTSTRAP_CHUNK // largest))
@@ -127,11 +129,13 @@ def bootstrap_interval(statistic: Statistic, groups: Sequence[Sequence[np.ndarra
             values.append(np.asarray(statistic(*drawn), dtype=float))
         done += b
     boot = np.concatenate(values)
-    finite = boot[np.isfinite(boot)]
-    if len(finite) < resamples / 2:
+    defined = np.sort(boot[~np.isnan(boot)])
+    if len(defined) < resamples / 2:
         return Interval(estimate, math.nan, math.nan)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(finite, [tail, 100 - tail])
+    tail = (1 - confidence) / 2
+    # Order statistics rather than interpolation, so infinite values stay well defined.
+    low = defined[int(math.floor(tail * (len(defined) - 1)))]
+    high = defined[int(math.ceil((1 - tail) * (len(defined) - 1)))]
     return Interval(estimate, float(low), float(high))
 
 

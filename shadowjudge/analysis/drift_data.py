@@ -1,0 +1,138 @@
+"""Drift checks over the store: two time windows of a route's traffic, compared input, output and judge-wise.
+
+Windows are by request time (`traffic_samples.request_ts`): what production saw, not when it was replayed. The
+incumbent's outputs are what production answered (the logged response); a candidate's are its replays.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, select
+
+from shadowjudge.analysis.drift import DriftReport, DriftResult, OutputWindow, input_drift, judge_drift, output_drift
+from shadowjudge.analysis.embeddings import PromptEmbedder
+from shadowjudge.config import DriftConfig, RouteConfig
+from shadowjudge.scoring import prompt_text
+from shadowjudge.store import Judgment, ShadowResult, ShadowRun, TrafficSample, session_scope
+
+FormatCheck = Callable[[dict[str, Any], str], bool | None]
+
+
+@dataclass(frozen=True)
+class TimeWindow:
+    start: datetime
+    end: datetime
+
+    def __post_init__(self) -> None:
+        if self.end <= self.start:
+            raise ValueError(f"time window ends ({self.end}) before it starts ({self.start})")
+
+    @property
+    def label(self) -> str:
+        return f"{self.start.isoformat()}/{self.end.isoformat()}"
+
+
+def json_when_asked(params: dict[str, Any], text: str) -> bool | None:
+    """Format compliance of an answer: valid JSON when the request asked for JSON; not applicable otherwise."""
+    response_format = (params or {}).get("response_format") or {}
+    kind = response_format.get("type") if isinstance(response_format, dict) else response_format
+    if kind not in ("json_object", "json_schema"):
+        return None
+    try:
+        json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return False
+    return True
+
+
+def _in_window(query, window: TimeWindow):
+    return query.where(TrafficSample.request_ts >= window.start, TrafficSample.request_ts < window.end)
+
+
+def load_prompts(engine: Engine, route: str, window: TimeWindow) -> list[str]:
+    with session_scope(engine) as s:
+        rows = s.scalars(_in_window(select(TrafficSample.messages).where(TrafficSample.route == route), window)
+                         .order_by(TrafficSample.id)).all()
+    return [text for text in (prompt_text(m) for m in rows) if text]
+
+
+def latest_evaluator(engine: Engine, route: str) -> str | None:
+    """The judge of the route's latest judged run: windows judged by different versions must not be compared."""
+    with session_scope(engine) as s:
+        return s.scalar(select(ShadowRun.judge_version).where(ShadowRun.route == route,
+                                                              ShadowRun.judge_version.is_not(None))
+                        .order_by(ShadowRun.id.desc()).limit(1))
+
+
+def load_output_window(engine: Engine, route: RouteConfig, target: str, window: TimeWindow,
+                       evaluator_version: str | None = None,
+                       format_check: FormatCheck = json_when_asked) -> OutputWindow:
+    """One target's answers, judge scores and format checks for the route's requests in `window`."""
+    incumbent = target == route.incumbent.name
+    with session_scope(engine) as s:
+        if incumbent:
+            rows = s.execute(_in_window(select(TrafficSample.id, TrafficSample.params, TrafficSample.response_text)
+                                        .where(TrafficSample.route == route.name), window)
+                             .order_by(TrafficSample.id)).all()
+            score_col = Judgment.incumbent_score
+        else:
+            rows = s.execute(_in_window(select(TrafficSample.id, TrafficSample.params, ShadowResult.output_text)
+                                        .join(ShadowResult, ShadowResult.sample_id == TrafficSample.id)
+                                        .where(TrafficSample.route == route.name, ShadowResult.target == target,
+                                               ShadowResult.attempt == 0), window)
+                             .order_by(TrafficSample.id, ShadowResult.id)).all()
+            score_col = Judgment.candidate_score
+        scores: dict[int, float] = {}
+        if evaluator_version:
+            query = _in_window(select(Judgment.sample_id, score_col)
+                               .join(TrafficSample, TrafficSample.id == Judgment.sample_id)
+                               .where(TrafficSample.route == route.name, Judgment.evaluator == evaluator_version),
+                               window)
+            if not incumbent:
+                query = query.where(Judgment.target == target)
+            for sample_id, value in s.execute(query.order_by(Judgment.id)).all():
+                if value is not None:
+                    scores.setdefault(sample_id, float(value))  # the incumbent's score repeats per candidate
+    seen: set[int] = set()
+    texts: list[str | None] = []
+    format_ok: list[bool] = []
+    for sample_id, params, text in rows:
+        if sample_id in seen:  # one answer per request, even if several runs replayed it
+            continue
+        seen.add(sample_id)
+        texts.append(text)
+        if text is not None:
+            verdict = format_check(params or {}, text)
+            if verdict is not None:
+                format_ok.append(verdict)
+    return OutputWindow(texts, [scores[i] for i in sorted(scores)], format_ok)
+
+
+def detect_drift(engine: Engine, route: RouteConfig, reference: TimeWindow, current: TimeWindow,
+                 config: DriftConfig, embedder: PromptEmbedder | None = None, evaluator_version: str | None = None,
+                 judge_agreement: tuple[Sequence[float | bool], Sequence[float | bool]] | None = None,
+                 format_check: FormatCheck = json_when_asked, seed: int = 0) -> DriftReport:
+    """Every drift check of a route, current window against reference window.
+
+    Input drift needs an `embedder`; judge drift needs the calibration agreement of both windows
+    (`judge_agreement=(reference_values, current_values)`, e.g. from evaluators.calibration.judge_agreement).
+    """
+    results: list[DriftResult] = []
+    if embedder is not None:
+        ref_prompts, cur_prompts = load_prompts(engine, route.name, reference), load_prompts(engine, route.name, current)
+        results.append(input_drift(embedder.embed(ref_prompts), embedder.embed(cur_prompts), config, seed))
+    evaluator = evaluator_version or latest_evaluator(engine, route.name)
+    for target in [route.incumbent.name, *(c.name for c in route.candidates)]:
+        ref = load_output_window(engine, route, target, reference, evaluator, format_check)
+        cur = load_output_window(engine, route, target, current, evaluator, format_check)
+        if not ref.texts and not cur.texts:
+            continue  # a candidate not replayed in either window has nothing to compare
+        results.extend(output_drift(ref, cur, config, target))
+    if judge_agreement is not None:
+        results.append(judge_drift(judge_agreement[0], judge_agreement[1], config))
+    return DriftReport(route.name, results, reference.label, current.label)

@@ -1,0 +1,189 @@
+"""Golden regression set: cases from past incidents that a candidate must pass before it can be promoted.
+
+A case is a prompt with the properties its answer must have (YAML):
+
+    - id: refund-policy-2026-03          # stable name; the incident it came from goes in `incident`
+      prompt: "What is our refund window?"
+      must_contain: ["30 days"]
+      must_not_contain: ["I cannot help"]
+      max_length: 600                    # characters
+      json_schema: {type: object, required: [answer]}
+      min_score: 0.6                     # judge score, needs a scorer
+
+The checks are deterministic except `min_score`, which asks the judge (anything with `score(prompts, answers)`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from shadowjudge.errors import InputError
+
+
+class GoldenSetError(InputError):
+    """A golden set that cannot be used; the message names the file and the case."""
+
+
+class AnswerScorer(Protocol):
+    """The judge's pointwise scoring (evaluators.base.Evaluator satisfies it)."""
+
+    def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]: ...
+
+
+class GoldenCase(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1)
+    prompt: str = Field(min_length=1)
+    incident: str | None = None
+    must_contain: tuple[str, ...] = ()
+    must_not_contain: tuple[str, ...] = ()
+    case_sensitive: bool = False
+    max_length: int | None = Field(default=None, gt=0)
+    json_schema: dict[str, Any] | None = None
+    min_score: float | None = Field(default=None, ge=0, le=1)
+
+    @field_validator("must_contain", "must_not_contain", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return (v,) if isinstance(v, str) else v
+
+    @field_validator("json_schema")
+    @classmethod
+    def _valid_schema(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            from jsonschema.exceptions import SchemaError
+            from jsonschema.validators import validator_for
+
+            try:
+                validator_for(v).check_schema(v)
+            except SchemaError as exc:
+                raise ValueError(f"json_schema is not a valid JSON Schema: {exc.message}") from None
+        return v
+
+
+@dataclass(frozen=True)
+class GoldenCaseResult:
+    case_id: str
+    passed: bool
+    failures: list[str]
+    score: float | None = None
+    incident: str | None = None
+
+
+@dataclass(frozen=True)
+class GoldenReport:
+    target: str
+    results: list[GoldenCaseResult]
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    @property
+    def failed(self) -> list[GoldenCaseResult]:
+        return [r for r in self.results if not r.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "passed": self.passed, "n_cases": len(self.results),
+                "n_failed": len(self.failed), "results": [asdict(r) for r in self.results]}
+
+
+def parse_golden_set(data: Any, source: str = "<golden set>") -> list[GoldenCase]:
+    """Validate a list of cases (or a mapping with a `cases` list); ids must be unique."""
+    if isinstance(data, dict) and "cases" in data:
+        data = data["cases"]
+    if not isinstance(data, list) or not data:
+        raise GoldenSetError(f"{source}: expected a non-empty list of cases (or a mapping with 'cases')")
+    cases = []
+    for index, raw in enumerate(data):
+        try:
+            cases.append(GoldenCase.model_validate(raw))
+        except ValidationError as exc:
+            where = raw.get("id", f"#{index}") if isinstance(raw, dict) else f"#{index}"
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'case'}: {e['msg'].removeprefix('Value error, ')}"
+                                 for e in exc.errors())
+            raise GoldenSetError(f"{source}: case {where}: {problems}") from None
+    ids = [c.id for c in cases]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise GoldenSetError(f"{source}: duplicate case ids {duplicates}")
+    return cases
+
+
+def load_golden_set(path: str | Path) -> list[GoldenCase]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise GoldenSetError(f"{path}: cannot read golden set: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise GoldenSetError(f"{path}: not valid YAML: {exc}") from None
+    return parse_golden_set(data, str(path))
+
+
+_FENCE = re.compile(r"^\s*```[a-zA-Z0-9_-]*\s*\n(.*?)\n\s*```\s*$", re.DOTALL)
+
+
+def _json_failures(answer: str, schema: dict[str, Any]) -> list[str]:
+    from jsonschema.validators import validator_for
+
+    fenced = _FENCE.match(answer)
+    text = fenced.group(1) if fenced else answer
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return [f"answer is not JSON ({exc.msg} at line {exc.lineno})"]
+    validator = validator_for(schema)(schema)
+    errors = sorted(validator.iter_errors(document), key=lambda e: list(e.absolute_path))
+    return [f"JSON schema: {'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}" for e in errors[:5]]
+
+
+def check_answer(case: GoldenCase, answer: str | None, score: float | None = None) -> list[str]:
+    """What is wrong with `answer` for `case` (empty when it passes)."""
+    if answer is None:
+        return ["no answer (the candidate failed or was not asked)"]
+    failures = []
+    haystack = answer if case.case_sensitive else answer.lower()
+    for needle in case.must_contain:
+        if (needle if case.case_sensitive else needle.lower()) not in haystack:
+            failures.append(f"missing required text {needle!r}")
+    for needle in case.must_not_contain:
+        if (needle if case.case_sensitive else needle.lower()) in haystack:
+            failures.append(f"contains forbidden text {needle!r}")
+    if case.max_length is not None and len(answer) > case.max_length:
+        failures.append(f"{len(answer)} characters, at most {case.max_length} allowed")
+    if case.json_schema is not None:
+        failures.extend(_json_failures(answer, case.json_schema))
+    if case.min_score is not None and score is not None and score < case.min_score:
+        failures.append(f"judge score {score:.3f} below {case.min_score}")
+    return failures
+
+
+def run_golden_set(cases: Sequence[GoldenCase], answers: Mapping[str, str | None],
+                   scorer: AnswerScorer | None = None, target: str = "candidate") -> GoldenReport:
+    """Check the candidate's answers (by case id) against every golden case; any failure blocks promotion.
+
+    A case without an answer fails (a candidate that was not asked has not passed). Cases with `min_score`
+    need `scorer`; the judge sees only the answered ones, in one batch.
+    """
+    needs_score = [c for c in cases if c.min_score is not None and answers.get(c.id) is not None]
+    if needs_score and scorer is None:
+        raise GoldenSetError(f"cases {[c.id for c in needs_score]} set min_score: run_golden_set needs a scorer")
+    scores: dict[str, float] = {}
+    if needs_score:
+        values = scorer.score([c.prompt for c in needs_score], [answers[c.id] for c in needs_score])
+        scores = {c.id: float(v) for c, v in zip(needs_score, values, strict=True)}
+    results = []
+    for case in cases:
+        failures = check_answer(case, answers.get(case.id), scores.get(case.id))
+        results.append(GoldenCaseResult(case.id, not failures, failures, scores.get(case.id), case.incident))
+    return GoldenReport(target, results)
