@@ -51,6 +51,8 @@ class SourceConfig(_Strict):
     mapping: str | dict[str, str] | None = None
     max_record_bytes: int = Field(default=1_000_000, gt=0)
     batch_size: int = Field(default=1000, gt=0)
+    settle_s: float = Field(default=0.0, ge=0, description="sql: read only rows older than this many seconds, so "
+                            "rows a batching writer (e.g. LiteLLM) commits late are not passed by the cursor")
 
     @model_validator(mode="after")
     def _needs_location(self) -> "SourceConfig":
