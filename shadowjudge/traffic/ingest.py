@@ -26,7 +26,7 @@ from shadowjudge.store.models import utcnow
 from shadowjudge.traffic.records import Rejected, SourceRead, SourceUnavailable, TrafficRecord
 from shadowjudge.traffic.redaction import Redactor
 from shadowjudge.traffic.sampling import DailyBudget, Sampler
-from shadowjudge.traffic.source import TimeWindow, open_source
+from shadowjudge.traffic.source import TimeWindow, TrafficSource, open_source
 
 log = logging.getLogger(__name__)
 
@@ -109,21 +109,22 @@ def ingest_sources(engine: Engine, config: Config, *, since: datetime | None = N
     redactor = Redactor.from_config(config.redaction)
     sampler = Sampler(config.sampling, redactor)
     budget = DailyBudget()
+    sources = [(c, open_source(c)) for c in config.sources]  # a misconfigured source fails before any work
     reports: list[SourceReport] = []
     with _progress_display(progress) as on_batch:
-        for source_config in config.sources:
-            reports.append(ingest_source(engine, source_config, sampler, redactor, budget, window, on_batch))
+        for source_config, source in sources:
+            reports.append(ingest_source(engine, source_config, source, sampler, redactor, budget, window,
+                                         on_batch))
     return IngestReport(reports, since, until)
 
 
-def ingest_source(engine: Engine, source_config: SourceConfig, sampler: Sampler, redactor: Redactor,
-                  budget: DailyBudget, window: TimeWindow,
+def ingest_source(engine: Engine, source_config: SourceConfig, source: TrafficSource, sampler: Sampler,
+                  redactor: Redactor, budget: DailyBudget, window: TimeWindow,
                   on_batch: ProgressCallback | None = None) -> SourceReport:
     """Ingest one source batch by batch (see the module docstring for the guarantees)."""
     report = SourceReport(source_config.name, source_config.kind, backfill=window.is_backfill)
     batch: list[SourceRead] = []
     try:
-        source = open_source(source_config)
         cursor = None if window.is_backfill else load_cursor(engine, source_config.name)
         for step in source.read(cursor, window):
             batch.append(step)

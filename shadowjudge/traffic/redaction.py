@@ -27,7 +27,12 @@ IBAN = "IBAN"
 IP_ADDRESS = "IP_ADDRESS"
 API_KEY = "API_KEY"
 BEARER_TOKEN = "BEARER_TOKEN"
-BUILTIN_KINDS = (API_KEY, BEARER_TOKEN, EMAIL, IBAN, CARD, IP_ADDRESS, PHONE)
+SECRET = "SECRET"
+BUILTIN_KINDS = (API_KEY, BEARER_TOKEN, EMAIL, IBAN, CARD, IP_ADDRESS, PHONE, SECRET)
+
+# A JSON value stored under a key named like this is a credential whatever it looks like (e.g. a hashed key).
+SECRET_KEY_NAME = re.compile(r"(?i)api[_-]?key|authorization|passw(?:or)?d|secret|access[_-]?token|auth[_-]?token"
+                             r"|refresh[_-]?token|session[_-]?token|private[_-]?key|cookie")
 
 _API_KEY_PREFIXES = ("sk-", "sk_", "rk_", "pk_", "AKIA", "ASIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_",
                      "github_pat_", "xox", "AIza", "glpat-", "hf_", "eyJ")
@@ -183,6 +188,7 @@ class Redactor:
         # System prompts and templates repeat across requests: remember recent short results.
         self._cache: dict[str, tuple[str, tuple[tuple[str, int], ...]]] = {}
         self._cache_size = cache_size
+        self._secret_keys: dict[str, bool] = {}
 
     @classmethod
     def from_config(cls, config: RedactionConfig) -> "Redactor":
@@ -268,12 +274,30 @@ class Redactor:
         pieces.append(text[last:])
         return "".join(pieces), found
 
+    def _is_secret_key(self, key: Any) -> bool:
+        if not isinstance(key, str):
+            return False
+        known = self._secret_keys.get(key)
+        if known is None:
+            known = SECRET_KEY_NAME.search(key) is not None
+            if len(self._secret_keys) < 10_000:
+                self._secret_keys[key] = known
+        return known
+
     def redact_value(self, value: Any, counts: dict[str, int]) -> Any:
-        """Redact every string inside a JSON-like value (dict keys are left as they are)."""
+        """Redact every string inside a JSON-like value; a string under a credential-like key (`api_key`,
+        `authorization`, `password`, ...) is replaced whole. Keys themselves are kept."""
         if isinstance(value, str):
             return self.redact(value, counts)
         if isinstance(value, Mapping):
-            return {k: self.redact_value(v, counts) for k, v in value.items()}
+            out = {}
+            for k, v in value.items():
+                if self.enabled and isinstance(v, str) and v and self._is_secret_key(k):
+                    out[k] = f"[{SECRET}]"
+                    counts[SECRET] = counts.get(SECRET, 0) + 1
+                else:
+                    out[k] = self.redact_value(v, counts)
+            return out
         if isinstance(value, list):
             return [self.redact_value(v, counts) for v in value]
         return value

@@ -91,7 +91,7 @@ def normalise_openai_log(obj: Any, position: str) -> TrafficRecord:
 
     request_model = parse_name(request.get("model"), "request.model")
     response = obj.get("response")
-    response_text, response_model, usage, response_id = _response_parts(response)
+    response_text, response_model, usage, response_id = response_parts(response)
     if usage is None and isinstance(obj.get("usage"), dict):
         usage = obj["usage"]
     usage = usage or {}
@@ -132,7 +132,7 @@ def normalise_openai_log(obj: Any, position: str) -> TrafficRecord:
     )
 
 
-def _response_parts(response: Any) -> tuple[str | None, str | None, dict[str, Any] | None, Any]:
+def response_parts(response: Any) -> tuple[str | None, str | None, dict[str, Any] | None, Any]:
     """(text, model, usage, id) of a chat completion, a completions response or a plain string."""
     if response is None:
         return None, None, None, None
