@@ -1,0 +1,287 @@
+"""step_route against a real store (SQLite and PostgreSQL) and a real gateway file, stepped cycle by cycle."""
+
+import math
+import threading
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from shadowjudge.config import load_config
+from shadowjudge.gateways import get_gateway
+from shadowjudge.gateways.truefoundry import TrueFoundryGateway
+from shadowjudge.routing import CandidateVerdict, load_rollout_state, route_history, step_route
+from shadowjudge.routing.cli import routes_cli
+from shadowjudge.store import ShadowRun, get_engine, session_scope
+
+T0 = datetime(2025, 3, 1, 9, 0, tzinfo=timezone.utc)
+runner = CliRunner()
+
+
+def write_config(tmp_path: Path, store_url: str, policy: dict | None = None, gateway: dict | None = None) -> Path:
+    doc = {
+        "store": {"url": store_url},
+        "sources": [{"name": "logs", "path": "requests.jsonl"}],
+        "routes": [{
+            "name": "chat",
+            "incumbent": {"name": "inc", "model": "acct/m-inc", "base_url": "http://127.0.0.1:9000/v1"},
+            "candidates": [
+                {"name": "fragile", "model": "acct/m-fragile", "base_url": "http://127.0.0.1:9001/v1"},
+                {"name": "better", "model": "acct/m-better", "base_url": "http://127.0.0.1:9002/v1"},
+            ],
+            "policy": policy or {"steps": [1, 5, 25, 50, 100], "min_dwell_s": 1800, "min_samples_per_step": 100},
+            "gateway": gateway or {"kind": "truefoundry", "path": str(tmp_path / "gateway" / "routing.yaml")},
+        }],
+    }
+    path = tmp_path / "shadowjudge.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def make_run(engine, key: str) -> int:
+    """A shadow run row: the history's run_id refers to one."""
+    with session_scope(engine) as s:
+        run = ShadowRun(run_key=key, route="chat", config_hash="test")
+        s.add(run)
+        s.flush()
+        return run.id
+
+
+def simulated_verdict(target: str, p_true: float, n: int, rng: np.random.Generator) -> CandidateVerdict:
+    """A stand-in for the analysis: judge preferences ~ Bernoulli(p_true); pass if the 95% interval clears 0.45."""
+    prefs = rng.random(n) < p_true
+    mean = float(prefs.mean())
+    half = 1.96 * math.sqrt(max(mean * (1 - mean), 1e-9) / n)
+    verdict = "pass" if mean - half > 0.45 else ("fail" if mean + half < 0.45 else "inconclusive")
+    return CandidateVerdict(target, verdict, score=mean, n=n)
+
+
+def test_multi_cycle_run_promotes_the_better_candidate_and_rolls_back_the_one_that_regresses(store_url, tmp_path):
+    cfg_path = write_config(tmp_path, store_url)
+    cfg = load_config(cfg_path)
+    route = cfg.route("chat")
+    gateway = get_gateway(route.gateway, route)
+    engine = get_engine(store_url)
+    rng = np.random.default_rng(7)
+
+    decisions = []
+    for cycle in range(11):
+        fragile_p = 0.62 if cycle < 3 else 0.2  # a regression shows up in the fourth cycle
+        verdicts = [simulated_verdict("fragile", fragile_p, 150, rng), simulated_verdict("better", 0.68, 150, rng)]
+        outcome = step_route(engine, route, verdicts, gateway=gateway, now=T0 + timedelta(minutes=30 * cycle),
+                             run_id=None, analysis_link=f"http://mlflow.local/#/runs/cycle-{cycle}")
+        assert outcome.status in ("applied", "unchanged"), outcome.reason
+        decisions.append((outcome.decision, outcome.weights_after["fragile"], outcome.weights_after["better"]))
+
+    assert decisions[:4] == [("advance", 1, 0), ("advance", 5, 0), ("advance", 25, 0), ("rollback", 0, 0)]
+    assert decisions[4:9] == [("advance", 0, 1), ("advance", 0, 5), ("advance", 0, 25), ("advance", 0, 50),
+                              ("promote", 0, 100)]
+    assert all(d[0] == "hold" for d in decisions[9:])  # promoted: the config's incumbent is stale until updated
+
+    state = load_rollout_state(engine, route)
+    assert state.serving == "better" and state.phase == "promoted" and "fragile" in state.failed
+    assert gateway.read_back() == {"inc": 0, "fragile": 0, "better": 100}
+
+    result = runner.invoke(routes_cli, ["history", "chat", "--config", str(cfg_path), "--json"])
+    assert result.exit_code == 0, result.output
+    import json
+    rows = json.loads(result.output)
+    assert [r["decision"] for r in reversed(rows)] == ["advance"] * 3 + ["rollback"] + ["advance"] * 4 + ["promote"]
+    assert all(r["status"] == "applied" for r in rows)
+    assert rows[5]["before"] == {"inc": 75, "fragile": 25, "better": 0} and rows[5]["after"]["fragile"] == 0
+    assert rows[5]["analysis_link"] == "http://mlflow.local/#/runs/cycle-3"
+    table = runner.invoke(routes_cli, ["history", "chat", "--config", str(cfg_path)])
+    assert table.exit_code == 0 and "rollback" in table.output and "promote" in table.output
+    show = runner.invoke(routes_cli, ["show", "chat", "--config", str(cfg_path), "--json"])
+    assert json.loads(show.output)[0]["config_stale"] is True
+
+
+def test_stepping_the_same_run_twice_changes_nothing_the_second_time(store_url, tmp_path):
+    route = load_config(write_config(tmp_path, store_url)).route("chat")
+    engine, gateway = get_engine(store_url), get_gateway(route.gateway, route)
+    run_id = make_run(engine, "chat:1")
+    first = step_route(engine, route, [CandidateVerdict("fragile", "pass", n=200)], gateway=gateway, now=T0,
+                       run_id=run_id)
+    again = step_route(engine, route, [CandidateVerdict("fragile", "pass", n=200)], gateway=gateway,
+                       now=T0 + timedelta(hours=5), run_id=run_id)
+    assert first.decision == "advance" and again.replayed and again.decision == "advance"
+    assert again.weights_after == first.weights_after
+    assert len(route_history(engine, "chat")) == 1
+    assert load_rollout_state(engine, route).weights["fragile"] == 1
+
+
+class LyingOnceGateway(TrueFoundryGateway):
+    """Reports other weights on its first read-back, as a gateway that normalised or ignored the push would."""
+
+    lied = False
+
+    def read_back(self):
+        weights = super().read_back()
+        if not self.lied:
+            self.lied = True
+            return {**weights, "inc": weights["inc"] - 1, "fragile": weights["fragile"] + 1}
+        return weights
+
+
+@pytest.mark.parametrize("fault", ["down", "rejects", "reads_back_other"])
+def test_a_faulty_gateway_keeps_its_previous_config_and_the_step_is_retried_next_cycle(store_url, tmp_path, fault):
+    cfg_path = write_config(tmp_path, store_url)
+    route = load_config(cfg_path).route("chat")
+    engine = get_engine(store_url)
+    good = get_gateway(route.gateway, route)
+    step_route(engine, route, [CandidateVerdict("fragile", "pass", n=200)], gateway=good, now=T0)
+    file = Path(route.gateway.path)
+    before_bytes = file.read_bytes()
+
+    if fault == "down":
+        blocker = tmp_path / "not-a-dir"
+        blocker.write_text("")
+        faulty = TrueFoundryGateway(route, blocker / "routing.yaml")
+    elif fault == "rejects":
+        faulty = TrueFoundryGateway(route, file, ["sh", "-c", "echo 'control plane: weights refused' >&2; exit 3"])
+    else:
+        faulty = LyingOnceGateway(route, file)
+    outcome = step_route(engine, route, [CandidateVerdict("fragile", "pass", n=200)], gateway=faulty,
+                         now=T0 + timedelta(hours=1), run_id=make_run(engine, "chat:2"))
+    assert outcome.status == "failed" and not outcome.pushed
+    assert outcome.proposed["fragile"] == 5 and outcome.weights_after["fragile"] == 1
+    expected_error = {"down": "GatewayUnavailable", "rejects": "GatewayRejected",
+                      "reads_back_other": "GatewayReadBackMismatch"}[fault]
+    assert outcome.error.startswith(expected_error)
+    assert file.read_bytes() == before_bytes  # the previous config is in force
+    assert load_rollout_state(engine, route).weights["fragile"] == 1  # not advanced
+    last = route_history(engine, "chat")[0]
+    assert last["status"] == "failed" and last["error"].startswith(expected_error) and last["after"]["fragile"] == 5
+
+    retried = step_route(engine, route, [CandidateVerdict("fragile", "pass", n=200)], gateway=good,
+                         now=T0 + timedelta(hours=2), run_id=make_run(engine, "chat:3"))
+    assert retried.status == "applied" and retried.weights_after["fragile"] == 5
+
+
+def test_an_invalid_rendered_config_is_never_written(store_url, tmp_path):
+    cfg_path = write_config(tmp_path, store_url)
+    route = load_config(cfg_path).route("chat")
+    file = Path(route.gateway.path)
+    file.parent.mkdir(parents=True)
+    # The user's rule for the route has no `when.models`: TrueFoundry would refuse the file, so we never write it.
+    file.write_text("name: corp\ntype: gateway-load-balancing-config\nrules:\n  - id: chat\n    type: weight-based-routing\n"
+                    "    load_balance_targets:\n      - target: acct/m-inc\n        weight: 100\n")
+    before = file.read_bytes()
+    outcome = step_route(get_engine(store_url), route, [CandidateVerdict("fragile", "pass", n=200)],
+                         gateway=get_gateway(route.gateway, route), now=T0)
+    assert outcome.status == "failed" and "when.models" in outcome.error
+    assert file.read_bytes() == before and not file.with_name("routing.yaml.prev").exists()
+
+
+def test_a_rollback_the_gateway_refused_is_pushed_again_next_cycle_even_if_the_verdict_recovers(store_url, tmp_path):
+    route = load_config(write_config(tmp_path, store_url, policy={"steps": [10, 100]})).route("chat")
+    engine, good = get_engine(store_url), get_gateway(route.gateway, route)
+    step_route(engine, route, [CandidateVerdict("fragile", "pass")], gateway=good, now=T0)
+    refusing = TrueFoundryGateway(route, route.gateway.path, ["false"])
+    failed = step_route(engine, route, [CandidateVerdict("fragile", "fail")], gateway=refusing, now=T0 + timedelta(hours=1))
+    assert failed.decision == "rollback" and failed.status == "failed"
+    assert load_rollout_state(engine, route).phase == "rolling_back"
+    retried = step_route(engine, route, [CandidateVerdict("fragile", "pass")], gateway=good, now=T0 + timedelta(hours=2))
+    assert retried.decision == "rollback" and retried.status == "applied" and retried.weights_after["fragile"] == 0
+
+
+class BlockingGateway(TrueFoundryGateway):
+    """Holds its push until released, so a second writer arrives while the first holds the route."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def push(self, rendered):
+        self.entered.set()
+        assert self.release.wait(30)
+        super().push(rendered)
+
+
+def test_two_concurrent_writers_one_pushes_the_other_is_told_the_route_is_busy(store_url, tmp_path):
+    route = load_config(write_config(tmp_path, store_url)).route("chat")
+    engine = get_engine(store_url)
+    first_gw = BlockingGateway(route, route.gateway.path)
+    runs = [make_run(engine, "chat:1"), make_run(engine, "chat:2")]
+    results = {}
+
+    def first_writer():
+        results["first"] = step_route(engine, route, [CandidateVerdict("fragile", "pass", n=200)], gateway=first_gw,
+                                      now=T0, run_id=runs[0])
+
+    thread = threading.Thread(target=first_writer)
+    thread.start()
+    assert first_gw.entered.wait(30)
+    second = step_route(engine, route, [CandidateVerdict("fragile", "pass", n=200)],
+                        gateway=get_gateway(route.gateway, route), now=T0, run_id=runs[1])
+    first_gw.release.set()
+    thread.join(30)
+    assert second.decision == "busy" and not second.pushed and "holds the route lock" in second.reason
+    assert results["first"].status == "applied"
+    assert len(route_history(engine, "chat")) == 1
+
+
+def test_dry_run_prints_the_diff_and_writes_nothing(store_url, tmp_path):
+    cfg_path = write_config(tmp_path, store_url)
+    route = load_config(cfg_path).route("chat")
+    engine = get_engine(store_url)
+    outcome = step_route(engine, route, [CandidateVerdict("fragile", "pass", n=200)],
+                         gateway=get_gateway(route.gateway, route), now=T0, dry_run=True)
+    assert outcome.status == "dry_run" and outcome.proposed["fragile"] == 1
+    assert "+        weight: 1" in outcome.config_diff
+    assert not Path(route.gateway.path).exists() and route_history(engine, "chat") == []
+    verdicts = tmp_path / "verdicts.json"
+    verdicts.write_text('[{"target": "fragile", "verdict": "pass", "n": 200, "score": 0.6}]')
+    result = runner.invoke(routes_cli, ["step", "chat", "--config", str(cfg_path), "--verdicts", str(verdicts),
+                                        "--dry-run"])
+    assert result.exit_code == 0 and "inc 100→99, fragile 0→1" in result.output and "weight: 1" in result.output
+    assert not Path(route.gateway.path).exists() and route_history(engine, "chat") == []
+
+
+def test_a_hand_edited_gateway_is_put_back_to_the_recorded_weights(store_url, tmp_path):
+    route = load_config(write_config(tmp_path, store_url)).route("chat")
+    engine, gateway = get_engine(store_url), get_gateway(route.gateway, route)
+    step_route(engine, route, [CandidateVerdict("fragile", "pass", n=200)], gateway=gateway, now=T0)
+    file = Path(route.gateway.path)
+    file.write_text(file.read_text().replace("weight: 99", "weight: 50").replace("weight: 1\n", "weight: 50\n"))
+    outcome = step_route(engine, route, [CandidateVerdict("fragile", "inconclusive")], gateway=gateway,
+                         now=T0 + timedelta(hours=1))
+    assert outcome.decision == "reconcile" and outcome.status == "applied"
+    assert gateway.read_back() == {"inc": 99, "fragile": 1, "better": 0}
+
+
+def test_operator_commands_gate_freeze_and_roll_back(store_url, tmp_path):
+    cfg_path = write_config(tmp_path, store_url, policy={"manual_gate": True})
+    route = load_config(cfg_path).route("chat")
+    engine, gateway = get_engine(store_url), get_gateway(route.gateway, route)
+    passing = [CandidateVerdict("fragile", "pass", n=200)]
+    first = step_route(engine, route, passing, gateway=gateway, now=T0)
+    assert first.proposed == first.weights_before and "waiting for approval" in first.reason
+    assert first.decision == "reconcile" and gateway.read_back()["inc"] == 100  # the gateway had no config yet
+    assert runner.invoke(routes_cli, ["approve", "chat", "--config", str(cfg_path)]).exit_code == 0
+    assert step_route(engine, route, passing, gateway=gateway, now=T0 + timedelta(minutes=1)).decision == "advance"
+
+    assert runner.invoke(routes_cli, ["freeze", "chat", "--config", str(cfg_path)]).exit_code == 0
+    assert runner.invoke(routes_cli, ["approve", "chat", "--config", str(cfg_path)]).exit_code == 0
+    held = step_route(engine, route, passing, gateway=gateway, now=T0 + timedelta(minutes=2))
+    assert held.decision == "hold" and "frozen" in held.reason
+    assert runner.invoke(routes_cli, ["unfreeze", "chat", "--config", str(cfg_path)]).exit_code == 0
+
+    preview = runner.invoke(routes_cli, ["rollback", "chat", "--config", str(cfg_path), "--dry-run"])
+    assert preview.exit_code == 0 and "fragile 1→0" in preview.output
+    assert load_rollout_state(engine, route).weights["fragile"] == 1
+    done = runner.invoke(routes_cli, ["rollback", "chat", "--config", str(cfg_path), "--reason", "pager: bad answers"])
+    assert done.exit_code == 0, done.output
+    assert gateway.read_back() == {"inc": 100, "fragile": 0, "better": 0}
+    state = load_rollout_state(engine, route)
+    assert "fragile" in state.failed and state.phase == "rolled_back"
+    last = route_history(engine, "chat")[0]
+    assert last["decision"] == "manual_rollback" and "pager: bad answers" in last["reason"]
+
+    bad = runner.invoke(routes_cli, ["rollback", "chat", "--config", str(cfg_path), "--to", "nobody"])
+    assert bad.exit_code == 2 and "cannot roll back to 'nobody'" in bad.output
+    missing = runner.invoke(routes_cli, ["history", "nope", "--config", str(cfg_path)])
+    assert missing.exit_code == 2 and "no route named 'nope'" in missing.output
