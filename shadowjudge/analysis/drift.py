@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -67,9 +67,9 @@ class DriftReport:
         return [r for r in self.results if r.drifted]
 
     def to_dict(self) -> dict[str, Any]:
-        from shadowjudge.analysis.regression import _json_safe
+        from shadowjudge.analysis.regression import json_safe
 
-        return _json_safe({**asdict(self), "drifted": [f"{r.kind}:{r.metric}:{r.target or '-'}" for r in self.drifted]})
+        return json_safe({**asdict(self), "drifted": [f"{r.kind}:{r.metric}:{r.target or '-'}" for r in self.drifted]})
 
 
 def _nodata(kind: str, metric: str, target: str | None, statistic: str, threshold: float, n_ref: int, n_cur: int,
@@ -77,10 +77,13 @@ def _nodata(kind: str, metric: str, target: str | None, statistic: str, threshol
     return DriftResult(kind, metric, target, "nodata", statistic, None, threshold, None, n_ref, n_cur, note=note)
 
 
+TYPICAL_EXAMPLES = 5
+
 # --- input drift -----------------------------------------------------------------------------------------------
 
-def _subsample(x: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
-    return x if len(x) <= limit else x[rng.choice(len(x), size=limit, replace=False)]
+def _subsample(n: int, limit: int, rng: np.random.Generator) -> np.ndarray:
+    """Row indices: all of them, or `limit` drawn without replacement."""
+    return np.arange(n) if n <= limit else np.sort(rng.choice(n, size=limit, replace=False))
 
 
 def _auc_from_ranks(ranks: np.ndarray, positives: np.ndarray) -> np.ndarray:
@@ -91,8 +94,9 @@ def _auc_from_ranks(ranks: np.ndarray, positives: np.ndarray) -> np.ndarray:
 
 
 def domain_classifier_test(reference: np.ndarray, current: np.ndarray, permutations: int = 500,
-                           seed: int = 0) -> tuple[float, float]:
-    """AUC of a classifier that tells current from reference on held-out data, and its permutation p-value.
+                           seed: int = 0) -> tuple[float, float, np.ndarray]:
+    """AUC of a classifier that tells current from reference on held-out data, its permutation p-value, and the
+    classifier's score of every current row (high: typical of what is new, the examples a person should read).
 
     Trained on a stratified half, scored on the other half: the held-out scores do not depend on the held-out
     labels, so under no drift every labelling of them is equally likely and permuting labels gives an exact null.
@@ -112,7 +116,7 @@ def domain_classifier_test(reference: np.ndarray, current: np.ndarray, permutati
     auc = float(_auc_from_ranks(ranks, y_test[None, :])[0])
     null = _auc_from_ranks(ranks, rng.permuted(np.tile(y_test, (permutations, 1)), axis=1))
     p = (1 + int((null >= auc).sum())) / (permutations + 1)
-    return auc, p
+    return auc, p, model.decision_function(current)
 
 
 def _sq_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -168,11 +172,14 @@ def input_drift(reference: np.ndarray, current: np.ndarray, config: DriftConfig,
         return _nodata("input", "prompt_embeddings", None, "auc", config.min_auc, n_ref, n_cur,
                        f"{min(n_ref, n_cur)} prompts in a window, {config.min_samples} needed")
     rng = np.random.default_rng(seed)
-    ref_c, cur_c = _subsample(reference, config.max_embeddings, rng), _subsample(current, config.max_embeddings, rng)
-    auc, auc_p = domain_classifier_test(ref_c, cur_c, config.permutations, seed)
-    ref_m = _subsample(ref_c, config.max_mmd_samples, rng)
-    cur_m = _subsample(cur_c, config.max_mmd_samples, rng)
+    ref_rows = _subsample(n_ref, config.max_embeddings, rng)
+    cur_rows = _subsample(n_cur, config.max_embeddings, rng)
+    ref_c, cur_c = reference[ref_rows], current[cur_rows]
+    auc, auc_p, current_scores = domain_classifier_test(ref_c, cur_c, config.permutations, seed)
+    ref_m = ref_c[_subsample(len(ref_c), config.max_mmd_samples, rng)]
+    cur_m = cur_c[_subsample(len(cur_c), config.max_mmd_samples, rng)]
     mmd, mmd_p = mmd_permutation_test(ref_m, cur_m, config.permutations, seed)
+    typical = [int(cur_rows[i]) for i in np.argsort(-current_scores)[:TYPICAL_EXAMPLES]]
     alpha = config.alpha / 2
     by_classifier = auc_p < alpha and auc >= config.min_auc
     by_mmd = mmd_p < alpha and mmd >= config.min_mmd
@@ -181,7 +188,7 @@ def input_drift(reference: np.ndarray, current: np.ndarray, config: DriftConfig,
     return DriftResult("input", "prompt_embeddings", None, status, "auc", auc, config.min_auc, min(auc_p, mmd_p),
                        n_ref, n_cur, {"auc": auc, "auc_p": auc_p, "mmd": mmd, "mmd_p": mmd_p,
                                       "min_mmd": config.min_mmd, "classifier_samples": [len(ref_c), len(cur_c)],
-                                      "mmd_samples": [len(ref_m), len(cur_m)]},
+                                      "mmd_samples": [len(ref_m), len(cur_m)], "typical_current_rows": typical},
                        f"detected by {note}" if note else "")
 
 
@@ -240,10 +247,12 @@ def output_drift(reference: OutputWindow, current: OutputWindow, config: DriftCo
     alpha = config.alpha / 4
     ref_texts = [t for t in reference.texts if t is not None]
     cur_texts = [t for t in current.texts if t is not None]
+    cur_refusals = [is_refusal(t) for t in cur_texts]
+    refusal = _rate_drift("refusal_rate", target, [is_refusal(t) for t in ref_texts], cur_refusals, config, alpha)
+    examples = [{"text": t[:1000]} for t, r in zip(cur_texts, cur_refusals) if r][:TYPICAL_EXAMPLES]
     return [
         _distribution_drift("length", target, [len(t) for t in ref_texts], [len(t) for t in cur_texts], config, alpha),
-        _rate_drift("refusal_rate", target, [is_refusal(t) for t in ref_texts], [is_refusal(t) for t in cur_texts],
-                    config, alpha),
+        replace(refusal, details={**refusal.details, "examples": examples}) if refusal.status != "nodata" else refusal,
         _rate_drift("format_compliance", target, reference.format_ok, current.format_ok, config, alpha),
         _distribution_drift("judge_score", target, reference.scores, current.scores, config, alpha),
     ]

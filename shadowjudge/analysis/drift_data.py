@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -125,7 +125,10 @@ def detect_drift(engine: Engine, route: RouteConfig, reference: TimeWindow, curr
     results: list[DriftResult] = []
     if embedder is not None:
         ref_prompts, cur_prompts = load_prompts(engine, route.name, reference), load_prompts(engine, route.name, current)
-        results.append(input_drift(embedder.embed(ref_prompts), embedder.embed(cur_prompts), config, seed))
+        result = input_drift(embedder.embed(ref_prompts), embedder.embed(cur_prompts), config, seed)
+        rows = result.details.get("typical_current_rows", [])
+        results.append(replace(result, details={**result.details,
+                                                "examples": [{"text": cur_prompts[i][:1000]} for i in rows]}))
     evaluator = evaluator_version or latest_evaluator(engine, route.name)
     for target in [route.incumbent.name, *(c.name for c in route.candidates)]:
         ref = load_output_window(engine, route, target, reference, evaluator, format_check)

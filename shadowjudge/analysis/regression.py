@@ -82,7 +82,7 @@ class RunAnalysis:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable (NaN and infinities become null) for MLflow, alerts and the run summary."""
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "RunAnalysis":
@@ -100,15 +100,16 @@ class RunAnalysis:
         return cls(**{k: v for k, v in data.items() if k in known and k != "candidates"}, candidates=candidates)
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """The value with NaN and infinities as None, numpy scalars as Python ones: valid JSON for every consumer."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, (np.floating, np.integer)):
-        return _json_safe(value.item())
+        return json_safe(value.item())
     return value
 
 

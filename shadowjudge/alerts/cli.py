@@ -1,0 +1,148 @@
+"""`shadowjudge alerts list|show|ack|resolve`: the on-call view of the alert store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.panel import Panel
+from rich.table import Table
+
+from shadowjudge.config import Config, load_config
+from shadowjudge.errors import ShadowJudgeError
+
+alerts_cli = typer.Typer(help="List, inspect, acknowledge and resolve alerts.", no_args_is_help=True,
+                         pretty_exceptions_enable=False, add_completion=False)
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOption = typer.Option(Path("configs/shadowjudge.yaml"), "--config", "-c", help="Config YAML",
+                            envvar="SHADOWJUDGE_CONFIG")
+
+
+def _engine(config_path: Path):
+    from shadowjudge.store import get_engine
+    from shadowjudge.store.database import has_schema
+
+    config: Config = load_config(config_path)
+    engine = get_engine(config.store.url)
+    if not has_schema(engine):
+        raise ShadowJudgeError("the store has no schema yet: run `shadowjudge init --config ...` first")
+    return config, engine
+
+
+def _fail(exc: ShadowJudgeError) -> None:
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    raise typer.Exit(getattr(exc, "exit_code", 1))
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+_SEVERITY_STYLE = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
+
+
+@alerts_cli.command("list")
+def list_command(config: Path = ConfigOption,
+                 status: str = typer.Option("unresolved", help="open | acknowledged | resolved | unresolved | all"),
+                 route: Optional[str] = typer.Option(None, help="Only this route"),
+                 limit: int = typer.Option(50, min=1, max=1000)) -> None:
+    """Alerts, newest first."""
+    from shadowjudge.alerts.records import list_alerts
+
+    try:
+        _, engine = _engine(config)
+        alerts = list_alerts(engine, status, route, limit)
+    except ShadowJudgeError as exc:
+        _fail(exc)
+    table = Table(title=f"Alerts ({status})")
+    for col in ("id", "severity", "status", "kind", "route", "target", "metric", "slice", "effect", "seen", "updated"):
+        table.add_column(col)
+    for a in alerts:
+        table.add_row(str(a.id), f"[{_SEVERITY_STYLE.get(a.severity, '')}]{a.severity}[/]", a.status, a.kind, a.route,
+                      a.target or "-", a.metric, a.slice or "-", _fmt(a.effect_size), str(a.occurrences),
+                      a.updated_at.strftime("%Y-%m-%d %H:%M"))
+    console.print(table)
+
+
+@alerts_cli.command("show")
+def show_command(alert_id: int = typer.Argument(..., help="Alert id"), config: Path = ConfigOption,
+                 as_json: bool = typer.Option(False, "--json", help="Print the alert as JSON")) -> None:
+    """One alert with its triage bundle: link, worst examples, reproduce command, delivery status."""
+    from shadowjudge.alerts.records import alert_to_dict, get_alert
+
+    try:
+        _, engine = _engine(config)
+        alert = get_alert(engine, alert_id)
+    except ShadowJudgeError as exc:
+        _fail(exc)
+    data = alert_to_dict(alert)
+    if as_json:
+        typer.echo(json.dumps(data, indent=2, default=str))
+        return
+    bundle = data["bundle"] or {}
+    interval = f" [{_fmt(data['ci_low'])}, {_fmt(data['ci_high'])}]" if data["ci_low"] is not None else ""
+    lines = [
+        f"[bold]{data['severity'].upper()}[/] {data['kind']} \u00b7 {data['status']} \u00b7 seen {data['occurrences']}x",
+        f"route {data['route']} \u00b7 target {data['target'] or '-'} \u00b7 metric {data['metric']} \u00b7 "
+        f"slice {data['slice'] or 'all traffic'}",
+        f"effect {_fmt(data['effect_size'])}{interval}",
+        "", escape(data["message"]), "", f"action: {escape(data['action'] or '-')}",
+        f"MLflow run: {escape(bundle.get('run_link') or '-')}", f"reproduce: {escape(bundle.get('reproduce') or '-')}",
+    ]
+    console.print(Panel("\n".join(lines), title=f"alert {data['id']}", expand=False), highlight=False)
+    for i, ex in enumerate(bundle.get("examples") or [], 1):
+        if "prompt" in ex:
+            body = (f"[bold]prompt[/]: {escape(ex.get('prompt') or '')}\n\n[bold]incumbent[/] (score "
+                    f"{_fmt(ex.get('incumbent_score'))}): {escape(ex.get('incumbent_answer') or '-')}\n\n"
+                    f"[bold]candidate[/] (score {_fmt(ex.get('candidate_score'))}): "
+                    f"{escape(ex.get('candidate_answer') or ex.get('candidate_error') or '-')}")
+        else:
+            body = escape(ex["text"] if "text" in ex else json.dumps(ex, indent=1, default=str))
+        console.print(Panel(body, title=f"example {i}", expand=False), highlight=False, markup=True)
+    if data["delivered"]:
+        table = Table(title="Delivery")
+        for col in ("sink", "event", "status", "attempts", "error", "at"):
+            table.add_column(col)
+        for sink, st in data["delivered"].items():
+            table.add_row(sink, st.get("event", "-"), st.get("status", "-"), str(st.get("attempts", "-")),
+                          st.get("error") or "-", st.get("at") or "-")
+        console.print(table)
+
+
+@alerts_cli.command("ack")
+def ack_command(alert_id: int = typer.Argument(..., help="Alert id"), config: Path = ConfigOption,
+                note: Optional[str] = typer.Option(None, help="Who is on it, or why")) -> None:
+    """Acknowledge: someone is on it; recurrences keep folding into it without notifying again."""
+    from shadowjudge.alerts.records import acknowledge_alert
+
+    try:
+        _, engine = _engine(config)
+        alert = acknowledge_alert(engine, alert_id, note)
+    except ShadowJudgeError as exc:
+        _fail(exc)
+    console.print(f"alert {alert.id} acknowledged")
+
+
+@alerts_cli.command("resolve")
+def resolve_command(alert_id: int = typer.Argument(..., help="Alert id"), config: Path = ConfigOption,
+                    note: Optional[str] = typer.Option(None, help="What fixed it")) -> None:
+    """Resolve: close the alert and send resolve events (PagerDuty resolves its incident)."""
+    from shadowjudge.alerts.records import resolve_alert
+    from shadowjudge.alerts.sinks import build_sinks
+
+    try:
+        cfg, engine = _engine(config)
+        alert = resolve_alert(engine, alert_id, build_sinks(cfg.alerts), note)
+    except ShadowJudgeError as exc:
+        _fail(exc)
+    failed = [name for name, st in (alert.delivered or {}).items()
+              if st.get("event") == "resolve" and st.get("status") == "failed"]
+    console.print(f"alert {alert.id} resolved")
+    if failed:
+        err_console.print(f"[yellow]resolve not delivered to {', '.join(failed)}; it is retried on the next cycle[/]")

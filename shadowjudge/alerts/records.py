@@ -1,0 +1,232 @@
+"""Alerts in the store: raised from findings, deduplicated by cause, delivered to sinks, acknowledged, resolved.
+
+Stored first, delivered second: a sink that is down never loses an alert, and every call retries what is still
+undelivered. One unresolved alert per cause is enforced by the database (`open_key` is unique and holds the
+fingerprint until the alert is resolved), so two cycles raising the same cause at once still make one alert;
+a recurrence bumps `occurrences` instead of notifying again (unless its severity rises), and a rerun of the same
+run changes nothing. Delivery is at-least-once: PagerDuty deduplicates by the fingerprint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Engine, select, update
+
+from shadowjudge.alerts.findings import Finding, drift_findings, golden_findings, regression_findings
+from shadowjudge.alerts.sinks import SEVERITY_RANK, AlertSink, deliver, wants
+from shadowjudge.alerts.triage import build_bundle
+from shadowjudge.analysis.drift import DriftReport
+from shadowjudge.analysis.golden import GoldenReport
+from shadowjudge.analysis.regression import RunAnalysis
+from shadowjudge.config import RouteConfig
+from shadowjudge.errors import InputError
+from shadowjudge.store import Alert, insert_ignoring_duplicates, session_scope
+from shadowjudge.store.models import utcnow
+
+STATUSES = ("open", "acknowledged", "resolved")
+RESOLVE_RETRY_WINDOW = timedelta(days=7)
+
+
+class AlertError(InputError):
+    """An alert operation that cannot be done (unknown id, resolved alert); the message says which."""
+
+
+def alert_to_dict(alert: Alert) -> dict[str, Any]:
+    return {
+        "id": alert.id, "fingerprint": alert.fingerprint, "status": alert.status, "severity": alert.severity,
+        "kind": alert.kind, "route": alert.route, "target": alert.target, "metric": alert.metric,
+        "slice": alert.slice, "effect_size": alert.effect_size, "ci_low": alert.ci_low, "ci_high": alert.ci_high,
+        "action": alert.action, "message": alert.message, "bundle": alert.bundle, "run_id": alert.run_id,
+        "occurrences": alert.occurrences, "delivered": alert.delivered,
+        "created_at": alert.created_at.isoformat() if alert.created_at else None,
+        "updated_at": alert.updated_at.isoformat() if alert.updated_at else None,
+    }
+
+
+def _record(session, finding: Finding, bundle: dict[str, Any]) -> int:
+    """Insert the finding as a new open alert, or fold it into the unresolved alert of the same cause."""
+    fp = finding.fingerprint
+    now = utcnow()
+    row = dict(fingerprint=fp, open_key=fp, status="open", severity=finding.severity, kind=finding.kind,
+               route=finding.route, target=finding.target, metric=finding.metric, slice=finding.slice,
+               effect_size=finding.effect_size, ci_low=finding.ci_low, ci_high=finding.ci_high,
+               action=finding.action, message=finding.message, bundle=bundle, run_id=finding.run_id, occurrences=1,
+               delivered={}, created_at=now, updated_at=now)
+    for _ in range(2):  # a second try covers an alert resolved between our insert and our read
+        if insert_ignoring_duplicates(session, Alert, [row], ["open_key"]):
+            return session.scalar(select(Alert.id).where(Alert.open_key == fp))
+        existing = session.execute(select(Alert.id, Alert.severity, Alert.bundle).where(Alert.open_key == fp)).first()
+        if existing is None:
+            continue
+        if (existing.bundle or {}).get("source_key") == finding.source_key:
+            return existing.id  # the same run or window again: a rerun, not a recurrence
+        escalated = SEVERITY_RANK[finding.severity] > SEVERITY_RANK.get(existing.severity, 0)
+        values: dict[str, Any] = dict(
+            occurrences=Alert.occurrences + 1, effect_size=finding.effect_size, ci_low=finding.ci_low,
+            ci_high=finding.ci_high, message=finding.message, action=finding.action, run_id=finding.run_id,
+            bundle={**bundle, "log": (existing.bundle or {}).get("log", [])}, updated_at=now)
+        if escalated:
+            values |= dict(severity=finding.severity, delivered={})  # a worse cause is news: notify again
+        session.execute(update(Alert).where(Alert.id == existing.id).values(**values))
+        return existing.id
+    raise RuntimeError(f"alert for cause {fp} could be neither inserted nor found")
+
+
+def _pending_event(alert: Alert, sink: AlertSink) -> str | None:
+    """The event this sink still needs for this alert, if any."""
+    state = (alert.delivered or {}).get(sink.name) or {}
+    if alert.status == "resolved":
+        if state.get("event") == "trigger" and state.get("status") == "sent":
+            return "resolve"
+        if state.get("event") == "resolve" and state.get("status") == "failed":
+            return "resolve"
+        return None  # never triggered there: nothing to resolve
+    if state.get("event") == "trigger" and state.get("status") in ("sent", "skipped"):
+        return None
+    return "trigger"
+
+
+def deliver_pending(engine: Engine, sinks: Sequence[AlertSink], alert_ids: Sequence[int] | None = None) -> int:
+    """Send every event a sink has not received yet (new triggers, escalations, resolves, earlier failures).
+
+    Network calls happen outside any transaction; each result is merged into `delivered` per sink. Returns the
+    number of sends that failed (they stay pending for the next call).
+    """
+    if not sinks:
+        return 0
+    with session_scope(engine) as s:
+        query = select(Alert).where(
+            (Alert.status != "resolved") | (Alert.updated_at >= utcnow() - RESOLVE_RETRY_WINDOW))
+        if alert_ids is not None:
+            query = query.where(Alert.id.in_(list(alert_ids)))
+        alerts = list(s.scalars(query.order_by(Alert.id)))
+        s.expunge_all()
+    failures = 0
+    for alert in alerts:
+        payload = alert_to_dict(alert)
+        updates: dict[str, Any] = {}
+        for sink in sinks:
+            event = _pending_event(alert, sink)
+            if event is None:
+                continue
+            if event == "trigger" and not wants(sink, alert.severity):
+                updates[sink.name] = {"event": "trigger", "status": "skipped", "attempts": 0,
+                                      "error": f"severity {alert.severity} below {sink.min_severity}"}
+                continue
+            updates[sink.name] = status = deliver(sink, payload, event)
+            failures += status["status"] == "failed"
+        if updates:
+            with session_scope(engine) as s:
+                row = s.get(Alert, alert.id)
+                row.delivered = {**(row.delivered or {}), **updates}
+    return failures
+
+
+def _raise(engine: Engine, findings: list[Finding], route: RouteConfig, sinks: Sequence[AlertSink],
+           run_link: str | None, config_path: str | None, max_examples: int) -> list[Alert]:
+    bundles = [build_bundle(engine, f, route, run_link, config_path, max_examples) for f in findings]
+    with session_scope(engine) as s:
+        ids = [_record(s, f, b) for f, b in zip(findings, bundles)]
+    deliver_pending(engine, sinks)  # these alerts, and whatever an earlier call could not deliver
+    if not ids:
+        return []
+    with session_scope(engine) as s:
+        alerts = list(s.scalars(select(Alert).where(Alert.id.in_(ids)).order_by(Alert.id)))
+        s.expunge_all()
+    return alerts
+
+
+def raise_alerts(engine: Engine, analysis: RunAnalysis, route: RouteConfig, sinks: Sequence[AlertSink],
+                 run_link: str | None = None, *, config_path: str | None = None, max_examples: int = 5,
+                 action: str | None = None) -> list[Alert]:
+    """Store and send an alert for every regression the analysis found (failed metrics, failing slices).
+
+    `run_link` is the MLflow run; `action` says what the controller did (default: derived from the verdict);
+    `config_path` goes into the reproduce command. Returns the alerts raised or recurred by this analysis.
+    """
+    return _raise(engine, regression_findings(analysis, route, action), route, sinks, run_link, config_path,
+                  max_examples)
+
+
+def drift_alerts(engine: Engine, report: DriftReport, route: RouteConfig, sinks: Sequence[AlertSink],
+                 run_link: str | None = None, *, run_id: int | None = None, config_path: str | None = None,
+                 max_examples: int = 5) -> list[Alert]:
+    """Store and send an alert for every drift check that alarmed."""
+    return _raise(engine, drift_findings(report, route, run_id), route, sinks, run_link, config_path, max_examples)
+
+
+def golden_alerts(engine: Engine, report: GoldenReport, route: RouteConfig, sinks: Sequence[AlertSink],
+                  run_link: str | None = None, *, run_id: int | None = None, config_path: str | None = None,
+                  max_examples: int = 5) -> list[Alert]:
+    """Store and send an alert when a candidate fails its golden regression set."""
+    return _raise(engine, golden_findings(report, route, run_id), route, sinks, run_link, config_path, max_examples)
+
+
+def _get(session, alert_id: int) -> Alert:
+    alert = session.get(Alert, alert_id)
+    if alert is None:
+        raise AlertError(f"alert {alert_id} does not exist")
+    return alert
+
+
+def _log(alert: Alert, event: str, note: str | None) -> None:
+    entry = {"at": utcnow().isoformat(timespec="seconds"), "event": event}
+    if note:
+        entry["note"] = note
+    bundle = dict(alert.bundle or {})
+    bundle["log"] = [*bundle.get("log", []), entry]
+    alert.bundle = bundle
+
+
+def get_alert(engine: Engine, alert_id: int) -> Alert:
+    with session_scope(engine) as s:
+        alert = _get(s, alert_id)
+        s.expunge(alert)
+    return alert
+
+
+def list_alerts(engine: Engine, status: str = "unresolved", route: str | None = None, limit: int = 50) -> list[Alert]:
+    """`status` is one of open, acknowledged, resolved, unresolved (open or acknowledged) or all."""
+    if status not in (*STATUSES, "unresolved", "all"):
+        raise AlertError(f"unknown status '{status}': use one of {', '.join((*STATUSES, 'unresolved', 'all'))}")
+    query = select(Alert)
+    if status == "unresolved":
+        query = query.where(Alert.status != "resolved")
+    elif status != "all":
+        query = query.where(Alert.status == status)
+    if route:
+        query = query.where(Alert.route == route)
+    with session_scope(engine) as s:
+        alerts = list(s.scalars(query.order_by(Alert.id.desc()).limit(limit)))
+        s.expunge_all()
+    return alerts
+
+
+def acknowledge_alert(engine: Engine, alert_id: int, note: str | None = None) -> Alert:
+    """Someone is on it: it stays unresolved (a recurrence still folds into it) but is marked as seen."""
+    with session_scope(engine) as s:
+        alert = _get(s, alert_id)
+        if alert.status == "resolved":
+            raise AlertError(f"alert {alert_id} is already resolved")
+        alert.status = "acknowledged"
+        _log(alert, "acknowledged", note)
+        alert.updated_at = utcnow()
+        s.flush()
+        s.expunge(alert)
+    return alert
+
+
+def resolve_alert(engine: Engine, alert_id: int, sinks: Sequence[AlertSink] = (), note: str | None = None) -> Alert:
+    """Close the alert (the same cause may alert again afterwards) and send the resolve events."""
+    with session_scope(engine) as s:
+        alert = _get(s, alert_id)
+        if alert.status != "resolved":
+            alert.status = "resolved"
+            alert.open_key = None
+            _log(alert, "resolved", note)
+            alert.updated_at = utcnow()
+    deliver_pending(engine, sinks, [alert_id])
+    return get_alert(engine, alert_id)

@@ -1,0 +1,92 @@
+"""The triage bundle every alert carries: what a person needs to act without opening five tools.
+
+The MLflow run link, the worst examples (prompt, incumbent answer, candidate answer, scores), the slice, the
+numbers behind the finding and the command that reproduces the cycle.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+from sqlalchemy import Engine, select
+
+from shadowjudge.alerts.findings import Finding
+from shadowjudge.config import RouteConfig
+from shadowjudge.scoring import prompt_text
+from shadowjudge.store import Judgment, ShadowResult, TrafficSample, session_scope
+
+TEXT_LIMIT = 1500
+
+
+def _clip(text: str | None) -> str | None:
+    if text is None:
+        return None
+    return text if len(text) <= TEXT_LIMIT else text[:TEXT_LIMIT] + " [...]"
+
+
+def worst_examples(engine: Engine, run_id: int, route: RouteConfig, target: str, sample_ids: list[int],
+                   evaluator: str | None, limit: int) -> list[dict[str, Any]]:
+    """The given samples (worst first) with both answers and the judge's scores, texts clipped."""
+    ids = sample_ids[:limit]
+    if not ids:
+        return []
+    with session_scope(engine) as s:
+        samples = {r.id: r for r in s.execute(
+            select(TrafficSample.id, TrafficSample.request_id, TrafficSample.messages, TrafficSample.response_text,
+                   TrafficSample.meta).where(TrafficSample.id.in_(ids))).all()}
+        answers = {(r.sample_id, r.target): r for r in s.execute(
+            select(ShadowResult.sample_id, ShadowResult.target, ShadowResult.output_text, ShadowResult.error_class)
+            .where(ShadowResult.run_id == run_id, ShadowResult.attempt == 0, ShadowResult.sample_id.in_(ids),
+                   ShadowResult.target.in_([target, route.incumbent.name]))).all()}
+        scores = {r.sample_id: r for r in s.execute(
+            select(Judgment.sample_id, Judgment.candidate_score, Judgment.incumbent_score, Judgment.preference)
+            .where(Judgment.run_id == run_id, Judgment.target == target, Judgment.sample_id.in_(ids),
+                   Judgment.evaluator == (evaluator or ""))).all()}
+    examples = []
+    for sid in ids:
+        sample = samples.get(sid)
+        if sample is None:
+            continue
+        replayed = answers.get((sid, route.incumbent.name))
+        cand = answers.get((sid, target))
+        judged = scores.get(sid)
+        examples.append({
+            "sample_id": sid,
+            "request_id": sample.request_id,
+            "slice": (sample.meta or {}).get(route.slice_key) if route.slice_key else None,
+            "prompt": _clip(prompt_text(sample.messages)),
+            "incumbent_answer": _clip(replayed.output_text if replayed is not None else sample.response_text),
+            "candidate_answer": _clip(cand.output_text if cand is not None else None),
+            "candidate_error": cand.error_class if cand is not None else None,
+            "candidate_score": judged.candidate_score if judged else None,
+            "incumbent_score": judged.incumbent_score if judged else None,
+            "preference": judged.preference if judged else None,
+        })
+    return examples
+
+
+def reproduce_command(route: str, config_path: str | None) -> str:
+    return f"shadowjudge run --config {shlex.quote(config_path or 'CONFIG.yaml')} --route {shlex.quote(route)}"
+
+
+def build_bundle(engine: Engine, finding: Finding, route: RouteConfig, run_link: str | None,
+                 config_path: str | None, max_examples: int) -> dict[str, Any]:
+    examples: list[dict[str, Any]] = []
+    if finding.kind == "regression" and finding.run_id is not None and finding.target:
+        examples = worst_examples(engine, finding.run_id, route, finding.target, finding.sample_ids,
+                                  finding.details.get("evaluator"), max_examples)
+    elif finding.kind == "drift":
+        examples = list((finding.details.get("drift") or {}).get("details", {}).get("examples") or [])[:max_examples]
+    elif finding.kind == "golden":
+        golden = finding.details.get("golden", {})
+        examples = [r for r in golden.get("results", []) if not r.get("passed")][:max_examples]
+    return {
+        "source_key": finding.source_key,
+        "run_id": finding.run_id,
+        "run_link": run_link,
+        "slice": finding.slice,
+        "examples": examples,
+        "reproduce": reproduce_command(route.name, config_path),
+        **finding.details,
+    }
