@@ -1,0 +1,232 @@
+"""File gateways (TrueFoundry, LiteLLM config.yaml, Portkey): only weights change, bad files are refused clearly."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shadowjudge.config import GatewayConfig, parse_config
+from shadowjudge.errors import InputError
+from shadowjudge.gateways import GatewayConfigInvalid, GatewayRejected, get_gateway
+from shadowjudge.gateways.files import previous_revision_path
+from shadowjudge.routing.push import push_weights
+
+
+def make_route(kind: str, path: Path, **gateway):
+    cfg = parse_config({
+        "sources": [{"name": "logs", "path": "x.jsonl"}],
+        "routes": [{
+            "name": "chat",
+            "incumbent": {"name": "inc", "model": "openai-main/gpt-4o", "base_url": "http://127.0.0.1:9000/v1",
+                          "api_key_env": "INC_KEY"},
+            "candidates": [{"name": "cand", "model": "azure-eu/gpt-4o-mini", "base_url": "http://127.0.0.1:9001/v1",
+                            "api_key_env": "CAND_KEY"}],
+            "gateway": {"kind": kind, "path": str(path), **gateway},
+        }],
+    })
+    route = cfg.routes[0]
+    return route, get_gateway(route.gateway, route)
+
+
+TRUEFOUNDRY = """\
+# Company routing config, edited by hand too.
+name: corp-routing
+type: gateway-load-balancing-config
+model_configs:
+  - model: openai-main/gpt-4o
+    usage_limits:
+      tokens_per_minute: 50000
+rules:
+  - id: embeddings   # another team's rule: left alone
+    type: weight-based-routing
+    when:
+      models: [embed]
+    load_balance_targets:
+      - target: openai-main/text-embedding-3-small
+        weight: 100
+  - id: chat
+    type: weight-based-routing
+    when:
+      models: [chat]
+      metadata:
+        environment: production
+    load_balance_targets:
+      - target: openai-main/gpt-4o
+        weight: 100
+        retry_config:
+          attempts: 2
+        metadata_match:
+          tier: gold
+      - target: legacy/old-model  # retired, kept at 0
+        weight: 0
+"""
+
+
+def test_truefoundry_push_changes_only_the_route_weights(tmp_path):
+    path = tmp_path / "routing.yaml"
+    path.write_text(TRUEFOUNDRY)
+    route, gw = make_route("truefoundry", path)
+    assert gw.read_current().weights == {"inc": 100}
+    result = push_weights(gw, {"inc": 90, "cand": 10})
+    assert result.ok and result.observed == {"inc": 90, "cand": 10}
+    text = path.read_text()
+    assert "# Company routing config" in text and "# another team's rule: left alone" in text and "# retired" in text
+    before, after = yaml.safe_load(TRUEFOUNDRY), yaml.safe_load(text)
+    chat = after["rules"][1]["load_balance_targets"]
+    assert chat[0] == {"target": "openai-main/gpt-4o", "weight": 90, "retry_config": {"attempts": 2},
+                       "metadata_match": {"tier": "gold"}}
+    assert chat[1] == {"target": "legacy/old-model", "weight": 0}
+    assert chat[2] == {"target": "azure-eu/gpt-4o-mini", "weight": 10}
+    after["rules"][1]["load_balance_targets"] = before["rules"][1]["load_balance_targets"]
+    assert after == before  # nothing else moved
+    assert previous_revision_path(path).read_text() == TRUEFOUNDRY
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["routing.yaml", "routing.yaml.prev"]  # no temp files left
+
+
+def test_truefoundry_virtual_model_group_shape(tmp_path):
+    path = tmp_path / "vm.yaml"
+    path.write_text("name: team-models\nintegrations:\n  - name: chat\n    model_types: [chat]\n    routing_config:\n"
+                    "      type: weight-based-routing\n      sticky_routing: {ttl_seconds: 600}\n"
+                    "      load_balance_targets:\n        - target: openai-main/gpt-4o\n          weight: 100\n")
+    _, gw = make_route("truefoundry", path)
+    assert push_weights(gw, {"inc": 75, "cand": 25}).ok
+    config = yaml.safe_load(path.read_text())["integrations"][0]["routing_config"]
+    assert config["sticky_routing"] == {"ttl_seconds": 600}
+    assert [(t["target"], t["weight"]) for t in config["load_balance_targets"]] == [
+        ("openai-main/gpt-4o", 75), ("azure-eu/gpt-4o-mini", 25)]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("rules:\n  - id: chat\n    type: latency-based-routing\n    when: {models: [chat]}\n"
+     "    load_balance_targets:\n      - target: openai-main/gpt-4o\n", "route weights need 'weight-based-routing'"),
+    ("rules:\n  - id: chat\n    when: {models: [chat]}\n    load_balance_targets:\n"
+     "      - target: someone/else\n        weight: 30\n      - target: openai-main/gpt-4o\n        weight: 70\n",
+     "'someone/else' holds weight 30 but is not a target"),
+    ("rules: [\n", "not valid YAML"),
+    ("rules:\n  - id: chat\n    load_balance_targets:\n      - target: openai-main/gpt-4o\n        weight: 1.5\n",
+     "'weight' must be an integer"),
+])
+def test_truefoundry_refuses_files_it_cannot_safely_change(tmp_path, text, message):
+    path = tmp_path / "routing.yaml"
+    path.write_text(text)
+    _, gw = make_route("truefoundry", path)
+    with pytest.raises(GatewayConfigInvalid, match=message):
+        gw.read_current()
+    result = push_weights(gw, {"inc": 50, "cand": 50})
+    assert not result.ok and message in result.error
+    assert path.read_text() == text
+
+
+def test_a_failing_reload_command_puts_the_previous_file_back(tmp_path):
+    path = tmp_path / "routing.yaml"
+    seen = tmp_path / "seen-path"
+    _, ok_gw = make_route("truefoundry", path, reload_command=["sh", "-c", f"echo {{path}} > {seen}"])
+    assert push_weights(ok_gw, {"inc": 100, "cand": 0}).ok
+    assert seen.read_text().strip() == str(path)  # {path} is substituted
+    good = path.read_text()
+    _, bad_gw = make_route("truefoundry", path, reload_command=["sh", "-c", "echo 'apply failed: 503' >&2; exit 4"])
+    result = push_weights(bad_gw, {"inc": 50, "cand": 50})
+    assert not result.ok and "exited 4: apply failed: 503" in result.error
+    assert path.read_text() == good
+
+
+def test_weights_that_do_not_sum_to_100_are_never_rendered(tmp_path):
+    _, gw = make_route("truefoundry", tmp_path / "routing.yaml")
+    with pytest.raises(GatewayRejected, match="sum to 100"):
+        gw.render(gw.read_current(), {"inc": 90, "cand": 5})
+    assert not (tmp_path / "routing.yaml").exists()
+
+
+LITELLM = """\
+model_list:
+  - model_name: chat
+    litellm_params:
+      model: openai/gpt-4o
+      api_base: https://api.openai.com/v1
+      api_key: os.environ/OPENAI_API_KEY
+      weight: 100
+    model_info:
+      id: inc
+  - model_name: embed
+    litellm_params:
+      model: openai/text-embedding-3-small
+router_settings:
+  routing_strategy: simple-shuffle
+  num_retries: 2
+general_settings:
+  master_key: os.environ/LITELLM_MASTER_KEY
+"""
+
+
+def test_litellm_config_sets_deployment_weights_and_adds_missing_targets_without_secrets(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAND_KEY", "sk-secret-value")
+    path = tmp_path / "config.yaml"
+    path.write_text(LITELLM)
+    _, gw = make_route("litellm", path)
+    assert gw.read_current().weights == {"inc": 100}
+    assert push_weights(gw, {"inc": 80, "cand": 20}).ok
+    text = path.read_text()
+    doc = yaml.safe_load(text)
+    chat = [d for d in doc["model_list"] if d["model_name"] == "chat"]
+    assert [d["litellm_params"]["weight"] for d in chat] == [80, 20]
+    assert chat[1] == {"model_name": "chat", "litellm_params": {
+        "model": "openai/azure-eu/gpt-4o-mini", "api_base": "http://127.0.0.1:9001/v1", "api_key": "os.environ/CAND_KEY",
+        "weight": 20}, "model_info": {"id": "cand"}}
+    assert doc["router_settings"] == {"routing_strategy": "simple-shuffle", "num_retries": 2}
+    assert doc["model_list"][1] == {"model_name": "embed", "litellm_params": {"model": "openai/text-embedding-3-small"}}
+    assert "sk-secret-value" not in text
+
+
+def test_litellm_config_refuses_a_strategy_that_ignores_weights(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(LITELLM.replace("simple-shuffle", "latency-based-routing"))
+    _, gw = make_route("litellm", path)
+    result = push_weights(gw, {"inc": 80, "cand": 20})
+    assert not result.ok and "only apply with 'simple-shuffle'" in result.error
+
+
+PORTKEY = {
+    "strategy": {"mode": "loadbalance"},
+    "retry": {"attempts": 3},
+    "targets": [
+        {"virtual_key": "inc", "weight": 0.7, "override_params": {"model": "gpt-4o"}},
+        {"virtual_key": "old-key", "weight": 0},
+        {"provider": "openai", "custom_host": "http://127.0.0.1:9001/v1",
+         "override_params": {"model": "azure-eu/gpt-4o-mini"}, "weight": 0.3},
+    ],
+}
+
+
+def test_portkey_config_writes_fractions_and_keeps_other_keys(tmp_path):
+    path = tmp_path / "portkey.json"
+    path.write_text(json.dumps(PORTKEY))
+    _, gw = make_route("portkey", path)
+    assert gw.read_current().weights == {"inc": 70, "cand": 30}
+    assert push_weights(gw, {"inc": 95, "cand": 5}).ok
+    doc = json.loads(path.read_text())
+    assert doc["retry"] == {"attempts": 3}
+    assert [t["weight"] for t in doc["targets"]] == [0.95, 0, 0.05]
+    assert doc["targets"][1] == {"virtual_key": "old-key", "weight": 0}
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"strategy": {"mode": "fallback"}, "targets": []}, "route weights need 'loadbalance'"),
+    ({"strategy": {"mode": "loadbalance"}, "targets": [{"virtual_key": "stranger", "weight": 0.5}]},
+     "holds weight 0.5 but is not one target"),
+])
+def test_portkey_refuses_configs_it_cannot_weight(tmp_path, doc, message):
+    path = tmp_path / "portkey.json"
+    path.write_text(json.dumps(doc))
+    _, gw = make_route("portkey", path)
+    result = push_weights(gw, {"inc": 50, "cand": 50})
+    assert not result.ok and message in result.error
+    assert json.loads(path.read_text()) == doc
+
+
+def test_get_gateway_says_what_a_gateway_config_lacks(tmp_path):
+    route, _ = make_route("truefoundry", tmp_path / "x.yaml")
+    with pytest.raises(InputError, match="needs 'path'"):
+        get_gateway(GatewayConfig(kind="portkey"), route)
+    with pytest.raises(InputError, match="needs 'url'"):
+        get_gateway(GatewayConfig(kind="litellm_api"), route)
