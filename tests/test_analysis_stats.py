@@ -1,0 +1,140 @@
+"""Statistics of the canary analysis: Hodges-Lehmann intervals, bootstrap, PSI; classifier and scorer rules."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shadowjudge.analysis import stats
+from shadowjudge.analysis.canary import Classification, MetricResult, Verdict, classify_effect, score_metrics
+from shadowjudge.analysis.stats import bootstrap_interval, mann_whitney_shift, population_stability_index
+from shadowjudge.config import CriteriaConfig
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-100, 100), min_size=1, max_size=30), st.lists(st.floats(-100, 100), min_size=1, max_size=30),
+       st.data())
+def test_kth_pairwise_difference_matches_brute_force_on_both_paths(x, y, data):
+    xs, ys = np.sort(np.array(x)), np.sort(np.array(y))
+    diffs = np.sort(np.subtract.outer(ys, xs).ravel())
+    k = data.draw(st.integers(1, len(diffs)))
+    assert stats._kth_pairwise_difference(xs, ys, k) == pytest.approx(diffs[k - 1])
+    old = stats._MAX_PAIRWISE
+    stats._MAX_PAIRWISE = 0  # force the bisection path
+    try:
+        assert stats._kth_pairwise_difference(xs, ys, k) == pytest.approx(diffs[k - 1], abs=1e-9)
+    finally:
+        stats._MAX_PAIRWISE = old
+
+
+def test_hodges_lehmann_recovers_a_known_shift_and_its_interval_covers_it():
+    rng = np.random.default_rng(3)
+    x = rng.lognormal(5, 0.4, 400)
+    y = rng.lognormal(5, 0.4, 500) + 40.0
+    est = mann_whitney_shift(x, y, 0.95)
+    assert est.ci_low < 40 < est.ci_high
+    assert est.shift == pytest.approx(40, abs=12)
+    assert est.p_value < 1e-6
+    same = mann_whitney_shift(x, x, 0.95)
+    assert same.shift == 0 and same.ci_low < 0 < same.ci_high and same.p_value == pytest.approx(1.0)
+
+
+def test_hodges_lehmann_interval_coverage_is_near_nominal():
+    rng = np.random.default_rng(0)
+    covered = 0
+    for _ in range(200):
+        est = mann_whitney_shift(rng.normal(0, 1, 40), rng.normal(0.5, 1, 40), 0.9)
+        covered += est.ci_low <= 0.5 <= est.ci_high
+    assert 0.84 <= covered / 200 <= 0.96
+
+
+def test_bootstrap_pairs_within_a_group_and_keeps_infinite_values():
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0, 1, 300)
+    paired = bootstrap_interval(lambda c, i: c.mean(1) / i.mean(1), [[base, base]], 500, 0.95, 0)
+    assert (paired.estimate, paired.low, paired.high) == (1.0, 1.0, 1.0)
+    unpaired = bootstrap_interval(lambda c, i: c.mean(1) / i.mean(1), [[base], [base]], 500, 0.95, 0)
+    assert unpaired.low < 1.0 < unpaired.high
+    zero = np.zeros(50)
+    inf = bootstrap_interval(lambda c, i: i.sum(1) / c.sum(1), [[zero, np.ones(50)]], 300, 0.95, 0)
+    assert math.isinf(inf.estimate) and math.isinf(inf.low)
+    nan = bootstrap_interval(lambda c: c.sum(1) / c.sum(1), [[zero]], 300, 0.95, 0)
+    assert math.isnan(nan.low)
+    with pytest.raises(ValueError, match="equal length"):
+        bootstrap_interval(lambda a, b: a.mean(1), [[np.ones(3), np.ones(4)]])
+
+
+def test_psi_is_zero_for_the_same_distribution_and_large_for_a_shift():
+    rng = np.random.default_rng(2)
+    ref = rng.normal(0, 1, 5000)
+    assert population_stability_index(ref, rng.normal(0, 1, 5000)) < 0.02
+    assert population_stability_index(ref, rng.normal(1, 1, 5000)) > 0.5
+
+
+# --- classifier --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("effect, lo, hi, expected", [
+    (1.00, 0.90, 1.10, Classification.PASS),        # no change, wide interval
+    (0.95, 0.85, 1.05, Classification.PASS),        # beyond tolerance but not significantly worse: Kayenta passes
+    (0.95, 0.93, 0.99, Classification.MARGINAL),    # significantly worse, estimate past tolerance, not confidently
+    (0.98, 0.96, 0.995, Classification.PASS),       # significantly worse but within tolerance
+    (0.80, 0.70, 0.90, Classification.FAIL),        # the whole interval beyond tolerance
+    (float("nan"), 0.1, 0.2, Classification.NODATA),
+])
+def test_classify_effect_higher_is_better(effect, lo, hi, expected):
+    assert classify_effect(effect, lo, hi, 0.97, 1.0, True) is expected
+
+
+def test_classify_effect_lower_is_better_and_superiority():
+    assert classify_effect(1.3, 1.2, 1.4, 1.1, 1.0, False) is Classification.FAIL
+    assert classify_effect(1.0, 0.9, 1.1, 1.1, 1.0, False) is Classification.PASS
+    assert classify_effect(math.inf, math.inf, math.inf, 1.1, 1.0, False) is Classification.FAIL
+    # Demanding an improvement (ratio >= 1.05): an underpowered 'no change' must not pass.
+    assert classify_effect(1.0, 0.9, 1.1, 1.05, 1.0, True) is Classification.MARGINAL
+    assert classify_effect(1.2, 1.1, 1.3, 1.05, 1.0, True) is Classification.PASS
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(-5, 5), st.floats(0, 3), st.floats(0, 3), st.floats(-2, 2), st.floats(-2, 2), st.booleans())
+def test_classification_follows_the_interval(center, down, up, tol, null, higher):
+    """Whatever the margin: fail exactly when the interval lies beyond the tolerance; pass when inside it."""
+    lo, hi = center - down, center + up
+    result = classify_effect(center, lo, hi, tol, null, higher)
+    beyond = hi < tol if higher else lo > tol
+    assert (result is Classification.FAIL) == beyond
+    inside = lo >= tol if higher else hi <= tol
+    if inside:
+        assert result is Classification.PASS
+
+
+def _metric(name: str, classification: Classification) -> MetricResult:
+    return MetricResult(name, classification, "test", "ratio", 1.0, 0.9, 1.1, 1.0, 1.0, True, 1.0, 1.0, 100, 100)
+
+
+def test_scorer_weights_and_critical_metrics():
+    criteria = CriteriaConfig()
+    names = list(criteria.weights)
+    all_pass = [_metric(n, Classification.PASS) for n in names]
+    assert score_metrics(all_pass, criteria, 100, 30).verdict is Verdict.PASS
+    assert score_metrics(all_pass, criteria, 10, 30).verdict is Verdict.INCONCLUSIVE  # too little data never passes
+    latency_fail = [_metric(n, Classification.FAIL if n == "latency_p95" else Classification.PASS) for n in names]
+    scored = score_metrics(latency_fail, criteria, 100, 30)
+    assert scored.verdict is Verdict.MARGINAL and scored.score == 85.0
+    quality_fail = [_metric(n, Classification.FAIL if n == "quality" else Classification.PASS) for n in names]
+    assert score_metrics(quality_fail, criteria, 100, 30).verdict is Verdict.FAIL
+    no_quality = [_metric(n, Classification.NODATA if n == "quality" else Classification.PASS) for n in names]
+    assert score_metrics(no_quality, criteria, 100, 30).verdict is Verdict.INCONCLUSIVE
+    two_fail = [_metric(n, Classification.FAIL if n in ("latency_p95", "cost_per_outcome") else Classification.PASS)
+                for n in names]
+    assert score_metrics(two_fail, criteria, 100, 30).verdict is Verdict.FAIL  # 70 < 75
+
+
+def test_criteria_reject_unknown_metrics():
+    with pytest.raises(ValueError, match="unknown metric"):
+        CriteriaConfig(weights={"qualty": 1})
+    with pytest.raises(ValueError, match="marginal_score"):
+        CriteriaConfig(pass_score=50, marginal_score=60)
