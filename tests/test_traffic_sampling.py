@@ -1,0 +1,157 @@
+"""Sampling: deterministic hash sampling, filters, stratified quotas with a floor, a daily cap held across runs."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sqlalchemy import func, select
+
+from shadowjudge.config import RedactionConfig, SamplingConfig, parse_config
+from shadowjudge.store import TrafficSample, get_engine, session_scope
+from shadowjudge.traffic import TimeWindow, TrafficRecord, hash_fraction, ingest_sources
+from shadowjudge.traffic.redaction import Redactor
+from shadowjudge.traffic.sampling import Sampler
+
+ROUTE = {"name": "chat-default", "incumbent": {"name": "inc", "model": "m1", "base_url": "http://127.0.0.1:9/v1"},
+         "candidates": [{"name": "cand", "model": "m2", "base_url": "http://127.0.0.1:9/v1"}]}
+DAY = datetime(2026, 11, 22, tzinfo=timezone.utc)
+
+
+def record(i: int, *, route: str = "chat-default", model: str = "m1", ts: datetime = DAY, **metadata) -> TrafficRecord:
+    return TrafficRecord(request_id=f"req-{i}", timestamp=ts, route=route, incumbent_model=model,
+                         messages=[{"role": "user", "content": f"question {i}"}], metadata=metadata)
+
+
+def sampler(**config) -> Sampler:
+    return Sampler(SamplingConfig(**config), Redactor.from_config(RedactionConfig()))
+
+
+def test_hash_fraction_is_deterministic_uniform_and_seeded():
+    values = [hash_fraction("s", f"req-{i}") for i in range(20_000)]
+    assert values == [hash_fraction("s", f"req-{i}") for i in range(20_000)]
+    assert all(0 <= v < 1 for v in values)
+    assert abs(sum(v < 0.1 for v in values) / len(values) - 0.1) < 0.01
+    assert hash_fraction("s", "req-1") != hash_fraction("other-seed", "req-1")
+
+
+@settings(max_examples=200, deadline=None)
+@given(request_id=st.text(min_size=1, max_size=40), low=st.floats(0.001, 1.0), high=st.floats(0.001, 1.0))
+def test_a_request_sampled_at_a_rate_is_sampled_at_every_higher_rate(request_id, low, high):
+    low, high = sorted((low, high))
+    rec = TrafficRecord(request_id=request_id, timestamp=DAY, route="r", incumbent_model="m",
+                        messages=[{"role": "user", "content": "x"}])
+    if sampler(rate=low).hash_in(rec):
+        assert sampler(rate=high).hash_in(rec)
+
+
+def test_filters_on_window_route_model_and_metadata():
+    s = sampler(routes=["chat-default"], models=["m1"], metadata_equals={"tenant": "acme"})
+    window = TimeWindow(DAY, DAY + timedelta(days=1))
+    assert s.screen(record(1, tenant="acme"), window) is None
+    assert s.screen(record(1, tenant="acme", ts=DAY - timedelta(seconds=1)), window) == "outside_window"
+    assert s.screen(record(1, route="other", tenant="acme"), window) == "route"
+    assert s.screen(record(1, model="m9", tenant="acme"), window) == "model"
+    assert s.screen(record(1, tenant="globex"), window) == "metadata"
+    assert s.screen(record(1), window) == "metadata"
+
+
+def test_stratum_is_the_redacted_metadata_value():
+    s = sampler(stratify_by="owner")
+    assert s.stratum(record(1, owner="jane@example.com")) == "[EMAIL]"
+    assert s.stratum(record(1, owner=7)) == "7"
+    assert s.stratum(record(1)) is None
+
+
+def _select(store_url, s: Sampler, records, budget=None):
+    from shadowjudge.traffic.sampling import DailyBudget
+
+    budget = budget or DailyBudget()
+    with session_scope(get_engine(store_url)) as session:
+        return s.select(session, records, TimeWindow(), budget)
+
+
+def test_quota_per_stratum_floor_for_rare_strata_and_daily_cap(store_url):
+    # 300 common requests and 3 rare ones; at 10% the rare stratum would likely get none without the floor.
+    records = [record(i, lang="en") for i in range(300)] + [record(1000 + i, lang="is") for i in range(3)]
+    selection = _select(store_url, sampler(rate=0.1, stratify_by="lang", per_stratum_quota=20, min_per_stratum=2),
+                        records)
+    by_stratum = {}
+    for _, stratum in selection.admitted:
+        by_stratum[stratum] = by_stratum.get(stratum, 0) + 1
+    assert by_stratum["is"] >= 2 and by_stratum["en"] == 20
+    assert selection.filtered_by["stratum_quota"] > 0 and selection.filtered_by["rate"] > 0
+    assert len(selection.admitted) + sum(selection.filtered_by.values()) == len(records)
+
+    capped = _select(store_url, sampler(rate=1.0, daily_cap=50), records)
+    assert len(capped.admitted) == 50 and capped.filtered_by["daily_cap"] == len(records) - 50
+
+
+def test_kept_requests_are_exactly_those_below_the_rate(store_url):
+    records = [record(i) for i in range(500)]
+    selection = _select(store_url, sampler(rate=0.2, seed="abc"), records)
+    assert {r.request_id for r, _ in selection.admitted} == \
+        {r.request_id for r in records if hash_fraction("abc", r.request_id) < 0.2}
+
+
+def _log(path: Path, n: int, start: int = 0, day: datetime = DAY) -> None:
+    with open(path, "a") as fh:
+        for i in range(start, start + n):
+            fh.write(json.dumps({"id": f"req-{i}", "timestamp": (day + timedelta(seconds=i)).isoformat(),
+                                 "request": {"model": "chat-default",
+                                             "messages": [{"role": "user", "content": f"q{i}"}]},
+                                 "metadata": {"task": "rare" if i % 50 == 0 else "common"}}) + "\n")
+
+
+def test_daily_cap_and_quotas_hold_across_runs_and_days(store_url, tmp_path):
+    log = tmp_path / "log.jsonl"
+    _log(log, 100)
+    config = parse_config({"store": {"url": store_url}, "routes": [ROUTE],
+                           "sources": [{"name": "g", "kind": "jsonl", "path": str(log), "batch_size": 16}],
+                           "sampling": {"rate": 1.0, "daily_cap": 60, "stratify_by": "task",
+                                        "per_stratum_quota": 55}}, environ={})
+    engine = get_engine(store_url)
+    first = ingest_sources(engine, config).sources[0]
+    assert first.stored == 57  # 55 common + the 2 rare ones seen before the cap
+    assert first.filtered_by == {"stratum_quota": 43}
+
+    _log(log, 20, start=100)  # same day: the common stratum is full, the rare one is not
+    second = ingest_sources(engine, config).sources[0]
+    assert second.stored == 1 and second.filtered_by == {"stratum_quota": 19}  # the one rare request
+    _log(log, 10, start=0, day=DAY + timedelta(days=1))  # ids req-0.. again: duplicates, not new samples
+    _log(log, 10, start=500, day=DAY + timedelta(days=1))
+    third = ingest_sources(engine, config).sources[0]
+    assert third.duplicates == 10 and third.stored == 10
+    with session_scope(engine) as s:
+        per_day = s.execute(select(func.count()).select_from(TrafficSample)
+                            .where(TrafficSample.request_ts < DAY + timedelta(days=1))).scalar()
+    assert per_day <= 60
+
+
+def test_duplicates_do_not_use_up_quota(store_url):
+    from shadowjudge.traffic.ingest import insert_samples, sample_row
+    from shadowjudge.traffic.sampling import DailyBudget
+
+    s = sampler(rate=1.0, daily_cap=5)
+    redactor = Redactor.from_config(RedactionConfig())
+    now = datetime.now(timezone.utc)
+    with session_scope(get_engine(store_url)) as session:
+        insert_samples(session, [sample_row(record(i), None, "g", redactor, now) for i in range(3)])
+    selection = _select(store_url, s, [record(i) for i in range(10)], DailyBudget())
+    assert selection.duplicates == 3
+    assert [r.request_id for r, _ in selection.admitted] == ["req-3", "req-4"]
+    assert selection.filtered_by == {"daily_cap": 5}
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.5])
+def test_rate_is_respected_end_to_end(store_url, tmp_path, rate):
+    log = tmp_path / "log.jsonl"
+    _log(log, 400)
+    config = parse_config({"store": {"url": store_url}, "routes": [ROUTE], "sampling": {"rate": rate},
+                           "sources": [{"name": "g", "kind": "jsonl", "path": str(log)}]}, environ={})
+    report = ingest_sources(get_engine(store_url), config).sources[0]
+    assert report.stored == sum(hash_fraction("shadowjudge", f"req-{i}") < rate for i in range(400))
