@@ -208,3 +208,29 @@ def test_bad_verdicts_are_refused_with_the_target_named():
         CandidateVerdict("a", "pass", score=1.5)
     with pytest.raises(InvalidVerdict, match="unknown target 'zzz'"):
         index_verdicts(make_route(), [CandidateVerdict("zzz", "pass")])
+
+
+def test_verdicts_from_a_run_analysis():
+    from shadowjudge.analysis.canary import Classification, MetricResult, Verdict
+    from shadowjudge.analysis.regression import CandidateAnalysis, RunAnalysis
+    from shadowjudge.routing.verdicts import verdicts_from_analysis
+
+    def metric(name, kind, effect, cand=None, inc=None):
+        return MetricResult(name, Classification.PASS, "bootstrap", kind, effect, effect, effect, 0.97, 1.0, True,
+                            cand, inc, 100, 100)
+
+    def candidate(target, verdict, metrics):
+        return CandidateAnalysis(target, f"m-{target}", verdict, 80.0, 120, 110, metrics, [], [])
+
+    analysis = RunAnalysis(7, "chat", "inc", "replayed", "small-judge:1", None, 0.95, [
+        candidate("a", Verdict.PASS, [metric("quality", "ratio", 1.0), metric("cost_per_outcome", "ratio", 0.5, 0.002, 0.004)]),
+        candidate("b", Verdict.INCONCLUSIVE, [metric("quality", "level", 0.62)]),
+        candidate("c", Verdict.FAIL, [metric("quality", "ratio", float("nan"))]),
+    ])
+    route = make_route(candidates=("a", "b", "c"))
+    a, b, c = verdicts_from_analysis(analysis, critical_targets=["c"])
+    assert (a.verdict, a.score, a.quality, a.cost_per_outcome, a.incumbent_cost_per_outcome, a.n) == (
+        "pass", 0.5, 1.0, 0.002, 0.004, 110)
+    assert (b.verdict, b.score, b.cost_per_outcome) == ("inconclusive", 0.62, None)
+    assert (c.verdict, c.score, c.critical_alert) == ("fail", None, True)
+    assert set(index_verdicts(route, [a, b, c])) == {"a", "b", "c"}

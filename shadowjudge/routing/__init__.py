@@ -17,10 +17,10 @@ from shadowjudge.routing.step import (
     set_frozen,
     step_route,
 )
-from shadowjudge.routing.verdicts import CandidateVerdict, InvalidVerdict
+from shadowjudge.routing.verdicts import CandidateVerdict, InvalidVerdict, verdicts_from_analysis
 
 __all__ = [
     "CandidateVerdict", "Decision", "InvalidVerdict", "LeaseLock", "PushResult", "RolloutState", "RouteBusy",
     "RoutingStateError", "StepOutcome", "approve_step", "decide", "load_rollout_state", "manual_rollback",
-    "push_weights", "route_history", "route_status", "set_frozen", "step_route",
+    "push_weights", "route_history", "route_status", "set_frozen", "step_route", "verdicts_from_analysis",
 ]

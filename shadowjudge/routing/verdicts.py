@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from shadowjudge.config import RouteConfig
 from shadowjudge.errors import InputError
@@ -75,3 +75,36 @@ def index_verdicts(route: RouteConfig, verdicts: Iterable[CandidateVerdict] | Ma
             raise InvalidVerdict(f"route '{route.name}': two verdicts for '{v.target}'")
         out[v.target] = v
     return out
+
+
+def verdicts_from_analysis(analysis: Any, critical_targets: Iterable[str] = ()) -> list[CandidateVerdict]:
+    """Controller input from a `shadowjudge.analysis.RunAnalysis` (read by attribute; no import of the engine).
+
+    score: the quality metric as a preference: a preference level is used as is; a quality ratio r (candidate
+    over incumbent) becomes r / (1 + r), the Bradley-Terry chance that the candidate's answer is the better one,
+    so 0.5 still means "as good". quality: the quality effect itself (ratio, or preference level), for
+    `policy.quality_floor`. Costs: the cost_per_outcome metric's candidate and incumbent values.
+    """
+    critical = set(critical_targets)
+    out = []
+    for c in analysis.candidates:
+        quality_metric, cost_metric = c.metric("quality"), c.metric("cost_per_outcome")
+        quality = _finite_or_none(getattr(quality_metric, "effect", None))
+        score = None
+        if quality is not None:
+            score = quality if quality_metric.effect_kind == "level" else quality / (1.0 + quality)
+            score = min(1.0, max(0.0, score))
+        out.append(CandidateVerdict(
+            target=c.target, verdict=str(getattr(c.verdict, "value", c.verdict)),  # type: ignore[arg-type]
+            score=score, quality=quality,
+            cost_per_outcome=_finite_or_none(getattr(cost_metric, "candidate_value", None)),
+            incumbent_cost_per_outcome=_finite_or_none(getattr(cost_metric, "incumbent_value", None)),
+            n=int(c.n_judged), critical_alert=c.target in critical))
+    return out
+
+
+def _finite_or_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) and value >= 0 else None
