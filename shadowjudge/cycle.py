@@ -140,3 +140,32 @@ def count_rows(engine: Engine) -> dict[str, int]:
         for model in (TrafficSample, QuarantinedRecord, ShadowRun, ShadowResult, Judgment, Alert, RouteWeightChange):
             out[model.__tablename__] = s.scalar(select(func.count()).select_from(model)) or 0
     return out
+
+
+# --- stages the flow calls: each takes the engine and config, returns JSON-friendly data ---
+
+def ingest(engine: Engine, config: Config, progress: bool = False) -> dict[str, Any]:
+    from shadowjudge.traffic import ingest_sources
+
+    return ingest_sources(engine, config, progress=progress).to_dict()
+
+
+def shadow(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle, progress: bool = False) -> dict[str, Any]:
+    from shadowjudge.shadow import run_shadow
+
+    samples = load_samples(engine, handle.sample_ids)
+    report = run_shadow(engine, handle.run_id, samples, route_targets(route), config.shadow, config.pricing,
+                        progress=progress)
+    return report.to_dict()
+
+
+def score(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle, progress: bool = False) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from evaluators import load_evaluator
+    from shadowjudge.scoring import score_run
+
+    evaluator = load_evaluator(config.judge, config.mlflow.tracking_uri)
+    report = score_run(engine, handle.run_id, evaluator, [c.name for c in route.candidates],
+                       batch_size=config.judge.batch_size, progress=progress)
+    return asdict(report)

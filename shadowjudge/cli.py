@@ -1,0 +1,160 @@
+"""`shadowjudge` command line: init, demo, run, status, serve, and one sub-command group per stage."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "1",
+                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+                     "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_key, _value)
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from shadowjudge.config import Config, load_config  # noqa: E402
+from shadowjudge.errors import ShadowJudgeError  # noqa: E402
+
+app = typer.Typer(help="ShadowJudge: continuous evaluation of LLM traffic.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_CONFIG = Path("configs/shadowjudge.yaml")
+ConfigOption = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Config YAML", envvar="SHADOWJUDGE_CONFIG")
+
+
+def _load(config_path: Path) -> Config:
+    return load_config(config_path)
+
+
+@app.command()
+def init(config: Path = ConfigOption) -> None:
+    """Create the store or upgrade it to the latest schema."""
+    from shadowjudge.store import upgrade_database
+    from shadowjudge.tracking.mlflow_tracking import redact_uri
+
+    cfg = _load(config)
+    revision = upgrade_database(cfg.store.url)
+    console.print(f"store at {redact_uri(cfg.store.url)} is at revision [bold]{revision}[/]")
+
+
+@app.command()
+def run(config: Path = ConfigOption,
+        route: Optional[str] = typer.Option(None, help="Only this route"),
+        cycle_id: Optional[str] = typer.Option(None, help="Rerun/resume this cycle (default: the current minute)"),
+        ) -> None:
+    """Run one evaluation cycle (ingest, shadow-test, score, analyse, log, alert, update routes)."""
+    cfg = _load(config)
+    if route:
+        cfg.route(route)
+    from flows.cycle import evaluation_cycle
+
+    result = evaluation_cycle(config_path=str(config), route=route, cycle_id=cycle_id, progress=sys.stderr.isatty())
+    _print_cycle(result)
+
+
+def _print_cycle(result: dict) -> None:
+    console.print(f"cycle [bold]{result['cycle_id']}[/]: ingest {result['ingest'].get('totals')}")
+    for name, outcome in result["routes"].items():
+        console.print(f"route [bold]{name}[/]: decision [bold]{outcome.get('decision')}[/], "
+                      f"weights {outcome.get('weights_before')} -> {outcome.get('weights_after')}")
+        if outcome.get("mlflow_link"):
+            console.print(f"  MLflow run: {outcome['mlflow_link']}")
+        for verdict in outcome.get("verdicts", []):
+            console.print(f"  {verdict}")
+
+
+@app.command()
+def status(config: Path = ConfigOption, limit: int = typer.Option(10, min=1, max=500)) -> None:
+    """Latest runs, current route weights and open alerts."""
+    from sqlalchemy import select
+
+    from shadowjudge.cycle import count_rows
+    from shadowjudge.store import Alert, RouteState, ShadowRun, get_engine, session_scope
+    from shadowjudge.store.database import has_schema
+
+    cfg = _load(config)
+    engine = get_engine(cfg.store.url)
+    if not has_schema(engine):
+        raise ShadowJudgeError("the store has no schema yet: run `shadowjudge init --config ...` first")
+    with session_scope(engine) as s:
+        runs = s.scalars(select(ShadowRun).order_by(ShadowRun.id.desc()).limit(limit)).all()
+        states = s.scalars(select(RouteState).order_by(RouteState.route)).all()
+        alerts = s.scalars(select(Alert).where(Alert.status != "resolved").order_by(Alert.id.desc()).limit(limit)).all()
+        t = Table(title="Latest runs")
+        for col in ("id", "run", "status", "samples", "decision", "judge", "started"):
+            t.add_column(col)
+        for r in runs:
+            t.add_row(str(r.id), r.run_key, r.status, str(len(r.sample_ids)), r.decision or "-",
+                      r.judge_version or "-", r.started_at.strftime("%Y-%m-%d %H:%M:%S"))
+        console.print(t)
+        t = Table(title="Route weights")
+        for col in ("route", "weights", "candidate", "phase", "step", "frozen", "revision"):
+            t.add_column(col)
+        for st in states:
+            t.add_row(st.route, ", ".join(f"{k}={v}" for k, v in st.weights.items()), st.candidate or "-", st.phase,
+                      str(st.step_index), "yes" if st.frozen else "no", str(st.revision))
+        console.print(t)
+        t = Table(title="Open alerts")
+        for col in ("id", "severity", "status", "route", "metric", "slice", "message"):
+            t.add_column(col)
+        for a in alerts:
+            t.add_row(str(a.id), a.severity, a.status, a.route, a.metric, a.slice or "-", a.message[:80])
+        console.print(t)
+    console.print("rows: " + ", ".join(f"{k}={v}" for k, v in count_rows(engine).items()))
+
+
+@app.command()
+def demo(workdir: Path = typer.Option(Path("shadowjudge-demo"), help="Where the demo writes its store, MLflow "
+                                      "store, config and gateway file"),
+         cycles: int = typer.Option(3, min=1, max=10, help="Cycles to run (each steps the rollout once)")) -> None:
+    """Run the whole loop on shipped demo data: replay server, quick judge, cycles, MLflow, gateway config."""
+    from shadowjudge.demo import run_demo
+
+    run_demo(workdir, cycles=cycles, console=console)
+
+
+def _mount_subcommands() -> None:
+    """Stage command groups; each lives beside its stage."""
+    from shadowjudge.subcommands import register
+
+    register(app)
+
+
+def main() -> None:
+    """Entry point: bad input exits 2 and any failure exits non-zero with a message, never a traceback."""
+    try:
+        _mount_subcommands()
+        app(standalone_mode=False)
+    except ShadowJudgeError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(exc.exit_code)
+    except (typer.Exit, SystemExit) as exc:
+        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
+        sys.exit(code or 0)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # the last line of defence: a message, not a traceback
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(2 if isinstance(exc, click.exceptions.UsageError) else exc.exit_code)
+        if os.environ.get("SHADOWJUDGE_DEBUG"):
+            raise
+        err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}\n"
+                          "(set SHADOWJUDGE_DEBUG=1 for the traceback)", highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
