@@ -230,3 +230,17 @@ def test_get_gateway_says_what_a_gateway_config_lacks(tmp_path):
         get_gateway(GatewayConfig(kind="portkey"), route)
     with pytest.raises(InputError, match="needs 'url'"):
         get_gateway(GatewayConfig(kind="litellm_api"), route)
+
+
+@pytest.mark.parametrize("kind, example", [("truefoundry", "truefoundry-routing.yaml"),
+                                           ("litellm", "litellm-config.yaml"), ("portkey", "portkey-config.json")])
+def test_the_shipped_example_gateway_configs_work_with_the_worked_example_route(tmp_path, kind, example):
+    from shadowjudge.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    route = load_config(repo / "configs" / "shadowjudge.yaml").route("chat-default")
+    copy = tmp_path / example
+    copy.write_text((repo / "configs" / "gateways" / example).read_text())
+    gw = get_gateway(GatewayConfig(kind=kind, path=str(copy)), route)
+    assert gw.read_current().weights == {"claude-instant": 100, "yi-34b": 0, "llama-2-7b": 0}
+    assert push_weights(gw, {"claude-instant": 75, "yi-34b": 25, "llama-2-7b": 0}).ok

@@ -174,3 +174,21 @@ def test_when_nginx_is_down_the_push_fails_and_the_file_is_put_back(gateway_setu
     result = push_weights(gateway, {"inc": 50, "cand": 50})
     assert not result.ok and result.error.startswith("GatewayRejected") and "reload command exited" in result.error
     assert Path(gateway.path).read_text() == before
+
+
+def test_the_shipped_example_nginx_conf_is_valid_with_a_rendered_upstream_file(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    cfg = parse_config({
+        "sources": [{"name": "logs", "path": "x.jsonl"}],
+        "routes": [{"name": "chat-default",
+                    "incumbent": {"name": "claude-instant", "model": "m0", "base_url": "http://127.0.0.1:8401/v1"},
+                    "candidates": [{"name": "yi-34b", "model": "m1", "base_url": "http://127.0.0.1:8402/v1"}]}],
+    })
+    upstreams = tmp_path / "upstreams.conf"
+    assert push_weights(NginxGateway(cfg.routes[0], upstreams), {"claude-instant": 95, "yi-34b": 5}).ok
+    conf = tmp_path / "nginx.conf"
+    conf.write_text((repo / "configs" / "gateways" / "nginx" / "nginx.conf").read_text()
+                    .replace("/etc/nginx/shadowjudge/upstreams.conf", str(upstreams)))
+    check = subprocess.run([NGINX, "-t", "-q", "-e", "stderr", "-p", f"{tmp_path}/", "-c", str(conf),
+                            "-g", f"pid {tmp_path}/nginx.pid;"], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stderr
