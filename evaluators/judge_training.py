@@ -176,8 +176,8 @@ def fit_head(emb: EmbeddedAnswers, pairs: Sequence[LabelledPair], config: HeadCo
     head.eval()
     with torch.inference_mode():
         rewards = head(x).squeeze(-1).numpy()
-    reference = [emb.index[(p.prompt_id, p.model_a)] for p in pairs if p.model_a == REFERENCE_MODEL] or a.tolist()
-    spec.reference_reward = float(np.mean(rewards[reference]))
+    # Pointwise score 0.5 = as good as a typical training answer (all models, both sides of every pair).
+    spec.reference_reward = float(np.mean(rewards[np.unique(np.concatenate([a.numpy(), b.numpy()]))]))
     state = {k: v.detach().numpy().copy() for k, v in head.state_dict().items()}
     return spec, state
 

@@ -2,7 +2,7 @@
 
 Trained with a Bradley-Terry loss, P(b better than a) = sigmoid(r_b - r_a), on a big judge's soft labels. Because
 each answer gets its own reward, the incumbent's side of a comparison is computed once and reused for every
-candidate, and the pointwise score is P(answer beats a typical reference answer) = sigmoid(r - r_reference).
+candidate, and the pointwise score is P(answer beats a typical training answer) = sigmoid(r - r_reference).
 """
 
 from __future__ import annotations

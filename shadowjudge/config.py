@@ -136,6 +136,9 @@ class JudgeConfig(_Strict):
     accept_floor: float = Field(default=0.5, ge=0, le=1, description="Score at which an answer is accepted")
     calibration_fraction: float = Field(default=0.0, ge=0, le=1)
     batch_size: int = Field(default=32, gt=0)
+    teacher: TargetConfig | None = Field(
+        default=None, description="LLM-as-judge endpoint: the evaluator when evaluator=llm-judge, and the teacher "
+                                  "that calibration sends calibration_fraction of scored pairs to")
 
 
 CANARY_METRICS = ("quality", "error_rate", "cost_per_outcome", "latency_p95", "ttft")
