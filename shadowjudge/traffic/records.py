@@ -114,8 +114,14 @@ def parse_timestamp(value: Any, name: str = "timestamp") -> datetime:
     raise RecordError(f"'{name}' must be a date-time string or epoch number, got {type(value).__name__}")
 
 
+_INF = float("inf")
+
+
 def parse_number(value: Any, name: str) -> float | None:
     """A non-negative finite number (numeric strings accepted), or None when absent."""
+    kind = type(value)
+    if (kind is float or kind is int) and 0 <= value < _INF:  # the common case, first
+        return float(value)
     if value is None or value == "":
         return None
     if isinstance(value, bool):
@@ -134,6 +140,8 @@ def parse_number(value: Any, name: str) -> float | None:
 
 
 def parse_count(value: Any, name: str) -> int | None:
+    if type(value) is int and 0 <= value < 2**31:
+        return value
     number = parse_number(value, name)
     if number is None:
         return None
@@ -165,6 +173,8 @@ def parse_text(value: Any, name: str) -> str | None:
 
 def parse_name(value: Any, name: str) -> str | None:
     """A short identifier such as a route or model name (at most 256 characters)."""
+    if type(value) is str and 0 < len(value) <= 256 and not value[0].isspace() and not value[-1].isspace():
+        return value
     text = parse_text(value, name)
     if text is None or not text.strip():
         return None

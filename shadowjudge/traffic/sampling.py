@@ -1,11 +1,11 @@
 """Which requests become samples.
 
 In order, a request is dropped if it is outside the backfill window, on another route, from another incumbent
-model, or missing a required metadata value; then it is a duplicate if its request id is already stored.
-Otherwise it is kept when its hash says so (`hash(seed, request_id) < rate`, so the same request is always in
-or out, and one in at 1% is also in at 5%), or when its stratum is still below the floor (`min_per_stratum`
-per day, so rare slices get samples too); a kept request is then dropped again if the day's cap or its
-stratum's quota for the day is reached.
+model, or missing a required metadata value. It is a candidate when its hash says so (`hash(seed, request_id)
+< rate`, so the same request is always in or out, and one in at 1% is also in at 5%), or when its stratum is
+still below the floor (`min_per_stratum` per day, so rare slices get samples too). A candidate whose request id
+is already stored is a duplicate; otherwise it is kept unless the day's cap or its stratum's quota for the day
+is reached.
 
 Days are UTC calendar days of the request's timestamp, and counts come from the store, so caps hold across
 runs, sources and backfills.
@@ -141,29 +141,34 @@ class Sampler:
     def select(self, session: Session, records: list[TrafficRecord], window: TimeWindow,
                budget: DailyBudget) -> Selection:
         filtered: Counter[str] = Counter()
-        passing: list[tuple[TrafficRecord, str | None, date]] = []
+        passing: list[tuple[TrafficRecord, str | None, date, bool]] = []
         for record in records:
             reason = self.screen(record, window)
             if reason is not None:
                 filtered[reason] += 1
             else:
-                passing.append((record, self.stratum(record), record.timestamp.date()))
-        stored = existing_request_ids(session, [r.request_id for r, _, _ in passing])
+                passing.append((record, self.stratum(record), record.timestamp.date(), self.hash_in(record)))
+        # Only requests that may be kept are looked up (hashed in, or their stratum still under the floor:
+        # counts only grow within a batch, so this is a superset of what is kept).
+        stored = existing_request_ids(session, [
+            r.request_id for r, stratum, day, hashed_in in passing
+            if hashed_in or budget.day(session, day).by_stratum[stratum] < self._floor])
 
         cap, quota = self.config.daily_cap, self.config.per_stratum_quota
         admitted: list[tuple[TrafficRecord, str | None]] = []
         duplicates = 0
         seen: set[str] = set()
-        for record, stratum, day in passing:
+        for record, stratum, day, hashed_in in passing:
+            count = budget.day(session, day)
+            in_stratum = count.by_stratum[stratum]
+            if not hashed_in and in_stratum >= self._floor:
+                filtered[RATE] += 1
+                continue
             if record.request_id in stored or record.request_id in seen:
                 duplicates += 1
                 continue
             seen.add(record.request_id)
-            count = budget.day(session, day)
-            in_stratum = count.by_stratum[stratum]
-            if not self.hash_in(record) and in_stratum >= self._floor:
-                filtered[RATE] += 1
-            elif cap is not None and count.total >= cap:
+            if cap is not None and count.total >= cap:
                 filtered[DAILY_CAP] += 1
             elif quota is not None and in_stratum >= quota:
                 filtered[STRATUM_QUOTA] += 1

@@ -101,7 +101,9 @@ def normalise_openai_log(obj: Any, position: str) -> TrafficRecord:
     if route is None or incumbent is None:
         raise RecordError("no route: neither 'route' nor 'request.model' is set")
 
-    raw_ts = next((obj[k] for k in TIMESTAMP_KEYS if obj.get(k) is not None), None)
+    raw_ts = obj.get("timestamp")
+    if raw_ts is None:
+        raw_ts = next((obj[k] for k in TIMESTAMP_KEYS if obj.get(k) is not None), None)
     if raw_ts is None and isinstance(response, dict) and response.get("created") is not None:
         raw_ts = response["created"]
     timestamp = parse_timestamp(raw_ts, "timestamp")
