@@ -219,7 +219,7 @@ def test_two_concurrent_writers_one_pushes_the_other_is_told_the_route_is_busy(s
                         gateway=get_gateway(route.gateway, route), now=T0, run_id=runs[1])
     first_gw.release.set()
     thread.join(30)
-    assert second.decision == "busy" and not second.pushed and "holds the route lock" in second.reason
+    assert second.decision == "busy" and not second.pushed and "holds the lock 'route:chat'" in second.reason
     assert results["first"].status == "applied"
     assert len(route_history(engine, "chat")) == 1
 
@@ -285,3 +285,24 @@ def test_operator_commands_gate_freeze_and_roll_back(store_url, tmp_path):
     assert bad.exit_code == 2 and "cannot roll back to 'nobody'" in bad.output
     missing = runner.invoke(routes_cli, ["history", "nope", "--config", str(cfg_path)])
     assert missing.exit_code == 2 and "no route named 'nope'" in missing.output
+
+
+def test_routes_sharing_one_gateway_file_never_push_at_the_same_time(store_url, tmp_path):
+    route = load_config(write_config(tmp_path, store_url)).route("chat")
+    other = route.model_copy(update={"name": "chat-eu"}, deep=True)
+    engine = get_engine(store_url)
+    blocking = BlockingGateway(route, route.gateway.path)
+    thread = threading.Thread(target=lambda: step_route(engine, route, [CandidateVerdict("fragile", "pass")],
+                                                         gateway=blocking, now=T0))
+    thread.start()
+    assert blocking.entered.wait(30)
+    second = step_route(engine, other, [CandidateVerdict("fragile", "pass")],
+                        gateway=get_gateway(other.gateway, other), now=T0)
+    blocking.release.set()
+    thread.join(30)
+    assert second.decision == "busy" and "gateway:truefoundry:" in second.reason
+    again = step_route(engine, other, [CandidateVerdict("fragile", "pass")], gateway=get_gateway(other.gateway, other),
+                       now=T0 + timedelta(minutes=1))
+    assert again.status == "applied"
+    rules = {r["id"]: r for r in yaml.safe_load(Path(route.gateway.path).read_text())["rules"]}
+    assert set(rules) == {"chat", "chat-eu"}  # neither route's push overwrote the other's rule

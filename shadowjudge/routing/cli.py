@@ -74,13 +74,10 @@ def show(route: Optional[str] = typer.Argument(None, help="Route name (default: 
          config: Path = ConfigOption, as_json: bool = JsonOption) -> None:
     """Current weights, phase, serving target and whether the config's incumbent is stale."""
     from shadowjudge.routing.step import route_status
-    from shadowjudge.store import get_engine
 
     cfg = load_config(config)
     routes = [cfg.route(route)] if route else cfg.routes
-    if route:
-        _open(config, route)
-    engine = get_engine(cfg.store.url)
+    _, _, engine = _open(config, routes[0].name)
     states = [route_status(engine, r) for r in routes]
     if as_json:
         console.print_json(json.dumps(states, default=str))

@@ -82,3 +82,23 @@ class LeaseLock:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.release()
+
+
+class LockSet:
+    """Several leases taken all-or-nothing, in a fixed order, without waiting (so two sets never deadlock)."""
+
+    def __init__(self, locks: list[LeaseLock]) -> None:
+        self.locks = locks
+
+    def acquire(self) -> LeaseLock | None:
+        """None when every lease is held now; otherwise the one that is busy (and none is held)."""
+        for i, lock in enumerate(self.locks):
+            if not lock.acquire():
+                for taken in self.locks[:i]:
+                    taken.release()
+                return lock
+        return None
+
+    def release(self) -> None:
+        for lock in reversed(self.locks):
+            lock.release()

@@ -31,21 +31,22 @@ def describe_error(exc: BaseException) -> str:
 def push_weights(gateway: Gateway, weights: Mapping[str, int]) -> PushResult:
     """Apply `weights` to the gateway. Never raises for gateway faults: the result says what happened."""
     wanted = dict(weights)
+    # Broad catches on purpose: whatever an adapter raises, nothing is half-applied and the caller can record it.
     try:
         current = gateway.read_current()
-    except GatewayError as exc:
+    except Exception as exc:  # noqa: BLE001
         return PushResult(False, None, error=describe_error(exc))
     try:
         rendered = gateway.render(current, wanted)
         gateway.validate(rendered, wanted)
-    except GatewayError as exc:
+    except Exception as exc:  # noqa: BLE001 - nothing has been written
         return PushResult(False, current.weights, error=describe_error(exc))
     try:
         gateway.push(rendered)
         observed = gateway.read_back()
         if observed != wanted:
             raise GatewayReadBackMismatch(f"{gateway.name}: pushed {wanted} but the gateway reports {observed}")
-    except Exception as exc:  # noqa: BLE001 - whatever broke mid-push, the previous config must be put back
+    except Exception as exc:  # noqa: BLE001 - the previous config must be put back
         return PushResult(False, current.weights, error=describe_error(exc), restored=_restore(gateway, current))
     return PushResult(True, current.weights, observed=observed)
 

@@ -1,5 +1,8 @@
 """Apply the controller's decision: under the route's lock, push through the gateway, record history and state.
 
+Two leases guard a push: the route's (its state row) and the gateway's (its config: several routes may share one
+TrueFoundry or nginx file, and a read-render-write must not interleave with another route's).
+
 Order of writes for a change: a `pending` history row claims the next revision, the gateway is pushed (and read
 back), then one transaction marks the row applied or failed and stores the new state. A crash after the push but
 before that transaction leaves the row `pending` and the state behind the gateway; the next cycle sees the gateway
@@ -8,9 +11,10 @@ disagree with the state and pushes the state's weights again (the conservative d
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
 from typing import Any
 
@@ -20,7 +24,7 @@ from shadowjudge.config import RouteConfig
 from shadowjudge.errors import InputError, ShadowJudgeError
 from shadowjudge.gateways.base import Gateway, GatewayError
 from shadowjudge.routing.controller import Decision, RolloutState, decide, target_fingerprint, targets_of
-from shadowjudge.routing.lock import LeaseLock, as_utc
+from shadowjudge.routing.lock import LeaseLock, LockSet, as_utc, default_holder
 from shadowjudge.routing.push import PushResult, describe_error, preview_push, push_weights
 from shadowjudge.routing.verdicts import CandidateVerdict, index_verdicts
 from shadowjudge.routing.weights import Weights, weights_diff
@@ -63,6 +67,17 @@ def lock_name(route: str) -> str:
     return f"route:{route}"
 
 
+def gateway_lock_name(gateway_name: str) -> str:
+    name = f"gateway:{gateway_name}"
+    return name if len(name) <= 240 else "gateway:" + hashlib.sha256(gateway_name.encode()).hexdigest()
+
+
+def writer_locks(engine: Engine, route: str, gateway: Gateway | None) -> LockSet:
+    holder = default_holder()
+    names = [lock_name(route)] + ([gateway_lock_name(gateway.name)] if gateway is not None else [])
+    return LockSet([LeaseLock(engine, n, holder=holder) for n in names])
+
+
 def step_route(engine: Engine, route: RouteConfig, verdicts: Iterable[CandidateVerdict] | Mapping[str, CandidateVerdict],
                *, gateway: Gateway, now: datetime, run_id: int | None = None, analysis_link: str | None = None,
                dry_run: bool = False) -> StepOutcome:
@@ -79,24 +94,38 @@ def step_route(engine: Engine, route: RouteConfig, verdicts: Iterable[CandidateV
         state = load_rollout_state(engine, route)
         decision = decide(route, state, by_target, now)
         return _preview(route, gateway, decision)
-    lock = LeaseLock(engine, lock_name(route.name))
-    if not lock.acquire():
-        holder = lock.current_holder()
+    locks = writer_locks(engine, route.name, gateway)
+    busy = locks.acquire()
+    if busy is not None:
+        holder = busy.current_holder()
         state = load_rollout_state(engine, route)
         who = f"{holder[0]} until {holder[1].isoformat()}" if holder else "another writer"
         return StepOutcome(route.name, "busy", state.weights, state.weights, state.weights,
-                           f"busy: {who} holds the route lock; retried next cycle", pushed=False, status="busy",
-                           phase=state.phase, serving=state.serving)
+                           f"busy: {who} holds the lock '{busy.name}'; retried next cycle", pushed=False,
+                           status="busy", phase=state.phase, serving=state.serving)
     try:
         with session_scope(engine) as s:
             row = s.get(RouteState, route.name)
-            if row is not None and run_id is not None and row.last_run_id == run_id and row.last_outcome:
-                return replace(StepOutcome(**row.last_outcome), replayed=True)
+            if row is not None and run_id is not None and row.last_run_id == run_id:
+                recorded = _recorded_outcome(row.last_outcome)
+                if recorded is not None:
+                    return replace(recorded, replayed=True)
         state = load_rollout_state(engine, route)
         decision = decide(route, state, by_target, now)
         return _apply(engine, route, gateway, decision, now=now, run_id=run_id, analysis_link=analysis_link)
     finally:
-        lock.release()
+        locks.release()
+
+
+def _recorded_outcome(data: dict[str, Any] | None) -> StepOutcome | None:
+    """The stored outcome of the last step, if it still reads as one (fields may change between versions)."""
+    if not data:
+        return None
+    known = {f.name for f in fields(StepOutcome)}
+    try:
+        return StepOutcome(**{k: v for k, v in data.items() if k in known})
+    except TypeError:
+        return None
 
 
 def _apply(engine: Engine, route: RouteConfig, gateway: Gateway, decision: Decision, *, now: datetime,
@@ -219,15 +248,16 @@ def _store_state(row: RouteState, state: RolloutState) -> None:
 
 # -- operator actions (the `shadowjudge routes` commands) --------------------------------------------------------
 
-def _locked(engine: Engine, route: str, wait_s: float = 10.0) -> LeaseLock:
-    lock = LeaseLock(engine, lock_name(route))
+def _locked(engine: Engine, route: str, gateway: Gateway | None = None, wait_s: float = 10.0) -> LockSet:
+    locks = writer_locks(engine, route, gateway)
     deadline = time.monotonic() + wait_s
-    while not lock.acquire():
+    while (busy := locks.acquire()) is not None:
         if time.monotonic() > deadline:
-            holder = lock.current_holder()
-            raise RouteBusy(f"route '{route}' is locked by {holder[0] if holder else 'another writer'}; try again")
+            holder = busy.current_holder()
+            raise RouteBusy(f"route '{route}': '{busy.name}' is locked by "
+                            f"{holder[0] if holder else 'another writer'}; try again")
         time.sleep(0.2)
-    return lock
+    return locks
 
 
 def _update_state(engine: Engine, route: RouteConfig, change: Any) -> RolloutState:
@@ -261,7 +291,7 @@ def manual_rollback(engine: Engine, route: RouteConfig, *, gateway: Gateway, now
     as failed. With `to` set to the config's incumbent after a promotion, this undoes the promotion."""
     now = as_utc(now)
     names = [t.name for t in targets_of(route)]
-    lock = _locked(engine, route.name)
+    lock = _locked(engine, route.name, gateway)
     try:
         state = load_rollout_state(engine, route)
         target = to or state.serving
