@@ -233,9 +233,10 @@ def insert_samples(session: Session, rows: list[dict[str, Any]]) -> set[str]:
     """One batched INSERT ... ON CONFLICT DO NOTHING; returns the request ids that were new."""
     if not rows:
         return set()
-    stmt = (_insert(session)(TrafficSample).on_conflict_do_nothing(index_elements=["request_id"])
-            .returning(TrafficSample.request_id))
-    return set(session.scalars(stmt, rows))
+    table = TrafficSample.__table__  # Core, not the ORM's bulk path: this is the hot loop
+    stmt = (_insert(session)(table).on_conflict_do_nothing(index_elements=["request_id"])
+            .returning(table.c.request_id))
+    return set(session.execute(stmt, rows).scalars())
 
 
 def quarantine(session: Session, source: str, rejected: list[Rejected], now: datetime) -> None:
@@ -244,7 +245,7 @@ def quarantine(session: Session, source: str, rejected: list[Rejected], now: dat
     rows = list({r.position[:MAX_POSITION]: {"source": source, "position": _clean(r.position, MAX_POSITION),
                                              "reason": _clean(r.reason, MAX_REASON), "created_at": now}
                  for r in rejected}.values())
-    stmt = _insert(session)(QuarantinedRecord).on_conflict_do_nothing(index_elements=["source", "position"])
+    stmt = _insert(session)(QuarantinedRecord.__table__).on_conflict_do_nothing(index_elements=["source", "position"])
     session.execute(stmt, rows)
 
 

@@ -287,17 +287,22 @@ class Redactor:
     def redact_value(self, value: Any, counts: dict[str, int]) -> Any:
         """Redact every string inside a JSON-like value; a string under a credential-like key (`api_key`,
         `authorization`, `password`, ...) is replaced whole. Keys themselves are kept."""
-        if isinstance(value, str):
+        kind = type(value)
+        if kind is str:
             return self.redact(value, counts)
-        if isinstance(value, Mapping):
+        if kind is dict or isinstance(value, Mapping):
             out = {}
             for k, v in value.items():
-                if self.enabled and isinstance(v, str) and v and self._is_secret_key(k):
+                if type(v) is str and v and self.enabled and self._is_secret_key(k):
                     out[k] = f"[{SECRET}]"
                     counts[SECRET] = counts.get(SECRET, 0) + 1
+                elif type(v) is str:
+                    out[k] = self.redact(v, counts)
                 else:
                     out[k] = self.redact_value(v, counts)
             return out
-        if isinstance(value, list):
+        if kind is list:
             return [self.redact_value(v, counts) for v in value]
+        if isinstance(value, str):
+            return self.redact(value, counts)
         return value
