@@ -133,8 +133,8 @@ class LiteLLMApiGateway:
             if owner is None:
                 if weight:
                     raise GatewayConfigInvalid(
-                        f"{self.name}: deployment {ident} of '{self.route.name}' is not a route target but holds weight "
-                        f"{weight}")
+                        f"{self.name}: deployment {ident} of '{self.route.name}' is not a route target but holds "
+                        f"weight {weight}")
                 continue
             if not ident:
                 raise GatewayConfigInvalid(f"{self.name}: deployment for '{owner}' has no model_info.id")
@@ -159,10 +159,9 @@ class LiteLLMApiGateway:
                 response = client.request(method, path, json=body, headers=headers)
         except httpx.HTTPError as exc:
             raise GatewayUnavailable(f"{self.name}{path}: {type(exc).__name__}: {_redact(str(exc), key)}") from None
-        if response.status_code >= 500:
-            raise GatewayUnavailable(f"{self.name}{path}: HTTP {response.status_code}: {_redact(response.text, key)[:300]}")
         if response.status_code >= 400:
-            raise GatewayRejected(f"{self.name}{path}: HTTP {response.status_code}: {_redact(response.text, key)[:300]}")
+            problem = f"{self.name}{path}: HTTP {response.status_code}: {_redact(response.text, key)[:300]}"
+            raise (GatewayUnavailable if response.status_code >= 500 else GatewayRejected)(problem)
         try:
             return response.json()
         except ValueError:

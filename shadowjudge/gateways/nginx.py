@@ -34,7 +34,8 @@ READ_BACK_WAIT_S = 10.0
 
 
 def nginx_binary() -> str | None:
-    return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None)
+    found = shutil.which("nginx")
+    return found or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None)
 
 
 def parse_weights_payload(text: str) -> Weights:
@@ -72,7 +73,8 @@ class NginxGateway(FileGateway):
         self.addresses = {t.name: target_address(t.base_url) for t in route_targets(route)}
         for t in route_targets(route):
             if not _SAFE_NAME.match(t.name):
-                raise GatewayConfigInvalid(f"nginx gateway: target name '{t.name}' has characters nginx configs cannot carry")
+                raise GatewayConfigInvalid(
+                    f"nginx gateway: target name '{t.name}' has characters nginx configs cannot carry")
         shared = {a for a in self.addresses.values() if list(self.addresses.values()).count(a) > 1}
         if shared:
             clash = {n: a for n, a in self.addresses.items() if a in shared}

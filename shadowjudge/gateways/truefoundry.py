@@ -89,7 +89,8 @@ class TrueFoundryGateway(FileGateway):
             if isinstance(model, dict) and model.get("name") == self.route.name:
                 config = model.get("routing_config")
                 if not isinstance(config, dict):
-                    raise GatewayConfigInvalid(f"{self.path}: integrations[{i}] '{self.route.name}' has no 'routing_config'")
+                    raise GatewayConfigInvalid(
+                        f"{self.path}: integrations[{i}] '{self.route.name}' has no 'routing_config'")
                 found.append((f"integrations[{i}].routing_config", config))
         if len(found) > 1:
             raise GatewayConfigInvalid(
@@ -106,7 +107,8 @@ class TrueFoundryGateway(FileGateway):
     def _add_rule(self, doc: Any) -> Any:
         if "integrations" in doc and "rules" not in doc:
             raise GatewayConfigInvalid(
-                f"{self.path}: no virtual model named '{self.route.name}' in this group; create it (weight-based) first")
+                f"{self.path}: no virtual model named '{self.route.name}' in this group; "
+                "create it (weight-based) first")
         rules = doc.setdefault("rules", CommentedSeq())
         rule = CommentedMap(id=self.route.name, type=WEIGHT_BASED)
         rule["when"] = CommentedMap(models=CommentedSeq([self.route.name]))
@@ -116,7 +118,8 @@ class TrueFoundryGateway(FileGateway):
 
     def _owned_entries(self, block: Any) -> dict[str, Any]:
         """Route target name -> its entry; refuses duplicates and unknown models that carry weight."""
-        entries = _as_list(block.get("load_balance_targets"), f"{self.path}: rule '{self.route.name}' load_balance_targets")
+        where_list = f"{self.path}: rule '{self.route.name}' load_balance_targets"
+        entries = _as_list(block.get("load_balance_targets"), where_list)
         owned: dict[str, Any] = {}
         for i, entry in enumerate(entries):
             where = f"{self.path}: rule '{self.route.name}' load_balance_targets[{i}]"

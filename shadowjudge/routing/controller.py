@@ -105,7 +105,8 @@ def decide(route: RouteConfig, state: RolloutState, verdicts: dict[str, Candidat
                 f"'{route.incumbent.name}' as incumbent: make '{serving}' the incumbent to start a new rollout"
                 if observed.phase == "promoted" else
                 f"'{serving}' serves route '{route.name}' but the config names '{route.incumbent.name}' as incumbent; "
-                f"roll back to it (`shadowjudge routes rollback {route.name} --to {route.incumbent.name}`) or update the config")
+                f"roll back to it (`shadowjudge routes rollback {route.name} --to {route.incumbent.name}`) "
+                "or update the config")
         return _hold(observed, before, f"config stale: {what}")
     if observed.phase == "promoted":
         observed = replace(observed, phase="idle")
@@ -195,7 +196,8 @@ def _rollback(route: RouteConfig, state: RolloutState, verdicts: dict[str, Candi
     after[state.serving] += 100 - sum(after.values())
     failed = dict(state.failed)
     for name, why in reasons.items():
-        failed.setdefault(name, {"fingerprint": target_fingerprint(by_name[name]), "reason": why, "at": now.isoformat()})
+        failed.setdefault(name, {"fingerprint": target_fingerprint(by_name[name]), "reason": why,
+                                 "at": now.isoformat()})
     text = "; ".join(f"{n}: {why}" for n, why in reasons.items())
     reason = f"rollback {', '.join(reasons)} to 0 ({weights_diff(state.weights, after)}): {text}"
     keep_candidate = state.candidate if state.candidate not in reasons else None
@@ -250,8 +252,10 @@ def _cost_aware(route: RouteConfig, state: RolloutState, verdicts: dict[str, Can
                          if w > 0 and n != state.serving and (n not in verdicts or verdicts[n].verdict != "pass")]
     if holding_unsettled:
         n = holding_unsettled[0]
-        return f"'{n}' holds {state.weights[n]}% with verdict {verdicts[n].verdict if n in verdicts else 'missing'}: weights held"
-    serving_costs = {v.incumbent_cost_per_outcome for v in verdicts.values() if v.incumbent_cost_per_outcome is not None}
+        kind = verdicts[n].verdict if n in verdicts else "missing"
+        return f"'{n}' holds {state.weights[n]}% with verdict {kind}: weights held"
+    serving_costs = {v.incumbent_cost_per_outcome for v in verdicts.values()
+                     if v.incumbent_cost_per_outcome is not None}
     if not serving_costs:
         return f"no incumbent cost_per_outcome in this cycle's verdicts: cannot compare cost with '{state.serving}'"
     costs: dict[str, float] = {state.serving: min(serving_costs)}
@@ -309,7 +313,8 @@ def _guarded_move(route: RouteConfig, state: RolloutState, proposal: Proposal, n
     if state.step_started_at is not None and policy.min_dwell_s > 0:
         dwelt = (now - state.step_started_at).total_seconds()
         if dwelt < policy.min_dwell_s:
-            return _hold(state, before, f"{proposal.why}; dwell {dwelt:.0f}s of {policy.min_dwell_s:.0f}s since the last change")
+            return _hold(state, before,
+                         f"{proposal.why}; dwell {dwelt:.0f}s of {policy.min_dwell_s:.0f}s since the last change")
     if state.samples_in_step < policy.min_samples_per_step:
         return _hold(state, before, f"{proposal.why}; {state.samples_in_step} of {policy.min_samples_per_step} samples "
                                     "since the last change")

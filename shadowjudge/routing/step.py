@@ -78,8 +78,9 @@ def writer_locks(engine: Engine, route: str, gateway: Gateway | None) -> LockSet
     return LockSet([LeaseLock(engine, n, holder=holder) for n in names])
 
 
-def step_route(engine: Engine, route: RouteConfig, verdicts: Iterable[CandidateVerdict] | Mapping[str, CandidateVerdict],
-               *, gateway: Gateway, now: datetime, run_id: int | None = None, analysis_link: str | None = None,
+def step_route(engine: Engine, route: RouteConfig,
+               verdicts: Iterable[CandidateVerdict] | Mapping[str, CandidateVerdict], *, gateway: Gateway,
+               now: datetime, run_id: int | None = None, analysis_link: str | None = None,
                dry_run: bool = False) -> StepOutcome:
     """One controller iteration for one route: decide from this cycle's verdicts, push, record.
 

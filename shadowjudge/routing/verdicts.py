@@ -70,7 +70,8 @@ def index_verdicts(route: RouteConfig, verdicts: Iterable[CandidateVerdict] | Ma
         if not isinstance(v, CandidateVerdict):
             raise InvalidVerdict(f"route '{route.name}': expected CandidateVerdict, got {type(v).__name__}")
         if v.target not in known:
-            raise InvalidVerdict(f"route '{route.name}': verdict for unknown target '{v.target}' (known: {sorted(known)})")
+            raise InvalidVerdict(
+                f"route '{route.name}': verdict for unknown target '{v.target}' (known: {sorted(known)})")
         if v.target in out:
             raise InvalidVerdict(f"route '{route.name}': two verdicts for '{v.target}'")
         out[v.target] = v
