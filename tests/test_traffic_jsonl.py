@@ -1,0 +1,156 @@
+"""JSONL request logs: the record schema and its variants, and the resumable line reader's edge cases."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from shadowjudge.traffic import Rejected, SourceUnavailable, TimeWindow, TrafficRecord
+from shadowjudge.traffic.lines import read_lines
+from shadowjudge.traffic.records import RecordError
+from shadowjudge.traffic.sources.jsonl import SUFFIXES, JsonlSource, normalise_openai_log
+
+BASE = {"id": "req-1", "timestamp": "2026-11-22T10:00:00Z", "route": "chat",
+        "request": {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.3,
+                    "user": "jane@example.com", "metadata": {"x": 1}},
+        "response": {"id": "chatcmpl-9", "model": "gpt-x",
+                     "choices": [{"message": {"role": "assistant", "content": "hello"}}],
+                     "usage": {"prompt_tokens": 3, "completion_tokens": 2}},
+        "latency_ms": 12.5, "ttft_ms": "3", "cost_usd": 0.001, "cache_hit": "true", "metadata": {"task": "qa"}}
+
+
+def test_the_documented_schema():
+    r = normalise_openai_log(BASE, "f:0")
+    assert (r.request_id, r.route, r.incumbent_model, r.response_text) == ("req-1", "chat", "gpt-x", "hello")
+    assert r.timestamp == datetime(2026, 11, 22, 10, tzinfo=timezone.utc)
+    assert r.params == {"temperature": 0.3}  # identity and bookkeeping keys are not replay parameters
+    assert (r.input_tokens, r.output_tokens, r.latency_ms, r.ttft_ms, r.cost_usd, r.cache_hit) == \
+        (3, 2, 12.5, 3.0, 0.001, True)
+    assert r.metadata == {"task": "qa"} and r.position == "f:0"
+
+
+def test_variants():
+    flat = {"timestamp": 1795341600123, "model": "chat", "messages": [{"role": "user", "content": "hi"}],
+            "temperature": 0.1, "params": {"max_tokens": 5}, "response": "plain text answer"}
+    r = normalise_openai_log(flat, "p")
+    assert r.route == r.incumbent_model == "chat" and r.params == {"temperature": 0.1, "max_tokens": 5}
+    assert r.timestamp.year == 2026 and r.response_text == "plain text answer"
+    assert r.request_id.startswith("sha256:")  # no id anywhere: a hash of when, where and what
+    assert normalise_openai_log(flat, "q").request_id == r.request_id
+
+    legacy = {"ts": "2026-11-22 10:00:00", "request": {"model": "m", "prompt": "Complete this"},
+              "response": {"id": "cmpl-1", "choices": [{"text": "done"}]}, "usage": {"input_tokens": 4}}
+    r = normalise_openai_log(legacy, "l")
+    assert r.messages == [{"role": "user", "content": "Complete this"}] and r.response_text == "done"
+    assert r.request_id == "cmpl-1" and r.input_tokens == 4 and r.timestamp.tzinfo is not None
+
+    parts = dict(BASE, response={"choices": [{"message": {"content": [{"type": "text", "text": "a"},
+                                                                      {"type": "text", "text": "b"}]}}]})
+    assert normalise_openai_log(parts, "x").response_text == "ab"
+    assert len(normalise_openai_log(dict(BASE, id="x" * 500), "x").request_id) <= 128
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"request": "nope"}, "'request' must be an object"),
+    ({"request": {"model": "m"}}, "no 'messages'"),
+    ({"request": {"model": "m", "messages": [{"content": "x"}]}}, "role"),
+    ({"request": {"model": "m", "messages": [{"role": "user", "content": 5}]}}, "content"),
+    ({"timestamp": "yesterday jane@example.com"}, "'timestamp' is not an ISO 8601"),
+    ({"timestamp": None}, "missing 'timestamp'"),
+    ({"latency_ms": "fast"}, "'latency_ms' must be a number"),
+    ({"cost_usd": -1}, "'cost_usd' must be a finite number >= 0"),
+    ({"metadata": [1]}, "'metadata' must be an object"),
+    ({"cache_hit": "maybe"}, "'cache_hit' must be a boolean"),
+    ({"route": None, "request": {"messages": [{"role": "user", "content": "x"}]}}, "no route"),
+    ({"response": {"choices": "x"}}, "'response.choices' must be a list"),
+])
+def test_bad_records_say_which_field_and_never_quote_it(change, message):
+    with pytest.raises(RecordError) as info:
+        normalise_openai_log({**BASE, **change}, "f:0")
+    assert message in str(info.value) and "jane@example.com" not in str(info.value)
+
+
+def lines_of(path: Path, cursor=None, limit=1000):
+    return list(read_lines(path, cursor, limit, SUFFIXES))
+
+
+def test_partial_last_line_waits_for_the_writer(tmp_path):
+    log = tmp_path / "live.jsonl"
+    log.write_bytes(b'{"a": 1}\n{"b": ')
+    first = lines_of(log)
+    assert [line.data for line in first] == [b'{"a": 1}\n']
+    log.write_bytes(b'{"a": 1}\n{"b": 2}\n')
+    rest = lines_of(log, first[-1].cursor)
+    assert [line.data for line in rest] == [b'{"b": 2}\n'] and rest[0].offset == 9
+
+
+def test_a_partial_line_in_an_older_file_is_read_as_final(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b'{"a": 1}\n{"a": 2}')
+    (tmp_path / "b.jsonl").write_bytes(b'{"b": 1}\n')
+    (tmp_path / "notes.txt").write_text("not a log")
+    data = [line.data for line in lines_of(tmp_path)]
+    assert data == [b'{"a": 1}\n', b'{"a": 2}', b'{"b": 1}\n']
+
+
+def test_files_are_read_in_name_order_and_earlier_ones_skipped_on_resume(tmp_path):
+    for name in ("2026-11-22.jsonl", "2026-11-20.jsonl", "2026-11-21.jsonl.gz"):
+        body = f'{{"f": "{name}"}}\n'.encode()
+        (tmp_path / name).write_bytes(gzip.compress(body) if name.endswith(".gz") else body)
+    steps = lines_of(tmp_path)
+    assert [s.file for s in steps if s.data] == ["2026-11-20.jsonl", "2026-11-21.jsonl.gz", "2026-11-22.jsonl"]
+    gz_done = next(s for s in steps if s.data is None)
+    assert gz_done.cursor == {"file": "2026-11-21.jsonl.gz", "offset": len(b'{"f": "2026-11-21.jsonl.gz"}\n'),
+                              "finished": True}
+    assert [s.file for s in lines_of(tmp_path, gz_done.cursor)] == ["2026-11-22.jsonl"]
+
+
+def test_truncated_or_corrupt_gzip_is_reported_where_it_broke(tmp_path):
+    body = b"".join(json.dumps({"i": i, "pad": "x" * 200}).encode() + b"\n" for i in range(200))
+    packed = gzip.compress(body)
+    (tmp_path / "cut.jsonl.gz").write_bytes(packed[: len(packed) // 2])
+    steps = lines_of(tmp_path / "cut.jsonl.gz")
+    good = [s for s in steps if s.data]
+    assert 0 < len(good) < 200
+    assert steps[-1].error == "truncated gzip stream" and steps[-1].cursor["finished"]
+    assert steps[-1].offset == sum(len(s.data) for s in good)
+
+    (tmp_path / "junk.jsonl.gz").write_bytes(b"\x1f\x8b" + b"\x00garbage" * 10)
+    steps = lines_of(tmp_path / "junk.jsonl.gz")
+    assert steps[-1].error.startswith("corrupt gzip stream")
+
+
+def test_oversized_lines_are_skipped_without_reading_them_whole(tmp_path):
+    log = tmp_path / "big.jsonl"
+    log.write_bytes(b'{"ok": 1}\n' + b"x" * 300_000 + b"\n" + b'{"ok": 2}\n')
+    steps = lines_of(log, limit=1000)
+    assert [s.data for s in steps if s.data] == [b'{"ok": 1}\n', b'{"ok": 2}\n']
+    assert steps[1].error == "record of 300000 bytes exceeds max_record_bytes=1000"
+    assert steps[2].offset == 10 + 300_001
+
+
+def test_a_truncated_or_replaced_file_is_read_again(tmp_path):
+    log = tmp_path / "app.jsonl"
+    log.write_bytes(b'{"a": 1}\n{"a": 2}\n')
+    cursor = lines_of(log)[-1].cursor
+    log.write_bytes(b'{"new": 1}\n')  # copytruncate rotation
+    assert [s.data for s in lines_of(log, cursor)] == [b'{"new": 1}\n']
+
+
+def test_a_missing_path_is_an_unavailable_source(tmp_path):
+    with pytest.raises(SourceUnavailable, match="does not exist"):
+        lines_of(tmp_path / "nope")
+
+
+def test_the_source_pairs_each_record_with_the_cursor_just_past_it(tmp_path):
+    log = tmp_path / "g.jsonl"
+    log.write_text(json.dumps(BASE) + "\n\n" + "{broken\n" + json.dumps({**BASE, "id": "req-2"}) + "\n")
+    steps = list(JsonlSource("g", str(log), 10_000).read(None, TimeWindow()))
+    kinds = [type(s.item).__name__ for s in steps]
+    assert kinds == ["TrafficRecord", "NoneType", "Rejected", "TrafficRecord"]
+    assert isinstance(steps[2].item, Rejected) and steps[2].item.reason.startswith("invalid JSON")
+    resumed = list(JsonlSource("g", str(log), 10_000).read(steps[2].cursor, TimeWindow()))
+    assert len(resumed) == 1 and isinstance(resumed[0].item, TrafficRecord) and resumed[0].item.request_id == "req-2"
