@@ -1,0 +1,160 @@
+"""Calibration in production: a deterministic fraction of the pairs the small judge scored is also judged by the
+teacher, and their agreement over time is what tells the analysis stage the small judge has drifted.
+
+Selection hashes (sample, target), so reruns pick the same pairs and a pair is never judged twice by the teacher;
+the teacher's verdicts are `Judgment` rows under the teacher's own version string, with
+`details = {"role": "teacher", "student": <small judge version>, ...}`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy import Engine, select
+
+from shadowjudge.store import Judgment, ShadowResult, TrafficSample, insert_ignoring_duplicates, session_scope
+
+if TYPE_CHECKING:
+    from evaluators.llm_judge import LlmJudge
+    from shadowjudge.config import JudgeConfig
+
+TEACHER_ROLE = "teacher"
+
+
+def selected_for_calibration(request_id: str, target: str, fraction: float) -> bool:
+    """Deterministic Bernoulli(fraction) on the pair's identity: the same pairs on every rerun and every machine."""
+    if fraction <= 0:
+        return False
+    if fraction >= 1:
+        return True
+    digest = hashlib.sha256(f"calibration:{request_id}:{target}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+@dataclass
+class CalibrationReport:
+    teacher: str
+    student: str
+    selected: int
+    judged: int
+    already_judged: int
+    agreement: "AgreementStats | None" = None
+
+
+def calibrate_run(engine: Engine, run_id: int, student_version: str, teacher: "LlmJudge", fraction: float,
+                  *, batch_size: int = 16) -> CalibrationReport:
+    """Send the selected share of a run's student-judged pairs to the teacher and store its verdicts."""
+    from shadowjudge.scoring import prompt_text
+
+    with session_scope(engine) as s:
+        rows = s.execute(
+            select(Judgment.sample_id, Judgment.target, TrafficSample.request_id, TrafficSample.messages,
+                   TrafficSample.response_text, ShadowResult.output_text)
+            .join(TrafficSample, TrafficSample.id == Judgment.sample_id)
+            .join(ShadowResult, (ShadowResult.run_id == Judgment.run_id)
+                  & (ShadowResult.sample_id == Judgment.sample_id) & (ShadowResult.target == Judgment.target)
+                  & (ShadowResult.attempt == 0))
+            .where(Judgment.run_id == run_id, Judgment.evaluator == student_version)
+            .order_by(Judgment.sample_id, Judgment.target)
+        ).all()
+        done = set(s.execute(select(Judgment.sample_id, Judgment.target)
+                             .where(Judgment.run_id == run_id, Judgment.evaluator == teacher.version)).all())
+    chosen = [r for r in rows if selected_for_calibration(r.request_id, r.target, fraction)
+              and r.response_text is not None and r.output_text is not None]
+    todo = [r for r in chosen if (r.sample_id, r.target) not in done]
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        verdicts = teacher.judge_pairs([prompt_text(r.messages) for r in batch], [r.response_text for r in batch],
+                                       [r.output_text for r in batch])
+        records = [dict(run_id=run_id, sample_id=r.sample_id, target=r.target, evaluator=teacher.version,
+                        candidate_score=None, incumbent_score=None, preference=v.preference,
+                        details={"role": TEACHER_ROLE, "student": student_version,
+                                 "candidate_first": v.candidate_first, "incumbent_first": v.incumbent_first})
+                   for r, v in zip(batch, verdicts)]
+        with session_scope(engine) as s:
+            insert_ignoring_duplicates(s, Judgment, records, ["run_id", "sample_id", "target", "evaluator"])
+    return CalibrationReport(teacher.version, student_version, len(chosen), len(todo), len(chosen) - len(todo))
+
+
+@dataclass
+class AgreementStats:
+    """How often the small judge picks the teacher's winner (teacher ties excluded), with a 95% Wilson interval.
+
+    `values` holds each pair's agreement (1.0/0.0) in time order, for drift tests between windows.
+    """
+
+    n: int
+    agreement: float
+    ci_low: float
+    ci_high: float
+    mean_abs_error: float
+    values: list[float] = field(default_factory=list, repr=False)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def judge_agreement(engine: Engine, route: str, since: datetime | None = None,
+                    until: datetime | None = None) -> AgreementStats:
+    """Agreement between the small judge and the teacher on a route's calibrated pairs (teacher rows in window)."""
+    query = (select(Judgment.run_id, Judgment.sample_id, Judgment.target, Judgment.preference, Judgment.details,
+                    Judgment.created_at)
+             .join(TrafficSample, TrafficSample.id == Judgment.sample_id)
+             .where(TrafficSample.route == route, Judgment.preference.is_not(None))
+             .order_by(Judgment.created_at, Judgment.id))
+    if since is not None:
+        query = query.where(Judgment.created_at >= since)
+    if until is not None:
+        query = query.where(Judgment.created_at < until)
+    with session_scope(engine) as s:
+        teacher_rows = [r for r in s.execute(query).all()
+                        if isinstance(r.details, dict) and r.details.get("role") == TEACHER_ROLE]
+        students: dict[tuple[int, int, str, str], float] = {}
+        run_ids = sorted({r.run_id for r in teacher_rows})
+        versions = sorted({r.details.get("student") for r in teacher_rows if r.details.get("student")})
+        if run_ids and versions:
+            for run_id, sample_id, target, evaluator, pref in s.execute(
+                select(Judgment.run_id, Judgment.sample_id, Judgment.target, Judgment.evaluator, Judgment.preference)
+                .where(Judgment.run_id.in_(run_ids), Judgment.evaluator.in_(versions))
+            ).all():
+                if pref is not None:
+                    students[(run_id, sample_id, target, evaluator)] = pref
+    values: list[float] = []
+    errors: list[float] = []
+    for r in teacher_rows:
+        student = students.get((r.run_id, r.sample_id, r.target, r.details.get("student")))
+        if student is None:
+            continue
+        errors.append(abs(student - r.preference))
+        if abs(r.preference - 0.5) < 1e-9:
+            continue  # the teacher could not decide (or contradicted itself across orders)
+        values.append(1.0 if (student > 0.5) == (r.preference > 0.5) else 0.0)
+    n, hits = len(values), int(sum(values))
+    low, high = wilson_interval(hits, n)
+    return AgreementStats(n=n, agreement=hits / n if n else float("nan"), ci_low=low, ci_high=high,
+                          mean_abs_error=sum(errors) / len(errors) if errors else float("nan"), values=values)
+
+
+def calibrate_from_config(engine: Engine, run_id: int, judge: "JudgeConfig", student_version: str
+                          ) -> CalibrationReport | None:
+    """What the cycle calls after scoring: nothing when calibration_fraction is 0, else calibrate_run."""
+    if judge.calibration_fraction <= 0:
+        return None
+    from evaluators.factory import EvaluatorConfigError
+    from evaluators.llm_judge import LlmJudge
+
+    if judge.teacher is None:
+        raise EvaluatorConfigError("judge.calibration_fraction > 0 needs judge.teacher (the LLM judge endpoint)")
+    return calibrate_run(engine, run_id, student_version, LlmJudge.from_target(judge.teacher),
+                         judge.calibration_fraction)

@@ -1,0 +1,133 @@
+"""The LLM judge against a real OpenAI-compatible endpoint on loopback (a tiny starlette app)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from evaluators.llm_judge import LlmJudge, LlmJudgeError, parse_score, parse_winner
+from shadowjudge.config import TargetConfig
+
+API_KEY = "sk-test-secret-9f8e7d"
+
+
+class FakeJudgeModel:
+    """Chat completions that judge by a visible rule: an answer containing GOOD wins; `mode` adds failure modes."""
+
+    def __init__(self, mode: str = "fair") -> None:
+        self.mode = mode
+        self.requests: list[dict] = []
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/v1/chat/completions", self.chat, methods=["POST"])])
+
+    async def chat(self, request: Request) -> JSONResponse:
+        if request.headers.get("authorization") != f"Bearer {API_KEY}":
+            return JSONResponse({"error": {"message": "bad key"}}, status_code=401)
+        body = await request.json()
+        self.requests.append(body)
+        if self.mode == "down":
+            return JSONResponse({"error": {"message": "overloaded"}}, status_code=500)
+        user = body["messages"][-1]["content"]
+        if self.mode == "garbage":
+            content = "I think both are fine."
+        elif "## Answer A" in user:
+            a = user.split("## Answer A", 1)[1].split("## Answer B", 1)[0]
+            b = user.split("## Answer B", 1)[1]
+            if self.mode == "always_a":
+                winner = "A"
+            else:
+                winner = "A" if "GOOD" in a and "GOOD" not in b else "B" if "GOOD" in b and "GOOD" not in a else "tie"
+            content = "```json\n" + json.dumps({"reason": "rule", "winner": winner}) + "\n```"
+        else:
+            content = json.dumps({"reason": "rule", "score": 9 if "GOOD" in user else 3})
+        return JSONResponse({
+            "id": "cmpl-1", "object": "chat.completion", "created": int(time.time()), "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+        })
+
+
+@contextmanager
+def serve(app) -> Iterator[str]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def endpoint(monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", API_KEY)
+
+    @contextmanager
+    def start(mode: str = "fair"):
+        model = FakeJudgeModel(mode)
+        with serve(model.app()) as url:
+            target = TargetConfig(name="teacher", model="judge-large", base_url=url, api_key_env="JUDGE_KEY",
+                                  concurrency=4)
+            yield LlmJudge.from_target(target, max_retries=0), model
+
+    return start
+
+
+def test_pairwise_asks_both_orders_and_finds_the_better_answer(endpoint):
+    with endpoint() as (judge, model):
+        prefs = judge.compare(["q1", "q2", "q3"], ["GOOD answer", "meh", "meh"], ["meh", "GOOD answer", "also meh"])
+    assert prefs == [0.0, 1.0, 0.5]
+    assert len(model.requests) == 6
+    assert all(r["model"] == "judge-large" and r["temperature"] == 0 for r in model.requests)
+
+
+def test_position_bias_cancels_out(endpoint):
+    with endpoint("always_a") as (judge, _):
+        verdicts = judge.judge_pairs(["q"], ["GOOD"], ["meh"])
+    assert verdicts[0].preference == 0.5 and not verdicts[0].position_consistent
+
+
+def test_pointwise_rubric_maps_to_unit_interval(endpoint):
+    with endpoint() as (judge, _):
+        assert judge.score(["q", "q"], ["GOOD", "bad"]) == pytest.approx([8 / 9, 2 / 9])
+    assert judge.version.startswith("llm-judge:teacher:")
+
+
+def test_unusable_verdict_is_reasked_then_counts_as_tie(endpoint):
+    with endpoint("garbage") as (judge, model):
+        assert judge.compare(["q"], ["a"], ["b"]) == [0.5]
+    assert judge.unparsed == 2 and len(model.requests) == 4
+
+
+def test_endpoint_failure_is_a_clear_error_without_the_key(endpoint):
+    with endpoint("down") as (judge, _):
+        with pytest.raises(LlmJudgeError) as info:
+            judge.compare(["q"], ["a"], ["b"])
+    assert "judge-large" in str(info.value) and "500" in str(info.value)
+    assert API_KEY not in str(info.value)
+
+
+def test_parsers_tolerate_fences_and_reject_nonsense():
+    assert parse_winner('```json\n{"winner": "b"}\n```') == "B"
+    assert parse_winner('Verdict: {"reason": "x", "winner": "tie"} done') == "tie"
+    assert parse_winner("no idea") is None
+    assert parse_score('{"score": 10}') == 1.0 and parse_score('{"score": 1}') == 0.0
+    assert parse_score('{"score": 11}') is None and parse_score("nothing") is None

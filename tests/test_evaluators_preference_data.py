@@ -1,0 +1,58 @@
+"""Reading AlpacaEval-format directories: good data loads, bad data fails naming the file and line."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from evaluators.preference_data import PreferenceDataError, load_preference_data
+
+
+def _write(path, rows):
+    with gzip.open(path, "wt") as fh:
+        for row in rows:
+            fh.write(row if isinstance(row, str) else json.dumps(row))
+            fh.write("\n")
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    _write(tmp_path / "prompts.jsonl.gz", [{"id": "p1", "instruction": "Say hi"}])
+    _write(tmp_path / "outputs.jsonl.gz", [{"prompt_id": "p1", "model": "ref", "output": "Hi"},
+                                           {"prompt_id": "p1", "model": "m", "output": "Hello there!"}])
+    _write(tmp_path / "labels.jsonl.gz", [{"prompt_id": "p1", "model_a": "ref", "model_b": "m", "p_b_better": 0.8,
+                                           "annotator": "x"}])
+    (tmp_path / "leaderboard.csv").write_text("model,win_rate,lc_win_rate\nm,12.5,\nref,50,50\n")
+    return tmp_path
+
+
+def test_loads_all_parts(data_dir):
+    data = load_preference_data(data_dir)
+    assert data.prompts == {"p1": "Say hi"}
+    assert data.answer("p1", "m") == "Hello there!"
+    assert data.pairs[0].p_b_better == 0.8 and data.judged_models() == ["m"]
+    assert data.leaderboard["m"].lc_win_rate is None and data.leaderboard["ref"].win_rate == 50
+
+
+def test_bad_json_names_file_and_line(data_dir):
+    _write(data_dir / "labels.jsonl.gz", [{"prompt_id": "p1", "model_a": "ref", "model_b": "m", "p_b_better": 1},
+                                          "{not json"])
+    with pytest.raises(PreferenceDataError, match=r"labels\.jsonl\.gz:2: not valid JSON"):
+        load_preference_data(data_dir)
+
+
+def test_out_of_range_label_is_rejected(data_dir):
+    _write(data_dir / "labels.jsonl.gz", [{"prompt_id": "p1", "model_a": "ref", "model_b": "m", "p_b_better": 2}])
+    with pytest.raises(PreferenceDataError, match=r"labels\.jsonl\.gz:1: p_b_better must be in \[0, 1\]"):
+        load_preference_data(data_dir)
+
+
+def test_unknown_prompt_and_missing_file(data_dir):
+    _write(data_dir / "outputs.jsonl.gz", [{"prompt_id": "nope", "model": "m", "output": "x"}])
+    with pytest.raises(PreferenceDataError, match="prompt_id 'nope' is not in prompts"):
+        load_preference_data(data_dir)
+    (data_dir / "prompts.jsonl.gz").unlink()
+    with pytest.raises(PreferenceDataError, match="file not found"):
+        load_preference_data(data_dir)
