@@ -48,8 +48,6 @@ def litellm_rows() -> list[dict]:
 
 def create_litellm_table(url: str, rows: list[dict]) -> None:
     """LiteLLM_SpendLogs as LiteLLM's Prisma migration creates it (types mapped for SQLite), filled with rows."""
-    from sqlalchemy import MetaData, Table
-
     engine = get_engine(url)
     pg = engine.dialect.name == "postgresql"
     ts, js, real = ("TIMESTAMP(3)", "JSONB", "DOUBLE PRECISION") if pg else ("DATETIME", "JSON", "REAL")
@@ -76,6 +74,8 @@ def create_litellm_table(url: str, rows: list[dict]) -> None:
 def insert_litellm_rows(url: str, rows: list[dict]) -> None:
     from sqlalchemy import MetaData, Table
 
+    if not rows:
+        return
     engine = get_engine(url)
     table = Table("LiteLLM_SpendLogs", MetaData(), autoload_with=engine)
     with engine.begin() as conn:

@@ -1,0 +1,115 @@
+"""SQL tables: the LiteLLM_SpendLogs preset against a real table (SQLite and PostgreSQL), keyset cursor, settle
+time, mapping validation, and secrets kept out of errors."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from shadowjudge.config import SourceConfig
+from shadowjudge.store import get_engine
+from shadowjudge.traffic import TimeWindow, TrafficError, TrafficRecord, ingest_sources, load_cursor
+from shadowjudge.traffic.sources.sql import open_source, resolve_mapping, row_record
+from tests.test_traffic_ingest import create_litellm_table, insert_litellm_rows, litellm_rows, make_config
+
+LITELLM = {"name": "litellm", "kind": "sql", "mapping": "litellm", "batch_size": 4}
+
+
+def test_keyset_cursor_handles_equal_timestamps_and_late_pages(store_url):
+    rows = litellm_rows()
+    same_time = rows[3]["startTime"]
+    for row in rows[4:8]:  # several rows share one startTime: the id breaks the tie
+        row["startTime"] = same_time
+    create_litellm_table(store_url, rows[:6])
+    config = make_config(store_url, [{**LITELLM, "url": store_url}])
+    engine = get_engine(store_url)
+    first = ingest_sources(engine, config).sources[0]
+    assert first.read == 6 and first.cursor["id"] == max(r["request_id"] for r in rows[3:6])
+
+    insert_litellm_rows(store_url, rows[6:])
+    second = ingest_sources(engine, config).sources[0]
+    assert second.read == 24 and second.duplicates == 0
+    assert ingest_sources(engine, config).sources[0].read == 0
+
+
+def test_settle_time_leaves_recent_rows_for_a_later_run(store_url):
+    rows = litellm_rows()[:10]
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    for i, row in enumerate(rows):
+        row["startTime"] = now - timedelta(minutes=19 - 2 * i)  # the last five are under ten minutes old
+        row["endTime"] = row["startTime"] + timedelta(seconds=2)
+        row["completionStartTime"] = None
+    create_litellm_table(store_url, rows)
+    engine = get_engine(store_url)
+    settled = make_config(store_url, [{**LITELLM, "url": store_url, "settle_s": 600}])
+    assert ingest_sources(engine, settled).sources[0].read == 5
+    immediate = make_config(store_url, [{**LITELLM, "url": store_url}])
+    assert ingest_sources(engine, immediate).sources[0].read == 5  # the rest, from the same cursor
+
+
+def test_row_mapping_details():
+    row = litellm_rows()[0]
+    mapping = resolve_mapping(SourceConfig(name="l", kind="sql", url="sqlite://", mapping="litellm"))
+    r = row_record(row, mapping, "t:1")
+    assert r.request_id == row["request_id"] and r.route == "chat-default" and r.incumbent_model == row["model"]
+    assert r.params == {"temperature": 0.7}  # litellm_* and metadata keys of the request body dropped
+    assert r.metadata["task"] and r.metadata["request_tags"] == ["prod"] and "requester_ip_address" not in r.metadata
+    assert r.latency_ms == pytest.approx(3500) and r.ttft_ms == pytest.approx(310)
+
+    as_text = {**row, "messages": '[{"role": "user", "content": "hi"}]', "metadata": "", "response": "plain",
+               "cache_hit": ""}
+    r = row_record(as_text, mapping, "t:2")  # JSON stored as text (e.g. SQLite TEXT columns)
+    assert r.messages == [{"role": "user", "content": "hi"}] and r.response_text == "plain" and not r.cache_hit
+
+    no_prompts = {**row, "messages": {}, "proxy_server_request": {}}
+    with pytest.raises(ValueError, match="store_prompts_in_spend_logs"):
+        row_record(no_prompts, mapping, "t:3")
+
+
+def test_custom_mapping_and_preset_overrides():
+    config = SourceConfig(name="c", kind="sql", url="sqlite://", table="requests",
+                          mapping={"request_id": "rid", "timestamp": "created", "messages": "msgs",
+                                   "model": "model_name", "metadata.tenant": "tenant"})
+    assert resolve_mapping(config)["table"] == "requests"
+    overridden = resolve_mapping(SourceConfig(name="o", kind="sql", url="sqlite://",
+                                              mapping={"preset": "litellm", "route": "model"}))
+    assert overridden["route"] == "model" and overridden["table"] == "LiteLLM_SpendLogs"
+
+
+@pytest.mark.parametrize("mapping, message", [
+    ("nope", "unknown mapping preset 'nope'"),
+    ({"preset": "litellm", "colour": "x"}, "unknown mapping keys ['colour']"),
+    ({"table": "t", "request_id": "id"}, "needs timestamp, messages (or request), model (or route)"),
+])
+def test_mapping_errors_are_clear(mapping, message):
+    with pytest.raises(TrafficError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+                       .replace("]", r"\]")):
+        open_source(SourceConfig(name="s", kind="sql", url="sqlite://", mapping=mapping))
+
+
+def test_missing_table_or_columns_are_reported_not_raised(store_url):
+    engine = get_engine(store_url)
+    report = ingest_sources(engine, make_config(store_url, [{**LITELLM, "url": store_url}])).sources[0]
+    assert "no table 'LiteLLM_SpendLogs'" in report.error
+
+    create_litellm_table(store_url, [])
+    config = make_config(store_url, [{"name": "c", "kind": "sql", "url": store_url,
+                                      "mapping": {"preset": "litellm", "route": "route_col"}}])
+    report = ingest_sources(engine, config).sources[0]
+    assert "has no column(s) ['route_col']" in report.error
+
+
+def test_a_backfill_pushes_the_window_into_the_query(store_url):
+    rows = litellm_rows()
+    create_litellm_table(store_url, rows)
+    since = rows[10]["startTime"].replace(tzinfo=timezone.utc)
+    until = rows[20]["startTime"].replace(tzinfo=timezone.utc)
+    source = open_source(SourceConfig(name="l", kind="sql", url=store_url, mapping="litellm", batch_size=3))
+    got = [s.item for s in source.read(None, TimeWindow(since, until))]
+    assert len(got) == 10
+    assert [r.request_id for r in got if isinstance(r, TrafficRecord)] == \
+        [r["request_id"] for r in rows[10:20] if r["messages"]]
+    engine = get_engine(store_url)
+    ingest_sources(engine, make_config(store_url, [{**LITELLM, "url": store_url}]), since=since, until=until)
+    assert load_cursor(engine, "litellm") is None
