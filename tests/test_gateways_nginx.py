@@ -67,7 +67,8 @@ class RunningNginx:
         return [*self.base, "-s", "reload"]
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([*self.base, "-g", "daemon off;"], stderr=subprocess.PIPE)
+        # Its own process group, so a forced stop also ends the workers (they would outlive a killed master).
+        self.proc = subprocess.Popen([*self.base, "-g", "daemon off;"], stderr=subprocess.PIPE, start_new_session=True)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.proc.stderr.read().decode()
@@ -84,7 +85,7 @@ class RunningNginx:
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
 
 
