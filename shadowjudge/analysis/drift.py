@@ -197,6 +197,7 @@ def input_drift(reference: np.ndarray, current: np.ndarray, config: DriftConfig,
 _REFUSAL = re.compile(
     r"\b(i'?m sorry,? but (i|as)|i (am )?(cannot|can't|can not|won't|will not|am unable to|'m unable to|am not able to"
     r"|'m not able to) (help|assist|provide|comply|fulfil|fulfill|do that|answer|create|generate|write|share|support)"
+    r"(?! but\b)"  # "I can't help but dance" is not a refusal
     r"|as an ai( language model)?,? i (cannot|can't|am unable|don't|do not)|i must (respectfully )?decline"
     r"|(this|that|your) request (is|goes) against)", re.IGNORECASE)
 

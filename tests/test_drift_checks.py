@@ -1,0 +1,152 @@
+"""Drift checks on real AlpacaEval prompts and answers: input (MiniLM embeddings), output per model, judge."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import numpy as np
+import pytest
+
+from shadowjudge.analysis import (
+    MiniLMEmbedder,
+    OutputWindow,
+    TimeWindow,
+    detect_drift,
+    input_drift,
+    is_refusal,
+    judge_drift,
+    output_drift,
+)
+from shadowjudge.analysis.drift import domain_classifier_test, mmd_permutation_test
+from shadowjudge.config import DriftConfig
+from test_analysis_alpaca_runs import START, build_run, mini, route_for
+
+CONFIG = DriftConfig(min_samples=30, permutations=300)
+GEMMA, FALCON = "FuseChat-Gemma-2-9B-Instruct", "falcon-40b-instruct"
+
+
+class CachingEmbedder:
+    """The real MiniLM embedder, each text embedded once per test module (CPU time is shared on CI machines);
+    it records what it was asked for."""
+
+    name = "minilm-cached"
+
+    def __init__(self, inner: MiniLMEmbedder) -> None:
+        self.inner = inner
+        self.cache: dict[str, np.ndarray] = {}
+        self.requests: list[str] = []
+
+    def embed(self, texts):
+        self.requests.extend(texts)
+        missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if missing:
+            self.cache.update(zip(missing, self.inner.embed(missing)))
+        return np.stack([self.cache[t] for t in texts]) if texts else np.zeros((0, 384), np.float32)
+
+
+@pytest.fixture(scope="module")
+def minilm() -> CachingEmbedder:
+    return CachingEmbedder(MiniLMEmbedder())
+
+
+@pytest.fixture(scope="module")
+def prompt_embeddings(minilm):
+    prompts = mini().prompts
+    return minilm.embed([p["instruction"] for p in prompts]), np.array([p["dataset"] for p in prompts])
+
+
+def test_minilm_embeddings_are_unit_rows(prompt_embeddings):
+    vectors, _ = prompt_embeddings
+    assert vectors.shape == (300, 384)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+
+
+def test_a_topic_shift_is_input_drift_and_a_random_split_is_not(prompt_embeddings):
+    """Reference: selfinstruct, helpful_base and vicuna prompts; current: koala and oasst (a change of the
+    instruction subsets). A random half against the other half is the no-drift control."""
+    vectors, datasets = prompt_embeddings
+    shifted = np.isin(datasets, ["koala", "oasst"])
+    drift = input_drift(vectors[~shifted], vectors[shifted], CONFIG)
+    assert drift.drifted, drift.describe()
+    assert drift.details["mmd"] >= CONFIG.min_mmd or drift.details["auc"] >= CONFIG.min_auc
+    order = np.random.default_rng(7).permutation(len(vectors))
+    same = input_drift(vectors[order[:150]], vectors[order[150:]], CONFIG)
+    assert same.status == "stable", same.describe()
+    assert input_drift(vectors[:10], vectors[10:20], CONFIG).status == "nodata"
+
+
+def test_tests_are_calibrated_under_no_drift():
+    """Permutation p-values are uniform when nothing changed: the rejection rate at 0.1 is near 0.1."""
+    rng = np.random.default_rng(0)
+    rejections = 0
+    for t in range(25):
+        data = rng.normal(size=(100, 16))
+        _, p_auc, _ = domain_classifier_test(data[:50], data[50:], 100, t)
+        _, p_mmd = mmd_permutation_test(data[:50], data[50:], 100, t)
+        rejections += (p_auc < 0.1) + (p_mmd < 0.1)
+    assert rejections / 50 < 0.22
+
+
+def _window(model: str, datasets: set[str] | None = None) -> OutputWindow:
+    data = mini()
+    prompts = [p for p in data.prompts if datasets is None or p["dataset"] in datasets]
+    return OutputWindow([data.outputs[(model, p["id"])] for p in prompts],
+                        [data.scores[(model, p["id"])] for p in prompts])
+
+
+def test_output_drift_of_a_model_swap_and_not_of_the_same_model():
+    drifted = {r.metric: r for r in output_drift(_window(GEMMA), _window(FALCON), CONFIG, "cand")}
+    assert drifted["length"].drifted and drifted["length"].details["current_median"] < 1000
+    assert drifted["judge_score"].drifted
+    assert drifted["format_compliance"].status == "nodata"  # no request asked for a format
+    same = output_drift(_window(GEMMA, {"koala", "oasst"}), _window(GEMMA, {"helpful_base", "vicuna", "selfinstruct"}),
+                        CONFIG, "cand")
+    assert not any(r.drifted for r in same), [r.describe() for r in same]
+
+
+def test_refusal_and_format_compliance_rates():
+    assert is_refusal("I'm sorry, but I cannot help with that request.")
+    assert is_refusal("As an AI language model, I cannot browse the internet.")
+    assert not is_refusal("I can't help but admire the view. Here is the poem you asked for.")
+    refusals = output_drift(_window("claude-2"), _window(FALCON), DriftConfig(min_samples=30, max_rate_delta=0.03))
+    refusal = next(r for r in refusals if r.metric == "refusal_rate")
+    assert refusal.drifted and refusal.effect > 0.03
+    assert all(is_refusal(e["text"]) for e in refusal.details["examples"])
+    ok = OutputWindow([""] * 100, format_ok=[True] * 95 + [False] * 5)
+    broken = OutputWindow([""] * 100, format_ok=[True] * 70 + [False] * 30)
+    fmt = next(r for r in output_drift(ok, broken, CONFIG) if r.metric == "format_compliance")
+    assert fmt.drifted and fmt.effect == pytest.approx(-0.25)
+
+
+def test_judge_drift_from_agreement_values():
+    ref = [True] * 90 + [False] * 10
+    assert judge_drift(ref, [True] * 70 + [False] * 30, CONFIG).drifted
+    assert judge_drift(ref, [True] * 89 + [False] * 11, CONFIG).status == "stable"  # within max_agreement_drop
+    assert judge_drift(ref, [True] * 5, CONFIG).status == "nodata"
+    assert judge_drift(np.full(100, 0.8), np.full(100, 0.8), CONFIG).status == "stable"
+
+
+def test_detect_drift_over_store_windows(engine, minilm):
+    """Window 0: selfinstruct, helpful_base and vicuna prompts; the candidate is FuseChat-Gemma. Window 1: koala and
+    oasst prompts, and the candidate's answers are falcon-40b's. Input drift and the candidate's output drift are
+    found; the incumbent (claude-2 in both windows) does not drift in length."""
+    data = mini()
+    reference_ids = [p["id"] for p in data.prompts if p["dataset"] not in ("koala", "oasst")]
+    current_ids = [p["id"] for p in data.prompts if p["dataset"] in ("koala", "oasst")]
+    build_run(engine, run_key="w0", incumbent="claude-2", candidates={"cand": GEMMA}, window=0,
+              prompt_ids=reference_ids)
+    build_run(engine, run_key="w1", incumbent="claude-2", candidates={"cand": FALCON}, window=1,
+              prompt_ids=current_ids)
+    minilm.requests.clear()
+    report = detect_drift(engine, route_for(["cand"]), TimeWindow(START, START + timedelta(days=1)),
+                          TimeWindow(START + timedelta(days=1), START + timedelta(days=2)), CONFIG, minilm,
+                          judge_agreement=([True] * 95 + [False] * 5, [True] * 75 + [False] * 25))
+    found = {(r.kind, r.metric, r.target) for r in report.drifted}
+    assert ("input", "prompt_embeddings", None) in found
+    assert ("output", "length", "cand") in found and ("output", "judge_score", "cand") in found
+    assert ("output", "length", "incumbent") not in found
+    assert ("judge", "teacher_agreement", None) in found
+    assert len(minilm.requests) == len(reference_ids) + len(current_ids)
+    examples = next(r for r in report.results if r.kind == "input").details["examples"]
+    assert examples and all(e["text"] in {p["instruction"] for p in data.prompts} for e in examples)
+    assert report.to_dict()["drifted"]
