@@ -1,0 +1,123 @@
+"""Calibration against the teacher, on real stores (SQLite and PostgreSQL): deterministic selection, idempotent
+teacher rows, and the agreement statistic the judge-drift alert reads."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from evaluators.calibration import (
+    TEACHER_ROLE,
+    calibrate_from_config,
+    calibrate_run,
+    judge_agreement,
+    selected_for_calibration,
+    wilson_interval,
+)
+from evaluators.factory import EvaluatorConfigError
+from evaluators.llm_judge import LlmJudge
+from shadowjudge.config import JudgeConfig
+from shadowjudge.store import Judgment, ShadowResult, ShadowRun, TrafficSample, get_engine, session_scope
+
+STUDENT = "small-judge:models:/j/1"
+N = 40
+
+
+def teacher_transport(calls: list[str]) -> httpx.MockTransport:
+    """A chat endpoint whose verdict follows the visible rule 'the answer containing GOOD wins'."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        user = json.loads(request.content)["messages"][-1]["content"]
+        calls.append(user)
+        a = user.split("## Answer A", 1)[1].split("## Answer B", 1)[0]
+        winner = "A" if "GOOD" in a else "B"
+        return httpx.Response(200, json={
+            "id": "x", "object": "chat.completion", "created": 0, "model": "teacher",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": json.dumps({"winner": winner})}}]})
+
+    return httpx.MockTransport(handler)
+
+
+def seed_run(engine) -> int:
+    """N samples; the candidate's answer is GOOD on even samples; the student agrees on all but 4 of them."""
+    now = datetime.now(timezone.utc)
+    with session_scope(engine) as s:
+        run = ShadowRun(run_key="r1", route="chat", config_hash="h")
+        s.add(run)
+        s.flush()
+        for i in range(N):
+            sample = TrafficSample(request_id=f"req-{i}", source="logs", source_position=str(i), route="chat",
+                                   incumbent_model="inc", messages=[{"role": "user", "content": f"question {i}"}],
+                                   response_text="incumbent answer" + ("" if i % 2 == 0 else " GOOD"),
+                                   request_ts=now)
+            s.add(sample)
+            s.flush()
+            s.add(ShadowResult(run_id=run.id, sample_id=sample.id, target="cand", model="cand-model",
+                               output_text="candidate answer" + (" GOOD" if i % 2 == 0 else "")))
+            teacher_says_candidate = i % 2 == 0
+            student_pref = 0.8 if teacher_says_candidate != (i < 4) else 0.2
+            s.add(Judgment(run_id=run.id, sample_id=sample.id, target="cand", evaluator=STUDENT,
+                           candidate_score=0.5, incumbent_score=0.5, preference=student_pref))
+        return run.id
+
+
+def test_selection_is_deterministic_and_close_to_the_fraction():
+    picks = [selected_for_calibration(f"req-{i}", "cand", 0.2) for i in range(5000)]
+    assert picks == [selected_for_calibration(f"req-{i}", "cand", 0.2) for i in range(5000)]
+    assert 0.18 < sum(picks) / len(picks) < 0.22
+    assert not selected_for_calibration("x", "c", 0.0) and selected_for_calibration("x", "c", 1.0)
+
+
+def test_calibration_stores_teacher_verdicts_once_and_measures_agreement(store_url):
+    engine = get_engine(store_url)
+    run_id = seed_run(engine)
+    calls: list[str] = []
+    teacher = LlmJudge(OpenAI(api_key="k", base_url="http://teacher.test/v1",
+                              http_client=httpx.Client(transport=teacher_transport(calls))), "teacher", concurrency=4)
+    report = calibrate_run(engine, run_id, STUDENT, teacher, fraction=1.0)
+    assert (report.selected, report.judged, report.already_judged) == (N, N, 0)
+    assert len(calls) == 2 * N  # both orders per pair
+    again = calibrate_run(engine, run_id, STUDENT, teacher, fraction=1.0)
+    assert (again.judged, again.already_judged) == (0, N) and len(calls) == 2 * N
+    with session_scope(engine) as s:
+        rows = s.query(Judgment).filter(Judgment.evaluator == teacher.version).all()
+        assert len(rows) == N
+        assert all(r.details["role"] == TEACHER_ROLE and r.details["student"] == STUDENT for r in rows)
+        assert {r.preference for r in rows} == {0.0, 1.0}
+
+    stats = judge_agreement(engine, "chat")
+    assert stats.n == N and stats.agreement == pytest.approx((N - 4) / N)
+    assert stats.ci_low < stats.agreement < stats.ci_high
+    assert stats.values.count(0.0) == 4
+    assert judge_agreement(engine, "other-route").n == 0
+    assert judge_agreement(engine, "chat", since=datetime.now(timezone.utc) + timedelta(hours=1)).n == 0
+
+
+def test_partial_fraction_picks_the_same_pairs_on_rerun(store_url):
+    engine = get_engine(store_url)
+    run_id = seed_run(engine)
+    calls: list[str] = []
+    teacher = LlmJudge(OpenAI(api_key="k", base_url="http://teacher.test/v1",
+                              http_client=httpx.Client(transport=teacher_transport(calls))), "teacher")
+    first = calibrate_run(engine, run_id, STUDENT, teacher, fraction=0.3)
+    expected = sum(selected_for_calibration(f"req-{i}", "cand", 0.3) for i in range(N))
+    assert first.selected == first.judged == expected > 0
+    assert calibrate_run(engine, run_id, STUDENT, teacher, fraction=0.3).judged == 0
+
+
+def test_config_driven_calibration(sqlite_url):
+    engine = get_engine(sqlite_url)
+    assert calibrate_from_config(engine, 1, JudgeConfig(), STUDENT) is None
+    with pytest.raises(EvaluatorConfigError, match="judge.teacher"):
+        calibrate_from_config(engine, 1, JudgeConfig(calibration_fraction=0.1), STUDENT)
+
+
+def test_wilson_interval():
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    low, high = wilson_interval(90, 100)
+    assert 0.82 < low < 0.9 < high < 0.95
