@@ -27,15 +27,16 @@ def tracking_uri_default(explicit: str | None) -> str:
 
 @contextmanager
 def progress_bar(enabled: bool = True) -> Iterator:
-    """A rich progress bar with one line per stage (embedding, each head, judging); a no-op when disabled."""
+    """A rich progress bar on stderr (stdout stays one JSON object), one line per stage; a no-op when disabled."""
     if not enabled:
         yield None
         return
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     tasks: dict[str, int] = {}
     with Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  transient=False) as bar:
+                  console=Console(stderr=True), transient=False) as bar:
         def update(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
                 tasks[stage] = bar.add_task(stage, total=total)

@@ -183,20 +183,51 @@ def fit_head(emb: EmbeddedAnswers, pairs: Sequence[LabelledPair], config: HeadCo
 
 
 # -- measuring a judge ---------------------------------------------------------------------------------------------
-def measure(judge: SmallJudge, data: PreferenceData, pairs: Sequence[LabelledPair], models: Sequence[str],
-            *, chunk: int = 512, progress: Progress | None = None) -> dict[str, float]:
-    """Pair agreement on `pairs` and system-level Spearman over `models` (vs the reference), judge and baseline."""
+def quality_report(judge: SmallJudge, data: PreferenceData, pairs: Sequence[LabelledPair], models: Sequence[str],
+                   *, chunk: int = 512, progress: Progress | None = None) -> dict:
+    """Pair agreement on `pairs` (overall and per annotator) and system-level Spearman over `models` (each judged
+    against the reference on every prompt), for the judge and for the 'longest answer wins' baseline."""
     pred = _compare_in_chunks(judge, data, [(p.prompt_id, p.model_a, p.model_b) for p in pairs], chunk, progress)
-    len_a = [len(data.answer(p.prompt_id, p.model_a)) for p in pairs]
-    len_b = [len(data.answer(p.prompt_id, p.model_b)) for p in pairs]
-    labels = [p.p_b_better for p in pairs]
-    out = pair_metrics(pred, labels, len_a, len_b).as_dict()
-    out.update(pair_metrics(longest_wins(len_a, len_b), labels, len_a, len_b).as_dict("baseline_"))
+    len_a = np.asarray([len(data.answer(p.prompt_id, p.model_a)) for p in pairs])
+    len_b = np.asarray([len(data.answer(p.prompt_id, p.model_b)) for p in pairs])
+    labels = np.asarray([p.p_b_better for p in pairs])
+    base = longest_wins(len_a, len_b)
+    report: dict = {
+        "instance": pair_metrics(pred, labels, len_a, len_b).as_dict(),
+        "instance_baseline_longest": pair_metrics(base, labels, len_a, len_b).as_dict(),
+        "instance_by_annotator": {},
+    }
+    annotators = np.asarray([p.annotator for p in pairs])
+    for name in sorted(set(annotators.tolist())):
+        m = annotators == name
+        report["instance_by_annotator"][name] = {
+            "judge": pair_metrics(pred[m], labels[m], len_a[m], len_b[m]).as_dict(),
+            "baseline_longest": pair_metrics(base[m], labels[m], len_a[m], len_b[m]).as_dict(),
+        }
     system = system_win_rates(judge, data, models, chunk=chunk, progress=progress)
     if system:
         judged, baseline = system
-        out.update(system_metrics(judged, data.leaderboard).as_dict())
-        out.update(system_metrics(baseline, data.leaderboard).as_dict("baseline_"))
+        sm, bm = system_metrics(judged, data.leaderboard), system_metrics(baseline, data.leaderboard)
+        report["system"] = sm.as_dict()
+        report["system_baseline_longest"] = bm.as_dict()
+        report["win_rates"] = {
+            m: {"judge": round(judged[m], 2), "longest": round(baseline[m], 2),
+                "leaderboard_win_rate": round(data.leaderboard[m].win_rate, 2),
+                "leaderboard_lc_win_rate": None if data.leaderboard[m].lc_win_rate is None
+                else round(data.leaderboard[m].lc_win_rate, 2)}
+            for m in sorted(judged, key=lambda k: -judged[k])
+        }
+    return report
+
+
+def measure(judge: SmallJudge, data: PreferenceData, pairs: Sequence[LabelledPair], models: Sequence[str],
+            *, chunk: int = 512, progress: Progress | None = None) -> dict[str, float]:
+    """`quality_report` flattened to MLflow metrics: agreement..., baseline_..., spearman_..."""
+    report = quality_report(judge, data, pairs, models, chunk=chunk, progress=progress)
+    out = dict(report["instance"])
+    out.update({f"baseline_{k}": v for k, v in report["instance_baseline_longest"].items()})
+    out.update(report.get("system", {}))
+    out.update({f"baseline_{k}": v for k, v in report.get("system_baseline_longest", {}).items()})
     return out
 
 
@@ -368,14 +399,15 @@ def _validation_split(data: PreferenceData, split: ModelSplit, fraction: float,
 
 
 def evaluate_judge(judge: SmallJudge, data_dir: str | Path, *, prompts: int | None = None, seed: int = 0,
-                   progress: Progress | None = None) -> dict[str, float]:
-    """Measure a judge on every judged model of a directory (all treated as unseen)."""
+                   progress: Progress | None = None) -> dict:
+    """`quality_report` on every model of a directory, all treated as unseen (e.g. a held-out set)."""
     data = load_preference_data(data_dir, require_labels=False)
     if prompts:
         data = data.sample_prompts(prompts, seed)
     models = sorted({m for _, m in data.outputs})
-    return measure(judge, data, data.pairs, models, progress=progress)
+    report = quality_report(judge, data, data.pairs, models, progress=progress)
+    return {"data": str(data_dir), "n_prompts": len(data.prompts), "n_models": len(models), **report}
 
 
 __all__ = ["FULL", "QUICK", "HeadConfig", "TrainResult", "TrainSettings", "evaluate_judge", "fit_head", "measure",
-           "train_judge"]
+           "quality_report", "train_judge"]

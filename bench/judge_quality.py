@@ -1,0 +1,82 @@
+"""How well the small judge agrees with the big judge on models it never saw; prints ONE JSON object.
+
+    python bench/judge_quality.py --data DIR [--prompts N] [--model-uri URI] [--tracking-uri URI]
+
+DIR is any AlpacaEval-format directory (prompts/outputs/labels jsonl.gz + leaderboard.csv). Reported, for the judge
+and for the 'longest answer wins' baseline side by side: instance agreement with the labels overall and on
+length-balanced pairs (length ratio 0.67-1.5), P(prefers the longer answer), and at system level each model's win
+rate vs gpt4_1106_preview with its Spearman against the leaderboard's win_rate and lc_win_rate.
+Default model: the champion in the registry at --tracking-uri / $MLFLOW_TRACKING_URI / sqlite:///.shadowjudge/mlflow.db.
+Data derived from AlpacaEval is CC BY-NC 4.0 (see shadowjudge/demo_data/ATTRIBUTION.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TARGETS = {"spearman_win_rate": 0.90, "spearman_lc_win_rate": 0.80}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", required=True, type=Path)
+    parser.add_argument("--prompts", type=int, default=None, help="a fixed, seeded subset of N prompts")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model-uri", default=None)
+    parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--registered-name", default="shadowjudge-judge")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    from evaluators.factory import load_small_judge
+    from evaluators.judge_cli import progress_bar, tracking_uri_default
+    from evaluators.judge_training import evaluate_judge
+    from shadowjudge.errors import ShadowJudgeError
+
+    started = time.monotonic()
+    try:
+        judge = load_small_judge(args.model_uri or f"models:/{args.registered_name}@champion",
+                                 tracking_uri_default(args.tracking_uri))
+        with progress_bar(not args.no_progress) as update:
+            report = evaluate_judge(judge, args.data, prompts=args.prompts, seed=args.seed, progress=update)
+    except ShadowJudgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    system = report.get("system", {})
+    balanced = report["instance"]["balanced_agreement"]
+    base_balanced = report["instance_baseline_longest"]["balanced_agreement"]
+    out = {
+        "benchmark": "judge_quality",
+        "judge": judge.version,
+        **report,
+        "targets": {
+            **{k: {"target": v, "value": system.get(k), "met": bool(system.get(k, float("nan")) >= v)}
+               for k, v in TARGETS.items()},
+            "balanced_agreement_above_baseline": {"value": balanced - base_balanced, "met": balanced > base_balanced},
+        },
+        "elapsed_s": round(time.monotonic() - started, 1),
+        "machine": f"{os.cpu_count()} CPU cores, torch threads {_threads()}",
+    }
+    print(json.dumps(out, indent=2, allow_nan=True))
+    return 0
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
