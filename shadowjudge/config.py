@@ -105,6 +105,7 @@ class TargetConfig(_Strict):
     model: str
     base_url: str
     api_key_env: str | None = None
+    api_key_secret: str | None = Field(default=None, description="Prefect Secret block holding the key (wins over api_key_env)")
     concurrency: int = Field(default=8, gt=0)
     rpm: int | None = Field(default=None, gt=0)
     tpm: int | None = Field(default=None, gt=0)
@@ -127,6 +128,7 @@ class ShadowConfig(_Strict):
     budget_usd: float | None = Field(default=None, gt=0)
     consistency_k: int = Field(default=1, ge=1)
     max_samples: int | None = Field(default=None, gt=0, description="Cap on samples replayed per cycle")
+    retry_backoff_s: float = Field(default=0.5, gt=0, description="First retry waits about this (x2 each retry, jittered)")
 
 
 class JudgeConfig(_Strict):

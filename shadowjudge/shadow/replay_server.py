@@ -30,6 +30,7 @@ import orjson
 import typer
 
 from shadowjudge.errors import ShadowJudgeError
+from shadowjudge.shadow.eventloop import loop_factory
 from shadowjudge.shadow.profiles import ProfileSet, RequestPlan, load_profiles, plan_request
 from shadowjudge.shadow.recordings import Recordings, prompt_id_for
 from shadowjudge.shadow.tokens import count_message_tokens, message_text, split_tokens
@@ -143,6 +144,7 @@ class ReplayApp:
         return ""
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        arrived = time.perf_counter()
         body = b""
         while True:
             message = await receive()
@@ -207,18 +209,20 @@ class ReplayApp:
             stats.stalled += 1
         elif plan.outcome == "malformed":
             stats.malformed += 1
+        first_token_at = arrived + plan.ttft_ms / 1000  # parsing this request counts towards its TTFT
         if stream:
             include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
-            await self._stream(receive, send, plan, model, completion_id, tokens, finish,
+            await self._stream(receive, send, plan, first_token_at, model, completion_id, tokens, finish,
                                usage if include_usage else None)
         else:
-            await self._complete(receive, send, plan, model, completion_id, "".join(tokens), finish, usage)
+            await self._complete(receive, send, plan, first_token_at, model, completion_id, "".join(tokens), finish,
+                                 usage)
         if plan.outcome == "ok":
             stats.ok += 1
             stats.output_tokens += len(tokens)
 
-    async def _stream(self, receive: Receive, send: Send, plan: RequestPlan, model: str, completion_id: str,
-                      tokens: tuple[str, ...], finish: str, usage: dict[str, int] | None) -> None:
+    async def _stream(self, receive: Receive, send: Send, plan: RequestPlan, first_token_at: float, model: str,
+                      completion_id: str, tokens: tuple[str, ...], finish: str, usage: dict[str, int] | None) -> None:
         profile = self.profiles.for_model(model)
         created = int(time.time())
         head = (b'data: {"id":"' + completion_id.encode() + b'","object":"chat.completion.chunk","created":'
@@ -244,23 +248,20 @@ class ReplayApp:
             chunks = [b"".join(chunks)]
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), self._name_header]})
-        if plan.ttft_ms:
-            await asyncio.sleep(plan.ttft_ms / 1000)
+        await _sleep_until(first_token_at)
         for i, chunk in enumerate(chunks):
-            if i:
-                await asyncio.sleep(delay)
+            if i:  # on an absolute schedule, so timer overshoot does not accumulate over a long answer
+                await _sleep_until(first_token_at + i * delay)
             last = i == len(chunks) - 1 and not stall
             await send({"type": "http.response.body", "body": chunk, "more_body": not last})
         if stall:
             await _until_disconnect(receive, profile.stall_s)
             await send({"type": "http.response.body", "body": b""})
 
-    async def _complete(self, receive: Receive, send: Send, plan: RequestPlan, model: str, completion_id: str,
-                        text: str, finish: str, usage: dict[str, int]) -> None:
+    async def _complete(self, receive: Receive, send: Send, plan: RequestPlan, first_token_at: float, model: str,
+                        completion_id: str, text: str, finish: str, usage: dict[str, int]) -> None:
         profile = self.profiles.for_model(model)
-        wait = plan.ttft_ms + profile.token_ms * max(0, usage["completion_tokens"] - 1)
-        if wait:
-            await asyncio.sleep(wait / 1000)
+        await _sleep_until(first_token_at + profile.token_ms * max(0, usage["completion_tokens"] - 1) / 1000)
         if plan.outcome == "stall":
             await _until_disconnect(receive, profile.stall_s)
         body = orjson.dumps({
@@ -287,6 +288,12 @@ def _request_problem(request: Any) -> str | None:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             return f"'{key}' must be a positive integer"
     return None
+
+
+async def _sleep_until(moment: float) -> None:
+    delay = moment - time.perf_counter()
+    if delay > 0:
+        await asyncio.sleep(delay)
 
 
 async def _until_disconnect(receive: Receive, limit_s: float) -> None:
@@ -327,14 +334,6 @@ def _http_protocol() -> type[asyncio.Protocol]:
     return NoDelayHttpProtocol
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop
-    return uvloop.new_event_loop
-
-
 def _uvicorn_server(app: ReplayApp, **kwargs: Any):  # -> uvicorn.Server
     import uvicorn
 
@@ -346,7 +345,7 @@ def _uvicorn_server(app: ReplayApp, **kwargs: Any):  # -> uvicorn.Server
 def serve_forever(app: ReplayApp, sock: socket.socket) -> None:
     """Serve `app` on a bound, listening socket until SIGINT/SIGTERM (or `should_exit`)."""
     server = _uvicorn_server(app)
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(server.serve(sockets=[sock]))
 
 
@@ -417,7 +416,7 @@ class ReplayServer:
         self._server = server = _uvicorn_server(self.app)
 
         def serve() -> None:
-            with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            with asyncio.Runner(loop_factory=loop_factory()) as runner:
                 runner.run(server.serve(sockets=[sock]))
 
         self._thread = threading.Thread(target=serve, name=f"replay-server-{self.port}", daemon=True)

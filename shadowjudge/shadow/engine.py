@@ -1,0 +1,378 @@
+"""The shadow replay engine: stored traffic samples replayed against target models, measured and stored.
+
+Each target gets its own pool of `concurrency` workers, its own RPM/TPM token buckets and its own HTTP
+client; a spend budget is shared by the run. Every request ends as exactly one `shadow_results` row keyed by
+(run_id, sample_id, target, attempt): an answer, or an error class after retries, or `budget_exhausted`.
+Rows are written while the run goes (small batches, off the event loop), so an interrupted run that is
+started again replays only the keys that are missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, select
+
+from shadowjudge.config import ConfigError, Price, ShadowConfig, TargetConfig
+from shadowjudge.errors import ShadowJudgeError
+from shadowjudge.shadow.credentials import resolve_api_key, scrub_secrets
+from shadowjudge.shadow.endpoint import AttemptError, ChatEndpoint, Completion, OpenAIEndpoint
+from shadowjudge.shadow.eventloop import run_sync
+from shadowjudge.shadow.metrics import cost_per_request, latency_percentiles, request_cost
+from shadowjudge.shadow.ratelimit import TokenBucket
+from shadowjudge.shadow.tokens import count_message_tokens, count_tokens
+from shadowjudge.shadow.writer import ResultWriter
+from shadowjudge.store import ShadowResult, TrafficSample, session_scope
+
+log = logging.getLogger(__name__)
+
+BUDGET_EXHAUSTED = "budget_exhausted"
+MAX_BACKOFF_S = 60.0
+# Request parameters a replay carries over from the logged request; the rest (user ids, metadata, store,
+# n) either identify people, change what is billed, or are meaningless for a shadow call.
+FORWARDED_PARAMS = ("temperature", "top_p", "stop", "presence_penalty", "frequency_penalty", "seed",
+                    "response_format", "tools", "tool_choice", "parallel_tool_calls", "logit_bias", "logprobs",
+                    "top_logprobs", "reasoning_effort")
+
+EndpointFactory = Callable[[TargetConfig, str, ShadowConfig], ChatEndpoint]
+
+
+class ShadowError(ShadowJudgeError):
+    """A shadow run that cannot start or cannot store its results."""
+
+
+@dataclass
+class TargetReport:
+    target: str
+    model: str
+    requests: int = 0
+    ok: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    retries: int = 0
+    spend_usd: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_per_request_usd: float | None = None
+    latency_ms: dict[str, Any] = field(default_factory=dict)
+    ttft_ms: dict[str, Any] = field(default_factory=dict)
+    tpot_ms: dict[str, Any] = field(default_factory=dict)
+    itl_ms: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def error_rate(self) -> float:
+        return (self.requests - self.ok) / self.requests if self.requests else 0.0
+
+
+@dataclass
+class ShadowReport:
+    """A run's outcome per target, from everything stored for the run (earlier interrupted calls included)."""
+
+    run_id: int
+    targets: dict[str, TargetReport]
+    replayed: int
+    already_stored: int
+    spend_usd: float
+    budget_usd: float | None
+    budget_exhausted: bool
+    error_examples: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build_request_body(messages: list[Any], params: dict[str, Any], model: str, shadow: ShadowConfig) -> dict[str, Any]:
+    """The chat request a target receives: the logged messages and sampling params, our model, our caps."""
+    body: dict[str, Any] = {"model": model, "messages": messages}
+    for key in FORWARDED_PARAMS:
+        if params.get(key) is not None:
+            body[key] = params[key]
+    limit_key = "max_completion_tokens" if params.get("max_completion_tokens") is not None else "max_tokens"
+    limit = params.get(limit_key)
+    if shadow.max_tokens is not None:
+        limit = min(limit, shadow.max_tokens) if isinstance(limit, int) and limit > 0 else shadow.max_tokens
+    if limit is not None:
+        body[limit_key] = limit
+    if shadow.stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def backoff_delay(retry: int, base_s: float, retry_after_s: float | None, rng: random.Random) -> float:
+    """Seconds before retry number `retry` (1-based): the server's Retry-After when given, else jittered 2^n."""
+    if retry_after_s is not None:
+        return min(retry_after_s, MAX_BACKOFF_S)
+    return min(MAX_BACKOFF_S, base_s * 2 ** (retry - 1)) * rng.uniform(0.5, 1.5)
+
+
+@dataclass(frozen=True)
+class _Item:
+    sample_id: int
+    messages: list[Any]
+    params: dict[str, Any]
+    attempt: int
+
+
+class SpendBudget:
+    """Spend of one run so far; new requests stop once it reaches the limit (in-flight ones finish)."""
+
+    def __init__(self, limit_usd: float | None, spent_usd: float = 0.0):
+        self.limit = limit_usd
+        self.spent = spent_usd
+
+    @property
+    def exhausted(self) -> bool:
+        return self.limit is not None and self.spent >= self.limit
+
+    def add(self, usd: float | None) -> None:
+        self.spent += usd or 0.0
+
+
+class _TargetRun:
+    """Replays one target's pending items with its own workers, limits and endpoint."""
+
+    def __init__(self, run_id: int, target: TargetConfig, items: deque[_Item], endpoint: ChatEndpoint,
+                 shadow: ShadowConfig, price: Price | None, budget: SpendBudget, writer: ResultWriter,
+                 secrets: list[str], on_result: Callable[[str, dict[str, Any]], None] | None):
+        self.run_id, self.target, self.items, self.endpoint = run_id, target, items, endpoint
+        self.shadow, self.price, self.budget, self.writer = shadow, price, budget, writer
+        self.secrets, self.on_result = secrets, on_result
+        self.rpm = TokenBucket.per_minute(target.rpm) if target.rpm else None
+        self.tpm = TokenBucket.per_minute(target.tpm) if target.tpm else None
+        self.rng = random.Random()
+        self.error_examples: dict[str, str] = {}
+        self.replayed = 0
+
+    async def run(self) -> None:
+        workers = min(self.target.concurrency, len(self.items))
+        await asyncio.gather(*(self._worker() for _ in range(workers)))
+
+    async def _worker(self) -> None:
+        while self.items:
+            item = self.items.popleft()
+            row = await self._replay(item)
+            self.replayed += 1
+            self.writer.add(row)
+            if self.on_result is not None:
+                self.on_result(self.target.name, row)
+
+    def _row(self, item: _Item, **values: Any) -> dict[str, Any]:
+        return {"run_id": self.run_id, "sample_id": item.sample_id, "target": self.target.name,
+                "model": self.target.model, "attempt": item.attempt, "retries": 0, **values}
+
+    async def _replay(self, item: _Item) -> dict[str, Any]:
+        if self.budget.exhausted:
+            return self._row(item, error_class=BUDGET_EXHAUSTED)
+        body = build_request_body(item.messages, item.params, self.target.model, self.shadow)
+        prompt_tokens = count_message_tokens(item.messages)
+        reserved = prompt_tokens + (body.get("max_tokens") or body.get("max_completion_tokens") or 0)
+        retries = 0
+        while True:
+            if self.rpm is not None:
+                await self.rpm.acquire(1)
+            if self.tpm is not None:
+                await self.tpm.acquire(reserved)
+            try:
+                completion = await self.endpoint.complete(body, stream=self.shadow.stream,
+                                                          timeout_s=self.shadow.timeout_s)
+            except AttemptError as exc:
+                if self.tpm is not None:
+                    self.tpm.refund(reserved)
+                if exc.retryable and retries < self.shadow.max_retries:
+                    retries += 1
+                    delay = backoff_delay(retries, self.shadow.retry_backoff_s, exc.retry_after_s, self.rng)
+                    await asyncio.sleep(delay)
+                    continue
+                self._note_error(exc.error_class, str(exc))
+                return self._row(item, error_class=exc.error_class, retries=retries)
+            except Exception as exc:  # a bug or an SDK surprise: recorded, never silently dropped
+                log.exception("target %s: unexpected failure replaying sample %s", self.target.name, item.sample_id)
+                self._note_error("unexpected", f"{type(exc).__name__}: {exc}")
+                return self._row(item, error_class="unexpected", retries=retries)
+            return self._success_row(item, completion, prompt_tokens, reserved, retries)
+
+    def _success_row(self, item: _Item, c: Completion, prompt_tokens: int, reserved: int,
+                     retries: int) -> dict[str, Any]:
+        input_tokens = c.input_tokens if c.input_tokens is not None else prompt_tokens
+        output_tokens = c.output_tokens if c.output_tokens is not None else count_tokens(c.text)
+        if self.tpm is not None:
+            self.tpm.refund(reserved - input_tokens - output_tokens)
+        cost = None
+        if self.price is not None:
+            cost = request_cost(self.price, input_tokens, output_tokens, c.cached_input_tokens)
+            self.budget.add(cost)
+        tpot = None
+        if c.ttft_ms is not None and output_tokens > 1:
+            tpot = (c.latency_ms - c.ttft_ms) / (output_tokens - 1)
+        return self._row(item, output_text=c.text, ttft_ms=c.ttft_ms, itl_ms=c.itl_ms, tpot_ms=tpot,
+                         latency_ms=c.latency_ms, input_tokens=input_tokens, output_tokens=output_tokens,
+                         cost_usd=cost, error_class=None, retries=retries)
+
+    def _note_error(self, error_class: str, message: str) -> None:
+        if error_class not in self.error_examples:
+            message = scrub_secrets(message, self.secrets)[:500]
+            self.error_examples[error_class] = message
+            log.warning("target %s: %s: %s", self.target.name, error_class, message)
+
+
+def _default_endpoint(target: TargetConfig, api_key: str, shadow: ShadowConfig) -> ChatEndpoint:
+    return OpenAIEndpoint(target, api_key, timeout_s=shadow.timeout_s)
+
+
+def _stored_keys(engine: Engine, run_id: int) -> tuple[set[tuple[int, str, int]], float]:
+    with session_scope(engine) as s:
+        rows = s.execute(select(ShadowResult.sample_id, ShadowResult.target, ShadowResult.attempt,
+                                ShadowResult.cost_usd).where(ShadowResult.run_id == run_id)).all()
+    return {(r.sample_id, r.target, r.attempt) for r in rows}, sum(r.cost_usd or 0.0 for r in rows)
+
+
+def _check_inputs(samples: Sequence[TrafficSample], targets: Sequence[TargetConfig], shadow: ShadowConfig,
+                  pricing: dict[str, Price]) -> None:
+    names = [t.name for t in targets]
+    if len(set(names)) != len(names):
+        raise ShadowError(f"target names must be unique: {names}")
+    for sample in samples:
+        if sample.id is None:
+            raise ShadowError(f"sample {sample.request_id!r} has no id: store samples before replaying them")
+        if not isinstance(sample.messages, list) or not sample.messages:
+            raise ShadowError(f"sample {sample.id} has no messages to replay")
+    unpriced = sorted({t.model for t in targets if t.model not in pricing})
+    if unpriced and shadow.budget_usd is not None:
+        raise ShadowError(f"shadow.budget_usd is set but pricing has no entry for {unpriced}; "
+                          "add them under `pricing:` so spend can be counted")
+    if unpriced:
+        log.warning("no price for %s: their cost_usd stays empty", unpriced)
+
+
+async def replay(engine: Engine, run_id: int, samples: Sequence[TrafficSample], targets: Sequence[TargetConfig],
+                 shadow: ShadowConfig, pricing: dict[str, Price], *,
+                 on_result: Callable[[str, dict[str, Any]], None] | None = None,
+                 endpoint_factory: EndpointFactory = _default_endpoint,
+                 writer: ResultWriter | None = None) -> ShadowReport:
+    """The async core of `run_shadow`; replays what is not stored yet for `run_id` and reports on the run."""
+    _check_inputs(samples, targets, shadow, pricing)
+    stored, spent = _stored_keys(engine, run_id)
+    plans: dict[str, deque[_Item]] = {}
+    for target in targets:
+        plans[target.name] = deque(
+            _Item(s.id, s.messages, s.params or {}, attempt)
+            for attempt in range(shadow.consistency_k) for s in samples
+            if (s.id, target.name, attempt) not in stored)
+    pending = sum(len(q) for q in plans.values())
+    budget = SpendBudget(shadow.budget_usd, spent)
+    writer = writer or ResultWriter(engine)
+    runs: list[_TargetRun] = []
+    try:
+        for target in targets:
+            if not plans[target.name]:
+                continue
+            try:
+                api_key = resolve_api_key(target)
+            except ConfigError as exc:
+                raise ShadowError(str(exc)) from None
+            endpoint = endpoint_factory(target, api_key, shadow)
+            runs.append(_TargetRun(run_id, target, plans[target.name], endpoint, shadow, pricing.get(target.model),
+                                   budget, writer, [api_key], on_result))
+        if runs:
+            log.info("run %s: replaying %d requests over %d targets (%d already stored)", run_id, pending,
+                     len(runs), len(stored))
+        await _run_with_writer(writer, [r.run() for r in runs])
+    finally:
+        for r in runs:
+            await r.endpoint.aclose()
+    report = summarize_run(engine, run_id, targets)
+    return ShadowReport(run_id=run_id, targets=report, replayed=sum(r.replayed for r in runs),
+                        already_stored=len(stored), spend_usd=sum(t.spend_usd for t in report.values()),
+                        budget_usd=shadow.budget_usd,
+                        budget_exhausted=any(t.errors.get(BUDGET_EXHAUSTED) for t in report.values()),
+                        error_examples={r.target.name: r.error_examples for r in runs if r.error_examples})
+
+
+async def _run_with_writer(writer: ResultWriter, jobs: Iterable[Any]) -> None:
+    """Run the target jobs while the writer stores their rows; a storage failure stops the run."""
+    async def replay_all() -> None:
+        try:
+            await asyncio.gather(*jobs)
+        finally:
+            writer.close()
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(writer.run())
+            group.create_task(replay_all())
+    except ExceptionGroup as eg:  # one failure is the usual case: raise it as itself
+        leaves = _leaves(eg)
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
+def run_shadow(engine: Engine, run_id: int, samples: list[TrafficSample], targets: list[TargetConfig],
+               shadow: ShadowConfig, pricing: dict[str, Price], progress: bool = False) -> ShadowReport:
+    """Replay `samples` against `targets` for run `run_id`, store every result, and report on the run.
+
+    Safe to call again after an interruption: only requests without a stored result are sent.
+    """
+    if not progress:
+        return run_sync(lambda: replay(engine, run_id, samples, targets, shadow, pricing))
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    per_target = len(samples) * shadow.consistency_k
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("errors {task.fields[errors]}"), TimeRemainingColumn()) as bar:
+        tasks = {t.name: bar.add_task(t.name, total=per_target, errors=0) for t in targets}
+        errors: Counter[str] = Counter()
+        stored, _ = _stored_keys(engine, run_id)
+        for key in stored:
+            if key[1] in tasks:
+                bar.advance(tasks[key[1]])
+
+        def on_result(target: str, row: dict[str, Any]) -> None:
+            if row.get("error_class"):
+                errors[target] += 1
+            bar.update(tasks[target], advance=1, errors=errors[target])
+
+        return run_sync(lambda: replay(engine, run_id, samples, targets, shadow, pricing, on_result=on_result))
+
+
+def summarize_run(engine: Engine, run_id: int,
+                  targets: Sequence[TargetConfig] | None = None) -> dict[str, TargetReport]:
+    """Per-target counts, spend and latency percentiles of everything stored for a run."""
+    with session_scope(engine) as s:
+        rows = s.execute(select(
+            ShadowResult.target, ShadowResult.model, ShadowResult.error_class, ShadowResult.retries,
+            ShadowResult.cost_usd, ShadowResult.input_tokens, ShadowResult.output_tokens, ShadowResult.latency_ms,
+            ShadowResult.ttft_ms, ShadowResult.tpot_ms, ShadowResult.itl_ms,
+        ).where(ShadowResult.run_id == run_id)).all()
+    grouped: dict[str, list[Any]] = {}
+    for row in rows:
+        grouped.setdefault(row.target, []).append(row)
+    models = {t.name: t.model for t in targets or ()}
+    reports = {}
+    for name in list(models) + sorted(set(grouped) - set(models)):
+        group = grouped.get(name, [])
+        ok = [r for r in group if r.error_class is None]
+        reports[name] = TargetReport(
+            target=name, model=models.get(name) or (group[0].model if group else ""), requests=len(group),
+            ok=len(ok), errors=dict(sorted(Counter(r.error_class for r in group if r.error_class).items())),
+            retries=sum(r.retries for r in group), spend_usd=sum(r.cost_usd or 0.0 for r in group),
+            input_tokens=sum(r.input_tokens or 0 for r in ok), output_tokens=sum(r.output_tokens or 0 for r in ok),
+            cost_per_request_usd=cost_per_request([r.cost_usd for r in ok]),
+            latency_ms=latency_percentiles(r.latency_ms for r in ok),
+            ttft_ms=latency_percentiles(r.ttft_ms for r in ok),
+            tpot_ms=latency_percentiles(r.tpot_ms for r in ok),
+            itl_ms=latency_percentiles(r.itl_ms for r in ok))
+    return reports

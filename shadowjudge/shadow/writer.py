@@ -1,0 +1,76 @@
+"""Stores shadow results while a run goes, in small batches written off the event loop.
+
+One INSERT per result would cost more CPU than the request itself at hundreds of requests per second, and
+a blocking write on the loop would add its duration to the TTFT of every stream in flight. So rows wait at
+most `max_delay_s` (or until `batch_size` are pending) and are inserted in a worker thread, ignoring
+duplicates of the natural key, which makes a rerun or an overlapping resume harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from shadowjudge.errors import ShadowJudgeError
+from shadowjudge.store import ShadowResult, insert_ignoring_duplicates, session_scope
+
+RESULT_KEY = ["run_id", "sample_id", "target", "attempt"]
+COLUMNS = ("run_id", "sample_id", "target", "model", "attempt", "output_text", "ttft_ms", "itl_ms", "tpot_ms",
+           "latency_ms", "input_tokens", "output_tokens", "cost_usd", "error_class", "retries")
+
+
+class ResultStoreError(ShadowJudgeError):
+    """Results could not be written to the store."""
+
+
+class ResultWriter:
+    def __init__(self, engine: Engine, *, batch_size: int = 64, max_delay_s: float = 0.1):
+        self.engine = engine
+        self.batch_size = batch_size
+        self.max_delay_s = max_delay_s
+        self.written = 0
+        self._pending: list[dict[str, Any]] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+
+    def add(self, row: dict[str, Any]) -> None:
+        self._pending.append({c: row.get(c) for c in COLUMNS})
+        if len(self._pending) >= self.batch_size:
+            self._wake.set()
+
+    def close(self) -> None:
+        """Ask `run` to write what is pending and return."""
+        self._closing = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Flush until closed; on cancellation (an interrupted run) still write what has arrived."""
+        try:
+            while not self._closing:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.max_delay_s)
+                except TimeoutError:
+                    pass
+                self._wake.clear()
+                await self.flush()
+            await self.flush()
+        except asyncio.CancelledError:
+            await self.flush()
+            raise
+
+    async def flush(self) -> None:
+        if not self._pending:
+            return
+        rows, self._pending = self._pending, []
+        await asyncio.to_thread(self._insert, rows)
+
+    def _insert(self, rows: list[dict[str, Any]]) -> None:
+        try:
+            with session_scope(self.engine) as session:
+                self.written += insert_ignoring_duplicates(session, ShadowResult, rows, RESULT_KEY)
+        except SQLAlchemyError as exc:
+            raise ResultStoreError(f"cannot store {len(rows)} shadow results: {type(exc).__name__}: "
+                                   f"{str(exc).splitlines()[0][:300]}") from None
