@@ -20,7 +20,7 @@ from shadowjudge.alerts.sinks import SEVERITY_RANK, AlertSink, deliver, wants
 from shadowjudge.alerts.triage import build_bundle
 from shadowjudge.analysis.drift import DriftReport
 from shadowjudge.analysis.golden import GoldenReport
-from shadowjudge.analysis.regression import RunAnalysis
+from shadowjudge.analysis.regression import RunAnalysis, json_safe
 from shadowjudge.config import RouteConfig
 from shadowjudge.errors import InputError
 from shadowjudge.store import Alert, insert_ignoring_duplicates, session_scope
@@ -35,7 +35,8 @@ class AlertError(InputError):
 
 
 def alert_to_dict(alert: Alert) -> dict[str, Any]:
-    return {
+    """The alert as valid JSON (an infinite effect, e.g. cost per outcome with no accepted answer, becomes null)."""
+    return json_safe({
         "id": alert.id, "fingerprint": alert.fingerprint, "status": alert.status, "severity": alert.severity,
         "kind": alert.kind, "route": alert.route, "target": alert.target, "metric": alert.metric,
         "slice": alert.slice, "effect_size": alert.effect_size, "ci_low": alert.ci_low, "ci_high": alert.ci_high,
@@ -43,7 +44,7 @@ def alert_to_dict(alert: Alert) -> dict[str, Any]:
         "occurrences": alert.occurrences, "delivered": alert.delivered,
         "created_at": alert.created_at.isoformat() if alert.created_at else None,
         "updated_at": alert.updated_at.isoformat() if alert.updated_at else None,
-    }
+    })
 
 
 def _record(session, finding: Finding, bundle: dict[str, Any]) -> int:

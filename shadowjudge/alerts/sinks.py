@@ -62,6 +62,9 @@ def deliver(sink: AlertSink, alert: Mapping[str, Any], event: str,
             if not exc.retryable or attempts == sink.max_attempts:
                 break
             sleep(sink.backoff_s * 2 ** (attempts - 1))
+        except Exception as exc:  # a sink's bug must not take the other sinks (or the cycle) down with it
+            error = f"sink '{sink.name}': {type(exc).__name__}"
+            break
     return {"event": event, "status": "failed" if error else "sent", "attempts": attempts, "error": error,
             "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
