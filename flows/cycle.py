@@ -6,11 +6,11 @@ Tasks are idempotent, so Prefect's retries and a manual rerun with the same cycl
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
+from shadowjudge.environment import apply_defaults  # noqa: E402
+
+apply_defaults()
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
@@ -58,14 +58,15 @@ def track_task(config: Config, route: RouteConfig, handle: stages.RunHandle, ana
 
 
 @task(name="alerts", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
-def alerts_task(config: Config, route: RouteConfig, handle: stages.RunHandle, mlflow_run_id: str | None) -> list[dict]:
-    return stages.alert(_engine(config), config, route, handle, mlflow_run_id)
+def alerts_task(config: Config, route: RouteConfig, handle: stages.RunHandle, analysis: dict[str, Any],
+                mlflow_run_id: str | None, config_path: str) -> list[dict]:
+    return stages.alert(_engine(config), config, route, handle, analysis, mlflow_run_id, config_path)
 
 
 @task(name="update-routes", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
-def route_task(config: Config, route: RouteConfig, handle: stages.RunHandle, alerts: list[dict],
-               mlflow_run_id: str | None) -> dict[str, Any]:
-    return stages.update_routes(_engine(config), config, route, handle, alerts, mlflow_run_id)
+def route_task(config: Config, route: RouteConfig, handle: stages.RunHandle, analysis: dict[str, Any],
+               alerts: list[dict], mlflow_run_id: str | None) -> dict[str, Any]:
+    return stages.update_routes(_engine(config), config, route, handle, analysis, alerts, mlflow_run_id)
 
 
 @flow(name="evaluation-cycle", log_prints=True)
@@ -88,8 +89,8 @@ def evaluation_cycle(config_path: str, route: str | None = None, cycle_id: str |
         analysis = analyse_task(config, rc, handle, score_report.get("evaluator"))
         mlflow_run_id = track_task(config, rc, handle, analysis, {"ingest": ingest_report, "shadow": shadow_report,
                                                                   "score": score_report})
-        alerts = alerts_task(config, rc, handle, mlflow_run_id)
-        step = route_task(config, rc, handle, alerts, mlflow_run_id)
+        alerts = alerts_task(config, rc, handle, analysis, mlflow_run_id, config_path)
+        step = route_task(config, rc, handle, analysis, alerts, mlflow_run_id)
         outcome = stages.close_cycle(_engine(config), config, rc, handle, analysis, step, alerts, mlflow_run_id)
         create_markdown_artifact(key=f"cycle-{_artifact_key(rc.name)}", markdown=outcome["markdown"],
                                  description=f"ShadowJudge cycle {handle.run_key}")

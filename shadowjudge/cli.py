@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "1",
-                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-                     "TOKENIZERS_PARALLELISM": "false"}.items():
-    os.environ.setdefault(_key, _value)
+from shadowjudge.environment import apply_defaults
+
+apply_defaults()
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402

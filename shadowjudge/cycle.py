@@ -151,12 +151,12 @@ def ingest(engine: Engine, config: Config, progress: bool = False) -> dict[str, 
 
 
 def shadow(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle, progress: bool = False) -> dict[str, Any]:
-    from shadowjudge.shadow import run_shadow
+    from shadowjudge.shadow.engine import run_shadow
 
     samples = load_samples(engine, handle.sample_ids)
     report = run_shadow(engine, handle.run_id, samples, route_targets(route), config.shadow, config.pricing,
                         progress=progress)
-    return report.to_dict()
+    return report.as_dict()
 
 
 def score(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle, progress: bool = False) -> dict[str, Any]:
@@ -169,3 +169,182 @@ def score(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle,
     report = score_run(engine, handle.run_id, evaluator, [c.name for c in route.candidates],
                        batch_size=config.judge.batch_size, progress=progress)
     return asdict(report)
+
+
+def analyse(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle,
+            judge_version: str | None) -> dict[str, Any]:
+    from shadowjudge.analysis import analyze_run
+
+    return analyze_run(engine, handle.run_id, route, judge_version).to_dict()
+
+
+def _candidate_metrics(analysis: dict[str, Any], shadow_report: dict[str, Any], target: str) -> dict[str, float]:
+    """Flat MLflow metrics for one target: analysis effects with intervals, latency percentiles, spend."""
+    out: dict[str, float] = {}
+    for cand in analysis.get("candidates", []):
+        if cand["target"] != target:
+            continue
+        if cand.get("score") is not None:
+            out["canary_score"] = cand["score"]
+        out["n_samples"] = cand["n"]
+        out["n_judged"] = cand["n_judged"]
+        for m in cand["metrics"]:
+            for key in ("effect", "ci_low", "ci_high", "candidate_value", "incumbent_value", "p_value"):
+                if m.get(key) is not None:
+                    out[f"{m['metric']}.{key}"] = m[key]
+    report = shadow_report.get("targets", {}).get(target)
+    if report:
+        out["requests"] = report["requests"]
+        out["error_rate"] = (report["requests"] - report["ok"]) / report["requests"] if report["requests"] else 0.0
+        out["spend_usd"] = report["spend_usd"]
+        if report.get("cost_per_request_usd") is not None:
+            out["cost_per_request_usd"] = report["cost_per_request_usd"]
+        for family in ("latency_ms", "ttft_ms", "tpot_ms", "itl_ms"):
+            for pct, value in (report.get(family) or {}).items():
+                if value is not None and pct != "count":
+                    out[f"{family}.{pct}"] = value
+    return out
+
+
+def track(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle, analysis: dict[str, Any],
+          reports: dict[str, Any]) -> str | None:
+    """Log the cycle to MLflow; returns the run id (None when tracking is disabled)."""
+    from shadowjudge.tracking import CandidateLog, CycleLog, log_cycle
+    from shadowjudge.tracking.mlflow_tracking import latency_cdf, score_histogram, weight_history_plot
+
+    if not config.mlflow.enabled:
+        return None
+    shadow_report = reports.get("shadow", {})
+    evaluator = reports.get("score", {}).get("evaluator")
+    table = samples_table(engine, handle.run_id, evaluator)
+    candidates = []
+    for target in route.candidates:
+        verdict = next((c for c in analysis.get("candidates", []) if c["target"] == target.name), None)
+        candidates.append(CandidateLog(
+            target=target.name,
+            params={"model": target.model, "base_url": target.base_url},
+            metrics=_candidate_metrics(analysis, shadow_report, target.name),
+            tags={"verdict": verdict["verdict"] if verdict else "none",
+                  "reasons": "; ".join(verdict["reasons"])[:5000] if verdict else ""},
+        ))
+    scores = {"incumbent": [s for s, t in zip(table["incumbent_score"], table["target"]) if t == route.candidates[0].name]}
+    for target in route.candidates:
+        scores[target.name] = [s for s, t in zip(table["candidate_score"], table["target"]) if t == target.name]
+    latencies = {t.name: [v for v, tt in zip(table["latency_ms"], table["target"]) if tt == t.name]
+                 for t in route_targets(route)}
+    history = weight_history(engine, route.name)
+    figures = {"score_distributions.png": score_histogram(scores, f"{route.name}: judge scores"),
+               "latency_cdf.png": latency_cdf(latencies, f"{route.name}: total latency")}
+    if history:
+        figures["weight_history.png"] = weight_history_plot(history, f"{route.name}: route weights")
+    incumbent_metrics = _candidate_metrics(analysis, shadow_report, route.incumbent.name)
+    cycle_log = CycleLog(
+        route=route.name, run_key=handle.run_key,
+        params={"config_hash": config.fingerprint(), "judge_version": evaluator or "none",
+                "sample_size": len(handle.sample_ids), "incumbent": route.incumbent.model,
+                "candidates": ",".join(c.model for c in route.candidates), "sampling_rate": config.sampling.rate,
+                "policy": route.policy.kind},
+        metrics={"samples": len(handle.sample_ids), "spend_usd": shadow_report.get("spend_usd", 0.0),
+                 "ingest.stored": reports.get("ingest", {}).get("totals", {}).get("stored", 0),
+                 "ingest.quarantined": reports.get("ingest", {}).get("totals", {}).get("quarantined", 0),
+                 **{f"incumbent.{k}": v for k, v in incumbent_metrics.items()}},
+        tags={"shadowjudge.route": route.name, "shadowjudge.store_run_id": str(handle.run_id)},
+        candidates=candidates, samples_table=table, figures=figures,
+        json_artifacts={"analysis.json": analysis, "shadow_report.json": shadow_report},
+    )
+    run_id = log_cycle(config.mlflow.tracking_uri, config.mlflow.experiment_prefix, cycle_log)
+    with session_scope(engine) as s:
+        s.get(ShadowRun, handle.run_id).mlflow_run_id = run_id
+    return run_id
+
+
+def weight_history(engine: Engine, route: str) -> list[tuple[Any, dict[str, int]]]:
+    with session_scope(engine) as s:
+        rows = s.execute(select(RouteWeightChange.created_at, RouteWeightChange.before, RouteWeightChange.after)
+                         .where(RouteWeightChange.route == route, RouteWeightChange.status == "applied")
+                         .order_by(RouteWeightChange.id)).all()
+    if not rows:
+        return []
+    return [(rows[0][0], rows[0][1])] + [(ts, after) for ts, _, after in rows]
+
+
+def mlflow_link(config: Config, route: RouteConfig, mlflow_run_id: str | None) -> str | None:
+    from shadowjudge.tracking import run_link
+
+    return run_link(config.mlflow.tracking_uri, config.mlflow.ui_url, config.mlflow.experiment_prefix, route.name,
+                    mlflow_run_id)
+
+
+def alert(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle, analysis: dict[str, Any],
+          mlflow_run_id: str | None, config_path: str | None = None) -> list[dict[str, Any]]:
+    """Raise (or recur) an alert for every regression; delivery failures stay stored for the next cycle."""
+    from shadowjudge.alerts.records import alert_to_dict, raise_alerts
+    from shadowjudge.alerts.sinks import build_sinks
+    from shadowjudge.analysis import RunAnalysis
+
+    alerts = raise_alerts(engine, RunAnalysis.from_dict(analysis), route, build_sinks(config.alerts),
+                          mlflow_link(config, route, mlflow_run_id), config_path=config_path,
+                          max_examples=config.alerts.max_examples)
+    return [alert_to_dict(a) for a in alerts]
+
+
+def update_routes(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle, analysis: dict[str, Any],
+                  alerts: list[dict[str, Any]], mlflow_run_id: str | None, now: datetime | None = None) -> dict[str, Any]:
+    """Step the route's rollout once from this cycle's verdicts; a critical alert rolls its candidate back."""
+    from shadowjudge.analysis import RunAnalysis
+    from shadowjudge.gateways import get_gateway
+    from shadowjudge.routing.step import step_route
+    from shadowjudge.routing.verdicts import verdicts_from_analysis
+
+    critical = {a.get("target") for a in alerts if a.get("severity") == "critical" and a.get("target")}
+    verdicts = verdicts_from_analysis(RunAnalysis.from_dict(analysis), critical_targets=critical)
+    outcome = step_route(engine, route, verdicts, gateway=get_gateway(route.gateway, route),
+                         now=now or datetime.now(timezone.utc), run_id=handle.run_id,
+                         analysis_link=mlflow_link(config, route, mlflow_run_id))
+    return outcome.to_dict()
+
+
+def close_cycle(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle, analysis: dict[str, Any],
+                step: dict[str, Any], alerts: list[dict[str, Any]], mlflow_run_id: str | None) -> dict[str, Any]:
+    """Record the decision on the run and in MLflow, and render the cycle's markdown summary."""
+    decision = step.get("decision", "none")
+    verdicts = [f"{c['target']}: {c['verdict']} (score {c['score'] if c['score'] is not None else '-'}, "
+                f"n={c['n_judged']}/{c['n']})" for c in analysis.get("candidates", [])]
+    link = mlflow_link(config, route, mlflow_run_id)
+    finish_run(engine, handle.run_id, decision,
+               {"verdicts": verdicts, "weights_before": step.get("weights_before"),
+                "weights_after": step.get("weights_after"), "alerts": [a.get("id") for a in alerts]},
+               mlflow_run_id)
+    if mlflow_run_id and config.mlflow.enabled:
+        from shadowjudge.tracking.mlflow_tracking import set_tags
+
+        set_tags(config.mlflow.tracking_uri, mlflow_run_id, {
+            "shadowjudge.decision": decision, "shadowjudge.weights_after": str(step.get("weights_after"))})
+    markdown = render_cycle_markdown(handle, route, analysis, step, alerts, link)
+    return {"run_id": handle.run_id, "run_key": handle.run_key, "decision": decision, "verdicts": verdicts,
+            "weights_before": step.get("weights_before"), "weights_after": step.get("weights_after"),
+            "step_status": step.get("status"), "reason": step.get("reason"), "alerts": len(alerts),
+            "mlflow_run_id": mlflow_run_id, "mlflow_link": link, "markdown": markdown}
+
+
+def render_cycle_markdown(handle: RunHandle, route: RouteConfig, analysis: dict[str, Any], step: dict[str, Any],
+                          alerts: list[dict[str, Any]], link: str | None) -> str:
+    """The Prefect artifact: decision, weights before and after, top regressions, links."""
+    lines = [f"# Cycle `{handle.run_key}`", "",
+             f"**Decision:** {step.get('decision')} ({step.get('status')}): {step.get('reason')}", "",
+             "| target | before | after |", "|---|---|---|"]
+    before, after = step.get("weights_before") or {}, step.get("weights_after") or {}
+    for target in sorted(set(before) | set(after)):
+        lines.append(f"| {target} | {before.get(target, 0)} | {after.get(target, 0)} |")
+    lines += ["", "## Candidates", "", "| candidate | verdict | score | judged/replayed | reasons |", "|---|---|---|---|---|"]
+    for c in analysis.get("candidates", []):
+        reasons = "; ".join(c.get("reasons", []))[:300].replace("|", "/")
+        lines.append(f"| {c['target']} | {c['verdict']} | {c['score'] if c['score'] is not None else '-'} "
+                     f"| {c['n_judged']}/{c['n']} | {reasons} |")
+    if alerts:
+        lines += ["", "## Top regressions", ""]
+        for a in alerts[:5]:
+            lines.append(f"- **{a.get('severity')}** {a.get('message')}")
+    if link:
+        lines += ["", f"[MLflow run]({link})"]
+    return "\n".join(lines)

@@ -9,11 +9,9 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import create_engine, text
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+from shadowjudge.environment import apply_defaults  # noqa: E402
+
+apply_defaults()
 
 from shadowjudge.store import dispose_engines, get_engine, upgrade_database  # noqa: E402
 

@@ -133,6 +133,12 @@ def log_cycle(tracking_uri: str, prefix: str, cycle: CycleLog) -> str:
         raise TrackingError(f"MLflow at {redact_uri(tracking_uri)} failed: {type(exc).__name__}: {exc}") from exc
 
 
+def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, str]) -> None:
+    client = _client(tracking_uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
 def run_link(tracking_uri: str, ui_url: str | None, prefix: str, route: str, run_id: str | None) -> str | None:
     """The UI page of a run; `ui_url` defaults to the tracking URI when that is an HTTP server."""
     if not run_id:
