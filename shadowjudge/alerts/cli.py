@@ -17,8 +17,15 @@ from shadowjudge.errors import ShadowJudgeError
 
 alerts_cli = typer.Typer(help="List, inspect, acknowledge and resolve alerts.", no_args_is_help=True,
                          pretty_exceptions_enable=False, add_completion=False)
-console = Console()
-err_console = Console(stderr=True)
+
+
+def _out() -> Console:
+    """A console per command, so the terminal width (COLUMNS) is read when the command runs."""
+    return Console()
+
+
+def _err() -> Console:
+    return Console(stderr=True)
 
 ConfigOption = typer.Option(Path("configs/shadowjudge.yaml"), "--config", "-c", help="Config YAML",
                             envvar="SHADOWJUDGE_CONFIG")
@@ -36,7 +43,7 @@ def _engine(config_path: Path):
 
 
 def _fail(exc: ShadowJudgeError) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    _err().print(f"[bold red]error:[/] {exc}", highlight=False)
     raise typer.Exit(getattr(exc, "exit_code", 1))
 
 
@@ -67,7 +74,7 @@ def list_command(config: Path = ConfigOption,
         table.add_row(str(a.id), f"[{_SEVERITY_STYLE.get(a.severity, '')}]{a.severity}[/]", a.status, a.kind, a.route,
                       a.target or "-", a.metric, a.slice or "-", _fmt(a.effect_size), str(a.occurrences),
                       a.updated_at.strftime("%Y-%m-%d %H:%M"))
-    console.print(table)
+    _out().print(table)
 
 
 @alerts_cli.command("show")
@@ -95,7 +102,7 @@ def show_command(alert_id: int = typer.Argument(..., help="Alert id"), config: P
         "", escape(data["message"]), "", f"action: {escape(data['action'] or '-')}",
         f"MLflow run: {escape(bundle.get('run_link') or '-')}", f"reproduce: {escape(bundle.get('reproduce') or '-')}",
     ]
-    console.print(Panel("\n".join(lines), title=f"alert {data['id']}", expand=False), highlight=False)
+    _out().print(Panel("\n".join(lines), title=f"alert {data['id']}", expand=False), highlight=False)
     for i, ex in enumerate(bundle.get("examples") or [], 1):
         if "prompt" in ex:
             body = (f"[bold]prompt[/]: {escape(ex.get('prompt') or '')}\n\n[bold]incumbent[/] (score "
@@ -104,7 +111,7 @@ def show_command(alert_id: int = typer.Argument(..., help="Alert id"), config: P
                     f"{escape(ex.get('candidate_answer') or ex.get('candidate_error') or '-')}")
         else:
             body = escape(ex["text"] if "text" in ex else json.dumps(ex, indent=1, default=str))
-        console.print(Panel(body, title=f"example {i}", expand=False), highlight=False, markup=True)
+        _out().print(Panel(body, title=f"example {i}", expand=False), highlight=False, markup=True)
     if data["delivered"]:
         table = Table(title="Delivery")
         for col in ("sink", "event", "status", "attempts", "error", "at"):
@@ -112,7 +119,7 @@ def show_command(alert_id: int = typer.Argument(..., help="Alert id"), config: P
         for sink, st in data["delivered"].items():
             table.add_row(sink, st.get("event", "-"), st.get("status", "-"), str(st.get("attempts", "-")),
                           st.get("error") or "-", st.get("at") or "-")
-        console.print(table)
+        _out().print(table)
 
 
 @alerts_cli.command("ack")
@@ -126,7 +133,7 @@ def ack_command(alert_id: int = typer.Argument(..., help="Alert id"), config: Pa
         alert = acknowledge_alert(engine, alert_id, note)
     except ShadowJudgeError as exc:
         _fail(exc)
-    console.print(f"alert {alert.id} acknowledged")
+    _out().print(f"alert {alert.id} acknowledged")
 
 
 @alerts_cli.command("resolve")
@@ -143,6 +150,6 @@ def resolve_command(alert_id: int = typer.Argument(..., help="Alert id"), config
         _fail(exc)
     failed = [name for name, st in (alert.delivered or {}).items()
               if st.get("event") == "resolve" and st.get("status") == "failed"]
-    console.print(f"alert {alert.id} resolved")
+    _out().print(f"alert {alert.id} resolved")
     if failed:
-        err_console.print(f"[yellow]resolve not delivered to {', '.join(failed)}; it is retried on the next cycle[/]")
+        _err().print(f"[yellow]resolve not delivered to {', '.join(failed)}; it is retried on the next cycle[/]")

@@ -54,7 +54,7 @@ def _metric_finding(analysis: RunAnalysis, candidate: CandidateAnalysis, metric:
     where = f" on slice {slice_label}" if slice_label else ""
     message = (f"Candidate {candidate.target} ({candidate.model}) regresses{where} on route {analysis.route}: "
                f"{metric.describe()}. Verdict {candidate.verdict}"
-               + (f" (score {candidate.score:g})" if candidate.score is not None else "") + ".")
+               + (f" (canary score {candidate.score:g} on all traffic)" if candidate.score is not None else "") + ".")
     return Finding("regression", severity, analysis.route, candidate.target, metric.metric, slice_label,
                    metric.effect, metric.ci_low, metric.ci_high, message, action or _default_action(candidate),
                    analysis.run_id, f"run:{analysis.run_id}", sample_ids,
