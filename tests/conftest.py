@@ -73,3 +73,12 @@ def sqlite_url(tmp_path) -> str:
 @pytest.fixture
 def engine(store_url):
     return get_engine(store_url)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test harness (a temporary API and database) for the whole session: it costs 10-15 s to start."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

@@ -1,0 +1,88 @@
+"""The whole loop, for real: JSONL log -> sample -> replay server -> evaluator -> MLflow -> analysis -> gateway file.
+
+Runs the Prefect flow on SQLite and PostgreSQL against the real replay server and a real local MLflow store, and
+checks that rerunning a cycle adds no row anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from sqlalchemy import select
+
+from shadowjudge.cycle import count_rows
+from shadowjudge.demo import DEMO_DATA, demo_config
+from shadowjudge.shadow.replay_server import ReplayServer
+from shadowjudge.store import Judgment, RouteWeightChange, ShadowRun, TrafficSample, get_engine, session_scope
+
+FAST = {"seed": 1, "default": {"ttft_ms": 2, "token_ms": 0}}
+
+
+@pytest.fixture(scope="module")
+def replay_server():
+    with ReplayServer(DEMO_DATA / "recordings.jsonl.gz", FAST) as server:
+        yield server
+
+
+def _config(tmp_path, store_url, base_url) -> str:
+    data = demo_config(tmp_path, base_url)
+    data["store"]["url"] = store_url
+    data["judge"] = {"evaluator": "lexical"}
+    data["shadow"]["max_samples"] = 40
+    path = tmp_path / "shadowjudge.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_cycle_end_to_end_and_rerun_adds_nothing(tmp_path, store_url, replay_server, prefect_harness):
+    from flows.cycle import evaluation_cycle
+
+    config_path = _config(tmp_path, store_url, replay_server.base_url)
+    result = evaluation_cycle(config_path=config_path, cycle_id="c1")
+    outcome = result["routes"]["chat-default"]
+    engine = get_engine(store_url)
+    rows = count_rows(engine)
+    assert rows["traffic_samples"] == 300 and rows["quarantined_records"] == 0
+    assert rows["shadow_runs"] == 1
+    assert rows["shadow_results"] == 40 * 3  # incumbent and both candidates replayed
+    assert rows["judgments"] == 40 * 2
+    assert rows["route_weight_history"] >= 1
+    assert sum(outcome["weights_after"].values()) == 100
+
+    with session_scope(engine) as s:
+        run = s.scalar(select(ShadowRun))
+        assert run.status == "finished" and run.decision == outcome["decision"] and run.mlflow_run_id
+        stored = " ".join(json.dumps(m) for m in s.scalars(select(TrafficSample.messages)))
+        metas = " ".join(json.dumps(m) for m in s.scalars(select(TrafficSample.meta)))
+        assert "@example.com" not in stored and "@example.org" not in metas  # seeded PII never stored
+        assert "[EMAIL]" in stored
+        assert s.scalar(select(Judgment.evaluator).limit(1)) == "lexical:1"
+        change = s.scalars(select(RouteWeightChange).order_by(RouteWeightChange.id)).all()[-1]
+        assert change.run_id == run.id
+
+    gateway = yaml.safe_load((tmp_path / "gateway" / "truefoundry-virtual-models.yaml").read_text())
+    weights = {t["target"]: t["weight"] for t in gateway["rules"][0]["load_balance_targets"]}
+    assert weights == {"claude-instant-1.2": outcome["weights_after"]["claude-instant"],
+                       "Yi-34B-Chat": outcome["weights_after"]["yi-34b"],
+                       "llama-2-7b-chat-hf": outcome["weights_after"]["llama-2-7b"]}
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow_run = client.get_run(run.mlflow_run_id)
+    assert mlflow_run.data.tags["shadowjudge.decision"] == outcome["decision"]
+    assert mlflow_run.data.params["sample_size"] == "40"
+    assert {a.path for a in client.list_artifacts(run.mlflow_run_id)} >= {"samples.json", "analysis.json", "plots"}
+
+    again = evaluation_cycle(config_path=config_path, cycle_id="c1")
+    assert count_rows(engine) == rows
+    assert again["routes"]["chat-default"]["weights_after"] == outcome["weights_after"]
+    exp = client.get_experiment_by_name("shadowjudge/chat-default")
+    assert len(client.search_runs([exp.experiment_id])) == 3  # one cycle run + one nested run per candidate
+
+    evaluation_cycle(config_path=config_path, cycle_id="c2")
+    with session_scope(engine) as s:
+        runs = s.scalars(select(ShadowRun).order_by(ShadowRun.id)).all()
+        assert [r.run_key for r in runs] == ["chat-default:c1", "chat-default:c2"]
+        assert not set(runs[0].sample_ids) & set(runs[1].sample_ids)  # the next cycle takes the next samples
