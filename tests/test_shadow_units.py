@@ -36,7 +36,7 @@ def test_stream_parser_folds_chunks_usage_and_timing():
         "data: [DONE]",
     ]
     for i, line in enumerate(lines):
-        p.feed(line, 10.0 + i * 0.01)
+        p.feed(line.encode() + b"\n", 10.0 + i * 0.01)
     c = p.completion(ended=11.0)
     assert c.text == "Hello"
     assert c.ttft_ms == pytest.approx(20.0)  # the empty role chunk is not a token
@@ -48,15 +48,16 @@ def test_stream_parser_folds_chunks_usage_and_timing():
 def test_stream_parser_keeps_tool_calls_and_rejects_bad_chunks():
     p = StreamParser(started=0.0)
     call = 'data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":%s}]}}]}'
-    p.feed(call % '{"name":"get_w","arguments":""}', 1.0)
-    p.feed(call % '{"arguments":"{\\"c\\":1}"}', 2.0)
+    p.feed((call % '{"name":"get_w","arguments":""}').encode() + b"\n\n", 1.0)
+    p.feed((call % '{"arguments":"{\\"c\\":1}"}').encode()[:30], 2.0)  # a chunk can end mid-line
+    p.feed((call % '{"arguments":"{\\"c\\":1}"}').encode()[30:] + b"\n\n", 2.0)
     assert p.text() == '[{"name":"get_w","arguments":"{\\"c\\":1}"}]'
     assert p.completion(3.0).ttft_ms == 1000.0
     with pytest.raises(AttemptError) as err:
-        p.feed('data: {"choices": [', 4.0)
+        p.feed(b'data: {"choices": [\n', 4.0)
     assert err.value.error_class == "malformed_response" and not err.value.retryable
     with pytest.raises(AttemptError) as err:
-        p.feed('data: {"error": {"message": "overloaded"}}', 5.0)
+        p.feed(b'data: {"error": {"message": "overloaded"}}\r\n', 5.0)
     assert (err.value.error_class, err.value.retryable) == ("server_error", True)
 
 

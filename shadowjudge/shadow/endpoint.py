@@ -4,8 +4,9 @@
 status-error classes) on the SDK's aiohttp transport, and posts the request body as stored rather than via
 `chat.completions.create`: `create` re-validates every message through the SDK's TypedDict transform and
 builds a pydantic object per streamed chunk, which on a 2-core box caps the engine near 100 req/s. Replayed
-requests are already plain JSON, so the engine reads the SSE lines itself (orjson), which is also where the
-arrival time of each chunk is taken.
+requests are already plain JSON, so the body goes as orjson bytes (the SDK would otherwise deep-copy and
+re-serialise it) and the engine reads the SSE bytes itself, which is also where each chunk's arrival time
+is taken.
 """
 
 from __future__ import annotations
@@ -103,7 +104,10 @@ async def _mark_sent(request: Any) -> None:
 
 
 class StreamParser:
-    """Folds SSE lines of a streamed chat completion into text, usage and chunk arrival times."""
+    """Folds the SSE bytes of a streamed chat completion into text, usage and chunk arrival times.
+
+    It takes raw body chunks (not decoded lines): splitting bytes and handing them to orjson is several
+    times cheaper than the text line iterator, and this loop runs once per token of every answer."""
 
     def __init__(self, started: float):
         self.started = started
@@ -114,12 +118,18 @@ class StreamParser:
         self.finish_reason: str | None = None
         self.done = False
         self.ended: float | None = None
+        self._rest = b""
 
-    def feed(self, line: str, now: float) -> None:
-        if not line.startswith("data:"):
-            return  # blank separators, comments, `event:` lines
-        data = line[5:].strip()
-        if data == "[DONE]":
+    def feed(self, data: bytes, now: float) -> None:
+        """Take the next piece of the body, which may end mid-line; `now` is when it arrived."""
+        lines = (self._rest + data).split(b"\n")
+        self._rest = lines.pop()
+        for line in lines:
+            if line.startswith(b"data:") and not self.done:
+                self._event(line[5:].strip(), now)
+
+    def _event(self, data: bytes, now: float) -> None:
+        if data == b"[DONE]":
             self.done = True
             self.ended = now
             return
@@ -207,8 +217,8 @@ class OpenAIEndpoint:
         parser = StreamParser(time.perf_counter())
         try:
             async with asyncio.timeout(timeout_s):
-                response = await self._client.post("/chat/completions", body=body, cast_to=httpx2.Response,
-                                                   stream=stream)
+                response = await self._client.post("/chat/completions", content=orjson.dumps(body),
+                                                   cast_to=httpx2.Response, stream=stream)
                 parser.started = response.request.extensions.get(SENT_AT, parser.started)
                 try:
                     if not stream:
@@ -216,9 +226,8 @@ class OpenAIEndpoint:
                         return _parse_completion(payload, parser.started, time.perf_counter())
                     # Read to the end even after [DONE]: an HTTP/1.1 connection is only reused once its
                     # body is fully consumed, and a new connection per request costs more than the request.
-                    async for line in response.aiter_lines():
-                        if not parser.done:
-                            parser.feed(line, time.perf_counter())
+                    async for data in response.aiter_bytes():
+                        parser.feed(data, time.perf_counter())
                 finally:
                     await response.aclose()
         except AttemptError:

@@ -221,7 +221,7 @@ class _TargetRun:
             log.warning("target %s: %s: %s", self.target.name, error_class, message)
 
 
-def _default_endpoint(target: TargetConfig, api_key: str, shadow: ShadowConfig) -> ChatEndpoint:
+def openai_endpoint(target: TargetConfig, api_key: str, shadow: ShadowConfig) -> ChatEndpoint:
     return OpenAIEndpoint(target, api_key, timeout_s=shadow.timeout_s)
 
 
@@ -253,7 +253,7 @@ def _check_inputs(samples: Sequence[TrafficSample], targets: Sequence[TargetConf
 async def replay(engine: Engine, run_id: int, samples: Sequence[TrafficSample], targets: Sequence[TargetConfig],
                  shadow: ShadowConfig, pricing: dict[str, Price], *,
                  on_result: Callable[[str, dict[str, Any]], None] | None = None,
-                 endpoint_factory: EndpointFactory = _default_endpoint,
+                 endpoint_factory: EndpointFactory = openai_endpoint,
                  writer: ResultWriter | None = None) -> ShadowReport:
     """The async core of `run_shadow`; replays what is not stored yet for `run_id` and reports on the run."""
     _check_inputs(samples, targets, shadow, pricing)
