@@ -13,9 +13,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -64,30 +65,116 @@ def default_threads() -> int:
 ProgressCallback = Callable[[int], None]
 
 
+Backend = Literal["torch", "onnx", "onnx-int8"]
+BACKENDS: tuple[str, ...] = ("torch", "onnx", "onnx-int8")
+
+
+def cache_root() -> Path:
+    """Where exported ONNX encoders live: $SHADOWJUDGE_CACHE_DIR, else ~/.cache/shadowjudge."""
+    return Path(os.environ.get("SHADOWJUDGE_CACHE_DIR") or Path.home() / ".cache" / "shadowjudge")
+
+
+def _load_torch_encoder(settings: EncoderSettings, path: Path):
+    from transformers import AutoModel
+
+    try:
+        model = AutoModel.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise EncoderError(f"cannot load MiniLM from {path}: {exc}") from exc
+    if not 1 <= settings.num_layers <= len(model.encoder.layer):
+        raise EncoderError(f"num_layers must be in 1..{len(model.encoder.layer)}, got {settings.num_layers}")
+    model.encoder.layer = model.encoder.layer[: settings.num_layers]
+    return PooledEncoder(model).eval()
+
+
+class PooledEncoder(torch.nn.Module):
+    """MiniLM + masked mean pooling + L2 normalisation in one graph (what the ONNX export captures)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def onnx_encoder_path(settings: EncoderSettings, backend: Backend, model_dir: Path | None = None) -> Path:
+    """Export (once, cached by encoder fingerprint) the pooled encoder to ONNX; int8 uses dynamic quantisation
+    with per-channel weights and reduced range, which keeps AVX2 machines (no VNNI) from saturating."""
+    import warnings
+
+    root = cache_root() / "onnx"
+    fp32 = root / f"minilm-{settings.fingerprint()}.onnx"
+    target = fp32 if backend == "onnx" else root / f"minilm-{settings.fingerprint()}.int8.onnx"
+    if target.exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    if not fp32.exists():
+        model = _load_torch_encoder(settings, model_dir or base_model_dir())
+        example = (torch.ones((2, 8), dtype=torch.long), torch.ones((2, 8), dtype=torch.long))
+        tmp = fp32.with_name(f"{fp32.stem}.{os.getpid()}.tmp.onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, example, str(tmp), input_names=["input_ids", "attention_mask"],
+                              output_names=["embedding"], opset_version=17, dynamo=False,
+                              dynamic_axes={"input_ids": {0: "batch", 1: "tokens"},
+                                            "attention_mask": {0: "batch", 1: "tokens"},
+                                            "embedding": {0: "batch"}})
+        os.replace(tmp, fp32)
+    if backend == "onnx-int8":
+        import logging
+
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+        tmp = target.with_name(f"{target.stem}.{os.getpid()}.tmp.onnx")
+        quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
+        os.replace(tmp, target)
+    return target
+
+
 class TextEncoder:
-    """Mean-pooled, L2-normalised MiniLM sentence embeddings with head+tail truncation."""
+    """Mean-pooled, L2-normalised MiniLM sentence embeddings with head+tail truncation.
+
+    Backends: `torch` (reference), `onnx` (same numbers, ONNX Runtime), `onnx-int8` (dynamic int8 quantisation;
+    embeddings move by ~1% cosine, so a judge records whether its agreement survived it).
+    """
 
     def __init__(self, settings: EncoderSettings = EncoderSettings(), *, model_dir: Path | None = None,
-                 threads: int | None = None, batch_size: int = 32) -> None:
-        import torch
-        from transformers import AutoModel, AutoTokenizer
+                 threads: int | None = None, batch_size: int = 32, backend: Backend = "torch") -> None:
+        from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
+        if backend not in BACKENDS:
+            raise EncoderError(f"encoder backend must be one of {BACKENDS}, got {backend!r}")
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         self.settings = settings
         self.batch_size = batch_size
-        torch.set_num_threads(threads or default_threads())
+        self.backend = backend
+        self.threads = threads or default_threads()
         path = model_dir or base_model_dir()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-            model = AutoModel.from_pretrained(str(path))
         except (OSError, ValueError) as exc:
-            raise EncoderError(f"cannot load MiniLM from {path}: {exc}") from exc
-        if not 1 <= settings.num_layers <= len(model.encoder.layer):
-            raise EncoderError(f"num_layers must be in 1..{len(model.encoder.layer)}, got {settings.num_layers}")
-        model.encoder.layer = model.encoder.layer[: settings.num_layers]
-        self.model = model.eval()
+            raise EncoderError(f"cannot load the MiniLM tokenizer from {path}: {exc}") from exc
+        if backend == "torch":
+            torch.set_num_threads(self.threads)
+            self._model = _load_torch_encoder(settings, path)
+            self._session = None
+        else:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+            options.log_severity_level = 3
+            self._session = ort.InferenceSession(str(onnx_encoder_path(settings, backend, path)), options,
+                                                 providers=["CPUExecutionProvider"])
+            self._model = None
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids with [CLS]/[SEP], long texts cut to head + tail."""
@@ -103,31 +190,30 @@ class TextEncoder:
             out.append([cls, *ids, sep])
         return out
 
+    def _run(self, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        if self._session is not None:
+            return self._session.run(None, {"input_ids": input_ids, "attention_mask": mask})[0]
+        with torch.inference_mode():
+            return self._model(torch.from_numpy(input_ids), torch.from_numpy(mask)).numpy()
+
     def encode(self, texts: Sequence[str], progress: ProgressCallback | None = None) -> np.ndarray:
         """(n, 384) float32 embeddings in input order; batches sorted by length to keep padding small."""
-        import torch
-
         if not texts:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
         ids = self.token_ids(texts)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out = np.zeros((len(ids), EMBEDDING_DIM), dtype=np.float32)
-        with torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start:start + self.batch_size]
-                width = max(len(ids[i]) for i in batch)
-                input_ids = torch.zeros((len(batch), width), dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
-                    mask[row, : len(ids[i])] = 1
-                hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-                m = mask.unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
-                pooled = torch.nn.functional.normalize(pooled, dim=-1)
-                out[batch] = pooled.numpy()
-                if progress:
-                    progress(len(batch))
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            width = max(len(ids[i]) for i in batch)
+            input_ids = np.zeros((len(batch), width), dtype=np.int64)
+            mask = np.zeros((len(batch), width), dtype=np.int64)
+            for row, i in enumerate(batch):
+                input_ids[row, : len(ids[i])] = ids[i]
+                mask[row, : len(ids[i])] = 1
+            out[batch] = self._run(input_ids, mask)
+            if progress:
+                progress(len(batch))
         return out
 
 

@@ -40,8 +40,11 @@ def load_evaluator(judge: "JudgeConfig", tracking_uri: str) -> Evaluator:
     raise EvaluatorConfigError(f"judge.evaluator '{kind}' is unknown; use small-judge, llm-judge or lexical")
 
 
-def load_small_judge(model_uri: str, tracking_uri: str, *, batch_size: int = 32):
-    """A SmallJudge from `models:/name@alias`, `models:/name/version` or a local directory."""
+def load_small_judge(model_uri: str, tracking_uri: str, *, batch_size: int = 32, backend: str | None = None):
+    """A SmallJudge from `models:/name@alias`, `models:/name/version` or a local directory.
+
+    `backend` (torch | onnx | onnx-int8) overrides the encoder runtime the judge was validated with.
+    """
     from pathlib import Path
 
     from evaluators import judge_registry as reg
@@ -50,11 +53,11 @@ def load_small_judge(model_uri: str, tracking_uri: str, *, batch_size: int = 32)
     if model_uri.startswith("models:/"):
         found = reg.resolve(tracking_uri, model_uri)
         return SmallJudge.load(reg.download_judge(tracking_uri, found), version=f"small-judge:{found.uri}",
-                               batch_size=batch_size)
+                               batch_size=batch_size, backend=backend)
     path = Path(model_uri.removeprefix("file://"))
     if not path.is_dir():
         raise EvaluatorConfigError(f"judge model '{model_uri}' is neither a models:/ URI nor a judge directory")
-    return SmallJudge.load(path, batch_size=batch_size)
+    return SmallJudge.load(path, batch_size=batch_size, backend=backend)
 
 
 def ensure_champion(judge: "JudgeConfig", tracking_uri: str, data_dir, *, console=None, seed: int = 0) -> str:

@@ -128,7 +128,8 @@ def embed_answers(data: PreferenceData, keys: Sequence[tuple[str, str]], embedde
     )
 
 
-def _feature_columns(use_length: bool) -> slice:
+def feature_columns(use_length: bool) -> slice:
+    """Columns of EmbeddedAnswers.features a head uses (length features come first)."""
     n_length = len(feature_names(True)) - len(feature_names(False))
     return slice(0, None) if use_length else slice(n_length, None)
 
@@ -141,19 +142,20 @@ def fit_head(emb: EmbeddedAnswers, pairs: Sequence[LabelledPair], config: HeadCo
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    feats = emb.features[:, _feature_columns(config.use_length)]
+    feats = emb.features[:, feature_columns(config.use_length)]
+    a = torch.from_numpy(emb.rows([(p.prompt_id, p.model_a) for p in pairs]))
+    b = torch.from_numpy(emb.rows([(p.prompt_id, p.model_b) for p in pairs]))
+    seen = np.unique(np.concatenate([a.numpy(), b.numpy()]))  # training answers only: no held-out statistics
     spec = JudgeSpec(
         encoder=encoder,
         use_length=config.use_length,
         prompt_interaction=config.prompt_interaction,
         hidden=config.hidden,
-        feature_mean=feats.mean(0).tolist(),
-        feature_std=np.maximum(feats.std(0), 1e-3).tolist(),
+        feature_mean=feats[seen].mean(0).tolist(),
+        feature_std=np.maximum(feats[seen].std(0), 1e-3).tolist(),
         trained_on=trained_on,
     )
     x = torch.from_numpy(head_inputs(spec, emb.answer_emb, emb.prompt_emb, feats))
-    a = torch.from_numpy(emb.rows([(p.prompt_id, p.model_a) for p in pairs]))
-    b = torch.from_numpy(emb.rows([(p.prompt_id, p.model_b) for p in pairs]))
     y = torch.tensor([p.p_b_better for p in pairs], dtype=torch.float32)
     head = build_head(spec)
     opt = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -177,7 +179,7 @@ def fit_head(emb: EmbeddedAnswers, pairs: Sequence[LabelledPair], config: HeadCo
     with torch.inference_mode():
         rewards = head(x).squeeze(-1).numpy()
     # Pointwise score 0.5 = as good as a typical training answer (all models, both sides of every pair).
-    spec.reference_reward = float(np.mean(rewards[np.unique(np.concatenate([a.numpy(), b.numpy()]))]))
+    spec.reference_reward = float(np.mean(rewards[seen]))
     state = {k: v.detach().numpy().copy() for k, v in head.state_dict().items()}
     return spec, state
 

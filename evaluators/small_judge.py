@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluators.answer_features import answer_features, feature_names
-from evaluators.encoder import EMBEDDING_DIM, EncoderSettings, LruEmbedder, TextEmbedder, TextEncoder
+from evaluators.encoder import EMBEDDING_DIM, Backend, EncoderSettings, LruEmbedder, TextEmbedder, TextEncoder
 from shadowjudge.errors import ShadowJudgeError
 
 SPEC_FILE = "judge.json"
@@ -39,6 +39,7 @@ class JudgeSpec:
     feature_mean: list[float] = field(default_factory=list)
     feature_std: list[float] = field(default_factory=list)
     reference_reward: float = 0.0
+    serving_backend: str = "onnx"  # "onnx-int8" only when training measured that int8 keeps agreement
     trained_on: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -86,7 +87,8 @@ class SmallJudge:
     """The fine-tuned small judge as an `Evaluator`: pointwise scores and pairwise preferences on CPU."""
 
     def __init__(self, spec: JudgeSpec, head_state: dict[str, np.ndarray], *, version: str,
-                 embedder: TextEmbedder | None = None, cache_size: int = 8192, batch_size: int = 32) -> None:
+                 embedder: TextEmbedder | None = None, cache_size: int = 8192, batch_size: int = 32,
+                 backend: Backend | None = None) -> None:
         import torch
 
         self.spec = spec
@@ -97,7 +99,10 @@ class SmallJudge:
         except (RuntimeError, KeyError) as exc:
             raise JudgeLoadError(f"head weights do not match judge.json: {exc}") from exc
         self.head.eval()
-        self.embedder = embedder or LruEmbedder(TextEncoder(spec.encoder, batch_size=batch_size), cache_size)
+        if embedder is None:
+            encoder = TextEncoder(spec.encoder, batch_size=batch_size, backend=backend or spec.serving_backend)
+            embedder = LruEmbedder(encoder, cache_size)
+        self.embedder = embedder
 
     # -- persistence -------------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:

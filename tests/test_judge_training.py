@@ -46,9 +46,11 @@ def tiny_data(tmp_path_factory) -> Path:
 def trained(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root}/mlflow.db"
-    result = train_judge(tiny_data, uri, quick=True, seed=0, registered_name="tiny-judge", settings=TINY,
-                         cache_dir=root / "cache")
-    return uri, root, result
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SHADOWJUDGE_CACHE_DIR", str(root / "onnx-cache"))  # the served judge's ONNX export
+        result = train_judge(tiny_data, uri, quick=True, seed=0, registered_name="tiny-judge", settings=TINY,
+                             cache_dir=root / "cache")
+        yield uri, root, result
 
 
 def test_tiny_judge_beats_chance_on_heldout_models(trained, tiny_data):

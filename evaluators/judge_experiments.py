@@ -1,0 +1,187 @@
+"""Compare reward-head designs by cross-validation over MODELS, every candidate logged to MLflow.
+
+Each fold holds out a set of judged models; a head is trained on the others and judged on the held-out ones
+(pair agreement, length-balanced agreement, and the held-out models' win rates vs the reference). System-level
+Spearman is computed over the out-of-fold win rates of all models together (and per fold). Embeddings come from
+the on-disk cache, so a configuration takes seconds once the corpus is embedded.
+
+    python -m evaluators.judge_experiments --data /work/shared/data/alpacaeval --folds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from evaluators.encoder import EmbeddingCache, EncoderSettings
+from evaluators.judge_metrics import longest_wins, pair_metrics, system_metrics
+from evaluators.judge_training import (
+    DEFAULT_CACHE_DIR,
+    EmbeddedAnswers,
+    HeadConfig,
+    embed_answers,
+    feature_columns,
+    fit_head,
+)
+from evaluators.preference_data import REFERENCE_MODEL, PreferenceData, load_preference_data
+from evaluators.small_judge import head_inputs
+
+EXPERIMENT = "shadowjudge-judge-experiments"
+
+
+def all_rewards(emb: EmbeddedAnswers, spec, state) -> np.ndarray:
+    """The head's reward for every embedded answer at once (vectorised; no encoder involved)."""
+    import torch
+
+    from evaluators.small_judge import build_head
+
+    head = build_head(spec)
+    head.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
+    head.eval()
+    x = head_inputs(spec, emb.answer_emb, emb.prompt_emb, emb.features[:, feature_columns(spec.use_length)])
+    with torch.inference_mode():
+        return head(torch.from_numpy(x)).squeeze(-1).numpy().astype(np.float64)
+
+
+def model_folds(models: Sequence[str], folds: int, seed: int) -> list[list[str]]:
+    shuffled = sorted(models)
+    random.Random(seed).shuffle(shuffled)
+    return [sorted(shuffled[i::folds]) for i in range(folds)]
+
+
+def cross_validate(data: PreferenceData, emb: EmbeddedAnswers, config: HeadConfig, encoder: EncoderSettings,
+                   *, folds: int = 5, seed: int = 0, annotators: Sequence[str] | None = None) -> dict:
+    """Out-of-fold figures for one head configuration (and the longest-wins baseline on the same folds)."""
+    pairs = [p for p in data.pairs if not annotators or p.annotator in annotators]
+    judged = sorted({p.model_b for p in data.pairs})
+    prompts = sorted(data.prompts)
+    oof_win: dict[str, float] = {}
+    base_win: dict[str, float] = {}
+    preds, labels, la, lb = [], [], [], []
+    fold_rho, fold_lc = [], []
+    for fold in model_folds(judged, folds, seed):
+        held = set(fold)
+        train = [p for p in pairs if p.model_b not in held]
+        spec, state = fit_head(emb, train, config, encoder, seed)
+        r = all_rewards(emb, spec, state)
+        test = [p for p in data.pairs if p.model_b in held]
+        ia = emb.rows([(p.prompt_id, p.model_a) for p in test])
+        ib = emb.rows([(p.prompt_id, p.model_b) for p in test])
+        preds.append(1 / (1 + np.exp(-(r[ib] - r[ia]))))
+        labels.append(np.asarray([p.p_b_better for p in test]))
+        la.append(emb.lengths[ia])
+        lb.append(emb.lengths[ib])
+        fold_win, fold_base = {}, {}
+        for m in fold:
+            keys = [(pid, m) for pid in prompts if (pid, m) in emb.index and (pid, REFERENCE_MODEL) in emb.index]
+            if not keys or m not in data.leaderboard:
+                continue
+            im = emb.rows(keys)
+            iref = emb.rows([(pid, REFERENCE_MODEL) for pid, _ in keys])
+            fold_win[m] = 100 * float(np.mean(1 / (1 + np.exp(-(r[im] - r[iref])))))
+            fold_base[m] = 100 * float(np.mean(longest_wins(emb.lengths[iref], emb.lengths[im])))
+        oof_win.update(fold_win)
+        base_win.update(fold_base)
+        sm = system_metrics(fold_win, data.leaderboard)
+        fold_rho.append(sm.spearman_win_rate)
+        fold_lc.append(sm.spearman_lc_win_rate)
+    p, y, a, b = (np.concatenate(v) for v in (preds, labels, la, lb))
+    pm = pair_metrics(p, y, a, b)
+    bm = pair_metrics(longest_wins(a, b), y, a, b)
+    sm = system_metrics(oof_win, data.leaderboard)
+    sb = system_metrics(base_win, data.leaderboard)
+    return {
+        "agreement": pm.agreement, "balanced_agreement": pm.balanced_agreement, "prefers_longer": pm.prefers_longer,
+        "log_loss": pm.log_loss,
+        "spearman_win_rate": sm.spearman_win_rate, "spearman_lc_win_rate": sm.spearman_lc_win_rate,
+        "fold_spearman_win_rate_mean": float(np.nanmean(fold_rho)),
+        "fold_spearman_lc_win_rate_mean": float(np.nanmean(fold_lc)),
+        "fold_spearman_win_rate_min": float(np.nanmin(fold_rho)),
+        "fold_spearman_lc_win_rate_min": float(np.nanmin(fold_lc)),
+        "baseline_agreement": bm.agreement, "baseline_balanced_agreement": bm.balanced_agreement,
+        "baseline_spearman_win_rate": sb.spearman_win_rate, "baseline_spearman_lc_win_rate": sb.spearman_lc_win_rate,
+        "n_models": sm.n_models,
+    }
+
+
+DEFAULT_GRID: tuple[HeadConfig, ...] = (
+    HeadConfig("linear-length", use_length=True, hidden=0, epochs=30),
+    HeadConfig("linear-nolength", use_length=False, hidden=0, epochs=30),
+    HeadConfig("mlp64-length", use_length=True, hidden=64),
+    HeadConfig("mlp64-nolength", use_length=False, hidden=64),
+    HeadConfig("mlp64-length-noprompt", use_length=True, hidden=64, prompt_interaction=False),
+    HeadConfig("mlp256-length", use_length=True, hidden=256, weight_decay=5e-2),
+)
+
+
+def run_grid(data_dir: str | Path, tracking_uri: str | None, *, encoder: EncoderSettings, folds: int, seed: int,
+             grid: Sequence[HeadConfig] = DEFAULT_GRID, cache_dir: Path = DEFAULT_CACHE_DIR,
+             annotators: Sequence[str] | None = None, max_prompts: int | None = None) -> list[dict]:
+    data = load_preference_data(data_dir)
+    if max_prompts:
+        data = data.sample_prompts(max_prompts, seed)
+    cache = EmbeddingCache(cache_dir, encoder)
+    keys = sorted(data.outputs)
+    emb = embed_answers(data, keys, cache)
+    cache.save()
+    rows = []
+    for config in grid:
+        started = time.monotonic()
+        metrics = cross_validate(data, emb, config, encoder, folds=folds, seed=seed, annotators=annotators)
+        metrics["seconds"] = time.monotonic() - started
+        row = {"config": asdict(config), "encoder": asdict(encoder), "annotators": list(annotators or []), **metrics}
+        rows.append(row)
+        if tracking_uri:
+            _log(tracking_uri, row, folds, seed, str(data_dir))
+    return rows
+
+
+def _log(tracking_uri: str, row: dict, folds: int, seed: int, data_dir: str) -> None:
+    import mlflow
+
+    from evaluators import judge_registry as reg
+
+    experiment = reg.ensure_experiment(tracking_uri, EXPERIMENT)
+    with reg.tracking(tracking_uri), mlflow.start_run(experiment_id=experiment, run_name=row["config"]["name"]):
+        mlflow.log_params({**{f"head_{k}": v for k, v in row["config"].items()},
+                           **{f"encoder_{k}": v for k, v in row["encoder"].items()},
+                           "folds": folds, "seed": seed, "data_dir": data_dir,
+                           "annotators": ",".join(row["annotators"]) or "all"})
+        mlflow.log_metrics({k: float(v) for k, v in row.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Cross-validate reward-head designs by model; logs to MLflow")
+    parser.add_argument("--data", default="/work/shared/data/alpacaeval")
+    parser.add_argument("--tracking-uri", default="sqlite:///.shadowjudge/mlflow.db")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--num-layers", type=int, default=6)
+    parser.add_argument("--max-prompts", type=int, default=None)
+    parser.add_argument("--annotators", default="", help="comma-separated; empty = all")
+    parser.add_argument("--only", default="", help="comma-separated config names from the default grid")
+    args = parser.parse_args(argv)
+    grid = [c for c in DEFAULT_GRID if not args.only or c.name in args.only.split(",")]
+    rows = run_grid(args.data, args.tracking_uri or None,
+                    encoder=EncoderSettings(max_tokens=args.max_tokens, num_layers=args.num_layers),
+                    folds=args.folds, seed=args.seed, grid=grid,
+                    annotators=[a for a in args.annotators.split(",") if a] or None, max_prompts=args.max_prompts)
+    for row in rows:
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                          if k not in ("encoder",)}))
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["DEFAULT_GRID", "all_rewards", "cross_validate", "run_grid"]

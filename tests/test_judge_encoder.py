@@ -1,0 +1,73 @@
+"""The MiniLM encoder: head+tail truncation, length-sorted batching, and the ONNX runtimes against PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from evaluators.encoder import EmbeddingCache, EncoderError, EncoderSettings, LruEmbedder, TextEncoder
+
+SMALL = EncoderSettings(max_tokens=32, num_layers=2)
+TEXTS = ["Short answer.", "A somewhat longer answer that explains the idea in a full sentence or two.",
+         " ".join(f"word{i}" for i in range(200)) + " THE END", "", "Paris is the capital of France."]
+
+
+@pytest.fixture(scope="module")
+def torch_encoder():
+    return TextEncoder(SMALL, batch_size=2)
+
+
+def test_long_texts_keep_their_head_and_tail(torch_encoder):
+    ids = torch_encoder.token_ids(TEXTS)
+    assert max(len(x) for x in ids) == SMALL.max_tokens
+    long_ids = ids[2]
+    tok = torch_encoder.tokenizer
+    assert tok.decode(long_ids[1:3]).startswith("word")
+    assert tok.decode(long_ids[-4:-1]).replace(" ", "").endswith("theend")
+    assert long_ids[0] == tok.cls_token_id and long_ids[-1] == tok.sep_token_id
+
+
+def test_batching_does_not_change_embeddings(torch_encoder):
+    together = torch_encoder.encode(TEXTS)
+    alone = np.stack([torch_encoder.encode([t])[0] for t in TEXTS])
+    assert together.shape == (len(TEXTS), 384)
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
+
+
+def test_onnx_matches_torch_and_int8_stays_close(torch_encoder, tmp_path, monkeypatch):
+    monkeypatch.setenv("SHADOWJUDGE_CACHE_DIR", str(tmp_path))
+    reference = torch_encoder.encode(TEXTS)
+    fp32 = TextEncoder(SMALL, backend="onnx").encode(TEXTS)
+    int8 = TextEncoder(SMALL, backend="onnx-int8").encode(TEXTS)
+    np.testing.assert_allclose(fp32, reference, atol=1e-4)
+    assert (int8 * reference).sum(1).min() > 0.95
+    assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 2  # exported once, cached by fingerprint
+
+
+def test_caches_encode_each_text_once(torch_encoder, tmp_path):
+    calls = []
+
+    class Counting:
+        def encode(self, texts, progress=None):
+            calls.append(len(texts))
+            return torch_encoder.encode(texts)
+
+    lru = LruEmbedder(Counting(), capacity=3)
+    first = lru.embed(TEXTS[:2] + TEXTS[:2])
+    again = lru.embed(TEXTS[:2])
+    assert calls == [2] and np.array_equal(first[:2], again)
+    disk = EmbeddingCache(tmp_path, SMALL)
+    disk._encoder = Counting()
+    disk.embed(TEXTS)
+    disk.save()
+    reloaded = EmbeddingCache(tmp_path, SMALL)
+    assert len(reloaded) == len(set(TEXTS)) and reloaded.missing(TEXTS) == 0
+    np.testing.assert_allclose(reloaded.embed(TEXTS), torch_encoder.encode(TEXTS), atol=2e-3)  # stored as fp16
+
+
+def test_bad_settings_are_clear_errors():
+    with pytest.raises(EncoderError, match="num_layers must be in 1..6"):
+        TextEncoder(EncoderSettings(num_layers=9))
+    with pytest.raises(EncoderError, match="backend must be one of"):
+        TextEncoder(SMALL, backend="tpu")
