@@ -189,6 +189,8 @@ class DriftConfig(_Strict):
     min_samples: int = Field(default=50, gt=1, description="Per window; fewer gives 'nodata'")
     max_embeddings: int = Field(default=2000, ge=100, description="Per window: larger windows are subsampled")
     max_mmd_samples: int = Field(default=1000, ge=50, description="Per window, for the MMD test (quadratic cost)")
+    mmd_alpha_share: float = Field(default=0.8, gt=0, lt=1, description="Input drift: MMD's share of alpha, the "
+                                   "domain classifier gets the rest (weighted Bonferroni; MMD is the stronger test)")
     permutations: int = Field(default=500, ge=100)
     min_auc: float = Field(default=0.55, gt=0.5, lt=1, description="Domain-classifier AUC that counts as drift")
     min_mmd: float = Field(default=0.03, gt=0, description="MMD (RBF kernel, not squared) that counts as drift")
@@ -286,6 +288,18 @@ class RouteConfig(_Strict):
         return self
 
 
+class OrchestrationConfig(_Strict):
+    """How the Prefect flows spread work past one process: judge scoring fan-out and provider-call limits."""
+
+    score_batches: int = Field(default=1, ge=1, le=256, description="Split a run's judge scoring into this many "
+                               "sample-id ranges, each a run of `score_deployment` that any worker may take "
+                               "(1: score inside the cycle's own process)")
+    score_deployment: str = Field(default="score-batch/score-batch", description="flow/deployment that scores a batch")
+    score_batch_timeout_s: float = Field(default=3600, gt=0, description="How long the cycle waits for its batches")
+    provider_calls_limit: int = Field(default=4, ge=1, description="Task runs tagged `provider-calls` (shadow tests, "
+                                      "load tests) running at once across all flow runs; set by `shadowjudge deploy`")
+
+
 class Config(_Strict):
     store: StoreConfig = Field(default_factory=StoreConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
@@ -298,6 +312,7 @@ class Config(_Strict):
     routes: list[RouteConfig] = Field(min_length=1)
     drift: DriftConfig = Field(default_factory=DriftConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
     @model_validator(mode="after")
     def _unique_names(self) -> "Config":

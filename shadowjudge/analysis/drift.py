@@ -165,7 +165,8 @@ def _chunks(total: int, size: int) -> list[int]:
 
 
 def input_drift(reference: np.ndarray, current: np.ndarray, config: DriftConfig, seed: int = 0) -> DriftResult:
-    """Has the prompt distribution moved? Domain classifier OR MMD, each at alpha/2 and past its effect size."""
+    """Has the prompt distribution moved? MMD OR the domain classifier, each past its effect size and significant at
+    its share of alpha (weighted Bonferroni: together they alarm falsely at most `alpha` of the time)."""
     reference, current = np.asarray(reference, dtype=np.float32), np.asarray(current, dtype=np.float32)
     n_ref, n_cur = len(reference), len(current)
     if min(n_ref, n_cur) < config.min_samples:
@@ -180,9 +181,9 @@ def input_drift(reference: np.ndarray, current: np.ndarray, config: DriftConfig,
     cur_m = cur_c[_subsample(len(cur_c), config.max_mmd_samples, rng)]
     mmd, mmd_p = mmd_permutation_test(ref_m, cur_m, config.permutations, seed)
     typical = [int(cur_rows[i]) for i in np.argsort(-current_scores)[:TYPICAL_EXAMPLES]]
-    alpha = config.alpha / 2
-    by_classifier = auc_p < alpha and auc >= config.min_auc
-    by_mmd = mmd_p < alpha and mmd >= config.min_mmd
+    alpha_mmd = config.alpha * config.mmd_alpha_share
+    by_classifier = auc_p < config.alpha - alpha_mmd and auc >= config.min_auc
+    by_mmd = mmd_p < alpha_mmd and mmd >= config.min_mmd
     status = "drift" if by_classifier or by_mmd else "stable"
     note = " and ".join(n for n, hit in (("domain classifier", by_classifier), ("MMD", by_mmd)) if hit)
     return DriftResult("input", "prompt_embeddings", None, status, "auc", auc, config.min_auc, min(auc_p, mmd_p),
