@@ -6,6 +6,7 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
+from sqlalchemy import select
 
 from shadowjudge.analysis import (
     MiniLMEmbedder,
@@ -19,7 +20,8 @@ from shadowjudge.analysis import (
 )
 from shadowjudge.analysis.drift import domain_classifier_test, mmd_permutation_test
 from shadowjudge.config import DriftConfig
-from test_analysis_alpaca_runs import START, build_run, mini, route_for
+from shadowjudge.store import Judgment, insert_ignoring_duplicates, session_scope
+from test_analysis_alpaca_runs import EVALUATOR, START, build_run, mini, route_for
 
 CONFIG = DriftConfig(min_samples=30, permutations=300)
 GEMMA, FALCON = "FuseChat-Gemma-2-9B-Instruct", "falcon-40b-instruct"
@@ -150,3 +152,33 @@ def test_detect_drift_over_store_windows(engine, minilm):
     examples = next(r for r in report.results if r.kind == "input").details["examples"]
     assert examples and all(e["text"] in {p["instruction"] for p in data.prompts} for e in examples)
     assert report.to_dict()["drifted"]
+
+
+def test_judge_drift_from_stored_teacher_verdicts(engine):
+    """The teacher (calibration) agrees with the small judge on every pair in window 0 and on ~70% in window 1."""
+    data = mini()
+    ids = [p["id"] for p in data.prompts]
+    runs = [build_run(engine, run_key=f"w{w}", incumbent="claude-2", candidates={"cand": GEMMA}, window=w,
+                      prompt_ids=ids[w * 150:(w + 1) * 150]) for w in (0, 1)]
+    rng = np.random.default_rng(5)
+    with session_scope(engine) as s:
+        students = s.execute(select(Judgment.run_id, Judgment.sample_id, Judgment.preference)
+                             .where(Judgment.run_id.in_(runs))).all()
+        teacher = []
+        for run_id, sample_id, pref in students:
+            window = runs.index(run_id)
+            agree = window == 0 or rng.random() < 0.7
+            says_candidate = (pref > 0.5) == agree
+            teacher.append(dict(run_id=run_id, sample_id=sample_id, target="cand", evaluator="teacher-gpt",
+                                preference=0.9 if says_candidate else 0.1,
+                                details={"role": "teacher", "student": EVALUATOR},
+                                created_at=START + timedelta(days=window, hours=1)))
+        insert_ignoring_duplicates(s, Judgment, teacher, ["run_id", "sample_id", "target", "evaluator"])
+    windows = TimeWindow(START, START + timedelta(days=1)), TimeWindow(START + timedelta(days=1), START + timedelta(days=2))
+    report = detect_drift(engine, route_for(["cand"]), *windows, CONFIG)
+    judge = next(r for r in report.results if r.kind == "judge")
+    assert judge.drifted and judge.details["reference_agreement"] == 1.0
+    assert 0.55 < judge.details["current_agreement"] < 0.85
+    later = TimeWindow(START + timedelta(days=5), START + timedelta(days=6))
+    assert next(r for r in detect_drift(engine, route_for(["cand"]), windows[0], later, CONFIG).results
+                if r.kind == "judge").status == "nodata"

@@ -113,14 +113,24 @@ def load_output_window(engine: Engine, route: RouteConfig, target: str, window: 
     return OutputWindow(texts, [scores[i] for i in sorted(scores)], format_ok)
 
 
+def teacher_agreement(engine: Engine, route: str, reference: TimeWindow,
+                      current: TimeWindow) -> tuple[list[float], list[float]]:
+    """Per-pair agreement of the small judge with its teacher in each window (by when the teacher judged)."""
+    from evaluators.calibration import judge_agreement
+
+    return (judge_agreement(engine, route, reference.start, reference.end).values,
+            judge_agreement(engine, route, current.start, current.end).values)
+
+
 def detect_drift(engine: Engine, route: RouteConfig, reference: TimeWindow, current: TimeWindow,
                  config: DriftConfig, embedder: PromptEmbedder | None = None, evaluator_version: str | None = None,
                  judge_agreement: tuple[Sequence[float | bool], Sequence[float | bool]] | None = None,
                  format_check: FormatCheck = json_when_asked, seed: int = 0) -> DriftReport:
     """Every drift check of a route, current window against reference window.
 
-    Input drift needs an `embedder`; judge drift needs the calibration agreement of both windows
-    (`judge_agreement=(reference_values, current_values)`, e.g. from evaluators.calibration.judge_agreement).
+    Input drift needs an `embedder`. Judge drift uses `judge_agreement=(reference_values, current_values)` when
+    given, else the teacher's calibration verdicts stored in each window (`teacher_agreement`); without
+    calibration pairs it reports 'nodata'.
     """
     results: list[DriftResult] = []
     if embedder is not None:
@@ -136,6 +146,7 @@ def detect_drift(engine: Engine, route: RouteConfig, reference: TimeWindow, curr
         if not ref.texts and not cur.texts:
             continue  # a candidate not replayed in either window has nothing to compare
         results.extend(output_drift(ref, cur, config, target))
-    if judge_agreement is not None:
-        results.append(judge_drift(judge_agreement[0], judge_agreement[1], config))
+    if judge_agreement is None:
+        judge_agreement = teacher_agreement(engine, route.name, reference, current)
+    results.append(judge_drift(judge_agreement[0], judge_agreement[1], config))
     return DriftReport(route.name, results, reference.label, current.label)
