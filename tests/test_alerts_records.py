@@ -46,7 +46,8 @@ def test_a_slice_regression_raises_one_alert_with_its_triage_bundle_and_no_chang
     analysis = analyze_run(engine, run_id, route)
     with Receiver() as rx:
         alerts = raise_alerts(engine, analysis, route, _webhook(rx.url), run_link=LINK, config_path="configs/prod.yaml")
-    assert [(a.target, a.metric, a.slice, a.severity) for a in alerts] == [("mixed", "quality", "task=koala", "critical")]
+    found = [(a.target, a.metric, a.slice, a.severity) for a in alerts]
+    assert found == [("mixed", "quality", "task=koala", "critical")]
     alert = alerts[0]
     assert alert.effect_size < 0.97 and alert.ci_high < 0.97 and alert.run_id == run_id
     assert "task=koala" in alert.message and "promotion blocked" in alert.action

@@ -43,7 +43,7 @@ class Receiver:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
-    def __enter__(self) -> "Receiver":
+    def __enter__(self) -> Receiver:
         self.thread.start()
         return self
 
@@ -64,7 +64,8 @@ ALERT = {
     "route": "chat", "target": "mixed", "metric": "quality", "slice": "task=koala", "effect_size": 0.23,
     "ci_low": 0.005, "ci_high": 0.53, "action": "promotion blocked", "message": "Candidate mixed regresses " * 300,
     "occurrences": 1, "run_id": 3, "delivered": {},
-    "bundle": {"run_link": "http://mlflow.local/#/experiments/1/runs/abc", "reproduce": "shadowjudge run --config c.yaml --route chat",
+    "bundle": {"run_link": "http://mlflow.local/#/experiments/1/runs/abc",
+               "reproduce": "shadowjudge run --config c.yaml --route chat",
                "examples": [{"prompt": "How do I cook salmon?", "incumbent_answer": "Heat the pan...",
                              "candidate_answer": "As an AI language model...", "candidate_score": 0.01,
                              "incumbent_score": 0.4}]},

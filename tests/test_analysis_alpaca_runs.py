@@ -20,7 +20,14 @@ import pytest
 from sqlalchemy import func, select
 
 from shadowjudge.config import RouteConfig
-from shadowjudge.store import Judgment, ShadowResult, ShadowRun, TrafficSample, insert_ignoring_duplicates, session_scope
+from shadowjudge.store import (
+    Judgment,
+    ShadowResult,
+    ShadowRun,
+    TrafficSample,
+    insert_ignoring_duplicates,
+    session_scope,
+)
 
 MINI = Path(__file__).resolve().parent.parent / "shadowjudge" / "demo_data" / "alpacaeval-mini"
 EVALUATOR = "gpt4-turbo-labels"
@@ -144,7 +151,8 @@ def build_run(engine, *, run_key: str, incumbent: str, candidates: dict[str, str
 
 def test_build_run_stores_real_outputs_and_scores_once(engine):
     data = mini()
-    kwargs = dict(run_key="r1", incumbent="claude-2", candidates={"cand": {"*": "claude-2", "koala": "falcon-40b-instruct"}})
+    kwargs = dict(run_key="r1", incumbent="claude-2",
+                  candidates={"cand": {"*": "claude-2", "koala": "falcon-40b-instruct"}})
     run_id = build_run(engine, **kwargs)
     assert build_run(engine, **kwargs) == run_id  # a rebuild is idempotent
     with session_scope(engine) as s:
@@ -153,7 +161,8 @@ def test_build_run_stores_real_outputs_and_scores_once(engine):
         rows = s.execute(select(TrafficSample.request_id, TrafficSample.meta, ShadowResult.output_text,
                                 Judgment.candidate_score)
                          .join(ShadowResult, ShadowResult.sample_id == TrafficSample.id)
-                         .join(Judgment, (Judgment.sample_id == TrafficSample.id) & (Judgment.target == ShadowResult.target))
+                         .join(Judgment, (Judgment.sample_id == TrafficSample.id)
+                               & (Judgment.target == ShadowResult.target))
                          .where(ShadowResult.target == "cand")).all()
     assert len(rows) == len(data.prompts)
     for r in rows:

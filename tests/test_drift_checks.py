@@ -42,7 +42,7 @@ class CachingEmbedder:
         self.requests.extend(texts)
         missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
         if missing:
-            self.cache.update(zip(missing, self.inner.embed(missing)))
+            self.cache.update(zip(missing, self.inner.embed(missing), strict=True))
         return np.stack([self.cache[t] for t in texts]) if texts else np.zeros((0, 384), np.float32)
 
 
@@ -174,7 +174,8 @@ def test_judge_drift_from_stored_teacher_verdicts(engine):
                                 details={"role": "teacher", "student": EVALUATOR},
                                 created_at=START + timedelta(days=window, hours=1)))
         insert_ignoring_duplicates(s, Judgment, teacher, ["run_id", "sample_id", "target", "evaluator"])
-    windows = TimeWindow(START, START + timedelta(days=1)), TimeWindow(START + timedelta(days=1), START + timedelta(days=2))
+    day = timedelta(days=1)
+    windows = TimeWindow(START, START + day), TimeWindow(START + day, START + 2 * day)
     report = detect_drift(engine, route_for(["cand"]), *windows, CONFIG)
     judge = next(r for r in report.results if r.kind == "judge")
     assert judge.drifted and judge.details["reference_agreement"] == 1.0

@@ -95,7 +95,8 @@ def show_command(alert_id: int = typer.Argument(..., help="Alert id"), config: P
     bundle = data["bundle"] or {}
     interval = f" [{_fmt(data['ci_low'])}, {_fmt(data['ci_high'])}]" if data["ci_low"] is not None else ""
     lines = [
-        f"[bold]{data['severity'].upper()}[/] {data['kind']} \u00b7 {data['status']} \u00b7 seen {data['occurrences']}x",
+        f"[bold]{data['severity'].upper()}[/] {data['kind']} \u00b7 {data['status']} \u00b7 "
+        f"seen {data['occurrences']}x",
         f"route {data['route']} \u00b7 target {data['target'] or '-'} \u00b7 metric {data['metric']} \u00b7 "
         f"slice {data['slice'] or 'all traffic'}",
         f"effect {_fmt(data['effect_size'])}{interval}",

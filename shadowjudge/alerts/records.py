@@ -130,7 +130,7 @@ def _raise(engine: Engine, findings: list[Finding], route: RouteConfig, sinks: S
            run_link: str | None, config_path: str | None, max_examples: int) -> list[Alert]:
     bundles = [build_bundle(engine, f, route, run_link, config_path, max_examples) for f in findings]
     with session_scope(engine) as s:
-        ids = [_record(s, f, b) for f, b in zip(findings, bundles)]
+        ids = [_record(s, f, b) for f, b in zip(findings, bundles, strict=True)]
     deliver_pending(engine, sinks)  # these alerts, and whatever an earlier call could not deliver
     if not ids:
         return []

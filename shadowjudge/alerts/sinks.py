@@ -153,7 +153,8 @@ class SlackSink(_HttpSink):
         if bundle.get("reproduce"):
             context.append(f"reproduce: `{bundle['reproduce']}`")
         context.append(f"alert #{alert.get('id')} \u00b7 `shadowjudge alerts show {alert.get('id')}`")
-        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": _clip(" \u00b7 ".join(context), 2900)}]})
+        context_text = _clip(" \u00b7 ".join(context), _SLACK_TEXT_LIMIT)
+        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": context_text}]})
         return {"text": headline, "blocks": blocks}
 
 

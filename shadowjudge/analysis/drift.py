@@ -251,7 +251,7 @@ def output_drift(reference: OutputWindow, current: OutputWindow, config: DriftCo
     cur_texts = [t for t in current.texts if t is not None]
     cur_refusals = [is_refusal(t) for t in cur_texts]
     refusal = _rate_drift("refusal_rate", target, [is_refusal(t) for t in ref_texts], cur_refusals, config, alpha)
-    examples = [{"text": t[:1000]} for t, r in zip(cur_texts, cur_refusals) if r][:TYPICAL_EXAMPLES]
+    examples = [{"text": t[:1000]} for t, r in zip(cur_texts, cur_refusals, strict=True) if r][:TYPICAL_EXAMPLES]
     return [
         _distribution_drift("length", target, [len(t) for t in ref_texts], [len(t) for t in cur_texts], config, alpha),
         replace(refusal, details={**refusal.details, "examples": examples}) if refusal.status != "nodata" else refusal,

@@ -134,7 +134,8 @@ def detect_drift(engine: Engine, route: RouteConfig, reference: TimeWindow, curr
     """
     results: list[DriftResult] = []
     if embedder is not None:
-        ref_prompts, cur_prompts = load_prompts(engine, route.name, reference), load_prompts(engine, route.name, current)
+        ref_prompts = load_prompts(engine, route.name, reference)
+        cur_prompts = load_prompts(engine, route.name, current)
         result = input_drift(embedder.embed(ref_prompts), embedder.embed(cur_prompts), config, seed)
         rows = result.details.get("typical_current_rows", [])
         results.append(replace(result, details={**result.details,

@@ -19,8 +19,8 @@ import numpy as np
 from sqlalchemy import Engine
 
 from shadowjudge.analysis.canary import Classification, MetricResult, Verdict, classify_effect, score_metrics
-from shadowjudge.analysis.run_data import PairJudgment, RunData, TargetRecord, load_run_data
-from shadowjudge.analysis.stats import bootstrap_interval, mann_whitney_shift
+from shadowjudge.analysis.run_data import MISSING_SLICE, PairJudgment, RunData, TargetRecord, load_run_data
+from shadowjudge.analysis.stats import Interval, Statistic, bootstrap_interval, mann_whitney_shift
 from shadowjudge.config import CriteriaConfig, RouteConfig
 
 WORST_EXAMPLES = 10
@@ -85,7 +85,7 @@ class RunAnalysis:
         return json_safe(asdict(self))
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "RunAnalysis":
+    def from_dict(cls, data: Mapping[str, Any]) -> RunAnalysis:
         def metric(d: Mapping[str, Any]) -> MetricResult:
             return MetricResult(**{**d, "classification": Classification(d["classification"])})
 
@@ -135,7 +135,7 @@ class _Measure:
     def seed(self, metric: str) -> int:
         return _seed(self.seed_base, metric)
 
-    def interval(self, statistic, groups, metric: str):
+    def interval(self, statistic: Statistic, groups: list[list[np.ndarray]], metric: str) -> Interval:
         return bootstrap_interval(statistic, groups, self.criteria.bootstrap_resamples, self.confidence,
                                   self.seed(metric))
 
@@ -219,7 +219,7 @@ def _cost_per_outcome(cand: dict[int, TargetRecord], inc: dict[int, TargetRecord
     if len(rows) < m.min_n:
         return _nodata("cost_per_outcome", method, "ratio", 1.0, False, len(rows), len(rows),
                        f"{len(rows)} samples with known cost, {m.min_n} needed")
-    cc, ca, ic, ia = (np.array(col, dtype=float) for col in zip(*rows))
+    cc, ca, ic, ia = (np.array(col, dtype=float) for col in zip(*rows, strict=True))
     if ia.sum() == 0 or ic.sum() == 0:
         return _nodata("cost_per_outcome", method, "ratio", 1.0, False, len(rows), len(rows),
                        "the incumbent has no accepted answer or no cost")
@@ -316,7 +316,7 @@ def _analyse_candidate(data: RunData, route: RouteConfig, target: str, accept_fl
     if route.slice_key and data.slices:
         members: dict[str, set[int]] = {}
         for sid in data.candidates[target]:
-            members.setdefault(data.slices.get(sid, "(none)"), set()).add(sid)
+            members.setdefault(data.slices.get(sid, MISSING_SLICE), set()).add(sid)
         testable = [v for v, ids in members.items() if len(ids) >= criteria.min_slice_samples]
         # Bonferroni over the slices actually tested: k slices must not give k chances of a false alarm.
         slice_conf = 1 - (1 - criteria.confidence) / max(1, len(testable))

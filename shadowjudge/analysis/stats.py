@@ -160,7 +160,8 @@ def ks_test(reference: Sequence[float] | np.ndarray, current: Sequence[float] | 
     return float(result.statistic), float(result.pvalue)
 
 
-def rate_difference(reference: Sequence[bool] | np.ndarray, current: Sequence[bool] | np.ndarray) -> tuple[float, float]:
+def rate_difference(reference: Sequence[bool] | np.ndarray,
+                    current: Sequence[bool] | np.ndarray) -> tuple[float, float]:
     """Current rate minus reference rate, and Fisher's exact two-sided p-value of the 2x2 table."""
     ref, cur = np.asarray(reference, dtype=bool), np.asarray(current, dtype=bool)
     table = [[int(cur.sum()), int(len(cur) - cur.sum())], [int(ref.sum()), int(len(ref) - ref.sum())]]
