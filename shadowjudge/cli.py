@@ -118,6 +118,32 @@ def demo(workdir: Path = typer.Option(Path("shadowjudge-demo"), help="Where the 
     run_demo(workdir, cycles=cycles, console=console)
 
 
+PrefectFileOption = typer.Option(Path("prefect.yaml"), "--prefect-file", help="Deployments file (run from the repo root)")
+
+
+@app.command()
+def deploy(config: Path = ConfigOption, prefect_file: Path = PrefectFileOption,
+           pool: Optional[str] = typer.Option(None, help="Work pool for every deployment (default: prefect.yaml's)"),
+           judge_data: Optional[Path] = typer.Option(None, help="Preference data of the train-judge deployment")) -> None:
+    """Deploy every schedule of prefect.yaml to the Prefect server at PREFECT_API_URL (pool and limits included)."""
+    from flows.deployments import deploy_schedules
+
+    for d in deploy_schedules(config, prefect_file, pool=pool, judge_data=judge_data):
+        schedules = ", ".join(f"{s['schedule']}{'' if s['active'] else ' (inactive)'}" for s in d["schedules"])
+        console.print(f"[bold]{d['name']}[/] pool {d['work_pool']}: {schedules or 'on demand'}")
+    console.print("start a worker: prefect worker start --pool " + (pool or "shadowjudge"))
+
+
+@app.command()
+def serve(config: Path = ConfigOption, prefect_file: Path = PrefectFileOption,
+          only: Optional[list[str]] = typer.Option(None, "--only", help="Serve only this deployment (repeatable)"),
+          limit: Optional[int] = typer.Option(None, min=1, help="Flow runs at once (default: no limit)")) -> None:
+    """Run the schedules of prefect.yaml from this process (no work pool or worker) until interrupted."""
+    from flows.deployments import serve_schedules
+
+    serve_schedules(config, prefect_file, only=only, limit=limit)
+
+
 def _mount_subcommands() -> None:
     """Stage command groups; each lives beside its stage."""
     from shadowjudge.subcommands import register

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 
 from shadowjudge.config import Config, RouteConfig
+from shadowjudge.errors import InputError
 from shadowjudge.store import (
     Judgment,
     RouteWeightChange,
@@ -29,6 +30,10 @@ def default_cycle_id(now: datetime | None = None) -> str:
     return (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%MZ")
 
 
+class RunNotFound(InputError):
+    """A stage asked for a cycle whose run was never opened (its shadow test has not run)."""
+
+
 @dataclass
 class RunHandle:
     run_id: int
@@ -37,9 +42,58 @@ class RunHandle:
     resumed: bool
 
 
+def cycle_run_key(route: str, cycle_id: str) -> str:
+    """A cycle's run is keyed by route and cycle id: the natural key every stage finds it by."""
+    return f"{route}:{cycle_id}"
+
+
+def find_run(engine: Engine, run_key: str) -> RunHandle:
+    """The run a later stage works on; unlike `open_run` it never opens one (that would pick a new sample set)."""
+    with session_scope(engine) as s:
+        run = s.scalar(select(ShadowRun).where(ShadowRun.run_key == run_key))
+        if run is None:
+            raise RunNotFound(f"no run '{run_key}' in the store: run the shadow test of that cycle first")
+        return RunHandle(run.id, run.run_key, list(run.sample_ids), resumed=True)
+
+
+def sample_ranges(sample_ids: list[int], parts: int) -> list[tuple[int, int]]:
+    """Split a run's sample ids into at most `parts` contiguous (first, last) ranges of nearly equal size."""
+    ids = sorted(sample_ids)
+    parts = max(1, min(parts, len(ids)))
+    size, extra = divmod(len(ids), parts)
+    ranges, start = [], 0
+    for i in range(parts):
+        end = start + size + (1 if i < extra else 0)
+        if end > start:
+            ranges.append((ids[start], ids[end - 1]))
+        start = end
+    return ranges
+
+
+def scoring_summary(engine: Engine, run_id: int) -> dict[str, Any]:
+    """What the store holds of a run's scoring: read after scoring ran elsewhere (fanned out to other workers)."""
+    with session_scope(engine) as s:
+        evaluator = s.scalar(select(ShadowRun.judge_version).where(ShadowRun.id == run_id))
+        judged = s.scalar(select(func.count()).select_from(Judgment).where(
+            Judgment.run_id == run_id, Judgment.evaluator == (evaluator or ""))) or 0
+    return {"evaluator": evaluator, "judged_total": judged}
+
+
+def stored_reports(engine: Engine, route: RouteConfig, handle: RunHandle) -> dict[str, Any]:
+    """The shadow and score reports of a run rebuilt from the store, for a stage rerun on its own."""
+    from dataclasses import asdict
+
+    from shadowjudge.shadow.engine import summarize_run
+
+    targets = summarize_run(engine, handle.run_id, route_targets(route))
+    return {"shadow": {"run_id": handle.run_id, "targets": {name: asdict(t) for name, t in targets.items()},
+                       "spend_usd": sum(t.spend_usd for t in targets.values())},
+            "score": scoring_summary(engine, handle.run_id)}
+
+
 def open_run(engine: Engine, config: Config, route: RouteConfig, cycle_id: str) -> RunHandle:
     """Find or create the cycle's run and fix its sample set: samples of the route newer than the last finished run's."""
-    run_key = f"{route.name}:{cycle_id}"
+    run_key = cycle_run_key(route.name, cycle_id)
     with session_scope(engine) as s:
         run = s.scalar(select(ShadowRun).where(ShadowRun.run_key == run_key))
         if run is not None:
@@ -206,24 +260,44 @@ def _candidate_metrics(analysis: dict[str, Any], shadow_report: dict[str, Any], 
     return out
 
 
+def win_rate(preferences: list[float | None]) -> dict[str, float]:
+    """Share of pairs the judge prefers the candidate (a tie counts half), with a 95% Wilson interval."""
+    from evaluators.calibration import wilson_interval
+
+    prefs = [p for p in preferences if p is not None]
+    if not prefs:
+        return {}
+    wins = sum(1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in prefs)
+    low, high = wilson_interval(wins, len(prefs))
+    return {"win_rate": wins / len(prefs), "win_rate.ci_low": low, "win_rate.ci_high": high}
+
+
+# The candidate metrics repeated on the cycle's run, so one run page compares the candidates.
+SUMMARY_METRICS = ("canary_score", "win_rate", "win_rate.ci_low", "win_rate.ci_high", "quality.effect",
+                   "cost_per_outcome.candidate_value", "error_rate", "latency_ms.p95", "ttft_ms.p95")
+
+
 def track(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle, analysis: dict[str, Any],
           reports: dict[str, Any]) -> str | None:
     """Log the cycle to MLflow; returns the run id (None when tracking is disabled)."""
     from shadowjudge.tracking import CandidateLog, CycleLog, log_cycle
-    from shadowjudge.tracking.mlflow_tracking import latency_cdf, score_histogram, weight_history_plot
+    from shadowjudge.tracking.mlflow_tracking import latency_cdf, score_histogram
 
     if not config.mlflow.enabled:
         return None
     shadow_report = reports.get("shadow", {})
     evaluator = reports.get("score", {}).get("evaluator")
     table = samples_table(engine, handle.run_id, evaluator)
-    candidates = []
+    candidates, summary = [], {}
     for target in route.candidates:
         verdict = next((c for c in analysis.get("candidates", []) if c["target"] == target.name), None)
+        metrics = {**_candidate_metrics(analysis, shadow_report, target.name),
+                   **win_rate([p for p, t in zip(table["preference"], table["target"]) if t == target.name])}
+        summary |= {f"{target.name}.{k}": metrics[k] for k in SUMMARY_METRICS if k in metrics}
         candidates.append(CandidateLog(
             target=target.name,
             params={"model": target.model, "base_url": target.base_url},
-            metrics=_candidate_metrics(analysis, shadow_report, target.name),
+            metrics=metrics,
             tags={"verdict": verdict["verdict"] if verdict else "none",
                   "reasons": "; ".join(verdict["reasons"])[:5000] if verdict else ""},
         ))
@@ -232,11 +306,8 @@ def track(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle,
         scores[target.name] = [s for s, t in zip(table["candidate_score"], table["target"]) if t == target.name]
     latencies = {t.name: [v for v, tt in zip(table["latency_ms"], table["target"]) if tt == t.name]
                  for t in route_targets(route)}
-    history = weight_history(engine, route.name)
     figures = {"score_distributions.png": score_histogram(scores, f"{route.name}: judge scores"),
                "latency_cdf.png": latency_cdf(latencies, f"{route.name}: total latency")}
-    if history:
-        figures["weight_history.png"] = weight_history_plot(history, f"{route.name}: route weights")
     incumbent_metrics = _candidate_metrics(analysis, shadow_report, route.incumbent.name)
     cycle_log = CycleLog(
         route=route.name, run_key=handle.run_key,
@@ -247,7 +318,7 @@ def track(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle,
         metrics={"samples": len(handle.sample_ids), "spend_usd": shadow_report.get("spend_usd", 0.0),
                  "ingest.stored": reports.get("ingest", {}).get("totals", {}).get("stored", 0),
                  "ingest.quarantined": reports.get("ingest", {}).get("totals", {}).get("quarantined", 0),
-                 **{f"incumbent.{k}": v for k, v in incumbent_metrics.items()}},
+                 **{f"incumbent.{k}": v for k, v in incumbent_metrics.items()}, **summary},
         tags={"shadowjudge.route": route.name, "shadowjudge.store_run_id": str(handle.run_id)},
         candidates=candidates, samples_table=table, figures=figures,
         json_artifacts={"analysis.json": analysis, "shadow_report.json": shadow_report},
@@ -320,6 +391,12 @@ def close_cycle(engine: Engine, config: Config, route: RouteConfig, handle: RunH
 
         set_tags(config.mlflow.tracking_uri, mlflow_run_id, {
             "shadowjudge.decision": decision, "shadowjudge.weights_after": str(step.get("weights_after"))})
+        history = weight_history(engine, route.name)
+        if history:  # drawn after the step, so the plot ends with this cycle's change
+            from shadowjudge.tracking.mlflow_tracking import log_figures, weight_history_plot
+
+            log_figures(config.mlflow.tracking_uri, mlflow_run_id,
+                        {"weight_history.png": weight_history_plot(history, f"{route.name}: route weights")})
     markdown = render_cycle_markdown(handle, route, analysis, step, alerts, link)
     return {"run_id": handle.run_id, "run_key": handle.run_key, "decision": decision, "verdicts": verdicts,
             "weights_before": step.get("weights_before"), "weights_after": step.get("weights_after"),

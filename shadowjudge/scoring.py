@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, true
 
 from evaluators.base import Evaluator
 from shadowjudge.store import Judgment, ShadowResult, ShadowRun, TrafficSample, insert_ignoring_duplicates, session_scope
@@ -40,16 +40,21 @@ class _Pair:
     candidate: str
 
 
-def _pending_pairs(engine: Engine, run_id: int, candidates: Sequence[str], evaluator: str) -> tuple[list[_Pair], int, int]:
+def _pending_pairs(engine: Engine, run_id: int, candidates: Sequence[str], evaluator: str,
+                   sample_range: tuple[int, int] | None = None) -> tuple[list[_Pair], int, int]:
+    in_range = ShadowResult.sample_id.between(*sample_range) if sample_range else true()
     with session_scope(engine) as s:
         done = set(s.execute(
-            select(Judgment.sample_id, Judgment.target).where(Judgment.run_id == run_id, Judgment.evaluator == evaluator)
+            select(Judgment.sample_id, Judgment.target).where(
+                Judgment.run_id == run_id, Judgment.evaluator == evaluator,
+                Judgment.sample_id.between(*sample_range) if sample_range else true())
         ).all())
         rows = s.execute(
             select(ShadowResult.sample_id, ShadowResult.target, ShadowResult.output_text,
                    TrafficSample.messages, TrafficSample.response_text)
             .join(TrafficSample, TrafficSample.id == ShadowResult.sample_id)
-            .where(ShadowResult.run_id == run_id, ShadowResult.attempt == 0, ShadowResult.target.in_(candidates))
+            .where(ShadowResult.run_id == run_id, ShadowResult.attempt == 0, ShadowResult.target.in_(candidates),
+                   in_range)
             .order_by(ShadowResult.sample_id, ShadowResult.target)
         ).all()
     pairs, skipped = [], 0
@@ -64,9 +69,13 @@ def _pending_pairs(engine: Engine, run_id: int, candidates: Sequence[str], evalu
 
 
 def score_run(engine: Engine, run_id: int, evaluator: Evaluator, candidates: Sequence[str],
-              batch_size: int = 64, progress: bool = False) -> ScoreReport:
-    """Judge the run's pairs not yet judged by this evaluator version; each batch is committed as it completes."""
-    pairs, already, skipped = _pending_pairs(engine, run_id, candidates, evaluator.version)
+              batch_size: int = 64, progress: bool = False, sample_range: tuple[int, int] | None = None) -> ScoreReport:
+    """Judge the run's pairs not yet judged by this evaluator version; each batch is committed as it completes.
+
+    `sample_range` (first, last sample id, inclusive) limits the work to one slice of the run, so several workers
+    can score one run side by side; the judgments' unique key makes overlapping slices harmless.
+    """
+    pairs, already, skipped = _pending_pairs(engine, run_id, candidates, evaluator.version, sample_range)
     incumbent_scores: dict[int, float] = {}
     with session_scope(engine) as s:
         for sample_id, score in s.execute(

@@ -133,6 +133,22 @@ def log_cycle(tracking_uri: str, prefix: str, cycle: CycleLog) -> str:
         raise TrackingError(f"MLflow at {redact_uri(tracking_uri)} failed: {type(exc).__name__}: {exc}") from exc
 
 
+def log_figures(tracking_uri: str, run_id: str, figures: Mapping[str, Any]) -> None:
+    """Save matplotlib figures under the run's `plots/` (a figure logged again replaces the earlier one)."""
+    import tempfile
+    from pathlib import Path
+
+    client = _client(tracking_uri)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, fig in figures.items():
+                path = Path(tmp) / name
+                fig.savefig(path, dpi=110, bbox_inches="tight")
+                client.log_artifact(run_id, str(path), artifact_path="plots")
+    except Exception as exc:  # MLflow raises many types; the caller needs one
+        raise TrackingError(f"MLflow at {redact_uri(tracking_uri)} failed: {type(exc).__name__}: {exc}") from exc
+
+
 def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, str]) -> None:
     client = _client(tracking_uri)
     for key, value in tags.items():

@@ -1,0 +1,276 @@
+"""The cycle's stages as Prefect tasks and flows; every task calls one `shadowjudge.cycle` stage function.
+
+The stage flows (ingest-and-sample, shadow-test, score, score-batch, analyse, update-routes) run a single stage of
+a cycle on their own: a manual rerun, or a deployment other workers pick up. The parent flow, `evaluation_cycle`
+in flows/cycle.py, runs the same tasks in order.
+
+Every stage is idempotent (natural keys, inserts that ignore duplicates), so a retried task, a rerun stage or a
+rerun cycle never writes a row twice. Tasks retry transient faults (a provider, MLflow or the database briefly
+away) but not bad input, which would fail the same way again. Tasks that call model providers carry the
+`provider-calls` tag: one Prefect concurrency limit on that tag (created by `shadowjudge deploy` and `serve`)
+caps them across all flow runs and workers.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from shadowjudge.environment import apply_defaults
+
+apply_defaults()
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
+
+from shadowjudge import cycle as stages  # noqa: E402
+from shadowjudge.config import Config, RouteConfig, load_config  # noqa: E402
+from shadowjudge.errors import InputError, ShadowJudgeError  # noqa: E402
+from shadowjudge.store import get_engine, upgrade_database  # noqa: E402
+
+PROVIDER_CALLS = "provider-calls"
+
+
+class ScoreFanOutError(ShadowJudgeError):
+    """Scoring batches run by other workers failed or did not finish in time; the message names them."""
+
+
+def transient_fault(task, task_run, state) -> bool:  # noqa: ARG001 (Prefect's retry_condition_fn signature)
+    """Retry anything but bad input (a config, a file, a cycle that does not exist): that fails again."""
+    return not isinstance(state.data, InputError)
+
+
+STAGE = {"cache_policy": NO_CACHE, "retry_condition_fn": transient_fault}
+
+
+def load(config_path: str) -> Config:
+    """Load the config and bring the store's schema up to date (a no-op when it already is)."""
+    config = load_config(config_path)
+    upgrade_database(config.store.url)
+    return config
+
+
+def engine_of(config: Config):
+    return get_engine(config.store.url)
+
+
+def current_cycle_id(cycle_id: str | None) -> str:
+    """The given cycle id, else the scheduled minute of this flow run: a retried schedule slot is the same cycle."""
+    return cycle_id or stages.default_cycle_id(flow_run.get_scheduled_start_time())
+
+
+# --- tasks: one per stage ---
+
+@task(name="ingest-and-sample", retries=2, retry_delay_seconds=5, **STAGE)
+def ingest_task(config: Config, progress: bool = False) -> dict[str, Any]:
+    return stages.ingest(engine_of(config), config, progress=progress)
+
+
+@task(name="open-run", retries=2, retry_delay_seconds=5, **STAGE)
+def open_run_task(config: Config, route: RouteConfig, cycle_id: str) -> stages.RunHandle:
+    return stages.open_run(engine_of(config), config, route, cycle_id)
+
+
+@task(name="find-run", retries=2, retry_delay_seconds=5, **STAGE)
+def find_run_task(config: Config, route: RouteConfig, cycle_id: str) -> stages.RunHandle:
+    return stages.find_run(engine_of(config), stages.cycle_run_key(route.name, cycle_id))
+
+
+@task(name="shadow-test", retries=2, retry_delay_seconds=10, tags=[PROVIDER_CALLS], **STAGE)
+def shadow_task(config: Config, route: RouteConfig, handle: stages.RunHandle, progress: bool = False) -> dict[str, Any]:
+    return stages.shadow(engine_of(config), config, route, handle, progress=progress)
+
+
+@task(name="score", retries=1, retry_delay_seconds=5, **STAGE)
+def score_task(config: Config, route: RouteConfig, handle: stages.RunHandle, config_path: str,
+               progress: bool = False) -> dict[str, Any]:
+    """Score in this process, or fan the run's sample ranges out to the score-batch deployment."""
+    if config.orchestration.score_batches > 1 and handle.sample_ids:
+        return fan_out_scoring(config, config_path, route, handle)
+    return stages.score(engine_of(config), config, route, handle, progress=progress)
+
+
+@task(name="score-batch", retries=1, retry_delay_seconds=5, **STAGE)
+def score_range_task(config: Config, route: RouteConfig, handle: stages.RunHandle,
+                     sample_range: tuple[int, int]) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from evaluators import load_evaluator
+    from shadowjudge.scoring import score_run
+
+    evaluator = load_evaluator(config.judge, config.mlflow.tracking_uri)
+    report = score_run(engine_of(config), handle.run_id, evaluator, [c.name for c in route.candidates],
+                       batch_size=config.judge.batch_size, sample_range=sample_range)
+    return asdict(report)
+
+
+@task(name="analyse", retries=1, retry_delay_seconds=5, **STAGE)
+def analyse_task(config: Config, route: RouteConfig, handle: stages.RunHandle, judge_version: str | None) -> dict[str, Any]:
+    return stages.analyse(engine_of(config), config, route, handle, judge_version)
+
+
+@task(name="log-to-mlflow", retries=3, retry_delay_seconds=10, **STAGE)
+def track_task(config: Config, route: RouteConfig, handle: stages.RunHandle, analysis: dict[str, Any],
+               reports: dict[str, Any]) -> str | None:
+    return stages.track(engine_of(config), config, route, handle, analysis, reports)
+
+
+@task(name="alerts", retries=1, retry_delay_seconds=5, **STAGE)
+def alerts_task(config: Config, route: RouteConfig, handle: stages.RunHandle, analysis: dict[str, Any],
+                mlflow_run_id: str | None, config_path: str) -> list[dict]:
+    return stages.alert(engine_of(config), config, route, handle, analysis, mlflow_run_id, config_path)
+
+
+@task(name="update-routes", retries=2, retry_delay_seconds=10, **STAGE)
+def route_task(config: Config, route: RouteConfig, handle: stages.RunHandle, analysis: dict[str, Any],
+               alerts: list[dict], mlflow_run_id: str | None) -> dict[str, Any]:
+    return stages.update_routes(engine_of(config), config, route, handle, analysis, alerts, mlflow_run_id)
+
+
+@task(name="close-cycle", retries=2, retry_delay_seconds=10, **STAGE)
+def close_task(config: Config, route: RouteConfig, handle: stages.RunHandle, analysis: dict[str, Any],
+               step: dict[str, Any], alerts: list[dict], mlflow_run_id: str | None) -> dict[str, Any]:
+    return stages.close_cycle(engine_of(config), config, route, handle, analysis, step, alerts, mlflow_run_id)
+
+
+# --- the per-route sequence the parent and the stage flows share ---
+
+def analyse_and_log(config: Config, route: RouteConfig, handle: stages.RunHandle, reports: dict[str, Any],
+                    config_path: str) -> dict[str, Any]:
+    """Analyse the run, log it to MLflow and raise alerts for its regressions (called inside a flow)."""
+    analysis = analyse_task(config, route, handle, reports.get("score", {}).get("evaluator"))
+    mlflow_run_id = track_task(config, route, handle, analysis, reports)
+    alerts = alerts_task(config, route, handle, analysis, mlflow_run_id, config_path)
+    return {"analysis": analysis, "mlflow_run_id": mlflow_run_id, "alerts": alerts}
+
+
+def decide_and_publish(config: Config, route: RouteConfig, handle: stages.RunHandle,
+                       analysed: dict[str, Any]) -> dict[str, Any]:
+    """Step the route's weights, close the run, and publish the cycle's summary as a Prefect artifact."""
+    analysis, alerts, mlflow_run_id = analysed["analysis"], analysed["alerts"], analysed["mlflow_run_id"]
+    step = route_task(config, route, handle, analysis, alerts, mlflow_run_id)
+    outcome = close_task(config, route, handle, analysis, step, alerts, mlflow_run_id)
+    create_markdown_artifact(key=artifact_key(route.name), markdown=outcome["markdown"],
+                             description=f"ShadowJudge cycle {handle.run_key}")
+    return {k: v for k, v in outcome.items() if k != "markdown"}
+
+
+def artifact_key(route: str) -> str:
+    """The cycle summary's artifact key: `cycle-<route>` (Prefect keys allow lowercase letters, digits, dashes)."""
+    return "cycle-" + "".join(c if c.isalnum() else "-" for c in route.lower())
+
+
+# --- scoring past one process ---
+
+def fan_out_scoring(config: Config, config_path: str, route: RouteConfig, handle: stages.RunHandle) -> dict[str, Any]:
+    """Score the run's sample-id ranges as runs of the score-batch deployment, which any worker of its pool takes.
+
+    Batches write through the judgments' unique key, so a batch retried, rerun or overlapping another never
+    duplicates a judgment; what the run holds afterwards is read back from the store.
+    """
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    orchestration = config.orchestration
+    logger = get_run_logger()
+    ranges = stages.sample_ranges(handle.sample_ids, orchestration.score_batches)
+    cycle_id = handle.run_key.removeprefix(f"{route.name}:")
+    runs = []
+    for first, last in ranges:
+        try:
+            runs.append(run_deployment(
+                orchestration.score_deployment, timeout=0, flow_run_name=f"{handle.run_key} samples {first}-{last}",
+                parameters={"config_path": str(Path(config_path).resolve()), "route": route.name,
+                            "cycle_id": cycle_id, "first_sample_id": first, "last_sample_id": last}))
+        except ObjectNotFound:
+            raise InputError(f"orchestration.score_batches is {orchestration.score_batches} but there is no "
+                             f"deployment '{orchestration.score_deployment}': run `shadowjudge deploy` (or set "
+                             "orchestration.score_batches: 1 to score in the cycle's process)") from None
+    logger.info("scoring %s in %d batches: %s", handle.run_key, len(runs), ", ".join(r.name for r in runs))
+    finished = wait_for_flow_runs([r.id for r in runs], orchestration.score_batch_timeout_s)
+    failed = [f"{r.name} ({r.state.name})" for r in finished if not r.state.is_completed()]
+    if failed:
+        raise ScoreFanOutError(f"scoring batches of {handle.run_key} did not complete: {', '.join(failed)}")
+    summary = stages.scoring_summary(engine_of(config), handle.run_id)
+    return {**summary, "batches": [{"samples": [first, last], "flow_run": r.name}
+                                   for (first, last), r in zip(ranges, finished)]}
+
+
+def wait_for_flow_runs(flow_run_ids: list, timeout_s: float, poll_s: float = 2.0) -> list:
+    """Poll the Prefect API until every flow run is in a final state; ScoreFanOutError after `timeout_s`."""
+    from prefect import get_client
+
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = [client.read_flow_run(run_id) for run_id in flow_run_ids]
+            if all(r.state is not None and r.state.is_final() for r in runs):
+                return runs
+            if time.monotonic() > deadline:
+                waiting = [f"{r.name} ({r.state.name if r.state else 'no state'})" for r in runs
+                           if r.state is None or not r.state.is_final()]
+                raise ScoreFanOutError(f"scoring batches still unfinished after {timeout_s:.0f} s: "
+                                       f"{', '.join(waiting)}; is a worker polling the deployment's work pool?")
+            time.sleep(poll_s)
+
+
+# --- stage flows ---
+
+@flow(name="ingest-and-sample", log_prints=True)
+def ingest_and_sample(config_path: str, progress: bool = False) -> dict[str, Any]:
+    """Read new gateway log records from every source, redact and sample them into the store."""
+    return ingest_task(load(config_path), progress)
+
+
+@flow(name="shadow-test", log_prints=True)
+def shadow_test(config_path: str, route: str, cycle_id: str | None = None, progress: bool = False) -> dict[str, Any]:
+    """Open the cycle's run (fixing its sample set) and replay its samples against the route's targets."""
+    config = load(config_path)
+    rc = config.route(route)
+    handle = open_run_task(config, rc, current_cycle_id(cycle_id))
+    return {"run_key": handle.run_key, **shadow_task(config, rc, handle, progress)}
+
+
+@flow(name="score", log_prints=True)
+def score(config_path: str, route: str, cycle_id: str, progress: bool = False) -> dict[str, Any]:
+    """Judge the cycle's (incumbent, candidate) answer pairs, fanned out when orchestration.score_batches > 1."""
+    config = load(config_path)
+    rc = config.route(route)
+    handle = find_run_task(config, rc, cycle_id)
+    return score_task(config, rc, handle, config_path, progress)
+
+
+@flow(name="score-batch", log_prints=True)
+def score_batch(config_path: str, route: str, cycle_id: str, first_sample_id: int, last_sample_id: int) -> dict[str, Any]:
+    """Judge the pairs of one sample-id range of a cycle's run (inclusive): the unit the score stage fans out."""
+    if first_sample_id > last_sample_id:
+        raise InputError(f"score-batch: first_sample_id {first_sample_id} is after last_sample_id {last_sample_id}")
+    config = load(config_path)
+    rc = config.route(route)
+    handle = find_run_task(config, rc, cycle_id)
+    return score_range_task(config, rc, handle, (first_sample_id, last_sample_id))
+
+
+@flow(name="analyse", log_prints=True)
+def analyse(config_path: str, route: str, cycle_id: str) -> dict[str, Any]:
+    """Analyse the cycle's run, log it to MLflow and raise alerts; reports are rebuilt from the store."""
+    config = load(config_path)
+    rc = config.route(route)
+    handle = find_run_task(config, rc, cycle_id)
+    analysed = analyse_and_log(config, rc, handle, stages.stored_reports(engine_of(config), rc, handle), config_path)
+    return {"run_key": handle.run_key, "mlflow_run_id": analysed["mlflow_run_id"],
+            "verdicts": {c["target"]: c["verdict"] for c in analysed["analysis"].get("candidates", [])},
+            "alerts": [a.get("id") for a in analysed["alerts"]]}
+
+
+@flow(name="update-routes", log_prints=True)
+def update_routes(config_path: str, route: str, cycle_id: str) -> dict[str, Any]:
+    """Step the route's weights from the cycle's verdicts (analysed again: the analysis is a function of the store)."""
+    config = load(config_path)
+    rc = config.route(route)
+    handle = find_run_task(config, rc, cycle_id)
+    analysed = analyse_and_log(config, rc, handle, stages.stored_reports(engine_of(config), rc, handle), config_path)
+    return decide_and_publish(config, rc, handle, analysed)
