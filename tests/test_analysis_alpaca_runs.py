@@ -79,8 +79,9 @@ PROFILES = {"claude-2": Profile(300, 15, 8.0), "FuseChat-Gemma-2-9B-Instruct": P
 
 
 def route_for(candidates: list[str], slice_key: str | None = "task", route: str = "chat", **criteria) -> RouteConfig:
+    """A route over the stored runs; 500 bootstrap resamples (not 2000) keep the tests quick."""
     return RouteConfig.model_validate(dict(
-        name=route, slice_key=slice_key, criteria=criteria,
+        name=route, slice_key=slice_key, criteria={"bootstrap_resamples": 500, **criteria},
         incumbent=dict(name="incumbent", model="claude-2", base_url="http://127.0.0.1:9/v1"),
         candidates=[dict(name=c, model=c, base_url="http://127.0.0.1:9/v1") for c in candidates]))
 
