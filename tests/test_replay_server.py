@@ -212,6 +212,8 @@ def test_latency_profile_shapes_ttft_and_token_gaps(recordings):
                         stamps.append(time.perf_counter())
             ttfts.append((stamps[0] - start) * 1000)
             gaps += [(b - a) * 1000 for a, b in zip(stamps, stamps[1:])]
+        realised = srv.stats()["models"]["Yi-34B-Chat"]["ttft_ms_p50"]
+    assert 60 <= realised < 70
     assert 58 <= statistics.median(ttfts) < 80
     assert 4 <= statistics.median(gaps) < 12
 

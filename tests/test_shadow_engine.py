@@ -116,29 +116,31 @@ def test_every_request_is_accounted_for_under_injected_faults(engine, max_retrie
 
 
 def test_measured_ttft_matches_the_injected_latency(engine):
-    """TTFT is measured without bias: 80 ms more injected TTFT reads as 80 ms more, within 2 ms.
+    """TTFT is measured without bias: 80 ms more injected TTFT reads as 80 ms more (medians, within 2 ms).
 
-    Two targets run interleaved in the same run, one with 20 ms injected and one with 100 ms, so both pay
-    the same loopback cost (HTTP, process wake-ups) under the same load from whatever else this shared
-    2-core machine runs; the median difference isolates the injected latency. On an idle machine the
-    absolute median is also within 2 ms (see bench/shadow_throughput.py); under heavy load it is not,
-    since every wake-up of the server and the engine then waits for a CPU."""
-    profiles = {"models": {"claude-instant-1.2": {"ttft_ms": 20, "token_ms": 3},
+    On loopback the measured TTFT is the injected one plus the time for the request to reach the server
+    process and the first chunk to come back: well under a millisecond on a quiet machine, several ms
+    when other jobs keep both cores busy (each process then waits for a CPU when it wakes up). So two
+    targets, 20 ms and 100 ms injected, run side by side one request at a time, both paying that cost
+    under the same load (their token delays make both take ~120 ms a request, so they also run over the
+    same seconds); the difference of their median TTFTs isolates what the provider took. The absolute
+    bias on a given machine is reported by bench/shadow_throughput.py (`ttft_bias_ms`)."""
+    profiles = {"models": {"claude-instant-1.2": {"ttft_ms": 20, "token_ms": 14},
                            "Yi-34B-Chat": {"ttft_ms": 100, "token_ms": 3}}}
-    run_id, samples = store_samples(engine, 24)
+    run_id, samples = store_samples(engine, 40)
     with ReplayServer(RECORDINGS, profiles) as srv:
-        targets = [TargetConfig(name="fast", model="claude-instant-1.2", base_url=srv.base_url, concurrency=2),
-                   TargetConfig(name="slow", model="Yi-34B-Chat", base_url=srv.base_url, concurrency=2)]
-        report = run_shadow(engine, run_id, samples, targets, ShadowConfig(**{**FAST, "max_tokens": 12}), {})
+        targets = [TargetConfig(name="fast", model="claude-instant-1.2", base_url=srv.base_url, concurrency=1),
+                   TargetConfig(name="slow", model="Yi-34B-Chat", base_url=srv.base_url, concurrency=1)]
+        report = run_shadow(engine, run_id, samples, targets, ShadowConfig(**{**FAST, "max_tokens": 8}), {})
     rows = stored(engine, run_id)
-    assert all(r.error_class is None for r in rows) and len(rows) == 48
+    assert all(r.error_class is None for r in rows) and len(rows) == 80
     ttft = {t: statistics.median(r.ttft_ms for r in rows if r.target == t) for t in ("fast", "slow")}
     itl = {t: statistics.median(r.itl_ms for r in rows if r.target == t) for t in ("fast", "slow")}
     assert abs(ttft["slow"] - ttft["fast"] - 80) <= 2, ttft
     assert ttft["fast"] >= 19 and ttft["slow"] >= 99, ttft  # never reads faster than the provider answered
-    assert all(abs(v - 3) <= 1.5 for v in itl.values()), itl
+    assert abs(itl["fast"] - 14) <= 1.5 and abs(itl["slow"] - 3) <= 1.5, itl
     assert all(r.latency_ms > r.ttft_ms and r.tpot_ms > 0 for r in rows)
-    assert report.targets["slow"].ttft_ms["count"] == 24
+    assert report.targets["slow"].ttft_ms["count"] == 40
     assert report.targets["slow"].ttft_ms["p50"] == pytest.approx(ttft["slow"])
 
 

@@ -14,12 +14,13 @@ import itertools
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable
 from functools import lru_cache
 from pathlib import Path
@@ -72,11 +73,13 @@ class ModelStats:
         self.stalled = 0
         self.malformed = 0
         self.output_tokens = 0
+        self.ttft_ms: deque[float] = deque(maxlen=1000)  # as realised: request arrival to first token written
 
     def as_dict(self) -> dict[str, Any]:
         return {"requests": self.requests, "streamed": self.streamed, "hits": self.hits, "misses": self.misses,
                 "ok": self.ok, "errors": {str(k): v for k, v in sorted(self.errors.items())},
-                "stalled": self.stalled, "malformed": self.malformed, "output_tokens": self.output_tokens}
+                "stalled": self.stalled, "malformed": self.malformed, "output_tokens": self.output_tokens,
+                "ttft_ms_p50": statistics.median(self.ttft_ms) if self.ttft_ms else None}
 
 
 class ReplayApp:
@@ -224,6 +227,7 @@ class ReplayApp:
     async def _stream(self, receive: Receive, send: Send, plan: RequestPlan, first_token_at: float, model: str,
                       completion_id: str, tokens: tuple[str, ...], finish: str, usage: dict[str, int] | None) -> None:
         profile = self.profiles.for_model(model)
+        stats = self.models[model]
         created = int(time.time())
         head = (b'data: {"id":"' + completion_id.encode() + b'","object":"chat.completion.chunk","created":'
                 + str(created).encode() + b',"model":' + orjson.dumps(model) + b',"choices":[')
@@ -254,6 +258,8 @@ class ReplayApp:
                 await _sleep_until(first_token_at + i * delay)
             last = i == len(chunks) - 1 and not stall
             await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+            if i == 0 and plan.outcome == "ok":
+                stats.ttft_ms.append((time.perf_counter() - first_token_at) * 1000 + plan.ttft_ms)
         if stall:
             await _until_disconnect(receive, profile.stall_s)
             await send({"type": "http.response.body", "body": b""})
