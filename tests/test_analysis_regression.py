@@ -100,3 +100,26 @@ def test_unknown_run_and_wrong_route_are_clear_errors(engine):
         analyze_run(engine, 999, route_for(["c"]))
     with pytest.raises(AnalysisError, match="belongs to route 'chat', not 'other'"):
         analyze_run(engine, run_id, route_for(["c"], route="other"))
+
+
+def test_a_candidate_that_changed_nothing_rarely_fails_any_metric():
+    """Family-wise: 40 no-change runs (same answers and scores, fresh latency/TTFT/cost noise), all five metrics
+    looked at each time; Bonferroni over metrics keeps chance failures to about (1 - confidence) / 2 per run."""
+    import numpy as np
+
+    from shadowjudge.analysis.regression import _analyse_candidate
+    from shadowjudge.analysis.run_data import PairJudgment, RunData, TargetRecord
+
+    rng = np.random.default_rng(0)
+    route = route_for(["c"], slice_key=None)
+    failed_runs = 0
+    for run in range(40):
+        def records():
+            return {i: TargetRecord(i, bool(rng.random() < 0.02), float(rng.lognormal(7, 0.5)),
+                                    float(rng.lognormal(5.7, 0.2)), float(rng.lognormal(-6, 0.5))) for i in range(200)}
+        scores = rng.beta(2, 2, 200)
+        pairs = {i: PairJudgment(i, float(scores[i]), float(scores[i]), 0.5) for i in range(200)}
+        data = RunData(run, "chat", "judge", "replay", records(), {"c": records()}, {"c": pairs})
+        analysis = _analyse_candidate(data, route, "c", 0.5)
+        failed_runs += any(m.classification is Classification.FAIL for m in analysis.metrics)
+    assert failed_runs <= 3, failed_runs  # expected about 1 in 40

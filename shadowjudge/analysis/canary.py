@@ -61,6 +61,7 @@ class MetricResult:
     shift_ci_low: float | None = None
     shift_ci_high: float | None = None
     note: str = ""
+    confidence: float | None = None  # of the intervals, after the multiplicity adjustment
 
     def describe(self) -> str:
         """One line a person can act on: what moved, by how much, against what bound."""

@@ -3,8 +3,11 @@
 `analyze_run` is what the cycle calls. It measures each candidate against the incumbent on the metrics the route's
 criteria name (judge quality, error rate, cost per accepted outcome, P95 latency, TTFT), classifies each against its
 tolerance, scores them into a verdict, and repeats per slice of `route.slice_key` so a candidate that is better on
-average but worse on one slice is caught with the slice named. Slices are tested at a Bonferroni-adjusted confidence
-so that many slices do not multiply false alarms.
+average but worse on one slice is caught with the slice named.
+
+`criteria.confidence` holds for a candidate's whole analysis, not one interval: intervals are Bonferroni-adjusted
+over the metrics (and, per slice, over metrics times tested slices), so a candidate that changed nothing fails a
+metric by chance at most (1 - confidence) / 2 of the time, however many metrics and slices are looked at.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -21,7 +24,7 @@ from sqlalchemy import Engine
 from shadowjudge.analysis.canary import Classification, MetricResult, Verdict, classify_effect, score_metrics
 from shadowjudge.analysis.run_data import MISSING_SLICE, PairJudgment, RunData, TargetRecord, load_run_data
 from shadowjudge.analysis.stats import Interval, Statistic, bootstrap_interval, mann_whitney_shift
-from shadowjudge.config import CriteriaConfig, RouteConfig
+from shadowjudge.config import CANARY_METRICS, CriteriaConfig, RouteConfig
 
 WORST_EXAMPLES = 10
 
@@ -284,6 +287,8 @@ def _measure(data: RunData, target: str, ids: set[int] | None, m: _Measure) -> t
         _latency_p95(list(cand.values()), list(inc.values()), m),
         _ttft(list(cand.values()), list(inc.values()), m),
     ]
+    metrics = [r if r.classification is Classification.NODATA else replace(r, confidence=m.confidence)
+               for r in metrics]
     return metrics, len(cand), quality.n_candidate
 
 
@@ -306,7 +311,8 @@ def _worst_samples(data: RunData, target: str, ids: set[int] | None) -> list[int
 
 def _analyse_candidate(data: RunData, route: RouteConfig, target: str, accept_floor: float) -> CandidateAnalysis:
     criteria = route.criteria
-    overall = _Measure(criteria, criteria.confidence, criteria.min_samples, accept_floor,
+    alpha = 1 - criteria.confidence
+    overall = _Measure(criteria, 1 - alpha / len(CANARY_METRICS), criteria.min_samples, accept_floor,
                        f"{data.run_id}|{target}|all")
     metrics, n, n_judged = _measure(data, target, None, overall)
     score = score_metrics(metrics, criteria, n_judged, criteria.min_samples)
@@ -319,7 +325,7 @@ def _analyse_candidate(data: RunData, route: RouteConfig, target: str, accept_fl
             members.setdefault(data.slices.get(sid, MISSING_SLICE), set()).add(sid)
         testable = [v for v, ids in members.items() if len(ids) >= criteria.min_slice_samples]
         # Bonferroni over the slices actually tested: k slices must not give k chances of a false alarm.
-        slice_conf = 1 - (1 - criteria.confidence) / max(1, len(testable))
+        slice_conf = 1 - alpha / (len(CANARY_METRICS) * max(1, len(testable)))
         for value in sorted(members):
             ids = members[value]
             if value not in testable:
