@@ -14,11 +14,12 @@ import pytest
 from sqlalchemy import func, select
 
 from shadowjudge.config import Price, ShadowConfig, TargetConfig
+from shadowjudge.shadow.endpoint import AttemptError, Completion
 from shadowjudge.shadow.engine import ShadowError, replay, run_shadow
 from shadowjudge.shadow.profiles import ProfileSet, plan_request
 from shadowjudge.shadow.recordings import prompt_id_for
 from shadowjudge.shadow.replay_server import ReplayServer
-from shadowjudge.shadow.tokens import message_text
+from shadowjudge.shadow.tokens import count_message_tokens, message_text
 from shadowjudge.shadow.writer import ResultStoreError
 from shadowjudge.store import ShadowResult, ShadowRun, TrafficSample, session_scope
 from shadowjudge.store.models import utcnow
@@ -259,3 +260,43 @@ def test_a_store_failure_stops_the_run_with_a_clear_error(engine):
             run_shadow(engine, 999_999, samples, [target], ShadowConfig(**FAST), {})  # no such run: FK fails
     with session_scope(engine) as s:
         assert s.scalar(select(func.count()).select_from(ShadowResult)) == 0
+
+
+class ScriptedEndpoint:
+    """A ChatEndpoint playing back a script, for unit tests of the engine's own retry and error handling."""
+
+    def __init__(self, script: list):
+        self.script = list(script)
+        self.bodies: list[dict] = []
+
+    async def complete(self, body: dict, *, stream: bool, timeout_s: float) -> Completion:
+        self.bodies.append(body)
+        step = self.script.pop(0)
+        if isinstance(step, BaseException):
+            raise step
+        return step
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_retries_follow_retry_after_and_unexpected_failures_are_recorded_scrubbed(engine, caplog, monkeypatch):
+    run_id, samples = store_samples(engine, 2)
+    answer = Completion(text="fine", latency_ms=12.0, ttft_ms=3.0, itl_ms=1.0, input_tokens=None, output_tokens=None)
+    script = [AttemptError("rate_limited", "slow down", retryable=True, retry_after_s=0.01),
+              AttemptError("server_error", "oops", retryable=True), answer,
+              RuntimeError("SDK broke with key sk-secret-abcdef123456")]
+    endpoint = ScriptedEndpoint(script)
+    monkeypatch.setenv("SCRIPTED_KEY", "sk-secret-abcdef123456")
+    target = TargetConfig(name="t", model="m", base_url="http://unused/v1", concurrency=1, api_key_env="SCRIPTED_KEY")
+    caplog.set_level(logging.INFO)
+    report = asyncio.run(replay(engine, run_id, samples, [target], ShadowConfig(**FAST, max_retries=3), {},
+                                endpoint_factory=lambda t, key, s: endpoint))
+    first, second = sorted(stored(engine, run_id), key=lambda r: r.sample_id)
+    assert (first.error_class, first.retries, first.output_text) == (None, 2, "fine")
+    # no usage in the answer: tokens are counted locally, the way the replay server counts them
+    assert (first.output_tokens, first.input_tokens) == (1, count_message_tokens(samples[0].messages))
+    assert (second.error_class, second.retries) == ("unexpected", 0)
+    assert report.targets["t"].errors == {"unexpected": 1}
+    assert "sk-secret-abcdef123456" not in caplog.text and "RuntimeError" in caplog.text
+    assert "sk-secret" not in json.dumps(report.as_dict())

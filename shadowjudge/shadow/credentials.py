@@ -17,8 +17,9 @@ def load_prefect_secret(block_name: str) -> str:
 
     try:
         value = Secret.load(block_name).get()
-    except ValueError as exc:
-        raise ConfigError(f"Prefect Secret block '{block_name}' cannot be loaded: {exc}") from None
+    except Exception as exc:  # missing block, unreachable API: either way the target cannot authenticate
+        raise ConfigError(f"Prefect Secret block '{block_name}' cannot be loaded: "
+                          f"{type(exc).__name__}: {exc}") from None
     if not isinstance(value, str) or not value:
         raise ConfigError(f"Prefect Secret block '{block_name}' does not hold a non-empty string")
     return value

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import traceback
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -192,7 +193,10 @@ class _TargetRun:
                 self._note_error(exc.error_class, str(exc))
                 return self._row(item, error_class=exc.error_class, retries=retries)
             except Exception as exc:  # a bug or an SDK surprise: recorded, never silently dropped
-                log.exception("target %s: unexpected failure replaying sample %s", self.target.name, item.sample_id)
+                if "unexpected" not in self.error_examples:  # the traceback once, scrubbed like every message
+                    trace = "".join(traceback.format_exception(exc))
+                    log.error("target %s: unexpected failure replaying sample %s:\n%s", self.target.name,
+                              item.sample_id, scrub_secrets(trace, self.secrets))
                 self._note_error("unexpected", f"{type(exc).__name__}: {exc}")
                 return self._row(item, error_class="unexpected", retries=retries)
             return self._success_row(item, completion, prompt_tokens, reserved, retries)

@@ -388,6 +388,11 @@ class ReplayServer:
     def base_url(self) -> str:
         return f"{self.url}/v1"
 
+    @property
+    def pid(self) -> int | None:
+        """The server process (mode="process"), e.g. to read its CPU time; None in thread mode."""
+        return self._proc.pid if self._proc is not None else None
+
     def __enter__(self) -> "ReplayServer":
         self.start()
         return self
