@@ -233,8 +233,30 @@ def served_deployments(specs: list[DeploymentSpec], project_root: Path) -> list:
     return deployments
 
 
+def take_over_deployments(deployments: list, replace: bool) -> None:
+    """Refuse to serve a name that a work pool's deployment already holds (workers and this process would race
+    for its runs), unless `replace`: then delete that deployment first."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        held = []
+        for d in deployments:
+            try:
+                existing = client.read_deployment_by_name(f"{d.flow_name}/{d.name}")
+            except ObjectNotFound:
+                continue
+            if existing.work_pool_name:
+                held.append((existing, f"{d.flow_name}/{d.name} (pool {existing.work_pool_name})"))
+        if held and not replace:
+            raise PrefectApiError("already deployed to a work pool: " + ", ".join(label for _, label in held)
+                                  + "; pass --replace to serve them from here instead")
+        for existing, _ in held:
+            client.delete_deployment(existing.id)
+
+
 def serve_schedules(config_path: str | Path, prefect_file: str | Path = "prefect.yaml", only: list[str] | None = None,
-                    judge_data: str | Path | None = None, limit: int | None = None) -> None:
+                    judge_data: str | Path | None = None, limit: int | None = None, replace: bool = False) -> None:
     """Serve prefect.yaml's deployments from this process until interrupted: each run is a local subprocess."""
     from prefect import serve
 
@@ -251,4 +273,6 @@ def serve_schedules(config_path: str | Path, prefect_file: str | Path = "prefect
     ensure_provider_limit(config.orchestration.provider_calls_limit)
     os.environ.update(env)
     os.chdir(prefect_file.parent)  # entrypoints and the runs' working directory are relative to the project
-    serve(*served_deployments(specs, prefect_file.parent), limit=limit)
+    deployments = served_deployments(specs, prefect_file.parent)
+    take_over_deployments(deployments, replace)
+    serve(*deployments, limit=limit)

@@ -48,9 +48,13 @@ def run(config: Path = ConfigOption,
         cycle_id: Optional[str] = typer.Option(None, help="Rerun/resume this cycle (default: the current minute)"),
         ) -> None:
     """Run one evaluation cycle (ingest, shadow-test, score, analyse, log, alert, update routes)."""
+    from shadowjudge.cycle import check_cycle_id
+
     cfg = _load(config)
     if route:
         cfg.route(route)
+    if cycle_id is not None:
+        check_cycle_id(cycle_id)
     from flows.cycle import evaluation_cycle
 
     result = evaluation_cycle(config_path=str(config), route=route, cycle_id=cycle_id, progress=sys.stderr.isatty())
@@ -137,25 +141,50 @@ def deploy(config: Path = ConfigOption, prefect_file: Path = PrefectFileOption,
 @app.command()
 def serve(config: Path = ConfigOption, prefect_file: Path = PrefectFileOption,
           only: Optional[list[str]] = typer.Option(None, "--only", help="Serve only this deployment (repeatable)"),
-          limit: Optional[int] = typer.Option(None, min=1, help="Flow runs at once (default: no limit)")) -> None:
+          limit: Optional[int] = typer.Option(None, min=1, help="Flow runs at once (default: no limit)"),
+          replace: bool = typer.Option(False, help="Take over deployments `shadowjudge deploy` put on a work pool")) -> None:
     """Run the schedules of prefect.yaml from this process (no work pool or worker) until interrupted."""
     from flows.deployments import serve_schedules
 
-    serve_schedules(config, prefect_file, only=only, limit=limit)
+    serve_schedules(config, prefect_file, only=only, limit=limit, replace=replace)
 
 
-def _mount_subcommands() -> None:
-    """Stage command groups; each lives beside its stage."""
+def _mount_subcommands(argv: list[str]) -> None:
+    """Stage command groups; each lives beside its stage.
+
+    Their imports cost seconds (scipy, the analysis), so a command of this module (`status`, `run`, ...) runs
+    without them; `--help`, a group's command or an unknown command mounts them all.
+    """
+    from typer.main import get_command_name
+
+    named = next((arg for arg in argv if not arg.startswith("-")), None)
+    own = {c.name or get_command_name(c.callback.__name__) for c in app.registered_commands if c.callback}
+    if named in own:
+        return
     from shadowjudge.subcommands import register
 
     register(app)
 
 
+def _click_errors() -> tuple[type[Exception], ...]:
+    """Click's exception base classes: typer >= 0.2x raises those of its own vendored click, not `click`'s."""
+    import click
+
+    bases: list[type[Exception]] = [click.exceptions.ClickException]
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:  # an older typer uses click itself
+        return tuple(bases)
+    return (*bases, vendored.ClickException)
+
+
 def main() -> None:
     """Entry point: bad input exits 2 and any failure exits non-zero with a message, never a traceback."""
     try:
-        _mount_subcommands()
-        app(standalone_mode=False)
+        _mount_subcommands(sys.argv[1:])
+        # Outside standalone mode click returns (not raises) the code of a `typer.Exit` raised by a command.
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
     except ShadowJudgeError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(exc.exit_code)
@@ -169,16 +198,28 @@ def main() -> None:
         err_console.print("interrupted")
         sys.exit(130)
     except Exception as exc:  # the last line of defence: a message, not a traceback
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        if isinstance(exc, _click_errors()):  # bad option or argument: click's usage message, exit 2
             exc.show()
-            sys.exit(2 if isinstance(exc, click.exceptions.UsageError) else exc.exit_code)
+            sys.exit(exc.exit_code)
         if os.environ.get("SHADOWJUDGE_DEBUG"):
             raise
-        err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}\n"
+        err_console.print(f"[bold red]error:[/] {describe_failure(exc)}\n"
                           "(set SHADOWJUDGE_DEBUG=1 for the traceback)", highlight=False)
         sys.exit(1)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One message for an unexpected failure. A database error shows the driver's first line only: SQLAlchemy's
+    own text carries the statement's parameters, which may hold request data."""
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    if isinstance(exc, DBAPIError):
+        cause = exc.orig if exc.orig is not None else exc
+        first = (str(cause).strip().splitlines() or [""])[0]
+        what = "the store cannot be reached or failed" if isinstance(exc, OperationalError) else \
+            "the store refused a statement"
+        return f"{what}: {type(cause).__name__}: {first}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,178 @@
+"""Stage flows under Prefect's test harness: a cycle run stage by stage, reruns and retries that write nothing twice,
+bad input that fails once with a clear message, and scoring fan-out that names what is missing."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+from mlflow.tracking import MlflowClient
+from prefect import flow
+from prefect.states import Failed
+from sqlalchemy import func, select
+
+from flows.stages import (
+    analyse,
+    find_run_task,
+    ingest_and_sample,
+    load,
+    score,
+    score_task,
+    shadow_test,
+    transient_fault,
+    update_routes,
+)
+from shadowjudge import cycle
+from shadowjudge.config import ConfigError
+from shadowjudge.cycle import RunNotFound, count_rows, sample_ranges
+from shadowjudge.demo import DEMO_DATA, demo_config
+from shadowjudge.errors import InputError
+from shadowjudge.shadow.replay_server import ReplayServer
+from shadowjudge.store import Judgment, ShadowRun, get_engine, session_scope
+
+FAST = {"seed": 1, "default": {"ttft_ms": 2, "token_ms": 0}}
+ROUTE = "chat-default"
+
+
+@pytest.fixture(scope="module")
+def replay_server():
+    with ReplayServer(DEMO_DATA / "recordings.jsonl.gz", FAST) as server:
+        yield server
+
+
+def _config(tmp_path, store_url, base_url, **sections) -> str:
+    data = demo_config(tmp_path, base_url)
+    data["store"]["url"] = store_url
+    data["judge"] = {"evaluator": "lexical"}
+    data["shadow"]["max_samples"] = 40
+    data.update(sections)
+    path = tmp_path / f"shadowjudge-{len(list(tmp_path.glob('*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _artifacts_of(flow_run_id):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+
+def _task_runs_of(flow_run_id):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def test_stage_flows_run_one_cycle_stage_by_stage_and_reruns_add_nothing(tmp_path, store_url, replay_server,
+                                                                        prefect_harness):
+    config_path = _config(tmp_path, store_url, replay_server.base_url)
+    engine = get_engine(store_url)
+
+    assert ingest_and_sample(config_path)["totals"]["stored"] == 300
+    shadow = shadow_test(config_path, ROUTE, "s1")
+    assert shadow["run_key"] == "chat-default:s1"
+    assert {t: r["requests"] for t, r in shadow["targets"].items()} == {"claude-instant": 40, "yi-34b": 40,
+                                                                         "llama-2-7b": 40}
+    scored = score(config_path, ROUTE, "s1")
+    assert (scored["evaluator"], scored["judged"]) == ("lexical:1", 80)
+    analysed = analyse(config_path, ROUTE, "s1")
+    assert set(analysed["verdicts"]) == {"yi-34b", "llama-2-7b"} and analysed["mlflow_run_id"]
+
+    state = update_routes(config_path, ROUTE, "s1", return_state=True)
+    outcome = state.result()
+    assert sum(outcome["weights_after"].values()) == 100
+    rows = count_rows(engine)
+    assert (rows["shadow_runs"], rows["shadow_results"], rows["judgments"]) == (1, 120, 80)
+    assert rows["route_weight_history"] >= 1
+    with session_scope(engine) as s:
+        run = s.scalar(select(ShadowRun))
+        assert (run.status, run.decision, run.mlflow_run_id) == ("finished", outcome["decision"],
+                                                                 analysed["mlflow_run_id"])
+    artifacts = _artifacts_of(state.state_details.flow_run_id)
+    assert [a.key for a in artifacts] == ["cycle-chat-default"]
+    assert "# Cycle `chat-default:s1`" in artifacts[0].data and outcome["decision"] in artifacts[0].data
+
+    # Every stage again: nothing new in the store, the same MLflow run, the ladder not stepped twice.
+    assert shadow_test(config_path, ROUTE, "s1")["run_key"] == "chat-default:s1"
+    assert score(config_path, ROUTE, "s1")["judged"] == 0
+    again = update_routes(config_path, ROUTE, "s1")
+    assert count_rows(engine) == rows
+    assert again["weights_after"] == outcome["weights_after"] and again["mlflow_run_id"] == analysed["mlflow_run_id"]
+    mlflow_run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(analysed["mlflow_run_id"])
+    assert mlflow_run.data.tags["shadowjudge.decision"] == outcome["decision"]
+
+
+def test_a_stage_of_a_cycle_never_opened_fails_once_with_a_clear_message(tmp_path, sqlite_url, replay_server,
+                                                                         prefect_harness):
+    config_path = _config(tmp_path, sqlite_url, replay_server.base_url)
+    state = score(config_path, ROUTE, "never-opened", return_state=True)
+    assert state.is_failed()
+    with pytest.raises(RunNotFound, match="no run 'chat-default:never-opened'.*shadow test"):
+        state.result()
+    [find_run] = _task_runs_of(state.state_details.flow_run_id)
+    assert find_run.name.startswith("find-run") and find_run.run_count == 1  # bad input is not retried
+    with pytest.raises(ConfigError, match="no route named 'nope'"):
+        shadow_test(config_path, "nope", "c1")
+    with pytest.raises(InputError, match="first_sample_id 9 is after last_sample_id 3"):
+        from flows.stages import score_batch
+
+        score_batch(config_path, ROUTE, "c1", 9, 3)
+
+
+def test_a_retried_task_after_a_transient_fault_writes_nothing_twice(tmp_path, sqlite_url, replay_server,
+                                                                     prefect_harness, monkeypatch):
+    config_path = _config(tmp_path, sqlite_url, replay_server.base_url)
+    ingest_and_sample(config_path)
+    shadow_test(config_path, ROUTE, "r1")
+    real_score, reports = cycle.score, []
+
+    def score_then_lose_the_connection(engine, config, route, handle, progress=False):
+        reports.append(real_score(engine, config, route, handle, progress=progress))  # every judgment stored
+        if len(reports) == 1:
+            raise ConnectionError("connection reset while reporting back")
+        return reports[-1]
+
+    monkeypatch.setattr(cycle, "score", score_then_lose_the_connection)
+
+    @flow
+    def score_with_quick_retry(path: str) -> dict:
+        config = load(path)
+        rc = config.route(ROUTE)
+        return score_task.with_options(retry_delay_seconds=0)(config, rc, find_run_task(config, rc, "r1"), path)
+
+    report = score_with_quick_retry(config_path)
+    assert [r["judged"] for r in reports] == [80, 0] and report["already_judged"] == 80
+    with session_scope(get_engine(sqlite_url)) as s:
+        assert s.scalar(select(func.count()).select_from(Judgment)) == 80
+
+
+def test_scoring_fan_out_without_its_deployment_says_what_to_do(tmp_path, sqlite_url, replay_server, prefect_harness):
+    config_path = _config(tmp_path, sqlite_url, replay_server.base_url, orchestration={"score_batches": 3})
+    ingest_and_sample(config_path)
+    shadow_test(config_path, ROUTE, "f1")
+    with pytest.raises(InputError, match="no deployment 'score-batch/score-batch': run `shadowjudge deploy`"):
+        score(config_path, ROUTE, "f1")
+
+
+def test_only_bad_input_is_not_retried():
+    assert transient_fault(None, None, Failed(data=ConnectionError("reset"))) is True
+    assert transient_fault(None, None, Failed(data=RuntimeError("MLflow answered 503"))) is True
+    assert transient_fault(None, None, Failed(data=ConfigError("shadowjudge.yaml: invalid config"))) is False
+    assert transient_fault(None, None, Failed(data=RunNotFound("no run 'r:c'"))) is False
+
+
+@given(st.sets(st.integers(1, 10_000), max_size=300), st.integers(1, 20))
+def test_sample_ranges_split_a_run_into_near_equal_contiguous_batches(ids, parts):
+    ranges = sample_ranges(list(ids), parts)
+    ordered = sorted(ids)
+    batches = [[i for i in ordered if first <= i <= last] for first, last in ranges]
+    assert [i for batch in batches for i in batch] == ordered  # every sample in exactly one batch, in order
+    assert len(ranges) == min(parts, len(ids))
+    if batches:
+        assert max(map(len, batches)) - min(map(len, batches)) <= 1
+        assert all(first <= last for first, last in ranges)
