@@ -6,6 +6,7 @@ the same `cycle_id` (after a crash, or on purpose) finishes the work without dup
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -42,9 +43,30 @@ class RunHandle:
     resumed: bool
 
 
+# Cycle ids travel into the run key (a 128-character column), Prefect flow-run names and MLflow run names.
+CYCLE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+RUN_KEY_MAX = 128
+
+
+class BadCycleId(InputError):
+    """A cycle id given by a user that cannot key a run."""
+
+
+def check_cycle_id(cycle_id: str) -> str:
+    """The cycle id itself, or BadCycleId naming what is wrong with it."""
+    if not isinstance(cycle_id, str) or not CYCLE_ID.fullmatch(cycle_id):
+        raise BadCycleId(f"cycle id {cycle_id!r} is not usable: give 1 to 64 letters, digits, '.', '_', ':' or '-', "
+                         "starting with a letter or digit")
+    return cycle_id
+
+
 def cycle_run_key(route: str, cycle_id: str) -> str:
     """A cycle's run is keyed by route and cycle id: the natural key every stage finds it by."""
-    return f"{route}:{cycle_id}"
+    key = f"{route}:{check_cycle_id(cycle_id)}"
+    if len(key) > RUN_KEY_MAX:
+        raise BadCycleId(f"route '{route}' with cycle id '{cycle_id}' makes a run key of {len(key)} characters; "
+                         f"the store keeps {RUN_KEY_MAX}: use a shorter route name or cycle id")
+    return key
 
 
 def find_run(engine: Engine, run_key: str) -> RunHandle:
@@ -229,7 +251,7 @@ def analyse(engine: Engine, config: Config, route: RouteConfig, handle: RunHandl
             judge_version: str | None) -> dict[str, Any]:
     from shadowjudge.analysis import analyze_run
 
-    return analyze_run(engine, handle.run_id, route, judge_version).to_dict()
+    return analyze_run(engine, handle.run_id, route, judge_version, accept_floor=config.judge.accept_floor).to_dict()
 
 
 def _candidate_metrics(analysis: dict[str, Any], shadow_report: dict[str, Any], target: str) -> dict[str, float]:
