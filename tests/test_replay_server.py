@@ -213,9 +213,9 @@ def test_latency_profile_shapes_ttft_and_token_gaps(recordings):
             ttfts.append((stamps[0] - start) * 1000)
             gaps += [(b - a) * 1000 for a, b in zip(stamps, stamps[1:])]
         realised = srv.stats()["models"]["Yi-34B-Chat"]["ttft_ms_p50"]
-    assert 60 <= realised < 70
-    assert 58 <= statistics.median(ttfts) < 80
-    assert 4 <= statistics.median(gaps) < 12
+    assert 60 <= realised < 75
+    assert 58 <= statistics.median(ttfts) < 85
+    assert 4 <= statistics.median(gaps) < 15  # 5 ms apart, give or take the scheduler
 
 
 def test_api_key_is_checked_and_a_wrong_one_is_echoed_like_some_providers_do(recordings):

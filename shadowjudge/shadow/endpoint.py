@@ -239,9 +239,9 @@ class OpenAIEndpoint:
                                status=exc.status_code) from None
         except (TimeoutError, openai.APITimeoutError, httpx2.TimeoutException):
             stalled = bool(parser.token_times)
+            what = f"stream stalled after {len(parser.token_times)} chunks" if stalled else "no answer"
             raise AttemptError("stalled_stream" if stalled else "timeout",
-                               f"no {'further ' if stalled else ''}data within the {timeout_s:g}s deadline",
-                               retryable=True) from None
+                               f"{what}: not finished within the {timeout_s:g}s deadline", retryable=True) from None
         except (openai.APIConnectionError, httpx2.TransportError) as exc:
             raise AttemptError("connection_error", self._scrub(f"{type(exc).__name__}: {exc}"),
                                retryable=True) from None

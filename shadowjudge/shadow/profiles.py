@@ -4,6 +4,21 @@ A request's fate (error status, stalled or malformed stream, its jittered TTFT) 
 by `(seed, model, prompt_id, n)`, where `n` counts earlier requests for the same model and prompt. So the
 outcome does not depend on the order in which concurrent requests arrive, a retry of a failed request draws
 afresh, and a test can compute with `plan_request` exactly what the server will do.
+
+A profile file (YAML or JSON):
+
+    seed: 7
+    default: {ttft_ms: 120, ttft_jitter_ms: 20, token_ms: 15}
+    models:
+      Yi-34B-Chat:
+        ttft_ms: 300
+        token_ms: 25
+        error_rate: 0.2                       # answered with an error status ...
+        error_statuses: {500: 1, 429: 1}      # ... drawn with these weights
+        retry_after_s: 2                      # sent with 429s (retry-after and retry-after-ms)
+        stall_rate: 0.05                      # streams that stop after stall_after_tokens tokens
+        stall_after_tokens: 10
+        malformed_rate: 0.02                  # streams with one chunk that is not JSON
 """
 
 from __future__ import annotations

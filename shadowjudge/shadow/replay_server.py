@@ -110,7 +110,7 @@ class ReplayApp:
         if scope["type"] != "http":
             return
         path, method = scope["path"], scope["method"]
-        self.counters["requests"] += 1
+        self.counters["http_requests"] += 1
         if path == "/v1/chat/completions":
             if method != "POST":
                 return await self._json(send, 405, _error_body(405, "use POST for /v1/chat/completions"))
