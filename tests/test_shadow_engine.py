@@ -201,12 +201,12 @@ def test_the_budget_stops_new_requests_and_records_the_rest(engine):
         assert r.cost_usd == pytest.approx((r.input_tokens + r.output_tokens) * 1000 / 1e6)
 
 
-def test_consistency_mode_without_streaming(engine):
+def test_consistency_mode_without_streaming_with_a_progress_bar(engine, capsys):
     run_id, samples = store_samples(engine, 6)
     with ReplayServer(RECORDINGS) as srv:
         target = TargetConfig(name="yi", model="Yi-34B-Chat", base_url=srv.base_url)
         report = run_shadow(engine, run_id, samples, [target],
-                            ShadowConfig(**FAST, stream=False, consistency_k=3), {})
+                            ShadowConfig(**FAST, stream=False, consistency_k=3), {}, progress=True)
     rows = stored(engine, run_id)
     assert sorted(Counter((r.sample_id, r.attempt) for r in rows).values()) == [1] * 18
     by_sample = {}
@@ -215,6 +215,7 @@ def test_consistency_mode_without_streaming(engine):
         by_sample.setdefault(r.sample_id, set()).add(r.output_text)
     assert all(len(texts) == 1 for texts in by_sample.values())  # a replay server is perfectly consistent
     assert report.targets["yi"].ok == 18
+    assert "18/18" in capsys.readouterr().out
 
 
 def test_api_keys_never_reach_the_store_or_the_logs(engine, monkeypatch, caplog):
@@ -300,3 +301,33 @@ def test_retries_follow_retry_after_and_unexpected_failures_are_recorded_scrubbe
     assert report.targets["t"].errors == {"unexpected": 1}
     assert "sk-secret-abcdef123456" not in caplog.text and "RuntimeError" in caplog.text
     assert "sk-secret" not in json.dumps(report.as_dict())
+
+
+def test_rpm_and_tpm_buckets_are_charged_per_attempt_and_refunded(engine, monkeypatch):
+    from shadowjudge.shadow.ratelimit import TokenBucket
+
+    charged: list[tuple[float, float]] = []  # (rate, amount): rate tells the RPM bucket from the TPM one
+    refunded: list[float] = []
+    real_acquire, real_refund = TokenBucket.acquire, TokenBucket.refund
+
+    async def acquire(self, amount=1.0):
+        charged.append((self.rate, amount))
+        await real_acquire(self, amount)
+
+    def refund(self, amount):
+        refunded.append(amount)
+        real_refund(self, amount)
+
+    monkeypatch.setattr(TokenBucket, "acquire", acquire)
+    monkeypatch.setattr(TokenBucket, "refund", refund)
+    run_id, samples = store_samples(engine, 1)
+    answer = Completion(text="ok", latency_ms=5.0, ttft_ms=1.0, itl_ms=None, input_tokens=30, output_tokens=10)
+    endpoint = ScriptedEndpoint([AttemptError("rate_limited", "429", retryable=True, retry_after_s=0.0), answer])
+    target = TargetConfig(name="t", model="m", base_url="http://unused/v1", rpm=600_000, tpm=6_000_000)
+    asyncio.run(replay(engine, run_id, samples, [target], ShadowConfig(**FAST), {},
+                       endpoint_factory=lambda t, key, s: endpoint))
+    prompt = count_message_tokens(samples[0].messages)
+    reserve = prompt + FAST["max_tokens"]
+    assert charged == [(10_000, 1), (100_000, reserve), (10_000, 1), (100_000, reserve)]  # both attempts
+    assert refunded == [reserve, reserve - 40]  # the failed attempt in full, then what the answer did not use
+    assert endpoint.bodies[0]["max_tokens"] == FAST["max_tokens"]
