@@ -283,3 +283,29 @@ def test_tokens_join_back_to_the_text(text):
     assert "".join(pieces) == text
     assert count_tokens(text) == len(pieces)
     assert all(len(p.strip()) <= 6 for p in pieces)
+
+
+def test_a_server_process_does_not_outlive_a_killed_parent(recordings, tmp_path):
+    """The parent here is a throwaway Python process that starts a ReplayServer and is then SIGKILLed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = (f"import sys, time; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+              "from shadowjudge.shadow.replay_server import ReplayServer\n"
+              f"srv = ReplayServer({str(recordings[0])!r}); srv.start(); print(srv.pid, flush=True); time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the replay server outlived its parent")

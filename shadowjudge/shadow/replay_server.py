@@ -438,7 +438,7 @@ class ReplayServer:
         profiles_path = Path(self._tmp.name) / "profiles.json"
         profiles_path.write_text(self._profiles.model_dump_json())
         args = [sys.executable, "-m", "shadowjudge.shadow.replay_server", "--fd", str(sock.fileno()),
-                "--profiles", str(profiles_path), "--name", self.name]
+                "--profiles", str(profiles_path), "--name", self.name, "--exit-with-parent"]
         for path in self._recordings:
             args += ["--recordings", str(path)]
         for model in self._models or []:
@@ -514,6 +514,8 @@ def serve(
     model: list[str] = typer.Option([], "--model", help="Serve only these recorded models; repeatable"),
     api_key_env: str | None = typer.Option(None, "--api-key-env", help="Require the key held by this env var"),
     fd: int | None = typer.Option(None, "--fd", hidden=True, help="Serve on an already bound socket"),
+    exit_with_parent: bool = typer.Option(False, "--exit-with-parent", hidden=True,
+                                          help="Stop when the process that started this one is gone"),
 ) -> None:
     """Serve until interrupted."""
     try:
@@ -539,7 +541,21 @@ def serve(
         sock.listen(4096)
         typer.echo(f"replay server '{name}' serving {len(app.recordings.models)} models on http://{host}:{port}/v1",
                    err=True)
+    if exit_with_parent:
+        _exit_when_orphaned()
     serve_forever(app, sock)
+
+
+def _exit_when_orphaned() -> None:
+    """A server started by ReplayServer must not outlive it, even if its parent is killed without cleanup."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 if __name__ == "__main__":
