@@ -299,6 +299,29 @@ SUMMARY_METRICS = ("canary_score", "win_rate", "win_rate.ci_low", "win_rate.ci_h
                    "cost_per_outcome.candidate_value", "error_rate", "latency_ms.p95", "ttft_ms.p95")
 
 
+def check_tracking_server(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    """Fail at once, saying so, when an HTTP tracking server does not accept connections.
+
+    MLflow's client retries every call with backoff (minutes per call by default), so a server that is down would
+    hold the stage for a long time before anything said why; the stage's own retries cover a brief outage.
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    from shadowjudge.tracking.mlflow_tracking import TrackingError, redact_uri
+
+    parts = urlsplit(tracking_uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        with socket.create_connection((parts.hostname, port), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise TrackingError(f"MLflow at {redact_uri(tracking_uri)} is unreachable: {reason}") from None
+
+
 def track(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle, analysis: dict[str, Any],
           reports: dict[str, Any]) -> str | None:
     """Log the cycle to MLflow; returns the run id (None when tracking is disabled)."""
@@ -307,6 +330,7 @@ def track(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle,
 
     if not config.mlflow.enabled:
         return None
+    check_tracking_server(config.mlflow.tracking_uri)
     shadow_report = reports.get("shadow", {})
     evaluator = reports.get("score", {}).get("evaluator")
     table = samples_table(engine, handle.run_id, evaluator)

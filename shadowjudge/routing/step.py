@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, update
 
 from shadowjudge.config import RouteConfig
 from shadowjudge.errors import InputError, ShadowJudgeError
@@ -109,7 +109,8 @@ def step_route(engine: Engine, route: RouteConfig,
             row = s.get(RouteState, route.name)
             if row is not None and run_id is not None and row.last_run_id == run_id:
                 recorded = _recorded_outcome(row.last_outcome)
-                if recorded is not None:
+                # A failed push changed nothing, so stepping the run again retries it instead of replaying it.
+                if recorded is not None and recorded.status != "failed":
                     return replace(recorded, replayed=True)
         state = load_rollout_state(engine, route)
         decision = decide(route, state, by_target, now)
@@ -184,6 +185,12 @@ def _apply(engine: Engine, route: RouteConfig, gateway: Gateway, decision: Decis
 def _claim_revision(engine: Engine, route: RouteConfig, gateway: Gateway, decision: Decision, action: str, reason: str,
                     run_id: int | None, analysis_link: str | None, now: datetime) -> int:
     with session_scope(engine) as s:
+        # We hold the route's lock: a change still pending belongs to a writer that died (or lost the store) between
+        # its push and recording the outcome. Whatever it left, this push now decides what the gateway holds.
+        s.execute(update(RouteWeightChange)
+                  .where(RouteWeightChange.route == route.name, RouteWeightChange.status == "pending")
+                  .values(status="interrupted", error="the writer stopped before recording this push's outcome; "
+                                                      "a later step pushed the weights in force"))
         last = s.scalar(select(func.max(RouteWeightChange.revision)).where(RouteWeightChange.route == route.name))
         revision = (last or 0) + 1
         s.add(RouteWeightChange(route=route.name, revision=revision, before=decision.before, after=decision.after,
