@@ -134,13 +134,14 @@ def test_measured_ttft_matches_the_injected_latency(engine):
                    TargetConfig(name="slow", model="Yi-34B-Chat", base_url=srv.base_url, concurrency=1)]
         report = run_shadow(engine, run_id, samples, targets, ShadowConfig(**{**FAST, "max_tokens": 8}), {})
     rows = stored(engine, run_id)
-    assert all(r.error_class is None for r in rows) and len(rows) == 80
+    assert [r.error_class for r in rows] == [None] * 80
     ttft = {t: statistics.median(r.ttft_ms for r in rows if r.target == t) for t in ("fast", "slow")}
     itl = {t: statistics.median(r.itl_ms for r in rows if r.target == t) for t in ("fast", "slow")}
     assert abs(ttft["slow"] - ttft["fast"] - 80) <= 2, ttft
     assert ttft["fast"] >= 19 and ttft["slow"] >= 99, ttft  # never reads faster than the provider answered
     assert abs(itl["fast"] - 14) <= 1.5 and abs(itl["slow"] - 3) <= 1.5, itl
-    assert all(r.latency_ms > r.ttft_ms and r.tpot_ms > 0 for r in rows)
+    # (>=: on a loaded machine the engine may read several chunks in one go, then they share one timestamp)
+    assert all(r.latency_ms >= r.ttft_ms and r.tpot_ms >= 0 for r in rows)
     assert report.targets["slow"].ttft_ms["count"] == 40
     assert report.targets["slow"].ttft_ms["p50"] == pytest.approx(ttft["slow"])
 
