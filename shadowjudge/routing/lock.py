@@ -1,7 +1,9 @@
 """A lease lock in the store, so only one writer pushes a route's weights at a time (SQLite and PostgreSQL).
 
 Acquiring is an INSERT of the lock's row, which the primary key lets only one writer win; a lease whose holder
-died is taken over by an UPDATE that only matches while the lease is expired, which again only one writer wins.
+died is taken over by an UPDATE that only matches while the lease is expired (or, on the same host, while its
+holder's process is gone: a killed `shadowjudge run` does not block the route for a whole lease), which again only
+one writer wins.
 Leases expire on the wall clock (not the controller's simulated clock): they guard real processes.
 """
 
@@ -14,7 +16,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
 
-from sqlalchemy import Engine, delete, update
+from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 from shadowjudge.store import Lock, session_scope
@@ -31,6 +33,25 @@ def as_utc(value: datetime) -> datetime:
 
 def default_holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def holder_is_dead(holder: str) -> bool:
+    """True when the holder was a process of this host that no longer exists: it was killed before it released.
+
+    Only a definite answer counts: another host's process, a pid we may not signal, or a pid reused by a live
+    process all read as alive, and such a lease is only taken over once it expires.
+    """
+    host, _, rest = holder.partition(":")
+    pid = rest.split(":", 1)[0]
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 class LeaseLock:
@@ -57,8 +78,12 @@ class LeaseLock:
         except IntegrityError:
             pass
         with session_scope(self.engine) as s:
+            holder = s.scalar(select(Lock.holder).where(Lock.name == self.name))
+            takeover = Lock.expires_at < now
+            if holder is not None and holder_is_dead(holder):  # no need to wait out a dead holder's lease
+                takeover = takeover | (Lock.holder == holder)
             taken = s.execute(
-                update(Lock).where(Lock.name == self.name, Lock.expires_at < now)
+                update(Lock).where(Lock.name == self.name, takeover)
                 .values(holder=self.holder, expires_at=expires)
             )
             self.held = taken.rowcount == 1
