@@ -55,7 +55,8 @@ class DeploymentSpec:
     work_pool: str | None = None
 
 
-def template_environment(config_path: str | Path, config: Config, judge_data: str | Path | None = None) -> dict[str, str]:
+def template_environment(config_path: str | Path, config: Config,
+                         judge_data: str | Path | None = None) -> dict[str, str]:
     """Values of prefect.yaml's `{{ $SHADOWJUDGE_* }}` placeholders, taken from the config."""
     return {
         "SHADOWJUDGE_CONFIG": str(Path(config_path).resolve()),
@@ -156,14 +157,17 @@ def ensure_work_pool(name: str) -> None:
     """Create the process work pool the deployments name, unless it exists (then it must be of type process)."""
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectNotFound
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     with get_client(sync_client=True) as client:
         try:
             pool = client.read_work_pool(name)
         except ObjectNotFound:
-            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
-            return
+            try:
+                client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+                return
+            except ObjectAlreadyExists:  # a worker started with --type process created it meanwhile
+                pool = client.read_work_pool(name)
     if pool.type != "process":
         raise PrefectApiError(f"work pool '{name}' exists with type '{pool.type}'; the deployments need a process "
                               "pool: pick another name in prefect.yaml or pass --pool")
@@ -183,7 +187,8 @@ def deploy_schedules(config_path: str | Path, prefect_file: str | Path = "prefec
     command = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)]
     if pool:
         command += ["--pool", pool]
-    done = subprocess.run(command, cwd=prefect_file.parent, env={**os.environ, **env}, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=prefect_file.parent, env={**os.environ, **env}, capture_output=True, text=True,
+                          check=False)
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
         raise PrefectApiError(f"`prefect deploy --all` failed (exit {done.returncode}):\n{tail}")

@@ -31,7 +31,8 @@ def load_test_task(target: TargetConfig, prompts: list, ramp: str, max_requests:
     return run_loadtest(target, prompts, ramp=Ramp.parse(ramp), max_requests=max_requests, shadow=shadow).as_dict()
 
 
-@task(name="log-load-test", retries=3, retry_delay_seconds=10, cache_policy=NO_CACHE, retry_condition_fn=transient_fault)
+@task(name="log-load-test", retries=3, retry_delay_seconds=10, cache_policy=NO_CACHE,
+      retry_condition_fn=transient_fault)
 def log_load_test_task(report: dict[str, Any], tracking_uri: str, experiment: str) -> str:
     from shadowjudge.shadow.loadtest import LoadStep, LoadTestReport, log_loadtest
 

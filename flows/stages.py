@@ -108,7 +108,8 @@ def score_range_task(config: Config, route: RouteConfig, handle: stages.RunHandl
 
 
 @task(name="analyse", retries=1, retry_delay_seconds=5, **STAGE)
-def analyse_task(config: Config, route: RouteConfig, handle: stages.RunHandle, judge_version: str | None) -> dict[str, Any]:
+def analyse_task(config: Config, route: RouteConfig, handle: stages.RunHandle,
+                 judge_version: str | None) -> dict[str, Any]:
     return stages.analyse(engine_of(config), config, route, handle, judge_version)
 
 
@@ -196,7 +197,7 @@ def fan_out_scoring(config: Config, config_path: str, route: RouteConfig, handle
         raise ScoreFanOutError(f"scoring batches of {handle.run_key} did not complete: {', '.join(failed)}")
     summary = stages.scoring_summary(engine_of(config), handle.run_id)
     return {**summary, "batches": [{"samples": [first, last], "flow_run": r.name}
-                                   for (first, last), r in zip(ranges, finished)]}
+                                   for (first, last), r in zip(ranges, finished, strict=True)]}
 
 
 def wait_for_flow_runs(flow_run_ids: list, timeout_s: float, poll_s: float = 2.0) -> list:
@@ -244,7 +245,8 @@ def score(config_path: str, route: str, cycle_id: str, progress: bool = False) -
 
 
 @flow(name="score-batch", log_prints=True)
-def score_batch(config_path: str, route: str, cycle_id: str, first_sample_id: int, last_sample_id: int) -> dict[str, Any]:
+def score_batch(config_path: str, route: str, cycle_id: str, first_sample_id: int,
+                last_sample_id: int) -> dict[str, Any]:
     """Judge the pairs of one sample-id range of a cycle's run (inclusive): the unit the score stage fans out."""
     if first_sample_id > last_sample_id:
         raise InputError(f"score-batch: first_sample_id {first_sample_id} is after last_sample_id {last_sample_id}")

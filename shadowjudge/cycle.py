@@ -337,8 +337,8 @@ def track(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle,
     candidates, summary = [], {}
     for target in route.candidates:
         verdict = next((c for c in analysis.get("candidates", []) if c["target"] == target.name), None)
-        metrics = {**_candidate_metrics(analysis, shadow_report, target.name),
-                   **win_rate([p for p, t in zip(table["preference"], table["target"]) if t == target.name])}
+        preferences = [p for p, t in zip(table["preference"], table["target"], strict=True) if t == target.name]
+        metrics = {**_candidate_metrics(analysis, shadow_report, target.name), **win_rate(preferences)}
         summary |= {f"{target.name}.{k}": metrics[k] for k in SUMMARY_METRICS if k in metrics}
         candidates.append(CandidateLog(
             target=target.name,

@@ -128,3 +128,43 @@ def prefect_server(tmp_path_factory) -> Iterator[dict[str, str]]:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
+
+
+@pytest.fixture
+def prefect_client(prefect_server):
+    """A sync client of the real Prefect server (not of the harness, which may also be running)."""
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
+        with get_client(sync_client=True) as client:
+            yield client
+
+
+@pytest.fixture
+def background(tmp_path):
+    """start(name, command, env) runs a process in its own group with its output in tmp_path/<name>.log (returned);
+    every process started is stopped (TERM, then KILL) when the test ends."""
+    import signal
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    started = []
+
+    def start(name: str, command: list[str], env: dict[str, str]):
+        log = open(tmp_path / f"{name}.log", "wb")
+        started.append((subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True), log))
+        return tmp_path / f"{name}.log"
+
+    yield start
+    for process, _ in started:
+        os.killpg(process.pid, signal.SIGTERM)
+    for process, log in started:
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()

@@ -46,7 +46,8 @@ def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True)
     try:
-        yield MlflowServer(f"http://127.0.0.1:{port}", root / "server.log")  # not waited for here: it starts while the Prefect harness does (see `logged_cycle`)
+        # Not waited for here: it starts while the Prefect harness does (`logged_cycle` waits).
+        yield MlflowServer(f"http://127.0.0.1:{port}", root / "server.log")
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -113,10 +114,12 @@ def test_the_cycle_run_holds_what_the_ui_shows(mlflow_server, logged_cycle):
     assert (params["judge_version"], params["sample_size"]) == ("lexical:1", "40")
     assert tags["shadowjudge.decision"] == outcome["decision"] and tags["shadowjudge.run_key"] == "chat-default:c1"
     for family in ("latency_ms", "ttft_ms"):
-        assert metrics[f"incumbent.{family}.p50"] <= metrics[f"incumbent.{family}.p95"] <= metrics[f"incumbent.{family}.p99"]
+        p50, p95, p99 = (metrics[f"incumbent.{family}.{p}"] for p in ("p50", "p95", "p99"))
+        assert p50 <= p95 <= p99
     assert metrics["incumbent.error_rate"] == 0.0
     for target in CANDIDATES:  # the cycle's run compares the candidates on one page
-        assert metrics[f"{target}.win_rate.ci_low"] <= metrics[f"{target}.win_rate"] <= metrics[f"{target}.win_rate.ci_high"]
+        low, rate, high = (metrics[f"{target}.win_rate{s}"] for s in (".ci_low", "", ".ci_high"))
+        assert low <= rate <= high
         assert {f"{target}.canary_score", f"{target}.quality.effect", f"{target}.cost_per_outcome.candidate_value",
                 f"{target}.latency_ms.p95"} <= set(metrics)
 
@@ -151,7 +154,8 @@ def test_the_run_page_renders_in_a_browser(mlflow_server, logged_cycle, tmp_path
     browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
                f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000", "--window-size=1400,1000"]
-    dom = subprocess.run([*browser, "--dump-dom", link], capture_output=True, text=True, timeout=180).stdout
+    dom = subprocess.run([*browser, "--dump-dom", link], capture_output=True, text=True, timeout=180,
+                         check=False).stdout
     assert "chat-default:c1" in dom and "shadowjudge.decision" in dom  # the SPA fetched and rendered the run
     shot = tmp_path / "run.png"
     subprocess.run([*browser, f"--screenshot={shot}", link], capture_output=True, timeout=180, check=True)

@@ -6,15 +6,12 @@ cycle is a run scheduled a few seconds ahead (the way the cron schedule creates 
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -60,37 +57,6 @@ def _config(tmp_path: Path, store_url: str, base_url: str, **sections) -> Path:
     return path
 
 
-@contextmanager
-def _processes(commands: dict[str, list[str]], env: dict[str, str], logs: Path):
-    """Background processes in their own process groups, stopped (TERM, then KILL) on exit."""
-    started = {}
-    try:
-        for name, command in commands.items():
-            log = open(logs / f"{name}.log", "wb")
-            started[name] = (subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                              start_new_session=True), log)
-        yield {name: logs / f"{name}.log" for name in commands}
-    finally:
-        for process, _ in started.values():
-            os.killpg(process.pid, signal.SIGTERM)
-        for process, log in started.values():
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-            log.close()
-
-
-@contextmanager
-def _client(env):
-    from prefect import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
-        yield client
-
-
 def _wait_final(client, flow_run_id, timeout_s: float = 420):
     deadline = time.monotonic() + timeout_s
     while True:
@@ -102,35 +68,36 @@ def _wait_final(client, flow_run_id, timeout_s: float = 420):
 
 
 @pytest.mark.slow
-def test_a_scheduled_cycle_fans_scoring_out_to_two_workers_on_postgresql(tmp_path, pg_store, prefect_server):
+def test_a_scheduled_cycle_fans_scoring_out_to_two_workers_on_postgresql(tmp_path, pg_store, prefect_server,
+                                                                          prefect_client, background):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.states import Scheduled
 
+    client = prefect_client
     env = {**prefect_server, "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
-    workers = {w: [sys.executable, "-m", "prefect", "worker", "start", "--pool", "shadowjudge", "--type", "process",
-                   "--name", w, "--limit", "2"] for w in ("worker-a", "worker-b")}
-    with ReplayServer(DEMO_DATA / "recordings.jsonl.gz", FAST) as replay, _processes(workers, env, tmp_path) as logs:
+    workers = ("worker-a", "worker-b")
+    logs = {w: background(w, [sys.executable, "-m", "prefect", "worker", "start", "--pool", "shadowjudge", "--type",
+                              "process", "--name", w, "--limit", "2"], env) for w in workers}
+    with ReplayServer(DEMO_DATA / "recordings.jsonl.gz", FAST) as replay:
         config_path = _config(tmp_path, pg_store, replay.base_url,
                               orchestration={"score_batches": 3, "provider_calls_limit": 3})
         deploy = subprocess.run([sys.executable, "-m", "shadowjudge.cli", "deploy", "-c", str(config_path)], cwd=ROOT,
-                                env=env, capture_output=True, text=True, timeout=300)
+                                env=env, capture_output=True, text=True, timeout=300, check=False)
         assert deploy.returncode == 0, deploy.stderr[-3000:]
         assert "evaluation-cycle/evaluation-cycle pool shadowjudge: cron */30 * * * * (UTC)" in deploy.stdout
-        with _client(env) as client:
-            assert client.read_work_pool("shadowjudge").type == "process"
-            assert client.read_concurrency_limit_by_tag("provider-calls").concurrency_limit == 3
-            deployment = client.read_deployment_by_name("evaluation-cycle/evaluation-cycle")
-            assert [s.schedule.cron for s in deployment.schedules] == ["*/30 * * * *"]
-            assert deployment.parameters == {"config_path": str(config_path.resolve())}
-            batch_deployment = client.read_deployment_by_name("score-batch/score-batch")
-            when = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=5)
-            run = client.create_flow_run_from_deployment(deployment.id, state=Scheduled(scheduled_time=when))
-            finished = _wait_final(client, run.id)
-            batches = client.read_flow_runs(deployment_filter=DeploymentFilter(
-                id=DeploymentFilterId(any_=[batch_deployment.id])))
-            artifacts = client.read_artifacts()
-        executed = {w: re.findall(r"Flow run '([^']+)' submitted to infrastructure", logs[w].read_text())
-                    for w in workers}
+        assert client.read_work_pool("shadowjudge").type == "process"
+        assert client.read_concurrency_limit_by_tag("provider-calls").concurrency_limit == 3
+        deployment = client.read_deployment_by_name("evaluation-cycle/evaluation-cycle")
+        assert [s.schedule.cron for s in deployment.schedules] == ["*/30 * * * *"]
+        assert deployment.parameters == {"config_path": str(config_path.resolve())}
+        batch_deployment = client.read_deployment_by_name("score-batch/score-batch")
+        when = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=5)
+        run = client.create_flow_run_from_deployment(deployment.id, state=Scheduled(scheduled_time=when))
+        finished = _wait_final(client, run.id)
+        batches = client.read_flow_runs(deployment_filter=DeploymentFilter(
+            id=DeploymentFilterId(any_=[batch_deployment.id])))
+        artifacts = client.read_artifacts()
+    executed = {w: re.findall(r"Flow run '([^']+)' submitted to infrastructure", logs[w].read_text()) for w in workers}
 
     assert finished.state.is_completed(), finished.state.message
     cycle_id = stages.default_cycle_id(when)  # the cycle is keyed by its scheduled minute
