@@ -260,8 +260,9 @@ class EmbeddingCache:
     """
 
     def __init__(self, directory: Path, settings: EncoderSettings, *, progress: ProgressCallback | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, backend: Backend = "onnx") -> None:
         self.settings = settings
+        self.backend = backend  # fp32 ONNX gives PyTorch's numbers faster; int8 would change what is cached
         self.path = Path(directory) / f"embeddings-{settings.fingerprint()}.npz"
         self.progress = progress
         self._threads = threads
@@ -288,7 +289,7 @@ class EmbeddingCache:
                 missing[k] = t
         if missing:
             if self._encoder is None:
-                self._encoder = TextEncoder(self.settings, threads=self._threads)
+                self._encoder = TextEncoder(self.settings, threads=self._threads, backend=self.backend)
             vectors = self._encoder.encode(list(missing.values()), self.progress)
             for k, v in zip(missing, vectors):
                 self._rows[k] = v.astype(np.float16)

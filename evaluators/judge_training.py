@@ -48,7 +48,7 @@ class HeadConfig:
     epochs: int = 30
     lr: float = 2e-3
     weight_decay: float = 1e-2
-    batch_size: int = 256
+    batch_size: int = 512
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ class TrainSettings:
     heldout_fraction: float = 0.2
     validation_fraction: float = 0.2
     max_prompts: int | None = None
+    int8_check_pairs: int = 1500  # held-out pairs re-judged with the int8 encoder; 0 skips (serve fp32 ONNX)
 
 
 QUICK = TrainSettings(
@@ -70,6 +71,7 @@ QUICK = TrainSettings(
     heads=(HeadConfig("mlp-length", use_length=True, epochs=40),),
     heldout_fraction=0.25,
     validation_fraction=0.0,
+    int8_check_pairs=0,
 )
 FULL = TrainSettings()
 
@@ -138,6 +140,18 @@ def feature_columns(use_length: bool) -> slice:
 def fit_head(emb: EmbeddedAnswers, pairs: Sequence[LabelledPair], config: HeadConfig, encoder: EncoderSettings,
              seed: int, *, progress: Progress | None = None, trained_on: str = "") -> tuple[JudgeSpec, dict]:
     """Train one reward head with the Bradley-Terry loss on soft labels; returns its spec and weights."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: extra threads only add barrier waits (10x slower on a busy machine)
+    try:
+        return _fit_head(emb, pairs, config, encoder, seed, progress, trained_on)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_head(emb: EmbeddedAnswers, pairs: Sequence[LabelledPair], config: HeadConfig, encoder: EncoderSettings,
+              seed: int, progress: Progress | None, trained_on: str) -> tuple[JudgeSpec, dict]:
     import torch
 
     torch.manual_seed(seed)
@@ -357,6 +371,12 @@ def train_judge(data_dir: str | Path, tracking_uri: str, *, quick: bool, seed: i
             judge = SmallJudge(spec, state, version="candidate", embedder=embedder)
             metrics = measure(judge, data, split.heldout_pairs(data), split.heldout_models, progress=progress)
             mlflow.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})
+            if settings.int8_check_pairs > 0:
+                int8 = int8_keeps_agreement(judge, data, split.heldout_pairs(data), settings.int8_check_pairs, seed,
+                                            progress=progress)
+                mlflow.log_metrics(int8)
+                judge.spec.serving_backend = "onnx-int8" if int8["int8_ok"] else "onnx"
+            mlflow.log_param("serving_backend", judge.spec.serving_backend)
 
             champion = reg.find_alias(tracking_uri, registered_name, reg.CHAMPION)
             champion_metrics = None
@@ -381,6 +401,29 @@ def train_judge(data_dir: str | Path, tracking_uri: str, *, quick: bool, seed: i
         alias=alias, head=chosen.name, metrics=metrics, champion_metrics=champion_metrics,
         heldout_models=list(split.heldout_models), duration_s=time.monotonic() - started,
     )
+
+
+def int8_keeps_agreement(judge: SmallJudge, data: PreferenceData, pairs: Sequence[LabelledPair], n: int, seed: int,
+                         *, tolerance: float = 0.005, progress: Progress | None = None) -> dict[str, float]:
+    """Re-judge a seeded sample of held-out pairs with the int8 ONNX encoder; int8 is served only if agreement
+    with the labels drops by at most `tolerance` (and that is logged either way)."""
+    from evaluators.encoder import LruEmbedder, TextEncoder
+
+    sample = random.Random(seed).sample(list(pairs), min(n, len(pairs)))
+    quantised = SmallJudge(judge.spec, {k: v.detach().numpy() for k, v in judge.head.state_dict().items()},
+                           version="int8-check",
+                           embedder=LruEmbedder(TextEncoder(judge.spec.encoder, backend="onnx-int8"), 4 * n + 1024))
+    triples = [(p.prompt_id, p.model_a, p.model_b) for p in sample]
+    fp32 = _compare_in_chunks(judge, data, triples, 256, None)
+    int8 = _compare_in_chunks(quantised, data, triples, 256, progress and (lambda _s, d, t: progress("int8 check", d, t)))
+    labels = np.asarray([p.p_b_better for p in sample])
+    decided = np.abs(labels - 0.5) > 1e-9
+    agree32 = float(np.mean((fp32 > 0.5)[decided] == (labels > 0.5)[decided]))
+    agree8 = float(np.mean((int8 > 0.5)[decided] == (labels > 0.5)[decided]))
+    return {"int8_check_pairs": float(len(sample)), "int8_check_fp32_agreement": agree32,
+            "int8_check_int8_agreement": agree8, "int8_decision_flips": float(np.mean((fp32 > 0.5) != (int8 > 0.5))),
+            "int8_max_abs_diff": float(np.max(np.abs(fp32 - int8))) if len(sample) else 0.0,
+            "int8_ok": float(agree8 >= agree32 - tolerance)}
 
 
 def _beats(new: dict[str, float], old: dict[str, float]) -> bool:
