@@ -1,6 +1,8 @@
 """Process-wide defaults: offline model loading, telemetry off, and room for Prefect's ephemeral server to start."""
 
+import logging
 import os
+import re
 
 DEFAULTS = {
     "HF_HUB_OFFLINE": "1",
@@ -15,6 +17,25 @@ DEFAULTS = {
 
 
 def apply_defaults() -> None:
-    """Set each default unless the user already chose a value."""
+    """Set each default unless the user already chose a value, and keep URL paths out of HTTP client logs."""
     for key, value in DEFAULTS.items():
         os.environ.setdefault(key, value)
+    for name in ("httpx", "httpcore"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, UrlPathRedactor) for f in logger.filters):
+            logger.addFilter(UrlPathRedactor())
+
+
+_URL = re.compile(r"(https?://)(?:[^@/\s\"']*@)?([^/\s\"']+)[^\s\"']*")
+
+
+class UrlPathRedactor(logging.Filter):
+    """httpx logs every request's full URL at INFO; webhook URLs (Slack, PagerDuty routing) carry their secret in
+    the path or query, so only scheme, host and port are kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_URL.sub(r"\1\2/...", str(a)) if "://" in str(a) else a for a in record.args)
+        if "://" in str(record.msg):
+            record.msg = _URL.sub(r"\1\2/...", str(record.msg))
+        return True

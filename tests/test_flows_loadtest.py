@@ -30,7 +30,7 @@ def test_load_test_flow_ramps_a_candidate_and_logs_each_step(tmp_path, sqlite_ur
         with pytest.raises(InputError, match="--ramp must be start:step:hold_s:max"):
             load_test(str(config_path), "chat-default", ramp="fast")
         result = load_test(str(config_path), "chat-default", targets=["llama-2-7b"], ramp="1:1:0.3:2",
-                           max_requests=40, max_prompts=50)
+                           max_requests=2000, max_prompts=50)
     summary = result["targets"]["llama-2-7b"]
     assert summary["steps"] == 2 and summary["peak_rps"] > 0
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
