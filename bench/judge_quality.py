@@ -2,7 +2,9 @@
 
     python bench/judge_quality.py --data DIR [--prompts N] [--model-uri URI] [--tracking-uri URI]
 
-DIR is any AlpacaEval-format directory (prompts/outputs/labels jsonl.gz + leaderboard.csv). Reported, for the judge
+DIR is any AlpacaEval-format directory (prompts/outputs/labels jsonl.gz + leaderboard.csv). Only models the judge
+never trained on are measured (the judge records its training models; the JSON lists those left out), unless
+--include-seen. Reported, for the judge
 and for the 'longest answer wins' baseline side by side: instance agreement with the labels overall and on
 length-balanced pairs (length ratio 0.67-1.5), P(prefers the longer answer), and at system level each model's win
 rate vs gpt4_1106_preview with its Spearman against the leaderboard's win_rate and lc_win_rate.
@@ -36,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-uri", default=None)
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--registered-name", default="shadowjudge-judge")
+    parser.add_argument("--include-seen", action="store_true",
+                        help="also measure models the judge was trained on (by default only unseen models count)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -49,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         judge = load_small_judge(args.model_uri or f"models:/{args.registered_name}@champion",
                                  tracking_uri_default(args.tracking_uri))
         with progress_bar(not args.no_progress) as update:
-            report = evaluate_judge(judge, args.data, prompts=args.prompts, seed=args.seed, progress=update)
+            report = evaluate_judge(judge, args.data, prompts=args.prompts, seed=args.seed,
+                                    include_seen=args.include_seen, progress=update)
     except ShadowJudgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

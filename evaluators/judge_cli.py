@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 import typer
 
@@ -25,11 +28,32 @@ def tracking_uri_default(explicit: str | None) -> str:
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def plain_progress(stream: TextIO, every_s: float = 10.0) -> Callable[[str, int, int], None]:
+    """Progress as plain lines (a log file shows no live bar): a stage's start, its end, and every `every_s`."""
+    started = time.monotonic()
+    last: dict[str, float] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        first = stage not in last
+        if first or done >= total or now - last[stage] >= every_s:
+            last[stage] = now
+            pct = 100.0 * done / total if total else 100.0
+            stream.write(f"[{now - started:7.1f} s] {stage}: {done}/{total} ({pct:.0f}%)\n")
+            stream.flush()
+
+    return update
+
+
 @contextmanager
 def progress_bar(enabled: bool = True) -> Iterator:
-    """A rich progress bar on stderr (stdout stays one JSON object), one line per stage; a no-op when disabled."""
+    """A rich progress bar on stderr (stdout stays one JSON object), one line per stage; plain lines when stderr is
+    not a terminal; a no-op when disabled."""
     if not enabled:
         yield None
+        return
+    if not sys.stderr.isatty():
+        yield plain_progress(sys.stderr)
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -168,6 +168,7 @@ def _fit_head(emb: EmbeddedAnswers, pairs: Sequence[LabelledPair], config: HeadC
         feature_mean=feats[seen].mean(0).tolist(),
         feature_std=np.maximum(feats[seen].std(0), 1e-3).tolist(),
         trained_on=trained_on,
+        trained_models=sorted({m for p in pairs for m in (p.model_a, p.model_b)}),
     )
     x = torch.from_numpy(head_inputs(spec, emb.answer_emb, emb.prompt_emb, feats))
     y = torch.tensor([p.p_b_better for p in pairs], dtype=torch.float32)
@@ -444,14 +445,29 @@ def _validation_split(data: PreferenceData, split: ModelSplit, fraction: float,
 
 
 def evaluate_judge(judge: SmallJudge, data_dir: str | Path, *, prompts: int | None = None, seed: int = 0,
-                   progress: Progress | None = None) -> dict:
-    """`quality_report` on every model of a directory, all treated as unseen (e.g. a held-out set)."""
+                   include_seen: bool = False, progress: Progress | None = None) -> dict:
+    """`quality_report` on the models of a directory the judge never trained on (all of them with `include_seen`).
+
+    Pairs count when their judged side (model_b) is unseen; the reference on the other side may have been seen, as
+    in training. Models the judge was fitted on would flatter it, so they are left out and listed."""
     data = load_preference_data(data_dir, require_labels=False)
     if prompts:
         data = data.sample_prompts(prompts, seed)
-    models = sorted({m for _, m in data.outputs})
-    report = quality_report(judge, data, data.pairs, models, progress=progress)
-    return {"data": str(data_dir), "n_prompts": len(data.prompts), "n_models": len(models), **report}
+    seen = set() if include_seen else set(judge.spec.trained_models)
+    all_models = sorted({m for _, m in data.outputs})
+    models = [m for m in all_models if m not in seen or m == REFERENCE_MODEL]
+    judged = [m for m in models if m != REFERENCE_MODEL]
+    if not judged:
+        raise PreferenceDataError(f"{data_dir}: every judged model in it was in the judge's training set "
+                                  f"({len(seen)} models); pass include_seen to measure on them anyway")
+    pairs = [p for p in data.pairs if p.model_b not in seen]
+    report = quality_report(judge, data, pairs, models, progress=progress)
+    return {"data": str(data_dir), "n_prompts": len(data.prompts), "n_models": len(judged),
+            "models_measured": ("all models, seen in training included" if include_seen
+                                else "only models the judge never trained on" if seen
+                                else "all models (the judge does not record which models it trained on)"),
+            "unseen_models": judged,
+            "excluded_seen_models": sorted(m for m in all_models if m in seen and m != REFERENCE_MODEL), **report}
 
 
 __all__ = ["FULL", "QUICK", "HeadConfig", "TrainResult", "TrainSettings", "evaluate_judge", "fit_head", "measure",

@@ -41,6 +41,9 @@ class JudgeSpec:
     reference_reward: float = 0.0
     serving_backend: str = "onnx"  # "onnx-int8" only when training measured that int8 keeps agreement
     trained_on: str = ""
+    # Models whose answers the head was fitted on (both sides of its training pairs): measurements that claim to be
+    # on unseen models leave these out.
+    trained_models: list[str] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
 
     def input_dim(self) -> int:

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 from pathlib import Path
 
 import pytest
 
 from evaluators import Evaluator, load_evaluator
 from evaluators.encoder import EncoderSettings
+from evaluators.factory import load_small_judge
 from evaluators.judge_registry import CHAMPION, JudgeRegistryError, find_alias
-from evaluators.judge_training import HeadConfig, TrainSettings, train_judge
-from evaluators.preference_data import load_preference_data, split_by_model
+from evaluators.judge_training import HeadConfig, TrainSettings, evaluate_judge, int8_keeps_agreement, train_judge
+from evaluators.preference_data import PreferenceDataError, load_preference_data, split_by_model
 from shadowjudge.config import JudgeConfig
 
 MINI = Path(__file__).resolve().parent.parent / "shadowjudge" / "demo_data" / "alpacaeval-mini"
@@ -97,3 +99,47 @@ def test_split_is_by_model_and_seeded(tiny_data):
     assert a == b
     assert not set(a.train_models) & set(a.heldout_models)
     assert {p.model_b for p in a.heldout_pairs(data)} == set(a.heldout_models)
+
+
+def test_judge_records_its_training_models_and_evaluation_leaves_them_out(trained, tiny_data):
+    uri, _, result = trained
+    judge = load_small_judge(result.model_uri, uri)
+    seen = set(judge.spec.trained_models)
+    assert seen and not seen & set(result.heldout_models)
+    report = evaluate_judge(judge, tiny_data)
+    assert report["unseen_models"] == sorted(result.heldout_models)
+    assert set(report["excluded_seen_models"]) == seen - {"gpt4_1106_preview"}
+    assert report["instance"]["n"] == result.metrics["n"]  # the same held-out pairs training measured
+    assert report["system"]["n_models"] == len(result.heldout_models)
+    everything = evaluate_judge(judge, tiny_data, include_seen=True)
+    assert everything["excluded_seen_models"] == [] and everything["n_models"] > report["n_models"]
+
+
+def test_evaluating_only_seen_models_is_refused(trained, tiny_data, tmp_path):
+    uri, _, result = trained
+    judge = load_small_judge(result.model_uri, uri)
+    data = load_preference_data(tiny_data)
+    judge.spec.trained_models = sorted({p.model_b for p in data.pairs} | {"gpt4_1106_preview"})
+    with pytest.raises(PreferenceDataError, match="training set"):
+        evaluate_judge(judge, tiny_data)
+
+
+def test_int8_check_compares_both_encoders_on_the_same_pairs(trained, tiny_data):
+    uri, _, result = trained
+    judge = load_small_judge(result.model_uri, uri, backend="onnx")
+    data = load_preference_data(tiny_data)
+    heldout = split_by_model(data, TINY.heldout_fraction, seed=0).heldout_pairs(data)
+    check = int8_keeps_agreement(judge, data, heldout, n=60, seed=0)
+    assert check["int8_check_pairs"] == 60
+    sample = random.Random(0).sample(heldout, 60)  # the sample int8_keeps_agreement draws
+    fp32 = judge.compare([data.prompts[p.prompt_id] for p in sample],
+                         [data.answer(p.prompt_id, p.model_a) for p in sample],
+                         [data.answer(p.prompt_id, p.model_b) for p in sample])
+    labels = [p.p_b_better for p in sample]
+    decided = [(f > 0.5) == (y > 0.5) for f, y in zip(fp32, labels) if y != 0.5]
+    assert check["int8_check_fp32_agreement"] == pytest.approx(sum(decided) / len(decided))
+    assert 0 < check["int8_max_abs_diff"] < 0.5  # quantisation moves the preferences, a little
+    assert check["int8_decision_flips"] <= 0.2
+    assert check["int8_ok"] == float(check["int8_check_int8_agreement"] >= check["int8_check_fp32_agreement"] - 0.005)
+    strict = int8_keeps_agreement(judge, data, heldout, n=60, seed=0, tolerance=-1.0)
+    assert strict["int8_ok"] == 0.0  # a gate that cannot be met is reported as failed
