@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, select
 
-from shadowjudge.store import Judgment, ShadowResult, TrafficSample, insert_ignoring_duplicates, session_scope
+from shadowjudge.store import Judgment, ShadowResult, ShadowRun, TrafficSample, insert_ignoring_duplicates, session_scope
 
 if TYPE_CHECKING:
     from evaluators.llm_judge import LlmJudge
@@ -77,7 +77,11 @@ def calibrate_run(engine: Engine, run_id: int, student_version: str, teacher: "L
                    for r, v in zip(batch, verdicts)]
         with session_scope(engine) as s:
             insert_ignoring_duplicates(s, Judgment, records, ["run_id", "sample_id", "target", "evaluator"])
-    return CalibrationReport(teacher.version, student_version, len(chosen), len(todo), len(chosen) - len(todo))
+    with session_scope(engine) as s:
+        route = s.scalar(select(ShadowRun.route).where(ShadowRun.id == run_id))
+    agreement = judge_agreement(engine, route, run_id=run_id) if route is not None else None
+    return CalibrationReport(teacher.version, student_version, len(chosen), len(todo), len(chosen) - len(todo),
+                             agreement)
 
 
 @dataclass
@@ -106,8 +110,9 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 def judge_agreement(engine: Engine, route: str, since: datetime | None = None,
-                    until: datetime | None = None) -> AgreementStats:
-    """Agreement between the small judge and the teacher on a route's calibrated pairs (teacher rows in window)."""
+                    until: datetime | None = None, run_id: int | None = None) -> AgreementStats:
+    """Agreement between the small judge and the teacher on a route's calibrated pairs (teacher rows in window,
+    or of one run)."""
     query = (select(Judgment.run_id, Judgment.sample_id, Judgment.target, Judgment.preference, Judgment.details,
                     Judgment.created_at)
              .join(TrafficSample, TrafficSample.id == Judgment.sample_id)
@@ -117,6 +122,8 @@ def judge_agreement(engine: Engine, route: str, since: datetime | None = None,
         query = query.where(Judgment.created_at >= since)
     if until is not None:
         query = query.where(Judgment.created_at < until)
+    if run_id is not None:
+        query = query.where(Judgment.run_id == run_id)
     with session_scope(engine) as s:
         teacher_rows = [r for r in s.execute(query).all()
                         if isinstance(r.details, dict) and r.details.get("role") == TEACHER_ROLE]

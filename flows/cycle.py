@@ -22,7 +22,7 @@ from flows.stages import (  # noqa: E402
     ingest_task,
     load,
     open_run_task,
-    score_task,
+    score_and_calibrate,
     shadow_task,
 )
 
@@ -30,7 +30,8 @@ from flows.stages import (  # noqa: E402
 @flow(name="evaluation-cycle", log_prints=True)
 def evaluation_cycle(config_path: str, route: str | None = None, cycle_id: str | None = None,
                      progress: bool = False) -> dict[str, Any]:
-    """Ingest and sample, then per route: shadow-test, score, analyse, log, alert, and step the weights."""
+    """Ingest and sample, then per route: shadow-test, score (and calibrate against the teacher), analyse with the
+    golden set and drift checks, log, alert, and step the weights."""
     logger = get_run_logger()
     config = load(config_path)
     cycle_id = current_cycle_id(cycle_id)
@@ -41,7 +42,7 @@ def evaluation_cycle(config_path: str, route: str | None = None, cycle_id: str |
     for rc in routes:
         handle = open_run_task(config, rc, cycle_id)
         shadow_report = shadow_task(config, rc, handle, progress)
-        score_report = score_task(config, rc, handle, config_path, progress)
+        score_report = score_and_calibrate(config, rc, handle, config_path, progress)
         analysed = analyse_and_log(config, rc, handle,
                                    {"ingest": ingest_report, "shadow": shadow_report, "score": score_report},
                                    config_path)

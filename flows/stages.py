@@ -93,6 +93,21 @@ def score_task(config: Config, route: RouteConfig, handle: stages.RunHandle, con
     return stages.score(engine_of(config), config, route, handle, progress=progress)
 
 
+@task(name="calibrate", retries=2, retry_delay_seconds=10, tags=[PROVIDER_CALLS], **STAGE)
+def calibrate_task(config: Config, handle: stages.RunHandle, judge_version: str | None) -> dict[str, Any] | None:
+    return stages.calibrate(engine_of(config), config, handle, judge_version)
+
+
+@task(name="golden-set", retries=2, retry_delay_seconds=10, tags=[PROVIDER_CALLS], **STAGE)
+def golden_task(config: Config, route: RouteConfig, judge_version: str | None) -> dict[str, Any]:
+    return stages.golden_gate(config, route, judge_version)
+
+
+@task(name="drift", retries=1, retry_delay_seconds=5, **STAGE)
+def drift_task(config: Config, route: RouteConfig) -> dict[str, Any] | None:
+    return stages.drift_check(engine_of(config), config, route)
+
+
 @task(name="score-batch", retries=1, retry_delay_seconds=5, **STAGE)
 def score_range_task(config: Config, route: RouteConfig, handle: stages.RunHandle,
                      sample_range: tuple[int, int]) -> dict[str, Any]:
@@ -139,10 +154,22 @@ def close_task(config: Config, route: RouteConfig, handle: stages.RunHandle, ana
 
 # --- the per-route sequence the parent and the stage flows share ---
 
+def score_and_calibrate(config: Config, route: RouteConfig, handle: stages.RunHandle, config_path: str,
+                        progress: bool = False) -> dict[str, Any]:
+    """Judge the run's pairs, then send the calibration share of them to the teacher (called inside a flow)."""
+    report = score_task(config, route, handle, config_path, progress)
+    calibration = calibrate_task(config, handle, report.get("evaluator"))
+    return {**report, "calibration": calibration} if calibration else report
+
+
 def analyse_and_log(config: Config, route: RouteConfig, handle: stages.RunHandle, reports: dict[str, Any],
                     config_path: str) -> dict[str, Any]:
-    """Analyse the run, log it to MLflow and raise alerts for its regressions (called inside a flow)."""
-    analysis = analyse_task(config, route, handle, reports.get("score", {}).get("evaluator"))
+    """Analyse the run, check the golden set and drift, log it all to MLflow and raise alerts (inside a flow)."""
+    judge_version = reports.get("score", {}).get("evaluator")
+    analysis = {**analyse_task(config, route, handle, judge_version),
+                "golden": golden_task(config, route, judge_version), "drift": drift_task(config, route)}
+    if reports.get("score", {}).get("calibration"):
+        reports = {**reports, "calibration": reports["score"]["calibration"]}
     mlflow_run_id = track_task(config, route, handle, analysis, reports)
     alerts = alerts_task(config, route, handle, analysis, mlflow_run_id, config_path)
     return {"analysis": analysis, "mlflow_run_id": mlflow_run_id, "alerts": alerts}
@@ -241,7 +268,7 @@ def score(config_path: str, route: str, cycle_id: str, progress: bool = False) -
     config = load(config_path)
     rc = config.route(route)
     handle = find_run_task(config, rc, cycle_id)
-    return score_task(config, rc, handle, config_path, progress)
+    return score_and_calibrate(config, rc, handle, config_path, progress)
 
 
 @flow(name="score-batch", log_prints=True)

@@ -142,6 +142,13 @@ class JudgeConfig(_Strict):
         default=None, description="LLM-as-judge endpoint: the evaluator when evaluator=llm-judge, and the teacher "
                                   "that calibration sends calibration_fraction of scored pairs to")
 
+    @model_validator(mode="after")
+    def _teacher_when_needed(self) -> "JudgeConfig":
+        if self.calibration_fraction > 0 and self.teacher is None:
+            raise ValueError("calibration_fraction > 0 needs judge.teacher (the LLM judge endpoint that checks the "
+                             "small judge)")
+        return self
+
 
 CANARY_METRICS = ("quality", "error_rate", "cost_per_outcome", "latency_p95", "ttft")
 
@@ -185,6 +192,12 @@ class CriteriaConfig(_Strict):
 class DriftConfig(_Strict):
     """Thresholds of the drift checks: a check alarms only when its test AND its effect size agree."""
 
+    enabled: bool = Field(default=True, description="Run the drift checks in every cycle")
+    current_window_h: float = Field(default=24, gt=0, description="Current window: the hours of traffic (by request "
+                                    "time) up to the newest stored request of the route")
+    reference_window_h: float = Field(default=168, gt=0, description="Reference window: the hours just before it")
+    input_embeddings: bool = Field(default=True, description="Input drift on MiniLM prompt embeddings (loads the "
+                                   "model once per process; off: output and judge drift only)")
     alpha: float = Field(default=0.05, gt=0, lt=0.5, description="False-alarm rate of one drift check")
     min_samples: int = Field(default=50, gt=1, description="Per window; fewer gives 'nodata'")
     max_embeddings: int = Field(default=2000, ge=100, description="Per window: larger windows are subsampled")
@@ -279,6 +292,8 @@ class RouteConfig(_Strict):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     criteria: CriteriaConfig = Field(default_factory=CriteriaConfig)
     slice_key: str | None = Field(default=None, description="Metadata key to analyse per slice")
+    golden_set: str | None = Field(default=None, description="YAML file of golden regression cases (past "
+                                   "incidents) every candidate must pass before it can be promoted")
 
     @model_validator(mode="after")
     def _unique_targets(self) -> "RouteConfig":
@@ -402,6 +417,8 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     for route in config.routes:
         if route.gateway.path and not Path(route.gateway.path).is_absolute():
             route.gateway.path = str((base / route.gateway.path).resolve())
+        if route.golden_set and not Path(route.golden_set).is_absolute():
+            route.golden_set = str((base / route.golden_set).resolve())
     for section in (config.store, config.mlflow):
         attr = "url" if section is config.store else "tracking_uri"
         value = getattr(section, attr)

@@ -7,7 +7,7 @@ the same `cycle_id` (after a crash, or on purpose) finishes the work without dup
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -254,6 +254,83 @@ def analyse(engine: Engine, config: Config, route: RouteConfig, handle: RunHandl
     return analyze_run(engine, handle.run_id, route, judge_version, accept_floor=config.judge.accept_floor).to_dict()
 
 
+def calibrate(engine: Engine, config: Config, handle: RunHandle, judge_version: str | None) -> dict[str, Any] | None:
+    """Send `judge.calibration_fraction` of the run's judged pairs to the teacher (None when calibration is off)."""
+    from dataclasses import asdict
+
+    from evaluators.calibration import calibrate_from_config
+
+    if judge_version is None or config.judge.calibration_fraction <= 0:
+        return None
+    report = calibrate_from_config(engine, handle.run_id, config.judge, judge_version)
+    if report is None:
+        return None
+    out = asdict(report)
+    if report.agreement is not None:
+        out["agreement"] = {k: v for k, v in out["agreement"].items() if k != "values"}
+    return out
+
+
+def golden_gate(config: Config, route: RouteConfig, judge_version: str | None = None) -> dict[str, Any]:
+    """Ask every candidate the route's golden cases and check its answers: {candidate: report}, {} without a set.
+
+    Cases with `min_score` are scored by the same judge the cycle used.
+    """
+    from shadowjudge.analysis.golden import load_golden_set, run_golden_set
+    from shadowjudge.shadow.golden_answers import ask_golden_cases
+
+    if not route.golden_set:
+        return {}
+    cases = load_golden_set(route.golden_set)
+    scorer = None
+    if any(c.min_score is not None for c in cases):
+        from evaluators import load_evaluator
+
+        scorer = load_evaluator(config.judge, config.mlflow.tracking_uri)
+    reports = {}
+    for target in route.candidates:
+        answers = ask_golden_cases(target, cases, config.shadow)
+        reports[target.name] = run_golden_set(cases, answers, scorer, target.name).to_dict()
+    return reports
+
+
+_embedder = None
+
+
+def drift_windows(engine: Engine, route: str, current_h: float, reference_h: float):
+    """The current window ends just after the route's newest stored request (by request time), so a backfill is
+    checked as it happened; the reference window is the span just before it. None when the route has no traffic."""
+    from datetime import timedelta
+
+    from shadowjudge.analysis import TimeWindow
+
+    with session_scope(engine) as s:
+        newest = s.scalar(select(func.max(TrafficSample.request_ts)).where(TrafficSample.route == route))
+    if newest is None:
+        return None
+    end = newest + timedelta(microseconds=1)
+    current = TimeWindow(end - timedelta(hours=current_h), end)
+    return TimeWindow(current.start - timedelta(hours=reference_h), current.start), current
+
+
+def drift_check(engine: Engine, config: Config, route: RouteConfig) -> dict[str, Any] | None:
+    """Input, output and judge drift of the route, current window against reference window (None when off)."""
+    global _embedder
+    from shadowjudge.analysis import detect_drift
+    from shadowjudge.analysis.embeddings import MiniLMEmbedder
+
+    if not config.drift.enabled:
+        return None
+    windows = drift_windows(engine, route.name, config.drift.current_window_h, config.drift.reference_window_h)
+    if windows is None:
+        return None
+    if config.drift.input_embeddings and _embedder is None:
+        _embedder = MiniLMEmbedder()  # loaded once per process: a scheduled server runs many cycles
+    report = detect_drift(engine, route, *windows, config.drift,
+                          embedder=_embedder if config.drift.input_embeddings else None)
+    return report.to_dict()
+
+
 def _candidate_metrics(analysis: dict[str, Any], shadow_report: dict[str, Any], target: str) -> dict[str, float]:
     """Flat MLflow metrics for one target: analysis effects with intervals, latency percentiles, spend."""
     out: dict[str, float] = {}
@@ -339,6 +416,9 @@ def track(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle,
         verdict = next((c for c in analysis.get("candidates", []) if c["target"] == target.name), None)
         preferences = [p for p, t in zip(table["preference"], table["target"], strict=True) if t == target.name]
         metrics = {**_candidate_metrics(analysis, shadow_report, target.name), **win_rate(preferences)}
+        golden = (analysis.get("golden") or {}).get(target.name)
+        if golden:
+            metrics |= {"golden.passed": float(golden["passed"]), "golden.n_failed": golden["n_failed"]}
         summary |= {f"{target.name}.{k}": metrics[k] for k in SUMMARY_METRICS if k in metrics}
         candidates.append(CandidateLog(
             target=target.name,
@@ -364,15 +444,30 @@ def track(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle,
         metrics={"samples": len(handle.sample_ids), "spend_usd": shadow_report.get("spend_usd", 0.0),
                  "ingest.stored": reports.get("ingest", {}).get("totals", {}).get("stored", 0),
                  "ingest.quarantined": reports.get("ingest", {}).get("totals", {}).get("quarantined", 0),
-                 **{f"incumbent.{k}": v for k, v in incumbent_metrics.items()}, **summary},
+                 **{f"incumbent.{k}": v for k, v in incumbent_metrics.items()}, **summary,
+                 **drift_metrics(analysis.get("drift"))},
         tags={"shadowjudge.route": route.name, "shadowjudge.store_run_id": str(handle.run_id)},
         candidates=candidates, samples_table=table, figures=figures,
-        json_artifacts={"analysis.json": analysis, "shadow_report.json": shadow_report},
+        json_artifacts={"analysis.json": analysis, "shadow_report.json": shadow_report,
+                        **({"calibration.json": reports["calibration"]} if reports.get("calibration") else {})},
     )
     run_id = log_cycle(config.mlflow.tracking_uri, config.mlflow.experiment_prefix, cycle_log)
     with session_scope(engine) as s:
         s.get(ShadowRun, handle.run_id).mlflow_run_id = run_id
     return run_id
+
+
+def drift_metrics(drift: dict[str, Any] | None) -> dict[str, float]:
+    """MLflow metrics of a drift report: each check's effect and p-value, and how many alarmed."""
+    if not drift:
+        return {}
+    out = {"drift.alarms": float(len(drift.get("drifted", [])))}
+    for r in drift["results"]:
+        key = f"drift.{r['kind']}.{r['metric']}" + (f".{r['target']}" if r.get("target") else "")
+        for field in ("effect", "p_value"):
+            if r.get(field) is not None:
+                out[f"{key}.{field}"] = float(r[field])
+    return out
 
 
 def weight_history(engine: Engine, route: str) -> list[tuple[Any, dict[str, int]]]:
@@ -394,27 +489,43 @@ def mlflow_link(config: Config, route: RouteConfig, mlflow_run_id: str | None) -
 
 def alert(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle, analysis: dict[str, Any],
           mlflow_run_id: str | None, config_path: str | None = None) -> list[dict[str, Any]]:
-    """Raise (or recur) an alert for every regression; delivery failures stay stored for the next cycle."""
-    from shadowjudge.alerts.records import alert_to_dict, raise_alerts
+    """Raise (or recur) an alert for every regression, failed golden set and drift; delivery failures stay stored
+    for the next cycle."""
+    from shadowjudge.alerts.records import alert_to_dict, drift_alerts, golden_alerts, raise_alerts
     from shadowjudge.alerts.sinks import build_sinks
     from shadowjudge.analysis import RunAnalysis
+    from shadowjudge.analysis.drift import DriftReport
+    from shadowjudge.analysis.golden import GoldenReport
 
-    alerts = raise_alerts(engine, RunAnalysis.from_dict(analysis), route, build_sinks(config.alerts),
-                          mlflow_link(config, route, mlflow_run_id), config_path=config_path,
-                          max_examples=config.alerts.max_examples)
+    sinks, link = build_sinks(config.alerts), mlflow_link(config, route, mlflow_run_id)
+    options = {"config_path": config_path, "max_examples": config.alerts.max_examples}
+    alerts = raise_alerts(engine, RunAnalysis.from_dict(analysis), route, sinks, link, **options)
+    for report in (analysis.get("golden") or {}).values():
+        alerts += golden_alerts(engine, GoldenReport.from_dict(report), route, sinks, link, run_id=handle.run_id,
+                                **options)
+    if analysis.get("drift"):
+        alerts += drift_alerts(engine, DriftReport.from_dict(analysis["drift"]), route, sinks, link,
+                               run_id=handle.run_id, **options)
     return [alert_to_dict(a) for a in alerts]
+
+
+def failed_golden(analysis: dict[str, Any]) -> set[str]:
+    return {target for target, report in (analysis.get("golden") or {}).items() if not report["passed"]}
 
 
 def update_routes(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle, analysis: dict[str, Any],
                   alerts: list[dict[str, Any]], mlflow_run_id: str | None, now: datetime | None = None) -> dict[str, Any]:
-    """Step the route's rollout once from this cycle's verdicts; a critical alert rolls its candidate back."""
+    """Step the route's rollout once from this cycle's verdicts; a critical alert rolls its candidate back, and a
+    candidate that fails its golden set counts as failed (never promoted, rolled back if it holds traffic)."""
     from shadowjudge.analysis import RunAnalysis
     from shadowjudge.gateways import get_gateway
     from shadowjudge.routing.step import step_route
     from shadowjudge.routing.verdicts import verdicts_from_analysis
 
     critical = {a.get("target") for a in alerts if a.get("severity") == "critical" and a.get("target")}
-    verdicts = verdicts_from_analysis(RunAnalysis.from_dict(analysis), critical_targets=critical)
+    golden_failures = failed_golden(analysis)
+    verdicts = [replace(v, verdict="fail", critical_alert=True) if v.target in golden_failures else v
+                for v in verdicts_from_analysis(RunAnalysis.from_dict(analysis), critical_targets=critical)]
     outcome = step_route(engine, route, verdicts, gateway=get_gateway(route.gateway, route),
                          now=now or datetime.now(timezone.utc), run_id=handle.run_id,
                          analysis_link=mlflow_link(config, route, mlflow_run_id))
@@ -429,7 +540,8 @@ def close_cycle(engine: Engine, config: Config, route: RouteConfig, handle: RunH
                 f"n={c['n_judged']}/{c['n']})" for c in analysis.get("candidates", [])]
     link = mlflow_link(config, route, mlflow_run_id)
     finish_run(engine, handle.run_id, decision,
-               {"verdicts": verdicts, "weights_before": step.get("weights_before"),
+               {"verdicts": verdicts, "golden_failed": sorted(failed_golden(analysis)),
+                "drifted": (analysis.get("drift") or {}).get("drifted", []), "weights_before": step.get("weights_before"),
                 "weights_after": step.get("weights_after"), "alerts": [a.get("id") for a in alerts]},
                mlflow_run_id)
     if mlflow_run_id and config.mlflow.enabled:
@@ -464,6 +576,17 @@ def render_cycle_markdown(handle: RunHandle, route: RouteConfig, analysis: dict[
         reasons = "; ".join(c.get("reasons", []))[:300].replace("|", "/")
         lines.append(f"| {c['target']} | {c['verdict']} | {c['score'] if c['score'] is not None else '-'} "
                      f"| {c['n_judged']}/{c['n']} | {reasons} |")
+    golden = analysis.get("golden") or {}
+    if golden:
+        lines += ["", "## Golden set", ""]
+        for target, report in golden.items():
+            failed = [f"{r['case_id']} ({'; '.join(r['failures'])})" for r in report["results"] if not r["passed"]]
+            lines.append(f"- {target}: " + ("passed" if report["passed"] else
+                                            f"**failed** {len(failed)}/{report['n_cases']}: " + ", ".join(failed[:5])))
+    drift = analysis.get("drift")
+    if drift:
+        lines += ["", f"**Drift** ({drift.get('current_window')} vs {drift.get('reference_window')}): "
+                  + (", ".join(drift["drifted"]) if drift.get("drifted") else "no check alarmed")]
     if alerts:
         lines += ["", "## Top regressions", ""]
         for a in alerts[:5]:

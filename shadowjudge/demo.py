@@ -48,7 +48,10 @@ def demo_config(workdir: Path, base_url: str) -> dict:
             "criteria": {"min_samples": 30},
             "policy": {"kind": "ladder", "steps": [5, 25, 50, 100], "min_dwell_s": 0, "min_samples_per_step": 0},
             "gateway": {"kind": "truefoundry", "path": str(workdir / "gateway" / "truefoundry-virtual-models.yaml")},
+            "golden_set": str(DEMO_DATA / "golden_set.yaml"),
         }],
+        # The demo log spans 20 hours of one day: its last 6 hours against the 14 before them.
+        "drift": {"current_window_h": 6, "reference_window_h": 14},
     }
 
 

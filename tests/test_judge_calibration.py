@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
+from pydantic import ValidationError
 from openai import OpenAI
 
 from evaluators.calibration import (
@@ -113,8 +114,10 @@ def test_partial_fraction_picks_the_same_pairs_on_rerun(store_url):
 def test_config_driven_calibration(sqlite_url):
     engine = get_engine(sqlite_url)
     assert calibrate_from_config(engine, 1, JudgeConfig(), STUDENT) is None
-    with pytest.raises(EvaluatorConfigError, match="judge.teacher"):
-        calibrate_from_config(engine, 1, JudgeConfig(calibration_fraction=0.1), STUDENT)
+    with pytest.raises(EvaluatorConfigError, match="judge.teacher"):  # a config built without validation
+        calibrate_from_config(engine, 1, JudgeConfig.model_construct(calibration_fraction=0.1, teacher=None), STUDENT)
+    with pytest.raises(ValidationError, match="judge.teacher"):  # a config file is refused on load
+        JudgeConfig(calibration_fraction=0.1)
 
 
 def test_wilson_interval():

@@ -71,6 +71,12 @@ class DriftReport:
 
         return json_safe({**asdict(self), "drifted": [f"{r.kind}:{r.metric}:{r.target or '-'}" for r in self.drifted]})
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DriftReport:
+        """The inverse of `to_dict`: stages hand reports to each other as JSON."""
+        return cls(data["route"], [DriftResult(**r) for r in data["results"]], data.get("reference_window"),
+                   data.get("current_window"))
+
 
 def _nodata(kind: str, metric: str, target: str | None, statistic: str, threshold: float, n_ref: int, n_cur: int,
             note: str) -> DriftResult:

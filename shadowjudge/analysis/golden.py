@@ -96,6 +96,10 @@ class GoldenReport:
         return {"target": self.target, "passed": self.passed, "n_cases": len(self.results),
                 "n_failed": len(self.failed), "results": [asdict(r) for r in self.results]}
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GoldenReport:
+        return cls(data["target"], [GoldenCaseResult(**r) for r in data["results"]])
+
 
 def parse_golden_set(data: Any, source: str = "<golden set>") -> list[GoldenCase]:
     """Validate a list of cases (or a mapping with a `cases` list); ids must be unique."""

@@ -1,0 +1,66 @@
+"""Ask a candidate the golden regression cases: one request per case, through the same endpoint as shadow tests.
+
+Golden cases are not production traffic, so their answers are not stored as shadow results; the golden report
+(which cases passed, and why not) is what the cycle keeps. A case the candidate could not answer after the
+shadow config's retries has no answer, and a case without an answer fails: an endpoint that is down cannot
+pass its way to promotion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Sequence
+
+from shadowjudge.analysis.golden import GoldenCase
+from shadowjudge.config import ConfigError, ShadowConfig, TargetConfig
+from shadowjudge.shadow.credentials import resolve_api_key, scrub_secrets
+from shadowjudge.shadow.endpoint import AttemptError, ChatEndpoint
+from shadowjudge.shadow.engine import EndpointFactory, ShadowError, backoff_delay, build_request_body, openai_endpoint
+from shadowjudge.shadow.eventloop import run_sync
+
+log = logging.getLogger(__name__)
+
+
+async def _answer(endpoint: ChatEndpoint, case: GoldenCase, target: TargetConfig, shadow: ShadowConfig,
+                  rng: random.Random, secrets: list[str]) -> str | None:
+    body = build_request_body([{"role": "user", "content": case.prompt}], {}, target.model, shadow)
+    for retry in range(shadow.max_retries + 1):
+        try:
+            completion = await endpoint.complete(body, stream=shadow.stream, timeout_s=shadow.timeout_s)
+            return completion.text
+        except AttemptError as exc:
+            if not exc.retryable or retry == shadow.max_retries:
+                log.warning("golden case %s on %s: %s: %s", case.id, target.name, exc.error_class,
+                            scrub_secrets(str(exc), secrets)[:300])
+                return None
+            await asyncio.sleep(backoff_delay(retry + 1, shadow.retry_backoff_s, exc.retry_after_s, rng))
+    return None
+
+
+async def _answer_all(target: TargetConfig, cases: Sequence[GoldenCase], shadow: ShadowConfig,
+                      endpoint_factory: EndpointFactory) -> dict[str, str | None]:
+    try:
+        api_key = resolve_api_key(target)
+    except ConfigError as exc:
+        raise ShadowError(str(exc)) from None
+    endpoint = endpoint_factory(target, api_key, shadow)
+    gate = asyncio.Semaphore(target.concurrency)
+    rng = random.Random(f"golden:{target.name}")
+
+    async def one(case: GoldenCase) -> str | None:
+        async with gate:
+            return await _answer(endpoint, case, target, shadow, rng, [api_key])
+
+    try:
+        answers = await asyncio.gather(*(one(c) for c in cases))
+    finally:
+        await endpoint.aclose()
+    return {c.id: a for c, a in zip(cases, answers, strict=True)}
+
+
+def ask_golden_cases(target: TargetConfig, cases: Sequence[GoldenCase], shadow: ShadowConfig,
+                     endpoint_factory: EndpointFactory = openai_endpoint) -> dict[str, str | None]:
+    """The candidate's answer to each case by case id (None where it gave none)."""
+    return run_sync(lambda: _answer_all(target, cases, shadow, endpoint_factory))

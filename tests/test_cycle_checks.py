@@ -1,0 +1,235 @@
+"""The checks a cycle runs beside the canary analysis, end to end through the Prefect flow on real parts (the
+replay server, SQLite and PostgreSQL, a local MLflow store): the golden regression set gates promotion, drift
+is measured and alerted on, and the calibration share of judged pairs goes to a teacher over HTTP.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import threading
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from sqlalchemy import func, select
+from test_alerts_sinks import closed_port
+
+from shadowjudge.analysis.golden import GoldenSetError
+from shadowjudge.config import load_config
+from shadowjudge.cycle import drift_windows, golden_gate
+from shadowjudge.demo import DEMO_DATA, demo_config
+from shadowjudge.shadow.replay_server import ReplayServer
+from shadowjudge.store import Alert, Judgment, RouteWeightChange, ShadowRun, get_engine, session_scope
+
+ROUTE = "chat-default"
+FAST = {"seed": 1, "default": {"ttft_ms": 2, "token_ms": 0}}
+
+
+@pytest.fixture(scope="module")
+def replay_server():
+    with ReplayServer(DEMO_DATA / "recordings.jsonl.gz", FAST) as server:
+        yield server
+
+
+def _write_config(tmp_path, store_url, base_url, **overrides) -> str:
+    data = demo_config(tmp_path, base_url)
+    data["store"]["url"] = store_url
+    data["judge"] = {"evaluator": "lexical"}
+    data["shadow"]["max_samples"] = 40
+    for key, value in overrides.items():
+        data[key] = value
+    path = tmp_path / "shadowjudge.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _alerts(engine, kind: str) -> list[Alert]:
+    with session_scope(engine) as s:
+        rows = list(s.scalars(select(Alert).where(Alert.kind == kind).order_by(Alert.id)))
+        s.expunge_all()
+    return rows
+
+
+def test_golden_set_blocks_the_candidate_that_fails_it(tmp_path, store_url, replay_server, prefect_harness):
+    from flows.cycle import evaluation_cycle
+
+    config_path = _write_config(tmp_path, store_url, replay_server.base_url, drift={"enabled": False})
+    outcome = evaluation_cycle(config_path=config_path, cycle_id="g1")["routes"][ROUTE]
+    engine = get_engine(store_url)
+
+    # llama-2-7b-chat's recorded answers refuse all three benign requests of the demo's golden set; Yi answers them.
+    assert outcome["weights_after"]["llama-2-7b"] == 0
+    golden = _alerts(engine, "golden")
+    assert [(a.target, a.severity) for a in golden] == [("llama-2-7b", "critical")]
+    report = golden[0].bundle["golden"]
+    assert report["n_failed"] == 3 and not report["passed"]
+    assert all("I apologize, but I cannot" in " ".join(r["failures"]) for r in report["results"])
+    with session_scope(engine) as s:
+        run = s.scalar(select(ShadowRun))
+        assert run.summary["golden_failed"] == ["llama-2-7b"]
+        mlflow_run_id = run.mlflow_run_id
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    nested = {r.data.tags.get("shadowjudge.target") or r.info.run_name: r.data.metrics
+              for r in client.search_runs([client.get_run(mlflow_run_id).info.experiment_id],
+                                          f"tags.mlflow.parentRunId = '{mlflow_run_id}'")}
+    golden_metrics = {name: m.get("golden.passed") for name, m in nested.items()}
+    assert sorted(golden_metrics.values()) == [0.0, 1.0], golden_metrics
+
+    # A rerun of the cycle asks again but stores nothing twice.
+    with session_scope(engine) as s:
+        changes = s.scalar(select(func.count()).select_from(RouteWeightChange))
+    evaluation_cycle(config_path=config_path, cycle_id="g1")
+    assert [a.id for a in _alerts(engine, "golden")] == [golden[0].id]
+    with session_scope(engine) as s:
+        assert s.scalar(select(func.count()).select_from(RouteWeightChange)) == changes
+
+
+def test_golden_gate_fails_a_candidate_that_cannot_answer_and_refuses_a_bad_file(tmp_path, sqlite_url):
+    data = demo_config(tmp_path, f"http://127.0.0.1:{closed_port()}/v1")
+    data["store"]["url"] = sqlite_url
+    data["shadow"].update(max_retries=1, retry_backoff_s=0.01, timeout_s=2)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    config = load_config(path)
+    reports = golden_gate(config, config.routes[0])
+    assert set(reports) == {"yi-34b", "llama-2-7b"}
+    for report in reports.values():
+        assert not report["passed"] and report["n_failed"] == 3
+        assert all(r["failures"] == ["no answer (the candidate failed or was not asked)"] for r in report["results"])
+
+    bad = tmp_path / "golden.yaml"
+    bad.write_text("cases:\n  - id: x\n    prompt: hi\n    max_length: -1\n")
+    data["routes"][0]["golden_set"] = str(bad)
+    path.write_text(yaml.safe_dump(data))
+    config = load_config(path)
+    with pytest.raises(GoldenSetError, match=r"golden.yaml: case x: max_length"):
+        golden_gate(config, config.routes[0])
+
+
+def _log_with_timestamps(tmp_path, shift: bool) -> str:
+    """The demo log with new request times: with `shift`, the 'selfinstruct' instructions arrive in the last day
+    and the other subsets in the day before (a change of topic); without, the same requests in a random order."""
+    rows = [json.loads(line) for line in gzip.open(DEMO_DATA / "requests.jsonl.gz", "rt")]
+    if shift:
+        rows.sort(key=lambda r: r["metadata"]["task"] == "selfinstruct")
+        late = sum(r["metadata"]["task"] == "selfinstruct" for r in rows)
+    else:
+        random.Random(7).shuffle(rows)
+        late = len(rows) // 3
+    end = datetime(2026, 11, 22, tzinfo=timezone.utc)
+    early = len(rows) - late
+    for i, row in enumerate(rows):
+        if i < early:
+            row["timestamp"] = (end - timedelta(hours=48) + timedelta(hours=24) * i / early).isoformat()
+        else:
+            row["timestamp"] = (end - timedelta(hours=24) + timedelta(hours=24) * (i - early) / late).isoformat()
+    path = tmp_path / "requests.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("shift", [True, False], ids=["topic-shift", "no-change"])
+def test_cycle_checks_input_drift_and_alerts_only_on_a_real_shift(tmp_path, sqlite_url, replay_server,
+                                                                  prefect_harness, shift):
+    from flows.cycle import evaluation_cycle
+
+    log = _log_with_timestamps(tmp_path, shift)
+    config_path = _write_config(tmp_path, sqlite_url, replay_server.base_url,
+                                sources=[{"name": "gateway-logs", "kind": "jsonl", "path": log}],
+                                drift={"current_window_h": 24, "reference_window_h": 24})
+    data = yaml.safe_load(open(config_path))
+    data["routes"][0].pop("golden_set")
+    open(config_path, "w").write(yaml.safe_dump(data))
+    evaluation_cycle(config_path=config_path, cycle_id="d1")
+    engine = get_engine(sqlite_url)
+
+    reference, current = drift_windows(engine, ROUTE, 24, 24)
+    assert current.end - reference.start == timedelta(hours=48)
+    with session_scope(engine) as s:
+        run = s.scalar(select(ShadowRun))
+        mlflow_run_id = run.mlflow_run_id
+    metrics = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(mlflow_run_id).data.metrics
+    assert "drift.input.prompt_embeddings.effect" in metrics, sorted(k for k in metrics if k.startswith("drift"))
+    input_alerts = [a for a in _alerts(engine, "drift") if a.metric.startswith("input:")]
+    if shift:
+        assert metrics["drift.input.prompt_embeddings.effect"] >= 0.55
+        assert len(input_alerts) == 1 and input_alerts[0].severity == "warning"
+        assert input_alerts[0].bundle["drift"]["details"]["examples"], "the alert shows typical new prompts"
+        evaluation_cycle(config_path=config_path, cycle_id="d1")  # rerun: the open alert recurs, not duplicates
+        assert [a.id for a in _alerts(engine, "drift") if a.metric.startswith("input:")] == [input_alerts[0].id]
+    else:
+        assert input_alerts == []
+        assert metrics["drift.input.prompt_embeddings.effect"] < 0.55
+
+
+class Teacher:
+    """An LLM-as-judge endpoint on loopback whose visible rule is 'the longer answer wins'."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        teacher = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                teacher.calls += 1
+                user = body["messages"][-1]["content"]
+                if "## Answer A" in user:
+                    a, b = user.split("## Answer A", 1)[1].split("## Answer B", 1)
+                    content = json.dumps({"winner": "A" if len(a) >= len(b) else "B"})
+                else:
+                    content = json.dumps({"score": 7})
+                reply = json.dumps({"id": "t", "object": "chat.completion", "created": 0, "model": "teacher",
+                                    "choices": [{"index": 0, "finish_reason": "stop",
+                                                 "message": {"role": "assistant", "content": content}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Teacher:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_cycle_sends_the_calibration_share_to_the_teacher_once(tmp_path, sqlite_url, replay_server, prefect_harness):
+    from flows.cycle import evaluation_cycle
+
+    with Teacher() as teacher:
+        url = f"http://127.0.0.1:{teacher.server.server_address[1]}/v1"
+        config_path = _write_config(
+            tmp_path, sqlite_url, replay_server.base_url, drift={"enabled": False},
+            judge={"evaluator": "lexical", "calibration_fraction": 0.5,
+                   "teacher": {"name": "teacher", "model": "gpt-4-judge", "base_url": url}})
+        evaluation_cycle(config_path=config_path, cycle_id="k1")
+        engine = get_engine(sqlite_url)
+        with session_scope(engine) as s:
+            roles = [j.details.get("role") for j in s.scalars(select(Judgment))]
+            mlflow_run_id = s.scalar(select(ShadowRun.mlflow_run_id))
+        judged = roles.count("teacher")
+        assert 20 <= judged <= 60  # about half of the 80 judged pairs, chosen by hash
+        calls = teacher.calls
+        evaluation_cycle(config_path=config_path, cycle_id="k1")
+        with session_scope(engine) as s:
+            assert [j.details.get("role") for j in s.scalars(select(Judgment))].count("teacher") == judged
+        assert teacher.calls == calls, "a rerun re-asked the teacher"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    path = client.download_artifacts(mlflow_run_id, "calibration.json", str(tmp_path))
+    report = json.load(open(path))
+    assert report["judged"] + report["already_judged"] == judged  # the rerun's report: all of them already judged
+    assert report["agreement"]["n"] > 0 and 0 <= report["agreement"]["agreement"] <= 1
