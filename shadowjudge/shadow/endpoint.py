@@ -1,9 +1,10 @@
 """One HTTP attempt at a chat completion, measured: the boundary between the engine and a provider.
 
 `OpenAIEndpoint` goes through the `openai` SDK (AsyncOpenAI: base URL, auth headers, timeouts, the SDK's
-status-error classes) on the SDK's aiohttp transport, and posts the request body as stored rather than via
-`chat.completions.create`: `create` re-validates every message through the SDK's TypedDict transform and
-builds a pydantic object per streamed chunk, which on a 2-core box caps the engine near 100 req/s. Replayed
+status-error classes) on a lean HTTP/1.1 transport (`http1.py`, in place of the SDK's aiohttp one), and posts
+the request body as stored rather than via `chat.completions.create`: `create` re-validates every message
+through the SDK's TypedDict transform and builds a pydantic object per streamed chunk, which on a 2-core box
+caps the engine near 100 req/s. Replayed
 requests are already plain JSON, so the body goes as orjson bytes (the SDK would otherwise deep-copy and
 re-serialise it) and the engine reads the SSE bytes itself, which is also where each chunk's arrival time
 is taken.
@@ -21,6 +22,7 @@ import orjson
 
 from shadowjudge.config import TargetConfig
 from shadowjudge.shadow.credentials import scrub_secrets
+from shadowjudge.shadow.http1 import Http1Transport
 
 
 @dataclass
@@ -202,10 +204,8 @@ class OpenAIEndpoint:
         self._secrets = [api_key]
         limits = httpx2.Limits(max_connections=target.concurrency, max_keepalive_connections=target.concurrency)
         hooks = {"request": [_mark_sent]}
-        try:
-            http_client = openai.DefaultAioHttpClient(limits=limits, timeout=timeout_s, event_hooks=hooks)
-        except RuntimeError:  # the aiohttp extra is missing: the SDK's default transport works, slower
-            http_client = openai.DefaultAsyncHttpxClient(limits=limits, timeout=timeout_s, event_hooks=hooks)
+        http_client = openai.DefaultAsyncHttpxClient(limits=limits, timeout=timeout_s, event_hooks=hooks,
+                                                     transport=Http1Transport(max_connections=target.concurrency))
         self._client = openai.AsyncOpenAI(base_url=target.base_url, api_key=api_key, max_retries=0,
                                           timeout=timeout_s, http_client=http_client)
 
@@ -226,7 +226,9 @@ class OpenAIEndpoint:
                         return _parse_completion(payload, parser.started, time.perf_counter())
                     # Read to the end even after [DONE]: an HTTP/1.1 connection is only reused once its
                     # body is fully consumed, and a new connection per request costs more than the request.
-                    async for data in response.aiter_bytes():
+                    encoded = response.headers.get("content-encoding", "identity").lower() != "identity"
+                    # Undecoded bodies skip httpx2's decoder and chunker layers: the bytes are the same.
+                    async for data in (response.aiter_bytes() if encoded else response.aiter_raw()):
                         parser.feed(data, time.perf_counter())
                 finally:
                     await response.aclose()
