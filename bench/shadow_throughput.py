@@ -7,6 +7,8 @@ Prints ONE JSON object:
 - `engine_cpu_ms_per_request` (the engine's own CPU per request, the overhead that limits it on 2 cores),
   `engine_cpu_share` (how much of a core it got) and `engine_wall_overhead_ms_per_request`
   (1000/engine_rps - 1000/raw_rps);
+- `raw_client_cpu_ms_per_request` (the minimal client's CPU per request) and `cpu_ratio`
+  (engine CPU / minimal client CPU for the same requests), with the server's CPU per request in both runs;
 - `ttft_bias_ms`: median measured TTFT minus the injected TTFT (50 ms), at low concurrency;
 - the machine's load average before and after, since the box is shared.
 
@@ -30,15 +32,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import orjson  # noqa: E402
-from sqlalchemy import select  # noqa: E402
+import orjson
+from sqlalchemy import select
 
-from shadowjudge.config import Price, ShadowConfig, TargetConfig  # noqa: E402
-from shadowjudge.shadow.engine import build_request_body, run_shadow  # noqa: E402
-from shadowjudge.shadow.eventloop import loop_factory  # noqa: E402
-from shadowjudge.shadow.replay_server import ReplayServer  # noqa: E402
-from shadowjudge.store import ShadowResult, ShadowRun, TrafficSample, get_engine, session_scope, upgrade_database  # noqa: E402
-from shadowjudge.store.models import utcnow  # noqa: E402
+from shadowjudge.config import Price, ShadowConfig, TargetConfig
+from shadowjudge.shadow.engine import build_request_body, run_shadow
+from shadowjudge.shadow.eventloop import loop_factory
+from shadowjudge.shadow.replay_server import ReplayServer
+from shadowjudge.store import (
+    ShadowResult,
+    ShadowRun,
+    TrafficSample,
+    get_engine,
+    session_scope,
+    upgrade_database,
+)
+from shadowjudge.store.models import utcnow
 
 DEMO = ROOT / "shadowjudge" / "demo_data"
 MODEL = "claude-instant-1.2"
@@ -116,7 +125,9 @@ def main() -> None:
         with ReplayServer(DEMO / "recordings.jsonl.gz", models=[MODEL]) as srv:
             with asyncio.Runner(loop_factory=loop_factory()) as runner:
                 runner.run(raw_client(srv.port, bodies[:200], args.concurrency))  # warm-up
+                raw_cpu, raw_server_cpu = time.process_time(), child_cpu_s(srv.pid)
                 raw_rps = runner.run(raw_client(srv.port, bodies, args.concurrency))
+                raw_cpu, raw_server_cpu = time.process_time() - raw_cpu, child_cpu_s(srv.pid) - raw_server_cpu
 
             target = TargetConfig(name="bench", model=MODEL, base_url=srv.base_url, concurrency=args.concurrency)
             run_shadow(engine, new_run(engine, "warmup"), samples[:200], [target], shadow, pricing)
@@ -154,6 +165,10 @@ def main() -> None:
         "engine_rps_if_one_core": round(n / cpu, 1),
         "engine_wall_overhead_ms_per_request": round(1000 / engine_rps - 1000 / raw_rps, 3),
         "server_cpu_ms_per_request": round(server_cpu * 1000 / n, 3),
+        # the same two numbers for the minimal client: what any client must spend per request on this box
+        "raw_client_cpu_ms_per_request": round(raw_cpu * 1000 / n, 3),
+        "raw_server_cpu_ms_per_request": round(raw_server_cpu * 1000 / n, 3),
+        "cpu_ratio": round(cpu / raw_cpu, 2) if raw_cpu > 0 else None,
         "ok": report.targets["bench"].ok,
         "stored_rows": stored,
         "latency_ms_p50": round(report.targets["bench"].latency_ms["p50"], 2),

@@ -22,7 +22,7 @@ def split_tokens(text: str) -> list[str]:
 
 
 def count_tokens(text: str) -> int:
-    return sum(1 for _ in _PIECE.finditer(text))
+    return len(_PIECE.findall(text))  # a list of short strings costs less than a Match object per token
 
 
 def message_text(content: Any) -> str:
