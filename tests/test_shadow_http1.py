@@ -230,3 +230,19 @@ def test_openai_endpoint_refused_and_silent_servers():
         assert late.value.error_class == "timeout" and late.value.retryable
 
     asyncio.run(main())
+
+
+def test_a_request_waiting_for_a_full_pool_times_out_as_a_pool_timeout():
+    async def main() -> None:
+        timeout = httpx2.Timeout(5.0, pool=0.2)
+        async with ScriptedServer([chunked([b"slow", b"ly"], 0.5), fixed(b"next")]) as srv, \
+                httpx2.AsyncClient(transport=Http1Transport(max_connections=1), timeout=timeout) as http:
+            url = f"http://127.0.0.1:{srv.port}/"
+            async with http.stream("GET", url) as holding:
+                with pytest.raises(httpx2.PoolTimeout):
+                    await http.get(url)
+                assert await holding.aread() == b"slowly"
+            assert (await http.get(url)).content == b"next"  # the slot came back with the first response
+        assert srv.connections == 1
+
+    asyncio.run(main())

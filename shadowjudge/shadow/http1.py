@@ -220,11 +220,14 @@ class Http1Transport(httpx2.AsyncBaseTransport):
                        timeout: dict[str, float | None]) -> _Connection:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self._limit)
-        try:
-            async with asyncio.timeout(timeout.get("pool")):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise httpx2.PoolTimeout("no free connection in the pool in time") from None
+        if self._slots.locked():  # wait for a slot under the pool timeout; a free one is taken at once
+            try:
+                async with asyncio.timeout(timeout.get("pool")):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise httpx2.PoolTimeout("no free connection in the pool in time") from None
+        else:
+            await self._slots.acquire()
         try:
             idle = self._idle.get(key)
             while idle:
