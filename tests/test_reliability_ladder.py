@@ -37,7 +37,8 @@ from shadowjudge.routing.push import push_weights
 from shadowjudge.shadow.replay_server import ReplayServer
 from shadowjudge.store import get_engine
 
-pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (CI: apt-get install -y nginx-light)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(NGINX is None, reason="nginx is not installed (CI: apt-get install -y nginx-light)")]
 ROOT = Path(__file__).resolve().parents[1]
 T0 = datetime(2025, 6, 2, 8, 0, tzinfo=UTC)
 REQUESTS_PER_STEP = 200
