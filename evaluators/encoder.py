@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -172,6 +173,9 @@ class TextEncoder:
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
             options.log_severity_level = 3
+            # Idle threads sleep instead of spinning: on a shared 2-core machine spinning burns the CPU the other
+            # thread (and everyone else) needs, and batches of whole texts are long enough not to miss it.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._session = ort.InferenceSession(str(onnx_encoder_path(settings, backend, path)), options,
                                                  providers=["CPUExecutionProvider"])
             self._model = None
@@ -269,6 +273,8 @@ class EmbeddingCache:
         self._encoder: TextEncoder | None = None
         self._rows: dict[str, np.ndarray] = {}
         self._dirty = False
+        self.chunk = 1024  # texts encoded between checkpoints (length-sorted within a chunk)
+        self.checkpoint_s = 120.0
         if self.path.exists():
             with np.load(self.path) as data:
                 for key, row in zip(data["keys"], data["vectors"]):
@@ -281,7 +287,8 @@ class EmbeddingCache:
         return len({text_key(t) for t in texts} - self._rows.keys())
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Embeddings for `texts`, encoding only those not cached yet."""
+        """Embeddings for `texts`, encoding only those not cached yet; saved every `checkpoint_s` while encoding, so
+        an interrupted training run resumes where it stopped."""
         keys = [text_key(t) for t in texts]
         missing: dict[str, str] = {}
         for k, t in zip(keys, texts):
@@ -290,10 +297,17 @@ class EmbeddingCache:
         if missing:
             if self._encoder is None:
                 self._encoder = TextEncoder(self.settings, threads=self._threads, backend=self.backend)
-            vectors = self._encoder.encode(list(missing.values()), self.progress)
-            for k, v in zip(missing, vectors):
-                self._rows[k] = v.astype(np.float16)
-            self._dirty = True
+            todo = sorted(missing.items(), key=lambda kv: len(kv[1]))  # similar lengths share a chunk
+            saved = time.monotonic()
+            for start in range(0, len(todo), self.chunk):
+                part = todo[start:start + self.chunk]
+                vectors = self._encoder.encode([t for _, t in part], self.progress)
+                for (k, _), v in zip(part, vectors):
+                    self._rows[k] = v.astype(np.float16)
+                self._dirty = True
+                if time.monotonic() - saved >= self.checkpoint_s:
+                    self.save()
+                    saved = time.monotonic()
         if not keys:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
         return np.stack([self._rows[k] for k in keys]).astype(np.float32)

@@ -49,6 +49,9 @@ class HeadConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-2
     batch_size: int = 512
+    # Length-controlled training: the loss gets its own term w * (log length b - log length a), dropped at inference,
+    # so the big judge's taste for long answers is explained by w instead of being learned into the reward.
+    length_controlled: bool = False
 
 
 @dataclass(frozen=True)
@@ -173,9 +176,17 @@ def _fit_head(emb: EmbeddedAnswers, pairs: Sequence[LabelledPair], config: HeadC
     x = torch.from_numpy(head_inputs(spec, emb.answer_emb, emb.prompt_emb, feats))
     y = torch.tensor([p.p_b_better for p in pairs], dtype=torch.float32)
     head = build_head(spec)
-    opt = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    params = [{"params": head.parameters(), "weight_decay": config.weight_decay}]
+    log_len = torch.from_numpy(np.log1p(emb.lengths.astype(np.float32)))
+    length_weight = torch.zeros(1, requires_grad=True)
+    max_lr = [config.lr]
+    if config.length_controlled:
+        length_weight.data[:] = _fit_length_weight(log_len[b] - log_len[a], y)
+        params.append({"params": [length_weight], "weight_decay": 0.0})
+        max_lr.append(config.lr * 5)
+    opt = torch.optim.AdamW(params, lr=config.lr)
     steps_per_epoch = max(1, math.ceil(len(pairs) / config.batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=config.epochs * steps_per_epoch)
     head.train()
     for epoch in range(config.epochs):
         order = torch.from_numpy(rng.permutation(len(pairs)))
@@ -183,7 +194,10 @@ def _fit_head(emb: EmbeddedAnswers, pairs: Sequence[LabelledPair], config: HeadC
             idx = order[start:start + config.batch_size]
             ra = head(x[a[idx]]).squeeze(-1)
             rb = head(x[b[idx]]).squeeze(-1)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(rb - ra, y[idx])
+            logit = rb - ra
+            if config.length_controlled:
+                logit = logit + length_weight * (log_len[b[idx]] - log_len[a[idx]])
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -197,6 +211,24 @@ def _fit_head(emb: EmbeddedAnswers, pairs: Sequence[LabelledPair], config: HeadC
     spec.reference_reward = float(np.mean(rewards[seen]))
     state = {k: v.detach().numpy().copy() for k, v in head.state_dict().items()}
     return spec, state
+
+
+def _fit_length_weight(log_len_diff, labels) -> float:
+    """The 'longer wins' logistic fit on its own, P(b better) = sigmoid(w * log length ratio): the starting point of
+    the length term in length-controlled training."""
+    import torch
+
+    w = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=0.5, max_iter=50)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(w * log_len_diff, labels)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(w.detach())
 
 
 # -- measuring a judge ---------------------------------------------------------------------------------------------
