@@ -64,7 +64,9 @@ def test_a_fixed_rate_is_bounded_by_the_request_cap(server, prompts):
 
 def test_mlflow_gets_per_step_metrics_the_plot_and_the_report(server, prompts, tmp_path):
     target = TargetConfig(name="lt", model="claude-instant-1.2", base_url=server.base_url)
-    report = run_loadtest(target, prompts, ramp=Ramp(1, 1, 0.2, 3), max_requests=300, shadow=SHADOW)
+    # A cap well above what three 0.2 s steps can send, so that a fast client still reaches every step.
+    report = run_loadtest(target, prompts, ramp=Ramp(1, 1, 0.2, 3), max_requests=5000, shadow=SHADOW)
+    assert not report.capped
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     run_id = log_loadtest(report, uri, experiment="lt-test")
     client = MlflowClient(tracking_uri=uri)
