@@ -113,15 +113,18 @@ def closed_port() -> int:
 
 def test_sequential_requests_share_one_connection_and_bodies_arrive_whole():
     async def main() -> None:
-        replies = [fixed(b"first"), chunked([b"se", b"cond"], 0.01), fixed(b"", 204)]
+        replies = [fixed(b"first"), chunked([b"se", b"cond"], 0.01), fixed(b"", 204),
+                   raw(b"HTTP/1.1 200 OK\r\ncontent-length: 99\r\n\r\n")]
         async with ScriptedServer(replies) as srv, client() as http:
             base = f"http://127.0.0.1:{srv.port}"
             first = await http.post(f"{base}/v1/a?x=1", content=b'{"q": 1}', headers={"authorization": "k"})
             second = await http.post(f"{base}/v1/b", content=b"{}")
             third = await http.get(f"{base}/v1/c")
+            head = await http.head(f"{base}/v1/d")  # its content-length describes a body that is not sent
         assert (first.status_code, first.content, first.reason_phrase) == (200, b"first", "X")
         assert (second.status_code, second.text) == (200, "second")
         assert (third.status_code, third.content) == (204, b"")
+        assert (head.status_code, head.content, head.headers["content-length"]) == (200, b"", "99")
         assert srv.connections == 1
         head, _, body = srv.requests[0].partition(b"\r\n\r\n")
         assert head.startswith(b"POST /v1/a?x=1 HTTP/1.1\r\n") and body == b'{"q": 1}'

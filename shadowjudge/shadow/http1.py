@@ -206,6 +206,8 @@ class Http1Transport(httpx2.AsyncBaseTransport):
                 if conn.error is not None:
                     raise conn.error
                 await conn.wait(read_timeout, httpx2.ReadTimeout)
+            if request.method == "HEAD":  # no body follows whatever the headers say; the parser cannot know
+                conn.complete, conn.keep_alive = True, False
         except BaseException:
             self._release(key, conn, broken=True)
             raise
