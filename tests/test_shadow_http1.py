@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Self
 
 import httpx2
@@ -21,15 +24,16 @@ Reply = Callable[[bytes, asyncio.StreamWriter], Awaitable[bool]]  # returns whet
 class ScriptedServer:
     """Reads HTTP/1.1 requests (Content-Length bodies) and answers each with the next scripted reply."""
 
-    def __init__(self, replies: list[Reply]):
+    def __init__(self, replies: list[Reply], tls: ssl.SSLContext | None = None):
         self.replies = replies
+        self.tls = tls
         self.requests: list[bytes] = []
         self.connections = 0
         self.open_now = 0
         self.most_open = 0
 
     async def __aenter__(self) -> Self:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
@@ -247,5 +251,47 @@ def test_a_request_waiting_for_a_full_pool_times_out_as_a_pool_timeout():
                 assert await holding.aread() == b"slowly"
             assert (await http.get(url)).content == b"next"  # the slot came back with the first response
         assert srv.connections == 1
+
+    asyncio.run(main())
+
+
+def self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 'localhost' and its key, PEM files."""
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_https_reuses_a_verified_tls_connection_and_refuses_an_unknown_certificate(tmp_path):
+    cert, key = self_signed_cert(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    trusting = ssl.create_default_context(cafile=str(cert))
+
+    async def main() -> None:
+        async with ScriptedServer([fixed(b"secure"), chunked([b"sec", b"ond"], 0.01)], server_tls) as srv:
+            url = f"https://localhost:{srv.port}/v1"
+            async with httpx2.AsyncClient(transport=Http1Transport(ssl_context=trusting), timeout=5) as http:
+                assert (await http.get(url)).content == b"secure"
+                assert (await http.get(url)).content == b"second"
+            assert srv.connections == 1
+            async with httpx2.AsyncClient(transport=Http1Transport(), timeout=5) as http:  # the system's CAs only
+                with pytest.raises(httpx2.ConnectError, match="certificate"):
+                    await http.get(url)
 
     asyncio.run(main())
