@@ -40,9 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--registered-name", default="shadowjudge-judge")
     parser.add_argument("--include-seen", action="store_true",
                         help="also measure models the judge was trained on (by default only unseen models count)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="embedding cache to read and fill (fp32 ONNX, as training writes it): repeat runs skip "
+                             "the encoder; without it the judge encodes with the runtime it is served with")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
+    from evaluators.encoder import EmbeddingCache
     from evaluators.factory import load_small_judge
     from evaluators.judge_cli import progress_bar, tracking_uri_default
     from evaluators.judge_training import evaluate_judge
@@ -52,9 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         judge = load_small_judge(args.model_uri or f"models:/{args.registered_name}@champion",
                                  tracking_uri_default(args.tracking_uri))
+        runtime = judge.spec.serving_backend
+        if args.cache_dir is not None:
+            judge.embedder = EmbeddingCache(args.cache_dir, judge.spec.encoder)
+            runtime = f"onnx (fp32) through the embedding cache {args.cache_dir}"
         with progress_bar(not args.no_progress) as update:
             report = evaluate_judge(judge, args.data, prompts=args.prompts, seed=args.seed,
                                     include_seen=args.include_seen, progress=update)
+        if isinstance(judge.embedder, EmbeddingCache):
+            judge.embedder.save()
     except ShadowJudgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -64,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "benchmark": "judge_quality",
         "judge": judge.version,
+        "encoder_runtime": runtime,
         **report,
         "targets": {
             **{k: {"target": v, "value": system.get(k), "met": bool(system.get(k, float("nan")) >= v)}

@@ -36,7 +36,8 @@ TOKENS = 512
 
 def build_pairs(tokenizer, n: int) -> tuple[list[str], list[str], list[str]]:
     """n (prompt, incumbent, candidate) triples; answers are real outputs joined and cut to exactly 512 tokens."""
-    prompts = {json.loads(l)["id"]: json.loads(l)["instruction"] for l in gzip.open(DATA / "prompts.jsonl.gz", "rt")}
+    with gzip.open(DATA / "prompts.jsonl.gz", "rt") as fh:
+        prompts = {row["id"]: row["instruction"] for row in map(json.loads, fh)}
     outputs: dict[str, list[str]] = {}
     for line in gzip.open(DATA / "outputs.jsonl.gz", "rt"):
         row = json.loads(line)

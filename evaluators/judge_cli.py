@@ -104,11 +104,12 @@ def train(
 
 @judge_cli.command()
 def evaluate(
-    data: Path = typer.Option(..., help="AlpacaEval-format directory; every model in it is treated as unseen"),
+    data: Path = typer.Option(..., help="AlpacaEval-format directory; only models the judge never trained on count"),
     model_uri: str = typer.Option(None, help="models:/name@alias, models:/name/version or a judge directory "
                                              "(default: the champion)"),
     prompts: int = typer.Option(None, help="Score a fixed, seeded subset of N prompts"),
     seed: int = typer.Option(0),
+    include_seen: bool = typer.Option(False, "--include-seen", help="Also measure models the judge trained on"),
     tracking_uri: str = typer.Option(None, help="MLflow tracking/registry URI"),
     registered_name: str = typer.Option("shadowjudge-judge"),
     progress: bool = typer.Option(True),
@@ -123,7 +124,8 @@ def evaluate(
     try:
         judge = load_small_judge(model_uri or f"models:/{registered_name}@champion", uri)
         with progress_bar(progress) as update:
-            report = evaluate_judge(judge, data, prompts=prompts, seed=seed, progress=update)
+            report = evaluate_judge(judge, data, prompts=prompts, seed=seed, include_seen=include_seen,
+                                    progress=update)
     except (PreferenceDataError, JudgeRegistryError, EvaluatorConfigError) as exc:
         _fail(str(exc))
         return
