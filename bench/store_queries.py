@@ -25,7 +25,8 @@ when it reads a whole table of more than --scan-rows rows without an index (SQLi
 reported as `index_scan_full`, still linear in the table; a scan of a table at or below --scan-rows is
 `small_table_scan`. Budget: every median under 200 ms (count_rows_exact is reported, not held to it).
 
-Prints ONE JSON object. Usage:
+On a shared machine read `client_cpu_median_ms` beside the wall-clock figures: a loaded CPU stretches the latter.
+Prints ONE JSON object; exits 1 when a held command is over budget or fully scans a large table. Usage:
     python bench/store_queries.py [--samples 1000000] [--repeats 20] [--pg-url URL | --no-pg] [--keep DIR]
 """
 
