@@ -111,6 +111,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens streamed per answer (one SSE chunk each)")
     args = parser.parse_args()
+    for name in ("requests", "concurrency", "max_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     load_before = os.getloadavg()[0]
 
     with tempfile.TemporaryDirectory(prefix="shadow-bench-") as tmp:
