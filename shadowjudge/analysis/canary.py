@@ -83,9 +83,11 @@ def classify_effect(effect: float, ci_low: float, ci_high: float, tolerance: flo
                     higher_is_better: bool) -> Classification:
     """Classify an effect and its interval against a tolerance bound.
 
-    With a non-inferiority margin (tolerance at or on the worse side of no change), as Kayenta does:
-    fail when the whole interval is beyond the tolerance; marginal when the estimate is beyond it and the
-    candidate is significantly worse than no change, though not confidently beyond the bound; pass otherwise.
+    With a non-inferiority bound (tolerance at or on the worse side of no change): fail when the whole interval
+    is beyond the tolerance; marginal when the estimate is beyond it but not the whole interval, if either the
+    candidate is significantly worse than no change (as Kayenta) or the criteria allow a margin (a declared "at
+    least 97% of the incumbent" is not met by an estimate of 95%, however noisy); pass otherwise. A "no worse"
+    bound (tolerance at no change) thus needs a significant change to leave 'pass', or noise would flip it.
     With a superiority requirement (tolerance on the better side of no change), pass needs the whole interval
     inside the bound, so an underpowered comparison never passes by default.
     """
@@ -99,7 +101,7 @@ def classify_effect(effect: float, ci_low: float, ci_high: float, tolerance: flo
         return Classification.FAIL
     if tol > null:  # the criteria demand an improvement
         return Classification.PASS if lo >= tol else Classification.MARGINAL
-    if est < tol and hi < null:
+    if est < tol and (hi < null or tol < null):
         return Classification.MARGINAL
     return Classification.PASS
 
