@@ -19,15 +19,20 @@ SQLAlchemy statement cache, MLflow's and Prefect's clients):
 A short run (a few minutes) turns any noise into a large per-hour slope, so only a run of 30 minutes or more says
 much; with fewer than 4 cycles `steady` is null (not enough points). Cycles that raise are counted as errors (first messages kept) and the soak goes on.
 
-Prints ONE JSON object: cycles, errors, RSS first/last/max, slope, steady, cycle seconds, store growth, load avg.
+Prints ONE JSON object: cycles, errors, RSS first/last/max, slope, steady, cycle seconds, store growth, load avg;
+with --trace-top N also the N allocation sites (tracebacks) whose live Python memory grew most from the end of the
+third cycle to the end (tracemalloc, on from the second cycle; it slows the cycles down). `final_gc_collect_mib` is
+the RSS just before and after one gc.collect() at the end; --collect runs the collector after every cycle, which
+separates memory held by uncollected reference cycles (e.g. matplotlib figures) from memory still referenced.
 
-    python bench/soak.py [--minutes 30] [--pg-url URL] [--new-records 40] [--max-samples 40]
+    python bench/soak.py [--minutes 30] [--pg-url URL] [--new-records 40] [--max-samples 40] [--trace-top N]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import gzip
 import json
 import os
@@ -35,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+import tracemalloc
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -135,7 +141,7 @@ def store_url(workdir: Path, pg_url: str | None) -> Iterator[str]:
 
 
 def soak(workdir: Path, url: str, minutes: float, new_records: int, max_samples: int, max_slope: float,
-         max_cycles: int | None) -> dict[str, Any]:
+         max_cycles: int | None, trace_top: int = 0, collect: bool = False) -> dict[str, Any]:
     import yaml
 
     from flows.cycle import evaluation_cycle  # here: main() sets PREFECT_HOME first
@@ -152,6 +158,7 @@ def soak(workdir: Path, url: str, minutes: float, new_records: int, max_samples:
     error_count = 0
     durations: list[float] = []
     decisions: dict[str, int] = {}
+    baseline: tracemalloc.Snapshot | None = None
     with ReplayServer(DEMO_DATA / "recordings.jsonl.gz", FAST_PROFILE) as server:
         cfg = demo_config(workdir, server.base_url)
         cfg["store"]["url"] = url
@@ -177,19 +184,42 @@ def soak(workdir: Path, url: str, minutes: float, new_records: int, max_samples:
                 if len(errors) < 5:
                     errors.append(f"cycle {cycle}: {type(exc).__name__}: {str(exc)[:300]}")
             durations.append(time.monotonic() - t0)
+            if collect:
+                gc.collect()
+            if trace_top and cycle == 1:  # after two warm-up cycles: imports and first-use caches are in
+                tracemalloc.start(12)
+            elif trace_top and cycle == 2:
+                baseline = tracemalloc.take_snapshot()
             children = descendants(os.getpid())
             samples.append({"t_s": time.monotonic() - started, "rss_mib": rss_bytes() / MIB,
                             "children_rss_mib": sum(rss_bytes(p) for p in children) / MIB,
                             "children": len(children)})
             cycle += 1
         elapsed = time.monotonic() - started
+        growth = allocation_growth(baseline, tracemalloc.take_snapshot(), trace_top) if baseline else None
+        if tracemalloc.is_tracing():
+            tracemalloc.stop()
+        rss_before_gc = rss_bytes() / MIB
+        gc.collect()
+        rss_after_gc = rss_bytes() / MIB
         rows = count_rows(get_engine(url))
     db_file = workdir / "shadowjudge.db"
     return summarise(samples, durations, errors, error_count, decisions, elapsed, max_slope) | {
-        "rows_at_end": rows, "log_records": new_records * cycle,
+        "rows_at_end": rows, "log_records": new_records * cycle, "allocation_growth": growth,
+        "gc_each_cycle": collect,
+        "final_gc_collect_mib": {"rss_before": round(rss_before_gc, 1), "rss_after": round(rss_after_gc, 1)},
         "store_mb": round(db_file.stat().st_size / MIB, 1) if db_file.exists() else None,
         "mlflow_db_mb": round((workdir / "mlflow.db").stat().st_size / MIB, 1)
         if (workdir / "mlflow.db").exists() else None}
+
+
+def allocation_growth(before: tracemalloc.Snapshot, after: tracemalloc.Snapshot, top: int) -> list[dict[str, Any]]:
+    """Where Python-visible memory grew between the third cycle and the end: the largest sites by traceback."""
+    skip = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<frozen importlib._bootstrap>")]
+    stats = after.filter_traces(skip).compare_to(before.filter_traces(skip), "traceback")
+    return [{"size_diff_kib": round(st.size_diff / 1024, 1), "count_diff": st.count_diff,
+             "traceback": [f"{f.filename.replace(str(ROOT) + '/', '')}:{f.lineno}" for f in st.traceback][-8:]}
+            for st in stats[:top]]
 
 
 def summarise(samples: list[dict[str, float]], durations: list[float], errors: list[str], error_count: int,
@@ -235,6 +265,10 @@ def main() -> int:
     parser.add_argument("--pg-url", default=None, help="run on PostgreSQL (a database on this server is created and "
                         "dropped); default: SQLite")
     parser.add_argument("--keep", type=Path, default=None, help="work in this directory and keep it")
+    parser.add_argument("--collect", action="store_true", help="run the cyclic garbage collector after every cycle "
+                        "(tells memory held by reference cycles from memory still referenced)")
+    parser.add_argument("--trace-top", type=int, default=0, help="trace allocations from the second cycle on "
+                        "(slower) and report the N sites that grew most after the third")
     args = parser.parse_args()
     if args.minutes <= 0 or args.new_records < 1 or args.max_samples < 1:
         parser.error("--minutes, --new-records and --max-samples must be positive")
@@ -245,7 +279,7 @@ def main() -> int:
         os.environ.setdefault("PREFECT_HOME", str(workdir / "prefect-home"))
         with store_url(workdir, args.pg_url) as url, contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON only
             result = soak(workdir, url, args.minutes, args.new_records, args.max_samples, args.max_slope,
-                          args.max_cycles)
+                          args.max_cycles, args.trace_top, args.collect)
     report = {"benchmark": "soak", "backend": "postgresql" if args.pg_url else "sqlite", "minutes": args.minutes,
               "new_records_per_cycle": args.new_records, "max_samples": args.max_samples,
               "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "cpus": os.cpu_count(),
