@@ -7,6 +7,7 @@ The tasks and the single-stage flows are in flows/stages.py.
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from shadowjudge.environment import apply_defaults
@@ -47,4 +48,5 @@ def evaluation_cycle(config_path: str, route: str | None = None, cycle_id: str |
                                    {"ingest": ingest_report, "shadow": shadow_report, "score": score_report},
                                    config_path)
         outcomes[rc.name] = decide_and_publish(config, rc, handle, analysed)
+    gc.collect()  # plots and ORM sessions leave reference cycles; a serving process runs cycles for weeks
     return {"cycle_id": cycle_id, "ingest": ingest_report, "routes": outcomes}

@@ -224,13 +224,10 @@ def run_loadtest(target: TargetConfig, prompts: Sequence[list[dict[str, Any]]], 
 
 def loadtest_figure(report: LoadTestReport):
     """Throughput and latency percentiles per step: the curve whose knee is the endpoint's capacity."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from shadowjudge.tracking.mlflow_tracking import new_figure
 
     xs = [s.concurrency if s.concurrency is not None else s.target_rps for s in report.steps]
-    fig, (ax_rps, ax_lat) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_rps, ax_lat) = new_figure(11, 4, ncols=2)
     ax_rps.plot(xs, [s.achieved_rps for s in report.steps], marker="o", label="achieved req/s")
     ax_rps.plot(xs, [100 * s.error_rate for s in report.steps], marker="x", linestyle="--", label="error %")
     for key in ("p50", "p95", "p99"):
@@ -249,7 +246,6 @@ def loadtest_figure(report: LoadTestReport):
 
 def log_loadtest(report: LoadTestReport, tracking_uri: str, experiment: str = "shadowjudge/loadtest") -> str:
     """One MLflow run: per-step metrics (step = ramp level index), the plot and the full report as JSON."""
-    import matplotlib.pyplot as plt
     from mlflow.tracking import MlflowClient
 
     try:
@@ -272,7 +268,6 @@ def log_loadtest(report: LoadTestReport, tracking_uri: str, experiment: str = "s
                     client.log_metric(run_id, key, float(value), timestamp=now, step=s.index)
         figure = loadtest_figure(report)
         client.log_figure(run_id, figure, "loadtest.png")
-        plt.close(figure)
         client.log_dict(run_id, report.as_dict(), "loadtest.json")
         client.set_terminated(run_id)
     except Exception as exc:

@@ -178,13 +178,18 @@ def redact_uri(uri: str) -> str:
     return uri
 
 
+def new_figure(width: float = 6.0, height: float = 3.5, ncols: int = 1):
+    """A figure and its axes outside pyplot's global registry, so nothing keeps it once the caller drops it (a
+    serving process draws a few per cycle for weeks)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots(1, ncols)
+
+
 def score_histogram(scores: Mapping[str, Iterable[float]], title: str):
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = new_figure()
     for name, values in scores.items():
         values = [v for v in values if v is not None]
         if values:
@@ -193,18 +198,13 @@ def score_histogram(scores: Mapping[str, Iterable[float]], title: str):
     ax.set_ylabel("answers")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    plt.close(fig)
     return fig
 
 
 def latency_cdf(latencies: Mapping[str, Iterable[float]], title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = new_figure()
     for name, values in latencies.items():
         arr = np.sort(np.array([v for v in values if v is not None], dtype=float))
         if arr.size:
@@ -214,18 +214,13 @@ def latency_cdf(latencies: Mapping[str, Iterable[float]], title: str):
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    plt.close(fig)
     return fig
 
 
 def weight_history_plot(history: list[tuple[Any, Mapping[str, int]]], title: str):
     """history: (timestamp, {target: weight}) in time order."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = new_figure()
     targets = sorted({t for _, w in history for t in w})
     xs = list(range(len(history)))
     for t in targets:
@@ -235,5 +230,4 @@ def weight_history_plot(history: list[tuple[Any, Mapping[str, int]]], title: str
     ax.set_ylim(-2, 102)
     ax.set_title(title)
     ax.legend(fontsize=8)
-    plt.close(fig)
     return fig
