@@ -288,6 +288,8 @@ def test_a_connection_dropped_mid_write_at_each_stage_loses_and_duplicates_nothi
     data = yaml.safe_load(path.read_text())
     data["sources"][0]["batch_size"] = 40
     data["judge"]["batch_size"] = 8
+    # A candidate must pass, so that a push (whose record the drop loses) happens: a loose quality margin.
+    data["routes"][0]["criteria"]["min_quality_ratio"] = 0.5
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     config = load_config(path)
     route = config.route(ROUTE)
@@ -295,7 +297,8 @@ def test_a_connection_dropped_mid_write_at_each_stage_loses_and_duplicates_nothi
 
     for stage, prefix, nth in DROPS:
         with ConnectionDrop(store_url, prefix, nth) as drop, pytest.raises((DBAPIError, ResultStoreError)) as err:
-            run_cycle(path, "c1")
+            outcome = run_cycle(path, "c1")
+            pytest.fail(f"{stage}: the cycle completed (fault fired: {drop.fired}): {outcome}")
         assert drop.fired, f"{stage}: the fault was never injected"
         # The driver's error, or the shadow writer's own error naming it; a dead connection is never reused.
         assert isinstance(err.value, ResultStoreError) or err.value.connection_invalidated, f"{stage}: {err.value}"

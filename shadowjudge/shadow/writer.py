@@ -67,10 +67,10 @@ class ResultWriter:
             raise
 
     async def flush(self) -> None:
-        if not self._pending:
-            return
-        rows, self._pending = self._pending, []
-        await asyncio.to_thread(self._insert, rows)
+        """Write what is pending in transactions of at most `batch_size` rows, so a fault loses one batch."""
+        while self._pending:
+            rows, self._pending = self._pending[:self.batch_size], self._pending[self.batch_size:]
+            await asyncio.to_thread(self._insert, rows)
 
     def _insert(self, rows: list[dict[str, Any]]) -> None:
         try:
