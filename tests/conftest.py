@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import uuid
 from collections.abc import Iterator
 
@@ -17,6 +19,16 @@ from shadowjudge.store import dispose_engines, get_engine, upgrade_database  # n
 
 PG_URL = os.environ.get("SHADOWJUDGE_TEST_PG_URL")
 
+
+
+def stop_process_group(process: subprocess.Popen, timeout_s: float = 30) -> None:
+    """SIGTERM a server started with start_new_session=True (and its children), SIGKILL if it lingers."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 @pytest.fixture(scope="session")
 def pg_server_url() -> Iterator[str]:
@@ -88,7 +100,6 @@ def prefect_harness():
 def prefect_server(tmp_path_factory) -> Iterator[dict[str, str]]:
     """A real Prefect server on loopback with its own PREFECT_HOME (analytics off, scheduler service off: tests
     schedule runs at explicit times). Yields the environment a client, worker or CLI subprocess needs."""
-    import signal
     import socket
     import subprocess
     import sys
@@ -121,12 +132,7 @@ def prefect_server(tmp_path_factory) -> Iterator[dict[str, str]]:
             time.sleep(0.5)
         yield env
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_process_group(server)
         log.close()
 
 
@@ -160,11 +166,7 @@ def background(tmp_path):
 
     yield start
     for process, _ in started:
-        os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, signal.SIGTERM)  # all at once, then wait: workers stop while the server does
     for process, log in started:
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process_group(process, 20)
         log.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from typing import NamedTuple
 import httpx
 import pytest
 import yaml
+from conftest import stop_process_group
 
 from shadowjudge.config import load_config
 from shadowjudge.demo import DEMO_DATA, demo_config
@@ -49,12 +49,7 @@ def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
         # Not waited for here: it starts while the Prefect harness does (`logged_cycle` waits).
         yield MlflowServer(f"http://127.0.0.1:{port}", root / "server.log")
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_process_group(server)
         log.close()
 
 

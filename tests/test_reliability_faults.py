@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from conftest import stop_process_group
 from sqlalchemy import create_engine, event, func, select, text
 from sqlalchemy.exc import DBAPIError
 
@@ -513,12 +513,7 @@ def mlflow_server(tmp_path):
             time.sleep(0.5)
         yield url
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
+        stop_process_group(proc)
         log.close()
 
 
