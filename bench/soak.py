@@ -228,6 +228,8 @@ def summarise(samples: list[dict[str, float]], durations: list[float], errors: l
     half = len(samples) // 2
     first, second = samples[:half], samples[half:]
     slope = slope_per_hour([s["t_s"] for s in second], [s["rss_mib"] for s in second])
+    # Per cycle as well: on a loaded machine cycles are slower, which flatters a per-hour slope.
+    per_cycle = slope_per_hour([float(i) for i in range(half, len(samples))], [s["rss_mib"] for s in second])
     child_slope = slope_per_hour([s["t_s"] for s in second], [s["children_rss_mib"] for s in second])
     max_first = max((s["rss_mib"] for s in first), default=0.0)
     max_second = max((s["rss_mib"] for s in second), default=0.0)
@@ -246,6 +248,7 @@ def summarise(samples: list[dict[str, float]], durations: list[float], errors: l
                     "max": round(max(rss), 1) if rss else None, "max_first_half": round(max_first, 1),
                     "max_second_half": round(max_second, 1)},
         "slope_mib_per_h_second_half": None if slope is None else round(slope, 2),
+        "slope_mib_per_100_cycles_second_half": None if per_cycle is None else round(per_cycle / 36, 2),
         "children_rss_mib": {"first": round(samples[0]["children_rss_mib"], 1) if samples else None,
                              "last": round(samples[-1]["children_rss_mib"], 1) if samples else None,
                              "slope_mib_per_h_second_half": None if child_slope is None else round(child_slope, 2)},

@@ -47,7 +47,8 @@ def all_rewards(emb: EmbeddedAnswers, spec, state) -> np.ndarray:
     head.eval()
     x = head_inputs(spec, emb.answer_emb, emb.prompt_emb, emb.features[:, feature_columns(spec.use_length)])
     with torch.inference_mode():
-        return head(torch.from_numpy(x)).squeeze(-1).numpy().astype(np.float64)
+        rewards = head(torch.from_numpy(x)).squeeze(-1).numpy().astype(np.float64)
+    return rewards + spec.length_weight * np.log1p(emb.lengths.astype(np.float64))
 
 
 def model_folds(models: Sequence[str], folds: int, seed: int) -> list[list[str]]:
@@ -118,6 +119,10 @@ DEFAULT_GRID: tuple[HeadConfig, ...] = (
     HeadConfig("mlp64-nolength", use_length=False, hidden=64),
     HeadConfig("mlp64-length-noprompt", use_length=True, hidden=64, prompt_interaction=False),
     HeadConfig("mlp256-length", use_length=True, hidden=256, weight_decay=5e-2),
+    HeadConfig("mlp64-nolength-lc", use_length=False, hidden=64, length_controlled=True),
+    HeadConfig("mlp64-nolength-lc-keep", use_length=False, hidden=64, length_controlled=True, keep_length_term=True),
+    HeadConfig("linear-nolength-lc-keep", use_length=False, hidden=0, epochs=30, length_controlled=True,
+               keep_length_term=True),
 )
 
 

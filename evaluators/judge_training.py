@@ -13,7 +13,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,17 @@ from evaluators.small_judge import SPEC_FILE, JudgeSpec, SmallJudge, build_head,
 
 DEFAULT_CACHE_DIR = Path(".shadowjudge/cache")
 DEFAULT_EXPERIMENT = "shadowjudge-judge-training"
-SELECTION_METRIC = "agreement"
+SELECTION_METRIC = "agreement"  # the fallback when a set has no leaderboard rows to rank models by
+
+
+def selection_score(metrics: dict[str, float]) -> float:
+    """What head selection and the champion contest maximise: how well the judge ranks unseen models, the mean of
+    its Spearman correlations with the leaderboard's win_rate and lc_win_rate. The product decides between models,
+    so ranking them is the job; pair agreement alone rewards leaning on length (the teacher's bias), which ranks
+    long, weak models high. Without leaderboard rows: pair agreement."""
+    rhos = [metrics.get(k, float("nan")) for k in ("spearman_win_rate", "spearman_lc_win_rate")]
+    rhos = [r for r in rhos if np.isfinite(r)]
+    return float(np.mean(rhos)) if rhos else float(metrics.get(SELECTION_METRIC, float("-inf")))
 
 
 @dataclass(frozen=True)
@@ -49,9 +59,11 @@ class HeadConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-2
     batch_size: int = 512
-    # Length-controlled training: the loss gets its own term w * (log length b - log length a), dropped at inference,
-    # so the big judge's taste for long answers is explained by w instead of being learned into the reward.
+    # Length-controlled training: the loss gets its own term w * (log length b - log length a), so the big judge's
+    # taste for long answers is explained by w instead of being learned into the reward. At inference the term is
+    # dropped (content alone), or kept with `keep_length_term` (the teacher's taste, length made explicit).
     length_controlled: bool = False
+    keep_length_term: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,11 +71,14 @@ class TrainSettings:
     encoder: EncoderSettings = field(default_factory=EncoderSettings)
     heads: tuple[HeadConfig, ...] = (
         HeadConfig("mlp-length", use_length=True),
-        HeadConfig("mlp-nolength", use_length=False),
-        HeadConfig("linear-length", use_length=True, hidden=0, epochs=40),
+        HeadConfig("mlp-nolength-lc", use_length=False, length_controlled=True),
+        HeadConfig("mlp-nolength-lc-keep", use_length=False, length_controlled=True, keep_length_term=True),
     )
     heldout_fraction: float = 0.2
-    validation_fraction: float = 0.2
+    # Heads are chosen by cross-validation by model over the training models (`selection_folds` folds: every
+    # training model is judged once by a head that never saw it), or, with 0 folds, on a validation share of them.
+    selection_folds: int = 5
+    validation_fraction: float = 0.0
     max_prompts: int | None = None
     int8_check_pairs: int = 1500  # held-out pairs re-judged with the int8 encoder; 0 skips (serve fp32 ONNX)
 
@@ -77,6 +92,7 @@ QUICK = TrainSettings(
     max_prompts=160,
     heads=(HeadConfig("mlp-nolength", use_length=False, epochs=40),),
     heldout_fraction=0.25,
+    selection_folds=0,
     validation_fraction=0.0,
     int8_check_pairs=0,
 )
@@ -209,8 +225,10 @@ def _fit_head(emb: EmbeddedAnswers, pairs: Sequence[LabelledPair], config: HeadC
         if progress:
             progress(f"head {config.name}", epoch + 1, config.epochs)
     head.eval()
+    if config.length_controlled and config.keep_length_term:
+        spec.length_weight = float(length_weight.detach())
     with torch.inference_mode():
-        rewards = head(x).squeeze(-1).numpy()
+        rewards = head(x).squeeze(-1).numpy() + spec.length_weight * log_len.numpy()
     # Pointwise score 0.5 = as good as a typical training answer (all models, both sides of every pair).
     spec.reference_reward = float(np.mean(rewards[seen]))
     state = {k: v.detach().numpy().copy() for k, v in head.state_dict().items()}
@@ -385,23 +403,8 @@ def train_judge(data_dir: str | Path, tracking_uri: str, *, quick: bool, seed: i
                 "validation_models": ",".join(validation.heldout_models) if validation else "",
                 **{f"encoder_{k}": v for k, v in asdict(settings.encoder).items()},
             })
-            best = None
-            for head_config in settings.heads:
-                with mlflow.start_run(run_name=head_config.name, nested=True):
-                    mlflow.log_params(asdict(head_config))
-                    spec, state = fit_head(emb, fit_split.train_pairs(data), head_config, settings.encoder, seed,
-                                           progress=progress, trained_on=str(data_dir))
-                    candidate = SmallJudge(spec, state, version=f"candidate:{head_config.name}", embedder=embedder)
-                    if validation:
-                        val = measure(candidate, data, validation.heldout_pairs(data), validation.heldout_models)
-                        mlflow.log_metrics({f"val_{k}": v for k, v in val.items() if np.isfinite(v)})
-                        score = val[SELECTION_METRIC]
-                    else:
-                        score = 0.0
-                    if best is None or score > best[0]:
-                        best = (score, head_config)
-            assert best is not None
-            chosen = best[1]
+            chosen = _select_head(data, emb, split, fit_split, validation, settings, embedder, seed, progress,
+                                  str(data_dir))
             mlflow.log_param("chosen_head", chosen.name)
             # Refit the chosen head on all training models (validation models included), measure on held-out.
             spec, state = fit_head(emb, split.train_pairs(data), chosen, settings.encoder, seed,
@@ -441,6 +444,48 @@ def train_judge(data_dir: str | Path, tracking_uri: str, *, quick: bool, seed: i
     )
 
 
+def _select_head(data: PreferenceData, emb: EmbeddedAnswers, split: ModelSplit, fit_split: ModelSplit,
+                 validation: ModelSplit | None, settings: TrainSettings, embedder: TextEmbedder, seed: int,
+                 progress: Progress | None, data_dir: str) -> HeadConfig:
+    """The head configuration with the best `selection_score` on training models it did not see (each one a
+    nested MLflow run); the held-out models play no part."""
+    import mlflow
+
+    if len(settings.heads) == 1:
+        return settings.heads[0]
+    from evaluators.judge_experiments import cross_validate
+
+    train_only = replace(data, pairs=split.train_pairs(data))
+    parent = mlflow.active_run()
+    experiment_id = parent.info.experiment_id if parent else None  # else nested runs land in "Default"
+    best: tuple[float, HeadConfig] | None = None
+    for config in settings.heads:
+        with mlflow.start_run(run_name=config.name, nested=True, experiment_id=experiment_id):
+            mlflow.log_params(asdict(config))
+            if settings.selection_folds > 1:
+                found = cross_validate(train_only, emb, config, settings.encoder, folds=settings.selection_folds,
+                                       seed=seed)
+                prefix = "cv_"
+            elif validation:
+                spec, state = fit_head(emb, fit_split.train_pairs(data), config, settings.encoder, seed,
+                                       trained_on=data_dir)
+                candidate = SmallJudge(spec, state, version=f"candidate:{config.name}", embedder=embedder)
+                found = measure(candidate, data, validation.heldout_pairs(data), validation.heldout_models)
+                prefix = "val_"
+            else:
+                found = {}
+                prefix = ""
+            score = selection_score(found) if found else 0.0
+            mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in found.items()
+                                if isinstance(v, (int, float)) and np.isfinite(v)} | {"selection_score": score})
+            if progress:
+                progress("choosing a head", settings.heads.index(config) + 1, len(settings.heads))
+            if best is None or score > best[0]:
+                best = (score, config)
+    assert best is not None
+    return best[1]
+
+
 def int8_keeps_agreement(judge: SmallJudge, data: PreferenceData, pairs: Sequence[LabelledPair], n: int, seed: int,
                          *, tolerance: float = 0.005, progress: Progress | None = None) -> dict[str, float]:
     """Re-judge a seeded sample of held-out pairs with the int8 ONNX encoder; int8 is served only if agreement
@@ -466,8 +511,8 @@ def int8_keeps_agreement(judge: SmallJudge, data: PreferenceData, pairs: Sequenc
 
 
 def _beats(new: dict[str, float], old: dict[str, float]) -> bool:
-    """Strictly better held-out agreement; ties keep the champion in place."""
-    return new[SELECTION_METRIC] > old.get(SELECTION_METRIC, float("-inf"))
+    """A strictly better held-out `selection_score`; ties keep the champion in place."""
+    return selection_score(new) > selection_score(old)
 
 
 def _validation_split(data: PreferenceData, split: ModelSplit, fraction: float,

@@ -39,6 +39,9 @@ class JudgeSpec:
     feature_mean: list[float] = field(default_factory=list)
     feature_std: list[float] = field(default_factory=list)
     reference_reward: float = 0.0
+    # Length-controlled training fits the big judge's length preference as its own term, w * log(1 + characters);
+    # a judge that keeps it reproduces the teacher's taste, one that drops it (w = 0) scores content alone.
+    length_weight: float = 0.0
     serving_backend: str = "onnx"  # "onnx-int8" only when training measured that int8 keeps agreement
     trained_on: str = ""
     # Models whose answers the head was fitted on (both sides of its training pairs): measurements that claim to be
@@ -141,7 +144,10 @@ class SmallJudge:
         feats = answer_features(prompts, answers, self.spec.use_length)
         x = torch.from_numpy(head_inputs(self.spec, answer_emb, prompt_emb, feats))
         with torch.inference_mode():
-            return self.head(x).squeeze(-1).numpy().astype(np.float64)
+            rewards = self.head(x).squeeze(-1).numpy().astype(np.float64)
+        if self.spec.length_weight:
+            rewards += self.spec.length_weight * np.log1p([len(a or "") for a in answers])
+        return rewards
 
     def rewards(self, prompts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
         """Unnormalised reward of each answer to its prompt; only differences (and r - r_reference) mean much."""

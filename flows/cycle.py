@@ -7,10 +7,9 @@ The tasks and the single-stage flows are in flows/stages.py.
 
 from __future__ import annotations
 
-import gc
 from typing import Any
 
-from shadowjudge.environment import apply_defaults
+from shadowjudge.environment import apply_defaults, release_memory
 
 apply_defaults()
 
@@ -48,5 +47,5 @@ def evaluation_cycle(config_path: str, route: str | None = None, cycle_id: str |
                                    {"ingest": ingest_report, "shadow": shadow_report, "score": score_report},
                                    config_path)
         outcomes[rc.name] = decide_and_publish(config, rc, handle, analysed)
-    gc.collect()  # plots and ORM sessions leave reference cycles; a serving process runs cycles for weeks
+    release_memory()  # plots and ORM sessions leave reference cycles; a serving process runs cycles for weeks
     return {"cycle_id": cycle_id, "ingest": ingest_report, "routes": outcomes}

@@ -325,7 +325,8 @@ def drift_check(engine: Engine, config: Config, route: RouteConfig) -> dict[str,
     if windows is None:
         return None
     if config.drift.input_embeddings and _embedder is None:
-        _embedder = MiniLMEmbedder()  # loaded once per process: a scheduled server runs many cycles
+        # Loaded once per process (a scheduled server runs many cycles); its cache holds both windows' subsamples.
+        _embedder = MiniLMEmbedder(capacity=max(10_000, 5 * config.drift.max_embeddings))
     report = detect_drift(engine, route, *windows, config.drift,
                           embedder=_embedder if config.drift.input_embeddings else None)
     return report.to_dict()

@@ -18,7 +18,7 @@ from shadowjudge.analysis import (
     judge_drift,
     output_drift,
 )
-from shadowjudge.analysis.drift import domain_classifier_test, mmd_permutation_test
+from shadowjudge.analysis.drift import domain_classifier_test, mmd_permutation_test, stable_subsample
 from shadowjudge.config import DriftConfig
 from shadowjudge.store import Judgment, insert_ignoring_duplicates, session_scope
 from test_analysis_alpaca_runs import EVALUATOR, START, build_run, mini, route_for
@@ -75,6 +75,23 @@ def test_a_topic_shift_is_input_drift_and_a_random_split_is_not(prompt_embedding
     same = input_drift(vectors[order[:150]], vectors[order[150:]], CONFIG)
     assert same.status == "stable", same.describe()
     assert input_drift(vectors[:10], vectors[10:20], CONFIG).status == "nodata"
+
+
+def test_texts_are_subsampled_stably_and_only_the_subsample_is_embedded(minilm):
+    """A window sliding by 10% keeps ~90% of its subsample (so the embedding cache serves consecutive cycles), and
+    a window larger than max_embeddings costs max_embeddings embeddings, not its size."""
+    texts = [f"prompt number {i}" for i in range(3000)]
+    first, slid = stable_subsample(texts[:2000], 500), stable_subsample(texts[200:2200], 500)
+    kept = set(np.asarray(texts[:2000])[first]) & set(np.asarray(texts[200:2200])[slid])
+    assert len(first) == len(slid) == 500 and len(kept) >= 400
+    assert list(stable_subsample(texts[:50], 500)) == list(range(50))
+    prompts = [p["instruction"] for p in mini().prompts]
+    config = DriftConfig(min_samples=30, permutations=100, max_embeddings=100)
+    before = len(minilm.requests)
+    result = input_drift(prompts[:150], prompts[150:], config, embed=minilm.embed)
+    assert len(minilm.requests) - before == 200
+    assert (result.n_reference, result.n_current) == (150, 150)
+    assert result.details["classifier_samples"] == [100, 100]
 
 
 def test_tests_are_calibrated_under_no_drift():

