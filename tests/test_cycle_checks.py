@@ -24,6 +24,7 @@ from shadowjudge.cycle import drift_windows, golden_gate
 from shadowjudge.demo import DEMO_DATA, demo_config
 from shadowjudge.shadow.replay_server import ReplayServer
 from shadowjudge.store import Alert, Judgment, RouteWeightChange, ShadowRun, get_engine, session_scope
+from cycle_configs import write_cycle_config
 
 ROUTE = "chat-default"
 FAST = {"seed": 1, "default": {"ttft_ms": 2, "token_ms": 0}}
@@ -33,18 +34,6 @@ FAST = {"seed": 1, "default": {"ttft_ms": 2, "token_ms": 0}}
 def replay_server():
     with ReplayServer(DEMO_DATA / "recordings.jsonl.gz", FAST) as server:
         yield server
-
-
-def _write_config(tmp_path, store_url, base_url, **overrides) -> str:
-    data = demo_config(tmp_path, base_url)
-    data["store"]["url"] = store_url
-    data["judge"] = {"evaluator": "lexical"}
-    data["shadow"]["max_samples"] = 40
-    for key, value in overrides.items():
-        data[key] = value
-    path = tmp_path / "shadowjudge.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
 
 
 def _alerts(engine, kind: str) -> list[Alert]:
@@ -57,7 +46,7 @@ def _alerts(engine, kind: str) -> list[Alert]:
 def test_golden_set_blocks_the_candidate_that_fails_it(tmp_path, store_url, replay_server, prefect_harness):
     from flows.cycle import evaluation_cycle
 
-    config_path = _write_config(tmp_path, store_url, replay_server.base_url, drift={"enabled": False})
+    config_path = write_cycle_config(tmp_path, store_url, replay_server.base_url, drift={"enabled": False})
     outcome = evaluation_cycle(config_path=config_path, cycle_id="g1")["routes"][ROUTE]
     engine = get_engine(store_url)
 
@@ -138,7 +127,7 @@ def test_cycle_checks_input_drift_and_alerts_only_on_a_real_shift(tmp_path, sqli
     from flows.cycle import evaluation_cycle
 
     log = _log_with_timestamps(tmp_path, shift)
-    config_path = _write_config(tmp_path, sqlite_url, replay_server.base_url,
+    config_path = write_cycle_config(tmp_path, sqlite_url, replay_server.base_url,
                                 sources=[{"name": "gateway-logs", "kind": "jsonl", "path": log}],
                                 drift={"current_window_h": 24, "reference_window_h": 24})
     data = yaml.safe_load(open(config_path))
@@ -212,7 +201,7 @@ def test_cycle_sends_the_calibration_share_to_the_teacher_once(tmp_path, sqlite_
 
     with Teacher() as teacher:
         url = f"http://127.0.0.1:{teacher.server.server_address[1]}/v1"
-        config_path = _write_config(
+        config_path = write_cycle_config(
             tmp_path, sqlite_url, replay_server.base_url, drift={"enabled": False},
             judge={"evaluator": "lexical", "calibration_fraction": 0.5,
                    "teacher": {"name": "teacher", "model": "gpt-4-judge", "base_url": url}})

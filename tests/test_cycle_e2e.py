@@ -14,9 +14,10 @@ from mlflow.tracking import MlflowClient
 from sqlalchemy import select
 
 from shadowjudge.cycle import count_rows
-from shadowjudge.demo import DEMO_DATA, demo_config
+from shadowjudge.demo import DEMO_DATA
 from shadowjudge.shadow.replay_server import ReplayServer
 from shadowjudge.store import Judgment, RouteWeightChange, ShadowRun, TrafficSample, get_engine, session_scope
+from cycle_configs import write_cycle_config
 
 FAST = {"seed": 1, "default": {"ttft_ms": 2, "token_ms": 0}}
 
@@ -27,20 +28,10 @@ def replay_server():
         yield server
 
 
-def _config(tmp_path, store_url, base_url) -> str:
-    data = demo_config(tmp_path, base_url)
-    data["store"]["url"] = store_url
-    data["judge"] = {"evaluator": "lexical"}
-    data["shadow"]["max_samples"] = 40
-    path = tmp_path / "shadowjudge.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
-
-
 def test_cycle_end_to_end_and_rerun_adds_nothing(tmp_path, store_url, replay_server, prefect_harness):
     from flows.cycle import evaluation_cycle
 
-    config_path = _config(tmp_path, store_url, replay_server.base_url)
+    config_path = write_cycle_config(tmp_path, store_url, replay_server.base_url)
     result = evaluation_cycle(config_path=config_path, cycle_id="c1")
     outcome = result["routes"]["chat-default"]
     engine = get_engine(store_url)

@@ -4,7 +4,6 @@ bad input that fails once with a clear message, and scoring fan-out that names w
 from __future__ import annotations
 
 import pytest
-import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
@@ -26,10 +25,11 @@ from flows.stages import (
 from shadowjudge import cycle
 from shadowjudge.config import ConfigError
 from shadowjudge.cycle import RunNotFound, count_rows, sample_ranges
-from shadowjudge.demo import DEMO_DATA, demo_config
+from shadowjudge.demo import DEMO_DATA
 from shadowjudge.errors import InputError
 from shadowjudge.shadow.replay_server import ReplayServer
 from shadowjudge.store import Judgment, ShadowRun, get_engine, session_scope
+from cycle_configs import write_cycle_config
 
 FAST = {"seed": 1, "default": {"ttft_ms": 2, "token_ms": 0}}
 ROUTE = "chat-default"
@@ -39,17 +39,6 @@ ROUTE = "chat-default"
 def replay_server():
     with ReplayServer(DEMO_DATA / "recordings.jsonl.gz", FAST) as server:
         yield server
-
-
-def _config(tmp_path, store_url, base_url, **sections) -> str:
-    data = demo_config(tmp_path, base_url)
-    data["store"]["url"] = store_url
-    data["judge"] = {"evaluator": "lexical"}
-    data["shadow"]["max_samples"] = 40
-    data.update(sections)
-    path = tmp_path / f"shadowjudge-{len(list(tmp_path.glob('*.yaml')))}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
 
 
 def _artifacts_of(flow_run_id):
@@ -71,7 +60,7 @@ def _task_runs_of(flow_run_id):
 
 def test_stage_flows_run_one_cycle_stage_by_stage_and_reruns_add_nothing(tmp_path, store_url, replay_server,
                                                                         prefect_harness):
-    config_path = _config(tmp_path, store_url, replay_server.base_url)
+    config_path = write_cycle_config(tmp_path, store_url, replay_server.base_url)
     engine = get_engine(store_url)
 
     assert ingest_and_sample(config_path)["totals"]["stored"] == 300
@@ -110,7 +99,7 @@ def test_stage_flows_run_one_cycle_stage_by_stage_and_reruns_add_nothing(tmp_pat
 
 def test_a_stage_of_a_cycle_never_opened_fails_once_with_a_clear_message(tmp_path, sqlite_url, replay_server,
                                                                          prefect_harness):
-    config_path = _config(tmp_path, sqlite_url, replay_server.base_url)
+    config_path = write_cycle_config(tmp_path, sqlite_url, replay_server.base_url)
     state = score(config_path, ROUTE, "never-opened", return_state=True)
     assert state.is_failed()
     with pytest.raises(RunNotFound, match="no run 'chat-default:never-opened'.*shadow test"):
@@ -127,7 +116,7 @@ def test_a_stage_of_a_cycle_never_opened_fails_once_with_a_clear_message(tmp_pat
 
 def test_a_retried_task_after_a_transient_fault_writes_nothing_twice(tmp_path, sqlite_url, replay_server,
                                                                      prefect_harness, monkeypatch):
-    config_path = _config(tmp_path, sqlite_url, replay_server.base_url)
+    config_path = write_cycle_config(tmp_path, sqlite_url, replay_server.base_url)
     ingest_and_sample(config_path)
     shadow_test(config_path, ROUTE, "r1")
     real_score, reports = cycle.score, []
@@ -153,7 +142,7 @@ def test_a_retried_task_after_a_transient_fault_writes_nothing_twice(tmp_path, s
 
 
 def test_scoring_fan_out_without_its_deployment_says_what_to_do(tmp_path, sqlite_url, replay_server, prefect_harness):
-    config_path = _config(tmp_path, sqlite_url, replay_server.base_url, orchestration={"score_batches": 3})
+    config_path = write_cycle_config(tmp_path, sqlite_url, replay_server.base_url, orchestration={"score_batches": 3})
     ingest_and_sample(config_path)
     shadow_test(config_path, ROUTE, "f1")
     with pytest.raises(InputError, match="no deployment 'score-batch/score-batch': run `shadowjudge deploy`"):

@@ -32,7 +32,7 @@ from sqlalchemy.exc import DBAPIError
 
 from shadowjudge import cycle as stages
 from shadowjudge.config import Config, RouteConfig, load_config
-from shadowjudge.demo import DEMO_DATA, demo_config
+from shadowjudge.demo import DEMO_DATA
 from shadowjudge.gateways import get_gateway
 from shadowjudge.routing.step import load_rollout_state
 from shadowjudge.shadow.replay_server import ReplayServer
@@ -50,6 +50,7 @@ from shadowjudge.store import (
     upgrade_database,
 )
 from shadowjudge.tracking.mlflow_tracking import TrackingError
+from cycle_configs import cycle_config, save_config
 
 ROUTE = "chat-default"
 FAST = {"seed": 5, "default": {"ttft_ms": 1, "token_ms": 0}}
@@ -66,10 +67,8 @@ def closed_port() -> int:
 def write_config(tmp: Path, store_url: str, base_url: str, *, max_samples: int = 30, mlflow_uri: str | None = None,
                  log_path: Path | None = None, **sections: Any) -> Path:
     """The demo's config on this test's store, with the quick lexical judge; `sections` replace top-level keys."""
-    data = demo_config(tmp, base_url)
-    data["store"]["url"] = store_url
-    data["judge"] = {"evaluator": "lexical"}
-    data["shadow"].update(max_samples=max_samples, timeout_s=10, max_retries=1, retry_backoff_s=0.01)
+    data = cycle_config(tmp, store_url, base_url, max_samples=max_samples)
+    data["shadow"].update(timeout_s=10, max_retries=1, retry_backoff_s=0.01)
     # Verdicts from quality and errors only: latency on this shared machine would make decisions vary run to run.
     data["routes"][0]["criteria"].update(bootstrap_resamples=200, weights={"quality": 60, "error_rate": 40})
     if mlflow_uri is None:
@@ -79,9 +78,7 @@ def write_config(tmp: Path, store_url: str, base_url: str, *, max_samples: int =
     if log_path is not None:
         data["sources"][0]["path"] = str(log_path)
     data.update(sections)
-    path = tmp / "shadowjudge.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    return save_config(tmp, data)
 
 
 def run_cycle(config_path: Path, cycle_id: str) -> dict[str, dict[str, Any]]:
