@@ -8,6 +8,10 @@ against the incumbent and both candidates, scores them with the model-free `lexi
 analyses, logs to a local MLflow store, alerts and steps the route's weights. Store: SQLite by default, or a
 dedicated PostgreSQL database (`shadowjudge_soak`, created and dropped) with --pg-url.
 
+Drift windows are set to --drift-window-min minutes (current) and twice that (reference), so they fill within the
+first part of the run, as a production week's windows stay full: with the demo's hours-long windows every soak cycle
+would read more rows than the one before, and the soak would measure a growing workload instead of a steady one.
+
 After every cycle it samples this process's resident memory (psutil when installed, else /proc/self/status VmRSS)
 and, separately, that of its child processes (the replay server, any Prefect subprocess).
 
@@ -141,7 +145,8 @@ def store_url(workdir: Path, pg_url: str | None) -> Iterator[str]:
 
 
 def soak(workdir: Path, url: str, minutes: float, new_records: int, max_samples: int, max_slope: float,
-         max_cycles: int | None, trace_top: int = 0, collect: bool = False) -> dict[str, Any]:
+         max_cycles: int | None, trace_top: int = 0, collect: bool = False,
+         drift_window_min: float = 3.0) -> dict[str, Any]:
     import yaml
 
     from flows.cycle import evaluation_cycle  # here: main() sets PREFECT_HOME first
@@ -165,6 +170,7 @@ def soak(workdir: Path, url: str, minutes: float, new_records: int, max_samples:
         cfg["sources"] = [{"name": "gateway-logs", "kind": "jsonl", "path": str(log)}]
         cfg["judge"] = {"evaluator": "lexical"}
         cfg["shadow"]["max_samples"] = max_samples
+        cfg["drift"].update(current_window_h=drift_window_min / 60, reference_window_h=2 * drift_window_min / 60)
         config_path = workdir / "shadowjudge.yaml"
         config_path.write_text(yaml.safe_dump(cfg))
         upgrade_database(url)
@@ -265,6 +271,8 @@ def main() -> int:
     parser.add_argument("--new-records", type=int, default=40, help="gateway records appended before each cycle")
     parser.add_argument("--max-samples", type=int, default=40, help="samples shadow-tested per cycle")
     parser.add_argument("--max-slope", type=float, default=10.0, help="MiB per hour still called steady")
+    parser.add_argument("--drift-window-min", type=float, default=3.0,
+                        help="current drift window in minutes (the reference window is twice as long)")
     parser.add_argument("--pg-url", default=None, help="run on PostgreSQL (a database on this server is created and "
                         "dropped); default: SQLite")
     parser.add_argument("--keep", type=Path, default=None, help="work in this directory and keep it")
@@ -282,9 +290,10 @@ def main() -> int:
         os.environ.setdefault("PREFECT_HOME", str(workdir / "prefect-home"))
         with store_url(workdir, args.pg_url) as url, contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON only
             result = soak(workdir, url, args.minutes, args.new_records, args.max_samples, args.max_slope,
-                          args.max_cycles, args.trace_top, args.collect)
+                          args.max_cycles, args.trace_top, args.collect, args.drift_window_min)
     report = {"benchmark": "soak", "backend": "postgresql" if args.pg_url else "sqlite", "minutes": args.minutes,
               "new_records_per_cycle": args.new_records, "max_samples": args.max_samples,
+              "drift_window_min": args.drift_window_min,
               "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "cpus": os.cpu_count(),
               "rss_source": "psutil" if _has_psutil() else "/proc/self/status", **result}
     print(json.dumps(report, indent=2))

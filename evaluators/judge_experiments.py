@@ -123,6 +123,13 @@ DEFAULT_GRID: tuple[HeadConfig, ...] = (
     HeadConfig("mlp64-nolength-lc-keep", use_length=False, hidden=64, length_controlled=True, keep_length_term=True),
     HeadConfig("linear-nolength-lc-keep", use_length=False, hidden=0, epochs=30, length_controlled=True,
                keep_length_term=True),
+    HeadConfig("linear-nolength-lc", use_length=False, hidden=0, epochs=30, length_controlled=True),
+    HeadConfig("mlp64-nolength-lc-noprompt", use_length=False, hidden=64, prompt_interaction=False,
+               length_controlled=True),
+    HeadConfig("mlp256-nolength-lc", use_length=False, hidden=256, weight_decay=5e-2, length_controlled=True),
+    HeadConfig("mlp512-nolength-lc", use_length=False, hidden=512, weight_decay=1e-1, length_controlled=True),
+    HeadConfig("mlp256-nolength-lc-e60", use_length=False, hidden=256, weight_decay=5e-2, epochs=60,
+               length_controlled=True),
 )
 
 

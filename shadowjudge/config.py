@@ -200,6 +200,9 @@ class DriftConfig(_Strict):
                                    "model once per process; off: output and judge drift only)")
     alpha: float = Field(default=0.05, gt=0, lt=0.5, description="False-alarm rate of one drift check")
     min_samples: int = Field(default=50, gt=1, description="Per window; fewer gives 'nodata'")
+    max_window_rows: int = Field(default=5000, ge=100, description="Per window: requests read from the store (a "
+                                 "larger window is subsampled by a fixed hash of the request id, so consecutive "
+                                 "cycles keep most of the same requests)")
     max_embeddings: int = Field(default=2000, ge=100, description="Per window: larger windows are subsampled")
     max_mmd_samples: int = Field(default=1000, ge=50, description="Per window, for the MMD test (quadratic cost)")
     mmd_alpha_share: float = Field(default=0.8, gt=0, lt=1, description="Input drift: MMD's share of alpha, the "

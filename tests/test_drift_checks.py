@@ -200,3 +200,30 @@ def test_judge_drift_from_stored_teacher_verdicts(engine):
     later = TimeWindow(START + timedelta(days=5), START + timedelta(days=6))
     assert next(r for r in detect_drift(engine, route_for(["cand"]), windows[0], later, CONFIG).results
                 if r.kind == "judge").status == "nodata"
+
+
+def test_a_busy_window_reads_a_bounded_stable_subsample_of_its_requests(store_url):
+    from datetime import UTC, datetime
+
+    from shadowjudge.analysis.drift_data import load_prompts, window_sample_ids
+    from shadowjudge.store import TrafficSample, get_engine
+
+    engine = get_engine(store_url)
+
+    def add(first: int, n: int) -> None:
+        rows = [dict(request_id=f"r{i}", source="s", source_position=str(i), route="chat", incumbent_model="m",
+                     messages=[{"role": "user", "content": f"question {i}"}], params={}, meta={}, redactions={},
+                     request_ts=START + timedelta(minutes=i), ingested_at=datetime.now(UTC), cache_hit=False)
+                for i in range(first, first + n)]
+        with session_scope(engine) as s:
+            insert_ignoring_duplicates(s, TrafficSample, rows, ["request_id"])
+
+    add(0, 400)
+    window = TimeWindow(START, START + timedelta(days=1))
+    before = window_sample_ids(engine, "chat", window, limit=100)
+    assert len(before) == 100 and len(window_sample_ids(engine, "chat", window)) == 400
+    add(400, 40)  # the window moves on by 10%
+    after = window_sample_ids(engine, "chat", window, limit=100)
+    assert len(after) == 100 and len(set(before) & set(after)) >= 60
+    prompts = load_prompts(engine, "chat", window, limit=100)
+    assert len(prompts) == 100 and all(p.startswith("question ") for p in prompts)

@@ -54,10 +54,37 @@ def _in_window(query, window: TimeWindow):
     return query.where(TrafficSample.request_ts >= window.start, TrafficSample.request_ts < window.end)
 
 
-def load_prompts(engine: Engine, route: str, window: TimeWindow) -> list[str]:
+_ID_CHUNK = 900  # ids per IN (...) list: well under every backend's parameter limit
+
+
+def _id_hash(sample_id: int) -> int:
+    return (sample_id * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF  # Fibonacci hashing: a fixed shuffle of the ids
+
+
+def window_sample_ids(engine: Engine, route: str, window: TimeWindow, limit: int | None = None) -> list[int]:
+    """The route's sample ids in `window` (read from the (route, request_ts) index alone), at most `limit` of them:
+    those with the smallest id hashes, so a busy week's window costs `limit` rows, not millions, and consecutive
+    cycles over a sliding window keep most of the same samples."""
     with session_scope(engine) as s:
-        rows = s.scalars(_in_window(select(TrafficSample.messages).where(TrafficSample.route == route), window)
-                         .order_by(TrafficSample.id)).all()
+        ids = list(s.scalars(_in_window(select(TrafficSample.id).where(TrafficSample.route == route), window)))
+    if limit is not None and len(ids) > limit:
+        ids = sorted(ids, key=_id_hash)[:limit]
+    return sorted(ids)
+
+
+def _chunks(ids: Sequence[int]):
+    for start in range(0, len(ids), _ID_CHUNK):
+        yield ids[start:start + _ID_CHUNK]
+
+
+def load_prompts(engine: Engine, route: str, window: TimeWindow, limit: int | None = None) -> list[str]:
+    """Prompt texts of the route's requests in `window` (at most `limit`, see `window_sample_ids`)."""
+    ids = window_sample_ids(engine, route, window, limit)
+    rows: list = []
+    with session_scope(engine) as s:
+        for chunk in _chunks(ids):
+            rows += s.scalars(select(TrafficSample.messages).where(TrafficSample.id.in_(chunk))
+                              .order_by(TrafficSample.id)).all()
     return [text for text in (prompt_text(m) for m in rows) if text]
 
 
@@ -70,29 +97,31 @@ def latest_evaluator(engine: Engine, route: str) -> str | None:
 
 
 def load_output_window(engine: Engine, route: RouteConfig, target: str, window: TimeWindow,
-                       evaluator_version: str | None = None,
-                       format_check: FormatCheck = json_when_asked) -> OutputWindow:
-    """One target's answers, judge scores and format checks for the route's requests in `window`."""
+                       evaluator_version: str | None = None, format_check: FormatCheck = json_when_asked,
+                       sample_ids: Sequence[int] | None = None) -> OutputWindow:
+    """One target's answers, judge scores and format checks for the route's requests in `window` (or for the
+    window's `sample_ids`, when the caller has chosen a subsample with `window_sample_ids`)."""
     incumbent = target == route.incumbent.name
+    if sample_ids is None:
+        sample_ids = window_sample_ids(engine, route.name, window)
+    rows: list = []
+    scores: dict[int, float] = {}
     with session_scope(engine) as s:
-        if incumbent:
-            rows = s.execute(_in_window(select(TrafficSample.id, TrafficSample.params, TrafficSample.response_text)
-                                        .where(TrafficSample.route == route.name), window)
-                             .order_by(TrafficSample.id)).all()
-            score_col = Judgment.incumbent_score
-        else:
-            rows = s.execute(_in_window(select(TrafficSample.id, TrafficSample.params, ShadowResult.output_text)
-                                        .join(ShadowResult, ShadowResult.sample_id == TrafficSample.id)
-                                        .where(TrafficSample.route == route.name, ShadowResult.target == target,
-                                               ShadowResult.attempt == 0), window)
-                             .order_by(TrafficSample.id, ShadowResult.id)).all()
-            score_col = Judgment.candidate_score
-        scores: dict[int, float] = {}
-        if evaluator_version:
-            query = _in_window(select(Judgment.sample_id, score_col)
-                               .join(TrafficSample, TrafficSample.id == Judgment.sample_id)
-                               .where(TrafficSample.route == route.name, Judgment.evaluator == evaluator_version),
-                               window)
+        for chunk in _chunks(list(sample_ids)):
+            if incumbent:
+                rows += s.execute(select(TrafficSample.id, TrafficSample.params, TrafficSample.response_text)
+                                  .where(TrafficSample.id.in_(chunk)).order_by(TrafficSample.id)).all()
+            else:
+                rows += s.execute(select(TrafficSample.id, TrafficSample.params, ShadowResult.output_text)
+                                  .join(ShadowResult, ShadowResult.sample_id == TrafficSample.id)
+                                  .where(TrafficSample.id.in_(chunk), ShadowResult.target == target,
+                                         ShadowResult.attempt == 0)
+                                  .order_by(TrafficSample.id, ShadowResult.id)).all()
+            if not evaluator_version:
+                continue
+            score_col = Judgment.incumbent_score if incumbent else Judgment.candidate_score
+            query = select(Judgment.sample_id, score_col).where(Judgment.sample_id.in_(chunk),
+                                                                Judgment.evaluator == evaluator_version)
             if not incumbent:
                 query = query.where(Judgment.target == target)
             for sample_id, value in s.execute(query.order_by(Judgment.id)).all():
@@ -134,16 +163,18 @@ def detect_drift(engine: Engine, route: RouteConfig, reference: TimeWindow, curr
     """
     results: list[DriftResult] = []
     if embedder is not None:
-        ref_prompts = load_prompts(engine, route.name, reference)
-        cur_prompts = load_prompts(engine, route.name, current)
+        ref_prompts = load_prompts(engine, route.name, reference, config.max_window_rows)
+        cur_prompts = load_prompts(engine, route.name, current, config.max_window_rows)
         result = input_drift(ref_prompts, cur_prompts, config, seed, embed=embedder.embed)
         rows = result.details.get("typical_current_rows", [])
         results.append(replace(result, details={**result.details,
                                                 "examples": [{"text": cur_prompts[i][:1000]} for i in rows]}))
     evaluator = evaluator_version or latest_evaluator(engine, route.name)
+    ref_ids = window_sample_ids(engine, route.name, reference, config.max_window_rows)
+    cur_ids = window_sample_ids(engine, route.name, current, config.max_window_rows)
     for target in [route.incumbent.name, *(c.name for c in route.candidates)]:
-        ref = load_output_window(engine, route, target, reference, evaluator, format_check)
-        cur = load_output_window(engine, route, target, current, evaluator, format_check)
+        ref = load_output_window(engine, route, target, reference, evaluator, format_check, ref_ids)
+        cur = load_output_window(engine, route, target, current, evaluator, format_check, cur_ids)
         if not ref.texts and not cur.texts:
             continue  # a candidate not replayed in either window has nothing to compare
         results.extend(output_drift(ref, cur, config, target))
