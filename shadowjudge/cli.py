@@ -146,8 +146,9 @@ def status_row_counts(engine: Engine) -> dict[str, int | str]:
                 {"names": [m.__tablename__ for m in models]}).all())
         else:
             estimates = {}
-            for model in models:
-                low, high = conn.execute(select(func.min(model.id), func.max(model.id))).one()
+            for model in models:  # min and max in one statement would scan: SQLite seeks only a lone min or max
+                high = conn.scalar(select(func.max(model.id)))
+                low = conn.scalar(select(func.min(model.id)))
                 estimates[model.__tablename__] = 0 if high is None else high - low + 1
         out: dict[str, int | str] = {}
         for model in models:
