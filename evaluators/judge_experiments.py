@@ -130,6 +130,8 @@ DEFAULT_GRID: tuple[HeadConfig, ...] = (
     HeadConfig("mlp512-nolength-lc", use_length=False, hidden=512, weight_decay=1e-1, length_controlled=True),
     HeadConfig("mlp256-nolength-lc-e60", use_length=False, hidden=256, weight_decay=5e-2, epochs=60,
                length_controlled=True),
+    HeadConfig("mlp256-nolength-lc-e120", use_length=False, hidden=256, weight_decay=5e-2, epochs=120,
+               length_controlled=True),
 )
 
 

@@ -148,6 +148,23 @@ def prefect_client(prefect_server):
 
 
 @pytest.fixture
+def wait_final():
+    """wait(client, flow_run_id, timeout_s) polls a flow run run by another process until its state is final."""
+    import time
+
+    def wait(client, flow_run_id, timeout_s: float = 300):
+        deadline = time.monotonic() + timeout_s
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            if run.state is not None and run.state.is_final():
+                return run
+            assert time.monotonic() < deadline, f"flow run {run.name} still {run.state.name if run.state else None}"
+            time.sleep(1)
+
+    return wait
+
+
+@pytest.fixture
 def background(tmp_path):
     """start(name, command, env) runs a process in its own group with its output in tmp_path/<name>.log (returned);
     every process started is stopped (TERM, then KILL) when the test ends."""

@@ -34,19 +34,9 @@ def _served(client, name: str, timeout_s: float = 240):
         time.sleep(1)
 
 
-def _wait_final(client, flow_run_id, timeout_s: float = 300):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        run = client.read_flow_run(flow_run_id)
-        if run.state is not None and run.state.is_final():
-            return run
-        assert time.monotonic() < deadline, f"flow run {run.name} still {run.state.name if run.state else None}"
-        time.sleep(1)
-
-
 @pytest.mark.slow
 def test_serve_runs_a_scheduled_cycle_and_publishes_its_summary(tmp_path, sqlite_url, prefect_server, prefect_client,
-                                                                background):
+                                                                background, wait_final):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
     from prefect.states import Scheduled
 
@@ -64,7 +54,7 @@ def test_serve_runs_a_scheduled_cycle_and_publishes_its_summary(tmp_path, sqlite
         assert deployment.parameters == {"config_path": str(config_path.resolve())}
         when = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=3)
         run = prefect_client.create_flow_run_from_deployment(deployment.id, state=Scheduled(scheduled_time=when))
-        finished = _wait_final(prefect_client, run.id)
+        finished = wait_final(prefect_client, run.id)
         artifacts = prefect_client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
@@ -57,19 +56,9 @@ def _config(tmp_path: Path, store_url: str, base_url: str, **sections) -> Path:
     return path
 
 
-def _wait_final(client, flow_run_id, timeout_s: float = 420):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        run = client.read_flow_run(flow_run_id)
-        if run.state is not None and run.state.is_final():
-            return run
-        assert time.monotonic() < deadline, f"flow run {run.name} still {run.state.name if run.state else None}"
-        time.sleep(1)
-
-
 @pytest.mark.slow
 def test_a_scheduled_cycle_fans_scoring_out_to_two_workers_on_postgresql(tmp_path, pg_store, prefect_server,
-                                                                          prefect_client, background):
+                                                                          prefect_client, background, wait_final):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.states import Scheduled
 
@@ -93,7 +82,7 @@ def test_a_scheduled_cycle_fans_scoring_out_to_two_workers_on_postgresql(tmp_pat
         batch_deployment = client.read_deployment_by_name("score-batch/score-batch")
         when = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=5)
         run = client.create_flow_run_from_deployment(deployment.id, state=Scheduled(scheduled_time=when))
-        finished = _wait_final(client, run.id)
+        finished = wait_final(client, run.id, 420)
         batches = client.read_flow_runs(deployment_filter=DeploymentFilter(
             id=DeploymentFilterId(any_=[batch_deployment.id])))
         artifacts = client.read_artifacts()
