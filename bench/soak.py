@@ -127,21 +127,10 @@ def store_url(workdir: Path, pg_url: str | None) -> Iterator[str]:
     if not pg_url:
         yield f"sqlite:///{workdir / 'shadowjudge.db'}"
         return
-    from sqlalchemy import create_engine, text
+    from bench.store_queries import pg_database
 
-    from shadowjudge.store import dispose_engines
-
-    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{PG_DB}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{PG_DB}"'))
-    try:
-        yield pg_url.rsplit("/", 1)[0] + "/" + PG_DB
-    finally:
-        dispose_engines()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{PG_DB}" WITH (FORCE)'))
-        admin.dispose()
+    with pg_database(pg_url, PG_DB) as url:
+        yield url
 
 
 def soak(workdir: Path, url: str, minutes: float, new_records: int, max_samples: int, max_slope: float,

@@ -411,18 +411,18 @@ def measure(url: str, workdir: Path, samples: int, repeats: int, scan_rows: int)
 
 
 @contextlib.contextmanager
-def pg_database(server_url: str) -> Iterator[str]:
+def pg_database(server_url: str, name: str = PG_DB) -> Iterator[str]:
     """A dedicated database on the server, dropped afterwards (also when the run fails)."""
     admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{PG_DB}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{PG_DB}"'))
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
     try:
-        yield server_url.rsplit("/", 1)[0] + "/" + PG_DB
+        yield server_url.rsplit("/", 1)[0] + "/" + name
     finally:
         dispose_engines()
         with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{PG_DB}" WITH (FORCE)'))
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
 
 
