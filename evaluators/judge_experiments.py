@@ -48,7 +48,7 @@ def all_rewards(emb: EmbeddedAnswers, spec, state) -> np.ndarray:
     x = head_inputs(spec, emb.answer_emb, emb.prompt_emb, emb.features[:, feature_columns(spec.use_length)])
     with torch.inference_mode():
         rewards = head(torch.from_numpy(x)).squeeze(-1).numpy().astype(np.float64)
-    return rewards + spec.length_weight * np.log1p(emb.lengths.astype(np.float64))
+    return rewards + spec.length_reward(emb.lengths)
 
 
 def model_folds(models: Sequence[str], folds: int, seed: int) -> list[list[str]]:

@@ -233,7 +233,7 @@ def _fit_head(emb: EmbeddedAnswers, pairs: Sequence[LabelledPair], config: HeadC
     if config.length_controlled and config.keep_length_term:
         spec.length_weight = float(length_weight.detach())
     with torch.inference_mode():
-        rewards = head(x).squeeze(-1).numpy() + spec.length_weight * log_len.numpy()
+        rewards = head(x).squeeze(-1).numpy() + spec.length_reward(emb.lengths)
     # Pointwise score 0.5 = as good as a typical training answer (all models, both sides of every pair).
     spec.reference_reward = float(np.mean(rewards[seen]))
     state = {k: v.detach().numpy().copy() for k, v in head.state_dict().items()}

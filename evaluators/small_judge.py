@@ -49,6 +49,10 @@ class JudgeSpec:
     trained_models: list[str] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
 
+    def length_reward(self, lengths) -> np.ndarray:
+        """The kept length term of the reward for answers of `lengths` characters (zeros when it was dropped)."""
+        return self.length_weight * np.log1p(np.asarray(lengths, dtype=np.float64))
+
     def input_dim(self) -> int:
         return EMBEDDING_DIM * (2 if self.prompt_interaction else 1) + len(feature_names(self.use_length))
 
@@ -145,9 +149,7 @@ class SmallJudge:
         x = torch.from_numpy(head_inputs(self.spec, answer_emb, prompt_emb, feats))
         with torch.inference_mode():
             rewards = self.head(x).squeeze(-1).numpy().astype(np.float64)
-        if self.spec.length_weight:
-            rewards += self.spec.length_weight * np.log1p([len(a or "") for a in answers])
-        return rewards
+        return rewards + self.spec.length_reward([len(a or "") for a in answers])
 
     def rewards(self, prompts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
         """Unnormalised reward of each answer to its prompt; only differences (and r - r_reference) mean much."""
