@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     except ShadowJudgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    state = {k: v.detach().numpy() for k, v in shipped.head.state_dict().items()}
+    state = shipped.state()
     prompts, inc, cand = build_pairs(AutoTokenizer.from_pretrained(str(base_model_dir())), args.pairs)
 
     def judge(backend: str, spec=shipped.spec) -> SmallJudge:

@@ -31,7 +31,8 @@ from evaluators.judge_training import (
     fit_head,
 )
 from evaluators.preference_data import REFERENCE_MODEL, PreferenceData, load_preference_data
-from evaluators.small_judge import head_inputs
+from evaluators.small_judge import WORDS_KEY, head_inputs
+from evaluators.word_profile import profile_reward
 
 EXPERIMENT = "shadowjudge-judge-experiments"
 
@@ -43,11 +44,13 @@ def all_rewards(emb: EmbeddedAnswers, spec, state) -> np.ndarray:
     from evaluators.small_judge import build_head
 
     head = build_head(spec)
-    head.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
+    head.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items() if k != WORDS_KEY})
     head.eval()
     x = head_inputs(spec, emb.answer_emb, emb.prompt_emb, emb.features[:, feature_columns(spec.use_length)])
     with torch.inference_mode():
         rewards = head(torch.from_numpy(x)).squeeze(-1).numpy().astype(np.float64)
+    if spec.word_buckets:
+        rewards += profile_reward(state[WORDS_KEY], emb.word_profiles(spec.word_buckets))
     return rewards + spec.length_reward(emb.lengths)
 
 
@@ -132,6 +135,13 @@ DEFAULT_GRID: tuple[HeadConfig, ...] = (
                length_controlled=True),
     HeadConfig("mlp256-nolength-lc-e120", use_length=False, hidden=256, weight_decay=5e-2, epochs=120,
                length_controlled=True),
+    HeadConfig("mlp64-nolength-lc-words", use_length=False, hidden=64, length_controlled=True, word_buckets=2 ** 18),
+    HeadConfig("mlp256-nolength-lc-words", use_length=False, hidden=256, weight_decay=5e-2, epochs=60,
+               length_controlled=True, word_buckets=2 ** 18),
+    HeadConfig("mlp64-nolength-lc-words-e15", use_length=False, hidden=64, epochs=15, length_controlled=True,
+               word_buckets=2 ** 18),
+    HeadConfig("mlp256-nolength-lc-words-e30", use_length=False, hidden=256, weight_decay=5e-2, epochs=30,
+               length_controlled=True, word_buckets=2 ** 18),
 )
 
 

@@ -17,10 +17,12 @@ import numpy as np
 
 from evaluators.answer_features import answer_features, feature_names
 from evaluators.encoder import EMBEDDING_DIM, Backend, EncoderSettings, LruEmbedder, TextEmbedder, TextEncoder
+from evaluators.word_profile import profile_reward, word_profiles
 from shadowjudge.errors import ShadowJudgeError
 
 SPEC_FILE = "judge.json"
 WEIGHTS_FILE = "head.npz"
+WORDS_KEY = "words"  # the word-profile weights in head.npz, beside the MLP's
 FORMAT_VERSION = 1
 
 
@@ -42,6 +44,8 @@ class JudgeSpec:
     # Length-controlled training fits the big judge's length preference as its own term, w * log(1 + characters);
     # a judge that keeps it reproduces the teacher's taste, one that drops it (w = 0) scores content alone.
     length_weight: float = 0.0
+    # Buckets of the whole-answer word profile (evaluators.word_profile); 0: no word term.
+    word_buckets: int = 0
     serving_backend: str = "onnx"  # "onnx-int8" only when training measured that int8 keeps agreement
     trained_on: str = ""
     # Models whose answers the head was fitted on (both sides of its training pairs): measurements that claim to be
@@ -104,10 +108,18 @@ class SmallJudge:
         self.spec = spec
         self.version = version
         self.head = build_head(spec)
+        mlp_state = {k: v for k, v in head_state.items() if k != WORDS_KEY}
         try:
-            self.head.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in head_state.items()})
+            self.head.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in mlp_state.items()})
         except (RuntimeError, KeyError) as exc:
             raise JudgeLoadError(f"head weights do not match judge.json: {exc}") from exc
+        self.word_weights: np.ndarray | None = None
+        if spec.word_buckets:
+            words = head_state.get(WORDS_KEY)
+            if words is None or np.shape(words) != (spec.word_buckets,):
+                raise JudgeLoadError(f"judge.json names {spec.word_buckets} word buckets but head.npz has "
+                                     f"{'none' if words is None else np.shape(words)}")
+            self.word_weights = np.asarray(words, dtype=np.float32)
         self.head.eval()
         if embedder is None:
             encoder = TextEncoder(spec.encoder, batch_size=batch_size, backend=backend or spec.serving_backend)
@@ -119,8 +131,15 @@ class SmallJudge:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / SPEC_FILE).write_text(self.spec.to_json())
-        np.savez(directory / WEIGHTS_FILE, **{k: v.detach().numpy() for k, v in self.head.state_dict().items()})
+        np.savez(directory / WEIGHTS_FILE, **self.state())
         return directory
+
+    def state(self) -> dict[str, np.ndarray]:
+        """All trained weights by name, as saved in head.npz."""
+        state = {k: v.detach().numpy() for k, v in self.head.state_dict().items()}
+        if self.word_weights is not None:
+            state[WORDS_KEY] = self.word_weights
+        return state
 
     @classmethod
     def load(cls, directory: str | Path, *, version: str | None = None, **kwargs) -> "SmallJudge":
@@ -149,6 +168,8 @@ class SmallJudge:
         x = torch.from_numpy(head_inputs(self.spec, answer_emb, prompt_emb, feats))
         with torch.inference_mode():
             rewards = self.head(x).squeeze(-1).numpy().astype(np.float64)
+        if self.word_weights is not None:
+            rewards += profile_reward(self.word_weights, word_profiles(answers, self.spec.word_buckets))
         return rewards + self.spec.length_reward([len(a or "") for a in answers])
 
     def rewards(self, prompts: Sequence[str], answers: Sequence[str]) -> np.ndarray:

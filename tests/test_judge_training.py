@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -195,7 +196,6 @@ def test_length_controlled_training_fits_the_length_term_and_keeps_it_only_when_
 
 
 def test_heads_are_chosen_by_cross_validation_over_the_training_models(tiny_data, tmp_path):
-    from dataclasses import replace
 
     import mlflow
 
@@ -219,3 +219,43 @@ def test_heads_are_chosen_by_cross_validation_over_the_training_models(tiny_data
     assert result.head == max(scores, key=scores.get)
     assert runs["metrics.cv_spearman_win_rate"].notna().all()  # out-of-fold: over training models only
     assert not set(result.heldout_models) & set(load_small_judge(result.model_uri, uri).spec.trained_models)
+
+
+
+def test_the_word_term_learns_what_only_the_middle_of_an_answer_says():
+    """The teacher prefers answers whose (long) body is right; the encoder, which sees only head and tail, gets
+    random vectors here. With the word term the head picks the right answer on new pairs; without it, chance."""
+    import numpy as np
+
+    from evaluators.answer_features import answer_features
+    from evaluators.judge_experiments import all_rewards
+    from evaluators.judge_training import EmbeddedAnswers, fit_head
+    from evaluators.preference_data import LabelledPair
+
+    rng = np.random.default_rng(1)
+    n = 400
+    keys = [(f"p{i}", m) for i in range(n) for m in ("a", "b")]
+    good = {k: bool(rng.integers(2)) for k in keys}
+    filler = "some words that open and close every answer alike . "
+    answers = [filler * 10 + ("the body is right ." if good[k] else "the body is wrong .") * 3 + filler * 10
+               for k in keys]
+    prompts = [f"question {pid}" for pid, _ in keys]
+    vectors = rng.normal(size=(len(keys), 384)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    emb = EmbeddedAnswers({k: i for i, k in enumerate(keys)}, prompts, answers, vectors, vectors.copy(),
+                          answer_features(prompts, answers, use_length=True),
+                          np.asarray([len(a) for a in answers]))
+    pairs = [LabelledPair(f"p{i}", "a", "b", 0.5 + 0.4 * (good[(f"p{i}", "b")] - good[(f"p{i}", "a")]))
+             for i in range(n)]
+    train, test = pairs[:300], [p for p in pairs[300:] if p.p_b_better != 0.5]
+    encoder = EncoderSettings(max_tokens=32)
+
+    def agreement(config: HeadConfig) -> float:
+        spec, state = fit_head(emb, train, config, encoder, 0)
+        r = all_rewards(emb, spec, state)
+        a, b = emb.rows([(p.prompt_id, "a") for p in test]), emb.rows([(p.prompt_id, "b") for p in test])
+        return float(np.mean([(rb > ra) == (p.p_b_better > 0.5) for ra, rb, p in zip(r[a], r[b], test)]))
+
+    plain = HeadConfig("plain", use_length=False, hidden=16, epochs=20)
+    assert agreement(replace(plain, word_buckets=4096)) > 0.95
+    assert agreement(plain) < 0.75
