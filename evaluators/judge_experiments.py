@@ -26,32 +26,13 @@ from evaluators.judge_training import (
     DEFAULT_CACHE_DIR,
     EmbeddedAnswers,
     HeadConfig,
+    answer_rewards,
     embed_answers,
-    feature_columns,
     fit_head,
 )
 from evaluators.preference_data import REFERENCE_MODEL, PreferenceData, load_preference_data
-from evaluators.small_judge import WORDS_KEY, head_inputs
-from evaluators.word_profile import profile_reward
 
 EXPERIMENT = "shadowjudge-judge-experiments"
-
-
-def all_rewards(emb: EmbeddedAnswers, spec, state) -> np.ndarray:
-    """The head's reward for every embedded answer at once (vectorised; no encoder involved)."""
-    import torch
-
-    from evaluators.small_judge import build_head
-
-    head = build_head(spec)
-    head.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items() if k != WORDS_KEY})
-    head.eval()
-    x = head_inputs(spec, emb.answer_emb, emb.prompt_emb, emb.features[:, feature_columns(spec.use_length)])
-    with torch.inference_mode():
-        rewards = head(torch.from_numpy(x)).squeeze(-1).numpy().astype(np.float64)
-    if spec.word_buckets:
-        rewards += profile_reward(state[WORDS_KEY], emb.word_profiles(spec.word_buckets))
-    return rewards + spec.length_reward(emb.lengths)
 
 
 def model_folds(models: Sequence[str], folds: int, seed: int) -> list[list[str]]:
@@ -74,7 +55,7 @@ def cross_validate(data: PreferenceData, emb: EmbeddedAnswers, config: HeadConfi
         held = set(fold)
         train = [p for p in pairs if p.model_b not in held]
         spec, state = fit_head(emb, train, config, encoder, seed)
-        r = all_rewards(emb, spec, state)
+        r = answer_rewards(emb, spec, state)
         test = [p for p in data.pairs if p.model_b in held]
         ia = emb.rows([(p.prompt_id, p.model_a) for p in test])
         ib = emb.rows([(p.prompt_id, p.model_b) for p in test])
@@ -208,4 +189,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["DEFAULT_GRID", "all_rewards", "cross_validate", "run_grid"]
+__all__ = ["DEFAULT_GRID", "cross_validate", "run_grid"]

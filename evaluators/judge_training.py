@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluators.answer_features import answer_features, feature_names
-from evaluators.encoder import EncoderSettings, EmbeddingCache, TextEmbedder
+from evaluators.encoder import EmbeddingCache, EncoderSettings, TextEmbedder
 from evaluators.judge_metrics import longest_wins, pair_metrics, system_metrics
 from evaluators.preference_data import (
     REFERENCE_MODEL,
@@ -30,8 +30,16 @@ from evaluators.preference_data import (
     load_preference_data,
     split_by_model,
 )
-from evaluators.small_judge import SPEC_FILE, WORDS_KEY, JudgeSpec, SmallJudge, build_head, head_inputs
-from evaluators.word_profile import WordProfiles, profile_reward, word_profiles
+from evaluators.small_judge import (
+    SPEC_FILE,
+    WORDS_KEY,
+    JudgeSpec,
+    RewardHead,
+    SmallJudge,
+    build_head,
+    head_inputs,
+)
+from evaluators.word_profile import WordProfiles, word_profiles
 
 DEFAULT_CACHE_DIR = Path(".shadowjudge/cache")
 DEFAULT_EXPERIMENT = "shadowjudge-judge-training"
@@ -178,6 +186,14 @@ def feature_columns(use_length: bool) -> slice:
     return slice(0, None) if use_length else slice(n_length, None)
 
 
+def answer_rewards(emb: EmbeddedAnswers, spec: JudgeSpec, state: dict[str, np.ndarray]) -> np.ndarray:
+    """A head's reward for every embedded answer at once, from the precomputed embeddings, features and word
+    profiles (no encoder involved)."""
+    inputs = head_inputs(spec, emb.answer_emb, emb.prompt_emb, emb.features[:, feature_columns(spec.use_length)])
+    profiles = emb.word_profiles(spec.word_buckets) if spec.word_buckets else None
+    return RewardHead(spec, state).rewards(inputs, profiles, emb.lengths)
+
+
 # -- fitting a head ------------------------------------------------------------------------------------------------
 def fit_head(emb: EmbeddedAnswers, pairs: Sequence[LabelledPair], config: HeadConfig, encoder: EncoderSettings,
              seed: int, *, progress: Progress | None = None, trained_on: str = "") -> tuple[JudgeSpec, dict]:
@@ -225,8 +241,9 @@ def _fit_head(emb: EmbeddedAnswers, pairs: Sequence[LabelledPair], config: HeadC
         params.append({"params": [length_weight], "weight_decay": 0.0})
         max_lr.append(config.lr * 5)
     profiles = emb.word_profiles(config.word_buckets) if config.word_buckets else None
-    words = torch.zeros(max(1, config.word_buckets), 1, requires_grad=True)
+    words = None
     if profiles is not None:
+        words = torch.zeros(config.word_buckets, 1, requires_grad=True)
         params.append({"params": [words], "weight_decay": config.word_weight_decay})
         max_lr.append(config.lr * 5)
     opt = torch.optim.AdamW(params, lr=config.lr)
@@ -242,7 +259,7 @@ def _fit_head(emb: EmbeddedAnswers, pairs: Sequence[LabelledPair], config: HeadC
             logit = rb - ra
             if config.length_controlled:
                 logit = logit + length_weight * (log_len[b[idx]] - log_len[a[idx]])
-            if profiles is not None:
+            if words is not None:
                 logit = logit + _word_term(words, profiles, b[idx]) - _word_term(words, profiles, a[idx])
             loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, y[idx])
             opt.zero_grad()
@@ -254,12 +271,10 @@ def _fit_head(emb: EmbeddedAnswers, pairs: Sequence[LabelledPair], config: HeadC
     head.eval()
     if config.length_controlled and config.keep_length_term:
         spec.length_weight = float(length_weight.detach())
-    with torch.inference_mode():
-        rewards = head(x).squeeze(-1).numpy() + spec.length_reward(emb.lengths)
     state = {k: v.detach().numpy().copy() for k, v in head.state_dict().items()}
-    if profiles is not None:
+    if words is not None:
         state[WORDS_KEY] = words.detach().squeeze(1).numpy().copy()
-        rewards = rewards + profile_reward(state[WORDS_KEY], profiles)
+    rewards = answer_rewards(emb, spec, state)
     # Pointwise score 0.5 = as good as a typical training answer (all models, both sides of every pair).
     spec.reference_reward = float(np.mean(rewards[seen]))
     return spec, state

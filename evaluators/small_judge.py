@@ -17,7 +17,7 @@ import numpy as np
 
 from evaluators.answer_features import answer_features, feature_names
 from evaluators.encoder import EMBEDDING_DIM, Backend, EncoderSettings, LruEmbedder, TextEmbedder, TextEncoder
-from evaluators.word_profile import profile_reward, word_profiles
+from evaluators.word_profile import WordProfiles, profile_reward, word_profiles
 from shadowjudge.errors import ShadowJudgeError
 
 SPEC_FILE = "judge.json"
@@ -97,30 +97,58 @@ def head_inputs(spec: JudgeSpec, answer_emb: np.ndarray, prompt_emb: np.ndarray,
     return np.concatenate(parts, axis=1).astype(np.float32)
 
 
+class RewardHead:
+    """The trained part of a judge: the MLP on head inputs, the word-profile term and the kept length term. The one
+    place the terms of a reward are added up: serving, training and the experiments all score through it."""
+
+    def __init__(self, spec: JudgeSpec, state: dict[str, np.ndarray]) -> None:
+        import torch
+
+        self.spec = spec
+        self.mlp = build_head(spec)
+        try:
+            self.mlp.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items() if k != WORDS_KEY})
+        except (RuntimeError, KeyError) as exc:
+            raise JudgeLoadError(f"head weights do not match judge.json: {exc}") from exc
+        self.mlp.eval()
+        self.word_weights: np.ndarray | None = None
+        if spec.word_buckets:
+            words = state.get(WORDS_KEY)
+            if words is None or np.shape(words) != (spec.word_buckets,):
+                raise JudgeLoadError(f"judge.json names {spec.word_buckets} word buckets but head.npz has "
+                                     f"{'none' if words is None else np.shape(words)}")
+            self.word_weights = np.asarray(words, dtype=np.float32)
+
+    def state(self) -> dict[str, np.ndarray]:
+        """All trained weights by name, as saved in head.npz."""
+        state = {k: v.detach().numpy() for k, v in self.mlp.state_dict().items()}
+        if self.word_weights is not None:
+            state[WORDS_KEY] = self.word_weights
+        return state
+
+    def rewards(self, inputs: np.ndarray, profiles: WordProfiles | None, lengths) -> np.ndarray:
+        """Rewards of answers given their `head_inputs`, word profiles (needed only with a word term) and lengths."""
+        import torch
+
+        with torch.inference_mode():
+            rewards = self.mlp(torch.from_numpy(np.asarray(inputs, dtype=np.float32))).squeeze(-1).numpy()
+        rewards = rewards.astype(np.float64)
+        if self.word_weights is not None:
+            if profiles is None:
+                raise ValueError("this judge has a word-profile term: pass the answers' word profiles")
+            rewards += profile_reward(self.word_weights, profiles)
+        return rewards + self.spec.length_reward(lengths)
+
+
 class SmallJudge:
     """The fine-tuned small judge as an `Evaluator`: pointwise scores and pairwise preferences on CPU."""
 
     def __init__(self, spec: JudgeSpec, head_state: dict[str, np.ndarray], *, version: str,
                  embedder: TextEmbedder | None = None, cache_size: int = 8192, batch_size: int = 32,
                  backend: Backend | None = None) -> None:
-        import torch
-
         self.spec = spec
         self.version = version
-        self.head = build_head(spec)
-        mlp_state = {k: v for k, v in head_state.items() if k != WORDS_KEY}
-        try:
-            self.head.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in mlp_state.items()})
-        except (RuntimeError, KeyError) as exc:
-            raise JudgeLoadError(f"head weights do not match judge.json: {exc}") from exc
-        self.word_weights: np.ndarray | None = None
-        if spec.word_buckets:
-            words = head_state.get(WORDS_KEY)
-            if words is None or np.shape(words) != (spec.word_buckets,):
-                raise JudgeLoadError(f"judge.json names {spec.word_buckets} word buckets but head.npz has "
-                                     f"{'none' if words is None else np.shape(words)}")
-            self.word_weights = np.asarray(words, dtype=np.float32)
-        self.head.eval()
+        self.reward_head = RewardHead(spec, head_state)
         if embedder is None:
             encoder = TextEncoder(spec.encoder, batch_size=batch_size, backend=backend or spec.serving_backend)
             embedder = LruEmbedder(encoder, cache_size)
@@ -136,10 +164,7 @@ class SmallJudge:
 
     def state(self) -> dict[str, np.ndarray]:
         """All trained weights by name, as saved in head.npz."""
-        state = {k: v.detach().numpy() for k, v in self.head.state_dict().items()}
-        if self.word_weights is not None:
-            state[WORDS_KEY] = self.word_weights
-        return state
+        return self.reward_head.state()
 
     @classmethod
     def load(cls, directory: str | Path, *, version: str | None = None, **kwargs) -> "SmallJudge":
@@ -162,15 +187,10 @@ class SmallJudge:
     # -- scoring -----------------------------------------------------------------------------------------------
     def rewards_from_embeddings(self, prompts: Sequence[str], answers: Sequence[str],
                                 prompt_emb: np.ndarray, answer_emb: np.ndarray) -> np.ndarray:
-        import torch
-
         feats = answer_features(prompts, answers, self.spec.use_length)
-        x = torch.from_numpy(head_inputs(self.spec, answer_emb, prompt_emb, feats))
-        with torch.inference_mode():
-            rewards = self.head(x).squeeze(-1).numpy().astype(np.float64)
-        if self.word_weights is not None:
-            rewards += profile_reward(self.word_weights, word_profiles(answers, self.spec.word_buckets))
-        return rewards + self.spec.length_reward([len(a or "") for a in answers])
+        profiles = word_profiles(answers, self.spec.word_buckets) if self.spec.word_buckets else None
+        return self.reward_head.rewards(head_inputs(self.spec, answer_emb, prompt_emb, feats), profiles,
+                                        [len(a or "") for a in answers])
 
     def rewards(self, prompts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
         """Unnormalised reward of each answer to its prompt; only differences (and r - r_reference) mean much."""

@@ -225,5 +225,5 @@ def test_a_busy_window_reads_a_bounded_stable_subsample_of_its_requests(store_ur
     add(400, 40)  # the window moves on by 10%
     after = window_sample_ids(engine, "chat", window, limit=100)
     assert len(after) == 100 and len(set(before) & set(after)) >= 60
-    prompts = load_prompts(engine, "chat", window, limit=100)
+    prompts = load_prompts(engine, after)
     assert len(prompts) == 100 and all(p.startswith("question ") for p in prompts)

@@ -228,8 +228,7 @@ def test_the_word_term_learns_what_only_the_middle_of_an_answer_says():
     import numpy as np
 
     from evaluators.answer_features import answer_features
-    from evaluators.judge_experiments import all_rewards
-    from evaluators.judge_training import EmbeddedAnswers, fit_head
+    from evaluators.judge_training import EmbeddedAnswers, answer_rewards, fit_head
     from evaluators.preference_data import LabelledPair
 
     rng = np.random.default_rng(1)
@@ -252,7 +251,7 @@ def test_the_word_term_learns_what_only_the_middle_of_an_answer_says():
 
     def agreement(config: HeadConfig) -> float:
         spec, state = fit_head(emb, train, config, encoder, 0)
-        r = all_rewards(emb, spec, state)
+        r = answer_rewards(emb, spec, state)
         a, b = emb.rows([(p.prompt_id, "a") for p in test]), emb.rows([(p.prompt_id, "b") for p in test])
         return float(np.mean([(rb > ra) == (p.p_b_better > 0.5) for ra, rb, p in zip(r[a], r[b], test)]))
 

@@ -77,11 +77,9 @@ def _chunks(ids: Sequence[int]):
         yield ids[start:start + _ID_CHUNK]
 
 
-def load_prompts(engine: Engine, route: str, window: TimeWindow, limit: int | None = None,
-                 sample_ids: Sequence[int] | None = None) -> list[str]:
-    """Prompt texts of the route's requests in `window` (at most `limit`, see `window_sample_ids`), or of the
-    window's `sample_ids` when the caller has chosen them already."""
-    ids = list(sample_ids) if sample_ids is not None else window_sample_ids(engine, route, window, limit)
+def load_prompts(engine: Engine, sample_ids: Sequence[int]) -> list[str]:
+    """Prompt texts of the requests `sample_ids` (a window's subsample, chosen with `window_sample_ids`)."""
+    ids = list(sample_ids)
     rows: list = []
     with session_scope(engine) as s:
         for chunk in _chunks(ids):
@@ -167,8 +165,8 @@ def detect_drift(engine: Engine, route: RouteConfig, reference: TimeWindow, curr
     ref_ids = window_sample_ids(engine, route.name, reference, config.max_window_rows)
     cur_ids = window_sample_ids(engine, route.name, current, config.max_window_rows)
     if embedder is not None:
-        ref_prompts = load_prompts(engine, route.name, reference, sample_ids=ref_ids)
-        cur_prompts = load_prompts(engine, route.name, current, sample_ids=cur_ids)
+        ref_prompts = load_prompts(engine, ref_ids)
+        cur_prompts = load_prompts(engine, cur_ids)
         result = input_drift(ref_prompts, cur_prompts, config, seed, embed=embedder.embed)
         rows = result.details.get("typical_current_rows", [])
         results.append(replace(result, details={**result.details,
