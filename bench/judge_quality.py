@@ -7,7 +7,8 @@ never trained on are measured (the judge records its training models; the JSON l
 --include-seen. Reported, for the judge
 and for the 'longest answer wins' baseline side by side: instance agreement with the labels overall and on
 length-balanced pairs (length ratio 0.67-1.5), P(prefers the longer answer), and at system level each model's win
-rate vs gpt4_1106_preview with its Spearman against the leaderboard's win_rate and lc_win_rate.
+rate vs gpt4_1106_preview with its Spearman against the leaderboard's win_rate and lc_win_rate (with 95% intervals
+from resampling the models, and the leaderboard's own win_rate-vs-lc_win_rate Spearman on the same models).
 Default model: the champion in the registry at --tracking-uri / $MLFLOW_TRACKING_URI / sqlite:///.shadowjudge/mlflow.db.
 Data derived from AlpacaEval is CC BY-NC 4.0 (see shadowjudge/demo_data/ATTRIBUTION.md).
 """
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         "encoder_runtime": runtime,
         **report,
         "targets": {
-            **{k: {"target": v, "value": system.get(k), "met": bool(system.get(k, float("nan")) >= v)}
+            **{k: {"target": v, "value": system.get(k), "met": bool(system.get(k, float("nan")) >= v),
+                   "ci95_over_models": [system.get(f"{k}_ci95_low"), system.get(f"{k}_ci95_high")]}
                for k, v in TARGETS.items()},
             "balanced_agreement_above_baseline": {"value": balanced - base_balanced, "met": balanced > base_balanced},
         },

@@ -74,18 +74,22 @@ def cross_validate(data: PreferenceData, emb: EmbeddedAnswers, config: HeadConfi
             fold_base[m] = 100 * float(np.mean(longest_wins(emb.lengths[iref], emb.lengths[im])))
         oof_win.update(fold_win)
         base_win.update(fold_base)
-        sm = system_metrics(fold_win, data.leaderboard)
+        sm = system_metrics(fold_win, data.leaderboard, bootstrap=0)
         fold_rho.append(sm.spearman_win_rate)
         fold_lc.append(sm.spearman_lc_win_rate)
     p, y, a, b = (np.concatenate(v) for v in (preds, labels, la, lb))
     pm = pair_metrics(p, y, a, b)
     bm = pair_metrics(longest_wins(a, b), y, a, b)
     sm = system_metrics(oof_win, data.leaderboard)
-    sb = system_metrics(base_win, data.leaderboard)
+    sb = system_metrics(base_win, data.leaderboard, bootstrap=0)
     return {
         "agreement": pm.agreement, "balanced_agreement": pm.balanced_agreement, "prefers_longer": pm.prefers_longer,
         "log_loss": pm.log_loss,
         "spearman_win_rate": sm.spearman_win_rate, "spearman_lc_win_rate": sm.spearman_lc_win_rate,
+        "spearman_win_rate_ci95_low": sm.spearman_win_rate_ci95[0],
+        "spearman_win_rate_ci95_high": sm.spearman_win_rate_ci95[1],
+        "spearman_lc_win_rate_ci95_low": sm.spearman_lc_win_rate_ci95[0],
+        "spearman_lc_win_rate_ci95_high": sm.spearman_lc_win_rate_ci95[1],
         "fold_spearman_win_rate_mean": float(np.nanmean(fold_rho)),
         "fold_spearman_lc_win_rate_mean": float(np.nanmean(fold_lc)),
         "fold_spearman_win_rate_min": float(np.nanmin(fold_rho)),
