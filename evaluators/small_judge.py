@@ -126,7 +126,8 @@ class RewardHead:
             state[WORDS_KEY] = self.word_weights
         return state
 
-    def rewards(self, inputs: np.ndarray, profiles: WordProfiles | None, lengths) -> np.ndarray:
+    def rewards(self, inputs: np.ndarray, profiles: WordProfiles | None,
+                lengths: Sequence[int] | np.ndarray) -> np.ndarray:
         """Rewards of answers given their `head_inputs`, word profiles (needed only with a word term) and lengths."""
         import torch
 
