@@ -274,7 +274,7 @@ def _fit_head(emb: EmbeddedAnswers, pairs: Sequence[LabelledPair], config: HeadC
     state = {k: v.detach().numpy().copy() for k, v in head.state_dict().items()}
     if words is not None:
         state[WORDS_KEY] = words.detach().squeeze(1).numpy().copy()
-    rewards = answer_rewards(emb, spec, state)
+    rewards = RewardHead(spec, state).rewards(x.numpy(), profiles, emb.lengths)  # inputs built above
     # Pointwise score 0.5 = as good as a typical training answer (all models, both sides of every pair).
     spec.reference_reward = float(np.mean(rewards[seen]))
     return spec, state

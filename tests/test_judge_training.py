@@ -196,7 +196,6 @@ def test_length_controlled_training_fits_the_length_term_and_keeps_it_only_when_
 
 
 def test_heads_are_chosen_by_cross_validation_over_the_training_models(tiny_data, tmp_path):
-
     import mlflow
 
     from evaluators.judge_registry import tracking
@@ -219,7 +218,6 @@ def test_heads_are_chosen_by_cross_validation_over_the_training_models(tiny_data
     assert result.head == max(scores, key=scores.get)
     assert runs["metrics.cv_spearman_win_rate"].notna().all()  # out-of-fold: over training models only
     assert not set(result.heldout_models) & set(load_small_judge(result.model_uri, uri).spec.trained_models)
-
 
 
 def test_the_word_term_learns_what_only_the_middle_of_an_answer_says():
