@@ -165,6 +165,10 @@ class CriteriaConfig(_Strict):
     # What a judge that only gives preferences must show instead of the quality ratio.
     min_preference: float = Field(default=0.45, ge=0, le=1, description="Lowest mean P(candidate better) tolerated")
     max_ttft_ratio: float = Field(default=1.0, gt=0, description="Time to first token, candidate over incumbent")
+    length_controlled_quality: bool = Field(
+        default=False, description="Judge quality compared at equal answer length: what the judge's preference for "
+        "longer answers gives a wordier candidate is taken out (AlpacaEval 2.0's length control, fitted on the run's "
+        "pairs); off, the plain comparison decides and the length-controlled one is reported beside it")
     weights: dict[str, float] = Field(
         default_factory=lambda: {"quality": 40, "error_rate": 20, "cost_per_outcome": 15, "latency_p95": 15, "ttft": 10},
         description="Metric weights of the canary score; a metric left out is measured but not scored")

@@ -173,7 +173,8 @@ def already_routed(engine: Engine, route: str, run_id: int) -> RouteWeightChange
 
 
 def samples_table(engine: Engine, run_id: int, evaluator: str | None, limit: int = 2000) -> dict[str, list[Any]]:
-    """The per-sample table logged to MLflow: prompt, both answers, scores and latency, one row per pair."""
+    """The per-sample table logged to MLflow: prompt, both answers (truncated; their full lengths beside them, for
+    sorting by how much longer the candidate writes), scores and latency, one row per pair."""
     from shadowjudge.scoring import prompt_text
 
     with session_scope(engine) as s:
@@ -188,8 +189,9 @@ def samples_table(engine: Engine, run_id: int, evaluator: str | None, limit: int
              .order_by(ShadowResult.sample_id, ShadowResult.target).limit(limit))
         rows = s.execute(q).all()
     cols: dict[str, list[Any]] = {k: [] for k in (
-        "request_id", "target", "slice", "prompt", "incumbent_answer", "candidate_answer", "candidate_score",
-        "incumbent_score", "preference", "ttft_ms", "latency_ms", "cost_usd", "error")}
+        "request_id", "target", "slice", "prompt", "incumbent_answer", "candidate_answer", "incumbent_chars",
+        "candidate_chars", "candidate_score", "incumbent_score", "preference", "ttft_ms", "latency_ms", "cost_usd",
+        "error")}
     for r in rows:
         cols["request_id"].append(r.request_id)
         cols["target"].append(r.target)
@@ -197,6 +199,8 @@ def samples_table(engine: Engine, run_id: int, evaluator: str | None, limit: int
         cols["prompt"].append(prompt_text(r.messages)[:2000])
         cols["incumbent_answer"].append((r.response_text or "")[:4000])
         cols["candidate_answer"].append((r.output_text or "")[:4000])
+        cols["incumbent_chars"].append(None if r.response_text is None else len(r.response_text))
+        cols["candidate_chars"].append(None if r.output_text is None else len(r.output_text))
         cols["candidate_score"].append(r.candidate_score)
         cols["incumbent_score"].append(r.incumbent_score)
         cols["preference"].append(r.preference)
@@ -343,7 +347,8 @@ def _candidate_metrics(analysis: dict[str, Any], shadow_report: dict[str, Any], 
         out["n_samples"] = cand["n"]
         out["n_judged"] = cand["n_judged"]
         for m in cand["metrics"]:
-            for key in ("effect", "ci_low", "ci_high", "candidate_value", "incumbent_value", "p_value"):
+            for key in ("effect", "ci_low", "ci_high", "candidate_value", "incumbent_value", "p_value",
+                        "effect_at_equal_length"):
                 if m.get(key) is not None:
                     out[f"{m['metric']}.{key}"] = m[key]
     report = shadow_report.get("targets", {}).get(target)
@@ -374,7 +379,8 @@ def win_rate(preferences: list[float | None]) -> dict[str, float]:
 
 # The candidate metrics repeated on the cycle's run, so one run page compares the candidates.
 SUMMARY_METRICS = ("canary_score", "win_rate", "win_rate.ci_low", "win_rate.ci_high", "quality.effect",
-                   "cost_per_outcome.candidate_value", "error_rate", "latency_ms.p95", "ttft_ms.p95")
+                   "quality.effect_at_equal_length", "cost_per_outcome.candidate_value", "error_rate",
+                   "latency_ms.p95", "ttft_ms.p95")
 
 
 def check_tracking_server(tracking_uri: str, timeout_s: float = 5.0) -> None:
@@ -533,12 +539,21 @@ def update_routes(engine: Engine, config: Config, route: RouteConfig, handle: Ru
     return outcome.to_dict()
 
 
+def _quality_summary(candidate: dict[str, Any]) -> str:
+    """'; quality 1.35x (answers 2.04x the incumbent's length; at equal length 0.816x)' for the verdict line."""
+    quality = next((m for m in candidate.get("metrics", []) if m["metric"] == "quality"), None)
+    if quality is None or quality.get("effect") is None:
+        return ""
+    unit = "x" if quality["effect_kind"] == "ratio" else ""
+    return f"; quality {quality['effect']:.3g}{unit}" + (f" ({quality['note']})" if quality.get("note") else "")
+
+
 def close_cycle(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle, analysis: dict[str, Any],
                 step: dict[str, Any], alerts: list[dict[str, Any]], mlflow_run_id: str | None) -> dict[str, Any]:
     """Record the decision on the run and in MLflow, and render the cycle's markdown summary."""
     decision = step.get("decision", "none")
     verdicts = [f"{c['target']}: {c['verdict']} (score {c['score'] if c['score'] is not None else '-'}, "
-                f"n={c['n_judged']}/{c['n']})" for c in analysis.get("candidates", [])]
+                f"n={c['n_judged']}/{c['n']}{_quality_summary(c)})" for c in analysis.get("candidates", [])]
     link = mlflow_link(config, route, mlflow_run_id)
     finish_run(engine, handle.run_id, decision,
                {"verdicts": verdicts, "golden_failed": sorted(failed_golden(analysis)),

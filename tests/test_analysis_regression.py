@@ -123,3 +123,123 @@ def test_a_candidate_that_changed_nothing_rarely_fails_any_metric():
         analysis = _analyse_candidate(data, route, "c", 0.5)
         failed_runs += any(m.classification is Classification.FAIL for m in analysis.metrics)
     assert failed_runs <= 3, failed_runs  # expected about 1 in 40
+
+
+def _wordy_worse_run(preferences_only: bool, seed: int = 0):
+    """A candidate whose answers are worse (true quality 0.1 lower) but longer by a varying amount, scored by a
+    judge that adds up to 0.3 for length: the judge's mean score favours the candidate."""
+    import numpy as np
+
+    from shadowjudge.analysis.run_data import PairJudgment, RunData, TargetRecord
+
+    rng = np.random.default_rng(seed)
+    n = 300
+    inc_len = rng.integers(300, 1500, n)
+    cand_len = inc_len + rng.integers(0, 3000, n)
+    quality = rng.beta(4, 3, n)
+
+    def judge(q, chars):
+        return np.clip(q + 0.3 * np.tanh(chars / 2000) + rng.normal(0, 0.05, n), 0, 1)
+
+    c_score, i_score = judge(quality - 0.1, cand_len), judge(quality, inc_len)
+
+    def records(lengths):
+        return {k: TargetRecord(k, False, 1000.0, 200.0, 1e-4, int(lengths[k])) for k in range(n)}
+
+    pairs = {k: PairJudgment(k, None if preferences_only else float(c_score[k]),
+                             None if preferences_only else float(i_score[k]),
+                             float(1 / (1 + np.exp(-8 * (c_score[k] - i_score[k]))))) for k in range(n)}
+    return RunData(seed, "chat", "judge", "replay", records(inc_len), {"c": records(cand_len)}, {"c": pairs})
+
+
+@pytest.mark.parametrize("preferences_only", [False, True], ids=["scores", "preferences"])
+def test_length_control_catches_a_worse_candidate_that_only_writes_more(preferences_only):
+    from shadowjudge.analysis.regression import _analyse_candidate
+
+    data = _wordy_worse_run(preferences_only)
+    plain = _analyse_candidate(data, route_for(["c"], slice_key=None), "c", 0.5).metric("quality")
+    controlled = _analyse_candidate(data, route_for(["c"], slice_key=None, length_controlled_quality=True), "c",
+                                    0.5).metric("quality")
+    assert plain.classification is Classification.PASS and plain.effect > plain.no_change, plain.describe()
+    assert controlled.classification is Classification.FAIL, controlled.describe()
+    assert "at equal answer length" in controlled.method and "plain" in controlled.note
+    assert "at equal length" in plain.note and "answers" in plain.note  # reported beside the plain comparison
+    assert plain.effect_at_equal_length == pytest.approx(controlled.effect)
+    # The adjusted effect is what the candidate's value says (candidate over incumbent, or the level itself).
+    expected = controlled.candidate_value / controlled.incumbent_value if not preferences_only \
+        else controlled.candidate_value
+    assert controlled.effect == pytest.approx(expected)
+
+
+def test_length_control_leaves_equal_length_answers_alone_and_reads_stored_lengths(engine):
+    """On stored runs of real answers: identical answers give the plain result; FuseChat's answers, twice
+    claude-2's length, keep a clear lead at equal length but a smaller one (the leaderboard: 4.1x plain, 2.5x
+    length-controlled)."""
+    run_id = build_run(engine, run_key="r", incumbent="claude-2", profiles=PROFILES,
+                       candidates={"same": "claude-2", "long": GEMMA})
+    plain = analyze_run(engine, run_id, route_for(["same", "long"]))
+    controlled = analyze_run(engine, run_id, route_for(["same", "long"], length_controlled_quality=True))
+    same_p, same_c = plain.candidate("same").metric("quality"), controlled.candidate("same").metric("quality")
+    assert (same_c.effect, same_c.ci_low, same_c.ci_high) == (same_p.effect, same_p.ci_low, same_p.ci_high) \
+        == (1.0, 1.0, 1.0)
+    long_p, long_c = plain.candidate("long").metric("quality"), controlled.candidate("long").metric("quality")
+    assert "answers 2.02x the incumbent's length" in long_p.note
+    assert long_c.classification is Classification.PASS and 1.5 < long_c.effect < 0.75 * long_p.effect
+    assert controlled.candidate("long").verdict is Verdict.PASS
+    # Slices are measured the same way.
+    assert all("at equal answer length" in s.metrics[0].method for s in controlled.candidate("long").slices
+               if s.metrics)
+
+
+def test_length_controlled_ratios_on_real_pairs_move_towards_the_leaderboards_lc_win_rates():
+    """All 55 pairs of the demo subset's 11 models, judged by GPT-4 Turbo's real scores: the log of the
+    length-controlled quality ratio is nearer the log ratio of the models' published lc_win_rate than the plain
+    ratio is (mean absolute error 0.18 vs 0.22), and the plain ratio is the nearer one to the plain win_rate."""
+    import csv
+    import itertools
+
+    import numpy as np
+
+    from evaluators.preference_data import MINI_DATA
+    from shadowjudge.analysis.regression import _Measure, _quality
+    from shadowjudge.analysis.run_data import PairJudgment, TargetRecord
+    from test_analysis_alpaca_runs import mini
+
+    data = mini()
+    board = {r["model"]: r for r in csv.DictReader(open(MINI_DATA / "leaderboard.csv"))}
+    models = sorted({m for m, _ in data.scores})
+    prompts = sorted({p for _, p in data.scores})
+    errors = {"plain_vs_lc": [], "controlled_vs_lc": [], "plain_vs_wr": [], "controlled_vs_wr": []}
+    for a, b in itertools.combinations(models, 2):
+        def records(model):
+            return {k: TargetRecord(k, False, None, None, None, len(data.outputs[(model, p)]))
+                    for k, p in enumerate(prompts)}
+
+        pairs = [PairJudgment(k, data.scores[(a, p)], data.scores[(b, p)], None) for k, p in enumerate(prompts)]
+        criteria = route_for(["c"], bootstrap_resamples=200).criteria
+        quality = _quality(pairs, records(a), records(b), _Measure(criteria, 0.95, 30, 0.5, f"{a}|{b}"))
+        ratios = {False: quality.effect, True: quality.effect_at_equal_length}
+        for column, key in (("lc_win_rate", "lc"), ("win_rate", "wr")):
+            published = np.log(float(board[a][column]) / float(board[b][column]))
+            errors[f"plain_vs_{key}"].append(abs(np.log(ratios[False]) - published))
+            errors[f"controlled_vs_{key}"].append(abs(np.log(ratios[True]) - published))
+    mae = {k: float(np.mean(v)) for k, v in errors.items()}
+    assert len(errors["plain_vs_lc"]) == 55
+    assert mae["controlled_vs_lc"] < mae["plain_vs_lc"] - 0.02, mae
+    assert mae["plain_vs_wr"] < mae["controlled_vs_wr"], mae
+
+
+def test_without_answer_lengths_quality_stays_plain_and_says_so():
+    """Records from before lengths were read (or a source without answers): the criterion cannot be length
+    controlled, and the metric says that instead of reporting a length-controlled figure it does not have."""
+    from dataclasses import replace as replaced
+
+    from shadowjudge.analysis.regression import _analyse_candidate
+
+    data = _wordy_worse_run(preferences_only=False)
+    data.incumbent = {k: replaced(r, output_chars=None) for k, r in data.incumbent.items()}
+    route = route_for(["c"], slice_key=None, length_controlled_quality=True)
+    quality = _analyse_candidate(data, route, "c", 0.5).metric("quality")
+    assert quality.classification is Classification.PASS and quality.effect > 1
+    assert quality.effect_at_equal_length is None and "at equal" not in quality.method
+    assert quality.note == "answer lengths unknown: not length-controlled"

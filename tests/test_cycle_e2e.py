@@ -42,6 +42,9 @@ def test_cycle_end_to_end_and_rerun_adds_nothing(tmp_path, store_url, replay_ser
     assert rows["judgments"] == 40 * 2
     assert rows["route_weight_history"] >= 1
     assert sum(outcome["weights_after"].values()) == 100
+    # Each verdict line says how the candidate's quality compares, and how it would at equal answer length.
+    assert len(outcome["verdicts"]) == 2
+    assert all("; quality " in v and "the incumbent's length; at equal length" in v for v in outcome["verdicts"])
 
     with session_scope(engine) as s:
         run = s.scalar(select(ShadowRun))

@@ -115,8 +115,8 @@ def test_the_cycle_run_holds_what_the_ui_shows(mlflow_server, logged_cycle):
     for target in CANDIDATES:  # the cycle's run compares the candidates on one page
         low, rate, high = (metrics[f"{target}.win_rate{s}"] for s in (".ci_low", "", ".ci_high"))
         assert low <= rate <= high
-        assert {f"{target}.canary_score", f"{target}.quality.effect", f"{target}.cost_per_outcome.candidate_value",
-                f"{target}.latency_ms.p95"} <= set(metrics)
+        assert {f"{target}.canary_score", f"{target}.quality.effect", f"{target}.quality.effect_at_equal_length",
+                f"{target}.cost_per_outcome.candidate_value", f"{target}.latency_ms.p95"} <= set(metrics)
 
     search = httpx.post(f"{url}/api/2.0/mlflow/runs/search", timeout=30, json={
         "experiment_ids": [experiment["experiment_id"]], "filter": f"tags.mlflow.parentRunId = '{run_id}'"})
@@ -136,7 +136,11 @@ def test_the_cycle_run_holds_what_the_ui_shows(mlflow_server, logged_cycle):
     assert plots == {"plots/score_distributions.png", "plots/latency_cdf.png", "plots/weight_history.png"}
     get = lambda path: httpx.get(f"{url}/get-artifact", params={"path": path, "run_uuid": run_id}, timeout=30)  # noqa: E731
     table = get("samples.json").json()
-    assert {"prompt", "incumbent_answer", "candidate_answer", "candidate_score", "preference"} <= set(table["columns"])
+    assert {"prompt", "incumbent_answer", "candidate_answer", "candidate_score", "preference", "incumbent_chars",
+            "candidate_chars"} <= set(table["columns"])
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    answered = [r for r in rows if r["candidate_chars"] is not None]
+    assert answered and all(r["candidate_chars"] >= len(r["candidate_answer"]) for r in answered)  # before truncation
     assert len(table["data"]) == 40 * 3  # one row per replayed answer: the incumbent's and both candidates'
     assert all(get(path).content.startswith(b"\x89PNG") for path in plots)
 

@@ -62,6 +62,8 @@ class MetricResult:
     shift_ci_high: float | None = None
     note: str = ""
     confidence: float | None = None  # of the intervals, after the multiplicity adjustment
+    # Quality only: the effect with the judge's preference for longer answers taken out (see regression._quality).
+    effect_at_equal_length: float | None = None
 
     def describe(self) -> str:
         """One line a person can act on: what moved, by how much, against what bound."""
@@ -72,7 +74,7 @@ class MetricResult:
         return (f"{self.metric} {self.classification}: {self.effect_kind} {self.effect:.3g}{unit} "
                 f"[{_fmt(self.ci_low)}, {_fmt(self.ci_high)}], {bound} {_fmt(self.tolerance)} "
                 f"(candidate {_fmt(self.candidate_value)} vs incumbent {_fmt(self.incumbent_value)}, "
-                f"n={self.n_candidate}/{self.n_incumbent})")
+                f"n={self.n_candidate}/{self.n_incumbent})" + (f"; {self.note}" if self.note else ""))
 
 
 def _fmt(value: float | None) -> str:

@@ -149,36 +149,105 @@ def _nodata(metric: str, method: str, kind: str, no_change: float, higher: bool,
                         None, None, n_c, n_i, note=note)
 
 
-def _quality(pairs: list[PairJudgment], m: _Measure) -> MetricResult:
-    scored = [(p.candidate_score, p.incumbent_score) for p in pairs
-              if p.candidate_score is not None and p.incumbent_score is not None]
+def _length_terms(sample_ids: list[int], cand: Mapping[int, TargetRecord],
+                  inc: Mapping[int, TargetRecord]) -> tuple[np.ndarray, float | None]:
+    """Per pair tanh(length difference / its standard deviation), AlpacaEval 2.0's length feature, and the ratio of
+    the candidate's mean answer length to the incumbent's (None when no length is known); a pair with a length
+    unknown gets 0 (no adjustment)."""
+    delta = np.zeros(len(sample_ids))
+    known = np.zeros(len(sample_ids), dtype=bool)
+    c_total = i_total = 0
+    for k, sid in enumerate(sample_ids):
+        c, i = cand.get(sid), inc.get(sid)
+        if c is not None and i is not None and c.output_chars is not None and i.output_chars is not None:
+            delta[k], known[k] = c.output_chars - i.output_chars, True
+            c_total, i_total = c_total + c.output_chars, i_total + i.output_chars
+    sd = float(delta[known].std()) if known.any() else 0.0
+    x = np.tanh(delta / sd) if sd > 0 else np.zeros_like(delta)
+    if not known.any():
+        return x, None
+    return x, c_total / i_total if i_total else math.inf
+
+
+def _length_explained(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Row-wise, the part of mean(y) that the least-squares fit y = a + b x attributes to length: b mean(x).
+
+    mean(y) minus it is the fit's prediction at zero length difference, the quantity AlpacaEval's length-controlled
+    win rate reports (there through a logistic link; a linear one keeps the bootstrap vectorised).
+    """
+    xc = x - x.mean(axis=-1, keepdims=True)
+    var = (xc * xc).mean(axis=-1)
+    cov = (xc * (y - y.mean(axis=-1, keepdims=True))).mean(axis=-1)
+    slope = np.divide(cov, var, out=np.zeros_like(cov), where=var > 1e-12)
+    return slope * x.mean(axis=-1)
+
+
+def _length_note(controlled: bool, plain: float, adjusted: float | None, unit: str,
+                 length_ratio: float | None) -> str:
+    if length_ratio is None:
+        return "answer lengths unknown: not length-controlled"
+    longer = f"answers {length_ratio:.2f}x the incumbent's length"
+    if controlled:
+        return f"at equal answer length ({longer}; plain {plain:.3g}{unit})"
+    return f"{longer}; at equal length {adjusted:.3g}{unit}"
+
+
+def _quality(pairs: list[PairJudgment], cand: Mapping[int, TargetRecord], inc: Mapping[int, TargetRecord],
+             m: _Measure) -> MetricResult:
+    """Mean judge scores as a ratio (or, for a judge that only gives preferences, the mean preference), plain or
+    at equal answer length as the criteria say; the other reading rides along in the note."""
+    scored = [p for p in pairs if p.candidate_score is not None and p.incumbent_score is not None]
+    judged = scored or [p for p in pairs if p.preference is not None and math.isfinite(p.preference)]
+    x, length_ratio = _length_terms([p.sample_id for p in judged], cand, inc)
+    controlled = m.criteria.length_controlled_quality and length_ratio is not None
+    adjusted_by = " at equal answer length" if controlled else ""
+    n = len(judged)
     if scored:
-        c = np.array([s[0] for s in scored], dtype=float)
-        i = np.array([s[1] for s in scored], dtype=float)
-        n = len(c)
-        method = "paired bootstrap ratio of mean judge scores; Mann-Whitney U"
+        c = np.array([p.candidate_score for p in scored], dtype=float)
+        i = np.array([p.incumbent_score for p in scored], dtype=float)
+        method = f"paired bootstrap ratio of mean judge scores{adjusted_by}; Mann-Whitney U"
         if n < m.min_n:
             return _nodata("quality", method, "ratio", 1.0, True, n, n, f"{n} judged pairs, {m.min_n} needed")
         if i.mean() <= 0:
             return _nodata("quality", method, "ratio", 1.0, True, n, n, "the incumbent's mean score is 0")
-        ci = m.interval(lambda c_, i_: c_.mean(axis=1) / i_.mean(axis=1), [[c, i]], "quality")
+
+        def adjusted_ratio(c_, i_, x_):
+            return (c_.mean(axis=1) - _length_explained(c_ - i_, x_)) / i_.mean(axis=1)
+
+        plain = float(c.mean() / i.mean())
+        adjusted = float(adjusted_ratio(c[None], i[None], x[None])[0]) if length_ratio is not None else None
+        if controlled:
+            ci = m.interval(adjusted_ratio, [[c, i, x]], "quality")
+        else:
+            ci = m.interval(lambda c_, i_: c_.mean(axis=1) / i_.mean(axis=1), [[c, i]], "quality")
         mw = mann_whitney_shift(i, c, m.confidence)
         tol = m.criteria.min_quality_ratio
         return MetricResult("quality", classify_effect(ci.estimate, ci.low, ci.high, tol, 1.0, True), method,
-                            "ratio", ci.estimate, ci.low, ci.high, tol, 1.0, True, float(c.mean()), float(i.mean()),
-                            n, n, mw.p_value, mw.shift, mw.ci_low, mw.ci_high)
-    prefs = _finite([p.preference for p in pairs])
-    method = "bootstrap mean preference P(candidate better)"
-    if len(prefs) == 0:
+                            "ratio", ci.estimate, ci.low, ci.high, tol, 1.0, True,
+                            ci.estimate * float(i.mean()) if controlled else float(c.mean()), float(i.mean()), n, n, mw.p_value, mw.shift, mw.ci_low, mw.ci_high,
+                            note=_length_note(controlled, plain, adjusted, "x", length_ratio),
+                            effect_at_equal_length=adjusted)
+    prefs = np.array([p.preference for p in judged], dtype=float)
+    method = f"bootstrap mean preference P(candidate better){adjusted_by}"
+    if n == 0:
         return _nodata("quality", method, "level", 0.5, True, 0, 0, "no judgments for this candidate")
-    if len(prefs) < m.min_n:
-        return _nodata("quality", method, "level", 0.5, True, len(prefs), len(prefs),
-                       f"{len(prefs)} judged pairs, {m.min_n} needed")
-    ci = m.interval(lambda q: q.mean(axis=1), [[prefs]], "quality")
+    if n < m.min_n:
+        return _nodata("quality", method, "level", 0.5, True, n, n, f"{n} judged pairs, {m.min_n} needed")
+
+    def adjusted_level(q, x_):
+        return q.mean(axis=1) - _length_explained(q, x_)
+
+    plain = float(prefs.mean())
+    adjusted = float(adjusted_level(prefs[None], x[None])[0]) if length_ratio is not None else None
+    if controlled:
+        ci = m.interval(adjusted_level, [[prefs, x]], "quality")
+    else:
+        ci = m.interval(lambda q: q.mean(axis=1), [[prefs]], "quality")
     tol = m.criteria.min_preference
     return MetricResult("quality", classify_effect(ci.estimate, ci.low, ci.high, tol, 0.5, True), method, "level",
-                        ci.estimate, ci.low, ci.high, tol, 0.5, True, float(prefs.mean()), 0.5,
-                        len(prefs), len(prefs))
+                        ci.estimate, ci.low, ci.high, tol, 0.5, True, ci.estimate, 0.5, n, n,
+                        note=_length_note(controlled, plain, adjusted, "", length_ratio),
+                        effect_at_equal_length=adjusted)
 
 
 def _error_rate(cand: list[TargetRecord], inc: list[TargetRecord], m: _Measure) -> MetricResult:
@@ -279,7 +348,7 @@ def _measure(data: RunData, target: str, ids: set[int] | None, m: _Measure) -> t
     cand = {sid: r for sid, r in data.candidates[target].items() if ids is None or sid in ids}
     inc = {sid: r for sid, r in data.incumbent.items() if ids is None or sid in ids}
     pairs = {sid: p for sid, p in data.judgments[target].items() if ids is None or sid in ids}
-    quality = _quality(list(pairs.values()), m)
+    quality = _quality(list(pairs.values()), cand, inc, m)
     metrics = [
         quality,
         _error_rate(list(cand.values()), list(inc.values()), m),

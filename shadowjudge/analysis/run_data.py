@@ -32,6 +32,7 @@ class TargetRecord:
     latency_ms: float | None
     ttft_ms: float | None
     cost_usd: float | None
+    output_chars: int | None = None  # length of the answer, for the length-controlled quality comparison
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,10 @@ class RunData:
     judgments: dict[str, dict[int, PairJudgment]]
     slices: dict[int, str] = field(default_factory=dict)
     models: dict[str, str] = field(default_factory=dict)
+
+
+def _chars(text: str | None) -> int | None:
+    return None if text is None else len(text)
 
 
 def _pick_evaluator(session, run: ShadowRun, requested: str | None) -> str | None:
@@ -96,7 +101,7 @@ def load_run_data(engine: Engine, run_id: int, route: RouteConfig, evaluator_ver
     models = {c.name: c.model for c in route.candidates} | {route.incumbent.name: route.incumbent.model}
     for r in results:
         record = TargetRecord(r.sample_id, r.error_class is not None or r.output_text is None,
-                              r.latency_ms, r.ttft_ms, r.cost_usd)
+                              r.latency_ms, r.ttft_ms, r.cost_usd, _chars(r.output_text))
         if r.target == route.incumbent.name:
             replayed_incumbent[r.sample_id] = record
         elif r.target in candidate_names:
@@ -107,7 +112,8 @@ def load_run_data(engine: Engine, run_id: int, route: RouteConfig, evaluator_ver
         incumbent, source = replayed_incumbent, "replay"
     else:
         # A logged request without an answer is counted as the incumbent's error.
-        incumbent = {t.id: TargetRecord(t.id, t.response_text is None, t.latency_ms, t.ttft_ms, t.cost_usd)
+        incumbent = {t.id: TargetRecord(t.id, t.response_text is None, t.latency_ms, t.ttft_ms, t.cost_usd,
+                                        _chars(t.response_text))
                      for t in samples}
         source = "logs"
 
