@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 
 from shadowjudge.store import Judgment, ShadowResult, ShadowRun, TrafficSample, insert_ignoring_duplicates, session_scope
 
@@ -88,7 +88,9 @@ def calibrate_run(engine: Engine, run_id: int, student_version: str, teacher: "L
 class AgreementStats:
     """How often the small judge picks the teacher's winner (teacher ties excluded), with a 95% Wilson interval.
 
-    `values` holds each pair's agreement (1.0/0.0) in time order, for drift tests between windows.
+    Beside it, what separates a judge that learned the teacher's taste from one that learned length: agreement on
+    length-balanced pairs (length ratio 0.67-1.5) and how often each judge picks the longer answer. `values` holds
+    each pair's agreement (1.0/0.0) in time order, for drift tests between windows.
     """
 
     n: int
@@ -96,6 +98,10 @@ class AgreementStats:
     ci_low: float
     ci_high: float
     mean_abs_error: float
+    n_balanced: int = 0
+    balanced_agreement: float = float("nan")
+    student_prefers_longer: float = float("nan")
+    teacher_prefers_longer: float = float("nan")
     values: list[float] = field(default_factory=list, repr=False)
 
 
@@ -114,8 +120,12 @@ def judge_agreement(engine: Engine, route: str, since: datetime | None = None,
     """Agreement between the small judge and the teacher on a route's calibrated pairs (teacher rows in window,
     or of one run)."""
     query = (select(Judgment.run_id, Judgment.sample_id, Judgment.target, Judgment.preference, Judgment.details,
-                    Judgment.created_at)
+                    Judgment.created_at, func.length(TrafficSample.response_text).label("incumbent_chars"),
+                    func.length(ShadowResult.output_text).label("candidate_chars"))
              .join(TrafficSample, TrafficSample.id == Judgment.sample_id)
+             .outerjoin(ShadowResult, (ShadowResult.run_id == Judgment.run_id)
+                        & (ShadowResult.sample_id == Judgment.sample_id) & (ShadowResult.target == Judgment.target)
+                        & (ShadowResult.attempt == 0))
              .where(TrafficSample.route == route, Judgment.preference.is_not(None))
              .order_by(Judgment.created_at, Judgment.id))
     if since is not None:
@@ -139,6 +149,8 @@ def judge_agreement(engine: Engine, route: str, since: datetime | None = None,
                     students[(run_id, sample_id, target, evaluator)] = pref
     values: list[float] = []
     errors: list[float] = []
+    # Decided pairs: student and teacher preference, incumbent and candidate answer lengths.
+    sized: list[tuple[float, float, int, int]] = []
     for r in teacher_rows:
         student = students.get((r.run_id, r.sample_id, r.target, r.details.get("student")))
         if student is None:
@@ -147,10 +159,22 @@ def judge_agreement(engine: Engine, route: str, since: datetime | None = None,
         if abs(r.preference - 0.5) < 1e-9:
             continue  # the teacher could not decide (or contradicted itself across orders)
         values.append(1.0 if (student > 0.5) == (r.preference > 0.5) else 0.0)
+        if r.incumbent_chars is not None and r.candidate_chars is not None:
+            sized.append((student, r.preference, r.incumbent_chars, r.candidate_chars))
     n, hits = len(values), int(sum(values))
     low, high = wilson_interval(hits, n)
-    return AgreementStats(n=n, agreement=hits / n if n else float("nan"), ci_low=low, ci_high=high,
-                          mean_abs_error=sum(errors) / len(errors) if errors else float("nan"), values=values)
+    stats = AgreementStats(n=n, agreement=hits / n if n else float("nan"), ci_low=low, ci_high=high,
+                           mean_abs_error=sum(errors) / len(errors) if errors else float("nan"), values=values)
+    if sized:
+        from evaluators.judge_metrics import pair_metrics
+
+        student_prefs, teacher_prefs, inc_chars, cand_chars = zip(*sized, strict=True)
+        by_student = pair_metrics(student_prefs, teacher_prefs, inc_chars, cand_chars)
+        by_teacher = pair_metrics(teacher_prefs, teacher_prefs, inc_chars, cand_chars)
+        stats.n_balanced, stats.balanced_agreement = by_student.n_balanced, by_student.balanced_agreement
+        stats.student_prefers_longer = by_student.prefers_longer
+        stats.teacher_prefers_longer = by_teacher.prefers_longer
+    return stats
 
 
 def calibrate_from_config(engine: Engine, run_id: int, judge: "JudgeConfig", student_version: str

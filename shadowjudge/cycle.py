@@ -452,7 +452,7 @@ def track(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle,
                  "ingest.stored": reports.get("ingest", {}).get("totals", {}).get("stored", 0),
                  "ingest.quarantined": reports.get("ingest", {}).get("totals", {}).get("quarantined", 0),
                  **{f"incumbent.{k}": v for k, v in incumbent_metrics.items()}, **summary,
-                 **drift_metrics(analysis.get("drift"))},
+                 **drift_metrics(analysis.get("drift")), **calibration_metrics(reports.get("calibration"))},
         tags={"shadowjudge.route": route.name, "shadowjudge.store_run_id": str(handle.run_id)},
         candidates=candidates, samples_table=table, figures=figures,
         json_artifacts={"analysis.json": analysis, "shadow_report.json": shadow_report,
@@ -474,6 +474,18 @@ def drift_metrics(drift: dict[str, Any] | None) -> dict[str, float]:
         for field in ("effect", "p_value"):
             if r.get(field) is not None:
                 out[f"{key}.{field}"] = float(r[field])
+    return out
+
+
+def calibration_metrics(calibration: dict[str, Any] | None) -> dict[str, float]:
+    """MLflow metrics of the cycle's calibration: the run's pairs chosen for the teacher (the same on a rerun) and
+    the student-teacher agreement with its length figures, so the judge's standing is charted run by run."""
+    if not calibration:
+        return {}
+    out = {"calibration.pairs": float(calibration["selected"])}
+    for key, value in (calibration.get("agreement") or {}).items():
+        if isinstance(value, (int, float)):
+            out[f"calibration.{key}"] = float(value)
     return out
 
 

@@ -222,3 +222,8 @@ def test_cycle_sends_the_calibration_share_to_the_teacher_once(tmp_path, sqlite_
     report = json.load(open(path))
     assert report["judged"] + report["already_judged"] == judged  # the rerun's report: all of them already judged
     assert report["agreement"]["n"] > 0 and 0 <= report["agreement"]["agreement"] <= 1
+    metrics = client.get_run(mlflow_run_id).data.metrics  # charted run by run in MLflow
+    assert metrics["calibration.agreement"] == pytest.approx(report["agreement"]["agreement"])
+    assert metrics["calibration.n"] == report["agreement"]["n"] and metrics["calibration.pairs"] == judged
+    assert 0 <= metrics["calibration.teacher_prefers_longer"] <= 1
+    assert 0 <= metrics["calibration.student_prefers_longer"] <= 1

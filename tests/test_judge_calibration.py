@@ -95,6 +95,10 @@ def test_calibration_stores_teacher_verdicts_once_and_measures_agreement(store_u
     assert stats.n == N and stats.agreement == pytest.approx((N - 4) / N)
     assert stats.ci_low < stats.agreement < stats.ci_high
     assert stats.values.count(0.0) == 4
+    # GOOD answers are the longer ones (21 vs 16 characters, a balanced ratio): the teacher always picks the longer
+    # answer, the student all but the 4 times it disagrees.
+    assert stats.n_balanced == N and stats.balanced_agreement == pytest.approx((N - 4) / N)
+    assert stats.teacher_prefers_longer == 1.0 and stats.student_prefers_longer == pytest.approx((N - 4) / N)
     assert judge_agreement(engine, "other-route").n == 0
     assert judge_agreement(engine, "chat", since=datetime.now(timezone.utc) + timedelta(hours=1)).n == 0
 
