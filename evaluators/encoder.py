@@ -52,9 +52,14 @@ class EncoderSettings:
     max_tokens: int = 128
     head_fraction: float = 0.5
     num_layers: int = 6
+    # "last": mean-pooled last layer (the sentence-transformers embedding); "layer-mean": the mean of every layer's
+    # mean-pooled, normalised output, which keeps more of the lower layers' surface and syntax.
+    pooling: str = "last"
 
     def fingerprint(self) -> str:
-        blob = repr(sorted(asdict(self).items())).encode()
+        # The default pooling stays out of the key, so caches and judges made before the option keep their keys.
+        items = {k: v for k, v in asdict(self).items() if not (k == "pooling" and v == "last")}
+        blob = repr(sorted(items.items())).encode()
         return hashlib.sha1(blob).hexdigest()[:10]
 
 
@@ -84,22 +89,35 @@ def _load_torch_encoder(settings: EncoderSettings, path: Path):
         raise EncoderError(f"cannot load MiniLM from {path}: {exc}") from exc
     if not 1 <= settings.num_layers <= len(model.encoder.layer):
         raise EncoderError(f"num_layers must be in 1..{len(model.encoder.layer)}, got {settings.num_layers}")
+    if settings.pooling not in POOLINGS:
+        raise EncoderError(f"pooling must be one of {POOLINGS}, got {settings.pooling!r}")
     model.encoder.layer = model.encoder.layer[: settings.num_layers]
-    return PooledEncoder(model).eval()
+    return PooledEncoder(model, settings.pooling).eval()
+
+
+POOLINGS: tuple[str, ...] = ("last", "layer-mean")
 
 
 class PooledEncoder(torch.nn.Module):
     """MiniLM + masked mean pooling + L2 normalisation in one graph (what the ONNX export captures)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, pooling: str = "last") -> None:
         super().__init__()
         self.model = model
+        self.pooling = pooling
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
-        return torch.nn.functional.normalize(pooled, dim=-1)
+        every_layer = self.pooling == "layer-mean"
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=every_layer)
+        m = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+
+        def pooled(hidden: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
+
+        if not every_layer:
+            return pooled(out.last_hidden_state)
+        layers = torch.stack([pooled(h) for h in out.hidden_states[1:]])  # the embedding layer left out
+        return torch.nn.functional.normalize(layers.mean(0), dim=-1)
 
 
 def onnx_encoder_path(settings: EncoderSettings, backend: Backend, model_dir: Path | None = None) -> Path:

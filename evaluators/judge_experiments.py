@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluators.encoder import EmbeddingCache, EncoderSettings
+from evaluators.encoder import POOLINGS, EmbeddingCache, EncoderSettings
 from evaluators.judge_metrics import ReferenceComparisons, longest_wins, pair_metrics, system_metrics
 from evaluators.judge_training import (
     DEFAULT_CACHE_DIR,
@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--num-layers", type=int, default=6)
+    parser.add_argument("--pooling", default="last", choices=POOLINGS,
+                        help="last: the last layer mean-pooled; layer-mean: every layer's pooled output averaged")
     parser.add_argument("--max-prompts", type=int, default=None)
     parser.add_argument("--annotators", default="", help="comma-separated; empty = all")
     parser.add_argument("--only", default="", help="comma-separated config names from the default grid")
@@ -198,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     grid = [c for c in DEFAULT_GRID if not args.only or c.name in args.only.split(",")]
     rows = run_grid(args.data, args.tracking_uri or None,
-                    encoder=EncoderSettings(max_tokens=args.max_tokens, num_layers=args.num_layers),
+                    encoder=EncoderSettings(max_tokens=args.max_tokens, num_layers=args.num_layers,
+                                            pooling=args.pooling),
                     folds=args.folds, seed=args.seed, grid=grid,
                     annotators=[a for a in args.annotators.split(",") if a] or None, max_prompts=args.max_prompts,
                     length_penalty=args.length_penalty)

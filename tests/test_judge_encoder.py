@@ -66,8 +66,32 @@ def test_caches_encode_each_text_once(torch_encoder, tmp_path):
     np.testing.assert_allclose(reloaded.embed(TEXTS), torch_encoder.encode(TEXTS), atol=2e-3)  # stored as fp16
 
 
+def test_layer_mean_pooling_averages_every_layer_in_torch_and_onnx(torch_encoder, tmp_path, monkeypatch):
+    """Pooling 'layer-mean' is the normalised mean of each layer's pooled output: computed here by hand from the
+    model's hidden states, matched by the encoder and its ONNX export; the default pooling keeps its cache key."""
+    import torch
+
+    monkeypatch.setenv("SHADOWJUDGE_CACHE_DIR", str(tmp_path))
+    mean = EncoderSettings(max_tokens=32, num_layers=2, pooling="layer-mean")
+    encoder = TextEncoder(mean, batch_size=2)
+    ids = encoder.token_ids(TEXTS[:1])
+    with torch.inference_mode():
+        states = encoder._model.model(input_ids=torch.tensor(ids), output_hidden_states=True).hidden_states
+    layers = [torch.nn.functional.normalize(h.mean(1), dim=-1) for h in states[1:]]
+    by_hand = torch.nn.functional.normalize(torch.stack(layers).mean(0), dim=-1).numpy()
+    assert len(layers) == 2
+    np.testing.assert_allclose(encoder.encode(TEXTS[:1]), by_hand, atol=1e-5)
+    both = encoder.encode(TEXTS)
+    np.testing.assert_allclose(TextEncoder(mean, backend="onnx").encode(TEXTS), both, atol=1e-4)
+    assert (both * torch_encoder.encode(TEXTS)).sum(1).max() < 0.999  # not the last layer's embedding
+    assert mean.fingerprint() != SMALL.fingerprint()
+    assert EncoderSettings().fingerprint() == "baaf1f5bc9"  # the key of every cache made before the option
+
+
 def test_bad_settings_are_clear_errors():
     with pytest.raises(EncoderError, match="num_layers must be in 1..6"):
         TextEncoder(EncoderSettings(num_layers=9))
+    with pytest.raises(EncoderError, match="pooling must be one of"):
+        TextEncoder(EncoderSettings(pooling="max"))
     with pytest.raises(EncoderError, match="backend must be one of"):
         TextEncoder(SMALL, backend="tpu")
