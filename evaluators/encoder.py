@@ -73,6 +73,7 @@ ProgressCallback = Callable[[int], None]
 
 Backend = Literal["torch", "onnx", "onnx-int8"]
 BACKENDS: tuple[str, ...] = ("torch", "onnx", "onnx-int8")
+POOLINGS: tuple[str, ...] = ("last", "layer-mean")
 
 
 def cache_root() -> Path:
@@ -93,9 +94,6 @@ def _load_torch_encoder(settings: EncoderSettings, path: Path):
         raise EncoderError(f"pooling must be one of {POOLINGS}, got {settings.pooling!r}")
     model.encoder.layer = model.encoder.layer[: settings.num_layers]
     return PooledEncoder(model, settings.pooling).eval()
-
-
-POOLINGS: tuple[str, ...] = ("last", "layer-mean")
 
 
 class PooledEncoder(torch.nn.Module):
@@ -156,7 +154,8 @@ def onnx_encoder_path(settings: EncoderSettings, backend: Backend, model_dir: Pa
 
 
 class TextEncoder:
-    """Mean-pooled, L2-normalised MiniLM sentence embeddings with head+tail truncation.
+    """Mean-pooled, L2-normalised MiniLM embeddings (of the last layer, or of every layer averaged: `pooling`) with
+    head+tail truncation.
 
     Backends: `torch` (reference), `onnx` (same numbers, ONNX Runtime), `onnx-int8` (dynamic int8 quantisation;
     embeddings move by ~1% cosine, so a judge records whether its agreement survived it).
