@@ -15,6 +15,8 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.stats import spearmanr
 
+from shadowjudge.analysis.stats import length_feature
+
 BALANCED_RATIO = (0.67, 1.5)
 
 
@@ -107,9 +109,7 @@ class ReferenceComparisons:
 
 def _length_controlled_preference(prefs: np.ndarray, delta: np.ndarray, difficulty: np.ndarray,
                                   l2: float = 1e-3) -> float:
-    sd = delta.std()
-    length = np.tanh(delta / sd) if sd > 0 else np.zeros_like(delta)
-    x = np.stack([np.ones_like(delta), length, difficulty], axis=1)
+    x = np.stack([np.ones_like(delta), length_feature(delta), difficulty], axis=1)
 
     def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
         z = x @ w

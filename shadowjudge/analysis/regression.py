@@ -23,7 +23,7 @@ from sqlalchemy import Engine
 
 from shadowjudge.analysis.canary import Classification, MetricResult, Verdict, classify_effect, score_metrics
 from shadowjudge.analysis.run_data import MISSING_SLICE, PairJudgment, RunData, TargetRecord, load_run_data
-from shadowjudge.analysis.stats import Interval, Statistic, bootstrap_interval, mann_whitney_shift
+from shadowjudge.analysis.stats import Interval, Statistic, bootstrap_interval, length_feature, mann_whitney_shift
 from shadowjudge.config import CANARY_METRICS, CriteriaConfig, RouteConfig
 
 WORST_EXAMPLES = 10
@@ -162,10 +162,10 @@ def _length_terms(sample_ids: list[int], cand: Mapping[int, TargetRecord],
         if c is not None and i is not None and c.output_chars is not None and i.output_chars is not None:
             delta[k], known[k] = c.output_chars - i.output_chars, True
             c_total, i_total = c_total + c.output_chars, i_total + i.output_chars
-    sd = float(delta[known].std()) if known.any() else 0.0
-    x = np.tanh(delta / sd) if sd > 0 else np.zeros_like(delta)
+    x = np.zeros_like(delta)
     if not known.any():
         return x, None
+    x[known] = length_feature(delta[known])
     return x, c_total / i_total if i_total else math.inf
 
 

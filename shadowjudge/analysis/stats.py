@@ -2,7 +2,7 @@
 
 Plain numpy/scipy functions: a Mann-Whitney U test with a Hodges-Lehmann shift interval (rank based, so one slow
 outlier cannot move it), percentile-bootstrap intervals for rates, ratios and percentiles, and the distribution
-distances (KS, PSI) of the output-drift checks. Every random step takes a seed so an analysis rerun on the same data
+distances (KS, PSI) of the output-drift checks, and AlpacaEval's length feature. Every random step takes a seed so an analysis rerun on the same data
 gives the same answer.
 """
 
@@ -167,3 +167,13 @@ def rate_difference(reference: Sequence[bool] | np.ndarray,
     table = [[int(cur.sum()), int(len(cur) - cur.sum())], [int(ref.sum()), int(len(ref) - ref.sum())]]
     p = float(sps.fisher_exact(table).pvalue)
     return float(cur.mean() - ref.mean()), p
+
+
+def length_feature(length_difference: Sequence[float] | np.ndarray) -> np.ndarray:
+    """AlpacaEval 2.0's length term: tanh(length difference / its standard deviation); zeros when it does not vary.
+
+    The length-controlled win rates of the judge report and the canary's quality at equal length both use it.
+    """
+    delta = np.asarray(length_difference, dtype=float)
+    sd = float(delta.std()) if delta.size else 0.0
+    return np.tanh(delta / sd) if sd > 0 else np.zeros_like(delta)
