@@ -96,8 +96,19 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": round(time.monotonic() - started, 1),
         "machine": f"{os.cpu_count()} CPU cores, torch threads {_threads()}",
     }
-    print(json.dumps(out, indent=2, allow_nan=True))
+    print(json.dumps(_strict(out), indent=2, allow_nan=False))
     return 0
+
+
+def _strict(value):
+    """NaN (a figure with nothing to measure, e.g. agreement without labels) as null: strict JSON for jq and co."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
 
 
 def _threads() -> int:

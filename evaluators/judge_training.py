@@ -626,7 +626,8 @@ def evaluate_judge(judge: SmallJudge, data_dir: str | Path, *, prompts: int | No
                                 else "only models the judge never trained on" if seen
                                 else "all models (the judge does not record which models it trained on)"),
             "unseen_models": judged,
-            "excluded_seen_models": sorted(m for m in all_models if m in seen and m != REFERENCE_MODEL), **report}
+            "excluded_seen_models": sorted(m for m in all_models if m in seen and m != REFERENCE_MODEL),
+            "unlabelled_rows_skipped": data.unlabelled_rows, **report}
 
 
 __all__ = ["FULL", "QUICK", "HeadConfig", "TrainResult", "TrainSettings", "evaluate_judge", "fit_head", "measure",

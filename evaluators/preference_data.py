@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ class PreferenceData:
     pairs: list[LabelledPair]
     leaderboard: dict[str, LeaderboardRow] = field(default_factory=dict)
     source: str = ""
+    unlabelled_rows: int = 0  # label rows without a preference (null or NaN), skipped
 
     def models(self) -> list[str]:
         return sorted({m for _, m in self.outputs})
@@ -73,6 +75,7 @@ class PreferenceData:
             pairs=[p for p in self.pairs if p.prompt_id in keep],
             leaderboard=self.leaderboard,
             source=self.source,
+            unlabelled_rows=self.unlabelled_rows,
         )
 
     def sample_prompts(self, n: int, seed: int) -> "PreferenceData":
@@ -139,10 +142,14 @@ def load_preference_data(directory: str | Path, *, require_labels: bool = True) 
         output = row.get("output")
         outputs[(pid, _field(row, "model", str, where))] = output if isinstance(output, str) else ""
     pairs: list[LabelledPair] = []
+    unlabelled = 0
     path = _find(directory, "labels")
     if path.exists() or require_labels:
         for lineno, row in _read_jsonl(path):
             where = f"{path}:{lineno}"
+            if _is_missing(row.get("p_b_better")):  # AlpacaEval keeps rows its annotator could not parse
+                unlabelled += 1
+                continue
             pair = LabelledPair(
                 prompt_id=_field(row, "prompt_id", str, where),
                 model_a=_field(row, "model_a", str, where),
@@ -154,7 +161,17 @@ def load_preference_data(directory: str | Path, *, require_labels: bool = True) 
                 raise PreferenceDataError(f"{where}: p_b_better must be in [0, 1], got {pair.p_b_better}")
             if (pair.prompt_id, pair.model_a) in outputs and (pair.prompt_id, pair.model_b) in outputs:
                 pairs.append(pair)
-    return PreferenceData(prompts, outputs, pairs, _read_leaderboard(directory / "leaderboard.csv"), str(directory))
+    return PreferenceData(prompts, outputs, pairs, _read_leaderboard(directory / "leaderboard.csv"), str(directory),
+                          unlabelled_rows=unlabelled)
+
+
+def _is_missing(value: Any) -> bool:
+    """null, NaN or an empty / 'nan' string: a value the source left out, not a malformed one."""
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return math.isnan(value)
+    return isinstance(value, str) and value.strip().lower() in ("", "nan", "none", "null")
 
 
 def _read_leaderboard(path: Path) -> dict[str, LeaderboardRow]:
@@ -164,9 +181,11 @@ def _read_leaderboard(path: Path) -> dict[str, LeaderboardRow]:
     with path.open(newline="", encoding="utf-8") as fh:
         for lineno, row in enumerate(csv.DictReader(fh), 2):
             try:
+                if _is_missing(row.get("win_rate")):  # listed but not ranked: no row to compare with
+                    continue
                 lc = row.get("lc_win_rate")
                 rows[row["model"]] = LeaderboardRow(row["model"], float(row["win_rate"]),
-                                                    float(lc) if lc not in (None, "") else None)
+                                                    None if _is_missing(lc) else float(lc))
             except (KeyError, TypeError, ValueError) as exc:
                 raise PreferenceDataError(f"{path}:{lineno}: bad leaderboard row: {exc}") from None
     return rows

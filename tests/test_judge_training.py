@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -126,6 +129,76 @@ def test_evaluating_only_seen_models_is_refused(trained, tiny_data, tmp_path):
     judge.spec.trained_models = sorted({p.model_b for p in data.pairs} | {"gpt4_1106_preview"})
     with pytest.raises(PreferenceDataError, match="training set"):
         evaluate_judge(judge, tiny_data)
+
+
+def _holdout_shaped(src: Path, dst: Path, models: list[str]) -> Path:
+    """What an acceptance set looks like: only new models and the AlpacaEval 2.0 reference (no text_davinci_003
+    and no AlpacaEval 1.0 labels), label rows the annotator left empty, and leaderboard rows with gaps."""
+    dst.mkdir(parents=True, exist_ok=True)
+    keep = set(models) | {"gpt4_1106_preview"}
+    (dst / "prompts.jsonl.gz").write_bytes((src / "prompts.jsonl.gz").read_bytes())
+    with gzip.open(src / "outputs.jsonl.gz", "rt") as fh, gzip.open(dst / "outputs.jsonl.gz", "wt") as out:
+        out.writelines(line for line in fh if json.loads(line)["model"] in keep)
+    with gzip.open(src / "labels.jsonl.gz", "rt") as fh, gzip.open(dst / "labels.jsonl.gz", "wt") as out:
+        rows = [json.loads(line) for line in fh]
+        rows = [r for r in rows if r["model_a"] == "gpt4_1106_preview" and r["model_b"] in keep]
+        out.writelines(json.dumps(r) + "\n" for r in rows)
+        out.write(json.dumps({**rows[0], "p_b_better": None}) + "\n")
+        out.write('{"prompt_id": "%s", "model_a": "gpt4_1106_preview", "model_b": "%s", "p_b_better": NaN}\n'
+                  % (rows[1]["prompt_id"], rows[1]["model_b"]))
+    lines = (src / "leaderboard.csv").read_text().splitlines()
+    board = [lines[0]] + [row for row in lines[1:] if row.split(",")[0] in keep]
+    (dst / "leaderboard.csv").write_text("\n".join(board + ["not-ranked-model,,,,"]) + "\n")
+    return dst
+
+
+def _run_bench(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    bench = Path(__file__).resolve().parents[1] / "bench" / "judge_quality.py"
+    return subprocess.run([sys.executable, str(bench), *args, "--no-progress"], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def test_bench_judge_quality_runs_on_a_holdout_shaped_directory(trained, tiny_data, tmp_path):
+    """The acceptance check's own command, as a user runs it, on a directory in the format but not our split."""
+    uri, root, result = trained
+    holdout = _holdout_shaped(tiny_data, tmp_path / "holdout", list(result.heldout_models))
+    env = {"SHADOWJUDGE_CACHE_DIR": str(root / "onnx-cache")}
+    done = _run_bench("--data", str(holdout), "--prompts", "40", "--tracking-uri", uri,
+                      "--registered-name", "tiny-judge", env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    def no_nan(token):
+        raise AssertionError(f"not strict JSON: {token}")
+
+    out = json.loads(done.stdout, parse_constant=no_nan)
+    assert out["benchmark"] == "judge_quality" and out["judge"] == "small-judge:models:/tiny-judge/1"
+    assert out["n_prompts"] == 40 and out["unseen_models"] == sorted(result.heldout_models)
+    assert out["unlabelled_rows_skipped"] == 2 and out["excluded_seen_models"] == []
+    assert 0 < out["instance"]["n"] and 0 <= out["instance"]["balanced_agreement"] <= 1
+    assert set(out["win_rates"]) == set(result.heldout_models)
+    for key in ("spearman_win_rate", "spearman_lc_win_rate"):
+        assert isinstance(out["targets"][key]["met"], bool) and -1 <= out["targets"][key]["value"] <= 1
+    assert out["targets"]["balanced_agreement_above_baseline"]["met"] in (True, False)
+
+    again = _run_bench("--data", str(holdout), "--prompts", "40", "--tracking-uri", uri,
+                       "--registered-name", "tiny-judge", env=env)
+    assert json.loads(again.stdout)["win_rates"] == out["win_rates"]  # the seeded subset is the same subset
+
+
+def test_bench_judge_quality_bad_input_is_one_line_not_a_traceback(trained, tiny_data, tmp_path):
+    uri, root, _ = trained
+    env = {"SHADOWJUDGE_CACHE_DIR": str(root / "onnx-cache")}
+    common = ("--tracking-uri", uri, "--registered-name", "tiny-judge")
+    missing = _run_bench("--data", str(tmp_path / "nowhere"), *common, env=env)
+    assert missing.returncode == 1 and "not a directory" in missing.stderr and "Traceback" not in missing.stderr
+    broken = write_subset(tiny_data, tmp_path / "broken", 10)
+    with gzip.open(broken / "labels.jsonl.gz", "at") as fh:
+        fh.write('{"prompt_id": "x", "model_a": "a", "model_b": "b", "p_b_better": "high"}\n')
+    bad = _run_bench("--data", str(broken), *common, env=env)
+    assert bad.returncode == 1 and "labels.jsonl.gz:" in bad.stderr and "p_b_better" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    no_judge = _run_bench("--data", str(tiny_data), "--tracking-uri", uri, "--registered-name", "absent", env=env)
+    assert no_judge.returncode == 1 and "shadowjudge judge train" in no_judge.stderr
 
 
 def test_int8_check_compares_both_encoders_on_the_same_pairs(trained, tiny_data):
