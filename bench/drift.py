@@ -24,13 +24,14 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from shadowjudge.environment import apply_defaults  # noqa: E402
+
+apply_defaults()
 
 from shadowjudge.analysis.drift import input_drift  # noqa: E402
 from shadowjudge.analysis.embeddings import MiniLMEmbedder  # noqa: E402

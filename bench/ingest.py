@@ -31,7 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from shadowjudge.environment import apply_defaults  # noqa: E402
+
+apply_defaults()
 
 from shadowjudge.config import parse_config  # noqa: E402
 from shadowjudge.store import dispose_engines, get_engine, upgrade_database  # noqa: E402

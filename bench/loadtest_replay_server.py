@@ -18,7 +18,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from shadowjudge.environment import apply_defaults  # noqa: E402
+
+apply_defaults()
 
 from shadowjudge.config import ShadowConfig, TargetConfig  # noqa: E402
 from shadowjudge.shadow.loadtest import Ramp, prompts_from_jsonl, run_loadtest  # noqa: E402

@@ -53,10 +53,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+from shadowjudge.environment import apply_defaults  # noqa: E402
+
+apply_defaults()
 
 MIB = 1024 * 1024
 PG_DB = "shadowjudge_soak"

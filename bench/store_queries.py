@@ -52,7 +52,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from shadowjudge.environment import apply_defaults  # noqa: E402
+
+apply_defaults()
 
 import orjson
 import yaml

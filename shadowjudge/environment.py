@@ -14,6 +14,8 @@ DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "TOKENIZERS_PARALLELISM": "false",
+    # A judge is a few small files: MLflow's download bar only clutters cycle logs and bench output.
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     # The in-process server takes 10-15 s on an idle 2-core machine; the default 20 s fails under load.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }
