@@ -610,7 +610,7 @@ def evaluate_judge(judge: SmallJudge, data_dir: str | Path, *, prompts: int | No
     Pairs count when their judged side (model_b) is unseen; the reference on the other side may have been seen, as
     in training. Models the judge was fitted on would flatter it, so they are left out and listed."""
     data = load_preference_data(data_dir, require_labels=False)
-    if prompts:
+    if prompts is not None:
         data = data.sample_prompts(prompts, seed)
     seen = set() if include_seen else set(judge.spec.trained_models)
     all_models = sorted({m for _, m in data.outputs})

@@ -80,6 +80,8 @@ class PreferenceData:
 
     def sample_prompts(self, n: int, seed: int) -> "PreferenceData":
         """A fixed, seeded subset of `n` prompts (all of them if n >= the number of prompts)."""
+        if n < 1:
+            raise PreferenceDataError(f"the number of prompts to sample must be at least 1, got {n}")
         ids = sorted(self.prompts)
         if n >= len(ids):
             return self

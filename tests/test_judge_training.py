@@ -197,6 +197,9 @@ def test_bench_judge_quality_bad_input_is_one_line_not_a_traceback(trained, tiny
     bad = _run_bench("--data", str(broken), *common, env=env)
     assert bad.returncode == 1 and "labels.jsonl.gz:" in bad.stderr and "p_b_better" in bad.stderr
     assert "Traceback" not in bad.stderr
+    for n in ("0", "-5"):
+        none = _run_bench("--data", str(tiny_data), "--prompts", n, *common, env=env)
+        assert none.returncode == 1 and "at least 1" in none.stderr and "Traceback" not in none.stderr
     no_judge = _run_bench("--data", str(tiny_data), "--tracking-uri", uri, "--registered-name", "absent", env=env)
     assert no_judge.returncode == 1 and "shadowjudge judge train" in no_judge.stderr
 
