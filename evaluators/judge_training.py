@@ -475,7 +475,7 @@ def train_judge(data_dir: str | Path, tracking_uri: str, *, quick: bool, seed: i
         with mlflow.start_run(experiment_id=ensure, run_name=f"train-{'quick' if quick else 'full'}-seed{seed}") as run:
             mlflow.log_params({
                 "data_dir": str(data_dir), "quick": quick, "seed": seed, "n_pairs": len(data.pairs),
-                "n_prompts": len(data.prompts), "heldout_models": ",".join(split.heldout_models),
+                "unlabelled_rows_skipped": data.unlabelled_rows, "n_prompts": len(data.prompts), "heldout_models": ",".join(split.heldout_models),
                 "validation_models": ",".join(validation.heldout_models) if validation else "",
                 **{f"encoder_{k}": v for k, v in asdict(settings.encoder).items()},
             })

@@ -56,3 +56,19 @@ def test_unknown_prompt_and_missing_file(data_dir):
     (data_dir / "prompts.jsonl.gz").unlink()
     with pytest.raises(PreferenceDataError, match="file not found"):
         load_preference_data(data_dir)
+
+
+def test_rows_without_a_preference_are_skipped_and_counted_but_bad_ones_still_fail(data_dir):
+    row = {"prompt_id": "p1", "model_a": "ref", "model_b": "m"}
+    _write(data_dir / "labels.jsonl.gz", [{**row, "p_b_better": None}, {**row, "p_b_better": 0.25},
+                                          '{"prompt_id": "p1", "model_a": "ref", "model_b": "m", "p_b_better": NaN}'])
+    (data_dir / "leaderboard.csv").write_text("model,win_rate,lc_win_rate\nm,12.5,nan\nref,,\n")
+    data = load_preference_data(data_dir)
+    assert [p.p_b_better for p in data.pairs] == [0.25] and data.unlabelled_rows == 2
+    assert data.leaderboard["m"].lc_win_rate is None and "ref" not in data.leaderboard
+    assert data.sample_prompts(1, seed=0).unlabelled_rows == 2
+    with pytest.raises(PreferenceDataError, match="at least 1"):
+        data.sample_prompts(0, seed=0)
+    _write(data_dir / "labels.jsonl.gz", [{**row, "p_b_better": "0.7"}])
+    with pytest.raises(PreferenceDataError, match=r"labels\.jsonl\.gz:1: field 'p_b_better' must be float"):
+        load_preference_data(data_dir)
