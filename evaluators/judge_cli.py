@@ -67,9 +67,10 @@ def progress_bar(enabled: bool = True) -> Iterator:
         yield update
 
 
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=1)
+def _fail(exc: Exception) -> None:
+    """One line on stderr; exit 2 for bad input (InputError), 1 for the rest, as everywhere in the CLI."""
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=getattr(exc, "exit_code", 1))
 
 
 @judge_cli.command()
@@ -95,7 +96,7 @@ def train(
             result = train_judge(data, tracking_uri_default(tracking_uri), quick=quick, seed=seed,
                                  registered_name=registered_name, cache_dir=cache_dir, progress=update)
     except (PreferenceDataError, JudgeRegistryError) as exc:
-        _fail(str(exc))
+        _fail(exc)
         return
     typer.echo(json.dumps(result.as_dict(), indent=2, sort_keys=True, default=str))
 
@@ -125,9 +126,47 @@ def evaluate(
             report = evaluate_judge(judge, data, prompts=prompts, seed=seed, include_seen=include_seen,
                                     progress=update)
     except (PreferenceDataError, JudgeRegistryError, EvaluatorConfigError) as exc:
-        _fail(str(exc))
+        _fail(exc)
         return
     typer.echo(json.dumps({"judge": judge.version, **report}, indent=2, sort_keys=True))
+
+
+@judge_cli.command("label-traffic")
+def label_traffic(
+    out: Path = typer.Option(..., help="Directory to write (AlpacaEval format: prompts, outputs, labels)"),
+    config: Path = typer.Option(Path("configs/shadowjudge.yaml"), "--config", "-c", envvar="SHADOWJUDGE_CONFIG",
+                                help="Config YAML: its store holds the traffic, judge.teacher is the labeller"),
+    route: str = typer.Option(None, help="Route whose stored pairs to label (default: the config's only route)"),
+    max_pairs: int = typer.Option(2000, help="Label at most this many pairs, a seeded sample"),
+    seed: int = typer.Option(0),
+    progress: bool = typer.Option(True),
+) -> None:
+    """Have the teacher (judge.teacher) label a sample of stored shadow pairs, for `judge train --data OUT`."""
+    from evaluators.llm_judge import LlmJudge
+    from evaluators.traffic_labels import label_stored_traffic
+    from shadowjudge.config import ConfigError, load_config
+    from shadowjudge.errors import ShadowJudgeError
+    from shadowjudge.store import get_engine
+    from shadowjudge.store.database import has_schema
+
+    try:
+        cfg = load_config(config)
+        if cfg.judge.teacher is None:
+            raise ConfigError(f"{config}: judge.teacher is not set; the teacher is the LLM judge that labels pairs")
+        if route is None and len(cfg.routes) != 1:
+            raise ConfigError(f"--route is needed: the config has {len(cfg.routes)} routes "
+                              f"({', '.join(r.name for r in cfg.routes)})")
+        name = cfg.route(route).name if route else cfg.routes[0].name
+        engine = get_engine(cfg.store.url)
+        if not has_schema(engine):
+            raise ConfigError("the store has no schema yet: run `shadowjudge init --config ...` first")
+        with progress_bar(progress) as update:
+            report = label_stored_traffic(engine, name, LlmJudge.from_target(cfg.judge.teacher), out,
+                                          max_pairs=max_pairs, seed=seed, progress=update)
+    except ShadowJudgeError as exc:
+        _fail(exc)
+        return
+    typer.echo(json.dumps(report.as_dict(), indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":

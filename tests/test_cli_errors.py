@@ -73,6 +73,7 @@ def _cases(tmp: Path) -> dict[str, Case]:
     (tmp / "broken.yaml").write_text("store: {url: sqlite:///x.db\nroutes: [\n")
     down = {**base, "store": {"url": f"postgresql+psycopg2://postgres:{STORE_PASSWORD}@127.0.0.1:1/nowhere"}}
     no_source = {**base, "sources": [{"name": "gateway-logs", "kind": "jsonl", "path": str(tmp / "no-such-log")}]}
+    teacher = {**base, "judge": {"evaluator": "lexical", "teacher": base["routes"][0]["candidates"][0]}}
     cases = {
         "unknown option": Case(["--bogus"], 2, "no such option"),
         "unknown command": Case(["evaluate-everything"], 2, "no such command"),
@@ -98,6 +99,11 @@ def _cases(tmp: Path) -> dict[str, Case]:
         "store unreachable": Case(["init", "-c", _write(tmp / "down.yaml", down)], 1, "store cannot be reached"),
         "traffic source missing": Case(["traffic", "ingest", "-c", _write(tmp / "nosource.yaml", no_source)], 1,
                                        "no-such-log"),
+        "labelling without a teacher": Case(["judge", "label-traffic", "-c", good, "--out", str(tmp / "labels")], 2,
+                                            "judge.teacher is not set"),
+        "labelling an empty store": Case(["judge", "label-traffic", "-c", _write(tmp / "teacher.yaml", teacher),
+                                          "--out", str(tmp / "labels"), "--no-progress"], 2,
+                                         "no stored shadow answers"),
     }
     if PG_URL:
         pg_empty = {**base, "store": {"url": _empty_pg_database()}}
@@ -135,7 +141,8 @@ CASE_NAMES = [
     "config field of the wrong type", "config not a mapping", "unknown route for run", "unknown route for history",
     "unusable cycle id", "cycle id too long", "alert id not a number", "alert id unknown", "alert status unknown",
     "verdicts file missing", "status without schema", "alerts without schema", "history without schema",
-    "quarantine without schema", "store unreachable", "traffic source missing",
+    "quarantine without schema", "store unreachable", "traffic source missing", "labelling without a teacher",
+    "labelling an empty store",
     pytest.param("status without schema (PostgreSQL)", marks=pytest.mark.pg),
 ]
 

@@ -1,0 +1,146 @@
+"""Training labels from production: the teacher judges a seeded sample of a route's stored shadow pairs, and the
+pairs are written as an AlpacaEval-format directory that `shadowjudge judge train --data DIR` reads.
+
+A pair is the production answer (model_a: the incumbent model) against a candidate's shadow answer (model_b: the
+target). Teacher verdicts are stored as `Judgment` rows under the teacher's version (role "label"), so a rerun, or a
+larger sample later, pays only for pairs the teacher has not judged yet; verdicts calibration already bought are
+reused too. Prompt ids hash the request id, so two requests with the same text stay two prompts.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import Engine, select
+
+from evaluators.preference_data import PreferenceDataError
+from shadowjudge.store import Judgment, ShadowResult, TrafficSample, insert_ignoring_duplicates, session_scope
+
+if TYPE_CHECKING:
+    from evaluators.llm_judge import LlmJudge
+
+LABEL_ROLE = "label"
+
+
+@dataclass(frozen=True)
+class TrafficLabelReport:
+    directory: str
+    route: str
+    teacher: str
+    available_pairs: int
+    pairs: int
+    teacher_calls: int
+    reused_verdicts: int
+    models: list[str]
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class _Pair:
+    run_id: int
+    sample_id: int
+    request_id: str
+    target: str
+    incumbent_model: str
+    prompt: str
+    incumbent: str
+    candidate: str
+
+
+def _label_order(seed: int, request_id: str, target: str) -> bytes:
+    return hashlib.sha256(f"label:{seed}:{request_id}:{target}".encode()).digest()
+
+
+def stored_pairs(engine: Engine, route: str) -> list[_Pair]:
+    """Every (sample, target) of the route with both answers, from the latest run that answered it."""
+    from shadowjudge.scoring import prompt_text
+
+    with session_scope(engine) as s:
+        rows = s.execute(
+            select(ShadowResult.run_id, ShadowResult.sample_id, ShadowResult.target, ShadowResult.output_text,
+                   TrafficSample.request_id, TrafficSample.incumbent_model, TrafficSample.messages,
+                   TrafficSample.response_text)
+            .join(TrafficSample, TrafficSample.id == ShadowResult.sample_id)
+            .where(TrafficSample.route == route, ShadowResult.attempt == 0, ShadowResult.error_class.is_(None),
+                   ShadowResult.output_text.is_not(None), TrafficSample.response_text.is_not(None))
+            .order_by(ShadowResult.run_id)
+        ).all()
+    # A target that is the incumbent model itself would put two answers under one (prompt, model) name.
+    latest = {(r.sample_id, r.target): r for r in rows if r.target != r.incumbent_model}
+    return [_Pair(r.run_id, r.sample_id, r.request_id, r.target, r.incumbent_model, prompt_text(r.messages),
+                  r.response_text, r.output_text) for r in latest.values()]
+
+
+def label_stored_traffic(engine: Engine, route: str, teacher: "LlmJudge", out_dir: str | Path, *,
+                         max_pairs: int = 2000, seed: int = 0, batch_size: int = 16,
+                         progress: Callable[[str, int, int], None] | None = None) -> TrafficLabelReport:
+    """Judge up to `max_pairs` of the route's stored pairs with the teacher and write them to `out_dir`."""
+    if max_pairs < 1:
+        raise PreferenceDataError(f"max_pairs must be at least 1, got {max_pairs}")
+    available = stored_pairs(engine, route)
+    if not available:
+        raise PreferenceDataError(f"route '{route}' has no stored shadow answers to label: run a cycle first")
+    chosen = sorted(available, key=lambda p: _label_order(seed, p.request_id, p.target))[:max_pairs]
+    with session_scope(engine) as s:
+        stored = s.execute(select(Judgment.sample_id, Judgment.target, Judgment.preference)
+                           .where(Judgment.evaluator == teacher.version, Judgment.preference.is_not(None))
+                           .order_by(Judgment.id)).all()
+    verdicts = {(r.sample_id, r.target): r.preference for r in stored}
+    reused = sum((p.sample_id, p.target) in verdicts for p in chosen)
+    todo = [p for p in chosen if (p.sample_id, p.target) not in verdicts]
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        judged = teacher.judge_pairs([p.prompt for p in batch], [p.incumbent for p in batch],
+                                     [p.candidate for p in batch])
+        with session_scope(engine) as s:
+            insert_ignoring_duplicates(s, Judgment, [
+                dict(run_id=p.run_id, sample_id=p.sample_id, target=p.target, evaluator=teacher.version,
+                     candidate_score=None, incumbent_score=None, preference=v.preference,
+                     details={"role": LABEL_ROLE, "candidate_first": v.candidate_first,
+                              "incumbent_first": v.incumbent_first})
+                for p, v in zip(batch, judged)], ["run_id", "sample_id", "target", "evaluator"])
+        verdicts.update({(p.sample_id, p.target): v.preference for p, v in zip(batch, judged)})
+        if progress:
+            progress("teacher", start + len(batch), len(todo))
+    models = _write_directory(Path(out_dir), chosen, verdicts, teacher.version)
+    return TrafficLabelReport(str(out_dir), route, teacher.version, len(available), len(chosen), len(todo), reused,
+                              models)
+
+
+def _write_directory(out: Path, pairs: list[_Pair], verdicts: dict[tuple[int, str], float],
+                     annotator: str) -> list[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    prompts: dict[str, str] = {}
+    outputs: dict[tuple[str, str], str] = {}
+    labels = []
+    for p in sorted(pairs, key=lambda p: (p.request_id, p.target)):
+        pid = hashlib.sha1(p.request_id.encode()).hexdigest()[:12]
+        prompts[pid] = p.prompt
+        outputs[(pid, p.incumbent_model)] = p.incumbent
+        outputs[(pid, p.target)] = p.candidate
+        labels.append({"prompt_id": pid, "model_a": p.incumbent_model, "model_b": p.target,
+                       "p_b_better": verdicts[(p.sample_id, p.target)], "annotator": annotator})
+    _write_jsonl(out / "prompts.jsonl.gz", [{"id": k, "dataset": "traffic", "instruction": v}
+                                            for k, v in prompts.items()])
+    _write_jsonl(out / "outputs.jsonl.gz", [{"prompt_id": k[0], "model": k[1], "output": v}
+                                            for k, v in outputs.items()])
+    _write_jsonl(out / "labels.jsonl.gz", labels)
+    return sorted({m for _, m in outputs})
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with gzip.open(tmp, "wt", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    tmp.replace(path)
+
+
+__all__ = ["LABEL_ROLE", "TrafficLabelReport", "label_stored_traffic", "stored_pairs"]

@@ -1,0 +1,180 @@
+"""Training labels from stored traffic, on real stores (SQLite and PostgreSQL): the teacher labels a seeded sample
+of shadow pairs once, reruns and larger samples pay only for new pairs, calibration's verdicts are reused, and the
+directory it writes trains a judge through the same command as the AlpacaEval labels."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from evaluators.calibration import TEACHER_ROLE
+from evaluators.llm_judge import LlmJudge
+from evaluators.preference_data import PreferenceDataError, load_preference_data
+from evaluators.traffic_labels import LABEL_ROLE, label_stored_traffic
+from shadowjudge.store import Judgment, ShadowResult, ShadowRun, TrafficSample, get_engine, session_scope
+from tests.test_judge_calibration import teacher_transport
+
+TARGETS = ("cand-a", "cand-b", "cand-c")
+N = 30
+TOPICS = ["rivers", "prime numbers", "sourdough", "tax law", "jazz", "volcanoes", "chess", "compilers", "tea",
+          "bridges"]
+
+
+def _answer(i: int, who: str, good: bool) -> str:
+    topic = TOPICS[i % len(TOPICS)]
+    if good:
+        return f"GOOD: a careful answer about {topic} from {who}, with the reasoning laid out step by step."
+    return f"{who} has no idea about {topic}."
+
+
+def seed_traffic(engine, route: str = "chat") -> None:
+    """N samples answered by the incumbent and three candidates in two runs; the GOOD answer alternates sides.
+    Failed and empty shadow answers are stored too and must not be labelled."""
+    now = datetime.now(timezone.utc)
+    with session_scope(engine) as s:
+        runs = [ShadowRun(run_key=f"r{k}", route=route, config_hash="h") for k in (1, 2)]
+        s.add_all(runs)
+        s.flush()
+        for i in range(N):
+            sample = TrafficSample(request_id=f"req-{i}", source="logs", source_position=str(i), route=route,
+                                   incumbent_model="inc", messages=[{"role": "user", "content": f"question {i}"}],
+                                   response_text=_answer(i, "inc", i % 2 == 1), request_ts=now)
+            s.add(sample)
+            s.flush()
+            for t, target in enumerate(TARGETS):
+                run = runs[t % 2]
+                s.add(ShadowResult(run_id=run.id, sample_id=sample.id, target=target, model=target,
+                                   output_text=_answer(i, target, i % 2 == 0)))
+            s.add(ShadowResult(run_id=runs[0].id, sample_id=sample.id, target="broken", model="broken",
+                               output_text=None, error_class="timeout"))
+        other = TrafficSample(request_id="other-route", source="logs", source_position="x", route="elsewhere",
+                              incumbent_model="inc", messages=[{"role": "user", "content": "q"}],
+                              response_text="a", request_ts=now)
+        s.add(other)
+        s.flush()
+        s.add(ShadowResult(run_id=runs[0].id, sample_id=other.id, target="cand-a", model="cand-a", output_text="b"))
+
+
+def _teacher(calls: list[str]) -> LlmJudge:
+    return LlmJudge(OpenAI(api_key="k", base_url="http://teacher.test/v1",
+                           http_client=httpx.Client(transport=teacher_transport(calls))), "teacher", concurrency=4)
+
+
+def _rows(path) -> list[dict]:
+    with gzip.open(path, "rt") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def test_teacher_labels_a_seeded_sample_once_and_writes_a_training_directory(store_url, tmp_path):
+    engine = get_engine(store_url)
+    seed_traffic(engine)
+    calls: list[str] = []
+    teacher = _teacher(calls)
+    with session_scope(engine) as s:  # a verdict calibration already paid for
+        sample_id = s.query(TrafficSample.id).filter(TrafficSample.request_id == "req-0").scalar()
+        run_id = s.query(ShadowResult.run_id).filter(ShadowResult.sample_id == sample_id,
+                                                     ShadowResult.target == "cand-a").scalar()
+        s.add(Judgment(run_id=run_id, sample_id=sample_id, target="cand-a", evaluator=teacher.version,
+                       preference=1.0, details={"role": TEACHER_ROLE}))
+
+    out = tmp_path / "labels"
+    everything = N * len(TARGETS)
+    report = label_stored_traffic(engine, "chat", teacher, out, max_pairs=everything)
+    assert report.available_pairs == everything and report.pairs == everything
+    assert report.reused_verdicts == 1 and report.teacher_calls == everything - 1
+    assert len(calls) == 2 * (everything - 1)  # both orders of every new pair, to cancel position bias
+    assert report.models == ["cand-a", "cand-b", "cand-c", "inc"]
+
+    data = load_preference_data(out)
+    assert len(data.prompts) == N and len(data.pairs) == everything and data.judged_models() == list(TARGETS)
+    for p in data.pairs:  # the teacher's rule: the GOOD answer wins
+        assert p.model_a == "inc" and p.annotator == teacher.version
+        assert p.p_b_better == (1.0 if data.answer(p.prompt_id, p.model_b).startswith("GOOD") else 0.0)
+    with session_scope(engine) as s:
+        roles = [j.details["role"] for j in s.query(Judgment).filter(Judgment.evaluator == teacher.version)]
+    assert roles.count(LABEL_ROLE) == everything - 1 and roles.count(TEACHER_ROLE) == 1
+
+    files = {name: _rows(out / f"{name}.jsonl.gz") for name in ("prompts", "outputs", "labels")}
+    calls.clear()
+    again = label_stored_traffic(engine, "chat", teacher, out, max_pairs=everything)
+    assert again.teacher_calls == 0 and again.reused_verdicts == everything and calls == []
+    assert {name: _rows(out / f"{name}.jsonl.gz") for name in files} == files
+
+
+def test_a_larger_sample_pays_only_for_the_new_pairs_and_keeps_the_old_ones(sqlite_url, tmp_path):
+    engine = get_engine(sqlite_url)
+    seed_traffic(engine)
+    calls: list[str] = []
+    small = label_stored_traffic(engine, "chat", _teacher(calls), tmp_path / "a", max_pairs=20, seed=3)
+    larger = label_stored_traffic(engine, "chat", _teacher(calls), tmp_path / "b", max_pairs=50, seed=3)
+    assert small.teacher_calls == 20 and larger.teacher_calls == 30 and larger.reused_verdicts == 20
+    first = {(r["prompt_id"], r["model_b"]) for r in _rows(tmp_path / "a" / "labels.jsonl.gz")}
+    second = {(r["prompt_id"], r["model_b"]) for r in _rows(tmp_path / "b" / "labels.jsonl.gz")}
+    assert first < second  # the seeded order is a prefix: a larger sample contains the smaller one
+    other_seed = label_stored_traffic(engine, "chat", _teacher(calls), tmp_path / "c", max_pairs=20, seed=4)
+    assert {(r["prompt_id"], r["model_b"]) for r in _rows(tmp_path / "c" / "labels.jsonl.gz")} != first
+    assert other_seed.pairs == 20
+
+
+def test_nothing_to_label_says_so(sqlite_url, tmp_path):
+    engine = get_engine(sqlite_url)
+    with pytest.raises(PreferenceDataError, match="no stored shadow answers"):
+        label_stored_traffic(engine, "chat", _teacher([]), tmp_path / "x")
+    seed_traffic(engine)
+    with pytest.raises(PreferenceDataError, match="at least 1"):
+        label_stored_traffic(engine, "chat", _teacher([]), tmp_path / "x", max_pairs=0)
+
+
+def test_traffic_labels_train_a_judge_that_beats_chance_on_a_candidate_it_never_saw(sqlite_url, tmp_path):
+    from evaluators.judge_training import train_judge
+    from tests.test_judge_training import TINY
+
+    engine = get_engine(sqlite_url)
+    seed_traffic(engine)
+    out = tmp_path / "labels"
+    label_stored_traffic(engine, "chat", _teacher([]), out, max_pairs=N * len(TARGETS))
+    result = train_judge(out, f"sqlite:///{tmp_path}/mlflow.db", quick=True, seed=0, registered_name="traffic-judge",
+                         settings=replace(TINY, int8_check_pairs=0), cache_dir=tmp_path / "cache")
+    assert len(result.heldout_models) == 1 and result.heldout_models[0] in TARGETS
+    assert result.metrics["n"] == N and result.metrics["agreement"] > 0.8, result.metrics
+
+
+def test_the_command_labels_through_a_teacher_on_loopback(tmp_path):
+    """`shadowjudge judge label-traffic` as a user runs it: config file, SQLite store, a teacher over HTTP."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from shadowjudge.demo import demo_config
+    from shadowjudge.store import upgrade_database
+    from tests.test_cycle_checks import Teacher
+
+    url = f"sqlite:///{tmp_path}/store.db"
+    upgrade_database(url)
+    seed_traffic(get_engine(url), route="chat-default")
+    with Teacher() as teacher:
+        config = demo_config(tmp_path, "http://127.0.0.1:9/v1")
+        config["store"] = {"url": url}
+        config["judge"] = {"evaluator": "lexical", "teacher": {
+            "name": "teacher", "model": "gpt-4-judge", "base_url": f"http://127.0.0.1:{teacher.server.server_address[1]}/v1"}}
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+        done = subprocess.run([sys.executable, "-m", "shadowjudge.cli", "judge", "label-traffic", "-c",
+                               str(tmp_path / "c.yaml"), "--out", str(tmp_path / "labels"), "--max-pairs", "40",
+                               "--no-progress"], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        calls = teacher.calls
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["route"] == "chat-default" and report["pairs"] == 40 and report["teacher_calls"] == 40
+    assert calls == 80  # both orders
+    data = load_preference_data(tmp_path / "labels")
+    assert len(data.pairs) == 40 and all(p.p_b_better in (0.0, 1.0) for p in data.pairs)
