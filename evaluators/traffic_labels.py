@@ -54,6 +54,10 @@ class _Pair:
     incumbent: str
     candidate: str
 
+    @property
+    def key(self) -> tuple[int, int, str]:
+        return self.run_id, self.sample_id, self.target
+
 
 def _label_order(seed: int, request_id: str, target: str) -> bytes:
     return hashlib.sha256(f"label:{seed}:{request_id}:{target}".encode()).digest()
@@ -90,12 +94,13 @@ def label_stored_traffic(engine: Engine, route: str, teacher: "LlmJudge", out_di
         raise PreferenceDataError(f"route '{route}' has no stored shadow answers to label: run a cycle first")
     chosen = sorted(available, key=lambda p: _label_order(seed, p.request_id, p.target))[:max_pairs]
     with session_scope(engine) as s:
-        stored = s.execute(select(Judgment.sample_id, Judgment.target, Judgment.preference)
+        stored = s.execute(select(Judgment.run_id, Judgment.sample_id, Judgment.target, Judgment.preference)
                            .where(Judgment.evaluator == teacher.version, Judgment.preference.is_not(None))
                            .order_by(Judgment.id)).all()
-    verdicts = {(r.sample_id, r.target): r.preference for r in stored}
-    reused = sum((p.sample_id, p.target) in verdicts for p in chosen)
-    todo = [p for p in chosen if (p.sample_id, p.target) not in verdicts]
+    # Keyed by run too: a later run may have answered the same request differently, and a verdict is about answers.
+    verdicts = {(r.run_id, r.sample_id, r.target): r.preference for r in stored}
+    reused = sum(p.key in verdicts for p in chosen)
+    todo = [p for p in chosen if p.key not in verdicts]
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
         judged = teacher.judge_pairs([p.prompt for p in batch], [p.incumbent for p in batch],
@@ -107,7 +112,7 @@ def label_stored_traffic(engine: Engine, route: str, teacher: "LlmJudge", out_di
                      details={"role": LABEL_ROLE, "candidate_first": v.candidate_first,
                               "incumbent_first": v.incumbent_first})
                 for p, v in zip(batch, judged)], ["run_id", "sample_id", "target", "evaluator"])
-        verdicts.update({(p.sample_id, p.target): v.preference for p, v in zip(batch, judged)})
+        verdicts.update({p.key: v.preference for p, v in zip(batch, judged)})
         if progress:
             progress("teacher", start + len(batch), len(todo))
     models = _write_directory(Path(out_dir), chosen, verdicts, teacher.version)
@@ -115,7 +120,7 @@ def label_stored_traffic(engine: Engine, route: str, teacher: "LlmJudge", out_di
                               models)
 
 
-def _write_directory(out: Path, pairs: list[_Pair], verdicts: dict[tuple[int, str], float],
+def _write_directory(out: Path, pairs: list[_Pair], verdicts: dict[tuple[int, int, str], float],
                      annotator: str) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     prompts: dict[str, str] = {}
@@ -127,7 +132,7 @@ def _write_directory(out: Path, pairs: list[_Pair], verdicts: dict[tuple[int, st
         outputs[(pid, p.incumbent_model)] = p.incumbent
         outputs[(pid, p.target)] = p.candidate
         labels.append({"prompt_id": pid, "model_a": p.incumbent_model, "model_b": p.target,
-                       "p_b_better": verdicts[(p.sample_id, p.target)], "annotator": annotator})
+                       "p_b_better": verdicts[p.key], "annotator": annotator})
     _write_jsonl(out / "prompts.jsonl.gz", [{"id": k, "dataset": "traffic", "instruction": v}
                                             for k, v in prompts.items()])
     _write_jsonl(out / "outputs.jsonl.gz", [{"prompt_id": k[0], "model": k[1], "output": v}

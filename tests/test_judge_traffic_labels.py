@@ -178,3 +178,29 @@ def test_the_command_labels_through_a_teacher_on_loopback(tmp_path):
     assert calls == 80  # both orders
     data = load_preference_data(tmp_path / "labels")
     assert len(data.pairs) == 40 and all(p.p_b_better in (0.0, 1.0) for p in data.pairs)
+
+
+def test_a_later_run_that_answered_differently_is_labelled_again(sqlite_url, tmp_path):
+    engine = get_engine(sqlite_url)
+    seed_traffic(engine)
+    calls: list[str] = []
+    everything = N * len(TARGETS)
+    label_stored_traffic(engine, "chat", _teacher(calls), tmp_path / "a", max_pairs=everything)
+    with session_scope(engine) as s:  # cand-a's new version answers the first 5 requests the other way round
+        run = ShadowRun(run_key="r3", route="chat", config_hash="h2")
+        s.add(run)
+        s.flush()
+        for i in range(5):
+            sample_id = s.query(TrafficSample.id).filter(TrafficSample.request_id == f"req-{i}").scalar()
+            s.add(ShadowResult(run_id=run.id, sample_id=sample_id, target="cand-a", model="cand-a",
+                               output_text=_answer(i, "cand-a", i % 2 == 1)))
+    calls.clear()
+    again = label_stored_traffic(engine, "chat", _teacher(calls), tmp_path / "b", max_pairs=everything)
+    assert again.teacher_calls == 5 and again.reused_verdicts == everything - 5
+    data = load_preference_data(tmp_path / "b")
+    changed = 0
+    for p in data.pairs:  # the teacher's rule, both orders: GOOD beats not GOOD, two alike tie
+        good_a, good_b = (data.answer(p.prompt_id, m).startswith("GOOD") for m in (p.model_a, p.model_b))
+        assert p.p_b_better == 0.5 + (good_b - good_a) / 2
+        changed += good_a == good_b
+    assert changed == 5  # the new answers, labelled as they are now
