@@ -41,6 +41,12 @@ def model_folds(models: Sequence[str], folds: int, seed: int) -> list[list[str]]
     return [sorted(shuffled[i::folds]) for i in range(folds)]
 
 
+def _finite(stat, values) -> float:
+    """`stat` over the finite values; NaN when there are none (folds without leaderboard rows), without a warning."""
+    kept = [v for v in values if np.isfinite(v)]
+    return float(stat(kept)) if kept else float("nan")
+
+
 def cross_validate(data: PreferenceData, emb: EmbeddedAnswers, config: HeadConfig, encoder: EncoderSettings,
                    *, folds: int = 5, seed: int = 0, annotators: Sequence[str] | None = None,
                    length_penalty: float = 0.0) -> dict:
@@ -97,10 +103,10 @@ def cross_validate(data: PreferenceData, emb: EmbeddedAnswers, config: HeadConfi
         "spearman_win_rate_ci95_high": sm.spearman_win_rate_ci95[1],
         "spearman_lc_win_rate_ci95_low": sm.spearman_lc_win_rate_ci95[0],
         "spearman_lc_win_rate_ci95_high": sm.spearman_lc_win_rate_ci95[1],
-        "fold_spearman_win_rate_mean": float(np.nanmean(fold_rho)),
-        "fold_spearman_lc_win_rate_mean": float(np.nanmean(fold_lc)),
-        "fold_spearman_win_rate_min": float(np.nanmin(fold_rho)),
-        "fold_spearman_lc_win_rate_min": float(np.nanmin(fold_lc)),
+        "fold_spearman_win_rate_mean": _finite(np.mean, fold_rho),
+        "fold_spearman_lc_win_rate_mean": _finite(np.mean, fold_lc),
+        "fold_spearman_win_rate_min": _finite(np.min, fold_rho),
+        "fold_spearman_lc_win_rate_min": _finite(np.min, fold_lc),
         "baseline_agreement": bm.agreement, "baseline_balanced_agreement": bm.balanced_agreement,
         "baseline_spearman_win_rate": sb.spearman_win_rate, "baseline_spearman_lc_win_rate": sb.spearman_lc_win_rate,
         # the judge's own length-controlled win rate (AlpacaEval's GLM over its preferences) against the leaderboard

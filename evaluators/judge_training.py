@@ -535,12 +535,13 @@ def _select_head(data: PreferenceData, emb: EmbeddedAnswers, split: ModelSplit, 
     parent = mlflow.active_run()
     experiment_id = parent.info.experiment_id if parent else None  # else nested runs land in "Default"
     best: tuple[float, HeadConfig] | None = None
+    # Labels from a route's traffic may cover only two or three candidate models: no more folds than models.
+    folds = min(settings.selection_folds, len(train_only.judged_models()))
     for config in settings.heads:
         with mlflow.start_run(run_name=config.name, nested=True, experiment_id=experiment_id):
             mlflow.log_params(asdict(config))
-            if settings.selection_folds > 1:
-                found = cross_validate(train_only, emb, config, settings.encoder, folds=settings.selection_folds,
-                                       seed=seed)
+            if folds > 1:
+                found = cross_validate(train_only, emb, config, settings.encoder, folds=folds, seed=seed)
                 prefix = "cv_"
             elif validation:
                 spec, state = fit_head(emb, fit_split.train_pairs(data), config, settings.encoder, seed,

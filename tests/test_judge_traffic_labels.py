@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import warnings
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -140,9 +141,16 @@ def test_traffic_labels_train_a_judge_that_beats_chance_on_a_candidate_it_never_
     seed_traffic(engine)
     out = tmp_path / "labels"
     label_stored_traffic(engine, "chat", _teacher([]), out, max_pairs=N * len(TARGETS))
-    result = train_judge(out, f"sqlite:///{tmp_path}/mlflow.db", quick=True, seed=0, registered_name="traffic-judge",
-                         settings=replace(TINY, int8_check_pairs=0), cache_dir=tmp_path / "cache")
+    # Two candidate heads chosen by 5-fold cross-validation, as the full settings do, over two training models and
+    # no leaderboard: as many folds as models, selection on pair agreement, and no empty-fold warnings.
+    heads = (TINY.heads[0], replace(TINY.heads[0], name="tiny-lc", use_length=False, length_controlled=True))
+    settings = replace(TINY, heads=heads, selection_folds=5, int8_check_pairs=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        result = train_judge(out, f"sqlite:///{tmp_path}/mlflow.db", quick=True, seed=0,
+                             registered_name="traffic-judge", settings=settings, cache_dir=tmp_path / "cache")
     assert len(result.heldout_models) == 1 and result.heldout_models[0] in TARGETS
+    assert result.head in ("tiny", "tiny-lc")
     assert result.metrics["n"] == N and result.metrics["agreement"] > 0.8, result.metrics
 
 
