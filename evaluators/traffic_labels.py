@@ -44,43 +44,62 @@ class TrafficLabelReport:
 
 
 @dataclass(frozen=True)
-class _Pair:
+class StoredPair:
+    """One labellable pair, without its texts (a route can hold millions; only the chosen ones are read)."""
+
+    result_id: int
     run_id: int
     sample_id: int
     request_id: str
     target: str
     incumbent_model: str
-    prompt: str
-    incumbent: str
-    candidate: str
 
     @property
     def key(self) -> tuple[int, int, str]:
         return self.run_id, self.sample_id, self.target
 
 
+@dataclass(frozen=True)
+class _Texts:
+    prompt: str
+    incumbent: str
+    candidate: str
+
+
 def _label_order(seed: int, request_id: str, target: str) -> bytes:
     return hashlib.sha256(f"label:{seed}:{request_id}:{target}".encode()).digest()
 
 
-def stored_pairs(engine: Engine, route: str) -> list[_Pair]:
+def stored_pairs(engine: Engine, route: str) -> list[StoredPair]:
     """Every (sample, target) of the route with both answers, from the latest run that answered it."""
-    from shadowjudge.scoring import prompt_text
-
     with session_scope(engine) as s:
         rows = s.execute(
-            select(ShadowResult.run_id, ShadowResult.sample_id, ShadowResult.target, ShadowResult.output_text,
-                   TrafficSample.request_id, TrafficSample.incumbent_model, TrafficSample.messages,
-                   TrafficSample.response_text)
+            select(ShadowResult.id, ShadowResult.run_id, ShadowResult.sample_id, ShadowResult.target,
+                   TrafficSample.request_id, TrafficSample.incumbent_model)
             .join(TrafficSample, TrafficSample.id == ShadowResult.sample_id)
             .where(TrafficSample.route == route, ShadowResult.attempt == 0, ShadowResult.error_class.is_(None),
                    ShadowResult.output_text.is_not(None), TrafficSample.response_text.is_not(None))
-            .order_by(ShadowResult.run_id)
+            .order_by(ShadowResult.run_id, ShadowResult.id)
         ).all()
     # A target that is the incumbent model itself would put two answers under one (prompt, model) name.
     latest = {(r.sample_id, r.target): r for r in rows if r.target != r.incumbent_model}
-    return [_Pair(r.run_id, r.sample_id, r.request_id, r.target, r.incumbent_model, prompt_text(r.messages),
-                  r.response_text, r.output_text) for r in latest.values()]
+    return [StoredPair(r.id, r.run_id, r.sample_id, r.request_id, r.target, r.incumbent_model)
+            for r in latest.values()]
+
+
+def _read_texts(engine: Engine, pairs: list[StoredPair], chunk: int = 500) -> dict[int, _Texts]:
+    from shadowjudge.scoring import prompt_text
+
+    texts: dict[int, _Texts] = {}
+    ids = [p.result_id for p in pairs]
+    with session_scope(engine) as s:
+        for start in range(0, len(ids), chunk):
+            for r in s.execute(select(ShadowResult.id, ShadowResult.output_text, TrafficSample.messages,
+                                      TrafficSample.response_text)
+                               .join(TrafficSample, TrafficSample.id == ShadowResult.sample_id)
+                               .where(ShadowResult.id.in_(ids[start:start + chunk]))):
+                texts[r.id] = _Texts(prompt_text(r.messages), r.response_text, r.output_text)
+    return texts
 
 
 def label_stored_traffic(engine: Engine, route: str, teacher: "LlmJudge", out_dir: str | Path, *,
@@ -101,10 +120,12 @@ def label_stored_traffic(engine: Engine, route: str, teacher: "LlmJudge", out_di
     verdicts = {(r.run_id, r.sample_id, r.target): r.preference for r in stored}
     reused = sum(p.key in verdicts for p in chosen)
     todo = [p for p in chosen if p.key not in verdicts]
+    texts = _read_texts(engine, chosen)
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
-        judged = teacher.judge_pairs([p.prompt for p in batch], [p.incumbent for p in batch],
-                                     [p.candidate for p in batch])
+        judged = teacher.judge_pairs([texts[p.result_id].prompt for p in batch],
+                                     [texts[p.result_id].incumbent for p in batch],
+                                     [texts[p.result_id].candidate for p in batch])
         with session_scope(engine) as s:
             insert_ignoring_duplicates(s, Judgment, [
                 dict(run_id=p.run_id, sample_id=p.sample_id, target=p.target, evaluator=teacher.version,
@@ -115,22 +136,23 @@ def label_stored_traffic(engine: Engine, route: str, teacher: "LlmJudge", out_di
         verdicts.update({p.key: v.preference for p, v in zip(batch, judged)})
         if progress:
             progress("teacher", start + len(batch), len(todo))
-    models = _write_directory(Path(out_dir), chosen, verdicts, teacher.version)
+    models = _write_directory(Path(out_dir), chosen, texts, verdicts, teacher.version)
     return TrafficLabelReport(str(out_dir), route, teacher.version, len(available), len(chosen), len(todo), reused,
                               models)
 
 
-def _write_directory(out: Path, pairs: list[_Pair], verdicts: dict[tuple[int, int, str], float],
-                     annotator: str) -> list[str]:
+def _write_directory(out: Path, pairs: list[StoredPair], texts: dict[int, _Texts],
+                     verdicts: dict[tuple[int, int, str], float], annotator: str) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     prompts: dict[str, str] = {}
     outputs: dict[tuple[str, str], str] = {}
     labels = []
     for p in sorted(pairs, key=lambda p: (p.request_id, p.target)):
         pid = hashlib.sha1(p.request_id.encode()).hexdigest()[:12]
-        prompts[pid] = p.prompt
-        outputs[(pid, p.incumbent_model)] = p.incumbent
-        outputs[(pid, p.target)] = p.candidate
+        text = texts[p.result_id]
+        prompts[pid] = text.prompt
+        outputs[(pid, p.incumbent_model)] = text.incumbent
+        outputs[(pid, p.target)] = text.candidate
         labels.append({"prompt_id": pid, "model_a": p.incumbent_model, "model_b": p.target,
                        "p_b_better": verdicts[p.key], "annotator": annotator})
     _write_jsonl(out / "prompts.jsonl.gz", [{"id": k, "dataset": "traffic", "instruction": v}
@@ -148,4 +170,4 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-__all__ = ["LABEL_ROLE", "TrafficLabelReport", "label_stored_traffic", "stored_pairs"]
+__all__ = ["LABEL_ROLE", "StoredPair", "TrafficLabelReport", "label_stored_traffic", "stored_pairs"]
