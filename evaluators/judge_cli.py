@@ -142,27 +142,12 @@ def label_traffic(
     progress: bool = typer.Option(True),
 ) -> None:
     """Have the teacher (judge.teacher) label a sample of stored shadow pairs, for `judge train --data OUT`."""
-    from evaluators.llm_judge import LlmJudge
-    from evaluators.traffic_labels import label_stored_traffic
-    from shadowjudge.config import ConfigError, load_config
+    from evaluators.traffic_labels import label_route_traffic
     from shadowjudge.errors import ShadowJudgeError
-    from shadowjudge.store import get_engine
-    from shadowjudge.store.database import has_schema
 
     try:
-        cfg = load_config(config)
-        if cfg.judge.teacher is None:
-            raise ConfigError(f"{config}: judge.teacher is not set; the teacher is the LLM judge that labels pairs")
-        if route is None and len(cfg.routes) != 1:
-            raise ConfigError(f"--route is needed: the config has {len(cfg.routes)} routes "
-                              f"({', '.join(r.name for r in cfg.routes)})")
-        name = cfg.route(route).name if route else cfg.routes[0].name
-        engine = get_engine(cfg.store.url)
-        if not has_schema(engine):
-            raise ConfigError("the store has no schema yet: run `shadowjudge init --config ...` first")
         with progress_bar(progress) as update:
-            report = label_stored_traffic(engine, name, LlmJudge.from_target(cfg.judge.teacher), out,
-                                          max_pairs=max_pairs, seed=seed, progress=update)
+            report = label_route_traffic(config, out, route=route, max_pairs=max_pairs, seed=seed, progress=update)
     except ShadowJudgeError as exc:
         _fail(exc)
         return

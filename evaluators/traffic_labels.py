@@ -141,6 +141,30 @@ def label_stored_traffic(engine: Engine, route: str, teacher: "LlmJudge", out_di
                               models)
 
 
+def label_route_traffic(config_path: str | Path, out_dir: str | Path, *, route: str | None = None,
+                        max_pairs: int = 2000, seed: int = 0,
+                        progress: Callable[[str, int, int], None] | None = None) -> TrafficLabelReport:
+    """`label_stored_traffic` as a config file describes it: its store, its teacher (judge.teacher) and its route
+    (the only one when `route` is not given). The CLI command and the training flow both start here."""
+    from evaluators.llm_judge import LlmJudge
+    from shadowjudge.config import ConfigError, load_config
+    from shadowjudge.store import get_engine
+    from shadowjudge.store.database import has_schema
+
+    config = load_config(config_path)
+    if config.judge.teacher is None:
+        raise ConfigError(f"{config_path}: judge.teacher is not set; the teacher is the LLM judge that labels pairs")
+    if route is None and len(config.routes) != 1:
+        raise ConfigError(f"name a route: the config has {len(config.routes)} "
+                          f"({', '.join(r.name for r in config.routes)})")
+    name = config.route(route).name if route else config.routes[0].name
+    engine = get_engine(config.store.url)
+    if not has_schema(engine):
+        raise ConfigError("the store has no schema yet: run `shadowjudge init --config ...` first")
+    return label_stored_traffic(engine, name, LlmJudge.from_target(config.judge.teacher), out_dir,
+                                max_pairs=max_pairs, seed=seed, progress=progress)
+
+
 def _write_directory(out: Path, pairs: list[StoredPair], texts: dict[int, _Texts],
                      verdicts: dict[tuple[int, int, str], float], annotator: str) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
@@ -170,4 +194,5 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-__all__ = ["LABEL_ROLE", "StoredPair", "TrafficLabelReport", "label_stored_traffic", "stored_pairs"]
+__all__ = ["LABEL_ROLE", "StoredPair", "TrafficLabelReport", "label_route_traffic", "label_stored_traffic",
+           "stored_pairs"]

@@ -1,27 +1,45 @@
-"""Training the small judge as a Prefect flow (e.g. a weekly deployment); the work is evaluators.judge_training."""
+"""Training the small judge as a Prefect flow (e.g. a weekly deployment); the work is evaluators.judge_training,
+and, when the labels come from production, evaluators.traffic_labels first."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from shadowjudge.environment import apply_defaults
 
-from prefect import flow, get_run_logger  # noqa: E402
+apply_defaults()
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+
+
+@task(name="label-traffic")
+def label_traffic(config_path: str, out_dir: str, route: str | None, max_pairs: int, seed: int) -> dict[str, Any]:
+    """The teacher labels a seeded sample of the route's stored pairs into `out_dir` (new pairs only on a rerun)."""
+    from evaluators.traffic_labels import label_route_traffic
+
+    return label_route_traffic(config_path, out_dir, route=route, max_pairs=max_pairs, seed=seed).as_dict()
 
 
 @flow(name="train-judge")
 def train_judge_flow(data_dir: str, tracking_uri: str, quick: bool = False, seed: int = 0,
-                     registered_name: str = "shadowjudge-judge") -> dict[str, Any]:
-    """Train, measure on held-out models, register; champion only if it beats the current champion."""
+                     registered_name: str = "shadowjudge-judge", label_traffic_config: str | None = None,
+                     route: str | None = None, max_pairs: int = 2000) -> dict[str, Any]:
+    """Train, measure on held-out models, register; champion only if it beats the current champion.
+
+    With `label_traffic_config` (a config path), the labels come from production: the config's teacher first labels
+    up to `max_pairs` of the route's stored shadow pairs into `data_dir`, and the judge trains on those."""
     from evaluators.judge_training import train_judge
 
+    logger = get_run_logger()
+    labelled = None
+    if label_traffic_config:
+        labelled = label_traffic(label_traffic_config, data_dir, route, max_pairs, seed)
+        logger.info("teacher labelled %d pairs of route %s (%d new, %d reused) into %s", labelled["pairs"],
+                    labelled["route"], labelled["teacher_calls"], labelled["reused_verdicts"], data_dir)
     result = train_judge(data_dir, tracking_uri, quick=quick, seed=seed, registered_name=registered_name)
-    get_run_logger().info("registered %s as %s (held-out agreement %.3f)", result.model_uri, result.alias,
-                          result.metrics.get("agreement", float("nan")))
-    return result.as_dict()
+    logger.info("registered %s as %s (held-out agreement %.3f)", result.model_uri, result.alias,
+                result.metrics.get("agreement", float("nan")))
+    return {**result.as_dict(), "traffic_labels": labelled}
 
 
 if __name__ == "__main__":

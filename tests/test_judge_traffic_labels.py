@@ -212,3 +212,32 @@ def test_a_later_run_that_answered_differently_is_labelled_again(sqlite_url, tmp
         assert p.p_b_better == 0.5 + (good_b - good_a) / 2
         changed += good_a == good_b
     assert changed == 5  # the new answers, labelled as they are now
+
+
+def test_the_training_flow_labels_production_traffic_then_trains(tmp_path, prefect_harness):
+    """The train-judge Prefect flow with labels from production: teacher over HTTP, then training and registry."""
+    import yaml
+
+    from evaluators.judge_registry import CHAMPION, find_alias
+    from flows.train_judge import train_judge_flow
+    from shadowjudge.demo import demo_config
+    from shadowjudge.store import upgrade_database
+    from tests.test_cycle_checks import Teacher
+
+    url = f"sqlite:///{tmp_path}/store.db"
+    upgrade_database(url)
+    seed_traffic(get_engine(url), route="chat-default")
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    with Teacher() as teacher:
+        config = demo_config(tmp_path, "http://127.0.0.1:9/v1")
+        config["store"] = {"url": url}
+        config["judge"] = {"evaluator": "lexical", "teacher": {
+            "name": "teacher", "model": "gpt-4-judge",
+            "base_url": f"http://127.0.0.1:{teacher.server.server_address[1]}/v1"}}
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+        result = train_judge_flow(str(tmp_path / "labels"), tracking, quick=True, registered_name="traffic-flow",
+                                  label_traffic_config=str(tmp_path / "c.yaml"), max_pairs=60)
+        calls = teacher.calls
+    assert result["traffic_labels"]["pairs"] == 60 and calls == 120
+    assert result["alias"] == CHAMPION and find_alias(tracking, "traffic-flow", CHAMPION).version == "1"
+    assert len(load_preference_data(tmp_path / "labels").pairs) == 60
