@@ -148,8 +148,7 @@ def label_route_traffic(config_path: str | Path, out_dir: str | Path, *, route: 
     (the only one when `route` is not given). The CLI command and the training flow both start here."""
     from evaluators.llm_judge import LlmJudge
     from shadowjudge.config import ConfigError, load_config
-    from shadowjudge.store import get_engine
-    from shadowjudge.store.database import has_schema
+    from shadowjudge.store import initialised_engine
 
     config = load_config(config_path)
     if config.judge.teacher is None:
@@ -158,10 +157,7 @@ def label_route_traffic(config_path: str | Path, out_dir: str | Path, *, route: 
         raise ConfigError(f"name a route: the config has {len(config.routes)} "
                           f"({', '.join(r.name for r in config.routes)})")
     name = config.route(route).name if route else config.routes[0].name
-    engine = get_engine(config.store.url)
-    if not has_schema(engine):
-        raise ConfigError("the store has no schema yet: run `shadowjudge init --config ...` first")
-    return label_stored_traffic(engine, name, LlmJudge.from_target(config.judge.teacher), out_dir,
+    return label_stored_traffic(initialised_engine(config.store.url), name, LlmJudge.from_target(config.judge.teacher), out_dir,
                                 max_pairs=max_pairs, seed=seed, progress=progress)
 
 

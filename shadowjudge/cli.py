@@ -80,13 +80,10 @@ def status(config: Path = ConfigOption, limit: int = typer.Option(10, min=1, max
     """Latest runs, current route weights and open alerts."""
     from sqlalchemy import select
 
-    from shadowjudge.store import Alert, RouteState, ShadowRun, get_engine, session_scope
-    from shadowjudge.store.database import has_schema
+    from shadowjudge.store import Alert, RouteState, ShadowRun, initialised_engine, session_scope
 
     cfg = _load(config)
-    engine = get_engine(cfg.store.url)
-    if not has_schema(engine):
-        raise ShadowJudgeError("the store has no schema yet: run `shadowjudge init --config ...` first")
+    engine = initialised_engine(cfg.store.url)
     with session_scope(engine) as s:
         runs = s.scalars(select(ShadowRun).order_by(ShadowRun.id.desc()).limit(limit)).all()
         states = s.scalars(select(RouteState).order_by(RouteState.route)).all()

@@ -32,14 +32,10 @@ ConfigOption = typer.Option(Path("configs/shadowjudge.yaml"), "--config", "-c", 
 
 
 def _engine(config_path: Path):
-    from shadowjudge.store import get_engine
-    from shadowjudge.store.database import has_schema
+    from shadowjudge.store import initialised_engine
 
     config: Config = load_config(config_path)
-    engine = get_engine(config.store.url)
-    if not has_schema(engine):
-        raise ShadowJudgeError("the store has no schema yet: run `shadowjudge init --config ...` first")
-    return config, engine
+    return config, initialised_engine(config.store.url)
 
 
 def _fail(exc: ShadowJudgeError) -> None:

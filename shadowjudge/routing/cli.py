@@ -44,15 +44,11 @@ def _clean_errors(fn: F) -> F:
 
 
 def _open(config_path: Path, route_name: str) -> tuple[Config, RouteConfig, Any]:
-    from shadowjudge.store import get_engine
-    from shadowjudge.store.database import has_schema
+    from shadowjudge.store import initialised_engine
 
     cfg = load_config(config_path)
     route = cfg.route(route_name)
-    engine = get_engine(cfg.store.url)
-    if not has_schema(engine):
-        raise ShadowJudgeError("the store has no schema yet: run `shadowjudge init --config ...` first")
-    return cfg, route, engine
+    return cfg, route, initialised_engine(cfg.store.url)
 
 
 def _print_outcome(outcome: Any, as_json: bool) -> None:

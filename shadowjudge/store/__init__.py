@@ -4,6 +4,7 @@ from shadowjudge.store.database import (
     current_revision,
     dispose_engines,
     get_engine,
+    initialised_engine,
     insert_ignoring_duplicates,
     session_scope,
     upgrade_database,
@@ -25,5 +26,5 @@ from shadowjudge.store.models import (
 __all__ = [
     "Alert", "Base", "Judgment", "Lock", "QuarantinedRecord", "RouteState", "RouteWeightChange",
     "ShadowResult", "ShadowRun", "SourceCursor", "TrafficSample", "current_revision", "dispose_engines",
-    "get_engine", "insert_ignoring_duplicates", "session_scope", "upgrade_database",
+    "get_engine", "initialised_engine", "insert_ignoring_duplicates", "session_scope", "upgrade_database",
 ]

@@ -110,3 +110,14 @@ def current_revision(url: str) -> str | None:
 
 def has_schema(engine: Engine) -> bool:
     return inspect(engine).has_table("traffic_samples")
+
+
+def initialised_engine(url: str) -> Engine:
+    """The engine of a store `shadowjudge init` has set up; commands that only read or add rows start here, so a
+    store without a schema gets one message (exit 1) instead of a missing-table error from the first query."""
+    from shadowjudge.errors import ShadowJudgeError
+
+    engine = get_engine(url)
+    if not has_schema(engine):
+        raise ShadowJudgeError("the store has no schema yet: run `shadowjudge init --config ...` first")
+    return engine

@@ -47,13 +47,9 @@ def _config(path: Path, sources: list[str] | None) -> Config:
 
 
 def _engine(config: Config):
-    from shadowjudge.store import get_engine
-    from shadowjudge.store.database import has_schema
+    from shadowjudge.store import initialised_engine
 
-    engine = get_engine(config.store.url)
-    if not has_schema(engine):
-        raise ShadowJudgeError("the store has no schema yet: run `shadowjudge init --config ...` first")
-    return engine
+    return initialised_engine(config.store.url)
 
 
 @traffic_cli.command()
