@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, func, select
 
@@ -33,6 +34,42 @@ def selected_for_calibration(request_id: str, target: str, fraction: float) -> b
         return True
     digest = hashlib.sha256(f"calibration:{request_id}:{target}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+@dataclass(frozen=True)
+class TeacherTask:
+    """One stored pair for the teacher: where its verdict goes (run, sample, target) and the texts it reads."""
+
+    run_id: int
+    sample_id: int
+    target: str
+    prompt: str
+    incumbent: str
+    candidate: str
+
+
+def judge_and_store(engine: Engine, teacher: "LlmJudge", tasks: Sequence[TeacherTask], details: dict[str, Any], *,
+                    batch_size: int = 16, progress: Callable[[int, int], None] | None = None
+                    ) -> dict[tuple[int, int, str], float]:
+    """The teacher's preference for each task, stored as a Judgment row under the teacher's version (`details`
+    plus which order said what) batch by batch, so an interrupted run keeps every verdict it paid for.
+    Calibration and training labels both ask the teacher through here."""
+    verdicts: dict[tuple[int, int, str], float] = {}
+    for start in range(0, len(tasks), batch_size):
+        batch = tasks[start:start + batch_size]
+        judged = teacher.judge_pairs([t.prompt for t in batch], [t.incumbent for t in batch],
+                                     [t.candidate for t in batch])
+        records = [dict(run_id=t.run_id, sample_id=t.sample_id, target=t.target, evaluator=teacher.version,
+                        candidate_score=None, incumbent_score=None, preference=v.preference,
+                        details={**details, "candidate_first": v.candidate_first,
+                                 "incumbent_first": v.incumbent_first})
+                   for t, v in zip(batch, judged)]
+        with session_scope(engine) as s:
+            insert_ignoring_duplicates(s, Judgment, records, ["run_id", "sample_id", "target", "evaluator"])
+        verdicts.update({(t.run_id, t.sample_id, t.target): v.preference for t, v in zip(batch, judged)})
+        if progress:
+            progress(start + len(batch), len(tasks))
+    return verdicts
 
 
 @dataclass
@@ -66,17 +103,9 @@ def calibrate_run(engine: Engine, run_id: int, student_version: str, teacher: "L
     chosen = [r for r in rows if selected_for_calibration(r.request_id, r.target, fraction)
               and r.response_text is not None and r.output_text is not None]
     todo = [r for r in chosen if (r.sample_id, r.target) not in done]
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
-        verdicts = teacher.judge_pairs([prompt_text(r.messages) for r in batch], [r.response_text for r in batch],
-                                       [r.output_text for r in batch])
-        records = [dict(run_id=run_id, sample_id=r.sample_id, target=r.target, evaluator=teacher.version,
-                        candidate_score=None, incumbent_score=None, preference=v.preference,
-                        details={"role": TEACHER_ROLE, "student": student_version,
-                                 "candidate_first": v.candidate_first, "incumbent_first": v.incumbent_first})
-                   for r, v in zip(batch, verdicts)]
-        with session_scope(engine) as s:
-            insert_ignoring_duplicates(s, Judgment, records, ["run_id", "sample_id", "target", "evaluator"])
+    judge_and_store(engine, teacher, [TeacherTask(run_id, r.sample_id, r.target, prompt_text(r.messages),
+                                                  r.response_text, r.output_text) for r in todo],
+                    {"role": TEACHER_ROLE, "student": student_version}, batch_size=batch_size)
     with session_scope(engine) as s:
         route = s.scalar(select(ShadowRun.route).where(ShadowRun.id == run_id))
     agreement = judge_agreement(engine, route, run_id=run_id) if route is not None else None

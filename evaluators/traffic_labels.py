@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, select
 
+from evaluators.calibration import TeacherTask, judge_and_store
 from evaluators.preference_data import PreferenceDataError
-from shadowjudge.store import Judgment, ShadowResult, TrafficSample, insert_ignoring_duplicates, session_scope
+from shadowjudge.store import Judgment, ShadowResult, TrafficSample, session_scope
 
 if TYPE_CHECKING:
     from evaluators.llm_judge import LlmJudge
@@ -121,21 +122,10 @@ def label_stored_traffic(engine: Engine, route: str, teacher: "LlmJudge", out_di
     reused = sum(p.key in verdicts for p in chosen)
     todo = [p for p in chosen if p.key not in verdicts]
     texts = _read_texts(engine, chosen)
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
-        judged = teacher.judge_pairs([texts[p.result_id].prompt for p in batch],
-                                     [texts[p.result_id].incumbent for p in batch],
-                                     [texts[p.result_id].candidate for p in batch])
-        with session_scope(engine) as s:
-            insert_ignoring_duplicates(s, Judgment, [
-                dict(run_id=p.run_id, sample_id=p.sample_id, target=p.target, evaluator=teacher.version,
-                     candidate_score=None, incumbent_score=None, preference=v.preference,
-                     details={"role": LABEL_ROLE, "candidate_first": v.candidate_first,
-                              "incumbent_first": v.incumbent_first})
-                for p, v in zip(batch, judged)], ["run_id", "sample_id", "target", "evaluator"])
-        verdicts.update({p.key: v.preference for p, v in zip(batch, judged)})
-        if progress:
-            progress("teacher", start + len(batch), len(todo))
+    tasks = [TeacherTask(*p.key, texts[p.result_id].prompt, texts[p.result_id].incumbent,
+                         texts[p.result_id].candidate) for p in todo]
+    verdicts.update(judge_and_store(engine, teacher, tasks, {"role": LABEL_ROLE}, batch_size=batch_size,
+                                    progress=progress and (lambda done, total: progress("teacher", done, total))))
     models = _write_directory(Path(out_dir), chosen, texts, verdicts, teacher.version)
     return TrafficLabelReport(str(out_dir), route, teacher.version, len(available), len(chosen), len(todo), reused,
                               models)
