@@ -3,7 +3,8 @@ teacher, and their agreement over time is what tells the analysis stage the smal
 
 Selection hashes (sample, target), so reruns pick the same pairs and a pair is never judged twice by the teacher;
 the teacher's verdicts are `Judgment` rows under the teacher's own version string, with
-`details = {"role": "teacher", "student": <small judge version>, ...}`.
+`details = {"role": "teacher", "student": <small judge version>, ...}`. A selected pair the teacher already judged
+for training (role "label", evaluators.traffic_labels) is not asked again: that verdict becomes the calibration one.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, update
 
 from shadowjudge.store import Judgment, ShadowResult, ShadowRun, TrafficSample, insert_ignoring_duplicates, session_scope
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from shadowjudge.config import JudgeConfig
 
 TEACHER_ROLE = "teacher"
+LABEL_ROLE = "label"  # a verdict bought for training labels (evaluators.traffic_labels)
 
 
 def selected_for_calibration(request_id: str, target: str, fraction: float) -> bool:
@@ -98,10 +100,18 @@ def calibrate_run(engine: Engine, run_id: int, student_version: str, teacher: "L
             .where(Judgment.run_id == run_id, Judgment.evaluator == student_version)
             .order_by(Judgment.sample_id, Judgment.target)
         ).all()
-        done = set(s.execute(select(Judgment.sample_id, Judgment.target)
-                             .where(Judgment.run_id == run_id, Judgment.evaluator == teacher.version)).all())
-    chosen = [r for r in rows if selected_for_calibration(r.request_id, r.target, fraction)
-              and r.response_text is not None and r.output_text is not None]
+        done = {(r.sample_id, r.target): r for r in s.execute(
+            select(Judgment.id, Judgment.sample_id, Judgment.target, Judgment.details)
+            .where(Judgment.run_id == run_id, Judgment.evaluator == teacher.version)).all()}
+        chosen = [r for r in rows if selected_for_calibration(r.request_id, r.target, fraction)
+                  and r.response_text is not None and r.output_text is not None]
+        # Same teacher, same answers: a training label is this pair's calibration verdict, without a second call.
+        for r in chosen:
+            label = done.get((r.sample_id, r.target))
+            if label is not None and isinstance(label.details, dict) and label.details.get("role") == LABEL_ROLE:
+                s.execute(update(Judgment).where(Judgment.id == label.id).values(
+                    details={**label.details, "role": TEACHER_ROLE, "student": student_version,
+                             "labelled_for_training": True}))
     todo = [r for r in chosen if (r.sample_id, r.target) not in done]
     judge_and_store(engine, teacher, [TeacherTask(run_id, r.sample_id, r.target, prompt_text(r.messages),
                                                   r.response_text, r.output_text) for r in todo],

@@ -19,14 +19,12 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, select
 
-from evaluators.calibration import TeacherTask, judge_and_store
+from evaluators.calibration import LABEL_ROLE, TeacherTask, judge_and_store
 from evaluators.preference_data import PreferenceDataError
 from shadowjudge.store import Judgment, ShadowResult, TrafficSample, session_scope
 
 if TYPE_CHECKING:
     from evaluators.llm_judge import LlmJudge
-
-LABEL_ROLE = "label"
 
 
 @dataclass(frozen=True)

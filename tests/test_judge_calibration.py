@@ -115,6 +115,29 @@ def test_partial_fraction_picks_the_same_pairs_on_rerun(store_url):
     assert calibrate_run(engine, run_id, STUDENT, teacher, fraction=0.3).judged == 0
 
 
+def test_pairs_already_labelled_for_training_count_in_calibration_without_a_second_call(store_url, tmp_path):
+    from evaluators.traffic_labels import label_stored_traffic
+
+    engine = get_engine(store_url)
+    run_id = seed_run(engine)
+    calls: list[str] = []
+    teacher = LlmJudge(OpenAI(api_key="k", base_url="http://teacher.test/v1",
+                              http_client=httpx.Client(transport=teacher_transport(calls))), "teacher")
+    labelled = label_stored_traffic(engine, "chat", teacher, tmp_path / "labels", max_pairs=N // 2)
+    assert labelled.teacher_calls == N // 2 and len(calls) == N
+    report = calibrate_run(engine, run_id, STUDENT, teacher, fraction=1.0)
+    assert (report.selected, report.judged, report.already_judged) == (N, N // 2, N // 2)
+    assert len(calls) == 2 * N  # only the pairs not labelled before
+    assert report.agreement.n == N and report.agreement.agreement == pytest.approx((N - 4) / N)
+    with session_scope(engine) as s:
+        rows = s.query(Judgment).filter(Judgment.evaluator == teacher.version).all()
+    assert len(rows) == N and all(r.details["role"] == TEACHER_ROLE and r.details["student"] == STUDENT
+                                  for r in rows)
+    assert sum(bool(r.details.get("labelled_for_training")) for r in rows) == N // 2
+    # the labels stay reusable for training: a rerun of the labelling asks the teacher nothing
+    assert label_stored_traffic(engine, "chat", teacher, tmp_path / "labels", max_pairs=N).teacher_calls == 0
+
+
 def test_config_driven_calibration(sqlite_url):
     engine = get_engine(sqlite_url)
     assert calibrate_from_config(engine, 1, JudgeConfig(), STUDENT) is None
