@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, func, select, update
 
-from shadowjudge.store import Judgment, ShadowResult, ShadowRun, TrafficSample, insert_ignoring_duplicates, session_scope
+from shadowjudge.store import (
+    Judgment,
+    ShadowResult,
+    ShadowRun,
+    TrafficSample,
+    insert_ignoring_duplicates,
+    session_scope,
+)
 
 if TYPE_CHECKING:
     from evaluators.llm_judge import LlmJudge

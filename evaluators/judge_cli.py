@@ -75,8 +75,10 @@ def _fail(exc: Exception) -> None:
 
 @judge_cli.command()
 def train(
-    data: Path = typer.Option(None, help="AlpacaEval-format directory (default: the demo mini set with --quick, "
-                                         "../shared/data/alpacaeval beside the checkout otherwise)"),
+    data: list[Path] = typer.Option(None, metavar="DIR",
+                                    help="AlpacaEval-format directory (default: the demo mini set with --quick, "
+                                         "../shared/data/alpacaeval beside the checkout otherwise); repeat it to "
+                                         "train on several as one set, e.g. the public set and label-traffic's"),
     quick: bool = typer.Option(False, "--quick", help="Small, fast judge for demos (~1 minute on 2 cores)"),
     seed: int = typer.Option(0, help="Seed for the split and the training"),
     tracking_uri: str = typer.Option(None, help="MLflow tracking/registry URI (default $MLFLOW_TRACKING_URI or "
@@ -90,7 +92,7 @@ def train(
     from evaluators.judge_training import train_judge
     from evaluators.preference_data import FULL_DATA, MINI_DATA, PreferenceDataError
 
-    data = data or (MINI_DATA if quick else FULL_DATA)
+    data = data or [MINI_DATA if quick else FULL_DATA]
     try:
         with progress_bar(progress) as update:
             result = train_judge(data, tracking_uri_default(tracking_uri), quick=quick, seed=seed,

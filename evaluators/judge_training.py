@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from evaluators.preference_data import (
     PreferenceData,
     PreferenceDataError,
     load_preference_data,
+    load_preference_sets,
     split_by_model,
 )
 from evaluators.small_judge import (
@@ -371,6 +373,10 @@ def measure(judge: SmallJudge, data: PreferenceData, pairs: Sequence[LabelledPai
     out.update({f"baseline_{k}": v for k, v in report.get("system_baseline_longest", {}).items()})
     out.update({f"lc_{k}": v for k, v in report.get("system_length_controlled", {}).items()})
     out.update({f"baseline_lc_{k}": v for k, v in report.get("system_length_controlled_baseline_longest", {}).items()})
+    if len(report["instance_by_annotator"]) > 1:  # e.g. GPT-4's labels and a route's teacher, trained on together
+        for name, by_annotator in report["instance_by_annotator"].items():
+            key = re.sub(r"[^\w.\- /]", "_", name) or "unnamed"  # what MLflow accepts in a metric name
+            out[f"agreement_by_annotator/{key}"] = by_annotator["judge"]["agreement"]
     return out
 
 
@@ -430,11 +436,13 @@ class _PrecomputedEmbedder:
 
 
 # -- the one command -----------------------------------------------------------------------------------------------
-def train_judge(data_dir: str | Path, tracking_uri: str, *, quick: bool, seed: int = 0,
+def train_judge(data_dir: str | Path | Sequence[str | Path], tracking_uri: str, *, quick: bool, seed: int = 0,
                 registered_name: str = "shadowjudge-judge", experiment: str = DEFAULT_EXPERIMENT,
                 settings: TrainSettings | None = None, cache_dir: str | Path = DEFAULT_CACHE_DIR,
                 progress: Progress | None = None) -> TrainResult:
-    """Train, measure on held-out models, register; `champion` only if it beats the current champion."""
+    """Train, measure on held-out models, register; `champion` only if it beats the current champion.
+
+    `data_dir` may be several directories, trained on as one set (`load_preference_sets`)."""
     import mlflow
     import torch
 
@@ -445,11 +453,11 @@ def train_judge(data_dir: str | Path, tracking_uri: str, *, quick: bool, seed: i
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    data = load_preference_data(data_dir)
+    data = load_preference_sets([data_dir] if isinstance(data_dir, (str, Path)) else data_dir)
     if settings.max_prompts:
         data = data.sample_prompts(settings.max_prompts, seed)
     if not data.pairs:
-        raise PreferenceDataError(f"{data_dir}: no labelled pairs whose two answers are both in outputs")
+        raise PreferenceDataError(f"{data.source}: no labelled pairs whose two answers are both in outputs")
     split = split_by_model(data, settings.heldout_fraction, seed)
     fit_split, validation = _validation_split(data, split, settings.validation_fraction, seed)
 
@@ -474,17 +482,18 @@ def train_judge(data_dir: str | Path, tracking_uri: str, *, quick: bool, seed: i
     with reg.tracking(tracking_uri), tempfile.TemporaryDirectory(prefix="shadowjudge-train-") as workdir:
         with mlflow.start_run(experiment_id=ensure, run_name=f"train-{'quick' if quick else 'full'}-seed{seed}") as run:
             mlflow.log_params({
-                "data_dir": str(data_dir), "quick": quick, "seed": seed, "n_pairs": len(data.pairs),
-                "unlabelled_rows_skipped": data.unlabelled_rows, "n_prompts": len(data.prompts), "heldout_models": ",".join(split.heldout_models),
+                "data_dir": data.source, "quick": quick, "seed": seed, "n_pairs": len(data.pairs),
+                "unlabelled_rows_skipped": data.unlabelled_rows, "n_prompts": len(data.prompts),
+                "heldout_models": ",".join(split.heldout_models),
                 "validation_models": ",".join(validation.heldout_models) if validation else "",
                 **{f"encoder_{k}": v for k, v in asdict(settings.encoder).items()},
             })
             chosen = _select_head(data, emb, split, fit_split, validation, settings, embedder, seed, progress,
-                                  str(data_dir))
+                                  data.source)
             mlflow.log_param("chosen_head", chosen.name)
             # Refit the chosen head on all training models (validation models included), measure on held-out.
             spec, state = fit_head(emb, split.train_pairs(data), chosen, settings.encoder, seed,
-                                   progress=progress, trained_on=str(data_dir))
+                                   progress=progress, trained_on=data.source)
             judge = SmallJudge(spec, state, version="candidate", embedder=embedder)
             metrics = measure(judge, data, split.heldout_pairs(data), split.heldout_models, progress=progress)
             mlflow.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})

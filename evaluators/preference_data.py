@@ -14,7 +14,7 @@ import json
 import math
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +165,36 @@ def load_preference_data(directory: str | Path, *, require_labels: bool = True) 
                 pairs.append(pair)
     return PreferenceData(prompts, outputs, pairs, _read_leaderboard(directory / "leaderboard.csv"), str(directory),
                           unlabelled_rows=unlabelled)
+
+
+def load_preference_sets(directories: Sequence[str | Path]) -> PreferenceData:
+    """Several AlpacaEval-format directories as one training set, e.g. a broad public set plus labels from the
+    route's own traffic (`shadowjudge judge label-traffic`).
+
+    Prompt ids of every directory after the first are prefixed with its position ("1:", "2:", ...), so two sources
+    can never mix answers under one id; a model that appears in several directories stays one model, so the split by
+    model holds it out everywhere. Leaderboard rows of a model in more than one directory must agree."""
+    if not directories:
+        raise PreferenceDataError("no data directory given")
+    parts = [load_preference_data(d) for d in directories]
+    if len(parts) == 1:
+        return parts[0]
+    merged = PreferenceData({}, {}, [], {}, " + ".join(p.source for p in parts),
+                            unlabelled_rows=sum(p.unlabelled_rows for p in parts))
+    for position, part in enumerate(parts):
+        prefix = f"{position}:" if position else ""
+        for pid, text in part.prompts.items():
+            if prefix + pid in merged.prompts:
+                raise PreferenceDataError(f"{part.source}: prompt id '{prefix}{pid}' also comes from an earlier "
+                                          "directory; rename it")
+            merged.prompts[prefix + pid] = text
+        merged.outputs.update({(prefix + pid, model): text for (pid, model), text in part.outputs.items()})
+        merged.pairs += [replace(p, prompt_id=prefix + p.prompt_id) for p in part.pairs]
+        for model, row in part.leaderboard.items():
+            if merged.leaderboard.setdefault(model, row) != row:
+                raise PreferenceDataError(f"{part.source}/leaderboard.csv: the row of '{model}' differs from an "
+                                          "earlier directory's; keep one leaderboard per model")
+    return merged
 
 
 def _is_missing(value: Any) -> bool:

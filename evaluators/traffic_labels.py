@@ -145,8 +145,8 @@ def label_route_traffic(config_path: str | Path, out_dir: str | Path, *, route: 
         raise ConfigError(f"name a route: the config has {len(config.routes)} "
                           f"({', '.join(r.name for r in config.routes)})")
     name = config.route(route).name if route else config.routes[0].name
-    return label_stored_traffic(initialised_engine(config.store.url), name, LlmJudge.from_target(config.judge.teacher), out_dir,
-                                max_pairs=max_pairs, seed=seed, progress=progress)
+    return label_stored_traffic(initialised_engine(config.store.url), name, LlmJudge.from_target(config.judge.teacher),
+                                out_dir, max_pairs=max_pairs, seed=seed, progress=progress)
 
 
 def _write_directory(out: Path, pairs: list[StoredPair], texts: dict[int, _Texts],

@@ -23,11 +23,14 @@ def label_traffic(config_path: str, out_dir: str, route: str | None, max_pairs: 
 @flow(name="train-judge")
 def train_judge_flow(data_dir: str, tracking_uri: str, quick: bool = False, seed: int = 0,
                      registered_name: str = "shadowjudge-judge", label_traffic_config: str | None = None,
-                     route: str | None = None, max_pairs: int = 2000) -> dict[str, Any]:
+                     route: str | None = None, max_pairs: int = 2000,
+                     extra_data_dirs: list[str] | None = None) -> dict[str, Any]:
     """Train, measure on held-out models, register; champion only if it beats the current champion.
 
     With `label_traffic_config` (a config path), the labels come from production: the config's teacher first labels
-    up to `max_pairs` of the route's stored shadow pairs into `data_dir`, and the judge trains on those."""
+    up to `max_pairs` of the route's stored shadow pairs into `data_dir`, and the judge trains on those.
+    `extra_data_dirs` are trained on together with `data_dir` as one set (e.g. the public AlpacaEval set beside
+    the route's own labels)."""
     from evaluators.judge_training import train_judge
 
     logger = get_run_logger()
@@ -36,7 +39,8 @@ def train_judge_flow(data_dir: str, tracking_uri: str, quick: bool = False, seed
         labelled = label_traffic(label_traffic_config, data_dir, route, max_pairs, seed)
         logger.info("teacher labelled %d pairs of route %s (%d new, %d reused) into %s", labelled["pairs"],
                     labelled["route"], labelled["teacher_calls"], labelled["reused_verdicts"], data_dir)
-    result = train_judge(data_dir, tracking_uri, quick=quick, seed=seed, registered_name=registered_name)
+    result = train_judge([data_dir, *(extra_data_dirs or [])], tracking_uri, quick=quick, seed=seed,
+                         registered_name=registered_name)
     logger.info("registered %s as %s (held-out agreement %.3f)", result.model_uri, result.alias,
                 result.metrics.get("agreement", float("nan")))
     return {**result.as_dict(), "traffic_labels": labelled}

@@ -104,6 +104,10 @@ def _cases(tmp: Path) -> dict[str, Case]:
         "labelling an empty store": Case(["judge", "label-traffic", "-c", _write(tmp / "teacher.yaml", teacher),
                                           "--out", str(tmp / "labels"), "--no-progress"], 2,
                                          "no stored shadow answers"),
+        "training on a second directory that is not there": Case(
+            ["judge", "train", "--quick", "--data", str(REPO / "shadowjudge/demo_data/alpacaeval-mini"), "--data",
+             str(tmp / "no-labels"), "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--no-progress"], 2,
+            "no-labels: not a directory"),
     }
     if PG_URL:
         pg_empty = {**base, "store": {"url": _empty_pg_database()}}
@@ -142,7 +146,7 @@ CASE_NAMES = [
     "unusable cycle id", "cycle id too long", "alert id not a number", "alert id unknown", "alert status unknown",
     "verdicts file missing", "status without schema", "alerts without schema", "history without schema",
     "quarantine without schema", "store unreachable", "traffic source missing", "labelling without a teacher",
-    "labelling an empty store",
+    "labelling an empty store", "training on a second directory that is not there",
     pytest.param("status without schema (PostgreSQL)", marks=pytest.mark.pg),
 ]
 

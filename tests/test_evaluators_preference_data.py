@@ -72,3 +72,40 @@ def test_rows_without_a_preference_are_skipped_and_counted_but_bad_ones_still_fa
     _write(data_dir / "labels.jsonl.gz", [{**row, "p_b_better": "0.7"}])
     with pytest.raises(PreferenceDataError, match=r"labels\.jsonl\.gz:1: field 'p_b_better' must be float"):
         load_preference_data(data_dir)
+
+
+def _second_set(path, instruction="Say bye", leaderboard="model,win_rate,lc_win_rate\nn,30,31\n"):
+    path.mkdir()
+    _write(path / "prompts.jsonl.gz", [{"id": "p1", "instruction": instruction}])
+    _write(path / "outputs.jsonl.gz", [{"prompt_id": "p1", "model": "inc", "output": "Bye"},
+                                       {"prompt_id": "p1", "model": "m", "output": "Goodbye!"},
+                                       {"prompt_id": "p1", "model": "n", "output": "See you"}])
+    _write(path / "labels.jsonl.gz", [{"prompt_id": "p1", "model_a": "inc", "model_b": "m", "p_b_better": 1.0},
+                                      {"prompt_id": "p1", "model_a": "inc", "model_b": "n", "p_b_better": None}])
+    (path / "leaderboard.csv").write_text(leaderboard)
+    return path
+
+
+def test_several_directories_load_as_one_set_without_mixing_their_prompts(data_dir, tmp_path):
+    from evaluators.preference_data import load_preference_sets
+
+    other = _second_set(tmp_path / "traffic")
+    data = load_preference_sets([data_dir, other])
+    # the same id in two directories is two prompts; each answer stays with its own prompt
+    assert data.prompts == {"p1": "Say hi", "1:p1": "Say bye"}
+    assert data.answer("p1", "m") == "Hello there!" and data.answer("1:p1", "m") == "Goodbye!"
+    assert [(p.prompt_id, p.model_a, p.model_b) for p in data.pairs] == [("p1", "ref", "m"), ("1:p1", "inc", "m")]
+    assert data.judged_models() == ["m"]  # one model, held out everywhere by a split
+    assert sorted(data.leaderboard) == ["m", "n", "ref"] and data.unlabelled_rows == 1
+    assert data.source == f"{data_dir} + {other}"
+    assert load_preference_sets([data_dir]).prompts == load_preference_data(data_dir).prompts
+
+
+def test_several_directories_refuse_conflicting_leaderboards_and_nothing(data_dir, tmp_path):
+    from evaluators.preference_data import load_preference_sets
+
+    other = _second_set(tmp_path / "traffic", leaderboard="model,win_rate,lc_win_rate\nm,40,41\n")
+    with pytest.raises(PreferenceDataError, match="row of 'm' differs"):
+        load_preference_sets([data_dir, other])
+    with pytest.raises(PreferenceDataError, match="no data directory"):
+        load_preference_sets([])

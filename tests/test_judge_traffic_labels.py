@@ -154,6 +154,44 @@ def test_traffic_labels_train_a_judge_that_beats_chance_on_a_candidate_it_never_
     assert result.metrics["n"] == N and result.metrics["agreement"] > 0.8, result.metrics
 
 
+def test_traffic_labels_and_the_public_set_train_one_judge(sqlite_url, tmp_path):
+    """`judge train --data PUBLIC --data LABELS`: one judge on both sets. The traffic set's prompt ids are prefixed
+    so its answers stay with its prompts, and the judge learns the route's teacher as well as the public labels."""
+    from evaluators.factory import load_small_judge
+    from evaluators.judge_registry import client
+    from evaluators.judge_training import train_judge
+    from evaluators.preference_data import MINI_DATA
+    from tests.test_judge_training import TINY, write_subset
+
+    engine = get_engine(sqlite_url)
+    seed_traffic(engine)
+    labels = tmp_path / "labels"
+    label_stored_traffic(engine, "chat", _teacher([]), labels, max_pairs=N * len(TARGETS))
+    public = write_subset(MINI_DATA, tmp_path / "public", 30)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = train_judge([public, labels], uri, quick=True, seed=0, registered_name="mixed-judge",
+                         settings=replace(TINY, int8_check_pairs=0), cache_dir=tmp_path / "cache")
+    public_models = set(load_preference_data(public).judged_models())
+    assert set(result.heldout_models) <= public_models | set(TARGETS)
+    # seed 0 holds out cand-b: the route teacher's agreement on it is reported apart from GPT-4's
+    assert "cand-b" in result.heldout_models
+    by_annotator = {k.split("/", 1)[1]: v for k, v in result.metrics.items() if k.startswith("agreement_by_annotator/")}
+    route_teacher = [v for k, v in by_annotator.items() if k.startswith("llm-judge_teacher")]
+    assert len(by_annotator) == 2 and route_teacher[0] > 0.8, by_annotator
+    run = client(uri).get_run(result.run_id)
+    assert run.data.params["data_dir"] == f"{public} + {labels}"
+    assert int(run.data.params["n_pairs"]) == len(load_preference_data(public).pairs) + N * len(TARGETS)
+    judge = load_small_judge(result.model_uri, uri)
+    trained_models = set(judge.spec.trained_models)
+    assert trained_models & public_models and trained_models & set(TARGETS)
+    traffic = load_preference_data(labels)
+    prefs = judge.compare([traffic.prompts[p.prompt_id] for p in traffic.pairs],
+                          [traffic.answer(p.prompt_id, p.model_a) for p in traffic.pairs],
+                          [traffic.answer(p.prompt_id, p.model_b) for p in traffic.pairs])
+    agree = sum((x > 0.5) == (p.p_b_better > 0.5) for x, p in zip(prefs, traffic.pairs)) / len(prefs)
+    assert agree > 0.8, agree
+
+
 def test_the_command_labels_through_a_teacher_on_loopback(tmp_path):
     """`shadowjudge judge label-traffic` as a user runs it: config file, SQLite store, a teacher over HTTP."""
     import os
