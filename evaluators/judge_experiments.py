@@ -6,6 +6,9 @@ Spearman is computed over the out-of-fold win rates of all models together (and 
 the on-disk cache, so a configuration takes seconds once the corpus is embedded.
 
     python -m evaluators.judge_experiments --data ../shared/data/alpacaeval --folds 5
+
+`--exclude-heldout SEED` leaves out the models `shadowjudge judge train --seed SEED` holds out, so that a design
+chosen here is not chosen on the models the trained judge is then measured on.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +33,13 @@ from evaluators.judge_training import (
     embed_answers,
     fit_head,
 )
-from evaluators.preference_data import FULL_DATA, REFERENCE_MODEL, PreferenceData, load_preference_data
+from evaluators.preference_data import (
+    FULL_DATA,
+    REFERENCE_MODEL,
+    PreferenceData,
+    load_preference_data,
+    split_by_model,
+)
 
 EXPERIMENT = "shadowjudge-judge-experiments"
 
@@ -151,10 +160,14 @@ DEFAULT_GRID: tuple[HeadConfig, ...] = (
 def run_grid(data_dir: str | Path, tracking_uri: str | None, *, encoder: EncoderSettings, folds: int, seed: int,
              grid: Sequence[HeadConfig] = DEFAULT_GRID, cache_dir: Path = DEFAULT_CACHE_DIR,
              annotators: Sequence[str] | None = None, max_prompts: int | None = None,
-             length_penalty: float = 0.0) -> list[dict]:
+             length_penalty: float = 0.0, exclude_heldout: int | None = None) -> list[dict]:
+    from evaluators.judge_training import FULL
+
     data = load_preference_data(data_dir)
     if max_prompts:
         data = data.sample_prompts(max_prompts, seed)
+    if exclude_heldout is not None:
+        data = replace(data, pairs=split_by_model(data, FULL.heldout_fraction, exclude_heldout).train_pairs(data))
     cache = EmbeddingCache(cache_dir, encoder)
     keys = sorted(data.outputs)
     emb = embed_answers(data, keys, cache)
@@ -166,7 +179,7 @@ def run_grid(data_dir: str | Path, tracking_uri: str | None, *, encoder: Encoder
                                  length_penalty=length_penalty)
         metrics["seconds"] = time.monotonic() - started
         row = {"config": asdict(config), "encoder": asdict(encoder), "annotators": list(annotators or []),
-               "length_penalty": length_penalty, **metrics}
+               "length_penalty": length_penalty, "excluded_heldout_of_seed": exclude_heldout, **metrics}
         rows.append(row)
         if tracking_uri:
             _log(tracking_uri, row, folds, seed, str(data_dir))
@@ -183,6 +196,7 @@ def _log(tracking_uri: str, row: dict, folds: int, seed: int, data_dir: str) -> 
         mlflow.log_params({**{f"head_{k}": v for k, v in row["config"].items()},
                            **{f"encoder_{k}": v for k, v in row["encoder"].items()},
                            "folds": folds, "seed": seed, "data_dir": data_dir, "length_penalty": row["length_penalty"],
+                           "excluded_heldout_of_seed": row["excluded_heldout_of_seed"],
                            "annotators": ",".join(row["annotators"]) or "all"})
         mlflow.log_metrics({k: float(v) for k, v in row.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)})
@@ -203,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default="", help="comma-separated config names from the default grid")
     parser.add_argument("--length-penalty", type=float, default=0.0,
                         help="add BETA * log(1 + characters) to every reward at inference (negative: penalise length)")
+    parser.add_argument("--exclude-heldout", type=int, default=None, metavar="SEED",
+                        help="leave out the models `judge train --seed SEED` holds out (design on training models)")
     args = parser.parse_args(argv)
     grid = [c for c in DEFAULT_GRID if not args.only or c.name in args.only.split(",")]
     rows = run_grid(args.data, args.tracking_uri or None,
@@ -210,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
                                             pooling=args.pooling),
                     folds=args.folds, seed=args.seed, grid=grid,
                     annotators=[a for a in args.annotators.split(",") if a] or None, max_prompts=args.max_prompts,
-                    length_penalty=args.length_penalty)
+                    length_penalty=args.length_penalty, exclude_heldout=args.exclude_heldout)
     for row in rows:
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
                           if k not in ("encoder",)}))

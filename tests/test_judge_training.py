@@ -350,3 +350,23 @@ def test_cross_validation_reports_length_controlled_ranks_and_runs_the_length_pe
     penalised = cross_validate(data, emb, head, TINY.encoder, folds=3, length_penalty=-5.0)
     assert plain["n_models"] == 11 and -1 <= plain["lc_spearman_lc_win_rate"] <= 1
     assert penalised["prefers_longer"] < 0.2 < plain["prefers_longer"]
+
+
+def test_experiments_can_leave_out_the_models_training_holds_out(tiny_data, tmp_path, monkeypatch, capsys):
+    """`judge_experiments --exclude-heldout SEED`: a design is chosen on training models only."""
+    import json
+
+    from evaluators.judge_experiments import main
+    from evaluators.judge_training import FULL
+    from evaluators.preference_data import split_by_model
+
+    monkeypatch.chdir(tmp_path)  # the embedding cache goes under the working directory
+    data = load_preference_data(tiny_data)
+    heldout = split_by_model(data, FULL.heldout_fraction, 0).heldout_models
+    common = ["--data", str(tiny_data), "--tracking-uri", "", "--folds", "3", "--max-tokens", "32",
+              "--num-layers", "2", "--only", "linear-nolength-lc"]
+    main(common)
+    main([*common, "--exclude-heldout", "0"])
+    everything, training_only = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert everything["n_models"] == len(data.judged_models()) == 11
+    assert training_only["n_models"] == 11 - len(heldout) and training_only["excluded_heldout_of_seed"] == 0
