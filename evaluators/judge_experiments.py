@@ -27,6 +27,7 @@ from evaluators.encoder import POOLINGS, EmbeddingCache, EncoderSettings
 from evaluators.judge_metrics import ReferenceComparisons, longest_wins, pair_metrics, system_metrics
 from evaluators.judge_training import (
     DEFAULT_CACHE_DIR,
+    FULL,
     EmbeddedAnswers,
     HeadConfig,
     answer_rewards,
@@ -161,8 +162,6 @@ def run_grid(data_dir: str | Path, tracking_uri: str | None, *, encoder: Encoder
              grid: Sequence[HeadConfig] = DEFAULT_GRID, cache_dir: Path = DEFAULT_CACHE_DIR,
              annotators: Sequence[str] | None = None, max_prompts: int | None = None,
              length_penalty: float = 0.0, exclude_heldout: int | None = None) -> list[dict]:
-    from evaluators.judge_training import FULL
-
     data = load_preference_data(data_dir)
     if max_prompts:
         data = data.sample_prompts(max_prompts, seed)
