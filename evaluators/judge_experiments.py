@@ -101,10 +101,12 @@ def cross_validate(data: PreferenceData, emb: EmbeddedAnswers, config: HeadConfi
     bm = pair_metrics(longest_wins(a, b), y, a, b)
     judged_vs_ref = ReferenceComparisons(oof, deltas)
     base_vs_ref = judged_vs_ref.longest_answer_wins()
-    sm = system_metrics(judged_vs_ref.win_rates(), data.leaderboard)
     sb = system_metrics(base_vs_ref.win_rates(), data.leaderboard, bootstrap=0)
-    slc = system_metrics(judged_vs_ref.length_controlled_win_rates(), data.leaderboard)
+    plain, controlled = judged_vs_ref.win_rates(), judged_vs_ref.length_controlled_win_rates()
+    sm = system_metrics(plain, data.leaderboard)
+    slc = system_metrics(controlled, data.leaderboard)
     sblc = system_metrics(base_vs_ref.length_controlled_win_rates(), data.leaderboard, bootstrap=0)
+    shalf = system_metrics(judged_vs_ref.partly_length_controlled_win_rates(), data.leaderboard)
     return {
         "agreement": pm.agreement, "balanced_agreement": pm.balanced_agreement, "prefers_longer": pm.prefers_longer,
         "log_loss": pm.log_loss,
@@ -124,7 +126,12 @@ def cross_validate(data: PreferenceData, emb: EmbeddedAnswers, config: HeadConfi
         "lc_spearman_lc_win_rate_ci95_low": slc.spearman_lc_win_rate_ci95[0],
         "lc_spearman_lc_win_rate_ci95_high": slc.spearman_lc_win_rate_ci95[1],
         "baseline_lc_spearman_lc_win_rate": sblc.spearman_lc_win_rate,
+        # halfway between the two, tried and not kept (ReferenceComparisons.partly_length_controlled_win_rates)
+        "half_lc_spearman_win_rate": shalf.spearman_win_rate,
+        "half_lc_spearman_lc_win_rate": shalf.spearman_lc_win_rate,
         "n_models": sm.n_models,
+        "win_rates": {m: {"plain": round(plain[m], 3), "length_controlled": round(controlled[m], 3)}
+                      for m in sorted(controlled)},
     }
 
 

@@ -75,6 +75,18 @@ def test_length_control_recovers_the_quality_order_that_verbosity_hides():
     assert rho_lc > 0.95 and rho_raw < 0.5, (rho_lc, rho_raw)
 
 
+def test_the_half_length_controlled_win_rate_sits_between_the_two_orders():
+    quality = {f"m{i}": q for i, q in enumerate(np.linspace(-1.5, 1.5, 8))}
+    verbosity = {m: 1200.0 * (7 - i) / 7 - 600 for i, m in enumerate(quality)}
+    judged = _length_biased_judge(quality, verbosity)
+    raw, lc = judged.win_rates(), judged.length_controlled_win_rates()
+    assert judged.partly_length_controlled_win_rates(0.0) == pytest.approx(raw)
+    assert judged.partly_length_controlled_win_rates(1.0) == pytest.approx(lc)
+    half = judged.partly_length_controlled_win_rates()
+    assert half == pytest.approx({m: (raw[m] + lc[m]) / 2 for m in quality})
+    assert all(min(raw[m], lc[m]) <= half[m] <= max(raw[m], lc[m]) for m in quality)
+
+
 def test_equal_lengths_leave_the_win_rate_alone():
     judged = _length_biased_judge({"a": 0.5, "b": -0.5}, {"a": 0.0, "b": 0.0})
     zero = ReferenceComparisons(judged.preferences, {m: {p: 0.0 for p in d} for m, d in judged.length_deltas.items()})

@@ -349,6 +349,8 @@ def test_cross_validation_reports_length_controlled_ranks_and_runs_the_length_pe
     plain = cross_validate(data, emb, head, TINY.encoder, folds=3)
     penalised = cross_validate(data, emb, head, TINY.encoder, folds=3, length_penalty=-5.0)
     assert plain["n_models"] == 11 and -1 <= plain["lc_spearman_lc_win_rate"] <= 1
+    assert -1 <= plain["half_lc_spearman_lc_win_rate"] <= 1 and len(plain["win_rates"]) == 11
+    assert all(set(rates) == {"plain", "length_controlled"} for rates in plain["win_rates"].values())
     assert penalised["prefers_longer"] < 0.2 < plain["prefers_longer"]
 
 
