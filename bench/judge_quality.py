@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from evaluators.encoder import EmbeddingCache
     from evaluators.factory import load_small_judge
-    from evaluators.judge_cli import progress_bar, tracking_uri_default
+    from evaluators.judge_cli import progress_bar, strict_json, tracking_uri_default, writable_directory
     from evaluators.judge_training import evaluate_judge
     from shadowjudge.errors import ShadowJudgeError
 
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                                  tracking_uri_default(args.tracking_uri))
         runtime = judge.spec.serving_backend
         if args.cache_dir is not None:
+            writable_directory(args.cache_dir, "--cache-dir")
             judge.embedder = EmbeddingCache(args.cache_dir, judge.spec.encoder)
             runtime = f"onnx (fp32) through the embedding cache {args.cache_dir}"
         with progress_bar(not args.no_progress) as update:
@@ -95,19 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": round(time.monotonic() - started, 1),
         "machine": f"{os.cpu_count()} CPU cores, torch threads {_threads()}",
     }
-    print(json.dumps(_strict(out), indent=2, allow_nan=False))
+    print(json.dumps(strict_json(out), indent=2, allow_nan=False))
     return 0
-
-
-def _strict(value):
-    """NaN (a figure with nothing to measure, e.g. agreement without labels) as null: strict JSON for jq and co."""
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    return value
 
 
 def _threads() -> int:

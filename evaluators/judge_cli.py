@@ -67,6 +67,30 @@ def progress_bar(enabled: bool = True) -> Iterator:
         yield update
 
 
+def writable_directory(path: Path, option: str) -> Path:
+    """Create a directory a command will write into now, so a bad path fails before slow or paid work."""
+    from shadowjudge.errors import InputError
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{option} {path}: cannot be used as a directory ({exc.strerror or exc})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {path}: directory is not writable")
+    return path
+
+
+def strict_json(value):
+    """NaN (a figure with nothing to measure, e.g. agreement without labels) as null: strict JSON for jq and co."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def _fail(exc: Exception) -> None:
     """One line on stderr; exit 2 for bad input (InputError), 1 for the rest, as everywhere in the CLI."""
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
@@ -80,7 +104,7 @@ def train(
                                          "../shared/data/alpacaeval beside the checkout otherwise); repeat it to "
                                          "train on several as one set, e.g. the public set and label-traffic's"),
     quick: bool = typer.Option(False, "--quick", help="Small, fast judge for demos (~1 minute on 2 cores)"),
-    seed: int = typer.Option(0, help="Seed for the split and the training"),
+    seed: int = typer.Option(0, min=0, max=2 ** 32 - 1, help="Seed for the split and the training"),
     tracking_uri: str = typer.Option(None, help="MLflow tracking/registry URI (default $MLFLOW_TRACKING_URI or "
                                                 f"{DEFAULT_TRACKING_URI})"),
     registered_name: str = typer.Option("shadowjudge-judge", help="Registered model name"),
@@ -88,19 +112,20 @@ def train(
     progress: bool = typer.Option(True, help="Show a progress bar"),
 ) -> None:
     """Train a judge, measure it on held-out models, register it (champion only if it beats the current one)."""
-    from evaluators.judge_registry import JudgeRegistryError
     from evaluators.judge_training import train_judge
-    from evaluators.preference_data import FULL_DATA, MINI_DATA, PreferenceDataError
+    from evaluators.preference_data import FULL_DATA, MINI_DATA
+    from shadowjudge.errors import ShadowJudgeError
 
     data = data or [MINI_DATA if quick else FULL_DATA]
     try:
+        writable_directory(cache_dir, "--cache-dir")
         with progress_bar(progress) as update:
             result = train_judge(data, tracking_uri_default(tracking_uri), quick=quick, seed=seed,
                                  registered_name=registered_name, cache_dir=cache_dir, progress=update)
-    except (PreferenceDataError, JudgeRegistryError) as exc:
+    except ShadowJudgeError as exc:
         _fail(exc)
         return
-    typer.echo(json.dumps(result.as_dict(), indent=2, sort_keys=True, default=str))
+    typer.echo(json.dumps(strict_json(result.as_dict()), indent=2, sort_keys=True, default=str))
 
 
 @judge_cli.command()
@@ -130,7 +155,7 @@ def evaluate(
     except (PreferenceDataError, JudgeRegistryError, EvaluatorConfigError) as exc:
         _fail(exc)
         return
-    typer.echo(json.dumps({"judge": judge.version, **report}, indent=2, sort_keys=True))
+    typer.echo(json.dumps(strict_json({"judge": judge.version, **report}), indent=2, sort_keys=True))
 
 
 @judge_cli.command("label-traffic")
@@ -148,6 +173,7 @@ def label_traffic(
     from shadowjudge.errors import ShadowJudgeError
 
     try:
+        writable_directory(out, "--out")
         with progress_bar(progress) as update:
             report = label_route_traffic(config, out, route=route, max_pairs=max_pairs, seed=seed, progress=update)
     except ShadowJudgeError as exc:

@@ -19,7 +19,7 @@ import mlflow  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from shadowjudge.errors import ShadowJudgeError  # noqa: E402
+from shadowjudge.errors import InputError, ShadowJudgeError  # noqa: E402
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -29,6 +29,13 @@ JUDGE_ARTIFACT = "judge"
 
 class JudgeRegistryError(ShadowJudgeError):
     """No such registered judge, or the registry cannot be reached; the message says what to do."""
+
+
+def check_registered_name(name: str) -> None:
+    """Refuse, before any training, a name the registry rejects ('/', ':') or that `models:/name@alias` cannot
+    address afterwards ('@')."""
+    if not name.strip() or any(c in name for c in "/:@"):
+        raise InputError(f"registered name {name!r}: must be non-empty without '/', ':' or '@'")
 
 
 @dataclass(frozen=True)

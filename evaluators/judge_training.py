@@ -42,6 +42,7 @@ from evaluators.small_judge import (
     head_inputs,
 )
 from evaluators.word_profile import WordProfiles, word_profiles
+from shadowjudge.errors import InputError
 
 DEFAULT_CACHE_DIR = Path(".shadowjudge/cache")
 DEFAULT_EXPERIMENT = "shadowjudge-judge-training"
@@ -450,6 +451,9 @@ def train_judge(data_dir: str | Path | Sequence[str | Path], tracking_uri: str, 
 
     started = time.monotonic()
     settings = settings or (QUICK if quick else FULL)
+    reg.check_registered_name(registered_name)
+    if not 0 <= seed < 2 ** 32:
+        raise InputError(f"seed {seed}: must be between 0 and 2**32 - 1")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -506,15 +510,26 @@ def train_judge(data_dir: str | Path | Sequence[str | Path], tracking_uri: str, 
 
             champion = reg.find_alias(tracking_uri, registered_name, reg.CHAMPION)
             champion_metrics = None
+            wins = champion is None
             if champion is not None:
                 champion_dir = reg.download_judge(tracking_uri, champion, Path(workdir) / "champion")
                 champion_spec = JudgeSpec.from_json((champion_dir / SPEC_FILE).read_text())
                 champion_embedder = (embedder if champion_spec.encoder == settings.encoder
                                      else EmbeddingCache(Path(cache_dir), champion_spec.encoder))
                 champion_judge = SmallJudge.load(champion_dir, version=champion.uri, embedder=champion_embedder)
-                champion_metrics = measure(champion_judge, data, split.heldout_pairs(data), split.heldout_models)
-                mlflow.log_metrics({f"champion_{k}": v for k, v in champion_metrics.items() if np.isfinite(v)})
-            wins = champion_metrics is None or _beats(metrics, champion_metrics)
+                # Only models neither judge trained on: the champion may have been fitted on some of this split's
+                # held-out models (another seed, other data), which would flatter it.
+                contest = [m for m in split.heldout_models if m not in set(champion_spec.trained_models)]
+                mlflow.log_param("contest_models", ",".join(contest) or "none unseen by the champion")
+                if contest:
+                    contest_pairs = [p for p in split.heldout_pairs(data) if p.model_b in set(contest)]
+                    new_metrics = metrics
+                    if len(contest) < len(split.heldout_models):
+                        new_metrics = measure(judge, data, contest_pairs, contest)
+                        mlflow.log_metrics({f"contest_{k}": v for k, v in new_metrics.items() if np.isfinite(v)})
+                    champion_metrics = measure(champion_judge, data, contest_pairs, contest)
+                    mlflow.log_metrics({f"champion_{k}": v for k, v in champion_metrics.items() if np.isfinite(v)})
+                    wins = _beats(new_metrics, champion_metrics)
 
             judge_dir = judge.save(Path(workdir) / "judge")
             registered = reg.log_and_register(judge_dir, registered_name, tracking_uri)

@@ -101,17 +101,22 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise PreferenceDataError(f"{path}:{lineno}: not valid JSON: {exc.msg}") from None
+                except RecursionError:
+                    raise PreferenceDataError(f"{path}:{lineno}: not valid JSON: nested too deeply") from None
                 if not isinstance(row, dict):
                     raise PreferenceDataError(f"{path}:{lineno}: expected a JSON object")
                 yield lineno, row
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
         raise PreferenceDataError(f"{path}: cannot read: {exc}") from None
 
 
 def _field(row: dict[str, Any], key: str, kind: type, where: str) -> Any:
     value = row.get(key)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise PreferenceDataError(f"{where}: field '{key}' is too large for a number") from None
     if not isinstance(value, kind):
         raise PreferenceDataError(f"{where}: field '{key}' must be {kind.__name__}, got {value!r:.60}")
     return value
@@ -176,6 +181,10 @@ def load_preference_sets(directories: Sequence[str | Path]) -> PreferenceData:
     model holds it out everywhere. Leaderboard rows of a model in more than one directory must agree."""
     if not directories:
         raise PreferenceDataError("no data directory given")
+    resolved = [Path(d).resolve() for d in directories]
+    if len(set(resolved)) < len(resolved):
+        twice = next(str(d) for d, r in zip(directories, resolved) if resolved.count(r) > 1)
+        raise PreferenceDataError(f"{twice}: given more than once (its pairs would count twice)")
     parts = [load_preference_data(d) for d in directories]
     if len(parts) == 1:
         return parts[0]
@@ -210,17 +219,28 @@ def _read_leaderboard(path: Path) -> dict[str, LeaderboardRow]:
     if not path.exists():
         return {}
     rows: dict[str, LeaderboardRow] = {}
-    with path.open(newline="", encoding="utf-8") as fh:
-        for lineno, row in enumerate(csv.DictReader(fh), 2):
-            try:
-                if _is_missing(row.get("win_rate")):  # listed but not ranked: no row to compare with
-                    continue
-                lc = row.get("lc_win_rate")
-                rows[row["model"]] = LeaderboardRow(row["model"], float(row["win_rate"]),
-                                                    None if _is_missing(lc) else float(lc))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise PreferenceDataError(f"{path}:{lineno}: bad leaderboard row: {exc}") from None
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            for lineno, row in enumerate(csv.DictReader(fh), 2):
+                rows.update(_leaderboard_row(row, f"{path}:{lineno}", rows))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise PreferenceDataError(f"{path}: cannot read: {exc}") from None
     return rows
+
+
+def _leaderboard_row(row: dict[str, Any], where: str, seen: dict[str, LeaderboardRow]) -> dict[str, LeaderboardRow]:
+    try:
+        if _is_missing(row.get("win_rate")):  # listed but not ranked: no row to compare with
+            return {}
+        lc = row.get("lc_win_rate")
+        found = LeaderboardRow(row["model"], float(row["win_rate"]), None if _is_missing(lc) else float(lc))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PreferenceDataError(f"{where}: bad leaderboard row: {exc}") from None
+    if not all(math.isfinite(v) for v in (found.win_rate, found.lc_win_rate) if v is not None):
+        raise PreferenceDataError(f"{where}: bad leaderboard row: win rates must be finite numbers")
+    if found.model in seen and seen[found.model] != found:
+        raise PreferenceDataError(f"{where}: '{found.model}' is listed twice with different win rates")
+    return {found.model: found}
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,8 @@ def _cases(tmp: Path) -> dict[str, Case]:
     down = {**base, "store": {"url": f"postgresql+psycopg2://postgres:{STORE_PASSWORD}@127.0.0.1:1/nowhere"}}
     no_source = {**base, "sources": [{"name": "gateway-logs", "kind": "jsonl", "path": str(tmp / "no-such-log")}]}
     teacher = {**base, "judge": {"evaluator": "lexical", "teacher": base["routes"][0]["candidates"][0]}}
+    a_file = tmp / "a-file"
+    a_file.write_text("not a directory")
     cases = {
         "unknown option": Case(["--bogus"], 2, "no such option"),
         "unknown command": Case(["evaluate-everything"], 2, "no such command"),
@@ -108,6 +110,16 @@ def _cases(tmp: Path) -> dict[str, Case]:
             ["judge", "train", "--quick", "--data", str(REPO / "shadowjudge/demo_data/alpacaeval-mini"), "--data",
              str(tmp / "no-labels"), "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--no-progress"], 2,
             "no-labels: not a directory"),
+        # checked before the corpus is embedded, the judge trained or the teacher paid
+        "training with a cache directory that is a file": Case(
+            ["judge", "train", "--quick", "--cache-dir", str(a_file), "--tracking-uri", f"sqlite:///{tmp / 'm.db'}",
+             "--no-progress"], 2, "--cache-dir"),
+        "training under a name models:/ cannot address": Case(
+            ["judge", "train", "--quick", "--registered-name", "judge@v2", "--tracking-uri",
+             f"sqlite:///{tmp / 'm.db'}", "--no-progress"], 2, "registered name 'judge@v2'"),
+        "training with a negative seed": Case(["judge", "train", "--quick", "--seed", "-1"], 2, "--seed"),
+        "labelling into a file": Case(["judge", "label-traffic", "-c", _write(tmp / "teacher2.yaml", teacher),
+                                       "--out", str(a_file / "labels"), "--no-progress"], 2, "--out"),
     }
     if PG_URL:
         pg_empty = {**base, "store": {"url": _empty_pg_database()}}
@@ -147,6 +159,8 @@ CASE_NAMES = [
     "verdicts file missing", "status without schema", "alerts without schema", "history without schema",
     "quarantine without schema", "store unreachable", "traffic source missing", "labelling without a teacher",
     "labelling an empty store", "training on a second directory that is not there",
+    "training with a cache directory that is a file", "training under a name models:/ cannot address",
+    "training with a negative seed", "labelling into a file",
     pytest.param("status without schema (PostgreSQL)", marks=pytest.mark.pg),
 ]
 

@@ -109,3 +109,31 @@ def test_several_directories_refuse_conflicting_leaderboards_and_nothing(data_di
         load_preference_sets([data_dir, other])
     with pytest.raises(PreferenceDataError, match="no data directory"):
         load_preference_sets([])
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda d: (d / "prompts.jsonl.gz").write_bytes(gzip.compress(b'{"id": "p1", "instruction": "\xff"}\n')),
+     r"prompts\.jsonl\.gz: cannot read: .*utf-8"),
+    (lambda d: _write(d / "labels.jsonl.gz", ['{"prompt_id": "p1", "model_a": "ref", "model_b": "m", '
+                                              '"p_b_better": 1' + "0" * 400 + "}"]),
+     r"labels\.jsonl\.gz:1: field 'p_b_better' is too large"),
+    (lambda d: _write(d / "labels.jsonl.gz", ["[" * 100_000]), r"labels\.jsonl\.gz:1: not valid JSON: nested"),
+    (lambda d: (d / "leaderboard.csv").write_bytes(b"model,win_rate,lc_win_rate\n\xff,1,2\n"),
+     r"leaderboard\.csv: cannot read: .*utf-8"),
+    (lambda d: ((d / "leaderboard.csv").unlink(), (d / "leaderboard.csv").mkdir()), r"leaderboard\.csv: cannot read"),
+    (lambda d: (d / "leaderboard.csv").write_text("model,win_rate,lc_win_rate\nm,inf,3\n"),
+     r"leaderboard\.csv:2: bad leaderboard row: win rates must be finite"),
+    (lambda d: (d / "leaderboard.csv").write_text("model,win_rate,lc_win_rate\nm,10,11\nm,12,11\n"),
+     r"leaderboard\.csv:3: 'm' is listed twice with different win rates"),
+])
+def test_unreadable_or_impossible_input_is_one_error_naming_the_file(data_dir, corrupt, message):
+    corrupt(data_dir)
+    with pytest.raises(PreferenceDataError, match=message):
+        load_preference_data(data_dir)
+
+
+def test_the_same_directory_twice_is_refused(data_dir):
+    from evaluators.preference_data import load_preference_sets
+
+    with pytest.raises(PreferenceDataError, match="given more than once"):
+        load_preference_sets([data_dir, f"{data_dir}/."])

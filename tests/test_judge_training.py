@@ -92,6 +92,33 @@ def test_retraining_the_same_judge_does_not_dethrone_the_champion(trained, tiny_
     assert find_alias(uri, "tiny-judge", CHAMPION).version == "1"
 
 
+def test_the_champion_contest_counts_only_models_neither_judge_trained_on(trained, tiny_data):
+    """A judge trained with another seed holds out models the champion was fitted on; comparing there would
+    flatter the champion, so the contest keeps to the held-out models the champion never saw, or is not held."""
+    from mlflow.tracking import MlflowClient
+
+    uri, root, _ = trained
+    common = dict(quick=True, registered_name="contest-judge", settings=TINY, cache_dir=root / "cache")
+    train_judge(tiny_data, uri, seed=0, **common)
+    data = load_preference_data(tiny_data)
+    unseen_by_champion = set(split_by_model(data, TINY.heldout_fraction, 0).heldout_models)
+
+    disjoint = train_judge(tiny_data, uri, seed=1, **common)  # every model it holds out, the champion trained on
+    assert not set(disjoint.heldout_models) & unseen_by_champion
+    assert disjoint.champion_metrics is None and disjoint.alias == "challenger"
+    assert find_alias(uri, "contest-judge", CHAMPION).version == "1"
+
+    overlapping = train_judge(tiny_data, uri, seed=10, **common)
+    contest = sorted(set(overlapping.heldout_models) & unseen_by_champion)
+    assert 0 < len(contest) < len(overlapping.heldout_models)
+    assert overlapping.champion_metrics["n_models"] == len(contest)
+    assert overlapping.champion_metrics["n"] == sum(1 for p in data.pairs if p.model_b in contest
+                                                    and abs(p.p_b_better - 0.5) > 1e-9)
+    run = MlflowClient(uri).get_run(overlapping.run_id).data
+    assert run.params["contest_models"] == ",".join(contest)
+    assert run.metrics["contest_n_models"] == len(contest) < run.metrics["n_models"]
+
+
 def test_missing_champion_says_how_to_train_one(tmp_path):
     with pytest.raises(JudgeRegistryError, match="shadowjudge judge train"):
         load_evaluator(JudgeConfig(registered_name="never-trained"), f"sqlite:///{tmp_path}/mlflow.db")
@@ -183,6 +210,31 @@ def test_bench_judge_quality_runs_on_a_holdout_shaped_directory(trained, tiny_da
     again = _run_bench("--data", str(holdout), "--prompts", "40", "--tracking-uri", uri,
                        "--registered-name", "tiny-judge", env=env)
     assert json.loads(again.stdout)["win_rates"] == out["win_rates"]  # the seeded subset is the same subset
+
+
+def test_evaluate_prints_strict_json_when_a_set_has_no_labels(trained, tiny_data, tmp_path):
+    """Figures with nothing to measure (agreement without labels) are null, not NaN, which jq and co reject."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from evaluators.judge_cli import judge_cli
+
+    uri, root, _ = trained
+    unlabelled = tmp_path / "unlabelled"
+    shutil.copytree(tiny_data, unlabelled)
+    (unlabelled / "labels.jsonl.gz").unlink()
+    done = CliRunner(env={"SHADOWJUDGE_CACHE_DIR": str(root / "onnx-cache")}).invoke(
+        judge_cli, ["evaluate", "--data", str(unlabelled), "--tracking-uri", uri, "--registered-name", "tiny-judge",
+                    "--prompts", "20", "--no-progress"])
+    assert done.exit_code == 0, done.output
+
+    def no_nan(token):
+        raise AssertionError(f"not strict JSON: {token}")
+
+    out = json.loads(done.stdout, parse_constant=no_nan)
+    assert out["instance"]["agreement"] is None and out["instance"]["n"] == 0
+    assert -1 <= out["system"]["spearman_win_rate"] <= 1
 
 
 def test_bench_judge_quality_bad_input_is_one_line_not_a_traceback(trained, tiny_data, tmp_path):
