@@ -134,11 +134,21 @@ def set_alias(tracking_uri: str, judge: RegisteredJudge, alias: str) -> None:
 
 
 def find_alias(tracking_uri: str, name: str, alias: str = CHAMPION) -> RegisteredJudge | None:
-    """The version holding `alias`, or None when the model or alias does not exist."""
+    """The version holding `alias`, or None when the model or alias does not exist. A registry that cannot be used
+    (an unknown URI scheme, a server that does not answer) is an error, not "no champion": training would
+    otherwise crown its judge without a contest."""
+    from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
+
     try:
         mv = client(tracking_uri).get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except UnsupportedModelRegistryStoreURIException:
+        raise JudgeRegistryError(f"{tracking_uri}: not a model registry URI (sqlite:///..., postgresql://..., "
+                                 "http://...)") from None
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise JudgeRegistryError(f"the MLflow registry at {tracking_uri} cannot be used: "
+                                 f"{str(exc.message).splitlines()[0][:200]}") from None
     return RegisteredJudge(name, str(mv.version), mv.run_id)
 
 

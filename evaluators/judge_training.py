@@ -452,6 +452,7 @@ def train_judge(data_dir: str | Path | Sequence[str | Path], tracking_uri: str, 
     started = time.monotonic()
     settings = settings or (QUICK if quick else FULL)
     reg.check_registered_name(registered_name)
+    reg.find_alias(tracking_uri, registered_name, reg.CHAMPION)  # a registry that cannot be used fails here, not later
     if not 0 <= seed < 2 ** 32:
         raise InputError(f"seed {seed}: must be between 0 and 2**32 - 1")
     random.seed(seed)

@@ -124,6 +124,15 @@ def test_missing_champion_says_how_to_train_one(tmp_path):
         load_evaluator(JudgeConfig(registered_name="never-trained"), f"sqlite:///{tmp_path}/mlflow.db")
 
 
+def test_a_registry_that_cannot_be_used_is_an_error_not_a_missing_champion(tmp_path, tiny_data):
+    assert find_alias(f"sqlite:///{tmp_path}/mlflow.db", "never-trained") is None
+    with pytest.raises(JudgeRegistryError, match="not a model registry URI"):
+        find_alias("bogus://nowhere", "tiny-judge")
+    with pytest.raises(JudgeRegistryError, match="not a model registry URI"):  # before any embedding or training
+        train_judge(tiny_data, "bogus://nowhere", quick=True, settings=TINY, cache_dir=tmp_path / "never-written")
+    assert not (tmp_path / "never-written").exists()
+
+
 def test_split_is_by_model_and_seeded(tiny_data):
     data = load_preference_data(tiny_data)
     a, b = split_by_model(data, 0.3, seed=7), split_by_model(data, 0.3, seed=7)
