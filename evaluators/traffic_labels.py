@@ -37,6 +37,7 @@ class TrafficLabelReport:
     teacher_calls: int
     reused_verdicts: int
     models: list[str]
+    unusable_verdicts: int = 0  # neither answer order gave a verdict the teacher's reply could be read as: null
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -111,22 +112,35 @@ def label_stored_traffic(engine: Engine, route: str, teacher: "LlmJudge", out_di
     if not available:
         raise PreferenceDataError(f"route '{route}' has no stored shadow answers to label: run a cycle first")
     chosen = sorted(available, key=lambda p: _label_order(seed, p.request_id, p.target))[:max_pairs]
-    with session_scope(engine) as s:
-        stored = s.execute(select(Judgment.run_id, Judgment.sample_id, Judgment.target, Judgment.preference)
-                           .where(Judgment.evaluator == teacher.version, Judgment.preference.is_not(None))
-                           .order_by(Judgment.id)).all()
-    # Keyed by run too: a later run may have answered the same request differently, and a verdict is about answers.
-    verdicts = {(r.run_id, r.sample_id, r.target): r.preference for r in stored}
-    reused = sum(p.key in verdicts for p in chosen)
-    todo = [p for p in chosen if p.key not in verdicts]
+    known = _stored_verdicts(engine, teacher.version)
+    reused = sum(p.key in known for p in chosen)
+    todo = [p for p in chosen if p.key not in known]
     texts = _read_texts(engine, chosen)
     tasks = [TeacherTask(*p.key, texts[p.result_id].prompt, texts[p.result_id].incumbent,
                          texts[p.result_id].candidate) for p in todo]
-    verdicts.update(judge_and_store(engine, teacher, tasks, {"role": LABEL_ROLE}, batch_size=batch_size,
-                                    progress=progress and (lambda done, total: progress("teacher", done, total))))
+    judge_and_store(engine, teacher, tasks, {"role": LABEL_ROLE}, batch_size=batch_size,
+                    progress=progress and (lambda done, total: progress("teacher", done, total)))
+    verdicts = _stored_verdicts(engine, teacher.version)
     models = _write_directory(Path(out_dir), chosen, texts, verdicts, teacher.version)
     return TrafficLabelReport(str(out_dir), route, teacher.version, len(available), len(chosen), len(todo), reused,
-                              models)
+                              models, unusable_verdicts=sum(verdicts[p.key] is None for p in chosen))
+
+
+def _stored_verdicts(engine: Engine, teacher_version: str) -> dict[tuple[int, int, str], float | None]:
+    """Every stored verdict of this teacher, by (run, sample, target); None where neither answer order could be
+    read (the stored preference is then a placeholder tie, which must not train the judge towards 0.5). Keyed by
+    run too: a later run may have answered the same request differently, and a verdict is about answers."""
+    with session_scope(engine) as s:
+        stored = s.execute(select(Judgment.run_id, Judgment.sample_id, Judgment.target, Judgment.preference,
+                                  Judgment.details)
+                           .where(Judgment.evaluator == teacher_version, Judgment.preference.is_not(None))
+                           .order_by(Judgment.id)).all()
+    return {(r.run_id, r.sample_id, r.target): None if _unreadable(r.details) else r.preference for r in stored}
+
+
+def _unreadable(details: dict | None) -> bool:
+    orders = ("candidate_first", "incumbent_first")
+    return bool(details) and all(k in details for k in orders) and all(details[k] is None for k in orders)
 
 
 def label_route_traffic(config_path: str | Path, out_dir: str | Path, *, route: str | None = None,
@@ -150,7 +164,7 @@ def label_route_traffic(config_path: str | Path, out_dir: str | Path, *, route: 
 
 
 def _write_directory(out: Path, pairs: list[StoredPair], texts: dict[int, _Texts],
-                     verdicts: dict[tuple[int, int, str], float], annotator: str) -> list[str]:
+                     verdicts: dict[tuple[int, int, str], float | None], annotator: str) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     prompts: dict[str, str] = {}
     outputs: dict[tuple[str, str], str] = {}

@@ -124,6 +124,35 @@ def test_a_larger_sample_pays_only_for_the_new_pairs_and_keeps_the_old_ones(sqli
     assert other_seed.pairs == 20
 
 
+def test_a_verdict_the_teacher_never_gave_is_written_unlabelled_not_as_a_tie(sqlite_url, tmp_path):
+    """Replies that name no winner in either order are stored (not paid for again) but written as null, which
+    training skips, rather than as p_b_better 0.5, which would teach the judge that the answers are equal."""
+    engine = get_engine(sqlite_url)
+    seed_traffic(engine)
+    agreeing = teacher_transport([])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if "jazz" not in json.loads(request.content)["messages"][-1]["content"]:
+            return agreeing.handle_request(request)
+        return httpx.Response(200, json={
+            "id": "x", "object": "chat.completion", "created": 0, "model": "teacher",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": "Both have merits; hard to say."}}]})
+
+    teacher = LlmJudge(OpenAI(api_key="k", base_url="http://teacher.test/v1",
+                              http_client=httpx.Client(transport=httpx.MockTransport(handler))), "teacher")
+    everything = N * len(TARGETS)
+    jazz = sum(1 for i in range(N) if TOPICS[i % len(TOPICS)] == "jazz") * len(TARGETS)
+    report = label_stored_traffic(engine, "chat", teacher, tmp_path / "labels", max_pairs=everything)
+    assert report.unusable_verdicts == jazz > 0
+    labels = _rows(tmp_path / "labels" / "labels.jsonl.gz")
+    assert sum(r["p_b_better"] is None for r in labels) == jazz and len(labels) == everything
+    data = load_preference_data(tmp_path / "labels")
+    assert data.unlabelled_rows == jazz and len(data.pairs) == everything - jazz
+    again = label_stored_traffic(engine, "chat", teacher, tmp_path / "labels", max_pairs=everything)
+    assert again.teacher_calls == 0 and again.unusable_verdicts == jazz
+
+
 def test_nothing_to_label_says_so(sqlite_url, tmp_path):
     engine = get_engine(sqlite_url)
     with pytest.raises(PreferenceDataError, match="no stored shadow answers"):
