@@ -108,6 +108,7 @@ def label_stored_traffic(engine: Engine, route: str, teacher: "LlmJudge", out_di
     """Judge up to `max_pairs` of the route's stored pairs with the teacher and write them to `out_dir`."""
     if max_pairs < 1:
         raise PreferenceDataError(f"max_pairs must be at least 1, got {max_pairs}")
+    _check_output_directory(Path(out_dir))
     available = stored_pairs(engine, route)
     if not available:
         raise PreferenceDataError(f"route '{route}' has no stored shadow answers to label: run a cycle first")
@@ -161,6 +162,21 @@ def label_route_traffic(config_path: str | Path, out_dir: str | Path, *, route: 
     name = config.route(route).name if route else config.routes[0].name
     return label_stored_traffic(initialised_engine(config.store.url), name, LlmJudge.from_target(config.judge.teacher),
                                 out_dir, max_pairs=max_pairs, seed=seed, progress=progress)
+
+
+LABEL_FILES = ("prompts.jsonl.gz", "outputs.jsonl.gz", "labels.jsonl.gz")
+
+
+def _check_output_directory(out: Path) -> None:
+    """Refuse, before the teacher is paid, a directory holding anything but an earlier run's files: its other files
+    (an AlpacaEval copy's leaderboard.csv, say) would be read with the new labels as one set."""
+    if out.exists() and not out.is_dir():
+        raise PreferenceDataError(f"{out}: exists and is not a directory")
+    ours = {*LABEL_FILES, *(str(Path(name).with_suffix(".tmp")) for name in LABEL_FILES)}  # .tmp: an interrupted write
+    others = sorted(p.name for p in out.iterdir() if p.name not in ours) if out.is_dir() else []
+    if others:
+        raise PreferenceDataError(f"{out}: holds files label-traffic did not write ({', '.join(others[:3])}"
+                                  f"{', ...' if len(others) > 3 else ''}); use an empty directory")
 
 
 def _write_directory(out: Path, pairs: list[StoredPair], texts: dict[int, _Texts],

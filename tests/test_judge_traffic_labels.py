@@ -160,6 +160,13 @@ def test_nothing_to_label_says_so(sqlite_url, tmp_path):
     seed_traffic(engine)
     with pytest.raises(PreferenceDataError, match="at least 1"):
         label_stored_traffic(engine, "chat", _teacher([]), tmp_path / "x", max_pairs=0)
+    public = tmp_path / "alpacaeval-copy"
+    public.mkdir()
+    (public / "leaderboard.csv").write_text("model,win_rate,lc_win_rate\n")
+    calls: list[str] = []
+    with pytest.raises(PreferenceDataError, match="leaderboard.csv.*use an empty directory"):
+        label_stored_traffic(engine, "chat", _teacher(calls), public)
+    assert calls == []  # refused before the teacher was asked anything
 
 
 def test_traffic_labels_train_a_judge_that_beats_chance_on_a_candidate_it_never_saw(sqlite_url, tmp_path):
