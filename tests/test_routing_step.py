@@ -113,6 +113,79 @@ def test_stepping_the_same_run_twice_changes_nothing_the_second_time(store_url, 
     assert load_rollout_state(engine, route).weights["fragile"] == 1
 
 
+def test_rerunning_an_older_run_or_the_last_one_after_a_manual_rollback_never_steps_again(store_url, tmp_path):
+    """`shadowjudge run --cycle-id OLD` resumes an old run: its verdicts are stale once a later run was applied."""
+    route = load_config(write_config(tmp_path, store_url, policy={"steps": [1, 5, 25, 50, 100]})).route("chat")
+    engine, gateway = get_engine(store_url), get_gateway(route.gateway, route)
+    passing = [CandidateVerdict("fragile", "pass", n=200)]
+    r1, r2 = make_run(engine, "chat:1"), make_run(engine, "chat:2")
+    step_route(engine, route, passing, gateway=gateway, now=T0, run_id=r1)
+    step_route(engine, route, passing, gateway=gateway, now=T0 + timedelta(hours=1), run_id=r2)
+    assert load_rollout_state(engine, route).weights["fragile"] == 5
+    stale = step_route(engine, route, passing, gateway=gateway, now=T0 + timedelta(hours=2), run_id=r1)
+    assert stale.replayed and stale.status == "unchanged" and "older than run" in stale.reason
+    assert load_rollout_state(engine, route).weights["fragile"] == 5 and len(route_history(engine, "chat")) == 2
+
+    result = runner.invoke(routes_cli, ["rollback", "chat", "-c", str(tmp_path / "shadowjudge.yaml")])
+    assert result.exit_code == 0, result.output
+    again = step_route(engine, route, passing, gateway=gateway, now=T0 + timedelta(hours=3), run_id=r2)
+    assert again.replayed and again.status == "unchanged"
+    assert load_rollout_state(engine, route).weights["fragile"] == 0  # the rollback stands
+
+
+def test_a_retried_failed_push_counts_its_runs_evidence_once(store_url, tmp_path):
+    policy = {"kind": "bandit", "min_dwell_s": 0, "min_samples_per_step": 0}
+    cfg_path = write_config(tmp_path, store_url, policy=policy)
+    route = load_config(cfg_path).route("chat")
+    engine, good = get_engine(store_url), get_gateway(route.gateway, route)
+    refusing = TrueFoundryGateway(route, Path(route.gateway.path), ["sh", "-c", "exit 3"])
+    run_id = make_run(engine, "chat:1")
+    verdicts = [CandidateVerdict("better", "pass", score=0.7, n=100)]
+    failed = step_route(engine, route, verdicts, gateway=refusing, now=T0, run_id=run_id)
+    assert failed.status == "failed"
+    counted = load_rollout_state(engine, route).posteriors["better"]
+    assert counted == pytest.approx([71.0, 31.0])
+    retried = step_route(engine, route, verdicts, gateway=good, now=T0 + timedelta(minutes=5), run_id=run_id)
+    assert retried.status == "applied" and not retried.replayed
+    assert load_rollout_state(engine, route).posteriors["better"] == pytest.approx(counted)
+
+
+def test_a_candidate_without_samples_does_not_hold_back_the_one_the_ladder_starts(store_url, tmp_path):
+    route = load_config(write_config(tmp_path, store_url, policy={"steps": [1, 5, 100], "min_samples_per_step": 100})
+                        ).route("chat")
+    engine, gateway = get_engine(store_url), get_gateway(route.gateway, route)
+    verdicts = [CandidateVerdict("fragile", "inconclusive", n=0), CandidateVerdict("better", "pass", n=300)]
+    outcome = step_route(engine, route, verdicts, gateway=gateway, now=T0, run_id=make_run(engine, "chat:1"))
+    assert outcome.decision == "advance" and outcome.weights_after["better"] == 1, outcome.reason
+
+
+def _edit_yaml(change):
+    def edit(path: Path) -> None:
+        doc = yaml.safe_load(path.read_text())
+        change(doc)
+        path.write_text(yaml.safe_dump(doc))
+    return edit
+
+
+@pytest.mark.parametrize("edit", [
+    lambda f: f.write_bytes(f.read_bytes() + b"\n# \xff\n"),
+    _edit_yaml(lambda doc: doc.update(rules=None)),
+    _edit_yaml(lambda doc: doc["rules"][0].update(load_balance_targets=None)),
+], ids=["not-utf8", "null-rules", "null-targets"])
+def test_a_hand_edited_gateway_file_of_an_odd_shape_is_reported_not_raised(store_url, tmp_path, edit):
+    cfg_path = write_config(tmp_path, store_url)
+    route = load_config(cfg_path).route("chat")
+    engine, gateway = get_engine(store_url), get_gateway(route.gateway, route)
+    step_route(engine, route, [CandidateVerdict("fragile", "pass", n=200)], gateway=gateway, now=T0)
+    edit(Path(route.gateway.path))
+    held = step_route(engine, route, [], gateway=gateway, now=T0 + timedelta(hours=1),
+                      run_id=make_run(engine, "chat:2"))
+    assert held.status in ("failed", "unchanged") and str(route.gateway.path) in f"{held.error} {held.reason}"
+    result = runner.invoke(routes_cli, ["step", "chat", "-c", str(cfg_path), "--dry-run"])
+    assert result.exit_code in (0, 2) and "Traceback" not in result.output
+    assert "UnicodeDecodeError" not in result.output and "AttributeError" not in result.output
+
+
 class LyingOnceGateway(TrueFoundryGateway):
     """Reports other weights on its first read-back, as a gateway that normalised or ignored the push would."""
 

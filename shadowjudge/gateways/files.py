@@ -136,16 +136,20 @@ class FileGateway:
         text = self._read_text()
         if text is None:
             return GatewaySnapshot(weights={}, document=None)
-        return GatewaySnapshot(weights=self.parse_weights(text), document=text)
+        return GatewaySnapshot(weights=self._parse(text), document=text)
 
     def render(self, current: GatewaySnapshot, weights: Mapping[str, int]) -> str:
         check_weights(weights, f"route '{self.route.name}'")
-        return self.render_text(current.document, weights)
+        try:
+            return self.render_text(current.document, weights)
+        except (AttributeError, TypeError, ValueError, KeyError) as exc:
+            raise GatewayConfigInvalid(f"{self.path}: a hand edit left a shape this gateway's format does not have "
+                                       f"({type(exc).__name__}: {exc})") from None
 
     def validate(self, rendered: str, weights: Mapping[str, int]) -> None:
         check_weights(weights, f"route '{self.route.name}'")
         try:
-            parsed = self.parse_weights(rendered)
+            parsed = self._parse(rendered)
         except GatewayConfigInvalid as exc:
             raise GatewayRejected(f"{self.path}: rendered config does not parse back: {exc}") from None
         if parsed != dict(weights):
@@ -164,14 +168,25 @@ class FileGateway:
 
     def read_back(self) -> Weights:
         text = self._read_text()
-        return {} if text is None else self.parse_weights(text)
+        return {} if text is None else self._parse(text)
 
     # -- helpers -----------------------------------------------------------------------------------------------
+    def _parse(self, text: str) -> Weights:
+        """`parse_weights`, with a hand-edited file of an unexpected shape as GatewayConfigInvalid: a gateway fault
+        is reported, never raised out of a controller step."""
+        try:
+            return self.parse_weights(text)
+        except (AttributeError, TypeError, ValueError, KeyError) as exc:
+            raise GatewayConfigInvalid(f"{self.path}: a hand edit left a shape this gateway's format does not have "
+                                       f"({type(exc).__name__}: {exc})") from None
+
     def _read_text(self) -> str | None:
         try:
             return self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return None
+        except UnicodeDecodeError as exc:
+            raise GatewayConfigInvalid(f"{self.path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         except OSError as exc:
             raise GatewayUnavailable(f"{self.path}: cannot read gateway config: {exc.strerror or exc}") from None
 

@@ -88,12 +88,13 @@ def target_fingerprint(target: TargetConfig) -> str:
 
 
 def decide(route: RouteConfig, state: RolloutState, verdicts: dict[str, CandidateVerdict], now: datetime,
-           *, seed: int | None = None) -> Decision:
-    """One controller iteration. `verdicts` maps candidate names to this cycle's verdict (missing = no evidence)."""
+           *, seed: int | None = None, observe: bool = True) -> Decision:
+    """One controller iteration. `verdicts` maps candidate names to this cycle's verdict (missing = no evidence).
+    `observe=False` when `state` already counts these verdicts' samples and posteriors (a failed push retried)."""
     names = [t.name for t in targets_of(route)]
     state = _reconciled(route, state, names)
     before = dict(state.weights)
-    observed = _observe(route, state, verdicts)
+    observed = _observe(route, state, verdicts) if observe else state
 
     rollback = _rollback(route, observed, verdicts, names, now)
     if rollback is not None:
@@ -161,9 +162,10 @@ def _observe(route: RouteConfig, state: RolloutState, verdicts: dict[str, Candid
 
 
 def _step_samples(route: RouteConfig, state: RolloutState, verdicts: dict[str, CandidateVerdict]) -> int:
-    """Samples that count toward the current step: the moving candidate's, or the fewest any candidate had."""
-    if route.policy.kind == "ladder" and state.candidate:
-        v = verdicts.get(state.candidate)
+    """Samples that count toward the current step: the ladder's moving candidate's (or the one it would start), or
+    the fewest any candidate had. A candidate the ladder would not start (down, failed) must not hold it back."""
+    if route.policy.kind == "ladder":
+        v = verdicts.get(state.candidate or _ladder_start(route, state, verdicts) or "")
         return v.n if v else 0
     counts = [v.n for name, v in verdicts.items() if name != state.serving]
     return min(counts) if counts else 0
@@ -219,14 +221,19 @@ class Proposal:
     completes: bool  # desired hands the route to `candidate` entirely: reaching it is a promotion
 
 
+def _eligible(route: RouteConfig, state: RolloutState) -> list[str]:
+    return [c.name for c in route.candidates if c.name != state.serving and c.name not in state.failed]
+
+
+def _ladder_start(route: RouteConfig, state: RolloutState, verdicts: dict[str, CandidateVerdict]) -> str | None:
+    """The candidate a ladder with none moving starts: the first in config order that passed and never failed."""
+    return next((n for n in _eligible(route, state) if verdicts.get(n) and verdicts[n].verdict == "pass"), None)
+
+
 def _ladder(route: RouteConfig, state: RolloutState, verdicts: dict[str, CandidateVerdict]) -> Proposal | str:
-    active = state.candidate
+    active = state.candidate or _ladder_start(route, state, verdicts)
     if active is None:
-        eligible = [c.name for c in route.candidates if c.name != state.serving and c.name not in state.failed]
-        passing = [n for n in eligible if verdicts.get(n) and verdicts[n].verdict == "pass"]
-        if not passing:
-            return f"no candidate to start: {_verdict_summary(eligible, verdicts, state.failed)}"
-        active = passing[0]
+        return f"no candidate to start: {_verdict_summary(_eligible(route, state), verdicts, state.failed)}"
     v = verdicts.get(active)
     if v is None:
         return f"'{active}' at {state.weights[active]}%: no verdict this cycle, weights held"

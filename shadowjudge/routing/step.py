@@ -105,15 +105,27 @@ def step_route(engine: Engine, route: RouteConfig,
                            f"busy: {who} holds the lock '{busy.name}'; retried next cycle", pushed=False,
                            status="busy", phase=state.phase, serving=state.serving)
     try:
+        retrying = False
         with session_scope(engine) as s:
             row = s.get(RouteState, route.name)
-            if row is not None and run_id is not None and row.last_run_id == run_id:
-                recorded = _recorded_outcome(row.last_outcome)
-                # A failed push changed nothing, so stepping the run again retries it instead of replaying it.
-                if recorded is not None and recorded.status != "failed":
+            last_run = row.last_run_id if row is not None else None
+            if run_id is not None and last_run is not None and run_id <= last_run:
+                last = row.last_outcome or {}
+                recorded = _recorded_outcome(last) if last.get("run_id", last_run) == run_id else None
+                # A failed push changed nothing, so stepping the run again retries it instead of replaying it; its
+                # samples and posteriors are in the state already and are not counted twice.
+                retrying = recorded is not None and recorded.status == "failed"
+                if recorded is not None and not retrying:
                     return replace(recorded, replayed=True)
+                if not retrying:
+                    state = load_rollout_state(engine, route)
+                    return StepOutcome(
+                        route.name, "hold", state.weights, state.weights, state.weights,
+                        f"run {run_id} was stepped already or is older than run {last_run}, whose verdicts were "
+                        "applied last: nothing changed", pushed=False, status="unchanged", phase=state.phase,
+                        serving=state.serving, replayed=True)
         state = load_rollout_state(engine, route)
-        decision = decide(route, state, by_target, now)
+        decision = decide(route, state, by_target, now, observe=not retrying)
         return _apply(engine, route, gateway, decision, now=now, run_id=run_id, analysis_link=analysis_link)
     finally:
         locks.release()
@@ -178,7 +190,7 @@ def _apply(engine: Engine, route: RouteConfig, gateway: Gateway, decision: Decis
             row.revision = revision
         if run_id is not None:
             row.last_run_id = run_id
-        row.last_outcome = outcome.to_dict()
+        row.last_outcome = {**outcome.to_dict(), "run_id": run_id}
     return outcome
 
 
