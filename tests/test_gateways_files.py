@@ -159,6 +159,21 @@ general_settings:
 """
 
 
+def test_routes_sharing_one_litellm_config_each_get_their_own_deployment_ids(tmp_path):
+    """One proxy config for every route is LiteLLM's usual set-up; two routes may both have a target named 'cand'."""
+    path = tmp_path / "config.yaml"
+    path.write_text(LITELLM)
+    chat, gw_chat = make_route("litellm", path)
+    assert push_weights(gw_chat, {"inc": 80, "cand": 20}).ok
+    summarize = chat.model_copy(update={"name": "summarize"})
+    gw_summarize = get_gateway(summarize.gateway, summarize)
+    assert push_weights(gw_summarize, {"inc": 90, "cand": 10}).ok
+    ids = [d["model_info"]["id"] for d in yaml.safe_load(path.read_text())["model_list"] if "model_info" in d]
+    assert ids == ["inc", "chat/cand", "summarize/inc", "summarize/cand"]  # 'inc' as an older version wrote it
+    assert gw_chat.read_current().weights == {"inc": 80, "cand": 20}
+    assert gw_summarize.read_current().weights == {"inc": 90, "cand": 10}
+
+
 def test_litellm_config_sets_deployment_weights_and_adds_missing_targets_without_secrets(tmp_path, monkeypatch):
     monkeypatch.setenv("CAND_KEY", "sk-secret-value")
     path = tmp_path / "config.yaml"
@@ -172,7 +187,7 @@ def test_litellm_config_sets_deployment_weights_and_adds_missing_targets_without
     assert [d["litellm_params"]["weight"] for d in chat] == [80, 20]
     assert chat[1] == {"model_name": "chat", "litellm_params": {
         "model": "openai/azure-eu/gpt-4o-mini", "api_base": "http://127.0.0.1:9001/v1", "api_key": "os.environ/CAND_KEY",
-        "weight": 20}, "model_info": {"id": "cand"}}
+        "weight": 20}, "model_info": {"id": "chat/cand"}}
     assert doc["router_settings"] == {"routing_strategy": "simple-shuffle", "num_retries": 2}
     assert doc["model_list"][1] == {"model_name": "embed", "litellm_params": {"model": "openai/text-embedding-3-small"}}
     assert "sk-secret-value" not in text

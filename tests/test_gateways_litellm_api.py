@@ -150,9 +150,9 @@ def test_push_updates_weights_adds_missing_targets_and_reads_back():
         assert gw.read_current().weights == {"inc": 100}
         result = push_weights(gw, {"inc": 90, "cand": 10})
         assert result.ok and result.observed == {"inc": 90, "cand": 10}
-        assert proxy.weights() == {"inc": 90, "cand": 10}
+        assert proxy.weights() == {"inc": 90, "chat/cand": 10}  # a new deployment's id is scoped by route
         created = [body for op, body in proxy.calls if op == "new"]
-        assert created == [{"model_name": "chat", "model_info": {"id": "cand"}, "litellm_params": {
+        assert created == [{"model_name": "chat", "model_info": {"id": "chat/cand"}, "litellm_params": {
             "model": "openai/Yi-34B-Chat", "api_base": "http://127.0.0.1:9001/v1", "api_key": "os.environ/CAND_KEY",
             "weight": 10}}]
         assert all("sk-candidate-secret" not in str(body) for _, body in proxy.calls)
@@ -162,7 +162,7 @@ def test_push_updates_weights_adds_missing_targets_and_reads_back():
         proxy.calls.clear()
         assert push_weights(gw, {"inc": 0, "cand": 100}).ok
         order = [(body["model_info"]["id"], body["litellm_params"]["weight"]) for op, body in proxy.calls]
-        assert order == [("inc", 0), ("cand", 100)]  # the decrease goes first
+        assert order == [("inc", 0), ("chat/cand", 100)]  # the decrease goes first
 
 
 def test_a_proxy_that_fails_mid_push_is_restored_to_the_previous_weights():
@@ -184,7 +184,7 @@ def test_a_proxy_that_reports_other_weights_is_rolled_back_and_deployments_it_ad
         assert not result.ok and result.error.startswith("GatewayReadBackMismatch")
         assert proxy.weights() == {"inc": 100}  # cand was created by the push and deleted by the restore
         assert not result.restored  # it still reports other weights than it holds: the next cycle checks again
-        assert ("delete", {"id": "cand"}) in proxy.calls
+        assert ("delete", {"id": "chat/cand"}) in proxy.calls
 
 
 def test_a_proxy_that_is_down_leaves_everything_as_it_was(store_url):

@@ -2,7 +2,9 @@
 
 LiteLLM's default router (`simple-shuffle`) picks among a model name's deployments in proportion to
 `litellm_params.weight`, so a route's weights are those numbers. A deployment belongs to a route target when its
-`model_info.id` is the target's name, or failing that when its `litellm_params.model` names the target's model.
+`model_info.id` is `<route>/<target>` (or, as older versions wrote it, the target's name), or failing that when its
+`litellm_params.model` names the target's model. Scoping the id by route lets routes share one proxy config even
+when their targets share names, since LiteLLM wants deployment ids unique across the file.
 Targets without a deployment get one (an OpenAI-compatible `openai/<model>` at the target's `base_url`, with the
 key as LiteLLM's `os.environ/<VAR>` reference: the secret itself is never written). Everything else in the file is
 kept as it was.
@@ -27,8 +29,10 @@ def deployment_owner(route_targets_by_name: Mapping[str, TargetConfig], deployme
     """The route target a LiteLLM deployment serves (by `model_info.id`, else by model)."""
     info = deployment.get("model_info") or {}
     ident = info.get("id") if isinstance(info, Mapping) else None
-    if isinstance(ident, str) and ident in route_targets_by_name:
-        return ident
+    if isinstance(ident, str):
+        for name in (ident.removeprefix(f"{deployment.get('model_name')}/"), ident):
+            if name in route_targets_by_name:
+                return name
     params = deployment.get("litellm_params") or {}
     model = params.get("model") if isinstance(params, Mapping) else None
     return owner_by_model(model) if isinstance(model, str) else None
@@ -39,7 +43,11 @@ def new_deployment(route_name: str, target: TargetConfig, weight: int) -> dict[s
     if target.api_key_env:
         params["api_key"] = f"os.environ/{target.api_key_env}"
     params["weight"] = weight
-    return {"model_name": route_name, "litellm_params": params, "model_info": {"id": target.name}}
+    return {"model_name": route_name, "litellm_params": params, "model_info": {"id": deployment_id(route_name, target)}}
+
+
+def deployment_id(route_name: str, target: TargetConfig) -> str:
+    return f"{route_name}/{target.name}"
 
 
 class LiteLLMFileGateway(FileGateway):

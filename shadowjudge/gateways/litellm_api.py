@@ -82,7 +82,9 @@ class LiteLLMApiGateway:
     def validate(self, rendered: LiteLLMPlan, weights: Mapping[str, int]) -> None:
         check_weights(weights, f"route '{self.route.name}'")
         planned = {d.owner: d.weight for d in rendered.updates}
-        planned.update({c["model_info"]["id"]: c["litellm_params"]["weight"] for c in rendered.creates})
+        by_name = {t.name: t for t in route_targets(self.route)}
+        planned.update({deployment_owner(by_name, c, lambda _: None): c["litellm_params"]["weight"]
+                        for c in rendered.creates})
         if planned != dict(weights):
             raise GatewayRejected(f"{self.name}: plan sets {planned}, not the weights {dict(weights)}")
         for c in rendered.creates:
