@@ -7,6 +7,7 @@ this machine), and each case then checks its own result.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -43,6 +44,11 @@ class Outcome:
 
 def _write(path: Path, data: dict) -> str:
     path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _verdicts(path: Path, rows: list) -> str:
+    path.write_text(json.dumps(rows))
     return str(path)
 
 
@@ -94,6 +100,12 @@ def _cases(tmp: Path) -> dict[str, Case]:
         "alert status unknown": Case(["alerts", "list", "--status", "sleeping", "-c", good], 2, "sleeping"),
         "verdicts file missing": Case(["routes", "step", "chat-default", "--verdicts", str(tmp / "v.json"),
                                        "-c", good], 2, "cannot read"),
+        "step with a run id that does not exist": Case(
+            ["routes", "step", "chat-default", "--verdicts", _verdicts(tmp / "ok.json", [{"target": "yi-34b",
+             "verdict": "pass"}]), "--run-id", "999", "-c", good], 2, "--run-id 999: no shadow run"),
+        "step with a list as a target name": Case(
+            ["routes", "step", "chat-default", "--verdicts", _verdicts(tmp / "list.json", [{"target": ["yi-34b"],
+             "verdict": "pass"}]), "-c", good], 2, "target must be a target name"),
         "status without schema": Case(["status", "-c", empty], 1, "no schema"),
         "alerts without schema": Case(["alerts", "list", "-c", empty], 1, "no schema"),
         "history without schema": Case(["routes", "history", "chat-default", "-c", empty], 1, "no schema"),
@@ -156,7 +168,8 @@ CASE_NAMES = [
     "unknown option", "unknown command", "option out of range", "missing config", "config not YAML",
     "config field of the wrong type", "config not a mapping", "unknown route for run", "unknown route for history",
     "unusable cycle id", "cycle id too long", "alert id not a number", "alert id unknown", "alert status unknown",
-    "verdicts file missing", "status without schema", "alerts without schema", "history without schema",
+    "verdicts file missing", "step with a run id that does not exist", "step with a list as a target name",
+    "status without schema", "alerts without schema", "history without schema",
     "quarantine without schema", "store unreachable", "traffic source missing", "labelling without a teacher",
     "labelling an empty store", "training on a second directory that is not there",
     "training with a cache directory that is a file", "training under a name models:/ cannot address",

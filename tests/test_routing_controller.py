@@ -208,6 +208,14 @@ def test_bad_verdicts_are_refused_with_the_target_named():
         CandidateVerdict("a", "pass", score=1.5)
     with pytest.raises(InvalidVerdict, match="unknown target 'zzz'"):
         index_verdicts(make_route(), [CandidateVerdict("zzz", "pass")])
+    with pytest.raises(InvalidVerdict, match="target must be a target name"):
+        CandidateVerdict(["a"], "pass")  # a verdicts file with a list where the name goes
+    with pytest.raises(InvalidVerdict, match="score must be a number"):
+        CandidateVerdict("a", "pass", score="high")
+    with pytest.raises(InvalidVerdict, match="n must be a non-negative integer"):
+        CandidateVerdict("a", "pass", n=True)
+    with pytest.raises(InvalidVerdict, match="critical_alert must be true or false"):
+        CandidateVerdict("a", "pass", critical_alert="yes")
 
 
 def test_verdicts_from_a_run_analysis():

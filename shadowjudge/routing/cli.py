@@ -135,6 +135,7 @@ def step(route: str = typer.Argument(..., help="Route name"),
     from shadowjudge.gateways import get_gateway
     from shadowjudge.routing.step import step_route
     from shadowjudge.routing.verdicts import CandidateVerdict
+    from shadowjudge.store import ShadowRun, session_scope
 
     _, rc, engine = _open(config, route)
     try:
@@ -149,6 +150,11 @@ def step(route: str = typer.Argument(..., help="Route name"),
         parsed = [CandidateVerdict(**v) for v in raw]
     except TypeError as exc:
         raise InputError(f"{verdicts}: {exc}") from None
+    if run_id is not None:
+        with session_scope(engine) as s:
+            run = s.get(ShadowRun, run_id)
+            if run is None or run.route != route:
+                raise InputError(f"--run-id {run_id}: no shadow run of route '{route}' has that id")
     outcome = step_route(engine, rc, parsed, gateway=get_gateway(rc.gateway, rc), now=datetime.now(timezone.utc),
                          run_id=run_id, analysis_link=analysis_link, dry_run=dry_run)
     _print_outcome(outcome, as_json)

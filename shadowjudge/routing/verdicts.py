@@ -43,10 +43,18 @@ class CandidateVerdict:
     incumbent_cost_per_outcome: float | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.target, str) or not self.target:
+            raise InvalidVerdict(f"verdict: target must be a target name, got {self.target!r}")
         where = f"verdict for '{self.target}'"
-        if self.verdict not in VERDICT_KINDS:
+        for name in ("score", "quality", "cost_per_outcome", "incumbent_cost_per_outcome"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise InvalidVerdict(f"{where}: {name} must be a number, got {value!r}")
+        if not isinstance(self.critical_alert, bool):
+            raise InvalidVerdict(f"{where}: critical_alert must be true or false, got {self.critical_alert!r}")
+        if not isinstance(self.verdict, str) or self.verdict not in VERDICT_KINDS:
             raise InvalidVerdict(f"{where}: verdict must be one of {VERDICT_KINDS}, got {self.verdict!r}")
-        if not isinstance(self.n, int) or self.n < 0:
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 0:
             raise InvalidVerdict(f"{where}: n must be a non-negative integer, got {self.n!r}")
         if self.score is not None and not (math.isfinite(self.score) and 0.0 <= self.score <= 1.0):
             raise InvalidVerdict(f"{where}: score must be in [0, 1], got {self.score!r}")
