@@ -84,6 +84,30 @@ def test_truefoundry_push_changes_only_the_route_weights(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["routing.yaml", "routing.yaml.prev"]  # no temp files left
 
 
+def test_a_new_gateway_file_is_readable_by_the_proxy_and_a_symlinked_one_stays_a_link(tmp_path):
+    fresh = tmp_path / "new" / "routing.yaml"
+    _, gw = make_route("truefoundry", fresh)
+    assert push_weights(gw, {"inc": 100, "cand": 0}).ok
+    assert fresh.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600: the gateway may run as another user
+
+    private = tmp_path / "private.yaml"
+    private.write_text(TRUEFOUNDRY)
+    private.chmod(0o600)
+    _, gw = make_route("truefoundry", private)
+    assert push_weights(gw, {"inc": 90, "cand": 10}).ok
+    assert private.stat().st_mode & 0o777 == 0o600  # an existing file keeps its mode
+
+    real = tmp_path / "deploy" / "routing.yaml"
+    real.parent.mkdir()
+    real.write_text(TRUEFOUNDRY)
+    link = tmp_path / "routing-link.yaml"
+    link.symlink_to(real)
+    _, gw = make_route("truefoundry", link)
+    assert push_weights(gw, {"inc": 80, "cand": 20}).ok
+    assert link.is_symlink() and gw.read_current().weights == {"inc": 80, "cand": 20}
+    assert "weight: 20" in real.read_text()
+
+
 def test_truefoundry_virtual_model_group_shape(tmp_path):
     path = tmp_path / "vm.yaml"
     path.write_text("name: team-models\nintegrations:\n  - name: chat\n    model_types: [chat]\n    routing_config:\n"

@@ -40,15 +40,21 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+NEW_FILE_MODE = 0o644  # a gateway process often runs as another user; the files hold no secrets (env references)
+
+
 def _replace_atomically(path: Path, text: str) -> None:
+    """Write a temporary file beside `path` and rename it over: a reader sees the old or the new text, never half.
+    A symlinked config keeps its link (the file it points to is replaced); an existing file keeps its mode."""
+    if path.is_symlink():
+        path = path.resolve()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o777)
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else NEW_FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
