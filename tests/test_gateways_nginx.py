@@ -193,3 +193,20 @@ def test_the_shipped_example_nginx_conf_is_valid_with_a_rendered_upstream_file(t
     check = subprocess.run([NGINX, "-t", "-q", "-e", "stderr", "-p", f"{tmp_path}/", "-c", str(conf),
                             "-g", f"pid {tmp_path}/nginx.pid;"], capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stderr
+
+
+def test_two_routes_whose_names_map_to_one_upstream_are_refused_not_merged(tmp_path):
+    def route(name: str):
+        return parse_config({
+            "sources": [{"name": "logs", "path": "x.jsonl"}],
+            "routes": [{"name": name,
+                        "incumbent": {"name": "inc", "model": "m0", "base_url": "http://127.0.0.1:8401/v1"},
+                        "candidates": [{"name": "cand", "model": "m1", "base_url": "http://127.0.0.1:8402/v1"}]}],
+        }).routes[0]
+
+    upstreams = tmp_path / "upstreams.conf"
+    assert push_weights(NginxGateway(route("chat-a"), upstreams), {"inc": 95, "cand": 5}).ok
+    before = upstreams.read_text()
+    clash = push_weights(NginxGateway(route("chat_a"), upstreams), {"inc": 50, "cand": 50})
+    assert not clash.ok and "both map to the nginx upstream 'shadowjudge_chat_a'" in clash.error
+    assert upstreams.read_text() == before

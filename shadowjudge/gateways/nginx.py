@@ -83,6 +83,7 @@ class NginxGateway(FileGateway):
 
     # -- format ------------------------------------------------------------------------------------------------
     def parse_weights(self, text: str) -> Weights:
+        self._check_no_name_clash(text)
         body = self._upstream_body(text)
         if body is None:
             return {}
@@ -111,6 +112,7 @@ class NginxGateway(FileGateway):
 
     def render_text(self, text: str | None, weights: Mapping[str, int]) -> str:
         text = text or ""
+        self._check_no_name_clash(text)
         kept: list[str] = []
         body = self._upstream_body(text)
         if body is not None:
@@ -168,6 +170,15 @@ class NginxGateway(FileGateway):
             time.sleep(0.1)
 
     # -- text helpers ------------------------------------------------------------------------------------------
+    def _check_no_name_clash(self, text: str) -> None:
+        """Route names map to nginx names many-to-one ('chat-a' and 'chat_a' both give shadowjudge_chat_a): a file
+        another route's block already uses under our name would be read and overwritten as ours."""
+        ours = upstream_name(self.route.name)
+        for other in re.findall(r"# Managed by ShadowJudge for route '([^']+)'", text):
+            if other != self.route.name and upstream_name(other) == ours:
+                raise GatewayConfigInvalid(f"{self.path}: routes '{other}' and '{self.route.name}' both map to the "
+                                           f"nginx upstream '{ours}'; rename one of them")
+
     def _upstream_body(self, text: str) -> str | None:
         m = re.search(rf"upstream\s+{re.escape(upstream_name(self.route.name))}\s*\{{(?P<body>[^}}]*)\}}", text)
         return m.group("body") if m else None
