@@ -237,6 +237,20 @@ PORTKEY = {
 }
 
 
+def test_portkey_tells_targets_that_share_a_model_apart_by_their_host(tmp_path):
+    """The same open model served by two providers (a candidate that only changes where it runs)."""
+    path = tmp_path / "portkey.json"
+    route, _ = make_route("portkey", path)
+    same_model = route.model_copy(update={"candidates": [
+        route.candidates[0].model_copy(update={"model": route.incumbent.model})]})
+    gw = get_gateway(same_model.gateway, same_model)
+    assert push_weights(gw, {"inc": 100, "cand": 0}).ok
+    assert push_weights(gw, {"inc": 70, "cand": 30}).ok
+    hosts = {e["custom_host"]: e["weight"] for e in json.loads(path.read_text())["targets"]}
+    assert hosts == {"http://127.0.0.1:9000/v1": 0.7, "http://127.0.0.1:9001/v1": 0.3}
+    assert gw.read_current().weights == {"inc": 70, "cand": 30}
+
+
 def test_portkey_config_writes_fractions_and_keeps_other_keys(tmp_path):
     path = tmp_path / "portkey.json"
     path.write_text(json.dumps(PORTKEY))

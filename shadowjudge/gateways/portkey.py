@@ -2,7 +2,8 @@
 
 Portkey normalises target weights by their sum, so weights are written as fractions of 1 (0.25 for 25%), as in
 Portkey's own examples, and read back as percentages. A target entry belongs to a route target when its
-`virtual_key` is the target's name or its `override_params.model` is the target's model; targets without an entry
+`virtual_key` is the target's name or its `override_params.model` is the target's model (and, where targets share
+a model, its `custom_host` the target's `base_url`); targets without an entry
 get one pointing at the target's OpenAI-compatible `base_url` (`custom_host`). Keys live in Portkey (virtual keys),
 never in this file. Other keys (retry, cache, hooks, per-target settings) are kept.
 """
@@ -82,8 +83,12 @@ class PortkeyGateway(FileGateway):
             if not isinstance(entry, dict):
                 raise GatewayConfigInvalid(f"{where}: must be an object")
             model = (entry.get("override_params") or {}).get("model")
-            owners = [t.name for t in targets if entry.get("virtual_key") == t.name] or \
-                     [t.name for t in targets if model is not None and model == t.model]
+            owners = [t.name for t in targets if entry.get("virtual_key") == t.name]
+            if not owners:
+                same_model = [t for t in targets if model is not None and model == t.model]
+                if len(same_model) > 1:  # one model behind several endpoints: the host tells them apart
+                    same_model = [t for t in same_model if entry.get("custom_host") == t.base_url]
+                owners = [t.name for t in same_model]
             if len(owners) != 1:
                 weight = _weight(entry, where)
                 if weight:
