@@ -348,6 +348,37 @@ def test_bad_input_is_quarantined_counted_and_the_rest_goes_on(store_url, tmp_pa
     assert again.read == 0
 
 
+def test_a_record_the_store_cannot_take_is_quarantined_not_a_stuck_source(store_url, tmp_path):
+    """Records that parse but that orjson, PostgreSQL or the sampler's day windows cannot take used to fail their
+    whole batch on every run: the cursor never moved past them."""
+    def line(**change):
+        return json.dumps({"id": "ok", "timestamp": "2026-11-22T10:00:00Z", "route": "chat",
+                           "request": {"model": "chat", "messages": [{"role": "user", "content": "hi"}]},
+                           **change})
+
+    deep: dict = {}
+    for _ in range(300):
+        deep = {"a": deep}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "a.jsonl").write_text("\n".join([
+        line(id="before"),
+        line(id="too-deep", metadata={"k": deep}),
+        line(id="far-future", timestamp="9999-12-31T12:00:00Z"),
+        line(id="nul\u0000inside"),
+        line(id="after"),
+    ]) + "\n")
+    config = make_config(store_url, [{"name": "logs", "kind": "jsonl", "path": str(logs), "batch_size": 100}])
+    report = ingest_sources(get_engine(store_url), config).sources[0]
+    assert report.quarantined == 2 and report.stored == 3, report.to_dict()
+    with session_scope(get_engine(store_url)) as s:
+        reasons = sorted(q.reason for q in s.scalars(select(QuarantinedRecord)))
+    assert reasons == ["'metadata' cannot be stored as JSON (Recursion limit reached)", "'timestamp' is out of range"]
+    ids = sample_ids(store_url)
+    assert {"before", "after"} <= set(ids) and any(i.startswith("sha256:") for i in ids)  # the NUL id, hashed
+    assert ingest_sources(get_engine(store_url), config).sources[0].read == 0  # the cursor moved past them
+
+
 record_like = st.fixed_dictionaries(
     {"timestamp": st.one_of(st.just("2026-11-22T10:00:00Z"), st.integers(), st.text(max_size=5), st.none()),
      "request": st.one_of(st.fixed_dictionaries({"model": st.one_of(st.text(max_size=8), st.none()),

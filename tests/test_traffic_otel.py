@@ -99,6 +99,21 @@ def test_bad_spans_are_rejected_with_a_reason(bad, reason):
         span_record(bad, {}, "p", {})
 
 
+@pytest.mark.parametrize("value, reason", [
+    ({"intValue": "1" * 30}, "Integer exceeds 64-bit range"),
+    ({"arrayValue": [1, 2]}, "unusable record (AttributeError)"),
+    ({"kvlistValue": "oops"}, "unusable record (AttributeError)"),
+])
+def test_attribute_values_of_an_odd_shape_quarantine_the_span(tmp_path, value, reason):
+    bad = span([attr("gen_ai.prompt.0.content", "x"), attr("gen_ai.request.model", "m"),
+                {"key": "custom.field", "value": value}])
+    path = tmp_path / "traces.json"
+    path.write_text(json.dumps({"resourceSpans": [{"resource": {}, "scopeSpans": [{"spans": [bad]}]}]}) + "\n")
+    steps = list(OtelSource("o", str(path), 1_000_000, {}).read(None, TimeWindow()))
+    rejected = [s.item for s in steps if isinstance(s.item, Rejected)]
+    assert len(rejected) == 1 and reason in rejected[0].reason
+
+
 def test_reading_resumes_inside_an_export_at_the_next_span(tmp_path):
     source = OtelSource("o", str(FIXTURE), 1_000_000, {})
     steps = list(source.read(None, TimeWindow()))

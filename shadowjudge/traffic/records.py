@@ -57,6 +57,17 @@ class TrafficRecord:
     metadata: dict[str, Any] = field(default_factory=dict)
     position: str = ""
 
+    def __post_init__(self) -> None:
+        """Refuse here, where the source quarantines it, a record the store or the sampler could not take: one
+        such record would otherwise fail its whole batch on every run and stop the source for good."""
+        if not 1 < self.timestamp.year < 9999:  # the sampler's day windows need a day either side
+            raise RecordError("'timestamp' is out of range")
+        for name in ("messages", "params", "metadata"):
+            try:
+                orjson.dumps(getattr(self, name))
+            except orjson.JSONEncodeError as exc:  # nested too deeply, an integer beyond 64 bits, ...
+                raise RecordError(f"'{name}' cannot be stored as JSON ({str(exc).split(':')[0]})") from None
+
 
 @dataclass(slots=True, frozen=True)
 class Rejected:
@@ -230,11 +241,15 @@ def stable_request_id(explicit: Any, timestamp: datetime, route: str, messages: 
     """The gateway's id when it has one (hashed if too long), else a hash of when, where and what was asked."""
     if explicit is not None and not isinstance(explicit, bool) and str(explicit).strip():
         text = str(explicit).strip()
-        if len(text) <= MAX_REQUEST_ID:
+        if len(text) <= MAX_REQUEST_ID and "\x00" not in text:  # PostgreSQL text cannot hold NUL: hashed instead
             return text
         return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
     blob = orjson.dumps([timestamp.isoformat(), route, messages], option=orjson.OPT_SORT_KEYS)
     return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+# What a parser may raise on a record of an unexpected shape; the source quarantines the record with `unusable`.
+UNUSABLE_ERRORS = (ValueError, TypeError, OverflowError, RecursionError, AttributeError, KeyError, IndexError)
 
 
 def unusable(exc: BaseException) -> str:

@@ -37,6 +37,7 @@ import orjson
 from shadowjudge.config import SourceConfig
 from shadowjudge.traffic.lines import read_lines
 from shadowjudge.traffic.records import (
+    UNUSABLE_ERRORS,
     RecordError,
     Rejected,
     SourceRead,
@@ -189,7 +190,7 @@ class JsonlSource:
                 yield SourceRead(Rejected(position, f"invalid JSON: {exc.msg}"), line.cursor)
             except RecordError as exc:
                 yield SourceRead(Rejected(position, str(exc)), line.cursor)
-            except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+            except UNUSABLE_ERRORS as exc:
                 yield SourceRead(Rejected(position, unusable(exc)), line.cursor)
             else:
                 yield SourceRead(record, line.cursor)

@@ -36,6 +36,7 @@ import orjson
 from shadowjudge.config import SourceConfig
 from shadowjudge.traffic.lines import read_lines
 from shadowjudge.traffic.records import (
+    UNUSABLE_ERRORS,
     RecordError,
     Rejected,
     SourceRead,
@@ -385,7 +386,7 @@ class OtelSource:
             except RecordError as exc:
                 yield SourceRead(Rejected(position, str(exc)), line.cursor)
                 continue
-            except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+            except UNUSABLE_ERRORS as exc:
                 yield SourceRead(Rejected(position, unusable(exc)), line.cursor)
                 continue
             first = int(cursor["span"]) if skip_at == (line.file, line.offset) else 0  # type: ignore[index]
@@ -401,7 +402,7 @@ class OtelSource:
                     record = span_record(span, resource, span_position, self.mapping)
                 except RecordError as exc:
                     yield SourceRead(Rejected(span_position, str(exc)), step_cursor)
-                except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+                except UNUSABLE_ERRORS as exc:
                     yield SourceRead(Rejected(span_position, unusable(exc)), step_cursor)
                 else:
                     yield SourceRead(record, step_cursor)

@@ -34,6 +34,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchTableError, SQLAlchemyError
 from shadowjudge.config import SourceConfig
 from shadowjudge.store import get_engine
 from shadowjudge.traffic.records import (
+    UNUSABLE_ERRORS,
     RecordError,
     Rejected,
     SourceRead,
@@ -287,7 +288,7 @@ class SqlSource:
                     yield SourceRead(row_record(row, self.mapping, position), step_cursor)
                 except RecordError as exc:
                     yield SourceRead(Rejected(position, str(exc)), step_cursor)
-                except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+                except UNUSABLE_ERRORS as exc:
                     yield SourceRead(Rejected(position, unusable(exc)), step_cursor)
                 last = (ts, rid)
             if len(rows) < self.page_size:
