@@ -94,6 +94,16 @@ def test_json_values_are_redacted_deeply_and_credential_keys_whole(redactor):
     assert value["messages"][0]["content"][0]["text"] == "mail me: x@y.com"  # the input is not modified
 
 
+def test_a_credential_is_replaced_whatever_its_type_and_short_emails_are_found(redactor):
+    counts: dict[str, int] = {}
+    value = {"password": 123456, "api_key": ["myplainkey123"], "authorization": {"value": "opaque-token-xyz"},
+             "secret": None, "api-key": "", "has_password": False, "contact": "a@b.co"}
+    out = redactor.redact_value(value, counts)
+    assert out["password"] == out["api_key"] == out["authorization"] == "[SECRET]"
+    assert (out["secret"], out["api-key"], out["has_password"]) == (None, "", False)  # nothing to hide
+    assert out["contact"] == "[EMAIL]" and counts == {"SECRET": 3, "EMAIL": 1}
+
+
 def test_cached_results_still_count(redactor):
     first = redact(redactor, "System: escalate to help@corp.example.com")
     second = redact(redactor, "System: escalate to help@corp.example.com")

@@ -202,7 +202,7 @@ class Redactor:
 
     def redact(self, text: str, counts: dict[str, int]) -> str:
         """`text` with every finding replaced by `[KIND]`; `counts[KIND]` grows by the number replaced."""
-        if not self.enabled or len(text) < 7:
+        if not self.enabled or len(text) < 6:  # 'a@b.co' is the shortest finding
             return text
         cacheable = len(text) <= 4096
         if cacheable:
@@ -285,15 +285,16 @@ class Redactor:
         return known
 
     def redact_value(self, value: Any, counts: dict[str, int]) -> Any:
-        """Redact every string inside a JSON-like value; a string under a credential-like key (`api_key`,
-        `authorization`, `password`, ...) is replaced whole. Keys themselves are kept."""
+        """Redact every string inside a JSON-like value; a value under a credential-like key (`api_key`,
+        `authorization`, `password`, ...) is replaced whole, whatever its type (`{"password": 123456}`, a list of
+        keys, an object holding a token). Keys themselves are kept."""
         kind = type(value)
         if kind is str:
             return self.redact(value, counts)
         if kind is dict or isinstance(value, Mapping):
             out = {}
             for k, v in value.items():
-                if type(v) is str and v and self.enabled and self._is_secret_key(k):
+                if v not in (None, "", [], {}) and type(v) is not bool and self.enabled and self._is_secret_key(k):
                     out[k] = f"[{SECRET}]"
                     counts[SECRET] = counts.get(SECRET, 0) + 1
                 elif type(v) is str:
