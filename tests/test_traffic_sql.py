@@ -6,9 +6,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from sqlalchemy import text
 
 from shadowjudge.config import SourceConfig
-from shadowjudge.store import get_engine
+from shadowjudge.store import get_engine, upgrade_database
 from shadowjudge.traffic import TimeWindow, TrafficError, TrafficRecord, ingest_sources, load_cursor
 from shadowjudge.traffic.sources.sql import open_source, resolve_mapping, row_record
 from tests.test_traffic_ingest import create_litellm_table, insert_litellm_rows, litellm_rows, make_config
@@ -98,6 +99,20 @@ def test_missing_table_or_columns_are_reported_not_raised(store_url):
                                       "mapping": {"preset": "litellm", "route": "route_col"}}])
     report = ingest_sources(engine, config).sources[0]
     assert "has no column(s) ['route_col']" in report.error
+
+
+@pytest.mark.parametrize("column_type", ["INTEGER", "TEXT"])
+def test_a_timestamp_column_that_is_not_a_date_time_is_refused_up_front(tmp_path, column_type):
+    """Epoch integers or ISO text parse row by row, but the cursor and backfill windows compare in the query:
+    the second run stuck on the cursor (INTEGER) or every run re-read every row (TEXT)."""
+    url = f"sqlite:///{tmp_path}/logs.db"
+    upgrade_database(url)  # the store and the gateway's table in one file, as in the other tests
+    with get_engine(url).begin() as conn:
+        conn.execute(text(f'CREATE TABLE calls (id TEXT, ts {column_type}, model TEXT, messages TEXT)'))
+    config = make_config(url, [{"name": "c", "kind": "sql", "url": url, "mapping": {
+        "table": "calls", "request_id": "id", "timestamp": "ts", "route": "model", "messages": "messages"}}])
+    report = ingest_sources(get_engine(url), config).sources[0]
+    assert f"column 'ts' is {column_type}, not a date-time" in report.error
 
 
 def test_a_backfill_pushes_the_window_into_the_query(store_url):

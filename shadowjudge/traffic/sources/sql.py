@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import Column, MetaData, Table, and_, or_, select
+from sqlalchemy import Column, DateTime, MetaData, Table, and_, or_, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchTableError, SQLAlchemyError
 
@@ -243,6 +243,11 @@ class SqlSource:
         missing = sorted({c for c in self.mapping.values() if c not in table.c} - {self.mapping["table"]})
         if missing:
             raise SourceUnavailable(f"{where}: table '{table.name}' has no column(s) {missing}")
+        ts_type = table.c[self.mapping["timestamp"]].type
+        if not isinstance(ts_type, DateTime):  # the cursor and the window compare date-times in the query
+            raise SourceUnavailable(
+                f"{where}: column '{self.mapping['timestamp']}' is {ts_type}, not a date-time: the cursor and "
+                "backfill windows need one (read from a view that casts it)")
         return table
 
     def read(self, cursor: dict[str, Any] | None, window: TimeWindow) -> Iterator[SourceRead]:
