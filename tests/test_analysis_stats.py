@@ -133,6 +133,23 @@ def test_scorer_weights_and_critical_metrics():
     assert score_metrics(two_fail, criteria, 100, 30).verdict is Verdict.FAIL  # 70 < 75
 
 
+
+def test_marginal_point_estimates_alone_hold_a_candidate_but_never_fail_it():
+    """Quality and cost both a little off their declared margins, as noise makes them on a candidate that changed
+    nothing (15% of null runs at n=40): the score drops below the marginal bar, but without a metric whose interval
+    is beyond its tolerance the candidate is held, not failed and rolled back."""
+    criteria = CriteriaConfig()
+    names = list(criteria.weights)
+    marginals = [_metric(n, Classification.MARGINAL if n in ("quality", "cost_per_outcome") else Classification.PASS)
+                 for n in names]
+    held = score_metrics(marginals, criteria, 100, 30)
+    assert held.score < criteria.marginal_score and held.verdict is Verdict.MARGINAL
+    assert "no metric failed on its interval" in held.reasons[0]
+    with_evidence = [_metric(n, Classification.MARGINAL if n == "quality" else
+                             Classification.FAIL if n == "cost_per_outcome" else Classification.PASS) for n in names]
+    assert score_metrics(with_evidence, criteria, 100, 30).verdict is Verdict.FAIL
+
+
 def test_criteria_reject_unknown_metrics():
     with pytest.raises(ValueError, match="unknown metric"):
         CriteriaConfig(weights={"qualty": 1})
