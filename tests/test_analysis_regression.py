@@ -243,3 +243,24 @@ def test_without_answer_lengths_quality_stays_plain_and_says_so():
     assert quality.classification is Classification.PASS and quality.effect > 1
     assert quality.effect_at_equal_length is None and "at equal" not in quality.method
     assert quality.note == "answer lengths unknown: not length-controlled"
+
+
+@pytest.mark.parametrize("error_rate", [0.3, 0.6])
+def test_a_candidates_errors_do_not_make_it_look_cheaper_per_outcome(error_rate):
+    """An errored pair is never judged, so the incumbent's outcome there is unknown: counting it as not accepted
+    made the incumbent look dearer, and the failing candidate passed at 0.72x (30% errors) or 0.40x (60%)."""
+    import numpy as np
+
+    from shadowjudge.analysis.regression import _analyse_candidate
+    from shadowjudge.analysis.run_data import PairJudgment, RunData, TargetRecord
+
+    rng = np.random.default_rng(0)
+    n = 300
+    errored = rng.random(n) < error_rate
+    incumbent = {i: TargetRecord(i, False, 1000.0, 200.0, 1e-3, 100) for i in range(n)}
+    candidate = {i: TargetRecord(i, bool(errored[i]), 1000.0, 200.0, None if errored[i] else 1e-3,
+                                 None if errored[i] else 100) for i in range(n)}
+    pairs = {i: PairJudgment(i, 0.8, 0.8, 0.5) for i in range(n) if not errored[i]}
+    data = RunData(1, "chat", "judge", "replay", incumbent, {"c": candidate}, {"c": pairs})
+    cost = _analyse_candidate(data, route_for(["c"], slice_key=None), "c", 0.5).metric("cost_per_outcome")
+    assert cost.effect == pytest.approx(1.0) and cost.incumbent_value == pytest.approx(1e-3)

@@ -284,10 +284,16 @@ def _cost_per_outcome(cand: dict[int, TargetRecord], inc: dict[int, TargetRecord
                 continue  # answered but not judged: its outcome is unknown
             c_ok = (not c.error) and p is not None and p.candidate_score is not None \
                 and p.candidate_score >= m.accept_floor
-            i_ok = p is not None and p.incumbent_score is not None and p.incumbent_score >= m.accept_floor
+            # A pair whose candidate errored is never judged, so the incumbent's outcome there is unknown, not a
+            # failure (which would make the incumbent look dearer and the failing candidate cheaper): filled in
+            # below with the incumbent's acceptance rate where it is known.
+            i_ok = None if p is None or p.incumbent_score is None else float(p.incumbent_score >= m.accept_floor)
         else:
-            c_ok, i_ok = not c.error, True
-        rows.append((c_cost, float(c_ok), i.cost_usd, float(i_ok)))
+            c_ok, i_ok = not c.error, 1.0
+        rows.append((c_cost, float(c_ok), i.cost_usd, i_ok))
+    known = [r[3] for r in rows if r[3] is not None]
+    rate = float(np.mean(known)) if known else 0.0
+    rows = [(cc_, ca_, ic_, rate if ia_ is None else ia_) for cc_, ca_, ic_, ia_ in rows]
     if len(rows) < m.min_n:
         return _nodata("cost_per_outcome", method, "ratio", 1.0, False, len(rows), len(rows),
                        f"{len(rows)} samples with known cost, {m.min_n} needed")
