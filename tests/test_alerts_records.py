@@ -96,8 +96,11 @@ def test_a_failing_sink_never_loses_the_alert_and_is_retried_on_the_next_call(en
     analysis = analyze_run(engine, run_id, route)
     with Receiver(default=503) as down:
         alerts = raise_alerts(engine, analysis, route, _webhook(down.url, max_attempts=2))
-    assert alerts and all(a.delivered["hook"]["status"] == "failed" for a in alerts)
-    assert all(a.delivered["hook"]["error"] == "sink 'hook': HTTP 503" for a in alerts)
+    assert len(alerts) > 1 and all(a.delivered["hook"]["status"] == "failed" for a in alerts)
+    assert alerts[0].delivered["hook"]["error"] == "sink 'hook': HTTP 503"
+    # A sink whose retries all failed is not tried again in the same delivery: one retry schedule per cycle.
+    assert len(down.requests) == 2
+    assert all(a.delivered["hook"]["error"].startswith("not tried: the sink failed earlier") for a in alerts[1:])
     quiet = analyze_run(engine, run_id, route_for(["same"]))
     with Receiver() as up:
         assert raise_alerts(engine, quiet, route_for(["same"]), _webhook(up.url)) == []

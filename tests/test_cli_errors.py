@@ -97,6 +97,7 @@ def _cases(tmp: Path) -> dict[str, Case]:
         "cycle id too long": Case(["run", "-c", good, "--cycle-id", "c" * 65], 2, "cycle id"),
         "alert id not a number": Case(["alerts", "ack", "abc", "-c", good], 2, "alert_id"),
         "alert id unknown": Case(["alerts", "ack", "424242", "-c", good], 2, "alert 424242 does not exist"),
+        "alert id beyond any database id": Case(["alerts", "show", "9" * 20, "-c", good], 2, "alert_id"),
         "alert status unknown": Case(["alerts", "list", "--status", "sleeping", "-c", good], 2, "sleeping"),
         "verdicts file missing": Case(["routes", "step", "chat-default", "--verdicts", str(tmp / "v.json"),
                                        "-c", good], 2, "cannot read"),
@@ -167,7 +168,7 @@ def outcomes(tmp_path_factory) -> dict[str, tuple[Case, Outcome]]:
 CASE_NAMES = [
     "unknown option", "unknown command", "option out of range", "missing config", "config not YAML",
     "config field of the wrong type", "config not a mapping", "unknown route for run", "unknown route for history",
-    "unusable cycle id", "cycle id too long", "alert id not a number", "alert id unknown", "alert status unknown",
+    "unusable cycle id", "cycle id too long", "alert id not a number", "alert id unknown", "alert id beyond any database id", "alert status unknown",
     "verdicts file missing", "step with a run id that does not exist", "step with a list as a target name",
     "status without schema", "alerts without schema", "history without schema",
     "quarantine without schema", "store unreachable", "traffic source missing", "labelling without a teacher",

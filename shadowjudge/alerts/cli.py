@@ -29,6 +29,7 @@ def _err() -> Console:
 
 ConfigOption = typer.Option(Path("configs/shadowjudge.yaml"), "--config", "-c", help="Config YAML",
                             envvar="SHADOWJUDGE_CONFIG")
+AlertIdArgument = typer.Argument(..., min=1, max=2 ** 63 - 1, help="Alert id")  # beyond: not a database id
 
 
 def _engine(config_path: Path):
@@ -74,7 +75,7 @@ def list_command(config: Path = ConfigOption,
 
 
 @alerts_cli.command("show")
-def show_command(alert_id: int = typer.Argument(..., help="Alert id"), config: Path = ConfigOption,
+def show_command(alert_id: int = AlertIdArgument, config: Path = ConfigOption,
                  as_json: bool = typer.Option(False, "--json", help="Print the alert as JSON")) -> None:
     """One alert with its triage bundle: link, worst examples, reproduce command, delivery status."""
     from shadowjudge.alerts.records import alert_to_dict, get_alert
@@ -120,7 +121,7 @@ def show_command(alert_id: int = typer.Argument(..., help="Alert id"), config: P
 
 
 @alerts_cli.command("ack")
-def ack_command(alert_id: int = typer.Argument(..., help="Alert id"), config: Path = ConfigOption,
+def ack_command(alert_id: int = AlertIdArgument, config: Path = ConfigOption,
                 note: Optional[str] = typer.Option(None, help="Who is on it, or why")) -> None:
     """Acknowledge: someone is on it; recurrences keep folding into it without notifying again."""
     from shadowjudge.alerts.records import acknowledge_alert
@@ -134,7 +135,7 @@ def ack_command(alert_id: int = typer.Argument(..., help="Alert id"), config: Pa
 
 
 @alerts_cli.command("resolve")
-def resolve_command(alert_id: int = typer.Argument(..., help="Alert id"), config: Path = ConfigOption,
+def resolve_command(alert_id: int = AlertIdArgument, config: Path = ConfigOption,
                     note: Optional[str] = typer.Option(None, help="What fixed it")) -> None:
     """Resolve: close the alert and send resolve events (PagerDuty resolves its incident)."""
     from shadowjudge.alerts.records import resolve_alert

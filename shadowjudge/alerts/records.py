@@ -94,7 +94,8 @@ def deliver_pending(engine: Engine, sinks: Sequence[AlertSink], alert_ids: Seque
     """Send every event a sink has not received yet (new triggers, escalations, resolves, earlier failures).
 
     Network calls happen outside any transaction; each result is merged into `delivered` per sink. Returns the
-    number of sends that failed (they stay pending for the next call).
+    number of sends that failed (they stay pending for the next call). A sink whose retries all failed is not
+    tried again in this call: a dead endpoint costs one retry schedule per cycle, not one per pending alert.
     """
     if not sinks:
         return 0
@@ -106,6 +107,7 @@ def deliver_pending(engine: Engine, sinks: Sequence[AlertSink], alert_ids: Seque
         alerts = list(s.scalars(query.order_by(Alert.id)))
         s.expunge_all()
     failures = 0
+    down: dict[str, str] = {}  # sink name -> why it failed earlier in this call
     for alert in alerts:
         payload = alert_to_dict(alert)
         updates: dict[str, Any] = {}
@@ -117,8 +119,17 @@ def deliver_pending(engine: Engine, sinks: Sequence[AlertSink], alert_ids: Seque
                 updates[sink.name] = {"event": "trigger", "status": "skipped", "attempts": 0,
                                       "error": f"severity {alert.severity} below {sink.min_severity}"}
                 continue
+            if sink.name in down:
+                updates[sink.name] = {"event": event, "status": "failed", "attempts": 0,
+                                      "error": f"not tried: the sink failed earlier in this delivery "
+                                               f"({down[sink.name]})"}
+                failures += 1
+                continue
             updates[sink.name] = status = deliver(sink, payload, event)
-            failures += status["status"] == "failed"
+            if status["status"] == "failed":
+                failures += 1
+                if status.get("attempts", 0) >= sink.max_attempts:  # retries spent: the endpoint, not this payload
+                    down[sink.name] = str(status.get("error") or "failed")[:200]
         if updates:
             with session_scope(engine) as s:
                 row = s.get(Alert, alert.id)
