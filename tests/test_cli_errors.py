@@ -168,7 +168,8 @@ def outcomes(tmp_path_factory) -> dict[str, tuple[Case, Outcome]]:
 CASE_NAMES = [
     "unknown option", "unknown command", "option out of range", "missing config", "config not YAML",
     "config field of the wrong type", "config not a mapping", "unknown route for run", "unknown route for history",
-    "unusable cycle id", "cycle id too long", "alert id not a number", "alert id unknown", "alert id beyond any database id", "alert status unknown",
+    "unusable cycle id", "cycle id too long", "alert id not a number", "alert id unknown",
+    "alert id beyond any database id", "alert status unknown",
     "verdicts file missing", "step with a run id that does not exist", "step with a list as a target name",
     "status without schema", "alerts without schema", "history without schema",
     "quarantine without schema", "store unreachable", "traffic source missing", "labelling without a teacher",
