@@ -97,11 +97,18 @@ def _subsample(n: int, limit: int, rng: np.random.Generator) -> np.ndarray:
 
 def stable_subsample(texts: Sequence[str], limit: int) -> np.ndarray:
     """Row indices: all of them, or the `limit` texts with the smallest hashes: a random sample as far as the
-    texts' content goes, and one that barely changes when a window slides by a few texts."""
+    texts' content goes, and one that barely changes when a window slides by a few texts. The k-th copy of a
+    repeated text hashes with k, so repeats are kept in proportion, not all or none (a window's common prompts
+    would otherwise vanish from a large window's sample and stay in a small one's, which reads as drift)."""
     if len(texts) <= limit:
         return np.arange(len(texts))
-    keys = np.fromiter((int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "big") for t in texts),
-                       dtype=np.uint64, count=len(texts))
+    seen: dict[str, int] = {}
+
+    def key(text: str) -> int:
+        k = seen[text] = seen.get(text, -1) + 1
+        return int.from_bytes(hashlib.blake2b(f"{k}\x00{text}".encode(), digest_size=8).digest(), "big")
+
+    keys = np.fromiter((key(t) for t in texts), dtype=np.uint64, count=len(texts))
     return np.sort(np.argsort(keys, kind="stable")[:limit])
 
 
