@@ -83,6 +83,16 @@ def test_each_failure_is_named(cases):
     assert report.to_dict()["n_failed"] == 3
 
 
+def test_a_judge_score_that_is_not_a_number_fails_min_score(cases):
+    class NanScorer:
+        def score(self, prompts, answers):
+            return [float("nan")] * len(prompts)
+
+    report = run_golden_set(cases, {"helpful": _salmon_answer("FuseChat-Gemma-2-9B-Instruct")}, NanScorer())
+    helpful = next(r for r in report.results if r.case_id == "helpful")
+    assert any("judge score nan below" in f for f in helpful.failures)
+
+
 def test_missing_answers_fail_and_min_score_needs_a_scorer(cases):
     report = run_golden_set(cases, {"refund-window": "30 days"}, LengthScorer())
     assert [r.case_id for r in report.failed] == ["order-json", "helpful"]

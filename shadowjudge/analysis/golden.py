@@ -167,7 +167,7 @@ def check_answer(case: GoldenCase, answer: str | None, score: float | None = Non
         failures.append(f"{len(answer)} characters, at most {case.max_length} allowed")
     if case.json_schema is not None:
         failures.extend(_json_failures(answer, case.json_schema))
-    if case.min_score is not None and score is not None and score < case.min_score:
+    if case.min_score is not None and score is not None and not score >= case.min_score:  # NaN fails too
         failures.append(f"judge score {score:.3f} below {case.min_score}")
     return failures
 
