@@ -82,11 +82,36 @@ def test_recurrence_folds_into_the_open_alert_and_a_rerun_changes_nothing(engine
         assert len(rx.requests) == 1  # the recurrence did not notify again
         acknowledge_alert(engine, a1.id, note="alice is on it")
         resolve_alert(engine, a1.id, sinks, note="candidate pulled")
-        [a3] = raise_alerts(engine, second, route, sinks)  # after resolution the cause alerts afresh
+        [rerun] = raise_alerts(engine, second, route, sinks)  # the run it last saw, again: already handled
+        assert rerun.id == a1.id and rerun.status == "resolved" and len(rx.requests) == 2
+        third = analyze_run(engine, build_run(engine, run_key="r3", incumbent="claude-2", profiles=PROFILES,
+                                              candidates=spec, window=2, seed=2), route)
+        [a3] = raise_alerts(engine, third, route, sinks)  # after resolution new evidence alerts afresh
     assert a3.id != a1.id and a3.status == "open"
     assert [e["event"] for e in get_alert(engine, a1.id).bundle["log"]] == ["acknowledged", "resolved"]
     assert [r["json"]["event"] for r in rx.requests] == ["trigger", "resolve", "trigger"]
     assert _count(engine) == 2
+
+
+def test_a_recurrence_carries_its_own_severity_and_only_a_worse_one_notifies_again(engine):
+    """A critical cause that comes back as a warning is a warning: the stored severity follows the evidence (it
+    stayed critical, and a critical alert rolls the candidate back)."""
+    from shadowjudge.alerts import records
+    from shadowjudge.alerts.findings import Finding
+
+    route = route_for(["c"])
+
+    def finding(run: int, severity: str) -> Finding:
+        return Finding("regression", severity, "chat", "c", "latency_p95", None, 1.3, 1.1, 1.5, f"run {run}", None,
+                       None, f"run:{run}")
+
+    with Receiver() as rx:
+        sinks = _webhook(rx.url)
+        [first] = records._raise(engine, [finding(1, "critical")], route, sinks, None, None, 5)
+        [calmer] = records._raise(engine, [finding(2, "warning")], route, sinks, None, None, 5)
+        assert calmer.id == first.id and calmer.severity == "warning" and len(rx.requests) == 1
+        [worse] = records._raise(engine, [finding(3, "critical")], route, sinks, None, None, 5)
+        assert worse.severity == "critical" and len(rx.requests) == 2  # escalated again: news
 
 
 def test_a_failing_sink_never_loses_the_alert_and_is_retried_on_the_next_call(engine):

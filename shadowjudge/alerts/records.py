@@ -56,6 +56,11 @@ def _record(session, finding: Finding, bundle: dict[str, Any]) -> int:
                effect_size=finding.effect_size, ci_low=finding.ci_low, ci_high=finding.ci_high,
                action=finding.action, message=finding.message, bundle=bundle, run_id=finding.run_id, occurrences=1,
                delivered={}, created_at=now, updated_at=now)
+    settled = session.execute(select(Alert.id, Alert.bundle).where(Alert.fingerprint == fp, Alert.status == "resolved")
+                              .order_by(Alert.id.desc()).limit(20)).all()
+    for earlier in settled:  # a rerun of the run (or window) a resolved alert last saw: already handled, not news
+        if (earlier.bundle or {}).get("source_key") == finding.source_key:
+            return earlier.id
     for _ in range(2):  # a second try covers an alert resolved between our insert and our read
         if insert_ignoring_duplicates(session, Alert, [row], ["open_key"]):
             return session.scalar(select(Alert.id).where(Alert.open_key == fp))
@@ -68,9 +73,10 @@ def _record(session, finding: Finding, bundle: dict[str, Any]) -> int:
         values: dict[str, Any] = dict(
             occurrences=Alert.occurrences + 1, effect_size=finding.effect_size, ci_low=finding.ci_low,
             ci_high=finding.ci_high, message=finding.message, action=finding.action, run_id=finding.run_id,
+            severity=finding.severity,  # the latest evidence: a critical cause now only a warning no longer rolls back
             bundle={**bundle, "log": (existing.bundle or {}).get("log", [])}, updated_at=now)
         if escalated:
-            values |= dict(severity=finding.severity, delivered={})  # a worse cause is news: notify again
+            values |= dict(delivered={})  # a worse cause is news: notify again
         session.execute(update(Alert).where(Alert.id == existing.id).values(**values))
         return existing.id
     raise RuntimeError(f"alert for cause {fp} could be neither inserted nor found")
