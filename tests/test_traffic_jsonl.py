@@ -140,6 +140,22 @@ def test_a_truncated_or_replaced_file_is_read_again(tmp_path):
     assert [s.data for s in lines_of(log, cursor)] == [b'{"new": 1}\n']
 
 
+@pytest.mark.parametrize("first_size", [30, 3000])  # a cursor before and past the hashed head
+def test_a_replaced_file_longer_than_the_old_offset_is_read_from_its_start(tmp_path, first_size):
+    """copytruncate, then more writes before the next run: the file is longer than the cursor's offset again, and
+    resuming there started mid-line and lost the new file's first records."""
+    log = tmp_path / "app.jsonl"
+    old = b"".join(b'{"old": %d}\n' % i for i in range(first_size // 12 + 1))
+    log.write_bytes(old)
+    cursor = lines_of(log)[-1].cursor
+    assert "head" in cursor
+    new = b"".join(b'{"replacement": %d}\n' % i for i in range(len(old) // 10))
+    log.write_bytes(new)
+    assert [s.data for s in lines_of(log, cursor)] == new.splitlines(keepends=True)
+    log.write_bytes(new + b'{"appended": 1}\n')  # the same file grown: resumed, not re-read
+    assert [s.data for s in lines_of(log, lines_of(log, cursor)[-2].cursor)] == [b'{"appended": 1}\n']
+
+
 def test_a_missing_path_is_an_unavailable_source(tmp_path):
     with pytest.raises(SourceUnavailable, match="does not exist"):
         lines_of(tmp_path / "nope")

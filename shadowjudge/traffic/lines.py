@@ -10,14 +10,17 @@ Rules that keep a reader from losing or inventing data:
   be in the middle of it); in any other file it is read as a final line;
 - a gzip file is complete once written (rotate, then compress); a truncated or corrupt one is reported as a
   bad line at the offset where it broke, and the file is finished;
-- a plain file that is now shorter than the cursor's offset was truncated or replaced: it is read again
-  from the start (request ids make that safe);
+- a plain file that is now shorter than the cursor's offset, or whose first bytes differ from those the cursor
+  saw (`"head"`, a hash of up to the first 1 KiB), was truncated or replaced: it is read again from the start
+  (request ids make that safe); without the head check a replacement that had grown past the old offset was
+  resumed mid-line and its first records lost;
 - memory stays flat: a line longer than the limit is skipped in chunks, never held whole.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import os
 import zlib
@@ -30,6 +33,7 @@ from shadowjudge.traffic.records import SourceUnavailable
 log = logging.getLogger(__name__)
 
 GZIP_MAGIC = b"\x1f\x8b"
+HEAD_BYTES = 1024
 _SKIP_CHUNK = 1 << 16
 
 
@@ -71,7 +75,8 @@ def read_lines(path: str | Path, cursor: dict[str, Any] | None, max_record_bytes
                 if cursor.get("finished"):  # type: ignore[union-attr]
                     continue
                 offset = int(cursor.get("offset", 0))  # type: ignore[union-attr]
-        yield from _read_file(file, offset, max_record_bytes, newest=index == len(files) - 1)
+        head = cursor.get("head") if cursor and file.name == start_file else None
+        yield from _read_file(file, offset, max_record_bytes, newest=index == len(files) - 1, head=head)
 
 
 def _open(file: Path) -> tuple[IO[bytes], bool]:
@@ -86,14 +91,36 @@ def _open(file: Path) -> tuple[IO[bytes], bool]:
     return raw, False
 
 
-def _read_file(file: Path, offset: int, limit: int, newest: bool) -> Iterator[Line]:
+def _head_hash(prefix: bytes, end: int) -> str:
+    return hashlib.blake2b(prefix[:min(HEAD_BYTES, end)], digest_size=8).hexdigest()
+
+
+def _read_file(file: Path, offset: int, limit: int, newest: bool, head: str | None = None) -> Iterator[Line]:
     name = file.name
     fh, gz = _open(file)
     try:
+        prefix = b""
+        if not gz:
+            prefix = fh.read(HEAD_BYTES)
+            fh.seek(0)
         if not gz and os.fstat(fh.fileno()).st_size < offset:
             log.warning("%s is shorter than the cursor's offset %d: truncated or replaced, reading it again",
                         file, offset)
             offset = 0
+        elif not gz and offset and isinstance(head, str) and _head_hash(prefix, offset) != head:
+            log.warning("%s starts with other bytes than when the cursor was saved: replaced, reading it again", file)
+            offset = 0
+        steady: dict[str, Any] | None = None  # the cursor's head once past HEAD_BYTES: the same for every line
+
+        def at(end: int) -> dict[str, Any]:
+            nonlocal steady
+            if gz:
+                return {"file": name, "offset": end}
+            if end >= HEAD_BYTES and len(prefix) >= HEAD_BYTES:
+                steady = steady or {"head": _head_hash(prefix, end)}
+                return {"file": name, "offset": end, **steady}
+            return {"file": name, "offset": end, "head": _head_hash(prefix, end)}
+
         pos = offset
         try:
             if offset:
@@ -108,9 +135,9 @@ def _read_file(file: Path, offset: int, limit: int, newest: bool) -> Iterator[Li
                 if line.endswith(b"\n"):
                     content = len(line) - (2 if line.endswith(b"\r\n") else 1)
                     if content > limit:
-                        yield Line(name, pos, None, _too_long(content, limit), {"file": name, "offset": end})
+                        yield Line(name, pos, None, _too_long(content, limit), at(end))
                     else:
-                        yield Line(name, pos, line, None, {"file": name, "offset": end})
+                        yield Line(name, pos, line, None, at(end))
                     pos = end
                     continue
                 if len(line) >= limit + 2:  # over the limit and not finished: skip the rest in chunks
@@ -127,12 +154,12 @@ def _read_file(file: Path, offset: int, limit: int, newest: bool) -> Iterator[Li
                         return  # still being written: decide next run
                     end = pos + total
                     size = total - (1 if complete else 0)
-                    yield Line(name, pos, None, _too_long(size, limit), {"file": name, "offset": end})
+                    yield Line(name, pos, None, _too_long(size, limit), at(end))
                     pos = end
                     continue
                 if newest and not gz:
                     return  # a partial last line: the writer may still be appending to it
-                yield Line(name, pos, line, None, {"file": name, "offset": end})
+                yield Line(name, pos, line, None, at(end))
                 pos = end
         except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as exc:
             if not gz:
