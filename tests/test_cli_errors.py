@@ -107,6 +107,8 @@ def _cases(tmp: Path) -> dict[str, Case]:
         "step with a list as a target name": Case(
             ["routes", "step", "chat-default", "--verdicts", _verdicts(tmp / "list.json", [{"target": ["yi-34b"],
              "verdict": "pass"}]), "-c", good], 2, "target must be a target name"),
+        "backfill from year 1": Case(["traffic", "ingest", "-c", good, "--since", "0001-01-01T00:00:00+01:00"], 2,
+                                     "--since '0001-01-01T00:00:00+01:00' is out of range"),
         "status without schema": Case(["status", "-c", empty], 1, "no schema"),
         "alerts without schema": Case(["alerts", "list", "-c", empty], 1, "no schema"),
         "history without schema": Case(["routes", "history", "chat-default", "-c", empty], 1, "no schema"),
@@ -170,7 +172,8 @@ CASE_NAMES = [
     "config field of the wrong type", "config not a mapping", "unknown route for run", "unknown route for history",
     "unusable cycle id", "cycle id too long", "alert id not a number", "alert id unknown",
     "alert id beyond any database id", "alert status unknown",
-    "verdicts file missing", "step with a run id that does not exist", "step with a list as a target name",
+    "verdicts file missing", "backfill from year 1", "step with a run id that does not exist",
+    "step with a list as a target name",
     "status without schema", "alerts without schema", "history without schema",
     "quarantine without schema", "store unreachable", "traffic source missing", "labelling without a teacher",
     "labelling an empty store", "training on a second directory that is not there",

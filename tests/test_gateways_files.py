@@ -108,6 +108,13 @@ def test_a_new_gateway_file_is_readable_by_the_proxy_and_a_symlinked_one_stays_a
     assert "weight: 20" in real.read_text()
 
 
+def test_one_file_reached_by_two_spellings_is_one_gateway_and_so_one_lock(tmp_path):
+    (tmp_path / "sub").mkdir()
+    _, direct = make_route("truefoundry", tmp_path / "routing.yaml")
+    _, roundabout = make_route("truefoundry", tmp_path / "sub" / ".." / "routing.yaml")
+    assert direct.name == roundabout.name
+
+
 def test_truefoundry_virtual_model_group_shape(tmp_path):
     path = tmp_path / "vm.yaml"
     path.write_text("name: team-models\nintegrations:\n  - name: chat\n    model_types: [chat]\n    routing_config:\n"

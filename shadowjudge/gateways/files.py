@@ -123,7 +123,7 @@ class FileGateway:
 
     def __init__(self, route: RouteConfig, path: str | Path, reload_command: Sequence[str] | None = None) -> None:
         self.route = route
-        self.path = Path(path)
+        self.path = Path(os.path.abspath(path))  # one name per file: it keys the gateway's lock
         self.reload_command = list(reload_command) if reload_command else None
         self.name = f"{self.kind}:{self.path}"
 

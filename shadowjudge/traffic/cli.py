@@ -32,6 +32,8 @@ def parse_when(value: str | None, option: str) -> datetime | None:
     except ValueError:
         raise InputError(f"{option} '{value}' is not an ISO 8601 date or date-time "
                          "(e.g. 2026-11-22 or 2026-11-22T06:00:00Z)") from None
+    if not 1 < parsed.year < 9999:  # a zone shift or a day's window past either end overflows
+        raise InputError(f"{option} '{value}' is out of range (years 2 to 9998)")
     return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed
 
 
