@@ -57,13 +57,22 @@ class TeacherTask:
     candidate: str
 
 
+def readable_preference(preference: float | None, details: dict[str, Any] | None) -> float | None:
+    """A stored teacher preference, or None where neither answer order gave a verdict its reply could be read as
+    (the stored value is then a placeholder tie, which must not count as the teacher's view)."""
+    orders = ("candidate_first", "incumbent_first")
+    if details and all(k in details for k in orders) and all(details[k] is None for k in orders):
+        return None
+    return preference
+
+
 def judge_and_store(engine: Engine, teacher: "LlmJudge", tasks: Sequence[TeacherTask], details: dict[str, Any], *,
                     batch_size: int = 16, progress: Callable[[int, int], None] | None = None
-                    ) -> dict[tuple[int, int, str], float]:
-    """The teacher's preference for each task, stored as a Judgment row under the teacher's version (`details`
-    plus which order said what) batch by batch, so an interrupted run keeps every verdict it paid for.
-    Calibration and training labels both ask the teacher through here."""
-    verdicts: dict[tuple[int, int, str], float] = {}
+                    ) -> dict[tuple[int, int, str], float | None]:
+    """The teacher's preference for each task (`readable_preference`), stored as a Judgment row under the
+    teacher's version (`details` plus which order said what) batch by batch, so an interrupted run keeps every
+    verdict it paid for. Calibration and training labels both ask the teacher through here."""
+    verdicts: dict[tuple[int, int, str], float | None] = {}
     for start in range(0, len(tasks), batch_size):
         batch = tasks[start:start + batch_size]
         judged = teacher.judge_pairs([t.prompt for t in batch], [t.incumbent for t in batch],
@@ -75,7 +84,8 @@ def judge_and_store(engine: Engine, teacher: "LlmJudge", tasks: Sequence[Teacher
                    for t, v in zip(batch, judged)]
         with session_scope(engine) as s:
             insert_ignoring_duplicates(s, Judgment, records, ["run_id", "sample_id", "target", "evaluator"])
-        verdicts.update({(t.run_id, t.sample_id, t.target): v.preference for t, v in zip(batch, judged)})
+        verdicts.update({(r["run_id"], r["sample_id"], r["target"]): readable_preference(r["preference"], r["details"])
+                         for r in records})
         if progress:
             progress(start + len(batch), len(tasks))
     return verdicts

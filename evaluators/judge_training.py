@@ -520,10 +520,11 @@ def train_judge(data_dir: str | Path | Sequence[str | Path], tracking_uri: str, 
                 champion_judge = SmallJudge.load(champion_dir, version=champion.uri, embedder=champion_embedder)
                 # Only models neither judge trained on: the champion may have been fitted on some of this split's
                 # held-out models (another seed, other data), which would flatter it.
-                contest = [m for m in split.heldout_models if m not in set(champion_spec.trained_models)]
+                seen_by_champion = set(champion_spec.trained_models)
+                contest = [m for m in split.heldout_models if m not in seen_by_champion]
                 mlflow.log_param("contest_models", ",".join(contest) or "none unseen by the champion")
                 if contest:
-                    contest_pairs = [p for p in split.heldout_pairs(data) if p.model_b in set(contest)]
+                    contest_pairs = [p for p in split.heldout_pairs(data) if p.model_b not in seen_by_champion]
                     new_metrics = metrics
                     if len(contest) < len(split.heldout_models):
                         new_metrics = measure(judge, data, contest_pairs, contest)

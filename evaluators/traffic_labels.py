@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, select
 
-from evaluators.calibration import LABEL_ROLE, TeacherTask, judge_and_store
+from evaluators.calibration import LABEL_ROLE, TeacherTask, judge_and_store, readable_preference
 from evaluators.preference_data import PreferenceDataError
 from shadowjudge.store import Judgment, ShadowResult, TrafficSample, session_scope
 
@@ -113,35 +113,29 @@ def label_stored_traffic(engine: Engine, route: str, teacher: "LlmJudge", out_di
     if not available:
         raise PreferenceDataError(f"route '{route}' has no stored shadow answers to label: run a cycle first")
     chosen = sorted(available, key=lambda p: _label_order(seed, p.request_id, p.target))[:max_pairs]
-    known = _stored_verdicts(engine, teacher.version)
-    reused = sum(p.key in known for p in chosen)
-    todo = [p for p in chosen if p.key not in known]
+    verdicts = _stored_verdicts(engine, teacher.version)
+    reused = sum(p.key in verdicts for p in chosen)
+    todo = [p for p in chosen if p.key not in verdicts]
     texts = _read_texts(engine, chosen)
     tasks = [TeacherTask(*p.key, texts[p.result_id].prompt, texts[p.result_id].incumbent,
                          texts[p.result_id].candidate) for p in todo]
-    judge_and_store(engine, teacher, tasks, {"role": LABEL_ROLE}, batch_size=batch_size,
-                    progress=progress and (lambda done, total: progress("teacher", done, total)))
-    verdicts = _stored_verdicts(engine, teacher.version)
+    verdicts.update(judge_and_store(engine, teacher, tasks, {"role": LABEL_ROLE}, batch_size=batch_size,
+                                    progress=progress and (lambda done, total: progress("teacher", done, total))))
     models = _write_directory(Path(out_dir), chosen, texts, verdicts, teacher.version)
     return TrafficLabelReport(str(out_dir), route, teacher.version, len(available), len(chosen), len(todo), reused,
                               models, unusable_verdicts=sum(verdicts[p.key] is None for p in chosen))
 
 
 def _stored_verdicts(engine: Engine, teacher_version: str) -> dict[tuple[int, int, str], float | None]:
-    """Every stored verdict of this teacher, by (run, sample, target); None where neither answer order could be
-    read (the stored preference is then a placeholder tie, which must not train the judge towards 0.5). Keyed by
-    run too: a later run may have answered the same request differently, and a verdict is about answers."""
+    """Every stored verdict of this teacher, by (run, sample, target), as `readable_preference` gives it (None, not
+    a tie that would train the judge towards 0.5, where no order could be read). Keyed by run too: a later run
+    may have answered the same request differently, and a verdict is about answers."""
     with session_scope(engine) as s:
         stored = s.execute(select(Judgment.run_id, Judgment.sample_id, Judgment.target, Judgment.preference,
                                   Judgment.details)
                            .where(Judgment.evaluator == teacher_version, Judgment.preference.is_not(None))
                            .order_by(Judgment.id)).all()
-    return {(r.run_id, r.sample_id, r.target): None if _unreadable(r.details) else r.preference for r in stored}
-
-
-def _unreadable(details: dict | None) -> bool:
-    orders = ("candidate_first", "incumbent_first")
-    return bool(details) and all(k in details for k in orders) and all(details[k] is None for k in orders)
+    return {(r.run_id, r.sample_id, r.target): readable_preference(r.preference, r.details) for r in stored}
 
 
 def label_route_traffic(config_path: str | Path, out_dir: str | Path, *, route: str | None = None,

@@ -40,6 +40,8 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+# What format code raises on a hand-edited file of a shape it does not expect (a null list, a string for a map).
+_ODD_SHAPE = (AttributeError, TypeError, ValueError, KeyError)
 NEW_FILE_MODE = 0o644  # a gateway process often runs as another user; the files hold no secrets (env references)
 
 
@@ -148,9 +150,8 @@ class FileGateway:
         check_weights(weights, f"route '{self.route.name}'")
         try:
             return self.render_text(current.document, weights)
-        except (AttributeError, TypeError, ValueError, KeyError) as exc:
-            raise GatewayConfigInvalid(f"{self.path}: a hand edit left a shape this gateway's format does not have "
-                                       f"({type(exc).__name__}: {exc})") from None
+        except _ODD_SHAPE as exc:
+            raise self._odd_shape(exc) from None
 
     def validate(self, rendered: str, weights: Mapping[str, int]) -> None:
         check_weights(weights, f"route '{self.route.name}'")
@@ -182,9 +183,12 @@ class FileGateway:
         is reported, never raised out of a controller step."""
         try:
             return self.parse_weights(text)
-        except (AttributeError, TypeError, ValueError, KeyError) as exc:
-            raise GatewayConfigInvalid(f"{self.path}: a hand edit left a shape this gateway's format does not have "
-                                       f"({type(exc).__name__}: {exc})") from None
+        except _ODD_SHAPE as exc:
+            raise self._odd_shape(exc) from None
+
+    def _odd_shape(self, exc: Exception) -> GatewayConfigInvalid:
+        return GatewayConfigInvalid(f"{self.path}: a hand edit left a shape this gateway's format does not have "
+                                    f"({type(exc).__name__}: {exc})")
 
     def _read_text(self) -> str | None:
         try:

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from shadowjudge.config import Config, load_config
 from shadowjudge.errors import InputError, ShadowJudgeError
+from shadowjudge.traffic.records import SUPPORTED_YEARS
 
 traffic_cli = typer.Typer(help="Ingest production traffic from the configured sources.", no_args_is_help=True,
                           pretty_exceptions_enable=False, add_completion=False)
@@ -32,8 +33,8 @@ def parse_when(value: str | None, option: str) -> datetime | None:
     except ValueError:
         raise InputError(f"{option} '{value}' is not an ISO 8601 date or date-time "
                          "(e.g. 2026-11-22 or 2026-11-22T06:00:00Z)") from None
-    if not 1 < parsed.year < 9999:  # a zone shift or a day's window past either end overflows
-        raise InputError(f"{option} '{value}' is out of range (years 2 to 9998)")
+    if parsed.year not in SUPPORTED_YEARS:
+        raise InputError(f"{option} '{value}' is out of range (years {SUPPORTED_YEARS[0]} to {SUPPORTED_YEARS[-1]})")
     return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed
 
 

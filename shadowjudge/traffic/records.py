@@ -29,6 +29,11 @@ class InvalidWindow(InputError):
     """A backfill window that cannot be used (e.g. since >= until)."""
 
 
+# A timestamp or window bound needs room for a day and a zone shift either side (the sampler's day windows, the
+# SQL source's bounds): datetime's own years 1 and 9999 overflow there.
+SUPPORTED_YEARS = range(2, 9999)
+
+
 class RecordError(ValueError):
     """One input record cannot be used. The message is safe to store: it never quotes the record's text."""
 
@@ -60,7 +65,7 @@ class TrafficRecord:
     def __post_init__(self) -> None:
         """Refuse here, where the source quarantines it, a record the store or the sampler could not take: one
         such record would otherwise fail its whole batch on every run and stop the source for good."""
-        if not 1 < self.timestamp.year < 9999:  # the sampler's day windows need a day either side
+        if self.timestamp.year not in SUPPORTED_YEARS:
             raise RecordError("'timestamp' is out of range")
         for name in ("messages", "params", "metadata"):
             try:
