@@ -495,3 +495,33 @@ def test_cli_refuses_a_store_without_schema(tmp_path):
                                        "sources": [{"name": "g", "kind": "jsonl", "path": str(FIXTURES)}]}))
     result = CliRunner().invoke(traffic_cli, ["ingest", "-c", str(config_path)])
     assert result.exit_code != 0 and "no schema" in str(result.exception)
+
+
+def test_log_rotation_between_runs_loses_nothing_and_stores_nothing_twice(store_url, tmp_path):
+    """Lines appended after a run, then `requests.jsonl` rotated to a dated name (sorting before it) and
+    compressed: the next run stores those lines from the rotated file, and no record or quarantine row twice."""
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    live = folder / "requests.jsonl"
+    records = [json.loads(line) for line in gzip.decompress(
+        (FIXTURES / "gateway" / "2026-11-21.jsonl.gz").read_bytes()).decode().splitlines()][:30]
+    assert len({r["id"] for r in records}) == 30
+
+    def lines(chunk) -> str:
+        return "".join(json.dumps(r) + "\n" for r in chunk)
+
+    live.write_text(lines(records[:10]) + "{broken one\n")
+    config = make_config(store_url, [{"name": "gw", "kind": "jsonl", "path": str(folder), "batch_size": 4}])
+    engine = get_engine(store_url)
+    first = ingest_sources(engine, config)
+    assert (first.totals["stored"], first.totals["quarantined"]) == (10, 1)
+
+    live.write_text(live.read_text() + lines(records[10:20]) + "{broken two\n")
+    (folder / "requests-2026-11-24.jsonl.gz").write_bytes(gzip.compress(live.read_bytes()))
+    live.write_text(lines(records[20:]))
+    second = ingest_sources(engine, config)
+    assert (second.totals["stored"], second.totals["quarantined"]) == (20, 1)
+    assert ingest_sources(engine, config).totals["read"] == 0
+    assert sorted(sample_ids(store_url)) == sorted(r["id"] for r in records)
+    with session_scope(engine) as session:
+        assert session.scalar(select(func.count()).select_from(QuarantinedRecord)) == 2

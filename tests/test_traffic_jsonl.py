@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -170,3 +171,106 @@ def test_the_source_pairs_each_record_with_the_cursor_just_past_it(tmp_path):
     assert isinstance(steps[2].item, Rejected) and steps[2].item.reason.startswith("invalid JSON")
     resumed = list(JsonlSource("g", str(log), 10_000).read(steps[2].cursor, TimeWindow()))
     assert len(resumed) == 1 and isinstance(resumed[0].item, TrafficRecord) and resumed[0].item.request_id == "req-2"
+
+
+def _records(prefix: str, n: int) -> bytes:
+    return b"".join(b'{"%s": %d}\n' % (prefix.encode(), i) for i in range(n))
+
+
+def _data(steps) -> list[bytes]:
+    return [s.data for s in steps if s.data is not None]
+
+
+@pytest.mark.parametrize("rotated_name, compress", [
+    ("requests-2026-11-24.jsonl", False),  # a dated name, sorting before the live file
+    ("requests-2026-11-24.jsonl", True),  # ... then compressed before the next run
+    ("requests.jsonl.1", False),  # logrotate's default, outside the listed suffixes
+    ("requests.jsonl-20261124.gz", True),  # logrotate dateext + compress
+])
+@pytest.mark.parametrize("read_before", [30, 3000])  # a cursor before and past the hashed head
+def test_lines_written_before_a_rotation_are_read_from_the_rotated_file(tmp_path, rotated_name, compress,
+                                                                      read_before):
+    """The writer appended after the last run, then the log was rotated: those lines live only in the rotated
+    file, which sorts before the cursor's file (or is not listed at all) and used to be skipped: lost."""
+    live = tmp_path / "requests.jsonl"
+    first = _records("old", read_before // 10 + 1)
+    live.write_bytes(first)
+    cursor = lines_of(tmp_path)[-1].cursor
+    tail = _records("tail", 3)
+    live.write_bytes(first + tail)
+    rotated = tmp_path / rotated_name
+    if compress:
+        rotated.write_bytes(gzip.compress(first + tail))
+        live.unlink()
+    else:
+        live.rename(rotated)
+    fresh = _records("fresh", 2)
+    live.write_bytes(fresh)
+
+    steps = lines_of(tmp_path, cursor)
+    assert _data(steps) == tail.splitlines(keepends=True) + fresh.splitlines(keepends=True)
+    assert steps[-1].cursor["file"] == "requests.jsonl"
+    assert _data(lines_of(tmp_path, steps[-1].cursor)) == []
+
+    # a run stopped inside the rotated file's tail resumes there, then reads the new file whole
+    middle = [s for s in steps if s.data == tail.splitlines(keepends=True)[0]][0].cursor
+    assert _data(lines_of(tmp_path, middle)) == tail.splitlines(keepends=True)[1:] + fresh.splitlines(keepends=True)
+
+
+def test_copytruncate_rotation_reads_the_tail_from_the_copy(tmp_path):
+    live = tmp_path / "requests.jsonl"
+    first, tail = _records("old", 5), _records("tail", 2)
+    live.write_bytes(first)
+    cursor = lines_of(live)[-1].cursor
+    live.write_bytes(first + tail)
+    (tmp_path / "requests.jsonl.1").write_bytes(first + tail)  # logrotate copytruncate: copy, then truncate
+    live.write_bytes(_records("fresh", 1))
+    assert _data(lines_of(live, cursor)) == tail.splitlines(keepends=True) + [b'{"fresh": 0}\n']
+
+
+def test_a_live_file_renamed_before_its_successor_exists(tmp_path):
+    live = tmp_path / "requests.jsonl"
+    first, tail = _records("old", 5), _records("tail", 2)
+    live.write_bytes(first)
+    cursor = lines_of(tmp_path)[-1].cursor
+    live.write_bytes(first + tail)
+    live.rename(tmp_path / "requests-2026-11-24.jsonl")
+    steps = lines_of(tmp_path, cursor)
+    assert _data(steps) == tail.splitlines(keepends=True)
+    live.write_bytes(_records("fresh", 1))
+    assert _data(lines_of(tmp_path, steps[-1].cursor)) == [b'{"fresh": 0}\n']
+
+
+def test_a_rotated_file_compressed_after_it_was_read_is_not_read_again(tmp_path):
+    """The cursor sits at the end of a rotated file that is then compressed in place: its name sorts after the
+    cursor's, so it used to be read again from the start (its quarantine rows stored twice)."""
+    rotated = tmp_path / "requests-2026-11-24.jsonl"
+    rotated.write_bytes(_records("old", 4) + b"{broken\n")
+    cursor = lines_of(tmp_path)[-1].cursor
+    (tmp_path / "requests-2026-11-24.jsonl.gz").write_bytes(gzip.compress(rotated.read_bytes()))
+    rotated.unlink()
+    steps = lines_of(tmp_path, cursor)
+    assert _data(steps) == [] and not [s for s in steps if s.error]
+    assert steps[-1].cursor == {"file": "requests-2026-11-24.jsonl.gz", "offset": len(_records("old", 4)) + 8,
+                                "finished": True, "rotated_from": "requests-2026-11-24.jsonl"}
+    assert lines_of(tmp_path, steps[-1].cursor) == []
+
+
+def test_a_file_that_merely_starts_alike_is_never_resumed_mid_way(tmp_path):
+    """Only files the reader would otherwise skip are searched for the rotated file: a new file sorting after the
+    cursor's is read whole even when its first bytes match."""
+    live = tmp_path / "a.jsonl"
+    live.write_bytes(b'{"same": 0}\n{"x": 1}\n')
+    cursor = lines_of(tmp_path)[-1].cursor
+    live.rename(tmp_path / "b.jsonl")
+    assert _data(lines_of(tmp_path, cursor)) == [b'{"same": 0}\n', b'{"x": 1}\n']
+
+
+def test_a_file_whose_name_is_not_utf8_is_skipped_with_a_warning(tmp_path, caplog):
+    """Its name would go into the cursor and quarantine positions, which the store keeps as text: the ingest
+    failed with a UnicodeEncodeError on every run."""
+    (tmp_path / "a.jsonl").write_bytes(b'{"a": 1}\n')
+    (tmp_path / os.fsdecode(b"caf\xe9.jsonl")).write_bytes(b'{"b": 1}\n')
+    steps = lines_of(tmp_path)
+    assert _data(steps) == [b'{"a": 1}\n']
+    assert "not valid UTF-8" in caplog.text and "caf\\udce9.jsonl" in caplog.text

@@ -143,3 +143,29 @@ def test_a_bad_export_line_or_span_is_quarantined_and_the_rest_read(tmp_path):
 def test_unknown_mapping_keys_are_a_config_error():
     with pytest.raises(TrafficError, match="not used by otel sources"):
         open_source(SourceConfig(name="o", kind="otel", path="x", mapping={"colour": "blue"}))
+
+
+def test_a_cursor_inside_an_export_follows_the_file_through_rotation(tmp_path):
+    """Stopped mid-export, then the exporter rotated the file (`traces.jsonl` -> `traces.jsonl.1`): the rest of
+    that export and the lines after it are read from the rotated file, then the new file from its start."""
+    lines = FIXTURE.read_bytes().splitlines(keepends=True)
+    live = tmp_path / "traces.jsonl"
+    live.write_bytes(b"".join(lines[:2]))
+    source = OtelSource("o", str(tmp_path), 1_000_000, {})
+    steps = list(source.read(None, TimeWindow()))
+    stop = next(i for i, s in enumerate(steps) if s.cursor.get("span") == 3 and s.cursor["offset"] > 0)
+    cursor = steps[stop].cursor
+    assert "head" in cursor
+    live.write_bytes(b"".join(lines[:4]))
+    live.rename(tmp_path / "traces.jsonl.1")
+    live.write_bytes(lines[4])
+
+    everything = [s.item.request_id for s in OtelSource("o", str(FIXTURE), 1_000_000, {}).read(None, TimeWindow())
+                  if isinstance(s.item, TrafficRecord)]
+    resumed = list(source.read(cursor, TimeWindow()))
+    ids = [s.item.request_id for s in resumed if isinstance(s.item, TrafficRecord)]
+    done = len([s for s in steps[:stop + 1] if isinstance(s.item, TrafficRecord)])
+    assert ids == everything[done:]
+    inside = next(s.cursor for s in resumed if s.cursor.get("span") and s.cursor["file"] == "traces.jsonl.1")
+    again = [s.item.request_id for s in source.read(inside, TimeWindow()) if isinstance(s.item, TrafficRecord)]
+    assert again == ids[ids.index(again[0]):] and len(again) < len(ids)

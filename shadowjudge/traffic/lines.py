@@ -14,6 +14,12 @@ Rules that keep a reader from losing or inventing data:
   saw (`"head"`, a hash of up to the first 1 KiB), was truncated or replaced: it is read again from the start
   (request ids make that safe); without the head check a replacement that had grown past the old offset was
   resumed mid-line and its first records lost;
+- the lines a replaced or vanished file held past the cursor are not lost to rotation: the file whose first
+  bytes match the cursor's head is its rotated self, and it is read on from the cursor's offset before
+  anything else. Only files the reader would otherwise never read again are searched: names that sort before
+  the cursor's file (`requests.jsonl` -> `requests-2026-11-24.jsonl`), the same name compressed
+  (`requests-2026-11-24.jsonl.gz`), and logrotate's names outside the listed suffixes (`requests.jsonl.1`,
+  `requests.jsonl-20261124`, each maybe `.gz`). A false match re-reads lines, never skips them;
 - memory stays flat: a line longer than the limit is skipped in chunks, never held whole.
 """
 
@@ -56,27 +62,110 @@ def list_files(path: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
         return [root]
     if root.is_dir():
         return sorted((p for p in root.iterdir()
-                       if p.is_file() and not p.name.startswith(".") and p.name.endswith(suffixes)),
+                       if p.is_file() and not p.name.startswith(".") and p.name.endswith(suffixes)
+                       and _storable_name(p)),
                       key=lambda p: p.name)
     raise SourceUnavailable(f"traffic path {root} does not exist (expected a file or a folder)")
 
 
+def _storable_name(file: Path) -> bool:
+    """Cursors and quarantine positions hold the file name as text: a name that is not UTF-8 cannot be stored."""
+    try:
+        file.name.encode("utf-8")
+    except UnicodeEncodeError:
+        log.warning("skipping %s: its name is not valid UTF-8; rename it to have it read", ascii(str(file)))
+        return False
+    return True
+
+
 def read_lines(path: str | Path, cursor: dict[str, Any] | None, max_record_bytes: int,
                suffixes: tuple[str, ...]) -> Iterator[Line]:
-    """Every line from the cursor on, across the files under `path` in name order."""
+    """Every line from the cursor on, across the files under `path` in name order.
+
+    A cursor inside a rotated file's tail carries `"rotated_from"`, the live name: after the tail, the file now
+    under that name is read from its start."""
     files = list_files(path, suffixes)
-    start_file = cursor.get("file") if cursor else None
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    cursor = cursor or {}
+    name = cursor.get("file")
+    live = cursor.get("rotated_from", name)
+    rotated = rotated_continuation(folder, files, cursor)
+    if rotated is not None:
+        if rotated.name != name:
+            log.warning("%s was rotated to %s: reading its last lines from there", name, rotated.name)
+        newest = bool(files) and rotated == files[-1]
+        for line in _read_file(rotated, int(cursor["offset"]), max_record_bytes, newest=newest):
+            yield line._replace(cursor={**line.cursor, "rotated_from": live})
+    resume_live = rotated is None and "rotated_from" not in cursor
     for index, file in enumerate(files):
-        offset = 0
-        if isinstance(start_file, str):
-            if file.name < start_file:
+        if file == rotated or "rotated_from" in cursor and file.name == name:
+            continue  # the rotated file: read above, or finished
+        offset, head = 0, None
+        if isinstance(live, str):
+            if file.name < live:
                 continue
-            if file.name == start_file:
-                if cursor.get("finished"):  # type: ignore[union-attr]
+            if file.name == live and resume_live:
+                if cursor.get("finished"):
                     continue
-                offset = int(cursor.get("offset", 0))  # type: ignore[union-attr]
-        head = cursor.get("head") if cursor and file.name == start_file else None
+                offset, head = int(cursor.get("offset", 0)), cursor.get("head")
         yield from _read_file(file, offset, max_record_bytes, newest=index == len(files) - 1, head=head)
+
+
+def rotated_continuation(folder: Path, files: list[Path], cursor: dict[str, Any]) -> Path | None:
+    """The file to read on from the cursor's offset when that is not the live file's place: the rotated file a
+    `"rotated_from"` cursor is in, or where the cursor's plain file went when its name now holds another file or
+    none (the newest candidate, by modification time, whose first bytes hash to the cursor's head)."""
+    name, head, offset = cursor.get("file"), cursor.get("head"), cursor.get("offset")
+    live = cursor.get("rotated_from", name)
+    if not isinstance(name, str) or not isinstance(live, str) or not isinstance(offset, int) or offset <= 0:
+        return None
+    if cursor.get("finished"):
+        return None
+    current = folder / name if "rotated_from" in cursor else next((f for f in files if f.name == name), None)
+    if current is not None and current.is_file() and (not isinstance(head, str) and "rotated_from" in cursor
+                                                      or isinstance(head, str) and _head_matches(current, head, offset)):
+        return current if "rotated_from" in cursor else None
+    if not isinstance(head, str):
+        return None
+    listed = set(files)
+    candidates = {f for f in files if f.name < live}
+    candidates |= {p for p in _rotation_siblings(folder, (live, name)) if p not in listed or p.name == name + ".gz"}
+    candidates.discard(folder / live)
+    dated = []
+    for f in candidates:
+        try:
+            dated.append((f.stat().st_mtime, f.name, f))
+        except OSError:
+            continue
+    for _, _, f in sorted(dated, reverse=True):
+        if _head_matches(f, head, offset):
+            return f
+    return None
+
+
+def _rotation_siblings(folder: Path, names: tuple[str, ...]) -> list[Path]:
+    """Rotated names for `names` the suffix filter may hide: `x.gz`, `x.1`, `x.2.gz`, `x-20261124`."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return []
+    prefixes = tuple(n + sep for n in names for sep in (".", "-"))
+    return [p for p in entries if p.name.startswith(prefixes) and p.is_file() and _storable_name(p)]
+
+
+def _head_matches(file: Path, head: str, offset: int) -> bool:
+    """Whether `file` (decompressed if gzip) starts with the bytes a cursor at `offset` hashed as `head`."""
+    try:
+        fh, _ = _open(file)
+    except SourceUnavailable:
+        return False
+    try:
+        prefix = fh.read(HEAD_BYTES)
+    except (EOFError, zlib.error, gzip.BadGzipFile, OSError):
+        return False
+    finally:
+        fh.close()
+    return len(prefix) >= min(HEAD_BYTES, offset) and _head_hash(prefix, offset) == head
 
 
 def _open(file: Path) -> tuple[IO[bytes], bool]:

@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 
 from shadowjudge.config import SourceConfig
-from shadowjudge.traffic.lines import read_lines
+from shadowjudge.traffic.lines import HEAD_BYTES, Line, read_lines
 from shadowjudge.traffic.records import (
     UNUSABLE_ERRORS,
     RecordError,
@@ -359,6 +359,17 @@ def export_spans(export: Any) -> list[tuple[dict[str, Any], Any]]:
     return out
 
 
+def mid_line_cursor(line: Line) -> dict[str, Any]:
+    """A cursor at the start of `line`, keeping what tells its file apart from a replacement or a rotated tail
+    (the head hash is the line end's only where both lie past the hashed bytes)."""
+    cursor: dict[str, Any] = {"file": line.file, "offset": line.offset}
+    if "head" in line.cursor and line.offset >= HEAD_BYTES:
+        cursor["head"] = line.cursor["head"]
+    if "rotated_from" in line.cursor:
+        cursor["rotated_from"] = line.cursor["rotated_from"]
+    return cursor
+
+
 class OtelSource:
     """A file or folder of OTLP JSON trace exports; cursor: file, line offset, spans consumed in that line."""
 
@@ -369,8 +380,12 @@ class OtelSource:
         self.mapping = mapping
 
     def read(self, cursor: dict[str, Any] | None, window: TimeWindow) -> Iterator[SourceRead]:
-        skip_at = (cursor.get("file"), cursor.get("offset")) if cursor and cursor.get("span") else None
+        # a cursor inside an export names the line it stopped in: the first line read, if it starts there (in the
+        # file the cursor names, or in the file that file was rotated to)
+        skip_at = cursor.get("offset") if cursor and cursor.get("span") else None
         for line in read_lines(self.path, cursor, self.max_record_bytes, SUFFIXES):
+            resumed_line = skip_at == line.offset and (line.file == cursor["file"] or "rotated_from" in line.cursor)
+            skip_at = None
             position = f"{line.file}:{line.offset}"
             if line.error is not None:
                 yield SourceRead(Rejected(position, line.error), line.cursor)
@@ -389,14 +404,14 @@ class OtelSource:
             except UNUSABLE_ERRORS as exc:
                 yield SourceRead(Rejected(position, unusable(exc)), line.cursor)
                 continue
-            first = int(cursor["span"]) if skip_at == (line.file, line.offset) else 0  # type: ignore[index]
+            first = int(cursor["span"]) if resumed_line else 0  # type: ignore[index]
             if not spans or first >= len(spans):
                 yield SourceRead(None, line.cursor)
                 continue
             for i in range(first, len(spans)):
                 resource, span = spans[i]
                 last = i == len(spans) - 1
-                step_cursor = line.cursor if last else {"file": line.file, "offset": line.offset, "span": i + 1}
+                step_cursor = line.cursor if last else {**mid_line_cursor(line), "span": i + 1}
                 span_position = f"{position}#{i}"
                 try:
                     record = span_record(span, resource, span_position, self.mapping)
