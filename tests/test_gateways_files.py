@@ -304,3 +304,32 @@ def test_the_shipped_example_gateway_configs_work_with_the_worked_example_route(
     gw = get_gateway(GatewayConfig(kind=kind, path=str(copy)), route)
     assert gw.read_current().weights == {"claude-instant": 100, "yi-34b": 0, "llama-2-7b": 0}
     assert push_weights(gw, {"claude-instant": 75, "yi-34b": 25, "llama-2-7b": 0}).ok
+
+
+@pytest.mark.parametrize("fault", ["reload fails", "reads back other weights"])
+def test_a_failed_push_leaves_the_file_and_its_prev_as_they_were(tmp_path, monkeypatch, fault):
+    """`.prev` is where a person looks for the last good config: after a restored push it used to hold the
+    rejected rendering (read-back case) or a copy of the current file (reload case)."""
+    path = tmp_path / "routing.yaml"
+    path.write_text(TRUEFOUNDRY)
+    _, gw = make_route("truefoundry", path)
+    assert push_weights(gw, {"inc": 90, "cand": 10}).ok
+    good, older = path.read_text(), previous_revision_path(path).read_text()
+    assert older == TRUEFOUNDRY
+
+    if fault == "reload fails":
+        _, gw = make_route("truefoundry", path, reload_command=["sh", "-c", "exit 3"])
+    else:
+        monkeypatch.setattr(type(gw), "read_back", lambda self: {"inc": 1, "cand": 99}, raising=True)
+    result = push_weights(gw, {"inc": 50, "cand": 50})
+    assert not result.ok
+    assert path.read_text() == good and previous_revision_path(path).read_text() == older
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["routing.yaml", "routing.yaml.prev"]
+
+
+def test_a_failed_first_push_leaves_no_prev_behind(tmp_path):
+    path = tmp_path / "routing.yaml"
+    path.write_text(TRUEFOUNDRY)
+    _, gw = make_route("truefoundry", path, reload_command=["sh", "-c", "exit 3"])
+    assert not push_weights(gw, {"inc": 50, "cand": 50}).ok
+    assert path.read_text() == TRUEFOUNDRY and not previous_revision_path(path).exists()

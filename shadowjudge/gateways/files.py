@@ -2,8 +2,9 @@
 
 A file gateway's push writes a temp file next to the target, fsyncs it, saves the current file as `<name>.prev`,
 renames the temp over the target (atomic on POSIX) and fsyncs the folder; a crash leaves either the old or the new
-file, never half of one. If the reload command then fails, the previous text is written back, so the file on disk
-matches the config the gateway still runs.
+file, never half of one. If the reload command then fails, or the push is restored after a failed read-back, the
+previous text is written back, so the file on disk matches the config the gateway still runs, and `.prev` gets
+its own earlier revision back: a rejected rendering is never left where a person would look for the last good one.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +120,18 @@ def model_owner(route: RouteConfig, ident: str) -> str | None:
     return matches[0] if len(matches) == 1 else None
 
 
+_UNREADABLE = object()
+
+
+@dataclass(frozen=True)
+class _Push:
+    """What one push replaced: the file's text and its `.prev` (None: there was none)."""
+
+    pushed: str | None
+    replaced: str | None
+    prev: str | None | object
+
+
 class FileGateway:
     """Shared push/read mechanics; a subclass says how its format stores weights (parse_weights, render_text)."""
 
@@ -128,6 +142,7 @@ class FileGateway:
         self.path = Path(os.path.abspath(path))  # one name per file: it keys the gateway's lock
         self.reload_command = list(reload_command) if reload_command else None
         self.name = f"{self.kind}:{self.path}"
+        self._last_push: _Push | None = None
 
     # -- format-specific ---------------------------------------------------------------------------------------
     def parse_weights(self, text: str) -> Weights:
@@ -164,13 +179,21 @@ class FileGateway:
         self.check_rendered(rendered)
 
     def push(self, rendered: str | None) -> None:
-        previous = self._read_text()
-        write_config_file(self.path, rendered)
+        """Write `rendered`, keeping the current file as `.prev`. Pushing back what the last push replaced (a failed
+        push being restored) undoes that push instead: `.prev` gets its earlier revision back, so it never holds a
+        rejected rendering a person might restore by hand."""
+        last = self._last_push
+        if last is not None and rendered == last.replaced and self._read_text() == last.pushed:
+            self._undo(last)
+        else:
+            self._last_push = _Push(pushed=rendered, replaced=self._read_text(), prev=self._read_prev())
+            write_config_file(self.path, rendered)
         if self.reload_command:
             try:
                 self._reload()
             except GatewayRejected:
-                write_config_file(self.path, previous, keep_previous=False)
+                if self._last_push is not None:
+                    self._undo(self._last_push)
                 raise
 
     def read_back(self) -> Weights:
@@ -178,6 +201,20 @@ class FileGateway:
         return {} if text is None else self._parse(text)
 
     # -- helpers -----------------------------------------------------------------------------------------------
+    def _undo(self, push: _Push) -> None:
+        write_config_file(self.path, push.replaced, keep_previous=False)
+        if push.prev is not _UNREADABLE:
+            write_config_file(previous_revision_path(self.path), push.prev, keep_previous=False)  # type: ignore[arg-type]
+        self._last_push = None
+
+    def _read_prev(self) -> str | None | object:
+        try:
+            return previous_revision_path(self.path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError):
+            return _UNREADABLE  # left as the push leaves it
+
     def _parse(self, text: str) -> Weights:
         """`parse_weights`, with a hand-edited file of an unexpected shape as GatewayConfigInvalid: a gateway fault
         is reported, never raised out of a controller step."""
