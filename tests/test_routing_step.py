@@ -324,6 +324,10 @@ def test_a_hand_edited_gateway_is_put_back_to_the_recorded_weights(store_url, tm
                          now=T0 + timedelta(hours=1))
     assert outcome.decision == "reconcile" and outcome.status == "applied"
     assert gateway.read_back() == {"inc": 99, "fragile": 1, "better": 0}
+    change = route_history(engine, "chat")[0]
+    assert change["decision"] == "reconcile"
+    assert change["before"] == {"inc": 50, "fragile": 50, "better": 0}  # what the gateway held, not the state
+    assert change["after"] == {"inc": 99, "fragile": 1, "better": 0}
 
 
 def test_operator_commands_gate_freeze_and_roll_back(store_url, tmp_path):

@@ -148,6 +148,7 @@ def _apply(engine: Engine, route: RouteConfig, gateway: Gateway, decision: Decis
     action = label or decision.action
     reason = decision.reason
     push_needed = decision.changes_weights
+    held: Weights | None = None
     if not push_needed:
         try:
             held = gateway.read_current().weights
@@ -162,7 +163,8 @@ def _apply(engine: Engine, route: RouteConfig, gateway: Gateway, decision: Decis
     revision: int | None = None
     result: PushResult | None = None
     if push_needed:
-        revision = _claim_revision(engine, route, gateway, decision, action, reason, run_id, analysis_link, now)
+        revision = _claim_revision(engine, route, gateway, decision, action, reason, run_id, analysis_link, now,
+                                   before=held)
         result = push_weights(gateway, decision.after)
     ok = result is None or result.ok
     new_state = decision.applied if ok else decision.refused
@@ -179,6 +181,8 @@ def _apply(engine: Engine, route: RouteConfig, gateway: Gateway, decision: Decis
             change = s.scalar(select(RouteWeightChange).where(RouteWeightChange.route == route.name,
                                                               RouteWeightChange.revision == revision))
             change.status = outcome.status
+            if result is not None and result.gateway_before is not None:
+                change.before = result.gateway_before  # what the gateway held, where it differs from the state
             change.error = outcome.error
             change.reason = reason
         row = s.get(RouteState, route.name)
@@ -195,7 +199,7 @@ def _apply(engine: Engine, route: RouteConfig, gateway: Gateway, decision: Decis
 
 
 def _claim_revision(engine: Engine, route: RouteConfig, gateway: Gateway, decision: Decision, action: str, reason: str,
-                    run_id: int | None, analysis_link: str | None, now: datetime) -> int:
+                    run_id: int | None, analysis_link: str | None, now: datetime, before: Weights | None = None) -> int:
     with session_scope(engine) as s:
         # We hold the route's lock: a change still pending belongs to a writer that died (or lost the store) between
         # its push and recording the outcome. Whatever it left, this push now decides what the gateway holds.
@@ -205,7 +209,8 @@ def _claim_revision(engine: Engine, route: RouteConfig, gateway: Gateway, decisi
                                                       "a later step pushed the weights in force"))
         last = s.scalar(select(func.max(RouteWeightChange.revision)).where(RouteWeightChange.route == route.name))
         revision = (last or 0) + 1
-        s.add(RouteWeightChange(route=route.name, revision=revision, before=decision.before, after=decision.after,
+        s.add(RouteWeightChange(route=route.name, revision=revision, before=decision.before if before is None else before,
+                                after=decision.after,
                                 reason=reason, status="pending", decision=action, gateway=_short(gateway.name),
                                 analysis_link=analysis_link, run_id=run_id, created_at=now))
     return revision
