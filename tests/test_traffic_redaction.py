@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from shadowjudge.config import RedactionConfig
@@ -27,6 +27,14 @@ def redact(redactor: Redactor, text: str) -> tuple[str, dict[str, int]]:
     ("415.555.0123", "PHONE"),
     ("+44 20 7946 0958", "PHONE"),
     ("020 7946 0958", "PHONE"),
+    ("+33 6 12 34 56 78", "PHONE"),
+    ("1-800-555-0100", "PHONE"),  # North American with the trunk code 1: the 1 goes too
+    ("1 (800) 555-0100", "PHONE"),
+    ("1.800.555.0100", "PHONE"),
+    ("1 415 555 0100", "PHONE"),
+    ("06 12 34 56 78", "PHONE"),  # French/European national numbers: 0 then nine digits in pairs
+    ("06.12.34.56.78", "PHONE"),
+    ("01-23-45-67-89", "PHONE"),
     ("4111 1111 1111 1111", "CARD_NUMBER"),
     ("5500-0055-5555-5559", "CARD_NUMBER"),
     ("378282246310005", "CARD_NUMBER"),
@@ -36,6 +44,10 @@ def redact(redactor: Redactor, text: str) -> tuple[str, dict[str, int]]:
     ("192.168.10.254", "IP_ADDRESS"),
     ("2001:db8:85a3::8a2e:370:7334", "IP_ADDRESS"),
     ("fe80::1ff:fe23:4567:890a", "IP_ADDRESS"),
+    ("2001:db8::1", "IP_ADDRESS"),
+    ("::1", "IP_ADDRESS"),
+    ("::ffff:192.0.2.1", "IP_ADDRESS"),
+    ("dead:beef::cafe", "IP_ADDRESS"),  # letters only, but three groups: not a code path
     ("sk-proj-abcdefghijklmnopqrstuvwxyz012345", "API_KEY"),
     ("sk-ant-api03-abcdefghijklmnopqrstuv", "API_KEY"),
     ("AKIAIOSFODNN7EXAMPLE", "API_KEY"),
@@ -64,6 +76,12 @@ def test_bearer_tokens_keep_the_scheme_word(redactor):
     "std::vector<int> and a::b::c, then C++ namespaces like foo::bar.",
     "The IBAN GB00 WEST 1234 5698 7654 32 has a wrong check digit.",
     "task-abcdefghijklmnopqrstuvwxyz is a slug, not a key; sketch-book too.",
+    "A budget of 2 000 000 000 EUR, 8 000 000 000 people, 1 000 000 000 000 stars; 1 000 000 and 12 500 000 000.",
+    "In C++ call abc::def() or dead::beef, in Rust a::b, be::ef and add::c; Haskell says f :: Int.",
+    "Python slices: a[1::2], a[::2], x[d::2], a[::-1] and numpy arr[:, ::2] or arr[:, 1::3].",
+    "On 2026-11-24 at 10:30:00 we shipped v1.2.3 (ISBN 978-3-16-148410-0, ISBN 0-306-40615-2) for 06 12 EUR.",
+    "Order ORD-0612345678, ref 0612345678; runs 06 12 34 56 78 90, 123406 12 34 56 78, 01 02 03 04 05 06.",
+    "Not phones either: 21-800-555-0100, 1-800-555-01000, 1.800.555.0100.5 and 00 12 34 56 78.",
 ])
 def test_look_alikes_are_left_alone(redactor, text):
     assert redact(redactor, text) == (text, {})
@@ -73,6 +91,13 @@ def test_several_findings_in_one_text_are_all_counted(redactor):
     text, counts = redact(redactor, "a@b.io, c@d.org; call +1 415 555 0100; from 10.1.2.3 and 10.1.2.4")
     assert text == "[EMAIL], [EMAIL]; call [PHONE]; from [IP_ADDRESS] and [IP_ADDRESS]"
     assert counts == {"EMAIL": 2, "PHONE": 1, "IP_ADDRESS": 2}
+
+
+def test_new_formats_are_replaced_whole_next_to_punctuation_and_other_kinds(redactor):
+    text, counts = redact(redactor, "Ping 192.168.0.1, fe80::1. or http://[::1]:8080/ then call 1 (800) 555-0100 "
+                                    "(or 06.12.34.56.78).")
+    assert text == "Ping [IP_ADDRESS], [IP_ADDRESS]. or http://[[IP_ADDRESS]]:8080/ then call [PHONE] (or [PHONE])."
+    assert counts == {"IP_ADDRESS": 3, "PHONE": 2}
 
 
 def test_an_earlier_detector_wins_an_overlap(redactor):
@@ -135,6 +160,17 @@ def test_pii_embedded_in_any_text_never_survives(redactor, before, after, email,
     text, counts = redact(redactor, f"{before} {email} {after} {card} {before}")
     assert email not in text and card not in text
     assert counts.get("EMAIL") == 1 and counts.get("CARD_NUMBER") == 1
+
+
+@settings(max_examples=150, deadline=None)
+@given(n=st.integers(min_value=1_000, max_value=10**12 - 1), sep=st.sampled_from([" ", ","]), before=words,
+       after=words)
+@example(n=2_000_000_000, sep=" ", before="a budget of", after="euros")
+@example(n=12_500_000_000, sep=" ", before="", after="")
+def test_amounts_grouped_by_thousands_are_never_phones(redactor, n, sep, before, after):
+    amount = f"{n:,}".replace(",", sep)
+    text = f"{before} {amount} {after}"
+    assert redact(redactor, text) == (text, {})
 
 
 @settings(max_examples=150, deadline=None)

@@ -2,7 +2,10 @@
 
 Each detector replaces what it finds by a typed placeholder (`[EMAIL]`, `[PHONE]`, ...) and counts it by kind.
 Numbers that merely look like card numbers or IBANs are left alone unless their checksum holds (Luhn, mod-97),
-so prices, order numbers and years survive.
+so prices, order numbers and years survive. Phones need a recognised layout (international, North American with
+or without the trunk code 1, national with a trunk 0, French-style pairs), never a bare digit run, and amounts
+grouped by thousands (`2 000 000 000`) are not phones. What parses as an IPv6 address but reads as code is not
+one: a `word::word` path made of hex letters (`dead::beef`, `abc::def()`) or a Python slice (`a[1::2]`, `::2`).
 
 Speed matters (every sampled request goes through here), so each detector has a cheap gate (a substring test
 in C) and its regex starts with a literal or a character class, which lets `re` skip ahead instead of trying a
@@ -54,13 +57,23 @@ _IBAN = re.compile(r"[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])")
 # 13 to 19 digits, optionally grouped by single spaces or dashes; not glued to other digits or letters.
 _CARD = re.compile(r"\d(?<![\w.]\d)(?:[ -]?\d){12,18}(?![\w]|[.,]\d)")
 _IPV4 = re.compile(r"\d(?<![\w.]\d)\d{0,2}(?:\.\d{1,3}){3}(?![\w]|\.\d)")
-_IPV6 = re.compile(r"[0-9A-Fa-f:](?<![\w:][0-9A-Fa-f:])[0-9A-Fa-f:]*:[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*(?![\w:])")
-# International (+CC ...), North American ((415) 555-0100, 415-555-0100) and trunk-prefixed national
-# (020 7946 0958) numbers. Bare digit runs are not phones: too many false positives (ids, amounts).
+# Hex groups and colons, at least two colons (the first character may be one: `::1`), an optional dotted IPv4
+# tail (`::ffff:192.0.2.1`); not glued to a word or colon, nor right after `x[`, `)[` or `][` (a slice: `x[1::2]`).
+# A sentence's full stop is not taken in (`fe80::1.`). `_ipv6_ok` then parses it and rules out code.
+_IPV6 = re.compile(r"[0-9A-Fa-f:](?<![\w:][0-9A-Fa-f:])(?<![\w)\]]\[[0-9A-Fa-f:])(?:(?<=:)|[0-9A-Fa-f]*:)"
+                   r"[0-9A-Fa-f]*:[0-9A-Fa-f:]*(?:\.\d{1,3}){0,3}(?![\w:]|\.\d)")
+# International (+CC ...), North American ((415) 555-0100, 415-555-0100, and with the trunk code 1 in front:
+# 1-800-555-0100, 1 (800) 555-0100), French-style (a 0 then nine digits in pairs, one separator throughout:
+# 06 12 34 56 78, 01-23-45-67-89; not part of a longer run of pairs such as 01 02 03 04 05 06) and other
+# trunk-prefixed national numbers (020 7946 0958). Bare digit runs are not phones: too many false positives (ids,
+# amounts). Nor is `0dd ddd ddd` right after a digit and a space: that continues an amount grouped by thousands
+# (2 000 000 000).
 _PHONE = re.compile(
     r"\+(?<![\w+]\+)\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){1,5}[ .-]?\d{2,4}(?!\d)"
     r"|[(\d](?<![\w(.+-][(\d])(?:(?<=\()\d{3}\) ?|(?<=\d)\d{2}[ .-])\d{3}[ .-]\d{4}(?![\d]|[.,]\d)"
-    r"|0(?<![\w.+-]0)\d{1,4}[ -]\d{3,4}[ -]?\d{3,4}(?![\d]|[.,]\d)"
+    r"|1(?<![\w.+-]1)(?:[ .-]?\([2-9]\d\d\) ?|[ .-][2-9]\d\d[ .-])\d{3}[ .-]\d{4}(?![\d]|[.,]\d)"
+    r"|0(?<![\w.+-]0)(?:(?<!(?<![\w.])\d\d 0)[1-9]([ .-])\d\d(?:\1\d\d){3}(?![\d]|[.,]\d|\1\d)"
+    r"|(?!(?<=\d 0)\d\d \d{3} \d{3}(?!\d))\d{1,4}[ -]\d{3,4}[ -]?\d{3,4}(?![\d]|[.,]\d))"
 )
 
 
@@ -99,13 +112,21 @@ def _ipv4_ok(match: str) -> bool:
 
 
 def _ipv6_ok(match: str) -> bool:
-    if match.count(":") < 2:
+    colons = match.count(":")
+    if colons < 2:
         return False
     try:
         ipaddress.IPv6Address(match)
     except ValueError:
         return False
-    return True
+    if colons > 2 or match == "::1":
+        return True
+    # Just `x::y`, `x::`, `::y` or `::`: code when no group holds a digit (a C++/Rust path: `dead::beef`,
+    # `abc::def()`) or every group is a decimal of at most 3 digits (a slice step: `1::2`, `::2`). Any other
+    # such address is real (`fe80::1`, `2001::1`, `::a000`).
+    if not any(ch.isdigit() for ch in match):
+        return False
+    return not all(g.isdigit() and len(g) <= 3 for g in match.split(":") if g)
 
 
 def _phone_ok(match: str) -> bool:
