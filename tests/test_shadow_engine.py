@@ -185,21 +185,54 @@ def test_an_interrupted_run_resumes_without_duplicates_or_gaps(engine):
     assert 160 <= sum(m["requests"] for m in sent.values()) <= 160 + 8
 
 
-def test_the_budget_stops_new_requests_and_records_the_rest(engine):
+def test_the_budget_stops_new_requests_and_a_later_call_sends_the_rest(engine):
     run_id, samples = store_samples(engine, 20)
     pricing = {"Yi-34B-Chat": Price(input_per_mtok=1000.0, output_per_mtok=1000.0)}
     with ReplayServer(RECORDINGS) as srv:
         target = TargetConfig(name="yi", model="Yi-34B-Chat", base_url=srv.base_url, concurrency=1)
         report = run_shadow(engine, run_id, samples, [target], ShadowConfig(**FAST, budget_usd=0.3), pricing)
-    rows = sorted(stored(engine, run_id), key=lambda r: r.sample_id)
-    ok = [r for r in rows if r.error_class is None]
-    assert 0 < len(ok) < 20
-    assert [r.error_class for r in rows] == [None] * len(ok) + ["budget_exhausted"] * (20 - len(ok))
-    spent = [r.cost_usd for r in ok]
-    assert sum(spent[:-1]) < 0.3 <= sum(spent)  # stopped at the first request after the budget was reached
-    assert report.budget_exhausted and report.spend_usd == pytest.approx(sum(spent))
-    for r in ok:
-        assert r.cost_usd == pytest.approx((r.input_tokens + r.output_tokens) * 1000 / 1e6)
+        rows = sorted(stored(engine, run_id), key=lambda r: r.sample_id)
+        assert 0 < len(rows) < 20 and all(r.error_class is None for r in rows)  # the rest were never sent
+        assert [r.sample_id for r in rows] == [s.id for s in samples[:len(rows)]]
+        spent = [r.cost_usd for r in rows]
+        assert sum(spent[:-1]) < 0.3 <= sum(spent)  # stopped at the first request after the budget was reached
+        assert report.budget_exhausted and report.spend_usd == pytest.approx(sum(spent))
+        assert report.targets["yi"].requests == len(rows) and report.targets["yi"].error_rate == 0.0
+        assert report.targets["yi"].not_sent == 20 - len(rows)
+        for r in rows:
+            assert r.cost_usd == pytest.approx((r.input_tokens + r.output_tokens) * 1000 / 1e6)
+
+        more = run_shadow(engine, run_id, samples, [target], ShadowConfig(**FAST, budget_usd=100.0), pricing)
+    assert more.replayed == 20 - len(rows) and not more.budget_exhausted
+    assert len(stored(engine, run_id)) == 20 and more.targets["yi"].not_sent == 0
+
+
+def test_a_spent_budget_leaves_every_target_with_the_same_samples_and_no_errors(engine):
+    """The budget is shared: a faster target used to take more of it, and the other's unsent requests were
+    stored as `budget_exhausted` errors, which failed its canary on error rate."""
+    run_id, samples = store_samples(engine, 30)
+    pricing = {m: Price(input_per_mtok=1000.0, output_per_mtok=1000.0) for m in ("Yi-34B-Chat", "claude-instant-1.2")}
+    with ReplayServer(RECORDINGS) as srv:
+        fast = TargetConfig(name="fast", model="claude-instant-1.2", base_url=srv.base_url, concurrency=8)
+        slow = TargetConfig(name="slow", model="Yi-34B-Chat", base_url=srv.base_url, concurrency=1)
+        report = run_shadow(engine, run_id, samples, [fast, slow], ShadowConfig(**FAST, budget_usd=0.4), pricing)
+    rows = stored(engine, run_id)
+    answered = {name: {r.sample_id for r in rows if r.target == name} for name in ("fast", "slow")}
+    assert report.budget_exhausted and all(r.error_class is None for r in rows)
+    assert answered["fast"] == answered["slow"] and 0 < len(answered["slow"]) < 30
+    assert report.targets["slow"].error_rate == report.targets["fast"].error_rate == 0.0
+
+
+def test_placeholders_an_earlier_version_stored_for_unsent_requests_are_sent_on_the_next_call(engine):
+    run_id, samples = store_samples(engine, 4)
+    with session_scope(engine) as s:
+        s.add_all(ShadowResult(run_id=run_id, sample_id=x.id, target="yi", model="Yi-34B-Chat", attempt=0,
+                               error_class="budget_exhausted") for x in samples)
+    with ReplayServer(RECORDINGS) as srv:
+        target = TargetConfig(name="yi", model="Yi-34B-Chat", base_url=srv.base_url)
+        report = run_shadow(engine, run_id, samples, [target], ShadowConfig(**FAST), {})
+    assert report.replayed == 4 and report.targets["yi"].errors == {}
+    assert len(stored(engine, run_id)) == 4
 
 
 def test_consistency_mode_without_streaming_with_a_progress_bar(engine, capsys):

@@ -1,10 +1,15 @@
 """The shadow replay engine: stored traffic samples replayed against target models, measured and stored.
 
 Each target gets its own pool of `concurrency` workers, its own RPM/TPM token buckets and its own HTTP
-client; a spend budget is shared by the run. Every request ends as exactly one `shadow_results` row keyed by
-(run_id, sample_id, target, attempt): an answer, or an error class after retries, or `budget_exhausted`.
-Rows are written while the run goes (small batches, off the event loop), so an interrupted run that is
-started again replays only the keys that are missing.
+client; a spend budget is shared by the run. Every request sent ends as exactly one `shadow_results` row keyed
+by (run_id, sample_id, target, attempt): an answer, or an error class after retries. Rows are written while
+the run goes (small batches, off the event loop), so an interrupted run that is started again replays only the
+keys that are missing.
+
+The budget admits requests by their place in the plan, the same for every target: once it is spent, no target
+starts a request past the last place admitted, so all targets answer the same samples and the comparison stays
+paired. Requests never sent leave no row (they are not the target's errors): a later call with budget left
+sends them.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, delete, or_, select
 
 from shadowjudge.config import ConfigError, Price, ShadowConfig, TargetConfig
 from shadowjudge.errors import ShadowJudgeError
@@ -33,7 +38,7 @@ from shadowjudge.store import ShadowResult, TrafficSample, session_scope
 
 log = logging.getLogger(__name__)
 
-BUDGET_EXHAUSTED = "budget_exhausted"
+BUDGET_EXHAUSTED = "budget_exhausted"  # the error class earlier versions stored for requests never sent
 MAX_BACKOFF_S = 60.0
 # Request parameters a replay carries over from the logged request; the rest (user ids, metadata, store,
 # n) either identify people, change what is billed, or are meaningless for a shadow call.
@@ -53,6 +58,7 @@ class TargetReport:
     target: str
     model: str
     requests: int = 0
+    not_sent: int = 0  # left unsent by the spend budget; not counted in `requests`
     ok: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     retries: int = 0
@@ -118,18 +124,30 @@ class _Item:
     messages: list[Any]
     params: dict[str, Any]
     attempt: int
+    place: int  # in the run's plan, the same for every target
 
 
 class SpendBudget:
-    """Spend of one run so far; new requests stop once it reaches the limit (in-flight ones finish)."""
+    """Spend of one run so far, and how far into the plan requests are admitted: while budget is left, a target
+    reaching a new place admits it for all; once it is spent, places past the last admitted are not sent (in-flight
+    requests finish)."""
 
     def __init__(self, limit_usd: float | None, spent_usd: float = 0.0):
         self.limit = limit_usd
         self.spent = spent_usd
+        self.admitted = -1
 
     @property
     def exhausted(self) -> bool:
         return self.limit is not None and self.spent >= self.limit
+
+    def admits(self, place: int) -> bool:
+        if place <= self.admitted:
+            return True
+        if self.exhausted:
+            return False
+        self.admitted = place
+        return True
 
     def add(self, usd: float | None) -> None:
         self.spent += usd or 0.0
@@ -155,7 +173,7 @@ class _TargetRun:
         await asyncio.gather(*(self._worker() for _ in range(workers)))
 
     async def _worker(self) -> None:
-        while self.items:
+        while self.items and self.budget.admits(self.items[0].place):
             item = self.items.popleft()
             row = await self._replay(item)
             self.replayed += 1
@@ -168,8 +186,6 @@ class _TargetRun:
                 "model": self.target.model, "attempt": item.attempt, "retries": 0, **values}
 
     async def _replay(self, item: _Item) -> dict[str, Any]:
-        if self.budget.exhausted:
-            return self._row(item, error_class=BUDGET_EXHAUSTED)
         body = build_request_body(item.messages, item.params, self.target.model, self.shadow)
         prompt_tokens = count_message_tokens(item.messages)
         reserved = prompt_tokens + (body.get("max_tokens") or body.get("max_completion_tokens") or 0)
@@ -229,10 +245,18 @@ def openai_endpoint(target: TargetConfig, api_key: str, shadow: ShadowConfig) ->
     return OpenAIEndpoint(target, api_key, timeout_s=shadow.timeout_s)
 
 
+def _sent(run_id: int) -> Any:
+    """The run's rows of requests that were sent (not the placeholders earlier versions stored for the others)."""
+    return (ShadowResult.run_id == run_id) & or_(ShadowResult.error_class.is_(None),
+                                                 ShadowResult.error_class != BUDGET_EXHAUSTED)
+
+
 def _stored_keys(engine: Engine, run_id: int) -> tuple[set[tuple[int, str, int]], float]:
     with session_scope(engine) as s:
+        s.execute(delete(ShadowResult).where(ShadowResult.run_id == run_id,
+                                             ShadowResult.error_class == BUDGET_EXHAUSTED))
         rows = s.execute(select(ShadowResult.sample_id, ShadowResult.target, ShadowResult.attempt,
-                                ShadowResult.cost_usd).where(ShadowResult.run_id == run_id)).all()
+                                ShadowResult.cost_usd).where(_sent(run_id))).all()
     return {(r.sample_id, r.target, r.attempt) for r in rows}, sum(r.cost_usd or 0.0 for r in rows)
 
 
@@ -265,8 +289,8 @@ async def replay(engine: Engine, run_id: int, samples: Sequence[TrafficSample], 
     plans: dict[str, deque[_Item]] = {}
     for target in targets:
         plans[target.name] = deque(
-            _Item(s.id, s.messages, s.params or {}, attempt)
-            for attempt in range(shadow.consistency_k) for s in samples
+            _Item(s.id, s.messages, s.params or {}, attempt, place)
+            for place, (attempt, s) in enumerate((a, s) for a in range(shadow.consistency_k) for s in samples)
             if (s.id, target.name, attempt) not in stored)
     pending = sum(len(q) for q in plans.values())
     budget = SpendBudget(shadow.budget_usd, spent)
@@ -291,10 +315,14 @@ async def replay(engine: Engine, run_id: int, samples: Sequence[TrafficSample], 
         for r in runs:
             await r.endpoint.aclose()
     report = summarize_run(engine, run_id, targets)
+    for name, plan in plans.items():
+        report[name].not_sent = len(plan)
+    if any(plans.values()):
+        log.warning("run %s: the spend budget (%s USD) is spent; %d requests were not sent", run_id,
+                    shadow.budget_usd, sum(len(q) for q in plans.values()))
     return ShadowReport(run_id=run_id, targets=report, replayed=sum(r.replayed for r in runs),
                         already_stored=len(stored), spend_usd=sum(t.spend_usd for t in report.values()),
-                        budget_usd=shadow.budget_usd,
-                        budget_exhausted=any(t.errors.get(BUDGET_EXHAUSTED) for t in report.values()),
+                        budget_usd=shadow.budget_usd, budget_exhausted=any(plans.values()),
                         error_examples={r.target.name: r.error_examples for r in runs if r.error_examples})
 
 
@@ -360,7 +388,7 @@ def summarize_run(engine: Engine, run_id: int,
             ShadowResult.target, ShadowResult.model, ShadowResult.error_class, ShadowResult.retries,
             ShadowResult.cost_usd, ShadowResult.input_tokens, ShadowResult.output_tokens, ShadowResult.latency_ms,
             ShadowResult.ttft_ms, ShadowResult.tpot_ms, ShadowResult.itl_ms,
-        ).where(ShadowResult.run_id == run_id)).all()
+        ).where(_sent(run_id))).all()
     grouped: dict[str, list[Any]] = {}
     for row in rows:
         grouped.setdefault(row.target, []).append(row)
