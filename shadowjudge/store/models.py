@@ -136,9 +136,11 @@ class ShadowResult(Base):
     model: Mapped[str] = mapped_column(String(256))
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     output_text: Mapped[str | None] = mapped_column(Text)
-    ttft_ms: Mapped[float | None] = mapped_column(Float)
-    itl_ms: Mapped[float | None] = mapped_column(Float, doc="mean inter-token latency")
-    tpot_ms: Mapped[float | None] = mapped_column(Float)
+    ttft_ms: Mapped[float | None] = mapped_column(Float, doc="time to the first chunk carrying content")
+    # As in vLLM's benchmarks: ITL is the mean gap between content chunks (a provider may put several tokens in
+    # one chunk), TPOT is (latency - TTFT) / (output tokens - 1), per token whatever the chunking.
+    itl_ms: Mapped[float | None] = mapped_column(Float, doc="mean gap between streamed content chunks")
+    tpot_ms: Mapped[float | None] = mapped_column(Float, doc="(latency - TTFT) / (output tokens - 1)")
     latency_ms: Mapped[float | None] = mapped_column(Float)
     input_tokens: Mapped[int | None] = mapped_column(Integer)
     output_tokens: Mapped[int | None] = mapped_column(Integer)
