@@ -134,8 +134,24 @@ def test_token_bucket_lets_a_large_request_through_and_charges_the_debt():
         assert clock.now == 0
         await bucket.acquire(50)  # waits for the debt and its own 50
         assert clock.now == pytest.approx(2.5)
-        bucket.refund(1000)
+        bucket.settle(1000, 0)
         assert bucket.level == 100  # refunds never exceed capacity
+
+    asyncio.run(scenario())
+
+
+def test_tokens_used_beyond_the_reservation_are_charged_as_debt():
+    """A request without max_tokens reserves its prompt only; what it generated beyond that used to be
+    forgiven, so a TPM limit was overshot by the whole output (93x in the reviewer's script)."""
+    clock = FakeClock()
+    bucket = TokenBucket(rate_per_s=100, capacity=100, clock=clock, sleep=clock.sleep)
+
+    async def scenario() -> None:
+        await bucket.acquire(50)
+        bucket.settle(50, 450)  # the provider counted 450 tokens
+        assert bucket.level == pytest.approx(-350)
+        await bucket.acquire(50)  # waits for the debt and its own 50
+        assert clock.now == pytest.approx(4.0)
 
     asyncio.run(scenario())
 

@@ -200,7 +200,7 @@ class _TargetRun:
                                                           timeout_s=self.shadow.timeout_s)
             except AttemptError as exc:
                 if self.tpm is not None:
-                    self.tpm.refund(reserved)
+                    self.tpm.settle(reserved, 0)
                 if exc.retryable and retries < self.shadow.max_retries:
                     retries += 1
                     delay = backoff_delay(retries, self.shadow.retry_backoff_s, exc.retry_after_s, self.rng)
@@ -222,7 +222,7 @@ class _TargetRun:
         input_tokens = c.input_tokens if c.input_tokens is not None else prompt_tokens
         output_tokens = c.output_tokens if c.output_tokens is not None else count_tokens(c.text)
         if self.tpm is not None:
-            self.tpm.refund(reserved - input_tokens - output_tokens)
+            self.tpm.settle(reserved, input_tokens + output_tokens)
         cost = None
         if self.price is not None:
             cost = request_cost(self.price, input_tokens, output_tokens, c.cached_input_tokens)

@@ -54,8 +54,9 @@ class TokenBucket:
                 self._refill()
             self._level -= amount
 
-    def refund(self, amount: float) -> None:
-        """Give back what a request reserved but did not use (e.g. max_tokens it did not generate)."""
-        if amount > 0:
-            self._refill()
-            self._level = min(self.capacity, self._level + amount)
+    def settle(self, reserved: float, used: float) -> None:
+        """Correct a reservation by what the request used: give back what it did not use (max_tokens it did not
+        generate), or charge what it used beyond it as debt (no max_tokens, a prompt the local tokenizer
+        undercounted), so the long-run rate holds to what the provider counted."""
+        self._refill()
+        self._level = min(self.capacity, self._level + reserved - used)
