@@ -84,6 +84,16 @@ def test_candidate_errors_fail_the_error_rate(engine):
     assert flaky_c.worst_sample_ids  # failed requests lead the triage examples
 
 
+def test_a_candidate_that_errors_on_every_request_fails_though_nothing_was_judged(engine):
+    """No answer, so no judged pair: the scorer used to stop at 'only 0 samples' (inconclusive), and a candidate
+    already holding traffic kept it while failing every request."""
+    dead = {**PROFILES, GEMMA: Profile(250, 6, 2.0, error_rate=1.0)}
+    run_id = build_run(engine, run_key="r", incumbent="claude-2", profiles=dead, candidates={"dead": GEMMA}, seed=4)
+    result = analyze_run(engine, run_id, route_for(["dead"])).candidate("dead")
+    assert result.n_judged == 0 and result.metric("error_rate").classification is Classification.FAIL
+    assert result.verdict is Verdict.FAIL and any("critical metric(s) failed: error_rate" in r for r in result.reasons)
+
+
 def test_too_little_data_is_inconclusive_never_a_pass(engine):
     run_id = build_run(engine, run_key="r", incumbent="claude-2", profiles=PROFILES, candidates={"few": GEMMA},
                        datasets={"vicuna"})  # 28 prompts

@@ -119,11 +119,18 @@ def score_metrics(results: list[MetricResult], criteria: CriteriaConfig, n: int,
     """Weight the classifications into a 0-100 score and a verdict.
 
     Too little data is inconclusive, never a pass: fewer than `min_samples` judged samples, or a critical metric
-    without data. A failed critical metric fails the candidate whatever the score. Metrics without data are left
-    out of the score (their weight does not count either way).
+    without data. A failed critical metric fails the candidate whatever the score, and however few samples were
+    judged: its interval lies wholly beyond the tolerance, which is evidence enough (a candidate that errors on
+    every request has nothing to judge, and must not keep its traffic for want of judged samples). Metrics without
+    data are left out of the score (their weight does not count either way).
     """
     by_name = {r.metric: r for r in results}
+    failed_with_data = [m for m in criteria.critical if m in by_name and by_name[m].classification is Classification.FAIL]
     if n < min_samples:
+        if failed_with_data:
+            return Score(Verdict.FAIL, None, [f"critical metric(s) failed: {', '.join(failed_with_data)} "
+                                              f"(only {n} samples judged)",
+                                              *(by_name[m].describe() for m in failed_with_data)])
         return Score(Verdict.INCONCLUSIVE, None, [f"only {n} samples, {min_samples} needed"])
     missing = [m for m in criteria.critical
                if m not in by_name or by_name[m].classification is Classification.NODATA]
