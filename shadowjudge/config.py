@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shadowjudge.errors import InputError
 
@@ -27,6 +28,32 @@ class ConfigError(InputError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NAME = re.compile(r"[^\x00-\x1f\x7f'\"`/\\]{1,128}")
+RESERVED_TARGET_NAMES = frozenset({"__cycle__"})  # the MLflow tag value of a cycle's parent run
+
+
+def _env_var_name(value: str) -> str:
+    """An `*_env` field names a variable; a value that cannot be one is most likely the secret itself, so the
+    message never repeats it."""
+    if not _ENV_NAME.fullmatch(value):
+        raise ValueError("must be the NAME of an environment variable (letters, digits, '_'), not its value: "
+                         "put the secret in the environment and its name here")
+    return value
+
+
+def _plain_name(value: str) -> str:
+    """Route and target names end up in MLflow search filters, gateway ids (`route/target`) and file names."""
+    if value != value.strip() or not _NAME.fullmatch(value):
+        raise ValueError(f"{value!r}: a name must be 1-128 characters without quotes, slashes, control "
+                         "characters or surrounding spaces")
+    return value
+
+
+EnvVarName = Annotated[str, AfterValidator(_env_var_name)]
+PlainName = Annotated[str, AfterValidator(_plain_name)]
 
 
 class StoreConfig(_Strict):
@@ -101,10 +128,10 @@ class Price(_Strict):
 class TargetConfig(_Strict):
     """One model behind an OpenAI-compatible endpoint, as the gateway names it."""
 
-    name: str
+    name: PlainName
     model: str
     base_url: str
-    api_key_env: str | None = None
+    api_key_env: EnvVarName | None = None
     api_key_secret: str | None = Field(default=None, description="Prefect Secret block holding the key (wins over api_key_env)")
     concurrency: int = Field(default=8, gt=0)
     rpm: int | None = Field(default=None, gt=0)
@@ -132,7 +159,7 @@ class ShadowConfig(_Strict):
 
 
 class JudgeConfig(_Strict):
-    evaluator: str = Field(default="small-judge", description="small-judge | llm-judge | lexical")
+    evaluator: Literal["small-judge", "llm-judge", "lexical"] = "small-judge"
     model_uri: str | None = Field(default=None, description="Default: models:/<registered_name>@champion")
     registered_name: str = "shadowjudge-judge"
     accept_floor: float = Field(default=0.5, ge=0, le=1, description="Score at which an answer is accepted")
@@ -188,6 +215,9 @@ class CriteriaConfig(_Strict):
             raise ValueError(f"unknown metric(s) {sorted(unknown)}; known: {list(CANARY_METRICS)}")
         if any(w < 0 for w in self.weights.values()):
             raise ValueError("metric weights must be >= 0")
+        if not sum(self.weights.values()) > 0:
+            raise ValueError("metric weights must not all be 0: the canary score would never exist, and every "
+                             "verdict would stay inconclusive")
         if self.marginal_score > self.pass_score:
             raise ValueError("marginal_score must not exceed pass_score")
         return self
@@ -225,8 +255,8 @@ class AlertSinkConfig(_Strict):
     name: str
     kind: Literal["webhook", "slack", "pagerduty"]
     url: str | None = Field(default=None, description="A URL without secrets; PagerDuty defaults to Events v2")
-    url_env: str | None = Field(default=None, description="Env var that holds the URL")
-    routing_key_env: str | None = Field(default=None, description="PagerDuty: env var with the integration key")
+    url_env: EnvVarName | None = Field(default=None, description="Env var that holds the URL")
+    routing_key_env: EnvVarName | None = Field(default=None, description="PagerDuty: env var with the integration key")
     min_severity: Literal["info", "warning", "critical"] = "warning"
     timeout_s: float = Field(default=10.0, gt=0)
     max_attempts: int = Field(default=4, ge=1, le=10)
@@ -287,12 +317,12 @@ class GatewayConfig(_Strict):
     kind: Literal["truefoundry", "litellm", "litellm_api", "portkey", "nginx"] = "truefoundry"
     path: str | None = None
     url: str | None = None
-    api_key_env: str | None = None
+    api_key_env: EnvVarName | None = None
     reload_command: list[str] | None = None
 
 
 class RouteConfig(_Strict):
-    name: str
+    name: PlainName
     incumbent: TargetConfig
     candidates: list[TargetConfig] = Field(min_length=1)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
@@ -307,6 +337,9 @@ class RouteConfig(_Strict):
         names = [self.incumbent.name] + [c.name for c in self.candidates]
         if len(set(names)) != len(names):
             raise ValueError(f"target names must be unique within route '{self.name}': {names}")
+        reserved = sorted(RESERVED_TARGET_NAMES & set(names))
+        if reserved:
+            raise ValueError(f"target name(s) {reserved} are reserved")
         return self
 
 

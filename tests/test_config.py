@@ -33,6 +33,15 @@ def test_fingerprint_changes_with_the_config():
     (lambda d: d["store"].__setitem__("uri", "x"), "store.uri", "Extra inputs are not permitted"),
     (lambda d: d["redaction"]["extra_patterns"].__setitem__("bad", "("), "redaction.extra_patterns", "not a valid regex"),
     (lambda d: d.__setitem__("routes", []), "routes", "at least 1"),
+    # accepted before, each failing later: after the shadow test was paid for, or on every cycle
+    (lambda d: d["judge"].__setitem__("evaluator", "smal-judge"), "judge.evaluator", "'small-judge', 'llm-judge'"),
+    (lambda d: d["routes"][0].__setitem__("name", "bob's-route"), "routes[0].name", "without quotes"),
+    (lambda d: d["routes"][0]["candidates"][0].__setitem__("name", "a/b"), "routes[0].candidates[0].name",
+     "without quotes, slashes"),
+    (lambda d: d["routes"][0].__setitem__("name", ""), "routes[0].name", "1-128 characters"),
+    (lambda d: d["routes"][0]["candidates"][0].__setitem__("name", "__cycle__"), "routes[0]", "reserved"),
+    (lambda d: d["routes"][0].__setitem__("criteria", {"weights": {"quality": 0}}), "routes[0].criteria",
+     "must not all be 0"),
 ])
 def test_bad_config_names_file_key_and_problem(tmp_path, mutate, key, words):
     data = _example()
@@ -81,3 +90,19 @@ def test_api_key_comes_from_env_and_a_missing_one_is_named(monkeypatch):
         target.api_key()
     monkeypatch.setenv("CANDIDATE_API_KEY", "sk-test")
     assert target.api_key() == "sk-test"
+
+
+def test_a_secret_put_where_an_env_var_name_belongs_is_refused_without_being_repeated(tmp_path):
+    """`api_key_env: sk-...` used to load, then fail every cycle with 'env var sk-... is not set', in the CLI and in
+    Prefect's logs."""
+    data = _example()
+    data["routes"][0]["candidates"][0]["api_key_env"] = "sk-proj-SECRET123"
+    data["alerts"] = {"sinks": [{"name": "s", "kind": "slack", "url_env": "https://hooks.slack.com/services/T0/B0/XYZ"}]}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, environ={})
+    message = str(exc.value)
+    assert "routes[0].candidates[0].api_key_env" in message and "alerts.sinks[0].url_env" in message
+    assert "NAME of an environment variable" in message
+    assert "SECRET123" not in message and "XYZ" not in message
