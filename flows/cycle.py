@@ -15,6 +15,8 @@ apply_defaults()
 
 from prefect import flow, get_run_logger  # noqa: E402
 
+from shadowjudge.errors import InputError, ShadowJudgeError  # noqa: E402
+
 from flows.stages import (  # noqa: E402
     analyse_and_log,
     current_cycle_id,
@@ -38,14 +40,34 @@ def evaluation_cycle(config_path: str, route: str | None = None, cycle_id: str |
     ingest_report = ingest_task(config, progress)
     logger.info("ingest: %s", ingest_report.get("totals"))
     routes = [config.route(route)] if route else config.routes
-    outcomes = {}
+    outcomes: dict[str, dict[str, Any]] = {}
+    failures: dict[str, BaseException] = {}
     for rc in routes:
-        handle = open_run_task(config, rc, cycle_id)
-        shadow_report = shadow_task(config, rc, handle, progress)
-        score_report = score_and_calibrate(config, rc, handle, config_path, progress)
-        analysed = analyse_and_log(config, rc, handle,
-                                   {"ingest": ingest_report, "shadow": shadow_report, "score": score_report},
-                                   config_path)
-        outcomes[rc.name] = decide_and_publish(config, rc, handle, analysed)
+        try:
+            handle = open_run_task(config, rc, cycle_id)
+            shadow_report = shadow_task(config, rc, handle, progress)
+            score_report = score_and_calibrate(config, rc, handle, config_path, progress)
+            analysed = analyse_and_log(config, rc, handle,
+                                       {"ingest": ingest_report, "shadow": shadow_report, "score": score_report},
+                                       config_path)
+            outcomes[rc.name] = decide_and_publish(config, rc, handle, analysed)
+        except Exception as exc:  # noqa: BLE001 - one route's failure must not starve the routes after it
+            logger.error("route %s failed: %s: %s", rc.name, type(exc).__name__, exc)
+            failures[rc.name] = exc
     release_memory()  # plots and ORM sessions leave reference cycles; a serving process runs cycles for weeks
+    if failures:
+        raise routes_failed(failures, outcomes)
     return {"cycle_id": cycle_id, "ingest": ingest_report, "routes": outcomes}
+
+
+class RoutesFailed(ShadowJudgeError):
+    """Some routes of a cycle failed after every route was tried; the flow run fails."""
+
+
+def routes_failed(failures: dict[str, BaseException], outcomes: dict[str, dict[str, Any]]) -> RoutesFailed:
+    """One error naming every failed route and the ones that completed; bad input (exit 2) when every failure was."""
+    done = f"; route(s) {', '.join(outcomes)} completed" if outcomes else ""
+    exc = RoutesFailed("; ".join(f"route {name}: {err}" for name, err in failures.items()) + done)
+    if all(isinstance(err, InputError) for err in failures.values()):
+        exc.exit_code = InputError.exit_code
+    return exc

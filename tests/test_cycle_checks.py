@@ -227,3 +227,27 @@ def test_cycle_sends_the_calibration_share_to_the_teacher_once(tmp_path, sqlite_
     assert metrics["calibration.n"] == report["agreement"]["n"] and metrics["calibration.pairs"] == judged
     assert 0 <= metrics["calibration.teacher_prefers_longer"] <= 1
     assert 0 <= metrics["calibration.student_prefers_longer"] <= 1
+
+
+def test_one_routes_failure_does_not_stop_the_routes_after_it(tmp_path, sqlite_url, replay_server, prefect_harness,
+                                                              monkeypatch):
+    """A missing key on the first route used to end the cycle there: later routes were never opened."""
+    from flows.cycle import RoutesFailed, evaluation_cycle
+    from cycle_configs import cycle_config, save_config
+
+    monkeypatch.delenv("SJ_TEST_UNSET_KEY", raising=False)
+    data = cycle_config(tmp_path, sqlite_url, replay_server.base_url, drift={"enabled": False})
+    broken = data["routes"][0]
+    other = yaml.safe_load(yaml.safe_dump(broken))
+    broken["candidates"][0]["api_key_env"] = "SJ_TEST_UNSET_KEY"
+    other["name"] = "chat-other"
+    other.pop("golden_set", None)
+    other["gateway"] = {"kind": "truefoundry", "path": str(tmp_path / "other-gateway.yaml")}
+    data["routes"].append(other)
+    with pytest.raises(RoutesFailed) as exc:
+        evaluation_cycle(config_path=str(save_config(tmp_path, data)), cycle_id="r1")
+    assert "route chat-default:" in str(exc.value) and "SJ_TEST_UNSET_KEY" in str(exc.value)
+    assert "chat-other completed" in str(exc.value)
+    with session_scope(get_engine(sqlite_url)) as s:
+        runs = {r.route: r.status for r in s.scalars(select(ShadowRun))}
+    assert runs["chat-other"] == "finished"
