@@ -97,7 +97,8 @@ def test_a_secret_put_where_an_env_var_name_belongs_is_refused_without_being_rep
     Prefect's logs."""
     data = _example()
     data["routes"][0]["candidates"][0]["api_key_env"] = "sk-proj-SECRET123"
-    data["alerts"] = {"sinks": [{"name": "s", "kind": "slack", "url_env": "https://hooks.slack.com/services/T0/B0/XYZ"}]}
+    sink = {"name": "s", "kind": "slack", "url_env": "https://hooks.slack.com/services/T0/B0/XYZ"}
+    data["alerts"] = {"sinks": [sink]}
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError) as exc:

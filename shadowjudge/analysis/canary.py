@@ -125,7 +125,8 @@ def score_metrics(results: list[MetricResult], criteria: CriteriaConfig, n: int,
     data are left out of the score (their weight does not count either way).
     """
     by_name = {r.metric: r for r in results}
-    failed_with_data = [m for m in criteria.critical if m in by_name and by_name[m].classification is Classification.FAIL]
+    failed_with_data = [m for m in criteria.critical
+                        if m in by_name and by_name[m].classification is Classification.FAIL]
     if n < min_samples:
         if failed_with_data:
             return Score(Verdict.FAIL, None, [f"critical metric(s) failed: {', '.join(failed_with_data)} "

@@ -204,7 +204,8 @@ class FileGateway:
     def _undo(self, push: _Push) -> None:
         write_config_file(self.path, push.replaced, keep_previous=False)
         if push.prev is not _UNREADABLE:
-            write_config_file(previous_revision_path(self.path), push.prev, keep_previous=False)  # type: ignore[arg-type]
+            prev: Any = push.prev
+            write_config_file(previous_revision_path(self.path), prev, keep_previous=False)
         self._last_push = None
 
     def _read_prev(self) -> str | None | object:

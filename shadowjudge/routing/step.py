@@ -209,8 +209,8 @@ def _claim_revision(engine: Engine, route: RouteConfig, gateway: Gateway, decisi
                                                       "a later step pushed the weights in force"))
         last = s.scalar(select(func.max(RouteWeightChange.revision)).where(RouteWeightChange.route == route.name))
         revision = (last or 0) + 1
-        s.add(RouteWeightChange(route=route.name, revision=revision, before=decision.before if before is None else before,
-                                after=decision.after,
+        s.add(RouteWeightChange(route=route.name, revision=revision,
+                                before=decision.before if before is None else before, after=decision.after,
                                 reason=reason, status="pending", decision=action, gateway=_short(gateway.name),
                                 analysis_link=analysis_link, run_id=run_id, created_at=now))
     return revision

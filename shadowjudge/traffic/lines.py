@@ -121,10 +121,13 @@ def rotated_continuation(folder: Path, files: list[Path], cursor: dict[str, Any]
         return None
     if cursor.get("finished"):
         return None
-    current = folder / name if "rotated_from" in cursor else next((f for f in files if f.name == name), None)
-    if current is not None and current.is_file() and (not isinstance(head, str) and "rotated_from" in cursor
-                                                      or isinstance(head, str) and _head_matches(current, head, offset)):
-        return current if "rotated_from" in cursor else None
+    in_rotated = "rotated_from" in cursor
+    current = folder / name if in_rotated else next((f for f in files if f.name == name), None)
+    if current is not None and current.is_file():
+        # a gzip cursor has no head: a rotated .gz the cursor is in is taken as it is
+        same = _head_matches(current, head, offset) if isinstance(head, str) else in_rotated
+        if same:
+            return current if in_rotated else None
     if not isinstance(head, str):
         return None
     listed = set(files)
