@@ -342,18 +342,18 @@ def test_rpm_and_tpm_buckets_are_charged_per_attempt_and_refunded(engine, monkey
 
     charged: list[tuple[float, float]] = []  # (rate, amount): rate tells the RPM bucket from the TPM one
     refunded: list[float] = []
-    real_acquire, real_refund = TokenBucket.acquire, TokenBucket.refund
+    real_acquire, real_settle = TokenBucket.acquire, TokenBucket.settle
 
     async def acquire(self, amount=1.0):
         charged.append((self.rate, amount))
         await real_acquire(self, amount)
 
-    def refund(self, amount):
-        refunded.append(amount)
-        real_refund(self, amount)
+    def settle(self, reserved, used):
+        refunded.append(reserved - used)
+        real_settle(self, reserved, used)
 
     monkeypatch.setattr(TokenBucket, "acquire", acquire)
-    monkeypatch.setattr(TokenBucket, "refund", refund)
+    monkeypatch.setattr(TokenBucket, "settle", settle)
     run_id, samples = store_samples(engine, 1)
     answer = Completion(text="ok", latency_ms=5.0, ttft_ms=1.0, itl_ms=None, input_tokens=30, output_tokens=10)
     endpoint = ScriptedEndpoint([AttemptError("rate_limited", "429", retryable=True, retry_after_s=0.0), answer])
