@@ -50,7 +50,27 @@ class RegisteredJudge:
 
 
 def client(tracking_uri: str) -> MlflowClient:
+    """A client of the registry at `tracking_uri`; the first use of an HTTP server in a process checks that it
+    answers (JudgeRegistryError in seconds), before MLflow's retries would hold the command for minutes."""
+    check_reachable(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def check_reachable(tracking_uri: str) -> None:
+    """JudgeRegistryError naming the (redacted) URI when an HTTP registry does not answer; once per URI and
+    process, so a server that answered is given MLflow's retries over a later brief outage (mid-training)."""
+    from shadowjudge.tracking.reachability import TrackingUnreachable, check_tracking_reachable
+
+    try:
+        check_tracking_reachable(tracking_uri, once=True)
+    except TrackingUnreachable as exc:
+        raise JudgeRegistryError(str(exc)) from None
+
+
+def _shown(tracking_uri: str) -> str:
+    from shadowjudge.tracking.mlflow_tracking import redact_uri
+
+    return redact_uri(tracking_uri)
 
 
 def default_artifact_root(tracking_uri: str) -> str | None:
@@ -142,12 +162,12 @@ def find_alias(tracking_uri: str, name: str, alias: str = CHAMPION) -> Registere
     try:
         mv = client(tracking_uri).get_model_version_by_alias(name, alias)
     except UnsupportedModelRegistryStoreURIException:
-        raise JudgeRegistryError(f"{tracking_uri}: not a model registry URI (sqlite:///..., postgresql://..., "
-                                 "http://...)") from None
+        raise JudgeRegistryError(f"{_shown(tracking_uri)}: not a model registry URI (sqlite:///..., "
+                                 "postgresql://..., http://...)") from None
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
-        raise JudgeRegistryError(f"the MLflow registry at {tracking_uri} cannot be used: "
+        raise JudgeRegistryError(f"the MLflow registry at {_shown(tracking_uri)} cannot be used: "
                                  f"{str(exc.message).splitlines()[0][:200]}") from None
     return RegisteredJudge(name, str(mv.version), mv.run_id)
 
@@ -162,8 +182,8 @@ def resolve(tracking_uri: str, model_uri: str) -> RegisteredJudge:
         found = find_alias(tracking_uri, name, alias)
         if found is None:
             raise JudgeRegistryError(
-                f"no judge registered as '{name}' with alias '{alias}' in the MLflow registry at {tracking_uri}; "
-                f"train one with `{TRAIN_COMMAND}` (or set judge.model_uri)"
+                f"no judge registered as '{name}' with alias '{alias}' in the MLflow registry at "
+                f"{_shown(tracking_uri)}; train one with `{TRAIN_COMMAND}` (or set judge.model_uri)"
             )
         return found
     name, _, version = ref.partition("/")
@@ -171,8 +191,8 @@ def resolve(tracking_uri: str, model_uri: str) -> RegisteredJudge:
         mv = client(tracking_uri).get_model_version(name, version)
     except MlflowException as exc:
         raise JudgeRegistryError(
-            f"no version '{version}' of judge '{name}' in the MLflow registry at {tracking_uri}: train one with "
-            f"`{TRAIN_COMMAND}`"
+            f"no version '{version}' of judge '{name}' in the MLflow registry at {_shown(tracking_uri)}: train "
+            f"one with `{TRAIN_COMMAND}`"
         ) from exc
     return RegisteredJudge(name, str(mv.version), mv.run_id)
 
@@ -186,7 +206,7 @@ def download_judge(tracking_uri: str, judge: RegisteredJudge, destination: Path 
         local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest),
                                                     tracking_uri=tracking_uri)
     except MlflowException as exc:
-        raise JudgeRegistryError(f"cannot download {judge.uri} from {tracking_uri}: {exc}") from exc
+        raise JudgeRegistryError(f"cannot download {judge.uri} from {_shown(tracking_uri)}: {exc}") from exc
     path = Path(local) / "artifacts" / JUDGE_ARTIFACT
     if not path.is_dir():
         raise JudgeRegistryError(f"{judge.uri} has no '{JUDGE_ARTIFACT}' artifact directory; not a small judge")

@@ -16,6 +16,7 @@ apply_defaults()
 from prefect import flow, get_run_logger  # noqa: E402
 
 from shadowjudge.errors import InputError, ShadowJudgeError  # noqa: E402
+from shadowjudge.tracking.reachability import check_config_tracking  # noqa: E402
 
 from flows.stages import (  # noqa: E402
     analyse_and_log,
@@ -37,6 +38,7 @@ def evaluation_cycle(config_path: str, route: str | None = None, cycle_id: str |
     logger = get_run_logger()
     config = load(config_path)
     cycle_id = current_cycle_id(cycle_id)
+    check_config_tracking(config)  # a scheduled cycle whose MLflow is down fails now, before the paid shadow calls
     ingest_report = ingest_task(config, progress)
     logger.info("ingest: %s", ingest_report.get("totals"))
     routes = [config.route(route)] if route else config.routes

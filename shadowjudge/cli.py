@@ -52,12 +52,14 @@ def run(config: Path = ConfigOption,
         ) -> None:
     """Run one evaluation cycle (ingest, shadow-test, score, analyse, log, alert, update routes)."""
     from shadowjudge.cycle import check_cycle_id
+    from shadowjudge.tracking.reachability import check_config_tracking
 
     cfg = _load(config)
     if route:
         cfg.route(route)
     if cycle_id is not None:
         check_cycle_id(cycle_id)
+    check_config_tracking(cfg)  # an MLflow server that is down fails here, in seconds, not after the shadow calls
     from flows.cycle import evaluation_cycle
 
     result = evaluation_cycle(config_path=str(config), route=route, cycle_id=cycle_id, progress=sys.stderr.isatty())

@@ -384,26 +384,15 @@ SUMMARY_METRICS = ("canary_score", "win_rate", "win_rate.ci_low", "win_rate.ci_h
 
 
 def check_tracking_server(tracking_uri: str, timeout_s: float = 5.0) -> None:
-    """Fail at once, saying so, when an HTTP tracking server does not accept connections.
+    """Fail at once, saying so, when an HTTP tracking server does not answer (refused, unknown host, no answer in
+    `timeout_s`, a 5xx).
 
-    MLflow's client retries every call with backoff (minutes per call by default), so a server that is down would
-    hold the stage for a long time before anything said why; the stage's own retries cover a brief outage.
+    MLflow's client retries every call with backoff (minutes per call by default), so a server that is down or hung
+    would hold the stage for a long time before anything said why; the stage's own retries cover a brief outage.
     """
-    import socket
-    from urllib.parse import urlsplit
+    from shadowjudge.tracking.reachability import check_tracking_reachable
 
-    from shadowjudge.tracking.mlflow_tracking import TrackingError, redact_uri
-
-    parts = urlsplit(tracking_uri)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        with socket.create_connection((parts.hostname, port), timeout=timeout_s):
-            pass
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        raise TrackingError(f"MLflow at {redact_uri(tracking_uri)} is unreachable: {reason}") from None
+    check_tracking_reachable(tracking_uri, timeout_s)
 
 
 def track(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle, analysis: dict[str, Any],

@@ -28,6 +28,7 @@ from shadowjudge.shadow.engine import EndpointFactory, build_request_body, opena
 from shadowjudge.shadow.eventloop import run_sync
 from shadowjudge.shadow.metrics import latency_percentiles
 from shadowjudge.tracking.mlflow_tracking import TrackingError, redact_uri
+from shadowjudge.tracking.reachability import check_tracking_reachable
 
 MAX_IN_FLIGHT = 1024
 
@@ -349,6 +350,8 @@ def loadtest(
             raise LoadTestError("give --requests FILE, or --config FILE with --route NAME")
         target = TargetConfig(name="loadtest", model=model, base_url=base_url, api_key_env=api_key_env)
         shadow = ShadowConfig(stream=stream, timeout_s=timeout, max_retries=0, max_tokens=max_tokens)
+        if tracking_uri:  # a tracking server that is down fails now, not after the load test
+            check_tracking_reachable(tracking_uri)
         report = run_loadtest(target, prompts, rate=rate, duration_s=duration,
                               ramp=Ramp.parse(ramp) if ramp else None, max_requests=max_requests, shadow=shadow)
         run_id = log_loadtest(report, tracking_uri, experiment) if tracking_uri else None

@@ -12,14 +12,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from shadowjudge.errors import ShadowJudgeError
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 RUN_KEY_TAG = "shadowjudge.run_key"
 TARGET_TAG = "shadowjudge.target"
 
 
-class TrackingError(Exception):
-    """MLflow could not be reached or refused what was logged."""
+class TrackingError(ShadowJudgeError):
+    """MLflow could not be reached or refused what was logged (exit status 1: not bad input, and a stage that
+    failed on it is retried)."""
 
 
 @dataclass
