@@ -8,6 +8,12 @@ TypedDict transform and builds a pydantic object per streamed chunk, which on a 
 near 100 req/s. Replayed requests are already plain JSON, so the body goes as orjson bytes (the SDK would
 otherwise deep-copy and re-serialise it) and the engine reads the SSE bytes itself, which is also where each
 chunk's arrival time is taken.
+
+What comes back is checked, not trusted: a body that is not the answer it should be (a provider's `{"error":
+...}` object with a 200, a proxy's HTML page, JSON of the wrong shape) becomes a classified `AttemptError`,
+never a crash the engine can only call "unexpected". An error object is classified like the HTTP error it
+stands for (a context-length error is a bad request, not retried); anything else is a `malformed_response`
+with a short, secret-scrubbed excerpt.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -90,11 +97,88 @@ def parse_retry_after(headers: Any) -> float | None:
     try:
         return max(0.0, float(value))
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value else None
-        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+        pass
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):  # neither seconds nor a date ("soon"): no hint, the normal backoff applies
+        return None
+    return max(0.0, parsed.timestamp() - time.time())
+
+
+# Words in a provider's error object (its code, type or status, else its message) and the HTTP status they stand
+# for, most specific first. Matched in the lower-cased text with spaces and hyphens as underscores.
+_ERROR_WORDS = (
+    ("context_length", 400), ("too_large", 413), ("rate_limit", 429), ("too_many_requests", 429),
+    ("resource_exhausted", 429), ("quota", 429), ("authentication", 401), ("unauthenticated", 401),
+    ("invalid_api_key", 401), ("permission", 403), ("not_found", 404), ("invalid_request", 400),
+    ("invalid_argument", 400), ("bad_request", 400), ("timeout", 408), ("timed_out", 408),
+    ("deadline_exceeded", 408), ("overloaded", 503), ("unavailable", 503), ("server_error", 500), ("internal", 500),
+)
+
+
+def _error_object_status(error: dict[str, Any], message: str) -> int:
+    """The HTTP status a provider's error object stands for: an HTTP status in its `code` or `status`, else the
+    first of `_ERROR_WORDS` in its code, status or type, else in its message; 500 when it names no cause."""
+    named = []
+    for key in ("code", "status", "type"):
+        value = error.get(key)
+        if type(value) is str and len(value) == 3 and value.isdecimal():
+            value = int(value)
+        if type(value) is int and 400 <= value < 600:
+            return value
+        if type(value) is str:
+            named.append(value)
+    for text in (*named, message):
+        words = text.lower().replace(" ", "_").replace("-", "_")
+        for word, status in _ERROR_WORDS:
+            if word in words:
+                return status
+    return 500
+
+
+def _provider_error(error: Any, where: str, secrets: Sequence[str] = ()) -> AttemptError:
+    """The AttemptError for a provider's error object (`{"error": ...}` as a 200 body or an SSE event), classified
+    by `classify_status` like the HTTP error it stands for; its message is kept, scrubbed."""
+    fields = error if type(error) is dict else {"message": error}
+    message = fields.get("message")
+    if type(message) is not str:
+        message = orjson.dumps(error).decode()
+    error_class, retryable = classify_status(_error_object_status(fields, message))
+    return AttemptError(error_class, f"{where}: {scrub_secrets(message, secrets)[:300]}", retryable=retryable)
+
+
+def _excerpt(body: bytes, secrets: Sequence[str], limit: int = 160) -> str:
+    """The start of a body for an error message: secrets scrubbed before it is cut, whitespace collapsed."""
+    text = " ".join(scrub_secrets(body.decode("utf-8", "replace"), secrets).split())
+    return repr(text[:limit] + ("..." if len(text) > limit else ""))
+
+
+def _malformed(what: str) -> AttemptError:
+    return AttemptError("malformed_response", what)
+
+
+_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "an integer"}
+
+
+def _wrong_type(what: str, kind: type) -> AttemptError:
+    return _malformed(f"{what} is not {_JSON_KINDS[kind]}")
+
+
+def _not_a_completion(body: bytes, what: str, secrets: Sequence[str] = ()) -> AttemptError:
+    """The AttemptError for a body that is not the answer: a provider's JSON error object is classified like
+    the HTTP error it stands for (`_provider_error`), anything else (a proxy page, other JSON) is malformed."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        data = None
+    if type(data) is dict and data.get("error"):
+        return _provider_error(data["error"], "error object in a 200 response", secrets)
+    return _malformed(f"{what}: {_excerpt(body, secrets)}")
 
 
 SENT_AT = "shadowjudge_sent_at"
+# How long the end of a streamed body is awaited after [DONE] (see `OpenAIEndpoint._until_body_end`).
+DONE_GRACE_S = 0.2
 _loads = orjson.loads
 
 
@@ -106,25 +190,36 @@ async def _mark_sent(request: Any) -> None:
     request.extensions[SENT_AT] = time.perf_counter()
 
 
+# SSE framing without an event: comments, fields, a `data:` line cut short. A body of only these merely stopped.
+_SSE_LINE = (b":", b"data:", b"event:", b"id:", b"retry:")
+# The most of a body's start kept while no event has come, to say what the body was if none does.
+_UNFRAMED_LIMIT = 1 << 16
+
+
 class StreamParser:
     """Folds the SSE bytes of a streamed chat completion into text, usage and chunk arrival times.
 
     It takes raw body chunks (not decoded lines): splitting bytes and handing them to orjson is several
-    times cheaper than the text line iterator, and this loop runs once per token of every answer."""
+    times cheaper than the text line iterator, and this loop runs once per token of every answer. Chunks of
+    the wrong shape raise a `malformed_response`; the checks on the hot path are bare type tests."""
 
-    def __init__(self, started: float):
+    def __init__(self, started: float, secrets: Sequence[str] = ()):
         self.started = started
+        self._secrets = secrets
         self.parts: list[str] = []
         self.tool_calls: dict[int, dict[str, str]] = {}
         self.token_times: list[float] = []
-        self.usage: dict[str, Any] | None = None
+        self.usage: tuple[int | None, int | None, int] = (None, None, 0)
         self.finish_reason: str | None = None
         self.done = False
         self.ended: float | None = None
         self._rest = b""
+        self._unframed: bytes | None = b""  # the body so far, until its first event (then None)
 
     def feed(self, data: bytes, now: float) -> None:
         """Take the next piece of the body, which may end mid-line; `now` is when it arrived."""
+        if self._unframed is not None and len(self._unframed) < _UNFRAMED_LIMIT:
+            self._unframed += data[:_UNFRAMED_LIMIT - len(self._unframed)]
         if self._rest:
             data = self._rest + data
         lines = data.split(b"\n")
@@ -136,6 +231,7 @@ class StreamParser:
                 self._event(line[5:].strip(), now)
 
     def _event(self, data: bytes, now: float) -> None:
+        self._unframed = None
         if data == b"[DONE]":
             self.done = True
             self.ended = now
@@ -143,36 +239,60 @@ class StreamParser:
         try:
             chunk = _loads(data)
         except orjson.JSONDecodeError:
-            raise AttemptError("malformed_response", f"stream chunk is not JSON: {data[:120]!r}") from None
+            raise _malformed(f"stream chunk is not JSON: {_excerpt(data, self._secrets)}") from None
         if type(chunk) is not dict:
-            raise AttemptError("malformed_response", "stream chunk is not a JSON object")
+            raise _wrong_type("stream chunk", dict)
         error = chunk.get("error")
         if error:
-            message = error.get("message") if isinstance(error, dict) else str(error)
-            raise AttemptError("server_error", f"error event in stream: {message}", retryable=True)
+            raise _provider_error(error, "error event in stream", self._secrets)
         usage = chunk.get("usage")
         if usage:
-            self.usage = usage
-        for choice in chunk.get("choices") or ():
+            self.usage = _usage_counts(usage)
+        choices = chunk.get("choices")
+        if not choices:
+            return
+        if type(choices) is not list:
+            raise _wrong_type("stream chunk's choices", list)
+        for choice in choices:
+            if type(choice) is not dict:
+                raise _wrong_type("stream chunk's choice", dict)
             if choice.get("index", 0) != 0:
                 continue
             delta = choice.get("delta")
             if delta:
+                if type(delta) is not dict:
+                    raise _wrong_type("stream chunk's delta", dict)
                 content = delta.get("content")
                 if content:
+                    if type(content) is not str:
+                        raise _wrong_type("delta content", str)
                     self.parts.append(content)
                 calls = delta.get("tool_calls")
                 if calls:
-                    for call in calls:
-                        slot = self.tool_calls.setdefault(call.get("index", 0), {"name": "", "arguments": ""})
-                        fn = call.get("function") or {}
-                        slot["name"] += fn.get("name") or ""
-                        slot["arguments"] += fn.get("arguments") or ""
+                    self._add_tool_calls(calls)
                 if content or calls:
                     self.token_times.append(now)
             finish_reason = choice.get("finish_reason")
             if finish_reason:
-                self.finish_reason = finish_reason
+                self.finish_reason = _finish_reason(finish_reason)
+
+    def _add_tool_calls(self, calls: Any) -> None:
+        """Streamed tool calls come in pieces, appended to the call of the same index."""
+        if type(calls) is not list:
+            raise _wrong_type("delta tool_calls", list)
+        for call in calls:
+            index, name, arguments = _tool_call(call)
+            slot = self.tool_calls.setdefault(index, {"name": "", "arguments": ""})
+            slot["name"] += name
+            slot["arguments"] += arguments
+
+    def unfinished(self) -> AttemptError:
+        """Why a body that ended before a finish_reason or [DONE] failed: a stream that stopped is truncated
+        (a retry can help); a body without any event was never a stream, see `_not_a_completion`."""
+        body = self._unframed
+        if body is None or all(line.startswith(_SSE_LINE) for line in body.split(b"\n") if line.strip()):
+            return AttemptError("truncated_stream", "stream ended before a finish_reason or [DONE]", retryable=True)
+        return _not_a_completion(body, "streamed body is not an event stream", self._secrets)
 
     def text(self) -> str:
         return _with_tool_calls("".join(self.parts), list(self.tool_calls.values()))
@@ -181,10 +301,10 @@ class StreamParser:
         times = self.token_times
         ttft = (times[0] - self.started) * 1000 if times else None
         itl = (times[-1] - times[0]) * 1000 / (len(times) - 1) if len(times) > 1 else None
-        usage = self.usage or {}
+        input_tokens, output_tokens, cached = self.usage
         return Completion(text=self.text(), latency_ms=(ended - self.started) * 1000, ttft_ms=ttft, itl_ms=itl,
-                          input_tokens=usage.get("prompt_tokens"), output_tokens=usage.get("completion_tokens"),
-                          cached_input_tokens=_cached_tokens(usage), finish_reason=self.finish_reason)
+                          input_tokens=input_tokens, output_tokens=output_tokens, cached_input_tokens=cached,
+                          finish_reason=self.finish_reason)
 
 
 def _with_tool_calls(text: str, calls: list[dict[str, str]]) -> str:
@@ -195,9 +315,42 @@ def _with_tool_calls(text: str, calls: list[dict[str, str]]) -> str:
     return f"{text}\n{rendered}" if text else rendered
 
 
-def _cached_tokens(usage: dict[str, Any]) -> int:
-    details = usage.get("prompt_tokens_details") or {}
-    return int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+def _tool_call(call: Any) -> tuple[int, str, str]:
+    """Index, name and arguments of a tool call (or of a streamed piece of one; absent parts are empty)."""
+    if type(call) is not dict:
+        raise _wrong_type("tool call", dict)
+    index = call.get("index") or 0
+    if type(index) is not int:
+        raise _wrong_type("tool call index", int)
+    function = call.get("function") or {}
+    if type(function) is not dict:
+        raise _wrong_type("tool call function", dict)
+    name, arguments = function.get("name") or "", function.get("arguments") or ""
+    if type(arguments) in (dict, list):  # some servers send the arguments decoded; the judge reads them as JSON
+        arguments = orjson.dumps(arguments).decode()
+    if type(name) is not str or type(arguments) is not str:
+        raise _wrong_type("tool call name or arguments", str)
+    return index, name, arguments
+
+
+def _finish_reason(value: Any) -> str | None:
+    if value is not None and type(value) is not str:
+        raise _wrong_type("finish_reason", str)
+    return value
+
+
+def _usage_counts(usage: Any) -> tuple[int | None, int | None, int]:
+    """Prompt, completion and cached prompt tokens of a `usage` object (None, None, 0 when there is none)."""
+    if not usage:
+        return None, None, 0
+    if type(usage) is not dict:
+        raise _wrong_type("usage", dict)
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if any(n is not None and type(n) is not int for n in (prompt, completion)):
+        raise _wrong_type("a usage token count", int)
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if type(details) is dict else None  # a detail: odd shapes count as none
+    return prompt, completion, cached if type(cached) is int else 0
 
 
 class OpenAIEndpoint:
@@ -225,24 +378,29 @@ class OpenAIEndpoint:
 
     async def complete(self, body: dict[str, Any], *, stream: bool, timeout_s: float) -> Completion:
         httpx2, openai = self._httpx, self._openai
-        parser = StreamParser(time.perf_counter())
+        parser = StreamParser(time.perf_counter(), self._secrets)
+        response = None
         try:
             async with asyncio.timeout(timeout_s):
                 response = await self._client.post(self._url, content=orjson.dumps(body),
                                                    cast_to=httpx2.Response, stream=stream)
                 parser.started = response.request.extensions.get(SENT_AT, parser.started)
-                try:
-                    if not stream:
-                        payload = await response.aread()
-                        return _parse_completion(payload, parser.started, time.perf_counter())
-                    # Read to the end even after [DONE]: an HTTP/1.1 connection is only reused once its
-                    # body is fully consumed, and a new connection per request costs more than the request.
-                    encoded = response.headers.get("content-encoding", "identity").lower() != "identity"
-                    # Undecoded bodies skip httpx2's decoder and chunker layers: the bytes are the same.
-                    async for data in (response.aiter_bytes() if encoded else response.aiter_raw()):
-                        parser.feed(data, time.perf_counter())
-                finally:
-                    await response.aclose()
+                if not stream:
+                    payload = await response.aread()
+                    return _parse_completion(payload, parser.started, time.perf_counter(), self._secrets)
+                # Undecoded bodies skip httpx2's decoder and chunker layers: the bytes are the same.
+                encoded = response.headers.get("content-encoding", "identity").lower() != "identity"
+                chunks = response.aiter_bytes() if encoded else response.aiter_raw()
+                async for data in chunks:
+                    parser.feed(data, time.perf_counter())
+                    if parser.done:
+                        break
+            if parser.done:  # the answer is whole: the deadline no longer applies, only a grace for the body's end
+                await self._until_body_end(chunks)
+                return parser.completion(parser.ended or time.perf_counter())
+            if parser.finish_reason is None:
+                raise parser.unfinished()
+            return parser.completion(time.perf_counter())
         except AttemptError:
             raise
         except openai.APIStatusError as exc:
@@ -258,27 +416,49 @@ class OpenAIEndpoint:
         except (openai.APIConnectionError, httpx2.TransportError) as exc:
             raise AttemptError("connection_error", self._scrub(f"{type(exc).__name__}: {exc}"),
                                retryable=True) from None
-        ended = parser.ended or time.perf_counter()
-        if not parser.done and parser.finish_reason is None:
-            raise AttemptError("truncated_stream", "stream ended before a finish_reason or [DONE]", retryable=True)
-        return parser.completion(ended)
+        finally:
+            if response is not None:
+                await response.aclose()
+
+    async def _until_body_end(self, chunks: AsyncIterator[bytes]) -> None:
+        """Read what follows [DONE] for at most DONE_GRACE_S. An HTTP/1.1 connection is only reused once its body
+        is fully read (a new connection per request costs more than the request); a body still open after that
+        (a proxy holding it) is left, and closing the response then closes its connection instead."""
+        try:
+            async with asyncio.timeout(DONE_GRACE_S):
+                async for _ in chunks:
+                    pass
+        except (TimeoutError, self._httpx.RequestError):
+            pass
 
     def _scrub(self, text: str) -> str:
         return scrub_secrets(text, self._secrets)
 
 
-def _parse_completion(payload: bytes, started: float, ended: float) -> Completion:
+def _parse_completion(payload: bytes, started: float, ended: float, secrets: Sequence[str] = ()) -> Completion:
     try:
         data = orjson.loads(payload)
-        choice = data["choices"][0]
-        message = choice.get("message") or {}
-    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
-        raise AttemptError("malformed_response", f"response body is not a chat completion: {payload[:120]!r}") from None
-    functions = [c.get("function") or {} for c in message.get("tool_calls") or ()]
-    calls = [{"name": f.get("name") or "", "arguments": f.get("arguments") or ""} for f in functions]
-    usage = data.get("usage") or {}
-    return Completion(text=_with_tool_calls(message.get("content") or "", calls), latency_ms=(ended - started) * 1000,
-                      ttft_ms=None, itl_ms=None, input_tokens=usage.get("prompt_tokens"),
-                      output_tokens=usage.get("completion_tokens"), cached_input_tokens=_cached_tokens(usage),
-                      finish_reason=choice.get("finish_reason"))
-
+    except orjson.JSONDecodeError:
+        data = None
+    if type(data) is not dict or not data.get("choices"):  # an error object, a proxy page, cut-off JSON
+        raise _not_a_completion(payload, "response body is not a chat completion", secrets)
+    choices = data["choices"]
+    if type(choices) is not list:
+        raise _wrong_type("choices", list)
+    choice = choices[0]
+    if type(choice) is not dict:
+        raise _wrong_type("choice", dict)
+    message = choice.get("message") or {}
+    if type(message) is not dict:
+        raise _wrong_type("message", dict)
+    content = message.get("content") or ""
+    if type(content) is not str:
+        raise _wrong_type("message content", str)
+    tool_calls = message.get("tool_calls") or []
+    if type(tool_calls) is not list:
+        raise _wrong_type("message tool_calls", list)
+    calls = [{"name": name, "arguments": arguments} for _, name, arguments in map(_tool_call, tool_calls)]
+    input_tokens, output_tokens, cached = _usage_counts(data.get("usage"))
+    return Completion(text=_with_tool_calls(content, calls), latency_ms=(ended - started) * 1000, ttft_ms=None,
+                      itl_ms=None, input_tokens=input_tokens, output_tokens=output_tokens, cached_input_tokens=cached,
+                      finish_reason=_finish_reason(choice.get("finish_reason")))

@@ -3,7 +3,8 @@
 Golden cases are not production traffic, so their answers are not stored as shadow results; the golden report
 (which cases passed, and why not) is what the cycle keeps. A case the candidate could not answer after the
 shadow config's retries has no answer, and a case without an answer fails: an endpoint that is down cannot
-pass its way to promotion.
+pass its way to promotion. So does a case whose request raised anything else (a reply or a bug the endpoint
+did not classify): it is logged, scrubbed, and fails alone; the other cases are still asked.
 """
 
 from __future__ import annotations
@@ -32,11 +33,18 @@ async def _answer(endpoint: ChatEndpoint, case: GoldenCase, target: TargetConfig
             return completion.text
         except AttemptError as exc:
             if not exc.retryable or retry == shadow.max_retries:
-                log.warning("golden case %s on %s: %s: %s", case.id, target.name, exc.error_class,
-                            scrub_secrets(str(exc), secrets)[:300])
+                _log_failure(case, target, exc.error_class, str(exc), secrets)
                 return None
             await asyncio.sleep(backoff_delay(retry + 1, shadow.retry_backoff_s, exc.retry_after_s, rng))
+        except Exception as exc:  # not an attempt that failed but a surprise: no retry, and only this case fails
+            _log_failure(case, target, "unexpected", f"{type(exc).__name__}: {exc}", secrets)
+            return None
     return None
+
+
+def _log_failure(case: GoldenCase, target: TargetConfig, error_class: str, message: str, secrets: list[str]) -> None:
+    log.warning("golden case %s on %s: %s: %s", case.id, target.name, error_class,
+                scrub_secrets(message, secrets)[:300])
 
 
 async def _answer_all(target: TargetConfig, cases: Sequence[GoldenCase], shadow: ShadowConfig,
