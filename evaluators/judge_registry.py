@@ -73,27 +73,10 @@ def _shown(tracking_uri: str) -> str:
     return redact_uri(tracking_uri)
 
 
-def default_artifact_root(tracking_uri: str) -> str | None:
-    """Artifacts next to a local SQLite tracking DB (not in the current directory, which changes between runs)."""
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///"):]).resolve()
-        return (db.parent / "mlartifacts").as_uri()
-    return None
-
-
 def ensure_experiment(tracking_uri: str, name: str) -> str:
-    c = client(tracking_uri)
-    exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    root = default_artifact_root(tracking_uri)
-    try:
-        return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
-    except MlflowException:
-        exp = c.get_experiment_by_name(name)  # created concurrently
-        if exp is None:
-            raise
-        return exp.experiment_id
+    from shadowjudge.tracking.mlflow_tracking import ensure_experiment as ensure
+
+    return ensure(client(tracking_uri), tracking_uri, name)
 
 
 @contextlib.contextmanager

@@ -172,22 +172,40 @@ def already_routed(engine: Engine, route: str, run_id: int) -> RouteWeightChange
         return change
 
 
+def _pairs(run_id: int, evaluator: str | None, *columns: Any) -> Any:
+    """The run's first-attempt results joined to their samples and to the evaluator's judgments, in table order."""
+    return (select(*columns)
+            .select_from(ShadowResult)
+            .join(TrafficSample, TrafficSample.id == ShadowResult.sample_id)
+            .outerjoin(Judgment, (Judgment.run_id == ShadowResult.run_id)
+                       & (Judgment.sample_id == ShadowResult.sample_id) & (Judgment.target == ShadowResult.target)
+                       & (Judgment.evaluator == (evaluator or "")))
+            .where(ShadowResult.run_id == run_id, ShadowResult.attempt == 0)
+            .order_by(ShadowResult.sample_id, ShadowResult.target))
+
+
+def pair_outcomes(engine: Engine, run_id: int, evaluator: str | None) -> dict[str, list[Any]]:
+    """Every pair's target, judge scores, preference and latency: what the cycle's win rates and plots are computed
+    from (all pairs, where the logged table is capped)."""
+    with session_scope(engine) as s:
+        rows = s.execute(_pairs(run_id, evaluator, ShadowResult.target, Judgment.candidate_score,
+                                Judgment.incumbent_score, Judgment.preference, ShadowResult.latency_ms)).all()
+    names = ("target", "candidate_score", "incumbent_score", "preference", "latency_ms")
+    return {name: [r[i] for r in rows] for i, name in enumerate(names)}
+
+
 def samples_table(engine: Engine, run_id: int, evaluator: str | None, limit: int = 2000) -> dict[str, list[Any]]:
-    """The per-sample table logged to MLflow: prompt, both answers (truncated; their full lengths beside them, for
-    sorting by how much longer the candidate writes), scores and latency, one row per pair."""
+    """The per-sample table logged to MLflow (its first `limit` rows): prompt, both answers (truncated; their full
+    lengths beside them, for sorting by how much longer the candidate writes), scores and latency, one row per
+    pair."""
     from shadowjudge.scoring import prompt_text
 
     with session_scope(engine) as s:
-        q = (select(TrafficSample.request_id, TrafficSample.messages, TrafficSample.response_text,
-                    TrafficSample.meta, ShadowResult.target, ShadowResult.output_text, ShadowResult.ttft_ms,
-                    ShadowResult.latency_ms, ShadowResult.cost_usd, ShadowResult.error_class,
-                    Judgment.candidate_score, Judgment.incumbent_score, Judgment.preference)
-             .join(TrafficSample, TrafficSample.id == ShadowResult.sample_id)
-             .outerjoin(Judgment, (Judgment.run_id == ShadowResult.run_id) & (Judgment.sample_id == ShadowResult.sample_id)
-                        & (Judgment.target == ShadowResult.target) & (Judgment.evaluator == (evaluator or "")))
-             .where(ShadowResult.run_id == run_id, ShadowResult.attempt == 0)
-             .order_by(ShadowResult.sample_id, ShadowResult.target).limit(limit))
-        rows = s.execute(q).all()
+        rows = s.execute(_pairs(run_id, evaluator, TrafficSample.request_id, TrafficSample.messages,
+                                TrafficSample.response_text, TrafficSample.meta, ShadowResult.target,
+                                ShadowResult.output_text, ShadowResult.ttft_ms, ShadowResult.latency_ms,
+                                ShadowResult.cost_usd, ShadowResult.error_class, Judgment.candidate_score,
+                                Judgment.incumbent_score, Judgment.preference).limit(limit)).all()
     cols: dict[str, list[Any]] = {k: [] for k in (
         "request_id", "target", "slice", "prompt", "incumbent_answer", "candidate_answer", "incumbent_chars",
         "candidate_chars", "candidate_score", "incumbent_score", "preference", "ttft_ms", "latency_ms", "cost_usd",
@@ -407,10 +425,11 @@ def track(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle,
     shadow_report = reports.get("shadow", {})
     evaluator = reports.get("score", {}).get("evaluator")
     table = samples_table(engine, handle.run_id, evaluator)
+    pairs = pair_outcomes(engine, handle.run_id, evaluator)
     candidates, summary = [], {}
     for target in route.candidates:
         verdict = next((c for c in analysis.get("candidates", []) if c["target"] == target.name), None)
-        preferences = [p for p, t in zip(table["preference"], table["target"], strict=True) if t == target.name]
+        preferences = [p for p, t in zip(pairs["preference"], pairs["target"], strict=True) if t == target.name]
         metrics = {**_candidate_metrics(analysis, shadow_report, target.name), **win_rate(preferences)}
         golden = (analysis.get("golden") or {}).get(target.name)
         if golden:
@@ -423,10 +442,11 @@ def track(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle,
             tags={"verdict": verdict["verdict"] if verdict else "none",
                   "reasons": "; ".join(verdict["reasons"])[:5000] if verdict else ""},
         ))
-    scores = {"incumbent": [s for s, t in zip(table["incumbent_score"], table["target"]) if t == route.candidates[0].name]}
+    first = route.candidates[0].name
+    scores = {"incumbent": [s for s, t in zip(pairs["incumbent_score"], pairs["target"]) if t == first]}
     for target in route.candidates:
-        scores[target.name] = [s for s, t in zip(table["candidate_score"], table["target"]) if t == target.name]
-    latencies = {t.name: [v for v, tt in zip(table["latency_ms"], table["target"]) if tt == t.name]
+        scores[target.name] = [s for s, t in zip(pairs["candidate_score"], pairs["target"]) if t == target.name]
+    latencies = {t.name: [v for v, tt in zip(pairs["latency_ms"], pairs["target"]) if tt == t.name]
                  for t in route_targets(route)}
     figures = {"score_distributions.png": score_histogram(scores, f"{route.name}: judge scores"),
                "latency_cdf.png": latency_cdf(latencies, f"{route.name}: total latency")}

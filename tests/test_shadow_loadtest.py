@@ -62,6 +62,14 @@ def test_a_fixed_rate_is_bounded_by_the_request_cap(server, prompts):
     assert step.ok == 40 and step.errors == {}
 
 
+def test_a_plan_that_ends_exactly_at_the_cap_was_not_capped(server, prompts):
+    """10 requests at 10/s for 1 s under max_requests=10: the plan ended, nothing was held back (the report used
+    to say 'stopped early')."""
+    target = TargetConfig(name="lt", model="Yi-34B-Chat", base_url=server.base_url)
+    report = run_loadtest(target, prompts, rate=10, duration_s=1.0, max_requests=10, shadow=SHADOW)
+    assert report.steps[0].sent == 10 and not report.capped
+
+
 def test_mlflow_gets_per_step_metrics_the_plot_and_the_report(server, prompts, tmp_path):
     target = TargetConfig(name="lt", model="claude-instant-1.2", base_url=server.base_url)
     # A cap well above what three 0.2 s steps can send, so that a fast client still reaches every step.

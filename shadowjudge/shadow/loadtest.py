@@ -27,7 +27,7 @@ from shadowjudge.shadow.endpoint import AttemptError, ChatEndpoint
 from shadowjudge.shadow.engine import EndpointFactory, build_request_body, openai_endpoint
 from shadowjudge.shadow.eventloop import run_sync
 from shadowjudge.shadow.metrics import latency_percentiles
-from shadowjudge.tracking.mlflow_tracking import TrackingError, redact_uri
+from shadowjudge.tracking.mlflow_tracking import TrackingError, ensure_experiment, redact_uri
 from shadowjudge.tracking.reachability import check_tracking_reachable
 
 MAX_IN_FLIGHT = 1024
@@ -119,13 +119,15 @@ class _StepRecorder:
 
 
 class _Budget:
-    """The request cap shared by all steps."""
+    """The request cap shared by all steps; `refused` once it stopped a request the plan still had."""
 
     def __init__(self, max_requests: int):
         self.left = max_requests
+        self.refused = False
 
     def take(self) -> bool:
         if self.left <= 0:
+            self.refused = True
             return False
         self.left -= 1
         return True
@@ -205,6 +207,7 @@ async def run_loadtest_async(target: TargetConfig, prompts: Sequence[list[dict[s
             cursor = [0]
             for index, level in enumerate(ramp.levels()):
                 if budget.left <= 0:
+                    budget.refused = True  # levels of the ramp are left
                     break
                 recorder, elapsed = await _closed_loop_step(endpoint, bodies, cursor, level, ramp.hold_s, budget,
                                                             shadow)
@@ -215,7 +218,7 @@ async def run_loadtest_async(target: TargetConfig, prompts: Sequence[list[dict[s
     finally:
         await endpoint.aclose()
     return LoadTestReport(model=target.model, base_url=target.base_url, mode="ramp" if ramp else "rate", steps=steps,
-                          capped=budget.left <= 0)
+                          capped=budget.refused)
 
 
 def run_loadtest(target: TargetConfig, prompts: Sequence[list[dict[str, Any]]], **kwargs: Any) -> LoadTestReport:
@@ -251,8 +254,7 @@ def log_loadtest(report: LoadTestReport, tracking_uri: str, experiment: str = "s
 
     try:
         client = MlflowClient(tracking_uri=tracking_uri)
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        experiment_id = ensure_experiment(client, tracking_uri, experiment)
         run = client.create_run(experiment_id, run_name=f"loadtest {report.model}",
                                 tags={"shadowjudge.kind": "loadtest"})
         run_id = run.info.run_id

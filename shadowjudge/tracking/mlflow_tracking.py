@@ -1,13 +1,18 @@
 """MLflow logging for evaluation cycles: one experiment per route, one run per cycle, a nested run per candidate.
 
 Runs are found again by their `shadowjudge.run_key` tag, so logging a cycle twice updates the same run
-instead of creating a second one.
+instead of creating a second one: metrics get a new point stamped with the time (the rerun's value is the latest),
+artifacts and the per-sample table are replaced, and params, which MLflow never changes, are kept, with those a
+rerun would have changed listed in the `shadowjudge.params_changed_by_rerun` tag.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import time
+from pathlib import Path
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +23,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 RUN_KEY_TAG = "shadowjudge.run_key"
 TARGET_TAG = "shadowjudge.target"
+CYCLE_TARGET = "__cycle__"  # the TARGET_TAG of a cycle's parent run (config refuses it as a target name)
+PARAMS_CHANGED_TAG = "shadowjudge.params_changed_by_rerun"
+MLFLOW_LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"  # the tag MLflow's UI reads to show a logged table
 
 
 class TrackingError(ShadowJudgeError):
@@ -64,17 +72,44 @@ def _finite(metrics: Mapping[str, float | None]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
 
 
-def _ensure_experiment(client, name: str) -> str:
+def default_artifact_root(tracking_uri: str) -> str | None:
+    """Artifacts next to a local SQLite tracking DB, not in `./mlruns` of whatever folder the process runs in (which
+    changes between runs and is shared by unrelated stores). None: the tracking server decides."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):]).resolve()
+        return (db.parent / "mlartifacts").as_uri()
+    return None
+
+
+def ensure_experiment(client, tracking_uri: str, name: str) -> str:
+    """The experiment's id, created (with `default_artifact_root`) or restored from deletion as needed."""
+    from mlflow.exceptions import MlflowException
+
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
-    return client.create_experiment(name)
+    root = default_artifact_root(tracking_uri)
+    try:
+        return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+    except MlflowException:
+        exp = client.get_experiment_by_name(name)  # created concurrently
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
-def _find_run(client, experiment_id: str, key: str, extra: str = "") -> str | None:
-    query = f"tags.`{RUN_KEY_TAG}` = '{key}'" + extra
+def _quoted(value: str) -> str:
+    """A string literal for an MLflow search filter, which has no escapes: quoted with the quote it does not hold."""
+    for quote in ("'", '"'):
+        if quote not in value:
+            return quote + value + quote
+    raise TrackingError(f"{value!r} holds both kinds of quote and cannot be searched for in MLflow")
+
+
+def _find_run(client, experiment_id: str, key: str, target: str) -> str | None:
+    query = f"tags.`{RUN_KEY_TAG}` = {_quoted(key)} and tags.`{TARGET_TAG}` = {_quoted(target)}"
     runs = client.search_runs([experiment_id], filter_string=query, max_results=1)
     return runs[0].info.run_id if runs else None
 
@@ -84,39 +119,59 @@ def _log_values(client, run_id: str, params: Mapping[str, Any], metrics: Mapping
     from mlflow.entities import Metric, Param, RunTag
 
     existing = client.get_run(run_id).data.params
-    # MLflow params are immutable: a rerun may only add params it did not log before.
-    new_params = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+    wanted = {k: str(v)[:6000] for k, v in params.items()}
+    # MLflow params are immutable: a rerun adds the params it did not log before, and says which it would change.
+    changed = {k: v for k, v in wanted.items() if k in existing and existing[k] != v}
+    all_tags = {**tags, **({PARAMS_CHANGED_TAG: json.dumps(changed)[:5000]} if changed else {})}
+    now_ms = int(time.time() * 1000)
     client.log_batch(
         run_id,
-        metrics=[Metric(k, v, 0, 0) for k, v in _finite(metrics).items()],
-        params=new_params,
-        tags=[RunTag(k, str(v)) for k, v in tags.items()],
+        metrics=[Metric(k, v, now_ms, 0) for k, v in _finite(metrics).items()],
+        params=[Param(k, v) for k, v in wanted.items() if k not in existing],
+        tags=[RunTag(k, str(v)) for k, v in all_tags.items()],
     )
 
 
-def log_cycle(tracking_uri: str, prefix: str, cycle: CycleLog) -> str:
-    """Log (or re-log) a cycle; returns the parent run id."""
-    import json
-    import tempfile
-    from pathlib import Path
+def _log_table(client, run_id: str, table: Mapping[str, list[Any]], artifact_file: str, tmp: Path) -> None:
+    """What `MlflowClient.log_table` writes (pandas 'split' JSON, the UI's table tag), replacing an earlier copy:
+    log_table appends to one, so a rerun doubled the table."""
+    import pandas as pd
 
+    path = tmp / artifact_file
+    pd.DataFrame(dict(table)).to_json(path, orient="split", index=False, date_format="iso")
+    client.log_artifact(run_id, str(path))
+    logged = json.loads(client.get_run(run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+    entry = {"path": artifact_file, "type": "table"}
+    if entry not in logged:
+        client.set_tag(run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
+
+
+def log_cycle(tracking_uri: str, prefix: str, cycle: CycleLog) -> str:
+    """Log (or re-log) a cycle; returns the parent run id. A failure marks the runs it left unfinished FAILED (a
+    scheduled cycle's next attempt has another run key, so one left RUNNING would stay so)."""
+    import tempfile
+
+    client, opened = None, []
     try:
         client = _client(tracking_uri)
-        exp_id = _ensure_experiment(client, experiment_name(prefix, cycle.route))
-        run_id = _find_run(client, exp_id, cycle.run_key, f" and tags.`{TARGET_TAG}` = '__cycle__'")
+        exp_id = ensure_experiment(client, tracking_uri, experiment_name(prefix, cycle.route))
+        run_id = _find_run(client, exp_id, cycle.run_key, CYCLE_TARGET)
         if run_id is None:
             run = client.create_run(exp_id, run_name=cycle.run_key,
-                                    tags={RUN_KEY_TAG: cycle.run_key, TARGET_TAG: "__cycle__"})
+                                    tags={RUN_KEY_TAG: cycle.run_key, TARGET_TAG: CYCLE_TARGET})
             run_id = run.info.run_id
+        opened.append(run_id)
         _log_values(client, run_id, cycle.params, cycle.metrics, cycle.tags)
         for cand in cycle.candidates:
-            child = _find_run(client, exp_id, cycle.run_key, f" and tags.`{TARGET_TAG}` = '{cand.target}'")
+            child = _find_run(client, exp_id, cycle.run_key, cand.target)
             if child is None:
                 child = client.create_run(exp_id, run_name=f"{cycle.run_key}/{cand.target}", tags={
                     RUN_KEY_TAG: cycle.run_key, TARGET_TAG: cand.target, "mlflow.parentRunId": run_id,
                 }).info.run_id
+            opened.append(child)
             _log_values(client, child, cand.params, cand.metrics, cand.tags)
             client.set_terminated(child, "FINISHED")
+            opened.remove(child)
         with tempfile.TemporaryDirectory() as tmp:
             for name, fig in cycle.figures.items():
                 path = Path(tmp) / name
@@ -126,14 +181,23 @@ def log_cycle(tracking_uri: str, prefix: str, cycle: CycleLog) -> str:
                 path = Path(tmp) / name
                 path.write_text(json.dumps(payload, indent=2, default=str))
                 client.log_artifact(run_id, str(path))
-        if cycle.samples_table:
-            client.log_table(run_id, data=cycle.samples_table, artifact_file="samples.json")
+            if cycle.samples_table:
+                _log_table(client, run_id, cycle.samples_table, "samples.json", Path(tmp))
         client.set_terminated(run_id, "FINISHED")
         return run_id
-    except TrackingError:
-        raise
     except Exception as exc:  # MLflow raises many types; the caller needs one
+        _mark_failed(client, opened)
+        if isinstance(exc, TrackingError):
+            raise
         raise TrackingError(f"MLflow at {redact_uri(tracking_uri)} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _mark_failed(client, run_ids: list[str]) -> None:
+    for run_id in reversed(run_ids):
+        try:
+            client.set_terminated(run_id, "FAILED")
+        except Exception:  # noqa: BLE001 - the store that failed may refuse this too; the original error is raised
+            pass
 
 
 def log_figures(tracking_uri: str, run_id: str, figures: Mapping[str, Any]) -> None:
@@ -190,6 +254,12 @@ def new_figure(width: float = 6.0, height: float = 3.5, ncols: int = 1):
     return fig, fig.subplots(1, ncols)
 
 
+def _legend(ax) -> None:
+    """A legend when something was drawn (a route without answers draws nothing, and matplotlib warns)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
 def score_histogram(scores: Mapping[str, Iterable[float]], title: str):
 
     fig, ax = new_figure()
@@ -200,7 +270,7 @@ def score_histogram(scores: Mapping[str, Iterable[float]], title: str):
     ax.set_xlabel("judge score")
     ax.set_ylabel("answers")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    _legend(ax)
     return fig
 
 
@@ -216,7 +286,7 @@ def latency_cdf(latencies: Mapping[str, Iterable[float]], title: str):
     ax.set_ylabel("fraction of requests")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax)
     return fig
 
 
