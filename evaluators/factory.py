@@ -40,6 +40,24 @@ def load_evaluator(judge: "JudgeConfig", tracking_uri: str) -> Evaluator:
     raise EvaluatorConfigError(f"judge.evaluator '{kind}' is unknown; use small-judge, llm-judge or lexical")
 
 
+def check_evaluator(judge: "JudgeConfig", tracking_uri: str) -> None:
+    """What `load_evaluator` would refuse, found without loading a model: a cycle checks it before its paid shadow
+    calls (a missing champion used to fail only at the score stage, leaving the run open to be replayed again)."""
+    from pathlib import Path
+
+    if judge.evaluator == "llm-judge" and getattr(judge, "teacher", None) is None:
+        raise EvaluatorConfigError("judge.evaluator is 'llm-judge' but judge.teacher (an endpoint) is not set")
+    if judge.evaluator != "small-judge":
+        return
+    model_uri = judge.model_uri or f"models:/{judge.registered_name}@champion"
+    if model_uri.startswith("models:/"):
+        from evaluators import judge_registry as reg
+
+        reg.resolve(tracking_uri, model_uri)
+    elif not Path(model_uri.removeprefix("file://")).is_dir():
+        raise EvaluatorConfigError(f"judge model '{model_uri}' is neither a models:/ URI nor a judge directory")
+
+
 def load_small_judge(model_uri: str, tracking_uri: str, *, batch_size: int = 32, backend: str | None = None):
     """A SmallJudge from `models:/name@alias`, `models:/name/version` or a local directory.
 

@@ -15,6 +15,7 @@ apply_defaults()
 
 from prefect import flow, get_run_logger  # noqa: E402
 
+from evaluators.factory import check_evaluator  # noqa: E402
 from shadowjudge.errors import InputError, ShadowJudgeError  # noqa: E402
 from shadowjudge.tracking.reachability import check_config_tracking  # noqa: E402
 
@@ -38,7 +39,9 @@ def evaluation_cycle(config_path: str, route: str | None = None, cycle_id: str |
     logger = get_run_logger()
     config = load(config_path)
     cycle_id = current_cycle_id(cycle_id)
-    check_config_tracking(config)  # a scheduled cycle whose MLflow is down fails now, before the paid shadow calls
+    # a scheduled cycle whose MLflow is down, or whose judge is missing, fails now, before the paid shadow calls
+    check_config_tracking(config)
+    check_evaluator(config.judge, config.mlflow.tracking_uri)
     ingest_report = ingest_task(config, progress)
     logger.info("ingest: %s", ingest_report.get("totals"))
     routes = [config.route(route)] if route else config.routes

@@ -251,3 +251,24 @@ def test_one_routes_failure_does_not_stop_the_routes_after_it(tmp_path, sqlite_u
     with session_scope(get_engine(sqlite_url)) as s:
         runs = {r.route: r.status for r in s.scalars(select(ShadowRun))}
     assert runs["chat-other"] == "finished"
+
+
+def test_a_cycle_whose_judge_is_missing_fails_before_any_shadow_call(tmp_path, sqlite_url, replay_server,
+                                                                   prefect_harness):
+    """No champion in the registry: the score stage used to find out after every shadow request was paid for,
+    and the run stayed open, so the next cycle picked and replayed the same samples again."""
+    from evaluators.judge_registry import JudgeRegistryError
+    from flows.cycle import evaluation_cycle
+    from cycle_configs import cycle_config, save_config
+
+    data = cycle_config(tmp_path, sqlite_url, replay_server.base_url, drift={"enabled": False})
+    data["judge"] = {"evaluator": "small-judge", "registered_name": "never-trained"}
+    def answered() -> int:
+        return sum(m["requests"] for m in replay_server.stats()["models"].values())
+
+    before = answered()
+    with pytest.raises(JudgeRegistryError, match="no judge registered as 'never-trained'"):
+        evaluation_cycle(config_path=str(save_config(tmp_path, data)), cycle_id="j1")
+    with session_scope(get_engine(sqlite_url)) as s:
+        assert s.scalar(select(func.count()).select_from(ShadowRun)) == 0
+    assert answered() == before
