@@ -108,7 +108,10 @@ def _card_ok(match: str) -> bool:
 
 
 def _ipv4_ok(match: str) -> bool:
-    return all(len(octet) <= 3 and int(octet) <= 255 for octet in match.split("."))
+    """Four octets 0-255; one written with a leading zero (`000`, `07`) is an amount grouped by thousands with dots
+    (`2.000.000.000`), as addresses are not written so (Python's own parser refuses them too)."""
+    return all(len(octet) <= 3 and int(octet) <= 255 and (octet == "0" or octet[0] != "0")
+               for octet in match.split("."))
 
 
 def _ipv6_ok(match: str) -> bool:
