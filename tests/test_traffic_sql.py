@@ -128,3 +128,32 @@ def test_a_backfill_pushes_the_window_into_the_query(store_url):
     engine = get_engine(store_url)
     ingest_sources(engine, make_config(store_url, [{**LITELLM, "url": store_url}]), since=since, until=until)
     assert load_cursor(engine, "litellm") is None
+
+
+@pytest.mark.parametrize("layout", ["%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S.%f+00:00"])
+def test_a_sqlite_table_whose_date_times_are_text_in_another_layout_is_read_once(tmp_path, layout):
+    """SQLite keeps DATETIME as text in the writer's layout; compared as text with SQLAlchemy's own layout, an
+    ISO 'T' made one read loop over the same page forever and seconds-only values lost rows sharing a second
+    across a page boundary."""
+    import itertools
+    import json
+
+    source_url = f"sqlite:///{tmp_path}/source.db"
+    with get_engine(source_url).begin() as conn:
+        conn.execute(text("CREATE TABLE requests (rid TEXT, created DATETIME, msgs TEXT, model TEXT)"))
+        for i in range(7):
+            at = datetime(2026, 11, 22, 10, 0, i // 2)  # pairs of rows share a second
+            conn.execute(text("INSERT INTO requests VALUES (:r, :t, :m, 'm1')"),
+                         {"r": f"r{i}", "t": at.strftime(layout),
+                          "m": json.dumps([{"role": "user", "content": f"q{i}"}])})
+    source = {"name": "t", "kind": "sql", "url": source_url, "table": "requests", "batch_size": 2,
+              "mapping": {"request_id": "rid", "timestamp": "created", "messages": "msgs", "model": "model"}}
+    config = make_config(f"sqlite:///{tmp_path}/store.db", [source])
+    steps = list(itertools.islice(open_source(config.sources[0]).read(None, TimeWindow()), 50))
+    assert [s.cursor["id"] for s in steps] == [f"r{i}" for i in range(7)]
+    resumed = list(itertools.islice(open_source(config.sources[0]).read(steps[2].cursor, TimeWindow()), 50))
+    assert [s.cursor["id"] for s in resumed] == [f"r{i}" for i in range(3, 7)]
+    window = TimeWindow(since=datetime(2026, 11, 22, 10, 0, 1, tzinfo=timezone.utc),
+                        until=datetime(2026, 11, 22, 10, 0, 3, tzinfo=timezone.utc))
+    inside = list(open_source(config.sources[0]).read(None, window))
+    assert [s.cursor["id"] for s in inside] == ["r2", "r3", "r4", "r5"]

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import Column, DateTime, MetaData, Table, and_, or_, select
+from sqlalchemy import Column, DateTime, MetaData, Table, and_, func, literal, or_, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchTableError, SQLAlchemyError
 
@@ -257,27 +257,33 @@ class SqlSource:
         naive = not getattr(ts_col.type, "timezone", False)
         columns = [table.c[c] for c in dict.fromkeys(v for k, v in self.mapping.items() if k != "table")]
 
-        def bound(ts: datetime) -> datetime:
+        engine = get_engine(self.url)
+        # SQLite keeps date-times as text, in whatever layout the writer chose ('2026-11-22T10:00:00', seconds only,
+        # an offset); compared as text with SQLAlchemy's own layout, rows were skipped or read again forever.
+        # julianday() reads every layout as one number, on both sides of each comparison and in the order.
+        as_time = func.julianday if engine.dialect.name == "sqlite" else (lambda value: value)
+        ts_key = as_time(ts_col)
+
+        def bound(ts: datetime) -> Any:
             ts = ts.astimezone(timezone.utc)
-            return ts.replace(tzinfo=None) if naive else ts
+            return as_time(literal(ts.replace(tzinfo=None) if naive else ts, DateTime(timezone=not naive)))
 
         conditions = [ts_col.is_not(None), id_col.is_not(None)]
         if window.since is not None:
-            conditions.append(ts_col >= bound(window.since))
+            conditions.append(ts_key >= bound(window.since))
         if window.until is not None:
-            conditions.append(ts_col < bound(window.until))
+            conditions.append(ts_key < bound(window.until))
         if self.settle_s:
-            conditions.append(ts_col < bound(datetime.now(timezone.utc) - timedelta(seconds=self.settle_s)))
+            conditions.append(ts_key < bound(datetime.now(timezone.utc) - timedelta(seconds=self.settle_s)))
         last: tuple[Any, Any] | None = None
         if cursor and "ts" in cursor and "id" in cursor:
-            last_ts = datetime.fromisoformat(cursor["ts"])
-            last = (bound(last_ts) if last_ts.tzinfo else last_ts, cursor["id"])
+            last = (datetime.fromisoformat(cursor["ts"]), cursor["id"])
 
-        engine = get_engine(self.url)
         while True:
-            query = select(*columns).where(*conditions).order_by(ts_col, id_col).limit(self.page_size)
+            query = select(*columns).where(*conditions).order_by(ts_key, id_col).limit(self.page_size)
             if last is not None:
-                query = query.where(or_(ts_col > last[0], and_(ts_col == last[0], id_col > last[1])))
+                last_key = bound(last[0] if last[0].tzinfo else last[0].replace(tzinfo=timezone.utc))
+                query = query.where(or_(ts_key > last_key, and_(ts_key == last_key, id_col > last[1])))
             try:
                 with engine.connect() as conn:  # a page at a time: no connection held while the store writes
                     rows = [dict(r) for r in conn.execute(query).mappings()]
