@@ -155,3 +155,23 @@ def test_rate_is_respected_end_to_end(store_url, tmp_path, rate):
                            "sources": [{"name": "g", "kind": "jsonl", "path": str(log)}]}, environ={})
     report = ingest_sources(get_engine(store_url), config).sources[0]
     assert report.stored == sum(hash_fraction("shadowjudge", f"req-{i}") < rate for i in range(400))
+
+
+def test_a_stratum_value_holding_nul_keeps_its_quota_across_runs(store_url, tmp_path):
+    """The store keeps NUL as U+FFFD; the sampler counted the raw value, found none stored and admitted a full
+    quota again on every run."""
+    log = tmp_path / "log.jsonl"
+    config = parse_config({"store": {"url": store_url}, "routes": [ROUTE],
+                           "sources": [{"name": "g", "kind": "jsonl", "path": str(log)}],
+                           "sampling": {"rate": 1.0, "stratify_by": "task", "per_stratum_quota": 2}}, environ={})
+    engine = get_engine(store_url)
+    for run in range(3):
+        with open(log, "a") as fh:
+            for i in range(run * 4, run * 4 + 4):
+                fh.write(json.dumps({"id": f"req-{i}", "timestamp": (DAY + timedelta(seconds=i)).isoformat(),
+                                     "request": {"model": "chat-default",
+                                                 "messages": [{"role": "user", "content": f"q{i}"}]},
+                                     "metadata": {"task": "x\u0000y"}}) + "\n")
+        ingest_sources(engine, config)
+    with session_scope(engine) as s:
+        assert s.scalar(select(func.count()).select_from(TrafficSample)) == 2

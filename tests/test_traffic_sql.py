@@ -157,3 +157,21 @@ def test_a_sqlite_table_whose_date_times_are_text_in_another_layout_is_read_once
                         until=datetime(2026, 11, 22, 10, 0, 3, tzinfo=timezone.utc))
     inside = list(open_source(config.sources[0]).read(None, window))
     assert [s.cursor["id"] for s in inside] == ["r2", "r3", "r4", "r5"]
+
+
+def test_numeric_columns_are_numbers_not_quarantined_records(store_url):
+    """NUMERIC columns come back as Decimal: a cost in one quarantined every row, as metadata too."""
+    with get_engine(store_url).begin() as conn:
+        conn.execute(text("CREATE TABLE priced (rid TEXT, created TIMESTAMP, msgs TEXT, model TEXT, "
+                          "cost NUMERIC(12, 6), score NUMERIC(5, 2))"))
+        for i in range(3):
+            conn.execute(text("INSERT INTO priced VALUES (:r, :t, :m, 'm1', :c, :s)"),
+                         {"r": f"p{i}", "t": datetime(2026, 11, 22, 10, i), "c": "0.001250", "s": "7.50",
+                          "m": '[{"role": "user", "content": "q"}]'})
+    source = {"name": "priced", "kind": "sql", "url": store_url, "table": "priced",
+              "mapping": {"request_id": "rid", "timestamp": "created", "messages": "msgs", "model": "model",
+                          "cost_usd": "cost", "metadata.score": "score"}}
+    report = ingest_sources(get_engine(store_url), make_config(store_url, [source])).sources[0]
+    assert (report.stored, report.quarantined) == (3, 0)
+    steps = list(open_source(make_config(store_url, [source]).sources[0]).read(None, TimeWindow()))
+    assert steps[0].item.cost_usd == pytest.approx(0.00125) and steps[0].item.metadata == {"score": 7.5}

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from shadowjudge.config import Config, SourceConfig
 from shadowjudge.store import QuarantinedRecord, SourceCursor, TrafficSample, session_scope
 from shadowjudge.store.models import utcnow
-from shadowjudge.traffic.records import Rejected, SourceRead, SourceUnavailable, TrafficRecord
+from shadowjudge.traffic.records import Rejected, SourceRead, SourceUnavailable, TrafficRecord, storable_text
 from shadowjudge.traffic.redaction import Redactor
 from shadowjudge.traffic.sampling import DailyBudget, Sampler
 from shadowjudge.traffic.source import TimeWindow, TrafficSource, open_source
@@ -186,15 +186,6 @@ def _store_batch(engine: Engine, source: str, batch: list[SourceRead], sampler: 
         report.cursor = cursor
 
 
-def _clean(text: str | None, limit: int | None = None) -> str | None:
-    """PostgreSQL text cannot hold NUL characters."""
-    if text is None:
-        return None
-    if "\x00" in text:
-        text = text.replace("\x00", "\ufffd")
-    return text[:limit] if limit else text
-
-
 def sample_row(record: TrafficRecord, stratum: str | None, source: str, redactor: Redactor,
                now: datetime) -> dict[str, Any]:
     """The `traffic_samples` row for a kept record: every free text redacted, counts by kind alongside."""
@@ -206,12 +197,12 @@ def sample_row(record: TrafficRecord, stratum: str | None, source: str, redactor
     return {
         "request_id": record.request_id,
         "source": source,
-        "source_position": _clean(record.position, MAX_POSITION),
-        "route": _clean(record.route, 128),
-        "incumbent_model": _clean(record.incumbent_model, 256),
+        "source_position": storable_text(record.position, MAX_POSITION),
+        "route": storable_text(record.route, 128),
+        "incumbent_model": storable_text(record.incumbent_model, 256),
         "messages": messages,
         "params": params,
-        "response_text": _clean(response),
+        "response_text": storable_text(response),
         "input_tokens": record.input_tokens,
         "output_tokens": record.output_tokens,
         "latency_ms": record.latency_ms,
@@ -219,7 +210,7 @@ def sample_row(record: TrafficRecord, stratum: str | None, source: str, redactor
         "cost_usd": record.cost_usd,
         "cache_hit": record.cache_hit,
         "meta": metadata,
-        "stratum": _clean(stratum),
+        "stratum": storable_text(stratum),
         "redactions": counts,
         "request_ts": record.timestamp,
         "ingested_at": now,
@@ -251,8 +242,8 @@ _JSON_COLUMNS = ("messages", "params", "meta", "redactions")
 def quarantine(session: Session, source: str, rejected: list[Rejected], now: datetime) -> None:
     if not rejected:
         return
-    rows = list({r.position[:MAX_POSITION]: {"source": source, "position": _clean(r.position, MAX_POSITION),
-                                             "reason": _clean(r.reason, MAX_REASON), "created_at": now}
+    rows = list({r.position[:MAX_POSITION]: {"source": source, "position": storable_text(r.position, MAX_POSITION),
+                                             "reason": storable_text(r.reason, MAX_REASON), "created_at": now}
                  for r in rejected}.values())
     stmt = _insert(session)(QuarantinedRecord.__table__).on_conflict_do_nothing(index_elements=["source", "position"])
     session.execute(stmt, rows)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
+from decimal import Decimal
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
@@ -147,12 +148,22 @@ def parse_number(value: Any, name: str) -> float | None:
             value = float(value)
         except ValueError:
             raise RecordError(f"'{name}' must be a number") from None
-    if not isinstance(value, (int, float)):
+    if not isinstance(value, (int, float, Decimal)):  # Decimal: what NUMERIC columns come back as
         raise RecordError(f"'{name}' must be a number, got {type(value).__name__}")
     number = float(value)
     if not math.isfinite(number) or number < 0:
         raise RecordError(f"'{name}' must be a finite number >= 0")
     return number
+
+
+def storable_text(text: str | None, limit: int | None = None) -> str | None:
+    """Text as the store keeps it: PostgreSQL text cannot hold NUL characters (they become U+FFFD), cut to `limit`.
+    Whatever is compared with stored text (a stratum the sampler counts) must go through here too."""
+    if text is None:
+        return None
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    return text[:limit] if limit else text
 
 
 def parse_count(value: Any, name: str) -> int | None:

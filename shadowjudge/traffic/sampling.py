@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from shadowjudge.config import SamplingConfig
 from shadowjudge.store import TrafficSample
-from shadowjudge.traffic.records import TrafficRecord
+from shadowjudge.traffic.records import TrafficRecord, storable_text
 from shadowjudge.traffic.redaction import Redactor
 from shadowjudge.traffic.source import TimeWindow
 
@@ -133,7 +133,7 @@ class Sampler:
         if value is None:
             return None
         text = value if isinstance(value, str) else str(value)
-        return self.redactor.redact(text, {})[:MAX_STRATUM]
+        return storable_text(self.redactor.redact(text, {}), MAX_STRATUM)  # as stored, so the store's counts match
 
     def hash_in(self, record: TrafficRecord) -> bool:
         return self.config.rate >= 1.0 or hash_fraction(self.config.seed, record.request_id) < self.config.rate

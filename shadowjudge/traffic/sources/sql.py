@@ -24,7 +24,8 @@ LiteLLM's index on (startTime, request_id) serves).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, time, timedelta, timezone
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import Column, DateTime, MetaData, Table, and_, func, literal, or_, select
@@ -190,8 +191,7 @@ def row_record(row: dict[str, Any], mapping: dict[str, str], position: str) -> T
     metadata = dict(parse_metadata(_json(col("metadata"), "metadata")))
     for field, column in mapping.items():
         if field.startswith("metadata.") and row.get(column) is not None:
-            value = row[column]
-            metadata[field[len("metadata."):]] = value.isoformat() if isinstance(value, datetime) else value
+            metadata[field[len("metadata."):]] = _json_value(row[column])
 
     latency = parse_number(col("latency_ms"), "latency_ms") if mapping.get("latency_ms") else \
         _elapsed_ms(timestamp, col("end_time"), "end_time")
@@ -304,6 +304,18 @@ class SqlSource:
                 last = (ts, rid)
             if len(rows) < self.page_size:
                 return
+
+
+def _json_value(value: Any) -> Any:
+    """A column value as JSON metadata can hold it: date-times as ISO text, NUMERIC's Decimal as a number, UUIDs and
+    other driver types as text."""
+    if isinstance(value, (datetime, date, time)):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value) if value.is_finite() else str(value)
+    if value is None or isinstance(value, (str, int, float, bool, list, dict)):
+        return value
+    return str(value)
 
 
 def _first_line(exc: BaseException, url: str) -> str:
