@@ -128,9 +128,9 @@ def test_a_cycle_killed_at_any_point_is_completed_by_a_rerun_of_the_same_cycle(
 
 
 def test_a_lease_held_by_a_killed_process_is_taken_over_at_once_and_a_live_one_is_not(store_url):
-    from shadowjudge.routing.lock import LeaseLock
+    from shadowjudge.store.lease import LeaseLock
 
-    code = ("import os, sys\nfrom shadowjudge.routing.lock import LeaseLock\nfrom shadowjudge.store import get_engine\n"
+    code = ("import os, sys\nfrom shadowjudge.store.lease import LeaseLock\nfrom shadowjudge.store import get_engine\n"
             "lock = LeaseLock(get_engine(sys.argv[1]), 'route:chat', ttl_s=3600)\nassert lock.acquire()\n"
             "print(lock.holder, flush=True)\nos.kill(os.getpid(), 9)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}

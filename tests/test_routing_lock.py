@@ -3,7 +3,7 @@
 import threading
 from datetime import datetime, timedelta, timezone
 
-from shadowjudge.routing.lock import LeaseLock
+from shadowjudge.store.lease import LeaseLock
 from shadowjudge.store import get_engine
 
 

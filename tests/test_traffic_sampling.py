@@ -175,3 +175,43 @@ def test_a_stratum_value_holding_nul_keeps_its_quota_across_runs(store_url, tmp_
         ingest_sources(engine, config)
     with session_scope(engine) as s:
         assert s.scalar(select(func.count()).select_from(TrafficSample)) == 2
+
+
+def test_a_second_ingest_waits_for_the_first_so_the_daily_cap_holds(store_url, tmp_path, monkeypatch):
+    """Two ingests at once (the shipped schedules start the cycle's and ingest-and-sample's at the same minute)
+    each counted the store before the other's batches and admitted up to the cap: 15 samples under a cap of 10."""
+    import threading
+
+    from shadowjudge.store.lease import LeaseLock
+    from shadowjudge.traffic import ingest as ingest_module
+
+    def config_for(name: str, start: int):
+        _log(tmp_path / f"{name}.jsonl", 8, start=start)
+        return parse_config({"store": {"url": store_url}, "routes": [ROUTE],
+                             "sources": [{"name": name, "kind": "jsonl", "path": str(tmp_path / f"{name}.jsonl"),
+                                          "batch_size": 4}],
+                             "sampling": {"rate": 1.0, "daily_cap": 10}}, environ={})
+
+    engine = get_engine(store_url)
+    first, second = config_for("a", 0), config_for("b", 100)
+    other = threading.Thread(target=lambda: ingest_sources(engine, second, wait_s=60))
+    real_store_batch = ingest_module._store_batch
+
+    def store_batch_then_start_the_other(*args, **kwargs):
+        real_store_batch(*args, **kwargs)
+        if not other.is_alive() and other.ident is None:
+            other.start()
+            other.join(timeout=3)  # before: it ran all its batches here, in between ours
+
+    monkeypatch.setattr(ingest_module, "_store_batch", store_batch_then_start_the_other)
+    ingest_sources(engine, first)
+    other.join(timeout=60)
+    with session_scope(engine) as s:
+        assert s.scalar(select(func.count()).select_from(TrafficSample)) == 10
+
+    held = LeaseLock(engine, ingest_module.INGEST_LOCK, holder="elsewhere:1:x")
+    assert held.acquire()
+    with pytest.raises(ingest_module.IngestBusy, match="elsewhere:1:x"):
+        ingest_sources(engine, first, wait_s=0.2)
+    held.release()
+    assert ingest_sources(engine, first, wait_s=0.2).totals["read"] == 0

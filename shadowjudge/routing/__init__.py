@@ -4,7 +4,7 @@ The cycle flow calls `step_route` once per route per cycle; operators use `route
 """
 
 from shadowjudge.routing.controller import Decision, RolloutState, RoutingStateError, decide
-from shadowjudge.routing.lock import LeaseLock
+from shadowjudge.store.lease import LeaseLock
 from shadowjudge.routing.push import PushResult, push_weights
 from shadowjudge.routing.step import (
     RouteBusy,

@@ -24,7 +24,7 @@ from shadowjudge.config import RouteConfig
 from shadowjudge.errors import InputError, ShadowJudgeError
 from shadowjudge.gateways.base import Gateway, GatewayError
 from shadowjudge.routing.controller import Decision, RolloutState, decide, target_fingerprint, targets_of
-from shadowjudge.routing.lock import LeaseLock, LockSet, as_utc, default_holder
+from shadowjudge.store.lease import LeaseLock, LockSet, as_utc, default_holder
 from shadowjudge.routing.push import PushResult, describe_error, preview_push, push_weights
 from shadowjudge.routing.verdicts import CandidateVerdict, index_verdicts
 from shadowjudge.routing.weights import Weights, weights_diff

@@ -4,13 +4,19 @@ Each batch is one transaction holding its new samples, its quarantined records a
 past the batch, so a run killed at any point resumes exactly where the last committed batch ended: nothing
 lost, nothing stored twice (request ids are unique besides). A backfill (`since`/`until`) reads each source
 from its beginning, keeps only requests inside the window and leaves the live cursor where it was.
+
+One ingest writes to a store at a time (a lease in the store, `INGEST_LOCK`); another waits for it. The daily cap
+and stratum quotas count what is stored, so two ingests interleaving their batches each admitted up to the cap;
+and a cycle picks the samples above the last run's highest id, so ids must commit in order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -22,7 +28,9 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from shadowjudge.config import Config, SourceConfig
+from shadowjudge.errors import ShadowJudgeError
 from shadowjudge.store import QuarantinedRecord, SourceCursor, TrafficSample, session_scope
+from shadowjudge.store.lease import LeaseLock
 from shadowjudge.store.models import utcnow
 from shadowjudge.traffic.records import Rejected, SourceRead, SourceUnavailable, TrafficRecord, storable_text
 from shadowjudge.traffic.redaction import Redactor
@@ -100,7 +108,7 @@ ProgressCallback = Callable[[SourceReport], None]
 
 
 def ingest_sources(engine: Engine, config: Config, *, since: datetime | None = None,
-                   until: datetime | None = None, progress: bool = False) -> IngestReport:
+                   until: datetime | None = None, progress: bool = False, wait_s: float = 900.0) -> IngestReport:
     """Ingest every configured source into the store; with since/until, backfill that window instead.
 
     A source that cannot be read (missing path, unreachable database) gets an `error` in its report and the
@@ -112,11 +120,42 @@ def ingest_sources(engine: Engine, config: Config, *, since: datetime | None = N
     budget = DailyBudget()
     sources = [(c, open_source(c)) for c in config.sources]  # a misconfigured source fails before any work
     reports: list[SourceReport] = []
-    with _progress_display(progress) as on_batch:
+    with ingest_lease(engine, wait_s) as lease, _progress_display(progress) as show:
+        def on_batch(report: SourceReport) -> None:
+            lease.renew()
+            if show is not None:
+                show(report)
+
         for source_config, source in sources:
             reports.append(ingest_source(engine, source_config, source, sampler, redactor, budget, window,
                                          on_batch))
     return IngestReport(reports, since, until)
+
+
+INGEST_LOCK = "ingest"
+INGEST_LEASE_S = 600.0
+
+
+class IngestBusy(ShadowJudgeError):
+    """Another ingest held the store's ingest lease for longer than this one would wait."""
+
+
+@contextlib.contextmanager
+def ingest_lease(engine: Engine, wait_s: float) -> Iterator[LeaseLock]:
+    """Hold the store's ingest lease, waiting up to `wait_s` for another ingest to finish (a holder that died on
+    this host is taken over at once, one elsewhere when its lease expires)."""
+    lease = LeaseLock(engine, INGEST_LOCK, ttl_s=INGEST_LEASE_S)
+    deadline = time.monotonic() + wait_s
+    while not lease.acquire():
+        if time.monotonic() >= deadline:
+            holder = lease.current_holder()
+            who = f"{holder[0]} (lease until {holder[1].isoformat()})" if holder else "another ingest"
+            raise IngestBusy(f"another ingest is writing to this store: {who}; waited {wait_s:g} s")
+        time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
+    try:
+        yield lease
+    finally:
+        lease.release()
 
 
 def ingest_source(engine: Engine, source_config: SourceConfig, source: TrafficSource, sampler: Sampler,

@@ -1,4 +1,5 @@
-"""A lease lock in the store, so only one writer pushes a route's weights at a time (SQLite and PostgreSQL).
+"""A lease lock in the store, so only one writer at a time pushes a route's weights, or ingests traffic (SQLite and
+PostgreSQL).
 
 Acquiring is an INSERT of the lock's row, which the primary key lets only one writer win; a lease whose holder
 died is taken over by an UPDATE that only matches while the lease is expired (or, on the same host, while its
@@ -87,6 +88,16 @@ class LeaseLock:
                 .values(holder=self.holder, expires_at=expires)
             )
             self.held = taken.rowcount == 1
+        return self.held
+
+    def renew(self) -> bool:
+        """Extend a held lease by its ttl from now; False when it was lost (it expired and another took it over)."""
+        if not self.held:
+            return False
+        with session_scope(self.engine) as s:
+            kept = s.execute(update(Lock).where(Lock.name == self.name, Lock.holder == self.holder)
+                             .values(expires_at=as_utc(self.clock()) + self.ttl))
+            self.held = kept.rowcount == 1
         return self.held
 
     def release(self) -> None:
