@@ -274,3 +274,20 @@ def test_a_file_whose_name_is_not_utf8_is_skipped_with_a_warning(tmp_path, caplo
     steps = lines_of(tmp_path)
     assert _data(steps) == [b'{"a": 1}\n']
     assert "not valid UTF-8" in caplog.text and "caf\\udce9.jsonl" in caplog.text
+
+
+def test_an_answer_that_calls_tools_keeps_its_calls_as_the_replayed_answer_shows_them():
+    """Ingest kept only message.content: a tool-calling incumbent was stored as no answer (content null, the pair
+    skipped as an error) or an empty one (judged against a candidate making the same call), while a replayed
+    candidate's calls are part of its answer."""
+    from shadowjudge.shadow.endpoint import _with_tool_calls
+
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
+    for content in (None, "", "Let me check."):
+        logged = dict(BASE, response={"choices": [{"message": {"role": "assistant", "content": content,
+                                                               "tool_calls": [call]}}]})
+        text = normalise_openai_log(logged, "t").response_text
+        assert text == _with_tool_calls(content or "", [{"name": "get_weather", "arguments": '{"city":"Paris"}'}])
+    decoded = dict(BASE, response={"choices": [{"message": {"content": None, "tool_calls": [
+        {"function": {"name": "f", "arguments": {"x": 1}}}, "junk"]}}]})
+    assert normalise_openai_log(decoded, "t").response_text == '[{"name":"f","arguments":"{\\"x\\":1}"}]'

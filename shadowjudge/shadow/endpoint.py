@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from shadowjudge.answers import with_tool_calls
 from shadowjudge.config import TargetConfig
 from shadowjudge.shadow.credentials import scrub_secrets
 from shadowjudge.shadow.http1 import Http1Transport
@@ -308,11 +309,8 @@ class StreamParser:
 
 
 def _with_tool_calls(text: str, calls: list[dict[str, str]]) -> str:
-    """Tool calls are part of the answer the judge sees, appended as JSON after any text."""
-    if not calls:
-        return text
-    rendered = orjson.dumps([{"name": c["name"], "arguments": c["arguments"]} for c in calls]).decode()
-    return f"{text}\n{rendered}" if text else rendered
+    """Tool calls are part of the answer the judge sees (`shadowjudge.answers`)."""
+    return with_tool_calls(text, [(c["name"], c["arguments"]) for c in calls]) or ""
 
 
 def _tool_call(call: Any) -> tuple[int, str, str]:

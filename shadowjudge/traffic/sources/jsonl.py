@@ -34,6 +34,7 @@ from typing import Any
 
 import orjson
 
+from shadowjudge.answers import with_tool_calls
 from shadowjudge.config import SourceConfig
 from shadowjudge.traffic.lines import read_lines
 from shadowjudge.traffic.records import (
@@ -135,6 +136,19 @@ def normalise_openai_log(obj: Any, position: str) -> TrafficRecord:
     )
 
 
+def _tool_calls(calls: Any) -> list[tuple[str, str]]:
+    """(name, arguments) of a message's tool calls, arguments as JSON text (entries of another shape are left out)."""
+    out = []
+    for call in calls if isinstance(calls, list) else ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            arguments = function.get("arguments") or ""
+            if not isinstance(arguments, str):
+                arguments = orjson.dumps(arguments).decode() if isinstance(arguments, (dict, list)) else ""
+            out.append((function["name"], arguments))
+    return out
+
+
 def response_parts(response: Any) -> tuple[str | None, str | None, dict[str, Any] | None, Any]:
     """(text, model, usage, id) of a chat completion, a completions response or a plain string."""
     if response is None:
@@ -154,7 +168,7 @@ def response_parts(response: Any) -> tuple[str | None, str | None, dict[str, Any
                 raise RecordError("'response.choices[0]' must be an object")
             message = first.get("message")
             if isinstance(message, dict):
-                text = content_text(message.get("content"))
+                text = with_tool_calls(content_text(message.get("content")), _tool_calls(message.get("tool_calls")))
             elif isinstance(first.get("text"), str):
                 text = first["text"]
     usage = response.get("usage")
