@@ -175,3 +175,24 @@ def test_numeric_columns_are_numbers_not_quarantined_records(store_url):
     assert (report.stored, report.quarantined) == (3, 0)
     steps = list(open_source(make_config(store_url, [source]).sources[0]).read(None, TimeWindow()))
     assert steps[0].item.cost_usd == pytest.approx(0.00125) and steps[0].item.metadata == {"score": 7.5}
+
+
+def test_a_litellm_request_that_ran_longer_than_the_settle_time_is_still_read(store_url):
+    """LiteLLM writes a spend-log row when its request ends; following startTime, a request that ran longer than
+    settle_s was written behind the cursor and never read."""
+    rows = litellm_rows()[:6]
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    for i, row in enumerate(rows):
+        row["startTime"] = now - timedelta(minutes=30 - i)
+        row["endTime"] = row["startTime"] + timedelta(seconds=3)
+        row["completionStartTime"] = None
+    long_request = rows.pop(0)
+    long_request["endTime"] = now - timedelta(minutes=6)  # started first, ran 24 minutes
+    create_litellm_table(store_url, rows)
+    engine = get_engine(store_url)
+    config = make_config(store_url, [{**LITELLM, "url": store_url, "settle_s": 300}])
+    assert ingest_sources(engine, config).sources[0].read == 5
+    insert_litellm_rows(store_url, [long_request])  # written when it ended, after the others were read
+    second = ingest_sources(engine, config).sources[0]
+    assert (second.read, second.stored) == (1, 1)
+    assert ingest_sources(engine, config).sources[0].read == 0

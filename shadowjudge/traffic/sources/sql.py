@@ -10,15 +10,18 @@
 Mapping keys (canonical field -> column): `table`, `request_id`*, `timestamp`*, `messages`* (a JSON list, or
 `request`: a JSON request body holding them), `model` and/or `route`*, `response` (a JSON chat completion or
 text) or `response_text`, `params` (JSON), `input_tokens`, `output_tokens`, `latency_ms` or `end_time`,
-`ttft_ms` or `first_token_time`, `cost_usd`, `cache_hit`, `metadata` (JSON object), and `metadata.<key>` for
-extra columns to keep as metadata. (* required)
+`ttft_ms` or `first_token_time`, `cost_usd`, `cache_hit`, `metadata` (JSON object), `metadata.<key>` for
+extra columns to keep as metadata, and `written_at`: a date-time set when the row is written, where that is later
+than the request's `timestamp` (a log row written when the request ends). (* required)
 
 The LiteLLM preset reads `LiteLLM_SpendLogs` as LiteLLM's Prisma schema defines it. LiteLLM stores prompts and
 responses there only with `general_settings: {store_prompts_in_spend_logs: true}`; rows without them are
 quarantined with a reason that says so.
 
-Cursor: the last (timestamp, request id) read; rows are read in that order in pages (keyset pagination, which
-LiteLLM's index on (startTime, request_id) serves).
+Cursor: the last (timestamp, request id) read, or (written_at, request id) where the mapping has `written_at`;
+rows are read in that order in pages (keyset pagination). LiteLLM writes a spend-log row when its request ends,
+so the preset's cursor follows `endTime`: following `startTime`, a request that ran longer than `settle_s` was
+written behind the cursor and never read. Backfill windows select by the request's `timestamp` either way.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ LITELLM_SPEND_LOGS: dict[str, str] = {
     "request_id": "request_id",
     "timestamp": "startTime",
     "end_time": "endTime",
+    "written_at": "endTime",
     "first_token_time": "completionStartTime",
     "route": "model_group",
     "model": "model",
@@ -84,7 +88,7 @@ PRESETS = {"litellm": LITELLM_SPEND_LOGS}
 FIELDS = frozenset({
     "table", "request_id", "timestamp", "messages", "request", "model", "route", "response", "response_text",
     "params", "input_tokens", "output_tokens", "latency_ms", "end_time", "ttft_ms", "first_token_time",
-    "cost_usd", "cache_hit", "metadata",
+    "cost_usd", "cache_hit", "metadata", "written_at",
 })
 # Request-body keys a proxy adds that are not replay parameters.
 PROXY_KEYS = ("litellm_", "proxy_server_request", "secret_fields", "mock_", "headers")
@@ -243,18 +247,20 @@ class SqlSource:
         missing = sorted({c for c in self.mapping.values() if c not in table.c} - {self.mapping["table"]})
         if missing:
             raise SourceUnavailable(f"{where}: table '{table.name}' has no column(s) {missing}")
-        ts_type = table.c[self.mapping["timestamp"]].type
-        if not isinstance(ts_type, DateTime):  # the cursor and the window compare date-times in the query
-            raise SourceUnavailable(
-                f"{where}: column '{self.mapping['timestamp']}' is {ts_type}, not a date-time: the cursor and "
-                "backfill windows need one (read from a view that casts it)")
+        for field in ("timestamp", "written_at"):
+            column = self.mapping.get(field)
+            if column is not None and not isinstance(table.c[column].type, DateTime):
+                # the cursor and the window compare date-times in the query
+                raise SourceUnavailable(
+                    f"{where}: column '{column}' is {table.c[column].type}, not a date-time: the cursor and "
+                    "backfill windows need one (read from a view that casts it)")
         return table
 
     def read(self, cursor: dict[str, Any] | None, window: TimeWindow) -> Iterator[SourceRead]:
         table = self._table()
         ts_col: Column[Any] = table.c[self.mapping["timestamp"]]
+        order_col: Column[Any] = table.c[self.mapping.get("written_at") or self.mapping["timestamp"]]
         id_col: Column[Any] = table.c[self.mapping["request_id"]]
-        naive = not getattr(ts_col.type, "timezone", False)
         columns = [table.c[c] for c in dict.fromkeys(v for k, v in self.mapping.items() if k != "table")]
 
         engine = get_engine(self.url)
@@ -262,28 +268,31 @@ class SqlSource:
         # an offset); compared as text with SQLAlchemy's own layout, rows were skipped or read again forever.
         # julianday() reads every layout as one number, on both sides of each comparison and in the order.
         as_time = func.julianday if engine.dialect.name == "sqlite" else (lambda value: value)
-        ts_key = as_time(ts_col)
 
-        def bound(ts: datetime) -> Any:
-            ts = ts.astimezone(timezone.utc)
+        def bound(column: Column[Any], ts: datetime) -> Any:
+            """`ts` as `column` compares it: in UTC, naive for a column without a zone."""
+            naive = not getattr(column.type, "timezone", False)
+            ts = (ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
             return as_time(literal(ts.replace(tzinfo=None) if naive else ts, DateTime(timezone=not naive)))
 
-        conditions = [ts_col.is_not(None), id_col.is_not(None)]
+        ts_key, order_key = as_time(ts_col), as_time(order_col)
+        conditions = [ts_col.is_not(None), order_col.is_not(None), id_col.is_not(None)]
         if window.since is not None:
-            conditions.append(ts_key >= bound(window.since))
+            conditions.append(ts_key >= bound(ts_col, window.since))
         if window.until is not None:
-            conditions.append(ts_key < bound(window.until))
+            conditions.append(ts_key < bound(ts_col, window.until))
         if self.settle_s:
-            conditions.append(ts_key < bound(datetime.now(timezone.utc) - timedelta(seconds=self.settle_s)))
+            settled = datetime.now(timezone.utc) - timedelta(seconds=self.settle_s)
+            conditions.append(order_key < bound(order_col, settled))
         last: tuple[Any, Any] | None = None
         if cursor and "ts" in cursor and "id" in cursor:
             last = (datetime.fromisoformat(cursor["ts"]), cursor["id"])
 
         while True:
-            query = select(*columns).where(*conditions).order_by(ts_key, id_col).limit(self.page_size)
+            query = select(*columns).where(*conditions).order_by(order_key, id_col).limit(self.page_size)
             if last is not None:
-                last_key = bound(last[0] if last[0].tzinfo else last[0].replace(tzinfo=timezone.utc))
-                query = query.where(or_(ts_key > last_key, and_(ts_key == last_key, id_col > last[1])))
+                last_key = bound(order_col, last[0])
+                query = query.where(or_(order_key > last_key, and_(order_key == last_key, id_col > last[1])))
             try:
                 with engine.connect() as conn:  # a page at a time: no connection held while the store writes
                     rows = [dict(r) for r in conn.execute(query).mappings()]
@@ -291,10 +300,9 @@ class SqlSource:
                 raise SourceUnavailable(f"source '{self.name}' ({safe_url(self.url)}): query failed "
                                         f"({type(exc).__name__}: {_first_line(exc, self.url)})") from None
             for row in rows:
-                ts, rid = row[ts_col.name], row[id_col.name]
-                ts_text = ts.isoformat() if isinstance(ts, datetime) else str(ts)
-                position = f"{table.name}:{ts_text}:{rid}"
-                step_cursor = {"ts": ts_text, "id": rid if isinstance(rid, (str, int)) else str(rid)}
+                ts, rid = row[order_col.name], row[id_col.name]
+                position = f"{table.name}:{_iso(row[ts_col.name])}:{rid}"
+                step_cursor = {"ts": _iso(ts), "id": rid if isinstance(rid, (str, int)) else str(rid)}
                 try:
                     yield SourceRead(row_record(row, self.mapping, position), step_cursor)
                 except RecordError as exc:
@@ -304,6 +312,10 @@ class SqlSource:
                 last = (ts, rid)
             if len(rows) < self.page_size:
                 return
+
+
+def _iso(ts: Any) -> str:
+    return ts.isoformat() if isinstance(ts, datetime) else str(ts)
 
 
 def _json_value(value: Any) -> Any:
