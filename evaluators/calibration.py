@@ -146,7 +146,8 @@ class AgreementStats:
 
     Beside it, what separates a judge that learned the teacher's taste from one that learned length: agreement on
     length-balanced pairs (length ratio 0.67-1.5) and how often each judge picks the longer answer. `values` holds
-    each pair's agreement (1.0/0.0) in time order, for drift tests between windows.
+    each pair's agreement (1.0/0.0) in request-time order, for drift tests between windows. `mean_abs_error` is over
+    every pair the teacher gave a verdict on, ties included; a pair neither order could be read for counts nowhere.
     """
 
     n: int
@@ -173,21 +174,22 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 def judge_agreement(engine: Engine, route: str, since: datetime | None = None,
                     until: datetime | None = None, run_id: int | None = None) -> AgreementStats:
-    """Agreement between the small judge and the teacher on a route's calibrated pairs (teacher rows in window,
-    or of one run)."""
+    """Agreement between the small judge and the teacher on a route's calibrated pairs: those of requests made in
+    [since, until) (by request time, as the drift windows are, however much later the teacher judged them), or of
+    one run."""
     query = (select(Judgment.run_id, Judgment.sample_id, Judgment.target, Judgment.preference, Judgment.details,
-                    Judgment.created_at, func.length(TrafficSample.response_text).label("incumbent_chars"),
+                    func.length(TrafficSample.response_text).label("incumbent_chars"),
                     func.length(ShadowResult.output_text).label("candidate_chars"))
              .join(TrafficSample, TrafficSample.id == Judgment.sample_id)
              .outerjoin(ShadowResult, (ShadowResult.run_id == Judgment.run_id)
                         & (ShadowResult.sample_id == Judgment.sample_id) & (ShadowResult.target == Judgment.target)
                         & (ShadowResult.attempt == 0))
              .where(TrafficSample.route == route, Judgment.preference.is_not(None))
-             .order_by(Judgment.created_at, Judgment.id))
+             .order_by(TrafficSample.request_ts, Judgment.id))
     if since is not None:
-        query = query.where(Judgment.created_at >= since)
+        query = query.where(TrafficSample.request_ts >= since)
     if until is not None:
-        query = query.where(Judgment.created_at < until)
+        query = query.where(TrafficSample.request_ts < until)
     if run_id is not None:
         query = query.where(Judgment.run_id == run_id)
     with session_scope(engine) as s:
@@ -209,14 +211,15 @@ def judge_agreement(engine: Engine, route: str, since: datetime | None = None,
     sized: list[tuple[float, float, int, int]] = []
     for r in teacher_rows:
         student = students.get((r.run_id, r.sample_id, r.target, r.details.get("student")))
-        if student is None:
+        teacher = readable_preference(r.preference, r.details)
+        if student is None or teacher is None:
             continue
-        errors.append(abs(student - r.preference))
-        if abs(r.preference - 0.5) < 1e-9:
+        errors.append(abs(student - teacher))
+        if abs(teacher - 0.5) < 1e-9:
             continue  # the teacher could not decide (or contradicted itself across orders)
-        values.append(1.0 if (student > 0.5) == (r.preference > 0.5) else 0.0)
+        values.append(1.0 if (student > 0.5) == (teacher > 0.5) else 0.0)
         if r.incumbent_chars is not None and r.candidate_chars is not None:
-            sized.append((student, r.preference, r.incumbent_chars, r.candidate_chars))
+            sized.append((student, teacher, r.incumbent_chars, r.candidate_chars))
     n, hits = len(values), int(sum(values))
     low, high = wilson_interval(hits, n)
     stats = AgreementStats(n=n, agreement=hits / n if n else float("nan"), ci_low=low, ci_high=high,

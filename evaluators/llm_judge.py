@@ -2,7 +2,9 @@
 
 Pairwise verdicts are asked in both orders and averaged, which cancels the position bias big judges have;
 pointwise scores come from a 1-10 rubric. Requests run concurrently; an unusable verdict is re-asked once and then
-counts as a tie (pairwise) or the middle score (pointwise), and is counted in `unparsed`.
+counts as a tie (pairwise) or the middle score (pointwise), and is counted in `unparsed`. A pair neither order could
+be read for has no preference: its 0.5 is a placeholder, which evaluators.calibration.readable_preference tells apart
+from a tie the teacher gave.
 """
 
 from __future__ import annotations
@@ -38,7 +40,12 @@ POINTWISE_SYSTEM = (
 )
 POINTWISE_USER = "## Instruction\n{prompt}\n\n## Answer\n{answer}\n\nRate the answer."
 
-_WINNER = re.compile(r'"winner"\s*:\s*"?(A|B|tie)"?', re.IGNORECASE)
+# A "winner" value in text that is not JSON as a whole: quoted and closed, or one bare word; either followed by what
+# may follow a JSON value (or the end of the line), so a value cut off ("Answ), one word of several or `"A" | "B"`
+# is not read.
+_WINNER = re.compile(r'"winner"\s*:\s*(?:"([^"\n]*)"|([A-Za-z]+))(?=[ \t]*(?:[,}\]\r\n]|$))')
+_LABEL_WORD = re.compile(r"^(?:answer|assistant|response|model|option)\s+")  # "Answer B" names answer B
+_TIE_WORDS = frozenset({"tie", "a tie", "both", "neither", "equal"})
 _SCORE = re.compile(r'"score"\s*:\s*"?(\d+(?:\.\d+)?)"?')
 
 
@@ -48,33 +55,48 @@ class LlmJudgeError(ShadowJudgeError):
 
 @dataclass(frozen=True)
 class PairVerdict:
-    """Both orders' verdicts (1 = candidate better, 0 = incumbent better, 0.5 = tie) and their mean."""
+    """Both orders' verdicts (1 = candidate better, 0 = incumbent better, 0.5 = tie; None = unreadable)."""
 
     candidate_first: float | None
     incumbent_first: float | None
 
     @property
     def preference(self) -> float:
-        known = [v for v in (self.candidate_first, self.incumbent_first) if v is not None]
-        return sum(known) / len(known) if known else 0.5
+        """The mean of both orders, an unreadable one counting as a tie: one order alone would carry the teacher's
+        position bias uncancelled. 0.5 when neither was readable, a placeholder rather than a verdict."""
+        orders = (self.candidate_first, self.incumbent_first)
+        return sum(0.5 if v is None else v for v in orders) / 2
 
     @property
-    def position_consistent(self) -> bool:
+    def position_consistent(self) -> bool | None:
+        """Whether both orders gave the same verdict; None unless both were readable."""
+        if self.candidate_first is None or self.incumbent_first is None:
+            return None
         return self.candidate_first == self.incumbent_first
 
 
 def parse_winner(text: str) -> str | None:
-    """'A', 'B' or 'tie' from a JSON verdict, tolerating code fences and chatter around it."""
+    """'A', 'B' or 'tie' from a JSON verdict, tolerating code fences and chatter around it; None when the reply
+    names no winner that reads as one of them (or names different ones), never a guess."""
     try:
-        value = json.loads(_strip_fence(text)).get("winner")
-        if isinstance(value, str) and value.strip().lower() in ("a", "b", "tie"):
-            return value.strip().upper() if value.strip().lower() != "tie" else "tie"
-    except (ValueError, AttributeError):
-        pass
-    m = _WINNER.search(text or "")
-    if not m:
+        verdict = json.loads(_strip_fence(text))
+    except ValueError:
+        verdict = None
+    if isinstance(verdict, dict) and "winner" in verdict:
+        return _winner(verdict["winner"])
+    named = {_winner(quoted or bare) for quoted, bare in _WINNER.findall(text or "")} - {None}
+    return named.pop() if len(named) == 1 else None
+
+
+def _winner(value: Any) -> str | None:
+    """A winner value read whole: "A", "answer b", "Assistant B.", "**b**", "tie", "both", "neither"."""
+    if not isinstance(value, str):
         return None
-    return m.group(1).upper() if m.group(1).lower() != "tie" else "tie"
+    words = " ".join(value.replace("_", " ").split()).strip("\"'`*.,:;!()[] ").lower()
+    words = _LABEL_WORD.sub("", words)
+    if words in ("a", "b"):
+        return words.upper()
+    return "tie" if words in _TIE_WORDS else None
 
 
 def parse_score(text: str) -> float | None:

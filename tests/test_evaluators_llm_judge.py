@@ -42,10 +42,12 @@ class FakeJudgeModel:
         user = body["messages"][-1]["content"]
         if self.mode == "garbage":
             content = "I think both are fine."
+        elif self.mode == "always_a_or_chatter" and "GOOD" not in user.split("## Answer B", 1)[0]:
+            content = "I prefer the first one."  # a verdict on position alone, readable only when GOOD is A
         elif "## Answer A" in user:
             a = user.split("## Answer A", 1)[1].split("## Answer B", 1)[0]
             b = user.split("## Answer B", 1)[1]
-            if self.mode == "always_a":
+            if self.mode in ("always_a", "always_a_or_chatter"):
                 winner = "A"
             else:
                 winner = "A" if "GOOD" in a and "GOOD" not in b else "B" if "GOOD" in b and "GOOD" not in a else "tie"
@@ -105,6 +107,16 @@ def test_position_bias_cancels_out(endpoint):
     assert verdicts[0].preference == 0.5 and not verdicts[0].position_consistent
 
 
+def test_an_unreadable_order_counts_as_a_tie_so_position_bias_stays_halved(endpoint):
+    """An always-A teacher readable in one order only: the readable order is pure position bias and must not
+    decide the pair alone (the other order counts as a tie, as an unusable verdict does)."""
+    with endpoint("always_a_or_chatter") as (judge, model):
+        verdict = judge.judge_pairs(["q"], ["GOOD"], ["meh"])[0]
+    assert (verdict.candidate_first, verdict.incumbent_first) == (None, 0.0)
+    assert verdict.preference == 0.25 and verdict.position_consistent is None
+    assert judge.unparsed == 1 and len(model.requests) == 3
+
+
 def test_pointwise_rubric_maps_to_unit_interval(endpoint):
     with endpoint() as (judge, _):
         assert judge.score(["q", "q"], ["GOOD", "bad"]) == pytest.approx([8 / 9, 2 / 9])
@@ -114,7 +126,9 @@ def test_pointwise_rubric_maps_to_unit_interval(endpoint):
 def test_unusable_verdict_is_reasked_then_counts_as_tie(endpoint):
     with endpoint("garbage") as (judge, model):
         assert judge.compare(["q"], ["a"], ["b"]) == [0.5]
-    assert judge.unparsed == 2 and len(model.requests) == 4
+        verdict = judge.judge_pairs(["q"], ["a"], ["b"])[0]
+    assert judge.unparsed == 4 and len(model.requests) == 8
+    assert verdict.preference == 0.5 and verdict.position_consistent is None  # no order read: nothing to compare
 
 
 def test_endpoint_failure_is_a_clear_error_without_the_key(endpoint):
@@ -131,3 +145,27 @@ def test_parsers_tolerate_fences_and_reject_nonsense():
     assert parse_winner("no idea") is None
     assert parse_score('{"score": 10}') == 1.0 and parse_score('{"score": 1}') == 0.0
     assert parse_score('{"score": 11}') is None and parse_score("nothing") is None
+
+
+@pytest.mark.parametrize(("reply", "winner"), [
+    ('{"reason": "x", "winner": "Answer B"}', "B"),
+    ('{"winner": "Assistant B"}', "B"),
+    ('{"winner": "Response A."}', "A"),
+    ('{"winner": "**b**"}', "B"),
+    ('{"winner": "a tie"}', "tie"),
+    ('{"winner": "Both"}', "tie"),
+    ('{"winner": "Neither"}', "tie"),
+    ('Verdict: {"reason": "B is better", "winner": "B"', "B"),  # cut off: the fallback reads the closed value
+    ('Verdict: {"reason": "x", "winner": "Answer B", "confidence": high}', "B"),
+    ('Verdict: {"winner": tie}', "tie"),
+    ('{"winner": "Answer C"}', None),
+    ('{"winner": "A or B"}', None),
+    ('{"winner": "Alpha"}', None),
+    ('{"winner": 1}', None),
+    ('Verdict: {"reason": "x", "winner": "Answ', None),  # cut off inside the value
+    ('Verdict: {"winner": Both answers}', None),
+    ('Format {"winner": "A" | "B" | "tie"} noted. {"reason": "x", "winner": "B"', "B"),  # the rubric echoed
+    ('First {"winner": "A"}, on reflection {"winner": "B"}', None),  # two different verdicts: no guess
+])
+def test_winner_is_read_from_its_value_never_from_a_prefix(reply, winner):
+    assert parse_winner(reply) == winner

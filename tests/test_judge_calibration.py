@@ -28,18 +28,19 @@ STUDENT = "small-judge:models:/j/1"
 N = 40
 
 
-def teacher_transport(calls: list[str]) -> httpx.MockTransport:
-    """A chat endpoint whose verdict follows the visible rule 'the answer containing GOOD wins'."""
+def teacher_transport(calls: list[str], unreadable: frozenset[int] = frozenset()) -> httpx.MockTransport:
+    """A chat endpoint whose verdict follows the visible rule 'the answer containing GOOD wins'; its replies about
+    the questions numbered in `unreadable` name no winner."""
 
     def handler(request: httpx.Request) -> httpx.Response:
         user = json.loads(request.content)["messages"][-1]["content"]
         calls.append(user)
         a = user.split("## Answer A", 1)[1].split("## Answer B", 1)[0]
-        winner = "A" if "GOOD" in a else "B"
+        question = int(user.split("question ", 1)[1].split(None, 1)[0])
+        content = "Both have merit." if question in unreadable else json.dumps({"winner": "A" if "GOOD" in a else "B"})
         return httpx.Response(200, json={
             "id": "x", "object": "chat.completion", "created": 0, "model": "teacher",
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": json.dumps({"winner": winner})}}]})
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}]})
 
     return httpx.MockTransport(handler)
 
@@ -101,6 +102,41 @@ def test_calibration_stores_teacher_verdicts_once_and_measures_agreement(store_u
     assert stats.teacher_prefers_longer == 1.0 and stats.student_prefers_longer == pytest.approx((N - 4) / N)
     assert judge_agreement(engine, "other-route").n == 0
     assert judge_agreement(engine, "chat", since=datetime.now(timezone.utc) + timedelta(hours=1)).n == 0
+
+
+def test_pairs_no_order_could_read_count_in_no_statistic(store_url):
+    """Their stored 0.5 is a placeholder, not the teacher's view: it is no tie, and no error of the student's."""
+    engine = get_engine(store_url)
+    run_id = seed_run(engine)
+    unreadable = frozenset(range(1, N, 4))  # 10 pairs, one of them among the 4 the student gets wrong
+    teacher = LlmJudge(OpenAI(api_key="k", base_url="http://teacher.test/v1",
+                              http_client=httpx.Client(transport=teacher_transport([], unreadable))), "teacher")
+    stats = calibrate_run(engine, run_id, STUDENT, teacher, fraction=1.0).agreement
+    readable = N - len(unreadable)
+    assert stats.n == readable and stats.values.count(0.0) == 3
+    # the student's 0.8/0.2 is 0.2 off the teacher's 1/0 where they agree, 0.8 off where not
+    assert stats.mean_abs_error == pytest.approx(((readable - 3) * 0.2 + 3 * 0.8) / readable)
+
+
+def test_this_cycles_verdicts_fall_in_this_cycles_drift_window(store_url):
+    """The judge-drift check windows verdicts by the time of the requests they judged, as the drift windows are
+    (the teacher judges a request after it was made, and a backfill judges last month's requests today)."""
+    from shadowjudge.analysis.drift_data import teacher_agreement
+    from shadowjudge.cycle import drift_windows
+
+    engine = get_engine(store_url)
+    run_id = seed_run(engine)
+    teacher = LlmJudge(OpenAI(api_key="k", base_url="http://teacher.test/v1",
+                              http_client=httpx.Client(transport=teacher_transport([]))), "teacher")
+    calibrate_run(engine, run_id, STUDENT, teacher, fraction=1.0)
+    reference, current = drift_windows(engine, "chat", 24, 168)
+    assert [len(values) for values in teacher_agreement(engine, "chat", reference, current)] == [0, N]
+    requested = datetime.now(timezone.utc) - timedelta(days=30)
+    with session_scope(engine) as s:
+        s.query(TrafficSample).update({TrafficSample.request_ts: requested})
+    reference, current = drift_windows(engine, "chat", 24, 168)
+    assert [len(values) for values in teacher_agreement(engine, "chat", reference, current)] == [0, N]
+    assert judge_agreement(engine, "chat", since=requested + timedelta(seconds=1)).n == 0
 
 
 def test_partial_fraction_picks_the_same_pairs_on_rerun(store_url):

@@ -144,7 +144,9 @@ def load_output_window(engine: Engine, route: RouteConfig, target: str, window: 
 
 def teacher_agreement(engine: Engine, route: str, reference: TimeWindow,
                       current: TimeWindow) -> tuple[list[float], list[float]]:
-    """Per-pair agreement of the small judge with its teacher in each window (by when the teacher judged)."""
+    """Per-pair agreement of the small judge with its teacher in each window, by the request time of the pairs the
+    teacher judged (not when it judged them: a cycle's calibration follows its requests, and a backfill's comes
+    days after them)."""
     from evaluators.calibration import judge_agreement
 
     return (judge_agreement(engine, route, reference.start, reference.end).values,
