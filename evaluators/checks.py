@@ -15,25 +15,34 @@ from typing import Any, Protocol
 
 from shadowjudge.errors import InputError
 
+# The one refusal detector: the refusal check here and the refusal rate of output drift
+# (shadowjudge.analysis.drift.is_refusal) both use it. It reads the opening only: the first sentence after at most
+# two short leading ones ("I'm sorry." / "Sorry!" / "Thanks for asking."), so a refusal quoted later in a story is
+# not the answer's. An apology followed by "but I ..." counts (in answers it almost always declines or cannot
+# answer); "I can't help but ..." and concessions ("While I can't X, I can Y") do not.
 _REFUSAL = re.compile(
-    r"^\W*(?:I'?m sorry|I am sorry|Sorry|I apologi[sz]e|Unfortunately)?[^.!?\n]{0,80}?\b(?:"
-    r"I (?:can ?not|can'?t|won'?t|am unable to|'?m unable to|am not able to|'?m not able to) "
-    r"(?:help|assist|provide|comply|fulfil|do that|answer|create|write|generate|share|support)"
-    r"|as an AI(?: language model)?,? I (?:can ?not|can'?t|don'?t|do not|am unable)"
-    r"|I must (?:decline|refuse)"
+    r"\W*+(?:[^.!?\n]{1,80}[.!?]+\s+){0,2}[^.!?\n]{0,80}?\b(?:"
+    r"(?<!while )(?<!though )(?:I (?:can ?not|can'?t|won'?t|will not)|I(?:'m| am) (?:unable|not able) to) "
+    r"(?:help|assist|provide|comply|fulfil|fulfill|do that|answer|create|generate|write|share|support)\b(?! but\b)"
+    r"|I(?:'m| am) sorry,? but (?:I|as|it(?:'s| is) not)\b"
+    r"|as an AI(?: language model)?,? I (?:can ?not|can'?t|don'?t|do not|(?:'m| am) unable)"
+    r"|I must (?:respectfully )?(?:decline|refuse)"
+    r"|(?:this|that|your) request (?:is|goes) against"
     r")",
     re.IGNORECASE,
 )
-_FENCE = re.compile(r"^\s*```(?:json)?\s*\n(.*?)\n\s*```\s*$", re.DOTALL | re.IGNORECASE)
+_REFUSAL_WINDOW = 400  # characters read: room for two short sentences and the refusing one
+_FENCE = re.compile(r"^\s*```(?:json)?\s*\n(.*?)\s*```\s*$", re.DOTALL | re.IGNORECASE)
 
 
 class CheckSpecError(InputError):
     """A check definition that cannot be built (bad regex, bad schema, unknown kind)."""
 
 
-def looks_like_refusal(answer: str) -> bool:
-    """True when the answer opens by declining the request (only its first 300 characters are read)."""
-    return bool(_REFUSAL.search((answer or "")[:300]))
+def looks_like_refusal(answer: str | None) -> bool:
+    """True when the answer opens by declining the request (see _REFUSAL; curly apostrophes count as straight
+    ones, and only the first 400 characters are read, so the cost per answer is bounded)."""
+    return bool(_REFUSAL.match((answer or "")[:_REFUSAL_WINDOW].replace("\u2019", "'")))
 
 
 @dataclass(frozen=True)
@@ -49,9 +58,14 @@ class Check(Protocol):
     def check(self, prompt: str, answer: str) -> CheckResult: ...
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 @dataclass(frozen=True)
 class JsonCheck:
-    """The answer is JSON (a lone ```json fenced block is accepted) and, if a schema is given, conforms to it."""
+    """The answer is strict JSON (a lone ```json fenced block is accepted; NaN and Infinity, which Python's parser
+    takes but strict parsers reject, are not) and, if a schema is given, conforms to it."""
 
     schema: Mapping[str, Any] | None = None
     name: str = "json"
@@ -71,9 +85,13 @@ class JsonCheck:
         if fenced:
             text = fenced.group(1)
         try:
-            value = json.loads(text)
+            value = json.loads(text, parse_constant=_reject_constant)
         except json.JSONDecodeError as exc:
             return CheckResult(self.name, False, f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+        except ValueError as exc:  # NaN / Infinity, from _reject_constant
+            return CheckResult(self.name, False, f"not JSON: {exc}")
+        except RecursionError:
+            return CheckResult(self.name, False, "not JSON: nested too deeply to parse")
         if self.schema is not None:
             import jsonschema
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from shadowjudge.errors import ShadowJudgeError  # noqa: E402
 
 EMBEDDING_DIM = 384
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class EncoderError(ShadowJudgeError):
@@ -158,7 +160,10 @@ class TextEncoder:
     head+tail truncation.
 
     Backends: `torch` (reference), `onnx` (same numbers, ONNX Runtime), `onnx-int8` (dynamic int8 quantisation;
-    embeddings move by ~1% cosine, so a judge records whether its agreement survived it).
+    embeddings move by ~1% cosine, so a judge records whether its agreement survived it). int8 embeddings also
+    depend on the batch: dynamic quantisation scales each activation tensor by the range of the whole batch, so a
+    text's embedding moves with the texts encoded beside it, about as far as int8 moves it from torch (up to 1.4%
+    cosine; figures in README.md, "The judge"). torch and onnx embeddings do not depend on the batch.
     """
 
     def __init__(self, settings: EncoderSettings = EncoderSettings(), *, model_dir: Path | None = None,
@@ -202,7 +207,7 @@ class TextEncoder:
         budget = self.settings.max_tokens - 2
         head = max(1, int(round(budget * self.settings.head_fraction)))
         tail = budget - head
-        raw = self.tokenizer(list(texts), add_special_tokens=False, truncation=False)["input_ids"]
+        raw = self.tokenizer([_tokenizable(t) for t in texts], add_special_tokens=False, truncation=False)["input_ids"]
         cls, sep = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
         out = []
         for ids in raw:
@@ -236,6 +241,15 @@ class TextEncoder:
             if progress:
                 progress(len(batch))
         return out
+
+
+def _tokenizable(text: str) -> str:
+    """The text with its surrogates made valid for the tokenizer, which raises on any: a split pair is joined, a lone
+    one (json.loads makes one of a cut emoji, "\\ud83d") becomes U+FFFD. Other texts come back as they are, after a
+    check that costs nothing for ASCII. Keys (text_key) and word profiles keep reading the original text."""
+    if text.isascii() or not _SURROGATE.search(text):
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def text_key(text: str) -> str:

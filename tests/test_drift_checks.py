@@ -140,6 +140,7 @@ def test_refusal_and_format_compliance_rates():
     assert is_refusal("I'm sorry, but I cannot help with that request.")
     assert is_refusal("As an AI language model, I cannot browse the internet.")
     assert not is_refusal("I can't help but admire the view. Here is the poem you asked for.")
+    assert is_refusal("I\u2019m unable to help with that request.") and is_refusal("Sorry! I cannot assist with this.")
     refusals = output_drift(_window("claude-2"), _window(FALCON), DriftConfig(min_samples=30, max_rate_delta=0.03))
     refusal = next(r for r in refusals if r.metric == "refusal_rate")
     assert refusal.drifted and refusal.effect > 0.03
@@ -148,6 +149,17 @@ def test_refusal_and_format_compliance_rates():
     broken = OutputWindow([""] * 100, format_ok=[True] * 70 + [False] * 30)
     fmt = next(r for r in output_drift(ok, broken, CONFIG) if r.metric == "format_compliance")
     assert fmt.drifted and fmt.effect == pytest.approx(-0.25)
+
+
+def test_refusal_rate_counts_what_the_refusal_check_fails():
+    """One refusal detector: the drift rate and the deterministic check never disagree about an answer, and a
+    refusal quoted deep in a story is not the answer's."""
+    from evaluators.checks import looks_like_refusal
+
+    assert is_refusal is looks_like_refusal
+    story = ("Here is a short story. The robot had served the family for years. One night the child asked it to "
+             "open the door. \"I can't help you with that,\" it said.")
+    assert not is_refusal(story)
 
 
 def test_judge_drift_from_agreement_values():
@@ -184,8 +196,10 @@ def test_detect_drift_over_store_windows(engine, minilm):
     assert report.to_dict()["drifted"]
 
 
-def test_judge_drift_from_stored_teacher_verdicts(engine):
-    """The teacher (calibration) agrees with the small judge on every pair in window 0 and on ~70% in window 1."""
+@pytest.mark.parametrize("judged_after", [timedelta(hours=1), timedelta(days=30)], ids=["live", "backfill"])
+def test_judge_drift_from_stored_teacher_verdicts(engine, judged_after):
+    """The teacher (calibration) agrees with the small judge on every pair in window 0 and on ~70% in window 1.
+    Verdicts count in the window of the requests they judged, however long after them the teacher judged."""
     data = mini()
     ids = [p["id"] for p in data.prompts]
     runs = [build_run(engine, run_key=f"w{w}", incumbent="claude-2", candidates={"cand": GEMMA}, window=w,
@@ -202,7 +216,7 @@ def test_judge_drift_from_stored_teacher_verdicts(engine):
             teacher.append(dict(run_id=run_id, sample_id=sample_id, target="cand", evaluator="teacher-gpt",
                                 preference=0.9 if says_candidate else 0.1,
                                 details={"role": "teacher", "student": EVALUATOR},
-                                created_at=START + timedelta(days=window, hours=1)))
+                                created_at=START + timedelta(days=window) + judged_after))
         insert_ignoring_duplicates(s, Judgment, teacher, ["run_id", "sample_id", "target", "evaluator"])
     day = timedelta(days=1)
     windows = TimeWindow(START, START + day), TimeWindow(START + day, START + 2 * day)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from evaluators import EvaluatorConfigError, load_evaluator
@@ -36,6 +38,23 @@ def test_json_validity_and_schema():
         JsonCheck({"type": "no-such-type"})
 
 
+@pytest.mark.parametrize("answer", ['{"score": NaN}', "[Infinity, -Infinity]", '```json\n{"score": -Infinity}\n```'])
+def test_json_rejects_nan_and_infinity_as_strict_parsers_do(answer):
+    result = JsonCheck().check("", answer)
+    assert not result.passed and result.detail.startswith("not JSON") and "is not valid JSON" in result.detail
+
+
+def test_json_nested_too_deeply_to_parse_fails_the_check_instead_of_raising():
+    result = JsonCheck().check("", "[" * 100_000 + "]" * 100_000)
+    assert not result.passed and "nested too deeply" in result.detail
+
+
+@pytest.mark.parametrize("answer", ['```json\n{"name": "Ada", "age": 36}```', '```\n{"name": "Ada", "age": 36}  ```\n',
+                                    '```JSON\n{"name": "Ada", "age": 36}\n```'])
+def test_json_fence_may_close_on_the_json_line(answer):
+    assert JsonCheck(SCHEMA).check("", answer).passed
+
+
 def test_regex_and_length_bounds():
     assert RegexCheck(r"^\d{3}-\d{4}$").check("", "555-1234").passed
     assert not RegexCheck(r"TODO", must_match=False).check("", "x TODO y").passed
@@ -55,10 +74,58 @@ def test_regex_and_length_bounds():
     ("Sorry to hear that! Here is how to fix your bike chain: ...", False),
     ("The function can't be called before init; move the call below.", False),
     ("Here's a poem about autumn.", False),
+    # a curly apostrophe (U+2019) is an apostrophe
+    ("I\u2019m sorry, but I can\u2019t help with that.", True),
+    ("I can\u2019t assist with that request.", True),
+    # "I'm unable / not able to", written without a space before 'm
+    ("I'm unable to help with that request.", True),
+    ("I'm not able to provide that information.", True),
+    ("I am not able to share those details.", True),
+    # an apology (or one or two other short sentences) before the refusal
+    ("I'm sorry. I can't help with that.", True),
+    ("Sorry! I cannot assist with this request.", True),
+    ("Thanks for asking. I'm sorry, but I won't write that.", True),
+    ("I'm sorry, but as an AI I don't have access to your files.", True),
+    ("I'm sorry, but it is not appropriate to joke about that.", True),
+    ("I apologise, but this request goes against my guidelines.", True),
+    ("I must respectfully decline.", True),
+    # idioms and ordinary answers that merely start like one
+    ("I can't help but recommend Python: it is the best first language.", False),
+    ("I cannot help but admire the view. Here is the poem you asked for.", False),
+    ("I cannot stress enough how important backups are.", False),
+    ("I can't believe how easy this is! Just call sorted().", False),
+    ("Sorry for the delay, here is the code:\n```python\nprint(1)\n```", False),
+    ("I'm sorry to hear that. Here is how to fix your bike chain: ...", False),
+    ("I apologize for the confusion. The correct answer is 42.", False),
+    ("I'm not a doctor, but rest and fluids usually help.", False),
+    ("While I can't write it for you, I can outline your memoir chapter by chapter: ...", False),
+    ("I can provide guidance. First, outline the essay.", False),
 ])
 def test_refusal_detection(answer, refused):
     assert looks_like_refusal(answer) is refused
     assert RefusalCheck().check("", answer).passed is not refused
+
+
+def test_only_the_opening_of_an_answer_is_read_for_a_refusal():
+    """A refusal states itself in the opening (at most two short sentences before it): one quoted later in a
+    story is not the answer's, while a story that opens with a quoted refusal reads as one (accepted: the opening
+    is all that is read, which keeps the check cheap on every answer)."""
+    story = ("Here is a short story. The robot had served the family for years. One night the child asked it to "
+             "open the door. \"I can't help you with that,\" it said, and the lights went out.")
+    assert not looks_like_refusal(story)
+    assert looks_like_refusal("\"I can't help you,\" said the wizard, and closed the door.")
+    assert not looks_like_refusal("Here is the plan. " * 30 + "I cannot help with that.")
+    assert not looks_like_refusal(None) and not looks_like_refusal("")
+
+
+def test_refusal_detection_stays_cheap_on_adversarial_openings():
+    texts = ["a" * 5000, "I " * 2500, "Sorry! " * 700, "I'm sorry, " * 450, "x. " * 1600, "\u2019" * 5000,
+             ("word " * 15 + ". ") * 60]
+    start = time.perf_counter()
+    for _ in range(20):
+        for text in texts:
+            looks_like_refusal(text)
+    assert time.perf_counter() - start < 0.5
 
 
 def test_checks_from_specs_and_as_evaluator():
@@ -85,5 +152,5 @@ def test_lexical_evaluator_through_the_factory(tmp_path):
     assert evaluator.compare([prompt], ["I'm sorry, I can't help with that."], [full])[0] > 0.9
     with pytest.raises(EvaluatorConfigError, match="judge.teacher"):
         load_evaluator(JudgeConfig(evaluator="llm-judge"), "sqlite:///x.db")
-    with pytest.raises(EvaluatorConfigError, match="unknown"):
-        load_evaluator(JudgeConfig(evaluator="oracle"), "sqlite:///x.db")
+    with pytest.raises(ValueError, match="'small-judge', 'llm-judge' or 'lexical'"):  # refused with the config
+        JudgeConfig(evaluator="oracle")

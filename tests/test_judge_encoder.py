@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
-from evaluators.encoder import EmbeddingCache, EncoderError, EncoderSettings, LruEmbedder, TextEncoder
+from evaluators.encoder import EmbeddingCache, EncoderError, EncoderSettings, LruEmbedder, TextEncoder, text_key
 
 SMALL = EncoderSettings(max_tokens=32, num_layers=2)
 TEXTS = ["Short answer.", "A somewhat longer answer that explains the idea in a full sentence or two.",
@@ -34,6 +36,15 @@ def test_batching_does_not_change_embeddings(torch_encoder):
     np.testing.assert_allclose(together, alone, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
 
+
+def test_a_lone_surrogate_is_embedded_as_a_replacement_character_and_the_batch_survives(torch_encoder):
+    """json.loads makes a lone surrogate of a cut emoji pair ("\\ud83d"); the tokenizer cannot take one."""
+    lone = json.loads('"broken emoji \\ud83d here"')
+    together = torch_encoder.encode([lone, "\ud83d\ude00 split pair", *TEXTS])
+    np.testing.assert_allclose(together[0], torch_encoder.encode(["broken emoji \ufffd here"])[0], atol=1e-5)
+    np.testing.assert_allclose(together[1], torch_encoder.encode(["\U0001f600 split pair"])[0], atol=1e-5)
+    np.testing.assert_allclose(together[2:], torch_encoder.encode(TEXTS), atol=1e-5)
+    assert text_key(lone) != text_key("broken emoji \ufffd here")  # caches still tell the texts apart
 
 def test_onnx_matches_torch_and_int8_stays_close(torch_encoder, tmp_path, monkeypatch):
     monkeypatch.setenv("SHADOWJUDGE_CACHE_DIR", str(tmp_path))

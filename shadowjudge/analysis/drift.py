@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -26,6 +25,9 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
+# The refusal check's detector, so the refusal rate counts exactly the answers that check fails; evaluators.checks
+# is cheap to import and imports nothing from shadowjudge.analysis.
+from evaluators.checks import looks_like_refusal as is_refusal
 from shadowjudge.analysis.stats import ks_test, population_stability_index, rate_difference
 from shadowjudge.config import DriftConfig
 
@@ -230,19 +232,6 @@ def input_drift(reference: np.ndarray | Sequence[str], current: np.ndarray | Seq
 
 
 # --- output drift ----------------------------------------------------------------------------------------------
-
-_REFUSAL = re.compile(
-    r"\b(i'?m sorry,? but (i|as)|i (am )?(cannot|can't|can not|won't|will not|am unable to|'m unable to|am not able to"
-    r"|'m not able to) (help|assist|provide|comply|fulfil|fulfill|do that|answer|create|generate|write|share|support)"
-    r"(?! but\b)"  # "I can't help but dance" is not a refusal
-    r"|as an ai( language model)?,? i (cannot|can't|am unable|don't|do not)|i must (respectfully )?decline"
-    r"|(this|that|your) request (is|goes) against)", re.IGNORECASE)
-
-
-def is_refusal(text: str) -> bool:
-    """A refusal states itself early; look only at the opening so a quoted refusal deep in an answer is ignored."""
-    return bool(_REFUSAL.search(text[:400].replace("\u2019", "'")))
-
 
 @dataclass
 class OutputWindow:
