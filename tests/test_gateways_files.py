@@ -306,7 +306,7 @@ def test_the_shipped_example_gateway_configs_work_with_the_worked_example_route(
     assert push_weights(gw, {"claude-instant": 75, "yi-34b": 25, "llama-2-7b": 0}).ok
 
 
-@pytest.mark.parametrize("fault", ["reload fails", "reads back other weights"])
+@pytest.mark.parametrize("fault", ["reload fails", "reload rejects the new text only", "reads back other weights"])
 def test_a_failed_push_leaves_the_file_and_its_prev_as_they_were(tmp_path, monkeypatch, fault):
     """`.prev` is where a person looks for the last good config: after a restored push it used to hold the
     rejected rendering (read-back case) or a copy of the current file (reload case)."""
@@ -319,6 +319,8 @@ def test_a_failed_push_leaves_the_file_and_its_prev_as_they_were(tmp_path, monke
 
     if fault == "reload fails":
         _, gw = make_route("truefoundry", path, reload_command=["sh", "-c", "exit 3"])
+    elif fault == "reload rejects the new text only":  # the restore's reload then succeeds
+        _, gw = make_route("truefoundry", path, reload_command=["sh", "-c", "! grep -q 'weight: 50' {path}"])
     else:
         monkeypatch.setattr(type(gw), "read_back", lambda self: {"inc": 1, "cand": 99}, raising=True)
     result = push_weights(gw, {"inc": 50, "cand": 50})

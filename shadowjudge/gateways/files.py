@@ -181,12 +181,13 @@ class FileGateway:
     def push(self, rendered: str | None) -> None:
         """Write `rendered`, keeping the current file as `.prev`. Pushing back what the last push replaced (a failed
         push being restored) undoes that push instead: `.prev` gets its earlier revision back, so it never holds a
-        rejected rendering a person might restore by hand."""
-        last = self._last_push
-        if last is not None and rendered == last.replaced and self._read_text() == last.pushed:
+        rejected rendering a person might restore by hand; and pushing what the file already holds writes nothing
+        (the reload still runs)."""
+        last, current = self._last_push, self._read_text()
+        if last is not None and rendered == last.replaced and current == last.pushed:
             self._undo(last)
-        else:
-            self._last_push = _Push(pushed=rendered, replaced=self._read_text(), prev=self._read_prev())
+        elif rendered != current:  # the text the file holds already (a push its reload undid) is not written again
+            self._last_push = _Push(pushed=rendered, replaced=current, prev=self._read_prev())
             write_config_file(self.path, rendered)
         if self.reload_command:
             try:
