@@ -6,10 +6,10 @@ by (run_id, sample_id, target, attempt): an answer, or an error class after retr
 the run goes (small batches, off the event loop), so an interrupted run that is started again replays only the
 keys that are missing.
 
-The budget admits requests by their place in the plan, the same for every target: once it is spent, no target
-starts a request past the last place admitted, so all targets answer the same samples and the comparison stays
-paired. Requests never sent leave no row (they are not the target's errors): a later call with budget left
-sends them.
+Once the spend budget is reached no request starts (those in flight finish), so it is overshot by in-flight
+requests only. Targets may then have answered different numbers of samples; the analysis compares the samples
+both sides answered. Requests never sent leave no row (they are not the target's errors): a later call with budget
+left sends them.
 """
 
 from __future__ import annotations
@@ -124,30 +124,18 @@ class _Item:
     messages: list[Any]
     params: dict[str, Any]
     attempt: int
-    place: int  # in the run's plan, the same for every target
 
 
 class SpendBudget:
-    """Spend of one run so far, and how far into the plan requests are admitted: while budget is left, a target
-    reaching a new place admits it for all; once it is spent, places past the last admitted are not sent (in-flight
-    requests finish)."""
+    """Spend of one run so far; new requests stop once it reaches the limit (in-flight ones finish)."""
 
     def __init__(self, limit_usd: float | None, spent_usd: float = 0.0):
         self.limit = limit_usd
         self.spent = spent_usd
-        self.admitted = -1
 
     @property
     def exhausted(self) -> bool:
         return self.limit is not None and self.spent >= self.limit
-
-    def admits(self, place: int) -> bool:
-        if place <= self.admitted:
-            return True
-        if self.exhausted:
-            return False
-        self.admitted = place
-        return True
 
     def add(self, usd: float | None) -> None:
         self.spent += usd or 0.0
@@ -173,7 +161,7 @@ class _TargetRun:
         await asyncio.gather(*(self._worker() for _ in range(workers)))
 
     async def _worker(self) -> None:
-        while self.items and self.budget.admits(self.items[0].place):
+        while self.items and not self.budget.exhausted:
             item = self.items.popleft()
             row = await self._replay(item)
             self.replayed += 1
@@ -289,8 +277,8 @@ async def replay(engine: Engine, run_id: int, samples: Sequence[TrafficSample], 
     plans: dict[str, deque[_Item]] = {}
     for target in targets:
         plans[target.name] = deque(
-            _Item(s.id, s.messages, s.params or {}, attempt, place)
-            for place, (attempt, s) in enumerate((a, s) for a in range(shadow.consistency_k) for s in samples)
+            _Item(s.id, s.messages, s.params or {}, attempt)
+            for attempt in range(shadow.consistency_k) for s in samples
             if (s.id, target.name, attempt) not in stored)
     pending = sum(len(q) for q in plans.values())
     budget = SpendBudget(shadow.budget_usd, spent)
