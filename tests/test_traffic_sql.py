@@ -159,6 +159,23 @@ def test_a_sqlite_table_whose_date_times_are_text_in_another_layout_is_read_once
     assert [s.cursor["id"] for s in inside] == ["r2", "r3", "r4", "r5"]
 
 
+def test_julianday_is_used_only_for_a_sqlite_column_in_another_layout(tmp_path):
+    """julianday() keeps SQLite from using an index on the column (a full scan and sort per page): a column in
+    SQLAlchemy's own layout is compared as it is."""
+    from sqlalchemy import Column, DateTime, MetaData, String, Table
+
+    from shadowjudge.traffic.sources.sql import _sqlalchemy_layout
+
+    engine = get_engine(f"sqlite:///{tmp_path}/t.db")
+    table = Table("t", MetaData(), Column("rid", String), Column("ts", DateTime))
+    table.create(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"rid": "a", "ts": datetime(2026, 11, 22, 10)}])
+        assert _sqlalchemy_layout(engine, table.c.ts)
+        conn.execute(text("INSERT INTO t VALUES ('b', '2026-11-22T11:00:00')"))
+    assert not _sqlalchemy_layout(engine, table.c.ts)
+
+
 def test_numeric_columns_are_numbers_not_quarantined_records(store_url):
     """NUMERIC columns come back as Decimal: a cost in one quarantined every row, as metadata too."""
     with get_engine(store_url).begin() as conn:

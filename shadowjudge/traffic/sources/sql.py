@@ -26,12 +26,13 @@ written behind the cursor and never read. Backfill windows select by the request
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Column, DateTime, MetaData, Table, and_, func, literal, or_, select
+from sqlalchemy import Column, DateTime, MetaData, String, Table, and_, func, literal, or_, select, type_coerce
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchTableError, SQLAlchemyError
 
@@ -266,8 +267,11 @@ class SqlSource:
         engine = get_engine(self.url)
         # SQLite keeps date-times as text, in whatever layout the writer chose ('2026-11-22T10:00:00', seconds only,
         # an offset); compared as text with SQLAlchemy's own layout, rows were skipped or read again forever.
-        # julianday() reads every layout as one number, on both sides of each comparison and in the order.
-        as_time = func.julianday if engine.dialect.name == "sqlite" else (lambda value: value)
+        # julianday() reads every layout as one number, on both sides of each comparison and in the order; it also
+        # keeps SQLite from using an index on the column, so it is used only where a column holds another layout.
+        foreign = engine.dialect.name == "sqlite" and not all(
+            _sqlalchemy_layout(engine, column) for column in {ts_col, order_col})
+        as_time = func.julianday if foreign else (lambda value: value)
 
         def bound(column: Column[Any], ts: datetime) -> Any:
             """`ts` as `column` compares it: in UTC, naive for a column without a zone."""
@@ -312,6 +316,20 @@ class SqlSource:
                 last = (ts, rid)
             if len(rows) < self.page_size:
                 return
+
+
+_SQLALCHEMY_SQLITE_LAYOUT = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}")
+
+
+def _sqlalchemy_layout(engine: Any, column: Column[Any]) -> bool:
+    """Whether a SQLite column's earliest and latest values are text in the layout SQLAlchemy writes and binds
+    ('2026-11-22 10:00:00.000000'), so text comparison orders them (an index on the column serves both reads)."""
+    raw = type_coerce(column, String)
+    with engine.connect() as conn:
+        ends = [conn.scalar(select(raw).where(column.is_not(None)).order_by(order).limit(1))
+                for order in (column.asc(), column.desc())]
+    return all(value is None or (isinstance(value, str) and _SQLALCHEMY_SQLITE_LAYOUT.fullmatch(value))
+               for value in ends)
 
 
 def _iso(ts: Any) -> str:
