@@ -304,3 +304,34 @@ def test_an_answer_that_calls_tools_keeps_its_calls_as_the_replayed_answer_shows
     decoded = dict(BASE, response={"choices": [{"message": {"content": None, "tool_calls": [
         {"function": {"name": "f", "arguments": {"x": 1}}}, "junk"]}}]})
     assert normalise_openai_log(decoded, "t").response_text == '[{"name":"f","arguments":"{\\"x\\":1}"}]'
+
+
+@pytest.mark.parametrize("scheme", ["dated", "numbered"])
+def test_two_rotations_between_runs_lose_neither_file(tmp_path, scheme):
+    """The ingest was down for two rotations: the cursor's file went first, another whole file after it. Only
+    the first was found; the second sorts before the live name (or is hidden from the listing) and was lost."""
+    import os as _os
+
+    live = tmp_path / "requests.jsonl"
+    first, tail, second, fresh = _records("a", 3), _records("tail", 2), _records("b", 3), _records("c", 1)
+    live.write_bytes(first)
+    cursor = lines_of(tmp_path)[-1].cursor
+    names = (["requests-2026-11-23.jsonl", "requests-2026-11-24.jsonl"] if scheme == "dated"
+             else ["requests.jsonl.2", "requests.jsonl.1"])
+    (tmp_path / names[0]).write_bytes(first + tail)
+    _os.utime(tmp_path / names[0], (1_800_000_000, 1_800_000_000))
+    (tmp_path / names[1]).write_bytes(second)
+    _os.utime(tmp_path / names[1], (1_800_000_600, 1_800_000_600))
+    live.write_bytes(fresh)
+    steps = lines_of(tmp_path, cursor)
+    expected = (tail + second + fresh).splitlines(keepends=True)
+    assert _data(steps) == expected
+    assert _data(lines_of(tmp_path, steps[-1].cursor)) == []
+    for i, step in enumerate(s for s in steps if s.data):  # stopped anywhere, it goes on where it stopped
+        assert _data(lines_of(tmp_path, step.cursor)) == expected[i + 1:]
+    gz = tmp_path / (names[0] + ".gz")  # the first rotation compressed (mtime kept), its cursor finished
+    gz.write_bytes(gzip.compress(first + tail))
+    _os.utime(gz, (1_800_000_000, 1_800_000_000))
+    (tmp_path / names[0]).unlink()
+    done = {"file": gz.name, "offset": len(first + tail), "finished": True, "rotated_from": "requests.jsonl"}
+    assert _data(lines_of(tmp_path, done)) == (second + fresh).splitlines(keepends=True)

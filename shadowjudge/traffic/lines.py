@@ -19,7 +19,8 @@ Rules that keep a reader from losing or inventing data:
   anything else. Only files the reader would otherwise never read again are searched: names that sort before
   the cursor's file (`requests.jsonl` -> `requests-2026-11-24.jsonl`), the same name compressed
   (`requests-2026-11-24.jsonl.gz`), and logrotate's names outside the listed suffixes (`requests.jsonl.1`,
-  `requests.jsonl-20261124`, each maybe `.gz`). A false match re-reads lines, never skips them;
+  `requests.jsonl-20261124`, each maybe `.gz`). A false match re-reads lines, never skips them. The rotations
+  made after that one (candidates modified later) are then read whole, oldest first;
 - memory stays flat: a line longer than the limit is skipped in chunks, never held whole.
 """
 
@@ -89,17 +90,23 @@ def read_lines(path: str | Path, cursor: dict[str, Any] | None, max_record_bytes
     cursor = cursor or {}
     name = cursor.get("file")
     live = cursor.get("rotated_from", name)
-    rotated = rotated_continuation(folder, files, cursor)
-    if rotated is not None:
-        if rotated.name != name:
-            log.warning("%s was rotated to %s: reading its last lines from there", name, rotated.name)
-        newest = bool(files) and rotated == files[-1]
-        for line in _read_file(rotated, int(cursor["offset"]), max_record_bytes, newest=newest):
-            yield line._replace(cursor={**line.cursor, "rotated_from": live})
-    resume_live = rotated is None and "rotated_from" not in cursor
+    chain = rotated_continuation(folder, files, cursor)
+    if chain:
+        if chain[0].name != name:
+            log.warning("%s was rotated to %s: reading its last lines from there", name, chain[0].name)
+        for rotated in chain[1:]:
+            log.warning("%s was rotated to %s since the last run: reading it", name, rotated.name)
+        for index, rotated in enumerate(chain):
+            if index == 0 and cursor.get("finished"):
+                continue  # the cursor's rotated gzip is done; the later rotations are not
+            newest = bool(files) and rotated == files[-1]
+            offset = int(cursor["offset"]) if index == 0 else 0
+            for line in _read_file(rotated, offset, max_record_bytes, newest=newest):
+                yield line._replace(cursor={**line.cursor, "rotated_from": live})
+    resume_live = not chain and "rotated_from" not in cursor
     for index, file in enumerate(files):
-        if file == rotated or "rotated_from" in cursor and file.name == name:
-            continue  # the rotated file: read above, or finished
+        if file in chain or "rotated_from" in cursor and file.name == name:
+            continue  # a rotated file: read above, or finished
         offset, head = 0, None
         if isinstance(live, str):
             if file.name < live:
@@ -111,39 +118,53 @@ def read_lines(path: str | Path, cursor: dict[str, Any] | None, max_record_bytes
         yield from _read_file(file, offset, max_record_bytes, newest=index == len(files) - 1, head=head)
 
 
-def rotated_continuation(folder: Path, files: list[Path], cursor: dict[str, Any]) -> Path | None:
-    """The file to read on from the cursor's offset when that is not the live file's place: the rotated file a
-    `"rotated_from"` cursor is in, or where the cursor's plain file went when its name now holds another file or
-    none (the newest candidate, by modification time, whose first bytes hash to the cursor's head)."""
+def rotated_continuation(folder: Path, files: list[Path], cursor: dict[str, Any]) -> list[Path]:
+    """The files to read before the live file's name when the cursor's place is not in the live file: first the
+    one to read on from the cursor's offset (the rotated file a `"rotated_from"` cursor is in, or where the
+    cursor's plain file went when its name now holds another file or none: the newest candidate, by modification
+    time, whose first bytes hash to the cursor's head), then the later rotations since (candidates modified after
+    it, oldest first), read whole. Empty when the cursor's file is where it was."""
     name, head, offset = cursor.get("file"), cursor.get("head"), cursor.get("offset")
     live = cursor.get("rotated_from", name)
     if not isinstance(name, str) or not isinstance(live, str) or not isinstance(offset, int) or offset <= 0:
-        return None
-    if cursor.get("finished"):
-        return None
+        return []
     in_rotated = "rotated_from" in cursor
+    if cursor.get("finished") and not in_rotated:
+        return []
     current = folder / name if in_rotated else next((f for f in files if f.name == name), None)
+    match = None
     if current is not None and current.is_file():
         # a gzip cursor has no head: a rotated .gz the cursor is in is taken as it is
         same = _head_matches(current, head, offset) if isinstance(head, str) else in_rotated
+        if same and not in_rotated:
+            return []
         if same:
-            return current if in_rotated else None
-    if not isinstance(head, str):
-        return None
+            match = current
+    candidates = _rotation_candidates(folder, files, live, name)
+    if match is None and isinstance(head, str):
+        match = next((f for _, f in reversed(candidates) if _head_matches(f, head, offset)), None)
+    since = _mtime(match) if match is not None else None
+    if match is None or since is None:
+        return []
+    return [match, *(f for modified, f in candidates if f != match and modified > since)]
+
+
+def _rotation_candidates(folder: Path, files: list[Path], live: str, name: str) -> list[tuple[float, Path]]:
+    """Files the reader would never read again, where a rotated log may be: listed names sorting before the live
+    one, the cursor file's name `.gz`, and logrotate's names the suffix filter hides; oldest first."""
     listed = set(files)
     candidates = {f for f in files if f.name < live}
     candidates |= {p for p in _rotation_siblings(folder, (live, name)) if p not in listed or p.name == name + ".gz"}
     candidates.discard(folder / live)
-    dated = []
-    for f in candidates:
-        try:
-            dated.append((f.stat().st_mtime, f.name, f))
-        except OSError:
-            continue
-    for _, _, f in sorted(dated, reverse=True):
-        if _head_matches(f, head, offset):
-            return f
-    return None
+    dated = [(modified, f) for f in candidates if (modified := _mtime(f)) is not None]
+    return sorted(dated, key=lambda item: (item[0], item[1].name))
+
+
+def _mtime(file: Path) -> float | None:
+    try:
+        return file.stat().st_mtime
+    except OSError:
+        return None
 
 
 def _rotation_siblings(folder: Path, names: tuple[str, ...]) -> list[Path]:
