@@ -122,7 +122,7 @@ def ingest_sources(engine: Engine, config: Config, *, since: datetime | None = N
     reports: list[SourceReport] = []
     with ingest_lease(engine, wait_s) as lease, _progress_display(progress) as show:
         def on_batch(report: SourceReport) -> None:
-            lease.renew()
+            lease.keep_alive()
             if show is not None:
                 show(report)
 
