@@ -36,6 +36,7 @@ class ResultWriter:
         self._pending: list[dict[str, Any]] = []
         self._wake = asyncio.Event()
         self._closing = False
+        self._writing: asyncio.Future[None] | None = None  # the insert in its thread, which a cancel does not stop
         # One INSERT .. ON CONFLICT DO NOTHING executed for many rows: compiled once and cached, unlike a
         # multi-VALUES statement built per batch, which costs more to compile than the rows cost to write.
         dialect_insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
@@ -52,7 +53,9 @@ class ResultWriter:
         self._wake.set()
 
     async def run(self) -> None:
-        """Flush until closed; on cancellation (an interrupted run) still write what has arrived."""
+        """Flush until closed; on cancellation (an interrupted run) still write what has arrived, the batch whose
+        insert was under way included, before returning (else a resume read the store before it committed, and
+        sent those requests again)."""
         try:
             while not self._closing:
                 try:
@@ -63,6 +66,8 @@ class ResultWriter:
                 await self.flush()
             await self.flush()
         except asyncio.CancelledError:
+            if self._writing is not None:  # the batch being written when the cancel came: wait for its commit
+                await asyncio.wait([self._writing])
             await self.flush()
             raise
 
@@ -70,7 +75,9 @@ class ResultWriter:
         """Write what is pending in transactions of at most `batch_size` rows, so a fault loses one batch."""
         while self._pending:
             rows, self._pending = self._pending[:self.batch_size], self._pending[self.batch_size:]
-            await asyncio.to_thread(self._insert, rows)
+            self._writing = asyncio.ensure_future(asyncio.to_thread(self._insert, rows))
+            await asyncio.shield(self._writing)
+            self._writing = None
 
     def _insert(self, rows: list[dict[str, Any]]) -> None:
         try:
