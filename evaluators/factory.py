@@ -24,7 +24,7 @@ def load_evaluator(judge: "JudgeConfig", tracking_uri: str) -> Evaluator:
     """
     kind = judge.evaluator
     if kind == "small-judge":
-        return load_small_judge(judge.model_uri or f"models:/{judge.registered_name}@champion", tracking_uri,
+        return load_small_judge(judge_model_uri(judge), tracking_uri,
                                 batch_size=judge.batch_size)
     if kind == "llm-judge":
         from evaluators.llm_judge import LlmJudge
@@ -40,6 +40,15 @@ def load_evaluator(judge: "JudgeConfig", tracking_uri: str) -> Evaluator:
     raise EvaluatorConfigError(f"judge.evaluator '{kind}' is unknown; use small-judge, llm-judge or lexical")
 
 
+def judge_model_uri(judge: "JudgeConfig") -> str:
+    """`judge.model_uri`, by default the registered champion."""
+    return judge.model_uri or f"models:/{judge.registered_name}@champion"
+
+
+def _not_a_judge(model_uri: str) -> EvaluatorConfigError:
+    return EvaluatorConfigError(f"judge model '{model_uri}' is neither a models:/ URI nor a judge directory")
+
+
 def check_evaluator(judge: "JudgeConfig", tracking_uri: str) -> None:
     """What `load_evaluator` would refuse, found without loading a model: a cycle checks it before its paid shadow
     calls (a missing champion used to fail only at the score stage, leaving the run open to be replayed again)."""
@@ -49,13 +58,13 @@ def check_evaluator(judge: "JudgeConfig", tracking_uri: str) -> None:
         raise EvaluatorConfigError("judge.evaluator is 'llm-judge' but judge.teacher (an endpoint) is not set")
     if judge.evaluator != "small-judge":
         return
-    model_uri = judge.model_uri or f"models:/{judge.registered_name}@champion"
+    model_uri = judge_model_uri(judge)
     if model_uri.startswith("models:/"):
         from evaluators import judge_registry as reg
 
         reg.resolve(tracking_uri, model_uri)
     elif not Path(model_uri.removeprefix("file://")).is_dir():
-        raise EvaluatorConfigError(f"judge model '{model_uri}' is neither a models:/ URI nor a judge directory")
+        raise _not_a_judge(model_uri)
 
 
 def load_small_judge(model_uri: str, tracking_uri: str, *, batch_size: int = 32, backend: str | None = None):
@@ -74,7 +83,7 @@ def load_small_judge(model_uri: str, tracking_uri: str, *, batch_size: int = 32,
                                batch_size=batch_size, backend=backend)
     path = Path(model_uri.removeprefix("file://"))
     if not path.is_dir():
-        raise EvaluatorConfigError(f"judge model '{model_uri}' is neither a models:/ URI nor a judge directory")
+        raise _not_a_judge(model_uri)
     return SmallJudge.load(path, batch_size=batch_size, backend=backend)
 
 
