@@ -239,10 +239,17 @@ def _sent(run_id: int) -> Any:
                                                  ShadowResult.error_class != BUDGET_EXHAUSTED)
 
 
-def _stored_keys(engine: Engine, run_id: int) -> tuple[set[tuple[int, str, int]], float]:
+def _drop_unsent_placeholders(engine: Engine, run_id: int) -> None:
+    """Earlier versions stored a `budget_exhausted` row for each request the budget left unsent; drop them so a
+    resumed run sends those requests."""
     with session_scope(engine) as s:
         s.execute(delete(ShadowResult).where(ShadowResult.run_id == run_id,
                                              ShadowResult.error_class == BUDGET_EXHAUSTED))
+
+
+def _stored_keys(engine: Engine, run_id: int) -> tuple[set[tuple[int, str, int]], float]:
+    """The (sample, target, attempt) keys of the run's sent requests, and what they cost."""
+    with session_scope(engine) as s:
         rows = s.execute(select(ShadowResult.sample_id, ShadowResult.target, ShadowResult.attempt,
                                 ShadowResult.cost_usd).where(_sent(run_id))).all()
     return {(r.sample_id, r.target, r.attempt) for r in rows}, sum(r.cost_usd or 0.0 for r in rows)
@@ -273,6 +280,7 @@ async def replay(engine: Engine, run_id: int, samples: Sequence[TrafficSample], 
                  writer: ResultWriter | None = None) -> ShadowReport:
     """The async core of `run_shadow`; replays what is not stored yet for `run_id` and reports on the run."""
     _check_inputs(samples, targets, shadow, pricing)
+    _drop_unsent_placeholders(engine, run_id)
     stored, spent = _stored_keys(engine, run_id)
     plans: dict[str, deque[_Item]] = {}
     for target in targets:
