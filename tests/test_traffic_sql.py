@@ -213,3 +213,32 @@ def test_a_litellm_request_that_ran_longer_than_the_settle_time_is_still_read(st
     second = ingest_sources(engine, config).sources[0]
     assert (second.read, second.stored) == (1, 1)
     assert ingest_sources(engine, config).sources[0].read == 0
+
+
+def test_integer_request_ids_of_two_sources_do_not_collide(tmp_path):
+    """An autoincrement id is unique only in its table: two sources both had a request 1, and the store kept the
+    first source's and dropped the other's as a duplicate."""
+    import json
+
+    sources = []
+    for name in ("east", "west"):
+        url = f"sqlite:///{tmp_path}/{name}.db"
+        with get_engine(url).begin() as conn:
+            conn.execute(text("CREATE TABLE requests (id INTEGER PRIMARY KEY, created DATETIME, msgs TEXT, "
+                              "model TEXT)"))
+            for i in range(3):
+                conn.execute(text("INSERT INTO requests (created, msgs, model) VALUES (:t, :m, 'm1')"),
+                             {"t": datetime(2026, 11, 22, 10, i),
+                              "m": json.dumps([{"role": "user", "content": f"{name} q{i}"}])})
+        sources.append({"name": name, "kind": "sql", "url": url, "table": "requests",
+                        "mapping": {"request_id": "id", "timestamp": "created", "messages": "msgs",
+                                    "model": "model"}})
+    store_url = f"sqlite:///{tmp_path}/store.db"
+    upgrade_database(store_url)
+    engine = get_engine(store_url)
+    reports = ingest_sources(engine, make_config(store_url, sources)).sources
+    assert [(r.stored, r.duplicates) for r in reports] == [(3, 0), (3, 0)]
+    with engine.connect() as conn:
+        ids = sorted(conn.execute(text("SELECT request_id FROM traffic_samples")).scalars())
+    assert ids == ["east:1", "east:2", "east:3", "west:1", "west:2", "west:3"]
+    assert [r.read for r in ingest_sources(engine, make_config(store_url, sources)).sources] == [0, 0]

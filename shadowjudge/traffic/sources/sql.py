@@ -12,7 +12,8 @@ Mapping keys (canonical field -> column): `table`, `request_id`*, `timestamp`*, 
 text) or `response_text`, `params` (JSON), `input_tokens`, `output_tokens`, `latency_ms` or `end_time`,
 `ttft_ms` or `first_token_time`, `cost_usd`, `cache_hit`, `metadata` (JSON object), `metadata.<key>` for
 extra columns to keep as metadata, and `written_at`: a date-time set when the row is written, where that is later
-than the request's `timestamp` (a log row written when the request ends). (* required)
+than the request's `timestamp` (a log row written when the request ends). (* required) An integer request id is
+stored as `<source name>:<id>`, since another table numbers its rows from 1 too.
 
 The LiteLLM preset reads `LiteLLM_SpendLogs` as LiteLLM's Prisma schema defines it. LiteLLM stores prompts and
 responses there only with `general_settings: {store_prompts_in_spend_logs: true}`; rows without them are
@@ -158,8 +159,12 @@ def _elapsed_ms(start: datetime, end: Any, name: str) -> float | None:
     return delta if delta >= 0 else None
 
 
-def row_record(row: dict[str, Any], mapping: dict[str, str], position: str) -> TrafficRecord:
-    """One table row as a `TrafficRecord` (RecordError names the field, never its value)."""
+def row_record(row: dict[str, Any], mapping: dict[str, str], position: str,
+               source: str | None = None) -> TrafficRecord:
+    """One table row as a `TrafficRecord` (RecordError names the field, never its value).
+
+    An integer request id (an autoincrement key) is unique only in its own table: two sources would both have a
+    request 1, and the store keeps the first it sees. It becomes `<source>:<id>`."""
     def col(field: str) -> Any:
         column = mapping.get(field)
         return row.get(column) if column else None
@@ -205,7 +210,7 @@ def row_record(row: dict[str, Any], mapping: dict[str, str], position: str) -> T
     input_tokens = col("input_tokens")
     output_tokens = col("output_tokens")
     return TrafficRecord(
-        request_id=stable_request_id(col("request_id"), timestamp, route, messages),
+        request_id=stable_request_id(_qualified_id(col("request_id"), source), timestamp, route, messages),
         timestamp=timestamp,
         route=route,
         incumbent_model=model,
@@ -223,6 +228,12 @@ def row_record(row: dict[str, Any], mapping: dict[str, str], position: str) -> T
         metadata=metadata,
         position=position,
     )
+
+
+def _qualified_id(value: Any, source: str | None) -> Any:
+    if source is not None and isinstance(value, int) and not isinstance(value, bool):
+        return f"{source}:{value}"
+    return value
 
 
 class SqlSource:
@@ -308,7 +319,7 @@ class SqlSource:
                 position = f"{table.name}:{_iso(row[ts_col.name])}:{rid}"
                 step_cursor = {"ts": _iso(ts), "id": rid if isinstance(rid, (str, int)) else str(rid)}
                 try:
-                    yield SourceRead(row_record(row, self.mapping, position), step_cursor)
+                    yield SourceRead(row_record(row, self.mapping, position, self.name), step_cursor)
                 except RecordError as exc:
                     yield SourceRead(Rejected(position, str(exc)), step_cursor)
                 except UNUSABLE_ERRORS as exc:
