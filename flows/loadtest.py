@@ -65,6 +65,7 @@ def load_test(config_path: str, route: str, targets: list[str] | None = None, ra
     for target in chosen:
         report = load_test_task(target, prompts, ramp, max_requests, shadow)
         run_id = log_load_test_task(report, config.mlflow.tracking_uri, experiment) if config.mlflow.enabled else None
+        # throughput (successes over the whole step, drain included): what the endpoint delivered at that level
         peak = max(report["steps"], key=lambda s: s["achieved_rps"], default=None)
         results[target.name] = {"mlflow_run_id": run_id, "steps": len(report["steps"]), "capped": report["capped"],
                                 "peak_rps": peak["achieved_rps"] if peak else 0.0,

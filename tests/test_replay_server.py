@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
+import os
+import re
+import select
+import signal
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,10 +24,11 @@ from typer.testing import CliRunner
 
 from shadowjudge.shadow.profiles import ProfileError, ProfileSet, load_profiles, plan_request
 from shadowjudge.shadow.recordings import Recordings, RecordingsError, prompt_id_for
-from shadowjudge.shadow.replay_server import ReplayServer, ReplayServerError, replay_server_cli
+from shadowjudge.shadow.replay_server import ReplayServer, ReplayServerError, build_app, replay_server_cli
 from shadowjudge.shadow.tokens import count_message_tokens, count_tokens, split_tokens
 
-DEMO_RECORDINGS = Path(__file__).resolve().parents[1] / "shadowjudge" / "demo_data" / "recordings.jsonl.gz"
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_RECORDINGS = ROOT / "shadowjudge" / "demo_data" / "recordings.jsonl.gz"
 MODELS = ("claude-instant-1.2", "Yi-34B-Chat")
 
 
@@ -148,7 +156,7 @@ def test_injected_errors_follow_the_seeded_plan_exactly(recordings):
                 "model": "Yi-34B-Chat", "messages": [{"role": "user", "content": prompt}]})
             got.append(r.status_code)
             if r.status_code == 429:
-                assert (r.headers["retry-after-ms"], r.headers["retry-after"]) == ("250", "0")
+                assert (r.headers["retry-after-ms"], r.headers["retry-after"]) == ("250", "1")
                 assert r.json()["error"]["type"] == "rate_limit_exceeded"
         # a repeat of a failed request draws afresh: the plan for n=1
         retry = client.post(f"{srv.base_url}/chat/completions", json={
@@ -157,6 +165,34 @@ def test_injected_errors_follow_the_seeded_plan_exactly(recordings):
     assert got == [p.status for p in expected]
     assert retry.status_code == plan_request(profiles, "Yi-34B-Chat", prompt_id_for(prompts[got.index(500)]), 1).status
     assert stats["errors"] == {"429": got.count(429), "500": got.count(500) + (retry.status_code == 500)}
+
+
+@pytest.mark.parametrize("wait_s, retry_after, retry_after_ms", [
+    (0.2, "1", "200"),  # the demo profile's Yi-34B-Chat
+    (0.4, "1", "400"),
+    (1.0, "1", "1000"),
+    (1.001, "2", "1001"),  # 1.001 * 1000 is 1000.99...: truncating it said 1000
+    (1.5, "2", "1500"),
+])
+def test_retry_after_rounds_up_to_whole_seconds_and_retry_after_ms_is_exact(recordings, wait_s, retry_after,
+                                                                           retry_after_ms):
+    """A sub-second wait used to be sent as "retry-after: 0", which tells a client to retry at once."""
+    app = build_app(recordings[0], {"models": {"Yi-34B-Chat": {"error_rate": 1.0, "error_statuses": {429: 1},
+                                                               "retry_after_s": wait_s}}})
+    body = json.dumps({"model": "Yi-34B-Chat", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+    asyncio.run(app(scope, receive, send))
+    headers = dict(sent[0]["headers"])
+    assert sent[0]["status"] == 429
+    assert (headers[b"retry-after"], headers[b"retry-after-ms"]) == (retry_after.encode(), retry_after_ms.encode())
 
 
 def test_stalled_stream_stops_midway_and_frees_the_server_on_disconnect(recordings):
@@ -271,6 +307,35 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path):
     assert "bad.jsonl:1: not valid JSON" in result.output and "Traceback" not in result.output
 
 
+def test_cli_names_a_recordings_file_that_is_not_utf8(tmp_path):
+    """The UnicodeDecodeError used to escape the reader's error handling as a traceback-worthy crash (exit 1)."""
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps({"prompt_id": "a", "model": "m", "output": "caf\u00e9"}, ensure_ascii=False)
+                     .encode("latin-1") + b"\n")
+    result = CliRunner().invoke(replay_server_cli, ["--recordings", str(path)])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert f"error: {path}: not UTF-8 text" in result.output and "Traceback" not in result.output
+
+
+def test_cli_with_port_0_announces_the_port_it_listens_on(recordings):
+    """`--port 0` lets the OS pick a free port; the startup line used to say port 0, which nobody can reach."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    server = subprocess.Popen([sys.executable, "-m", "shadowjudge.shadow.replay_server", "--recordings",
+                               str(recordings[0]), "--port", "0"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line, deadline = "", time.monotonic() + 60
+        while "serving" not in line and time.monotonic() < deadline and server.poll() is None:
+            if select.select([server.stderr], [], [], 1)[0]:
+                line = server.stderr.readline()
+        assert "serving" in line, f"no startup line (exit status {server.poll()})"
+        port = int(re.search(r":(\d+)/v1$", line.strip()).group(1))
+        assert port != 0, line
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).json() == {"status": "ok"}
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
 def test_process_start_failure_is_reported(tmp_path):
     (tmp_path / "bad.jsonl").write_text("{oops\n")
     with pytest.raises(ReplayServerError, match="not valid JSON"):
@@ -287,11 +352,6 @@ def test_tokens_join_back_to_the_text(text):
 
 def test_a_server_process_does_not_outlive_a_killed_parent(recordings, tmp_path):
     """The parent here is a throwaway Python process that starts a ReplayServer and is then SIGKILLed."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
     script = (f"import sys, time; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
               "from shadowjudge.shadow.replay_server import ReplayServer\n"
               f"srv = ReplayServer({str(recordings[0])!r}); srv.start(); print(srv.pid, flush=True); time.sleep(60)\n")

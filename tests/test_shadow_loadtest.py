@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import gzip
+import importlib.util
 import json
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from shadowjudge.config import ShadowConfig, TargetConfig
+from shadowjudge.shadow import loadtest
+from shadowjudge.shadow.endpoint import Completion
 from shadowjudge.shadow.loadtest import (
+    LoadStep,
     LoadTestError,
+    LoadTestReport,
     Ramp,
     log_loadtest,
     loadtest_cli,
@@ -21,8 +31,36 @@ from shadowjudge.shadow.loadtest import (
 )
 from shadowjudge.shadow.replay_server import ReplayServer
 
-DEMO = Path(__file__).resolve().parents[1] / "shadowjudge" / "demo_data"
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "shadowjudge" / "demo_data"
 SHADOW = ShadowConfig(max_retries=0, timeout_s=2.0, max_tokens=16)
+STUB_TARGET = TargetConfig(name="lt", model="m", base_url="http://127.0.0.1:9/v1")
+STUB_PROMPTS = [[{"role": "user", "content": f"q{i}"}] for i in range(20)]
+
+
+class SleepyEndpoint:
+    """Answers every request after `service_s` and reports exactly that as its latency, so that a test controls
+    the timing; records when each request was sent and answered."""
+
+    def __init__(self, service_s: float):
+        self.service_s = service_s
+        self.sent: list[float] = []
+        self.answered: list[float] = []
+
+    async def complete(self, body: dict[str, Any], *, stream: bool, timeout_s: float) -> Completion:
+        self.sent.append(time.perf_counter())
+        await asyncio.sleep(self.service_s)
+        self.answered.append(time.perf_counter())
+        return Completion(text="x", latency_ms=self.service_s * 1000, ttft_ms=None, itl_ms=None, input_tokens=1,
+                          output_tokens=1)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def run_on_stub(endpoint: SleepyEndpoint, **plan: Any) -> LoadTestReport:
+    return run_loadtest(STUB_TARGET, STUB_PROMPTS, max_requests=1000, shadow=SHADOW,
+                        endpoint_factory=lambda *_: endpoint, **plan)
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +160,124 @@ def test_request_logs_are_read_plain_or_gzipped_and_bad_lines_are_named(tmp_path
     plain.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"request": {"model": "x"}}) + "\n")
     with pytest.raises(LoadTestError, match="log.jsonl:2: no `messages`"):
         prompts_from_jsonl(plain)
+
+
+def test_open_loop_latency_from_the_scheduled_arrival_counts_the_wait_for_a_free_slot(monkeypatch):
+    """Six arrivals 50 ms apart, one slot, 200 ms per answer: arrival k can only leave at >= k * 200 ms, while its
+    schedule says k * 50 ms. The endpoint's latency stays 200 ms; what a user arriving on schedule waits is the
+    send lag plus that (the report used to time requests from the actual send only: coordinated omission)."""
+    monkeypatch.setattr(loadtest, "MAX_IN_FLIGHT", 1)
+    (step,) = run_on_stub(SleepyEndpoint(0.2), rate=20, duration_s=0.3).steps
+    assert step.sent == step.ok == 6
+    assert step.in_flight_capped == 5  # every arrival after the first found the one slot taken
+    assert step.latency_ms["p50"] == step.latency_ms["p99"] == pytest.approx(200)  # the service time, as before
+    assert step.send_lag_ms["count"] == 6 and step.send_lag_ms["p99"] > 500  # arrival 4 left >= 600 ms late
+    assert step.response_ms["count"] == 6
+    for key in ("p50", "p90", "p99"):  # each answer came >= 200 ms after its send, which was send-lag late
+        assert step.response_ms[key] >= step.send_lag_ms[key] + 199
+
+
+def test_a_closed_loop_has_no_schedule_so_response_time_is_latency():
+    report = run_on_stub(SleepyEndpoint(0.02), ramp=Ramp(1, 1, 0.15, 2))
+    for step in report.steps:
+        assert step.ok == step.sent > 1
+        assert step.send_lag_ms == {} and step.in_flight_capped == 0
+        assert step.response_ms == step.latency_ms
+        assert step.send_rps is not None and step.drain_s >= 0.019
+
+
+def test_throughput_includes_the_drain_and_send_rps_is_the_arrival_rate():
+    """Ten arrivals at 20/s answered in 0.5 s each: the step lasts ~0.95 s, so achieved_rps (successes over the whole
+    step) reads ~10.5 req/s; send_rps says the arrivals ran at the rate asked, drain_s how long the tail took."""
+    endpoint = SleepyEndpoint(0.5)
+    (step,) = run_on_stub(endpoint, rate=20, duration_s=0.5).steps
+    assert step.sent == step.ok == 10
+    assert step.achieved_rps == pytest.approx(step.ok / step.duration_s, rel=0.01)
+    assert step.achieved_rps <= 10 / 0.95 + 0.01  # the drain is in the denominator, whatever the machine's speed
+    assert step.send_rps == pytest.approx(9 / (max(endpoint.sent) - min(endpoint.sent)), rel=0.01)
+    assert step.send_rps > step.achieved_rps
+    assert step.drain_s == pytest.approx(max(endpoint.answered) - max(endpoint.sent), abs=0.005)
+    assert step.drain_s >= 0.49
+
+
+def test_mlflow_gets_the_schedule_and_throughput_metrics_of_an_open_loop_step(monkeypatch, tmp_path):
+    monkeypatch.setattr(loadtest, "MAX_IN_FLIGHT", 1)
+    report = run_on_stub(SleepyEndpoint(0.1), rate=20, duration_s=0.2)
+    (step,) = report.steps
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    metrics = MlflowClient(tracking_uri=uri).get_run(log_loadtest(report, uri, experiment="lt-test")).data.metrics
+    expected = {"send_lag_p99_ms": step.send_lag_ms["p99"], "response_p99_ms": step.response_ms["p99"],
+                "response_p50_ms": step.response_ms["p50"], "send_rps": step.send_rps, "drain_s": step.drain_s,
+                "in_flight_capped": step.in_flight_capped, "latency_p99_ms": step.latency_ms["p99"]}
+    assert {k: metrics.get(k) for k in expected} == pytest.approx(expected)
+    assert step.in_flight_capped == 3
+
+
+def test_cli_warns_when_the_client_fell_behind_its_schedule_or_hit_the_in_flight_cap(monkeypatch, tmp_path):
+    """The table's latency is the service time; when sends left late the CLI must say where the real wait is."""
+    monkeypatch.setattr(loadtest, "MAX_IN_FLIGHT", 1)
+    monkeypatch.setattr(loadtest, "run_loadtest",
+                        functools.partial(run_loadtest, endpoint_factory=lambda *_: SleepyEndpoint(0.2)))
+    requests = tmp_path / "r.jsonl"
+    requests.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    result = CliRunner().invoke(loadtest_cli, ["--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--requests",
+                                               str(requests), "--rate", "20", "--duration", "0.3"],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "send lag p99" in result.output
+    assert ("warning: step 0: the client fell behind its schedule (send lag p99 " in result.output
+            and "latency from the scheduled arrival is in response_ms" in result.output), result.output
+    assert "warning: step 0: 5 arrivals waited for a free slot: MAX_IN_FLIGHT (1) requests were outstanding" \
+        in result.output, result.output
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("list.jsonl", b"[1, 2]\n", "list.jsonl:1: not a JSON object"),
+    ("string.jsonl", b'{"messages": [{"role": "user", "content": "a"}]}\n"just a string"\n',
+     "string.jsonl:2: not a JSON object"),
+    ("cut.jsonl.gz", gzip.compress(b'{"messages": [{"role": "user", "content": "hi"}]}\n' * 50)[:-20],
+     "cut.jsonl.gz: truncated gzip file"),
+    ("latin1.jsonl", '{"messages": [{"role": "user", "content": "caf\u00e9"}]}\n'.encode("latin-1"),
+     "latin1.jsonl: not UTF-8 text"),
+], ids=["list", "string", "truncated-gzip", "latin-1"])
+def test_cli_names_an_unreadable_request_log_and_exits_2(name, content, message, tmp_path):
+    """These used to end in an AttributeError, a bare UnicodeDecodeError or click's 'Aborted' (the EOFError)."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    result = CliRunner().invoke(loadtest_cli, ["--base-url", "http://127.0.0.1:9/v1", "--model", "m",
+                                               "--requests", str(path), "--rate", "1", "--duration", "1"])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert f"error: {tmp_path}/{message}" in result.output and "Traceback" not in result.output
+
+
+def test_bench_reports_a_ramp_step_without_a_success_instead_of_crashing(monkeypatch, capsys):
+    """A step whose every request failed has no latency percentiles (None); the bench used to round(None)."""
+    spec = importlib.util.spec_from_file_location("bench_loadtest", ROOT / "bench" / "loadtest_replay_server.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    class NoServer:
+        base_url = "http://127.0.0.1:9/v1"
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def __enter__(self) -> "NoServer":
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    steps = [LoadStep(index=0, concurrency=4, target_rps=None, duration_s=1.0, sent=10, ok=10, errors={},
+                      achieved_rps=10.0, error_rate=0.0, latency_ms={"p50": 5.123, "p99": 9.876}),
+             LoadStep(index=1, concurrency=12, target_rps=None, duration_s=1.0, sent=10, ok=0,
+                      errors={"server_error": 10}, achieved_rps=0.0, error_rate=1.0,
+                      latency_ms={"p50": None, "p99": None})]
+    report = LoadTestReport(model=bench.MODEL, base_url=NoServer.base_url, mode="ramp", steps=steps)
+    monkeypatch.setattr(bench, "ReplayServer", NoServer)
+    monkeypatch.setattr(bench, "run_loadtest", lambda *args, **kwargs: report)
+    monkeypatch.setattr(sys, "argv", ["loadtest_replay_server.py"])
+    bench.main()
+    out = json.loads(capsys.readouterr().out)
+    assert [(s["latency_p50_ms"], s["latency_p99_ms"]) for s in out["steps"]] == [(5.12, 9.88), (None, None)]
+    assert out["peak_rps"] == 10.0 and out["knee_concurrency"] == 12

@@ -4,12 +4,15 @@ Each step reports the throughput it achieved, latency and TTFT percentiles and t
 of a provider (or the replay server, or a gateway) shows up as the step where throughput stops growing and
 latency or errors climb. Requests are not retried and nothing is written to the store: this measures the
 endpoint, not a shadow run. Always bounded: a request cap, a duration per step and a cap on requests in flight.
+
+At a fixed rate, a request that leaves later than its scheduled arrival (MAX_IN_FLIGHT reached, or the client's
+event loop fell behind) would hide that wait from its latency (coordinated omission); so each step also reports
+how late the sends were (`send_lag_ms`) and the latency from the scheduled arrival (`response_ms`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import gzip
 import json
 import time
 from collections import Counter
@@ -27,10 +30,12 @@ from shadowjudge.shadow.endpoint import AttemptError, ChatEndpoint
 from shadowjudge.shadow.engine import EndpointFactory, build_request_body, openai_endpoint
 from shadowjudge.shadow.eventloop import run_sync
 from shadowjudge.shadow.metrics import latency_percentiles
+from shadowjudge.shadow.recordings import read_json_lines
 from shadowjudge.tracking.mlflow_tracking import TrackingError, ensure_experiment, redact_uri
 from shadowjudge.tracking.reachability import check_tracking_reachable
 
 MAX_IN_FLIGHT = 1024
+SEND_LAG_WARN_MS = 50.0  # a send lag p99 above this means the client could not keep the schedule
 
 
 class LoadTestError(InputError):
@@ -64,6 +69,18 @@ class Ramp:
 
 @dataclass
 class LoadStep:
+    """One step of the plan.
+
+    `achieved_rps` is the throughput as vegeta reports it: successes / `duration_s`, and a step lasts until its last
+    answer, so `drain_s` (last send to last answer) is in it: at rate R for D seconds with latency L it reads about
+    R*D/(D+L). `send_rps` is the arrival rate really achieved: sends per second between the first and the last send
+    (n sends span n-1 intervals, so a client that kept its schedule reads target_rps); None below 2 sends.
+    `latency_ms` is the endpoint's service time, from the actual send. `response_ms` (successes, like latency_ms)
+    is what a user arriving at the scheduled moment waits: from the scheduled arrival at a fixed rate; a closed loop
+    has no schedule (a worker sends when it is free), so there it equals `latency_ms` and `send_lag_ms` (every send
+    of a fixed rate) is empty. `in_flight_capped` counts arrivals that waited for one of the MAX_IN_FLIGHT slots.
+    """
+
     index: int
     concurrency: int | None
     target_rps: float | None
@@ -75,6 +92,11 @@ class LoadStep:
     error_rate: float
     latency_ms: dict[str, Any] = field(default_factory=dict)
     ttft_ms: dict[str, Any] = field(default_factory=dict)
+    send_rps: float | None = None
+    drain_s: float = 0.0
+    send_lag_ms: dict[str, Any] = field(default_factory=dict)
+    response_ms: dict[str, Any] = field(default_factory=dict)
+    in_flight_capped: int = 0
 
 
 @dataclass
@@ -93,11 +115,23 @@ class _StepRecorder:
     def __init__(self) -> None:
         self.latency: list[float] = []
         self.ttft: list[float | None] = []
+        self.response: list[float] = []
+        self.send_lag: list[float] = []
         self.errors: Counter[str] = Counter()
         self.sent = 0
+        self.in_flight_capped = 0
+        self.first_send = self.last_send = self.last_answer = 0.0
 
-    async def send(self, endpoint: ChatEndpoint, body: dict[str, Any], stream: bool, timeout_s: float) -> None:
+    async def send(self, endpoint: ChatEndpoint, body: dict[str, Any], stream: bool, timeout_s: float,
+                   due: float | None = None) -> None:
+        """Send one request; `due` is its scheduled arrival (perf_counter) at a fixed rate, None in a closed loop."""
+        sent_at = time.perf_counter()
+        if not self.sent:
+            self.first_send = sent_at
+        self.last_send = sent_at
         self.sent += 1
+        if due is not None:  # asyncio may wake a hair before `due`: a send is never early
+            self.send_lag.append(max(0.0, sent_at - due) * 1000)
         try:
             done = await endpoint.complete(body, stream=stream, timeout_s=timeout_s)
         except AttemptError as exc:
@@ -106,16 +140,24 @@ class _StepRecorder:
         except Exception as exc:  # counted, never lost: a load test must account for every request
             self.errors[f"unexpected:{type(exc).__name__}"] += 1
             return
+        finally:
+            answered = self.last_answer = time.perf_counter()
         self.latency.append(done.latency_ms)
         self.ttft.append(done.ttft_ms)
+        self.response.append(done.latency_ms if due is None else (answered - min(due, sent_at)) * 1000)
 
     def step(self, index: int, elapsed: float, concurrency: int | None, target_rps: float | None) -> LoadStep:
         ok = len(self.latency)
+        send_span = self.last_send - self.first_send
         return LoadStep(index=index, concurrency=concurrency, target_rps=target_rps, duration_s=round(elapsed, 3),
                         sent=self.sent, ok=ok, errors=dict(sorted(self.errors.items())),
                         achieved_rps=ok / elapsed if elapsed > 0 else 0.0,
                         error_rate=(self.sent - ok) / self.sent if self.sent else 0.0,
-                        latency_ms=latency_percentiles(self.latency), ttft_ms=latency_percentiles(self.ttft))
+                        latency_ms=latency_percentiles(self.latency), ttft_ms=latency_percentiles(self.ttft),
+                        send_rps=(self.sent - 1) / send_span if self.sent > 1 and send_span > 0 else None,
+                        drain_s=round(self.last_answer - self.last_send, 3),
+                        send_lag_ms=latency_percentiles(self.send_lag) if self.send_lag else {},
+                        response_ms=latency_percentiles(self.response), in_flight_capped=self.in_flight_capped)
 
 
 class _Budget:
@@ -159,9 +201,9 @@ async def _open_loop_step(endpoint: ChatEndpoint, bodies: Sequence[dict[str, Any
     start = time.perf_counter()
     i = 0
 
-    async def one(body: dict[str, Any]) -> None:
+    async def one(body: dict[str, Any], due: float) -> None:
         try:
-            await recorder.send(endpoint, body, shadow.stream, shadow.timeout_s)
+            await recorder.send(endpoint, body, shadow.stream, shadow.timeout_s, due)
         finally:
             slots.release()
 
@@ -172,8 +214,10 @@ async def _open_loop_step(endpoint: ChatEndpoint, bodies: Sequence[dict[str, Any
         delay = due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
+        if slots.locked():
+            recorder.in_flight_capped += 1
         await slots.acquire()
-        tasks.append(asyncio.create_task(one(bodies[i % len(bodies)])))
+        tasks.append(asyncio.create_task(one(bodies[i % len(bodies)], due)))
         i += 1
     await asyncio.gather(*tasks)
     return recorder, time.perf_counter() - start
@@ -262,10 +306,12 @@ def log_loadtest(report: LoadTestReport, tracking_uri: str, experiment: str = "s
             client.log_param(run_id, key, value)
         now = int(time.time() * 1000)
         for s in report.steps:
-            values = {"achieved_rps": s.achieved_rps, "error_rate": s.error_rate, "sent": s.sent,
-                      "concurrency": s.concurrency, "target_rps": s.target_rps,
-                      **{f"latency_{k}_ms": v for k, v in s.latency_ms.items() if k.startswith("p")},
-                      **{f"ttft_{k}_ms": v for k, v in s.ttft_ms.items() if k.startswith("p")}}
+            values = {"achieved_rps": s.achieved_rps, "send_rps": s.send_rps, "drain_s": s.drain_s,
+                      "error_rate": s.error_rate, "sent": s.sent, "in_flight_capped": s.in_flight_capped,
+                      "concurrency": s.concurrency, "target_rps": s.target_rps}
+            for name, percentiles in (("latency", s.latency_ms), ("ttft", s.ttft_ms), ("send_lag", s.send_lag_ms),
+                                      ("response", s.response_ms)):
+                values.update({f"{name}_{k}_ms": v for k, v in percentiles.items() if k.startswith("p")})
             for key, value in values.items():
                 if value is not None:
                     client.log_metric(run_id, key, float(value), timestamp=now, step=s.index)
@@ -280,27 +326,17 @@ def log_loadtest(report: LoadTestReport, tracking_uri: str, experiment: str = "s
 
 def prompts_from_jsonl(path: Path, limit: int = 10_000) -> list[list[dict[str, Any]]]:
     """Messages of a request log in JSON lines (plain or gzipped): `request.messages` or top-level `messages`."""
-    try:
-        with path.open("rb") as raw:
-            opener = gzip.open if raw.read(2) == b"\x1f\x8b" else open
-    except OSError as exc:
-        raise LoadTestError(f"{path}: cannot read: {exc.strerror}") from None
     prompts: list[list[dict[str, Any]]] = []
-    with opener(path, "rt", encoding="utf-8") as fh:  # type: ignore[operator]
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                raise LoadTestError(f"{path}:{lineno}: not valid JSON") from None
-            request = record.get("request") if isinstance(record.get("request"), dict) else record
-            messages = request.get("messages") if isinstance(request, dict) else None
-            if not isinstance(messages, list) or not messages:
-                raise LoadTestError(f"{path}:{lineno}: no `messages` list (nor `request.messages`)")
-            prompts.append(messages)
-            if len(prompts) >= limit:
-                break
+    for lineno, record in read_json_lines(path, LoadTestError):
+        if not isinstance(record, dict):
+            raise LoadTestError(f"{path}:{lineno}: not a JSON object (with `messages` or `request.messages`)")
+        request = record.get("request") if isinstance(record.get("request"), dict) else record
+        messages = request.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise LoadTestError(f"{path}:{lineno}: no `messages` list (nor `request.messages`)")
+        prompts.append(messages)
+        if len(prompts) >= limit:
+            break
     return prompts
 
 
@@ -368,25 +404,43 @@ def loadtest(
     _print_report(report, run_id)
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _schedule_warnings(report: LoadTestReport) -> list[str]:
+    """Steps whose sends left late: their `latency_ms` leaves out that wait, so the reader must look elsewhere."""
+    warnings = []
+    for s in report.steps:
+        lag_p99 = s.send_lag_ms.get("p99")
+        if lag_p99 is not None and lag_p99 > SEND_LAG_WARN_MS:
+            warnings.append(f"warning: step {s.index}: the client fell behind its schedule (send lag p99 "
+                            f"{_ms(lag_p99)} ms); latency from the scheduled arrival is in response_ms "
+                            f"(p99 {_ms(s.response_ms.get('p99'))} ms)")
+        if s.in_flight_capped:
+            warnings.append(f"warning: step {s.index}: {s.in_flight_capped} arrivals waited for a free slot: "
+                            f"MAX_IN_FLIGHT ({MAX_IN_FLIGHT}) requests were outstanding")
+    return warnings
+
+
 def _print_report(report: LoadTestReport, run_id: str | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"load test {report.model} ({report.mode})")
-    columns = ("step", "concurrency/rate", "sent", "ok", "req/s", "errors", "p50 ms", "p95 ms", "p99 ms", "TTFT p50")
+    columns = ("step", "concurrency/rate", "sent", "ok", "req/s", "errors", "p50 ms", "p95 ms", "p99 ms", "TTFT p50",
+               "send lag p99")
     for column in columns:
         table.add_column(column, justify="right")
-
-    def ms(value: float | None) -> str:
-        return "-" if value is None else f"{value:.1f}"
-
     for s in report.steps:
         table.add_row(str(s.index), str(s.concurrency or s.target_rps), str(s.sent), str(s.ok),
                       f"{s.achieved_rps:.1f}", ", ".join(f"{k} {v}" for k, v in s.errors.items()) or "0",
-                      ms(s.latency_ms.get("p50")), ms(s.latency_ms.get("p95")), ms(s.latency_ms.get("p99")),
-                      ms(s.ttft_ms.get("p50")))
+                      _ms(s.latency_ms.get("p50")), _ms(s.latency_ms.get("p95")), _ms(s.latency_ms.get("p99")),
+                      _ms(s.ttft_ms.get("p50")), _ms(s.send_lag_ms.get("p99")))
     console = Console()
     console.print(table)
+    for warning in _schedule_warnings(report):
+        console.print(warning, soft_wrap=True)  # one line each, whatever the terminal width
     if report.capped:
         console.print("stopped early: --max-requests reached")
     if run_id:

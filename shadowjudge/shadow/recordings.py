@@ -9,8 +9,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from shadowjudge.errors import InputError
 
@@ -68,7 +69,13 @@ class Recordings:
 _FIELDS = ("prompt_id", "model", "output")
 
 
-def _read_rows(path: Path) -> Iterable[dict[str, str]]:
+def read_json_lines(path: Path, error: type[InputError]) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of a JSON lines file, plain or gzipped.
+
+    Every way the file can be unreadable (missing, truncated gzip, not UTF-8, a line that is not JSON) raises
+    `error` naming the file, and the line where it is known, so that a CLI prints one line instead of a traceback.
+    Decoding reads ahead, so a truncated gzip file or a bad byte cannot be pinned to a line.
+    """
     try:
         with path.open("rb") as raw:
             gzipped = raw.read(2) == b"\x1f\x8b"
@@ -78,13 +85,20 @@ def _read_rows(path: Path) -> Iterable[dict[str, str]]:
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    value = json.loads(line)
                 except ValueError as exc:
-                    raise RecordingsError(f"{path}:{lineno}: not valid JSON: {exc}") from None
-                if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in _FIELDS):
-                    raise RecordingsError(f"{path}:{lineno}: needs string fields prompt_id, model and output")
-                yield row
+                    raise error(f"{path}:{lineno}: not valid JSON: {exc}") from None
+                yield lineno, value
     except OSError as exc:
-        raise RecordingsError(f"{path}: cannot read recordings: {exc.strerror or exc}") from None
+        raise error(f"{path}: cannot read: {exc.strerror or exc}") from None
     except EOFError:
-        raise RecordingsError(f"{path}: truncated gzip file") from None
+        raise error(f"{path}: truncated gzip file") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text: {exc.reason} (byte {exc.object[exc.start:exc.end]!r})") from None
+
+
+def _read_rows(path: Path) -> Iterator[dict[str, str]]:
+    for lineno, row in read_json_lines(path, RecordingsError):
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in _FIELDS):
+            raise RecordingsError(f"{path}:{lineno}: needs string fields prompt_id, model and output")
+        yield row

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import os
 import signal
 import socket
@@ -189,9 +190,10 @@ class ReplayApp:
             stats.errors[plan.status] += 1
             headers: list[tuple[bytes, bytes]] = []
             if plan.status == 429:
-                wait = self.profiles.for_model(model).retry_after_s
-                headers = [(b"retry-after", str(max(0, round(wait))).encode()),
-                           (b"retry-after-ms", str(int(wait * 1000)).encode())]
+                wait = self.profiles.for_model(model).retry_after_s  # >= 0, validated
+                # whole seconds, rounded up: a 0.2 s wait sent as "0" would invite an immediate retry
+                headers = [(b"retry-after", str(math.ceil(wait)).encode()),
+                           (b"retry-after-ms", str(round(wait * 1000)).encode())]
             message = "Rate limit reached, retry later." if plan.status == 429 else "The server had an error."
             return await self._json(send, plan.status, _error_body(plan.status, message), headers)
 
@@ -539,8 +541,9 @@ def serve(
             typer.echo(f"error: cannot bind {host}:{port}: {exc.strerror}", err=True)
             raise typer.Exit(2) from None
         sock.listen(4096)
-        typer.echo(f"replay server '{name}' serving {len(app.recordings.models)} models on http://{host}:{port}/v1",
-                   err=True)
+        bound_port = sock.getsockname()[1]  # the one the OS picked for --port 0
+        typer.echo(f"replay server '{name}' serving {len(app.recordings.models)} models on "
+                   f"http://{host}:{bound_port}/v1", err=True)
     if exit_with_parent:
         _exit_when_orphaned()
     serve_forever(app, sock)
