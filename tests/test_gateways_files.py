@@ -248,8 +248,9 @@ def test_portkey_tells_targets_that_share_a_model_apart_by_their_host(tmp_path):
     """The same open model served by two providers (a candidate that only changes where it runs)."""
     path = tmp_path / "portkey.json"
     route, _ = make_route("portkey", path)
-    same_model = route.model_copy(update={"candidates": [
-        route.candidates[0].model_copy(update={"model": route.incumbent.model})]})
+    keyless = {"api_key_env": None}  # ShadowJudge adds entries only for targets that need no key
+    same_model = route.model_copy(update={"incumbent": route.incumbent.model_copy(update=keyless), "candidates": [
+        route.candidates[0].model_copy(update={"model": route.incumbent.model, **keyless})]})
     gw = get_gateway(same_model.gateway, same_model)
     assert push_weights(gw, {"inc": 100, "cand": 0}).ok
     assert push_weights(gw, {"inc": 70, "cand": 30}).ok
@@ -335,3 +336,181 @@ def test_a_failed_first_push_leaves_no_prev_behind(tmp_path):
     _, gw = make_route("truefoundry", path, reload_command=["sh", "-c", "exit 3"])
     assert not push_weights(gw, {"inc": 50, "cand": 50}).ok
     assert path.read_text() == TRUEFOUNDRY and not previous_revision_path(path).exists()
+
+
+def retried(route, **candidate):
+    """The route with its candidate shipped again under the same name (a new model or endpoint after a failure)."""
+    return route.model_copy(update={"candidates": [route.candidates[0].model_copy(update=candidate)]})
+
+
+def test_litellm_points_a_retried_target_at_its_new_model_and_endpoint(tmp_path):
+    """The deployment is found by model_info.id; only its weight used to be set, so the ramp-up after a retry sent
+    traffic to the model that had been rolled back."""
+    path = tmp_path / "config.yaml"
+    route, gw = make_route("litellm", path)
+    assert push_weights(gw, {"inc": 95, "cand": 5}).ok
+    assert push_weights(gw, {"inc": 100, "cand": 0}).ok  # rolled back
+    fixed = retried(route, model="azure-eu/gpt-4o-mini-v2", base_url="http://127.0.0.1:9002/v1",
+                    api_key_env="CAND2_KEY")
+    assert push_weights(get_gateway(fixed.gateway, fixed), {"inc": 95, "cand": 5}).ok
+    chat = {d["model_info"]["id"]: d["litellm_params"] for d in yaml.safe_load(path.read_text())["model_list"]}
+    assert chat["chat/cand"] == {"model": "openai/azure-eu/gpt-4o-mini-v2", "api_base": "http://127.0.0.1:9002/v1",
+                                 "api_key": "os.environ/CAND2_KEY", "weight": 5}
+    assert chat["chat/inc"]["model"] == "openai/openai-main/gpt-4o"  # a target that did not move keeps its deployment
+
+
+def test_truefoundry_points_an_entry_named_for_a_target_at_the_target_model(tmp_path):
+    path = tmp_path / "routing.yaml"
+    path.write_text("name: corp\ntype: gateway-load-balancing-config\nrules:\n"
+                    "  - id: chat\n    when: {models: [chat]}\n    load_balance_targets:\n"
+                    "      - target: openai-main/gpt-4o\n        weight: 100\n"
+                    "      - target: cand\n        weight: 0\n        retry_config: {attempts: 2}\n")
+    _, gw = make_route("truefoundry", path)
+    assert push_weights(gw, {"inc": 90, "cand": 10}).ok
+    entries = yaml.safe_load(path.read_text())["rules"][0]["load_balance_targets"]
+    assert entries == [{"target": "openai-main/gpt-4o", "weight": 90},
+                       {"target": "azure-eu/gpt-4o-mini", "weight": 10, "retry_config": {"attempts": 2}}]
+
+
+def test_portkey_points_an_entry_named_for_a_target_at_its_new_model_and_host(tmp_path):
+    path = tmp_path / "portkey.json"
+    path.write_text(json.dumps({"strategy": {"mode": "loadbalance"}, "targets": [
+        {"virtual_key": "inc", "override_params": {"model": "openai-main/gpt-4o"}, "weight": 1},
+        {"virtual_key": "cand", "custom_host": "http://127.0.0.1:9001/v1",
+         "override_params": {"model": "azure-eu/gpt-4o-mini", "temperature": 0}, "weight": 0}]}))
+    route, _ = make_route("portkey", path)
+    fixed = retried(route, model="azure-eu/gpt-4o-mini-v2", base_url="http://127.0.0.1:9002/v1")
+    assert push_weights(get_gateway(fixed.gateway, fixed), {"inc": 95, "cand": 5}).ok
+    inc, cand = json.loads(path.read_text())["targets"]
+    assert cand == {"virtual_key": "cand", "custom_host": "http://127.0.0.1:9002/v1",
+                    "override_params": {"model": "azure-eu/gpt-4o-mini-v2", "temperature": 0}, "weight": 0.05}
+    assert inc == {"virtual_key": "inc", "override_params": {"model": "openai-main/gpt-4o"}, "weight": 0.95}
+
+
+def test_portkey_counts_a_target_without_weight_as_one_as_portkey_does(tmp_path):
+    """Portkey's selectProviderByWeight reads a missing weight as 1; it was read as 0, so an unlisted fallback took
+    half the traffic while the push reported inc=95, cand=5."""
+    path = tmp_path / "portkey.json"
+    path.write_text(json.dumps({"strategy": {"mode": "loadbalance"},
+                                "targets": [{"virtual_key": "inc", "weight": 1}, {"virtual_key": "cand"}]}))
+    _, gw = make_route("portkey", path)
+    assert gw.read_current().weights == {"inc": 50, "cand": 50}
+
+    stranger = {"strategy": {"mode": "loadbalance"},
+                "targets": [{"virtual_key": "inc", "weight": 1}, {"virtual_key": "legacy-fallback"}]}
+    path.write_text(json.dumps(stranger))
+    result = push_weights(gw, {"inc": 95, "cand": 5})
+    assert not result.ok and "no 'weight', which Portkey counts as 1" in result.error
+    assert json.loads(path.read_text()) == stranger
+
+
+def test_portkey_adds_entries_only_for_targets_that_need_no_key(tmp_path):
+    """A Portkey config cannot reference an env var and a key is never written, so an entry ShadowJudge added for a
+    keyed target reached it without a key."""
+    path = tmp_path / "portkey.json"
+    doc = {"strategy": {"mode": "loadbalance"}, "targets": [{"virtual_key": "inc", "weight": 1}]}
+    path.write_text(json.dumps(doc))
+    route, gw = make_route("portkey", path)  # cand reads its key from CAND_KEY
+    result = push_weights(gw, {"inc": 100, "cand": 0})
+    assert not result.ok and "target 'cand', which needs a key" in result.error and "virtual_key" in result.error
+    assert json.loads(path.read_text()) == doc
+    keyless = retried(route, api_key_env=None)
+    assert push_weights(get_gateway(keyless.gateway, keyless), {"inc": 100, "cand": 0}).ok
+    assert json.loads(path.read_text())["targets"][1] == {
+        "provider": "openai", "custom_host": "http://127.0.0.1:9001/v1",
+        "override_params": {"model": "azure-eu/gpt-4o-mini"}, "weight": 0}
+
+
+LITELLM_WEIGHTLESS_FIRST = """\
+model_list:
+  - model_name: chat
+    litellm_params: {model: openai/azure-eu/gpt-4o-mini, api_base: "http://127.0.0.1:9001/v1"}
+    model_info: {id: chat/cand}
+  - model_name: chat
+    litellm_params: {model: openai/openai-main/gpt-4o, api_base: "http://127.0.0.1:9000/v1", weight: 100}
+    model_info: {id: chat/inc}
+"""
+
+
+def test_litellm_reads_what_simple_shuffle_serves_and_writes_every_weight(tmp_path):
+    """simple-shuffle ignores every weight when the first deployment has none: this file splits 50/50, and was read
+    as inc=100, cand=0 (so a hold step saw nothing to reconcile)."""
+    path = tmp_path / "config.yaml"
+    path.write_text(LITELLM_WEIGHTLESS_FIRST)
+    _, gw = make_route("litellm", path)
+    assert gw.read_current().weights == {"cand": 50, "inc": 50}
+    assert push_weights(gw, {"inc": 100, "cand": 0}).ok
+    assert [d["litellm_params"]["weight"] for d in yaml.safe_load(path.read_text())["model_list"]] == [0, 100]
+
+
+def test_litellm_refuses_a_deployment_of_the_route_that_is_no_target_and_has_no_weight(tmp_path):
+    """Listed first, it switched simple-shuffle to a uniform pick over every deployment, b at weight 0 included,
+    while the push reported inc=50, cand=50."""
+    path = tmp_path / "config.yaml"
+    stranger = "  - model_name: chat\n    litellm_params: {model: openai/some-fallback, api_base: 'http://fb/v1'}\n"
+    text = LITELLM_WEIGHTLESS_FIRST.replace("model_list:\n", "model_list:\n" + stranger)
+    path.write_text(text)
+    _, gw = make_route("litellm", path)
+    result = push_weights(gw, {"inc": 50, "cand": 50})
+    assert not result.ok and "model_list[0]: a deployment of 'chat' that is not one of its targets has no weight" \
+        in result.error
+    assert path.read_text() == text
+
+
+SHADOWING_RULE = """\
+name: company-routing
+type: gateway-load-balancing-config
+rules:
+  - id: staging-chat
+    when:
+      models: [chat]
+      metadata: {environment: staging}
+    load_balance_targets:
+      - target: openai-main/gpt-4o
+        weight: 100
+  - id: all-chat-models
+    when:
+      models: [chat, summarise]
+    load_balance_targets:
+      - target: openai-main/gpt-4o
+        weight: 100
+"""
+
+
+def test_truefoundry_puts_a_new_route_rule_before_rules_that_would_shadow_it(tmp_path):
+    """TrueFoundry applies the first matching rule; appended after 'all-chat-models', the route's rule never applied
+    while the push reported its weights as in force."""
+    path = tmp_path / "routing.yaml"
+    path.write_text(SHADOWING_RULE)
+    _, gw = make_route("truefoundry", path)
+    assert push_weights(gw, {"inc": 50, "cand": 50}).ok
+    rules = yaml.safe_load(path.read_text())["rules"]
+    assert [r["id"] for r in rules] == ["chat", "staging-chat", "all-chat-models"]
+    assert rules[2] == yaml.safe_load(SHADOWING_RULE)["rules"][1]
+
+
+def test_truefoundry_refuses_to_set_weights_on_a_route_rule_an_earlier_rule_shadows(tmp_path):
+    path = tmp_path / "routing.yaml"
+    text = SHADOWING_RULE + ("  - id: chat\n    when: {models: [chat]}\n    load_balance_targets:\n"
+                             "      - target: openai-main/gpt-4o\n        weight: 100\n")
+    path.write_text(text)
+    _, gw = make_route("truefoundry", path)
+    result = push_weights(gw, {"inc": 50, "cand": 50})
+    assert not result.ok and "rule 'all-chat-models' comes before rule 'chat'" in result.error
+    assert "staging-chat" not in result.error  # a rule for some of the model's requests only is the user's design
+    assert path.read_text() == text
+
+
+def test_a_push_that_writes_nothing_undoes_nothing_when_the_reload_fails(tmp_path):
+    """The push before it wrote the file; a failed reload used to 'undo' that earlier push, leaving the file two
+    revisions back (a config neither the state nor the running gateway holds)."""
+    path = tmp_path / "routing.yaml"
+    broken = tmp_path / "reload-broken"
+    _, gw = make_route("truefoundry", path, reload_command=["sh", "-c", f"test ! -e {broken}"])
+    assert push_weights(gw, {"inc": 100, "cand": 0}).ok
+    assert push_weights(gw, {"inc": 95, "cand": 5}).ok
+    held, held_prev = path.read_text(), previous_revision_path(path).read_text()
+    broken.touch()
+    result = push_weights(gw, {"inc": 95, "cand": 5})  # what the file holds already (a reconcile, a retried step)
+    assert not result.ok and "reload command exited 1" in result.error
+    assert path.read_text() == held and previous_revision_path(path).read_text() == held_prev

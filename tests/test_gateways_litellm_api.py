@@ -55,7 +55,7 @@ class StandInProxy:
             shown = copy.deepcopy(d)
             shown["litellm_params"].pop("api_key", None)  # the proxy never returns keys
             if self.lie_after_writes and self.written:
-                shown["litellm_params"]["weight"] = shown["litellm_params"].get("weight", 0) + 1
+                shown["litellm_params"]["weight"] = shown["litellm_params"].get("weight", 0) + 10
             data.append(shown)
         return JSONResponse({"data": data})
 
@@ -183,7 +183,7 @@ def test_a_proxy_that_reports_other_weights_is_rolled_back_and_deployments_it_ad
         result = push_weights(gw, {"inc": 75, "cand": 25})
         assert not result.ok and result.error.startswith("GatewayReadBackMismatch")
         assert proxy.weights() == {"inc": 100}  # cand was created by the push and deleted by the restore
-        assert not result.restored  # it still reports other weights than it holds: the next cycle checks again
+        assert result.restored  # a lone deployment serves every request, whatever weight the proxy reports for it
         assert ("delete", {"id": "chat/cand"}) in proxy.calls
 
 
@@ -220,3 +220,42 @@ def test_the_controller_steps_a_route_through_the_api(sqlite_url):
         outcome = step_route(get_engine(sqlite_url), route, [CandidateVerdict("cand", "pass", n=100)], gateway=gw,
                              now=datetime(2025, 1, 1, tzinfo=timezone.utc))
         assert outcome.status == "applied" and proxy.weights() == {"inc": 99, "cand": 1}
+
+
+def retried_gateway(url: str, model: str):
+    """The route with its candidate shipped again under the same name with a new model (after a failure)."""
+    route, _ = make_route(url)
+    route = route.model_copy(update={"candidates": [route.candidates[0].model_copy(update={"model": model})]})
+    return get_gateway(route.gateway, route)
+
+
+def test_a_retried_target_is_pointed_at_its_new_model_and_a_failed_push_puts_the_old_one_back():
+    """/model/update used to send only the weight, so the retried candidate ramped up on the rolled-back model."""
+    proxy = StandInProxy([deployment("inc", "openai/gpt-4o", 100), deployment("chat/cand", "openai/Yi-34B-Chat", 0)])
+    with serve(proxy.app()) as url:
+        assert push_weights(retried_gateway(url, "Yi-34B-Chat-v2"), {"inc": 95, "cand": 5}).ok
+        assert [body["litellm_params"] for op, body in proxy.calls] == [
+            {"weight": 95},  # the incumbent still lives where its deployment points
+            {"model": "openai/Yi-34B-Chat-v2", "api_base": "http://127.0.0.1:9001/v1",
+             "api_key": "os.environ/CAND_KEY", "weight": 5}]
+        assert proxy.deployments[1]["litellm_params"]["model"] == "openai/Yi-34B-Chat-v2"
+
+    proxy = StandInProxy([deployment("inc", "openai/gpt-4o", 90), deployment("chat/cand", "openai/Yi-34B-Chat", 10)])
+    with serve(proxy.app()) as url:
+        proxy.fail_update_numbers = {1}  # cand's update (a decrease, so first) lands; the incumbent's fails
+        result = push_weights(retried_gateway(url, "Yi-34B-Chat-v2"), {"inc": 100, "cand": 0})
+        assert not result.ok and result.restored
+        params = proxy.deployments[1]["litellm_params"]
+        assert (params["model"], params["api_base"], params["weight"]) == (
+            "openai/Yi-34B-Chat", "http://127.0.0.1:9000/v1", 10)
+
+
+def test_a_deployment_of_the_route_that_is_no_target_and_has_no_weight_is_refused():
+    """simple-shuffle ignores every weight when the deployment it tries first has none; it was read as weight 0."""
+    proxy = StandInProxy([deployment("fallback", "openai/other-model"), deployment("inc", "openai/gpt-4o", 100)])
+    with serve(proxy.app()) as url:
+        _, gw = make_route(url)
+        with pytest.raises(GatewayConfigInvalid, match="not one of its targets has no weight"):
+            gw.read_current()
+        assert not push_weights(gw, {"inc": 100, "cand": 0}).ok
+        assert proxy.calls == []

@@ -110,13 +110,18 @@ def route_targets(route: RouteConfig) -> list[TargetConfig]:
     return [route.incumbent, *route.candidates]
 
 
+def names_model(ident: str, model: str) -> bool:
+    """Whether a gateway's model id is `model`, with or without a `provider/` prefix."""
+    return ident == model or ident.split("/", 1)[-1] == model
+
+
 def model_owner(route: RouteConfig, ident: str) -> str | None:
     """The route target an entry names, by target name or by model (with or without a `provider/` prefix)."""
     targets = route_targets(route)
     for t in targets:
         if ident == t.name:
             return t.name
-    matches = [t.name for t in targets if ident == t.model or ident.split("/", 1)[-1] == t.model]
+    matches = [t.name for t in targets if names_model(ident, t.model)]
     return matches[0] if len(matches) == 1 else None
 
 
@@ -182,19 +187,22 @@ class FileGateway:
         """Write `rendered`, keeping the current file as `.prev`. Pushing back what the last push replaced (a failed
         push being restored) undoes that push instead: `.prev` gets its earlier revision back, so it never holds a
         rejected rendering a person might restore by hand; and pushing what the file already holds writes nothing
-        (the reload still runs)."""
+        (the reload still runs). A failed reload undoes only what this call wrote: an earlier push's revision is
+        the config the gateway runs, not one to roll back."""
         last, current = self._last_push, self._read_text()
+        written: _Push | None = None
         if last is not None and rendered == last.replaced and current == last.pushed:
             self._undo(last)
         elif rendered != current:  # the text the file holds already (a push its reload undid) is not written again
-            self._last_push = _Push(pushed=rendered, replaced=current, prev=self._read_prev())
+            written = _Push(pushed=rendered, replaced=current, prev=self._read_prev())
             write_config_file(self.path, rendered)
+        self._last_push = written
         if self.reload_command:
             try:
                 self._reload()
             except GatewayRejected:
-                if self._last_push is not None:
-                    self._undo(self._last_push)
+                if written is not None:
+                    self._undo(written)
                 raise
 
     def read_back(self) -> Weights:

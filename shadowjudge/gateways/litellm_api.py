@@ -1,11 +1,13 @@
 """LiteLLM proxy admin API: set deployment weights on a running proxy without a restart.
 
-Reads `GET /model/info`, changes weights with `POST /model/update` (only `litellm_params.weight`, so keys and
-other params stay as the proxy holds them), adds missing targets with `POST /model/new` (the key as an
-`os.environ/<VAR>` reference, never its value) and, when restoring, removes deployments a failed push added with
-`POST /model/delete`. The API has no transactions, so a push applies weight decreases before increases (a
-target being rolled back stops taking traffic first) and a failed push is undone by the controller, which pushes
-the snapshot it read first.
+Reads `GET /model/info`, changes weights with `POST /model/update` (`litellm_params.weight`, plus the model,
+`api_base` and key reference of a deployment named for a target that now lives elsewhere; other params stay as the
+proxy holds them), adds missing targets with `POST /model/new` (the key as an `os.environ/<VAR>` reference, never
+its value) and, when restoring, puts back each deployment's weight, model and `api_base` and removes deployments a
+failed push added with `POST /model/delete` (a key reference a push changed stays: the proxy never shows keys).
+The API has no transactions, so a push applies weight decreases before increases (a target being rolled back stops
+taking traffic first) and a failed push is undone by the controller, which pushes the snapshot it read first.
+Weights are read, and deployments matched to targets, as in a config.yaml (see shadowjudge.gateways.litellm).
 
 The admin key comes from the env var named by the gateway's `api_key_env`; error messages never include it.
 """
@@ -28,15 +30,29 @@ from shadowjudge.gateways.base import (
     Weights,
     check_weights,
 )
-from shadowjudge.gateways.files import model_owner, route_targets
-from shadowjudge.gateways.litellm import deployment_owner, new_deployment
+from shadowjudge.gateways.files import route_targets
+from shadowjudge.gateways.litellm import (
+    deployment_weight,
+    id_owner,
+    new_deployment,
+    owned_deployments,
+    repointed_params,
+    served_weights,
+)
+
+ENDPOINT_KEYS = ("model", "api_base")  # what a restore puts back besides the weight
 
 
 @dataclass(frozen=True)
 class Deployment:
+    """A target's deployment: as the proxy holds it (`endpoint`: its model and api_base; `named`: matched by its
+    model_info.id), or as a push sets it (`endpoint`: what it changes besides the weight, {} for nothing)."""
+
     id: str
     owner: str
-    weight: int
+    weight: float
+    endpoint: dict[str, Any] = field(default_factory=dict)
+    named: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,8 +78,8 @@ class LiteLLMApiGateway:
 
     # -- Gateway protocol --------------------------------------------------------------------------------------
     def read_current(self) -> GatewaySnapshot:
-        deployments = self._deployments()
-        return GatewaySnapshot(weights={d.owner: d.weight for d in deployments}, document=deployments)
+        weights, deployments = self._read()
+        return GatewaySnapshot(weights=weights, document=deployments)
 
     def render(self, current: GatewaySnapshot, weights: Mapping[str, int]) -> LiteLLMPlan:
         check_weights(weights, f"route '{self.route.name}'")
@@ -71,79 +87,73 @@ class LiteLLMApiGateway:
         updates, creates = [], []
         for target in route_targets(self.route):
             w = int(weights.get(target.name, 0))
-            if target.name in existing:
-                updates.append(Deployment(existing[target.name].id, target.name, w))
+            held = existing.get(target.name)
+            if held is not None:
+                endpoint = repointed_params(held.endpoint, target) if held.named else {}
+                updates.append(Deployment(held.id, target.name, w, endpoint))
             else:
                 creates.append(new_deployment(self.route.name, target, w))
-        old = {d.owner: d.weight for d in existing.values()}
-        updates.sort(key=lambda d: d.weight - old.get(d.owner, 0))  # decreases first
+        updates.sort(key=lambda d: d.weight - current.weights.get(d.owner, 0))  # decreases first
         return LiteLLMPlan(updates, creates, dict(weights))
 
     def validate(self, rendered: LiteLLMPlan, weights: Mapping[str, int]) -> None:
         check_weights(weights, f"route '{self.route.name}'")
         planned = {d.owner: d.weight for d in rendered.updates}
         by_name = {t.name: t for t in route_targets(self.route)}
-        planned.update({deployment_owner(by_name, c, lambda _: None): c["litellm_params"]["weight"]
-                        for c in rendered.creates})
+        planned.update({id_owner(by_name, c): c["litellm_params"]["weight"] for c in rendered.creates})
         if planned != dict(weights):
             raise GatewayRejected(f"{self.name}: plan sets {planned}, not the weights {dict(weights)}")
-        for c in rendered.creates:
-            key = c["litellm_params"].get("api_key")
+        written = [c["litellm_params"] for c in rendered.creates] + [d.endpoint for d in rendered.updates]
+        for params in written:
+            key = params.get("api_key")
             if key is not None and not str(key).startswith("os.environ/"):
-                raise GatewayRejected(f"{self.name}: a new deployment would carry a literal key; refusing")
+                raise GatewayRejected(f"{self.name}: a deployment would carry a literal key; refusing")
 
     def push(self, rendered: LiteLLMPlan | list[Deployment] | None) -> None:
         if rendered is None or isinstance(rendered, list):
             self._restore(rendered or [])
             return
         for d in rendered.updates:
-            self._call("POST", "/model/update",
-                       {"model_info": {"id": d.id}, "litellm_params": {"weight": d.weight}})
+            self._update(d)
         for body in rendered.creates:
             self._call("POST", "/model/new", body)
 
     def read_back(self) -> Weights:
-        return {d.owner: d.weight for d in self._deployments()}
+        return self._read()[0]
 
     # -- helpers -----------------------------------------------------------------------------------------------
+    def _update(self, d: Deployment) -> None:
+        self._call("POST", "/model/update", {"model_info": {"id": d.id},
+                                             "litellm_params": {**d.endpoint, "weight": d.weight}})
+
     def _restore(self, snapshot: list[Deployment]) -> None:
         keep = {d.id for d in snapshot}
         for d in sorted(snapshot, key=lambda d: d.weight):
-            self._call("POST", "/model/update", {"model_info": {"id": d.id}, "litellm_params": {"weight": d.weight}})
-        for d in self._deployments():
+            self._update(d)
+        for d in self._read()[1]:
             if d.id not in keep:
                 self._call("POST", "/model/delete", {"id": d.id})
 
-    def _deployments(self) -> list[Deployment]:
+    def _read(self) -> tuple[Weights, list[Deployment]]:
+        """The weights the proxy serves the route with, and the route targets' deployments."""
         body = self._call("GET", "/model/info")
         data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, list):
             raise GatewayUnavailable(f"{self.name}: /model/info did not return a 'data' list")
+        where = f"{self.name}: /model/info data"
+        owned = owned_deployments(self.route, data, where)
         by_name = {t.name: t for t in route_targets(self.route)}
-        out: dict[str, Deployment] = {}
-        for dep in data:
-            if not isinstance(dep, dict) or dep.get("model_name") != self.route.name:
-                continue
+        deployments = []
+        for owner, dep in owned.items():
             ident = (dep.get("model_info") or {}).get("id")
-            params = dep.get("litellm_params") or {}
-            weight = params.get("weight", 0)
-            if isinstance(weight, float) and weight.is_integer():
-                weight = int(weight)
-            if not isinstance(weight, int) or isinstance(weight, bool):
-                raise GatewayConfigInvalid(f"{self.name}: deployment {ident}: weight {weight!r} is not an integer")
-            owner = deployment_owner(by_name, dep, lambda m: model_owner(self.route, m))
-            if owner is None:
-                if weight:
-                    raise GatewayConfigInvalid(
-                        f"{self.name}: deployment {ident} of '{self.route.name}' is not a route target but holds "
-                        f"weight {weight}")
-                continue
             if not ident:
                 raise GatewayConfigInvalid(f"{self.name}: deployment for '{owner}' has no model_info.id")
-            if owner in out:
-                raise GatewayConfigInvalid(f"{self.name}: two deployments for target '{owner}'")
-            out[owner] = Deployment(str(ident), owner, weight)
-        return list(out.values())
+            params = dep.get("litellm_params") or {}
+            weight = deployment_weight(dep, f"{where} '{ident}'") or 0
+            endpoint = {k: params[k] for k in ENDPOINT_KEYS if params.get(k) is not None}
+            named = id_owner(by_name, dep) is not None
+            deployments.append(Deployment(str(ident), owner, weight, endpoint, named))
+        return served_weights(self.route.name, data, owned, where), deployments
 
     def _key(self) -> str | None:
         if not self.api_key_env:

@@ -3,16 +3,20 @@
 Two documented shapes hold the same routing block, and both are accepted:
 
 - the gateway routing config (`type: gateway-load-balancing-config`, a list of `rules`): the route's block is the
-  rule whose `id` is the route name; a new file gets one rule per route, matching requests for the model named
-  like the route (`when.models: [<route>]`);
+  rule whose `id` is the route name; a file without one gets one, matching requests for the model named like the
+  route (`when.models: [<route>]`). TrueFoundry applies the first rule whose `when` matches, so the new rule goes
+  before the first rule that lists the route's model, and a push is refused while an earlier rule takes every
+  request for one of the route rule's models (one with no `subjects` or `metadata` condition);
 - a virtual-model group (`integrations`: virtual models with a `routing_config`): the route's block is the
   `routing_config` of the virtual model named like the route.
 
 Each target entry is `{target: <model id>, weight: <0..100>}` plus whatever else the user wrote there
-(`metadata_match`, `retry_config`, `override_params`, `fallback_*`, sticky routing): only `weight` is touched, and
-comments, key order and other rules survive. An entry belongs to a route target when it names the target's `name`
-or its `model` (TrueFoundry ids look like `provider-account/model`). An entry for a model the route does not know
-must hold weight 0, or the file is refused: its traffic would silently disappear from the sum.
+(`metadata_match`, `retry_config`, `override_params`, `fallback_*`, sticky routing): only `weight` (and, as below,
+`target`) is touched, and comments, key order and other rules survive. An entry belongs to a route target when it
+names the target's `name` or its `model` (TrueFoundry ids look like `provider-account/model`); one that names the
+target's `name` is pointed at its `model`, so a target retried with a new model does not ramp up on the one that
+was rolled back. An entry for a model the route does not know must hold weight 0, or the file is refused: its
+traffic would silently disappear from the sum.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from shadowjudge.gateways.base import GatewayConfigInvalid, GatewayRejected, Weights
-from shadowjudge.gateways.files import FileGateway, dump_yaml, load_yaml, model_owner, route_targets
+from shadowjudge.gateways.files import FileGateway, dump_yaml, load_yaml, model_owner, names_model, route_targets
 
 CONFIG_TYPE = "gateway-load-balancing-config"
 WEIGHT_BASED = "weight-based-routing"
@@ -52,6 +56,8 @@ class TrueFoundryGateway(FileGateway):
             if entry is None:
                 entry = CommentedMap(target=target.model)
                 entries.append(entry)
+            elif not names_model(entry["target"], target.model):  # named by the target's name
+                entry["target"] = target.model
             entry["weight"] = int(weights.get(target.name, 0))
         return dump_yaml(doc)
 
@@ -66,9 +72,15 @@ class TrueFoundryGateway(FileGateway):
             if len(ids) != len(doc["rules"]) or None in ids or len(set(ids)) != len(ids):
                 raise GatewayRejected(f"{self.path}: every rule needs a unique 'id', got {ids}")
             block = self._routing_block(doc)
-            when = (block or {}).get("when") or {}
-            if not when.get("models"):
+            models = _when_models(block or {})
+            if not models:
                 raise GatewayRejected(f"{self.path}: rule '{self.route.name}' needs 'when.models'")
+            shadowing = _shadowing_rule(doc["rules"], block, models)
+            if shadowing is not None:
+                raise GatewayRejected(
+                    f"{self.path}: rule '{shadowing}' comes before rule '{self.route.name}' and takes every request "
+                    f"for a model of it ({models}); TrueFoundry applies the first rule that matches, so these weights "
+                    f"would never apply: move rule '{self.route.name}' above it or narrow its 'when'")
 
     # -- document navigation -----------------------------------------------------------------------------------
     def _load(self, text: str) -> Any:
@@ -113,7 +125,10 @@ class TrueFoundryGateway(FileGateway):
         rule = CommentedMap(id=self.route.name, type=WEIGHT_BASED)
         rule["when"] = CommentedMap(models=CommentedSeq([self.route.name]))
         rule["load_balance_targets"] = CommentedSeq()
-        rules.append(rule)
+        # TrueFoundry applies the first matching rule: after a rule for the same model, ours would never apply.
+        first_match = next((i for i, r in enumerate(_as_list(rules, f"{self.path}: 'rules'"))
+                            if self.route.name in _when_models(r)), len(rules))
+        rules.insert(first_match, rule)
         return rule
 
     def _owned_entries(self, block: Any) -> dict[str, Any]:
@@ -148,6 +163,26 @@ def _new_document() -> CommentedMap:
     doc = CommentedMap(name="shadowjudge-routing", type=CONFIG_TYPE)
     doc["rules"] = CommentedSeq()
     return doc
+
+
+def _shadowing_rule(rules: list[Any], block: Any, models: list[str]) -> str | None:
+    """The id of a rule before `block` that matches every request for one of `models` (it has no other condition),
+    so TrueFoundry, which applies the first matching rule, never reaches `block` for that model."""
+    for rule in rules:
+        if rule is block:
+            return None
+        when = rule.get("when") if isinstance(rule, dict) else None
+        unconditional = isinstance(when, dict) and not (when.get("subjects") or when.get("metadata"))
+        if unconditional and set(_when_models(rule)) & set(models):
+            return str(rule.get("id"))
+    return None
+
+
+def _when_models(rule: Any) -> list[str]:
+    """The models a rule's `when` lists ([] when it lists none or has an odd shape)."""
+    when = rule.get("when") if isinstance(rule, dict) else None
+    models = when.get("models") if isinstance(when, dict) else None
+    return [m for m in models if isinstance(m, str)] if isinstance(models, list) else []
 
 
 def _as_list(value: Any, where: str) -> list[Any]:
