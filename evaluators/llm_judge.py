@@ -134,8 +134,12 @@ class LlmJudge:
         self.concurrency = max(1, concurrency)
         self.max_tokens = max_tokens
         self.temperature = temperature
-        rubric = hashlib.sha1((PAIRWISE_SYSTEM + PAIRWISE_USER + POINTWISE_SYSTEM + POINTWISE_USER).encode())
-        self.version = f"llm-judge:{name or model}:{rubric.hexdigest()[:8]}"
+        # The version keys stored verdicts, which later cycles reuse instead of asking again: it changes with
+        # whatever changes a verdict (the model behind a name, the rubric, the sampling temperature).
+        verdict_inputs = "\x00".join((PAIRWISE_SYSTEM, PAIRWISE_USER, POINTWISE_SYSTEM, POINTWISE_USER, model,
+                                      repr(float(temperature))))
+        digest = hashlib.sha1(verdict_inputs.encode()).hexdigest()[:8]
+        self.version = f"llm-judge:{name or model}:{digest}"
         self.unparsed = 0
         self._lock = threading.Lock()
 

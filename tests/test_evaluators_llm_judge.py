@@ -169,3 +169,16 @@ def test_parsers_tolerate_fences_and_reject_nonsense():
 ])
 def test_winner_is_read_from_its_value_never_from_a_prefix(reply, winner):
     assert parse_winner(reply) == winner
+
+
+def test_the_version_changes_with_the_model_behind_a_teacher_name():
+    """Stored verdicts are reused by version: a teacher name moved to another model kept its version, so the new
+    model's calibration was the old model's verdicts."""
+    from evaluators.llm_judge import LlmJudge
+
+    def version(model: str, temperature: float = 0.0) -> str:
+        return LlmJudge(None, model, name="teacher", temperature=temperature).version  # type: ignore[arg-type]
+
+    assert version("gpt-4-turbo") == version("gpt-4-turbo")
+    assert version("gpt-4-turbo").startswith("llm-judge:teacher:")
+    assert len({version("gpt-4-turbo"), version("gpt-4o"), version("gpt-4-turbo", 0.7)}) == 3
