@@ -1,5 +1,6 @@
 """step_route against a real store (SQLite and PostgreSQL) and a real gateway file, stepped cycle by cycle."""
 
+import json
 import math
 import threading
 from datetime import datetime, timedelta, timezone
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 from shadowjudge.config import load_config
 from shadowjudge.gateways import get_gateway
 from shadowjudge.gateways.truefoundry import TrueFoundryGateway
-from shadowjudge.routing import CandidateVerdict, load_rollout_state, route_history, step_route
+from shadowjudge.routing import CandidateVerdict, load_rollout_state, manual_rollback, route_history, step_route
 from shadowjudge.routing.cli import routes_cli
 from shadowjudge.store import ShadowRun, get_engine, session_scope
 
@@ -87,7 +88,6 @@ def test_multi_cycle_run_promotes_the_better_candidate_and_rolls_back_the_one_th
 
     result = runner.invoke(routes_cli, ["history", "chat", "--config", str(cfg_path), "--json"])
     assert result.exit_code == 0, result.output
-    import json
     rows = json.loads(result.output)
     assert [r["decision"] for r in reversed(rows)] == ["advance"] * 3 + ["rollback"] + ["advance"] * 4 + ["promote"]
     assert all(r["status"] == "applied" for r in rows)
@@ -144,10 +144,10 @@ def test_a_retried_failed_push_counts_its_runs_evidence_once(store_url, tmp_path
     failed = step_route(engine, route, verdicts, gateway=refusing, now=T0, run_id=run_id)
     assert failed.status == "failed"
     counted = load_rollout_state(engine, route).posteriors["better"]
-    assert counted == pytest.approx([71.0, 31.0])
+    assert (counted.alpha, counted.beta) == pytest.approx((71.0, 31.0))
     retried = step_route(engine, route, verdicts, gateway=good, now=T0 + timedelta(minutes=5), run_id=run_id)
     assert retried.status == "applied" and not retried.replayed
-    assert load_rollout_state(engine, route).posteriors["better"] == pytest.approx(counted)
+    assert load_rollout_state(engine, route).posteriors["better"] == counted
 
 
 def test_a_candidate_without_samples_does_not_hold_back_the_one_the_ladder_starts(store_url, tmp_path):
@@ -314,20 +314,86 @@ def test_dry_run_prints_the_diff_and_writes_nothing(store_url, tmp_path):
     assert not Path(route.gateway.path).exists() and route_history(engine, "chat") == []
 
 
-def test_a_hand_edited_gateway_is_put_back_to_the_recorded_weights(store_url, tmp_path):
+def test_a_hand_edited_gateway_is_kept_and_the_drift_reported(store_url, tmp_path):
     route = load_config(write_config(tmp_path, store_url)).route("chat")
     engine, gateway = get_engine(store_url), get_gateway(route.gateway, route)
     step_route(engine, route, [CandidateVerdict("fragile", "pass", n=200)], gateway=gateway, now=T0)
     file = Path(route.gateway.path)
     file.write_text(file.read_text().replace("weight: 99", "weight: 50").replace("weight: 1\n", "weight: 50\n"))
+    edited = file.read_bytes()
     outcome = step_route(engine, route, [CandidateVerdict("fragile", "inconclusive")], gateway=gateway,
                          now=T0 + timedelta(hours=1))
-    assert outcome.decision == "reconcile" and outcome.status == "applied"
-    assert gateway.read_back() == {"inc": 99, "fragile": 1, "better": 0}
-    change = route_history(engine, "chat")[0]
-    assert change["decision"] == "reconcile"
-    assert change["before"] == {"inc": 50, "fragile": 50, "better": 0}  # what the gateway held, not the state
-    assert change["after"] == {"inc": 99, "fragile": 1, "better": 0}
+    assert outcome.decision == "hold" and outcome.status == "unchanged" and file.read_bytes() == edited
+    assert "gateway drift: it holds inc=50, fragile=50, better=0 where the state recorded inc=99, fragile=1" in (
+        outcome.reason)
+    state = load_rollout_state(engine, route)
+    assert state.weights == {"inc": 50, "fragile": 50, "better": 0} and state.step_started_at == T0 + timedelta(hours=1)
+    assert len(route_history(engine, "chat")) == 1  # nothing pushed
+
+
+def test_a_gateway_reset_by_hand_is_stepped_from_what_it_holds(store_url, tmp_path):
+    """The step limit and the ladder apply to what the gateway holds: a file reset to 100/0 between steps restarts
+    the ladder at its first rung instead of promoting the candidate from 0% to 100% in one push."""
+    policy = {"steps": [5, 25, 50, 100], "max_step_change": 50}
+    route = load_config(write_config(tmp_path, store_url, policy=policy)).route("chat")
+    engine, gateway = get_engine(store_url), get_gateway(route.gateway, route)
+    for cycle in range(3):
+        step_route(engine, route, [CandidateVerdict("fragile", "pass", n=200)], gateway=gateway,
+                   now=T0 + timedelta(hours=cycle))
+    assert gateway.read_back() == {"inc": 50, "fragile": 50, "better": 0}
+    file = Path(route.gateway.path)
+    file.write_text(gateway.render_text(file.read_text(), {"inc": 100, "fragile": 0, "better": 0}))
+
+    outcome = step_route(engine, route, [CandidateVerdict("fragile", "pass", n=200)], gateway=gateway,
+                         now=T0 + timedelta(hours=3))
+    assert outcome.decision == "advance" and outcome.diff == "inc 100→95, fragile 0→5", outcome.reason
+    assert "gateway drift: it holds inc=100, fragile=0, better=0" in outcome.reason
+    assert gateway.read_back() == {"inc": 95, "fragile": 5, "better": 0}
+    last = route_history(engine, "chat")[0]
+    assert last["before"] == {"inc": 100, "fragile": 0, "better": 0} and last["after"]["fragile"] == 5
+
+
+class Killed(BaseException):
+    """The writer process dying: not an Exception, so nothing in the push catches it."""
+
+
+class DiesAfterPushing(TrueFoundryGateway):
+    def read_back(self):
+        raise Killed()
+
+
+def test_a_writer_that_died_after_its_push_is_not_stepped_twice_by_the_rerun(store_url, tmp_path):
+    route = load_config(write_config(tmp_path, store_url, policy={"steps": [1, 5, 25]})).route("chat")
+    engine, gateway = get_engine(store_url), get_gateway(route.gateway, route)
+    passing = [CandidateVerdict("fragile", "pass", n=200)]
+    step_route(engine, route, passing, gateway=gateway, now=T0, run_id=make_run(engine, "chat:1"))
+    run_id = make_run(engine, "chat:2")
+    with pytest.raises(Killed):  # the push landed; its outcome was never recorded
+        step_route(engine, route, passing, gateway=DiesAfterPushing(route, route.gateway.path),
+                   now=T0 + timedelta(hours=1), run_id=run_id)
+    assert gateway.read_back()["fragile"] == 5 and load_rollout_state(engine, route).weights["fragile"] == 1
+    rerun = step_route(engine, route, passing, gateway=gateway, now=T0 + timedelta(hours=1), run_id=run_id)
+    assert rerun.status == "applied" and "drift" not in rerun.reason
+    assert gateway.read_back()["fragile"] == 5 == load_rollout_state(engine, route).weights["fragile"]
+    assert [r["status"] for r in route_history(engine, "chat")] == ["applied", "interrupted", "applied"]
+
+
+def test_rollback_dry_run_previews_what_the_rollback_would_push(store_url, tmp_path):
+    cfg_path = write_config(tmp_path, store_url)
+    route = load_config(cfg_path).route("chat")
+    engine, gateway = get_engine(store_url), get_gateway(route.gateway, route)
+    step_route(engine, route, [CandidateVerdict("fragile", "pass", n=200)], gateway=gateway, now=T0)
+    file = Path(route.gateway.path)
+    before = file.read_bytes()
+    preview = manual_rollback(engine, route, gateway=gateway, now=T0 + timedelta(hours=1), dry_run=True)
+    assert preview.status == "dry_run" and preview.proposed == {"inc": 100, "fragile": 0, "better": 0}
+    assert "-        weight: 1" in preview.config_diff
+    assert file.read_bytes() == before and len(route_history(engine, "chat")) == 1
+    assert load_rollout_state(engine, route).failed == {}
+    result = runner.invoke(routes_cli, ["rollback", "chat", "-c", str(cfg_path), "--dry-run", "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["proposed"] == preview.proposed
+    bad = runner.invoke(routes_cli, ["rollback", "chat", "-c", str(cfg_path), "--dry-run", "--to", "nobody"])
+    assert bad.exit_code == 2 and "cannot roll back to 'nobody'" in bad.output
 
 
 def test_operator_commands_gate_freeze_and_roll_back(store_url, tmp_path):

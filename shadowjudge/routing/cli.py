@@ -19,6 +19,7 @@ from rich.table import Table
 
 from shadowjudge.config import Config, RouteConfig, load_config
 from shadowjudge.errors import InputError, ShadowJudgeError
+from shadowjudge.routing.weights import format_weights
 
 routes_cli = typer.Typer(help="Route weights: history, state, manual gate, freeze and rollback.",
                          no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -86,7 +87,7 @@ def show(route: Optional[str] = typer.Argument(None, help="Route name (default: 
         serving = st["serving"] + (" [yellow](config stale)[/]" if st["config_stale"] else "")
         gate = ("approved " + str(st["approved_step"]) if st["approved_step"] is not None else "waiting") \
             if st["manual_gate"] else "-"
-        table.add_row(st["route"], st["policy"], ", ".join(f"{k}={v}" for k, v in st["weights"].items()), serving,
+        table.add_row(st["route"], st["policy"], format_weights(st["weights"]), serving,
                       st["candidate"] or "-", st["phase"], str(st["step_index"]), str(st["samples_in_step"]),
                       "yes" if st["frozen"] else "no", gate, str(st["revision"]))
     console.print(table)
@@ -116,8 +117,7 @@ def history(route: str = typer.Argument(..., help="Route name"), config: Path = 
     for r in rows:
         reason = r["reason"] + (f" [red]{r['error']}[/]" if r["error"] else "")
         table.add_row(str(r["revision"]), r["at"][:19], r["decision"], r["status"],
-                      ", ".join(f"{k}={v}" for k, v in r["before"].items()),
-                      ", ".join(f"{k}={v}" for k, v in r["after"].items()), reason, r["analysis_link"] or "-")
+                      format_weights(r["before"]), format_weights(r["after"]), reason, r["analysis_link"] or "-")
     console.print(table)
 
 
@@ -206,28 +206,11 @@ def rollback(route: str = typer.Argument(..., help="Route name"), config: Path =
              as_json: bool = JsonOption) -> None:
     """Send all traffic to one target now and mark the candidates it takes traffic from as failed."""
     from shadowjudge.gateways import get_gateway
-    from shadowjudge.routing.push import preview_push
-    from shadowjudge.routing.step import load_rollout_state, manual_rollback
-    from shadowjudge.routing.weights import weights_diff
+    from shadowjudge.routing.step import manual_rollback
 
     _, rc, engine = _open(config, route)
-    gateway = get_gateway(rc.gateway, rc)
-    if dry_run:
-        state = load_rollout_state(engine, rc)
-        target = to or state.serving
-        names = [rc.incumbent.name, *[c.name for c in rc.candidates]]
-        if target not in names:
-            raise InputError(f"route '{rc.name}': cannot roll back to '{target}': not a target (targets: {names})")
-        after = {n: (100 if n == target else 0) for n in names}
-        preview = preview_push(gateway, after)
-        console.print(f"route [bold]{rc.name}[/]: rollback would set {weights_diff(state.weights, after)}",
-                      highlight=False)
-        if preview.error:
-            console.print(f"  [red]the push would fail: {preview.error}[/]", highlight=False)
-        if preview.config_diff:
-            console.print(preview.config_diff, markup=False, highlight=False)
-        return
-    outcome = manual_rollback(engine, rc, gateway=gateway, now=datetime.now(timezone.utc), to=to, reason=reason)
+    outcome = manual_rollback(engine, rc, gateway=get_gateway(rc.gateway, rc), now=datetime.now(timezone.utc), to=to,
+                              reason=reason, dry_run=dry_run)
     _print_outcome(outcome, as_json)
     if outcome.status == "failed":
         raise typer.Exit(1)

@@ -11,12 +11,18 @@ Stepped one iteration at a time, like Flagger's or Argo Rollouts' canary control
 3. Then freeze, the policy's proposal, and the guards on every advance: minimum dwell time and sample count since
    the last change, the manual gate, the per-step change limit and the incumbent's minimum weight.
 
+Every step is measured from what the gateway holds, as Flagger reads the router's weights each iteration: when the
+caller passes the gateway's weights and they differ from the state's (a hand edit, a redeploy of the gateway
+config), the controller decides from the gateway's, warns, and restarts the step (dwell, sample count and approval
+start again: the evidence behind the next move was gathered under a split that is no longer in force).
+
 `decide` never touches the store or a gateway; shadowjudge.routing.step applies its decision.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
@@ -26,19 +32,39 @@ import numpy as np
 from shadowjudge.config import RouteConfig, TargetConfig
 from shadowjudge.errors import InputError
 from shadowjudge.routing.verdicts import CandidateVerdict
-from shadowjudge.routing.weights import Weights, apportion, limit_change, weights_diff, with_floor
+from shadowjudge.routing.weights import (
+    Weights,
+    apportion,
+    format_weights,
+    limit_change,
+    percentages,
+    step_toward,
+    weights_diff,
+)
 
 Action = Literal["advance", "promote", "rollback", "hold"]
 BANDIT_DRAWS = 4000
+log = logging.getLogger(__name__)
 
 
 class RoutingStateError(InputError):
     """The stored route state and the route config cannot be reconciled without a person."""
 
 
+@dataclass(frozen=True)
+class Posterior:
+    """The bandit's Beta posterior for one candidate, and the target revision (`target_fingerprint`) it was judged
+    on: a new model or endpoint is a new revision and starts from the prior, as a failed mark is dropped."""
+
+    alpha: float
+    beta: float
+    fingerprint: str
+
+
 @dataclass
 class RolloutState:
-    """A route's rollout as the controller sees it (the `route_state` row, as plain data)."""
+    """A route's rollout as the controller sees it (the `route_state` row, as plain data). `samples_for` is the
+    candidate `samples_in_step` counts for (the ladder's; None for the other policies)."""
 
     route: str
     weights: Weights
@@ -50,8 +76,9 @@ class RolloutState:
     frozen: bool = False
     approved_step: int | None = None
     samples_in_step: int = 0
+    samples_for: str | None = None
     failed: dict[str, dict[str, Any]] = field(default_factory=dict)
-    posteriors: dict[str, list[float]] = field(default_factory=dict)
+    posteriors: dict[str, Posterior] = field(default_factory=dict)
     revision: int = 0
 
     @classmethod
@@ -88,14 +115,21 @@ def target_fingerprint(target: TargetConfig) -> str:
 
 
 def decide(route: RouteConfig, state: RolloutState, verdicts: dict[str, CandidateVerdict], now: datetime,
-           *, seed: int | None = None, observe: bool = True) -> Decision:
+           *, seed: int | None = None, observe: bool = True, gateway_weights: Weights | None = None) -> Decision:
     """One controller iteration. `verdicts` maps candidate names to this cycle's verdict (missing = no evidence).
-    `observe=False` when `state` already counts these verdicts' samples and posteriors (a failed push retried)."""
+    `observe=False` when `state` already counts these verdicts' samples and posteriors (a failed push retried).
+    `gateway_weights`: what the gateway holds (None: unknown, or the state's weights stand); see the module doc."""
     names = [t.name for t in targets_of(route)]
     state = _reconciled(route, state, names)
-    before = dict(state.weights)
     observed = _observe(route, state, verdicts) if observe else state
+    observed, drift = _drifted(route, observed, gateway_weights, names, now)
+    decision = _decide(route, observed, verdicts, names, now, seed)
+    return decision if drift is None else replace(decision, reason=f"{decision.reason}; {drift}")
 
+
+def _decide(route: RouteConfig, observed: RolloutState, verdicts: dict[str, CandidateVerdict], names: list[str],
+            now: datetime, seed: int | None) -> Decision:
+    before = dict(observed.weights)
     rollback = _rollback(route, observed, verdicts, names, now)
     if rollback is not None:
         return rollback
@@ -114,7 +148,7 @@ def decide(route: RouteConfig, state: RolloutState, verdicts: dict[str, Candidat
 
     if observed.frozen or route.policy.frozen:
         where = "state" if observed.frozen else "config"
-        return _hold(observed, before, f"frozen ({where}): weights stay {_fmt(before)}")
+        return _hold(observed, before, f"frozen ({where}): weights stay {format_weights(before)}")
 
     kind = route.policy.kind
     if kind == "ladder":
@@ -131,7 +165,8 @@ def decide(route: RouteConfig, state: RolloutState, verdicts: dict[str, Candidat
 # -- state preparation -----------------------------------------------------------------------------------------
 
 def _reconciled(route: RouteConfig, state: RolloutState, names: list[str]) -> RolloutState:
-    """State restricted to the config's targets; failed marks dropped for targets whose config changed."""
+    """State restricted to the config's targets; failed marks and posteriors dropped for targets whose config changed
+    (a new revision is judged afresh); no moving candidate that failed (it is rolled back, never advanced)."""
     orphans = {n: w for n, w in state.weights.items() if n not in names and w > 0}
     if orphans:
         raise RoutingStateError(
@@ -143,32 +178,61 @@ def _reconciled(route: RouteConfig, state: RolloutState, names: list[str]) -> Ro
     if state.serving not in names:
         raise RoutingStateError(
             f"route '{route.name}': serving target '{state.serving}' is not in the config (targets: {names})")
-    by_name = {t.name: t for t in targets_of(route)}
+    fingerprints = {t.name: target_fingerprint(t) for t in targets_of(route)}
     failed = {n: mark for n, mark in state.failed.items()
-              if n in by_name and mark.get("fingerprint") == target_fingerprint(by_name[n])}
+              if n in fingerprints and mark.get("fingerprint") == fingerprints[n]}
+    posteriors = {n: p for n, p in state.posteriors.items() if n in fingerprints and p.fingerprint == fingerprints[n]}
     candidate = state.candidate if state.candidate in names and state.candidate != state.serving else None
-    return replace(state, weights=weights, failed=failed, candidate=candidate)
+    candidate = None if candidate in failed else candidate
+    return replace(state, weights=weights, failed=failed, posteriors=posteriors, candidate=candidate)
 
 
 def _observe(route: RouteConfig, state: RolloutState, verdicts: dict[str, CandidateVerdict]) -> RolloutState:
     """Evidence this cycle adds whatever is decided: samples toward the dwell, and the bandit's posteriors."""
-    posteriors = {k: list(v) for k, v in state.posteriors.items()}
+    fingerprints = {t.name: target_fingerprint(t) for t in targets_of(route)}
+    posteriors = dict(state.posteriors)
     for name, v in verdicts.items():
         if v.score is not None and v.n > 0:
-            a, b = posteriors.get(name, [1.0, 1.0])
-            posteriors[name] = [a + v.score * v.n, b + (1.0 - v.score) * v.n]
-    return replace(state, samples_in_step=state.samples_in_step + _step_samples(route, state, verdicts),
-                   posteriors=posteriors)
+            prior = posteriors.get(name, Posterior(1.0, 1.0, fingerprints[name]))
+            posteriors[name] = Posterior(prior.alpha + v.score * v.n, prior.beta + (1.0 - v.score) * v.n,
+                                         fingerprints[name])
+    counted_for, samples = _step_samples(route, state, verdicts)
+    carried = state.samples_in_step if counted_for == state.samples_for else 0
+    return replace(state, samples_in_step=carried + samples, samples_for=counted_for, posteriors=posteriors)
 
 
-def _step_samples(route: RouteConfig, state: RolloutState, verdicts: dict[str, CandidateVerdict]) -> int:
-    """Samples that count toward the current step: the ladder's moving candidate's (or the one it would start), or
-    the fewest any candidate had. A candidate the ladder would not start (down, failed) must not hold it back."""
+def _step_samples(route: RouteConfig, state: RolloutState,
+                  verdicts: dict[str, CandidateVerdict]) -> tuple[str | None, int]:
+    """Whom the step's sample count is for, and this cycle's samples toward it.
+
+    The ladder counts its moving candidate's samples (or those of the one it would start); when that candidate
+    changes the count starts again, so a candidate never starts on another's samples. The other policies count the
+    fewest samples of any candidate that has some and has not failed: a candidate that is down (no samples) must
+    not hold the others back forever.
+    """
     if route.policy.kind == "ladder":
-        v = verdicts.get(state.candidate or _ladder_start(route, state, verdicts) or "")
-        return v.n if v else 0
-    counts = [v.n for name, v in verdicts.items() if name != state.serving]
-    return min(counts) if counts else 0
+        name = state.candidate or _ladder_start(route, state, verdicts)
+        v = verdicts.get(name) if name is not None else None
+        return name, (v.n if v else 0)
+    counts = [v.n for name, v in verdicts.items() if name != state.serving and name not in state.failed and v.n > 0]
+    return None, min(counts, default=0)
+
+
+def _drifted(route: RouteConfig, state: RolloutState, gateway_weights: Weights | None, names: list[str],
+             now: datetime) -> tuple[RolloutState, str | None]:
+    """The state to decide from when the gateway holds other weights than it records, and the note saying so.
+
+    The gateway's weights win: they are what serves traffic, so the step limit and the ladder are measured from
+    them (from the stored ones, a gateway reset by hand to 100/0 saw its candidate jump to 100% in one push). The
+    step restarts: dwell, sample count and approval start again from this cycle.
+    """
+    held = percentages(gateway_weights, names) if gateway_weights is not None else None
+    if held is None or held == state.weights:
+        return state, None
+    note = (f"gateway drift: it holds {format_weights(held)} where the state recorded {format_weights(state.weights)};"
+            " decided from the gateway's weights and the step restarts")
+    log.warning("route '%s': %s", route.name, note)
+    return replace(state, weights=held, step_started_at=now, samples_in_step=0, approved_step=None), note
 
 
 # -- rollback --------------------------------------------------------------------------------------------------
@@ -240,6 +304,9 @@ def _ladder(route: RouteConfig, state: RolloutState, verdicts: dict[str, Candida
     if v.verdict != "pass":
         return f"'{active}' at {state.weights[active]}%: verdict {v.verdict} (n={v.n}), weights held"
     current = state.weights[active]
+    if current == 100 and 100 in route.policy.steps:  # the gateway already gives it everything: promote, no push
+        return Proposal(dict(state.weights), active, f"'{active}' passed (score={_num(v.score)}, n={v.n}) and "
+                                                     "already holds 100%", completes=True)
     floor = route.policy.incumbent_min_weight
     rungs = [s for s in route.policy.steps if s == 100 or 100 - s >= floor]
     higher = [s for s in rungs if s > current]
@@ -292,7 +359,8 @@ def _bandit(route: RouteConfig, state: RolloutState, verdicts: dict[str, Candida
     if not fed:
         return "bandit: no judge scores yet for any candidate"
     rng = np.random.default_rng(seed if seed is not None else bandit_seed(route.name, state.revision))
-    draws = np.stack([rng.beta(*state.posteriors[n], size=BANDIT_DRAWS) for n in fed])
+    draws = np.stack([rng.beta(state.posteriors[n].alpha, state.posteriors[n].beta, size=BANDIT_DRAWS)
+                      for n in fed])
     # The incumbent is the reference: a preference of 0.5 is "as good as the incumbent".
     reference = np.full((1, BANDIT_DRAWS), 0.5)
     winners = np.argmax(np.vstack([reference, draws]), axis=0)
@@ -315,7 +383,7 @@ def _guarded_move(route: RouteConfig, state: RolloutState, proposal: Proposal, n
                   now: datetime) -> Decision:
     policy = route.policy
     before = dict(state.weights)
-    if proposal.desired == before:
+    if proposal.desired == before and not proposal.completes:
         return _hold(state, before, f"{proposal.why}; weights already there")
     if state.step_started_at is not None and policy.min_dwell_s > 0:
         dwelt = (now - state.step_started_at).total_seconds()
@@ -330,11 +398,12 @@ def _guarded_move(route: RouteConfig, state: RolloutState, proposal: Proposal, n
         return _hold(state, before, f"{proposal.why}; waiting for approval of step {gate} "
                                     f"(`shadowjudge routes approve {route.name}`)")
 
-    moved = limit_change(before, proposal.desired, policy.max_step_change, names)
-    completes = proposal.completes and moved == proposal.desired
-    if not completes and policy.incumbent_min_weight:
-        moved = with_floor(moved, state.serving, policy.incumbent_min_weight, names)
-    if moved == before:
+    # A promotion the step limit allows in one change ignores the floor; any other move keeps both (step_toward).
+    completes = proposal.completes and limit_change(
+        before, proposal.desired, policy.max_step_change, names) == proposal.desired
+    moved = dict(proposal.desired) if completes else step_toward(
+        before, proposal.desired, policy.max_step_change, state.serving, policy.incumbent_min_weight, names)
+    if moved == before and not completes:
         return _hold(state, before, f"{proposal.why}; the step limit ({policy.max_step_change}) and the incumbent's "
                                     f"minimum ({policy.incumbent_min_weight}%) allow no move")
 
@@ -366,10 +435,6 @@ def _verdict_summary(names: list[str], verdicts: dict[str, CandidateVerdict], fa
         return "every candidate failed earlier (" + ", ".join(failed) + ")" if failed else "no candidates"
     parts = [f"{n}={verdicts[n].verdict}" if n in verdicts else f"{n}=no verdict" for n in names]
     return ", ".join(parts)
-
-
-def _fmt(weights: Weights) -> str:
-    return ", ".join(f"{n}={w}" for n, w in weights.items())
 
 
 def _num(x: float | None) -> str:

@@ -5,8 +5,10 @@ TrueFoundry or nginx file, and a read-render-write must not interleave with anot
 
 Order of writes for a change: a `pending` history row claims the next revision, the gateway is pushed (and read
 back), then one transaction marks the row applied or failed and stores the new state. A crash after the push but
-before that transaction leaves the row `pending` and the state behind the gateway; the next cycle sees the gateway
-disagree with the state and pushes the state's weights again (the conservative direction).
+before that transaction leaves the row `pending` and the state behind the gateway; the next cycle sees that the
+gateway holds that push's weights and decides from the state again, which re-derives the same push from the same
+verdicts instead of stepping twice (and a hold pushes the state's weights again: the conservative direction). Any
+other difference between the gateway and the state is drift: the controller decides from the gateway's weights.
 """
 
 from __future__ import annotations
@@ -20,14 +22,21 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select, update
 
-from shadowjudge.config import RouteConfig
+from shadowjudge.config import RouteConfig, TargetConfig
 from shadowjudge.errors import InputError, ShadowJudgeError
 from shadowjudge.gateways.base import Gateway, GatewayError
-from shadowjudge.routing.controller import Decision, RolloutState, decide, target_fingerprint, targets_of
+from shadowjudge.routing.controller import (
+    Decision,
+    Posterior,
+    RolloutState,
+    decide,
+    target_fingerprint,
+    targets_of,
+)
 from shadowjudge.store.lease import LeaseLock, LockSet, as_utc, default_holder
 from shadowjudge.routing.push import PushResult, describe_error, preview_push, push_weights
 from shadowjudge.routing.verdicts import CandidateVerdict, index_verdicts
-from shadowjudge.routing.weights import Weights, weights_diff
+from shadowjudge.routing.weights import Weights, format_weights, percentages, weights_diff
 from shadowjudge.store import RouteState, RouteWeightChange, session_scope
 
 
@@ -38,7 +47,8 @@ class RouteBusy(ShadowJudgeError):
 @dataclass(frozen=True)
 class StepOutcome:
     """What one step did. `weights_after` is what the route's state now records (the gateway holds it when
-    `pushed`, or already held it); `proposed` is what the decision wanted, which differs when a push failed."""
+    `pushed`, or already held it, or was left holding it by a push that failed part-way); `proposed` is what the
+    decision wanted, which differs when a push failed."""
 
     route: str
     decision: str
@@ -63,6 +73,21 @@ class StepOutcome:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class GatewayReading:
+    """What the gateway held when read for a step: `weights` is None when it could not be read (`error` says why)."""
+
+    weights: Weights | None
+    error: str | None = None
+
+
+def read_gateway(gateway: Gateway) -> GatewayReading:
+    try:
+        return GatewayReading(gateway.read_current().weights)
+    except GatewayError as exc:
+        return GatewayReading(None, describe_error(exc))
+
+
 def lock_name(route: str) -> str:
     return f"route:{route}"
 
@@ -85,15 +110,17 @@ def step_route(engine: Engine, route: RouteConfig,
     """One controller iteration for one route: decide from this cycle's verdicts, push, record.
 
     Idempotent per `run_id`: stepping the same run again returns the recorded outcome (`replayed=True`) and
-    changes nothing. A gateway fault never raises: the outcome says `failed`, the previous gateway config stays
-    in force and the state is not advanced, so the next cycle retries. Raises InputError for verdicts or state
-    that do not fit the route config.
+    changes nothing. A gateway fault never raises: the outcome says `failed` and what the gateway was left holding
+    (the previous config, restored or never changed, or part of the push), the state records that and is not
+    advanced, so the next cycle retries. The decision is taken from what the gateway holds (see
+    shadowjudge.routing.controller). Raises InputError for verdicts or state that do not fit the route config.
     """
     now = as_utc(now)
     by_target = index_verdicts(route, verdicts)
     if dry_run:
-        state = load_rollout_state(engine, route)
-        decision = decide(route, state, by_target, now)
+        reading = read_gateway(gateway)
+        decision = decide(route, load_rollout_state(engine, route), by_target, now,
+                          gateway_weights=_weights_to_decide_from(engine, route, reading))
         return _preview(route, gateway, decision)
     locks = writer_locks(engine, route.name, gateway)
     busy = locks.acquire()
@@ -125,10 +152,29 @@ def step_route(engine: Engine, route: RouteConfig,
                         "applied last: nothing changed", pushed=False, status="unchanged", phase=state.phase,
                         serving=state.serving, replayed=True)
         state = load_rollout_state(engine, route)
-        decision = decide(route, state, by_target, now, observe=not retrying)
-        return _apply(engine, route, gateway, decision, now=now, run_id=run_id, analysis_link=analysis_link)
+        reading = read_gateway(gateway)
+        decision = decide(route, state, by_target, now, observe=not retrying,
+                          gateway_weights=_weights_to_decide_from(engine, route, reading))
+        return _apply(engine, route, gateway, decision, now=now, run_id=run_id, analysis_link=analysis_link,
+                      reading=reading)
     finally:
         locks.release()
+
+
+def _weights_to_decide_from(engine: Engine, route: RouteConfig, reading: GatewayReading) -> Weights | None:
+    """The gateway's weights for `decide`, except when they are those of the route's last push whose outcome was
+    never recorded: that push is the controller's own, and deciding from the state again re-derives it from the
+    same verdicts, where deciding from the gateway's weights would step twice on one cycle's evidence."""
+    if reading.weights is None:
+        return None
+    with session_scope(engine) as s:
+        pending = s.scalar(select(RouteWeightChange.after)
+                           .where(RouteWeightChange.route == route.name, RouteWeightChange.status == "pending")
+                           .order_by(RouteWeightChange.revision.desc()).limit(1))
+    names = [t.name for t in targets_of(route)]
+    if pending is not None and percentages(pending, names) == percentages(reading.weights, names):
+        return None
+    return reading.weights
 
 
 def _recorded_outcome(data: dict[str, Any] | None) -> StepOutcome | None:
@@ -143,37 +189,40 @@ def _recorded_outcome(data: dict[str, Any] | None) -> StepOutcome | None:
 
 
 def _apply(engine: Engine, route: RouteConfig, gateway: Gateway, decision: Decision, *, now: datetime,
-           run_id: int | None, analysis_link: str | None, label: str | None = None) -> StepOutcome:
-    """Push the decision if the gateway does not already hold it; record history and state. Caller holds the lock."""
+           run_id: int | None, analysis_link: str | None, label: str | None = None,
+           reading: GatewayReading | None = None) -> StepOutcome:
+    """Push the decision if the gateway does not already hold it; record history and state. Caller holds the lock.
+    `reading`: what the gateway held when the decision was taken (read here when not given)."""
     action = label or decision.action
     reason = decision.reason
+    names = [t.name for t in targets_of(route)]
     push_needed = decision.changes_weights
     held: Weights | None = None
     if not push_needed:
-        try:
-            held = gateway.read_current().weights
-        except GatewayError as exc:
-            held = None
-            reason += f"; gateway not checked: {describe_error(exc)}"
-        if held is not None and held != decision.after:
+        reading = reading or read_gateway(gateway)
+        held = reading.weights
+        if reading.error is not None:
+            reason += f"; gateway not checked: {reading.error}"
+        elif percentages(held or {}, names) != decision.after:
             push_needed = True
             action = "reconcile" if action == "hold" else action
-            reason += f"; gateway held {held or 'nothing'}, pushing the recorded weights"
+            reason += f"; gateway held {format_weights(held) if held else 'nothing'}, pushing the recorded weights"
 
     revision: int | None = None
     result: PushResult | None = None
     if push_needed:
         revision = _claim_revision(engine, route, gateway, decision, action, reason, run_id, analysis_link, now,
                                    before=held)
-        result = push_weights(gateway, decision.after)
-    ok = result is None or result.ok
-    new_state = decision.applied if ok else decision.refused
+        result = push_weights(gateway, decision.after, rollback=decision.action == "rollback")
+    new_state, status = decision.applied, "unchanged" if result is None else "applied"
     if result is not None and not result.ok:
-        reason += f"; push failed ({'previous config restored' if result.restored else 'previous config kept'})"
+        reason += f"; push failed ({result.in_force})"
+        new_state, status = _state_after_failed_push(decision, result, names)
+        if status == "applied":
+            reason += ", which sends traffic as decided"
     outcome = StepOutcome(
         route=route.name, decision=action, weights_before=decision.before, weights_after=dict(new_state.weights),
-        proposed=decision.after, reason=reason, pushed=result is not None and result.ok,
-        status="unchanged" if result is None else ("applied" if result.ok else "failed"),
+        proposed=decision.after, reason=reason, pushed=status == "applied", status=status,
         phase=new_state.phase, serving=new_state.serving, revision=revision,
         error=None if result is None else result.error)
     with session_scope(engine) as s:
@@ -196,6 +245,22 @@ def _apply(engine: Engine, route: RouteConfig, gateway: Gateway, decision: Decis
             row.last_run_id = run_id
         row.last_outcome = {**outcome.to_dict(), "run_id": run_id}
     return outcome
+
+
+def _state_after_failed_push(decision: Decision, result: PushResult, names: list[str]) -> tuple[RolloutState, str]:
+    """The state to record after a failed push, and the step's status: what the gateway was left holding decides.
+
+    Left as before (restored, or never changed): the refused state. Left partly updated: the refused state with the
+    weights the gateway now holds, so the state never claims weights no gateway serves; and where those send
+    traffic as the decision wanted (LiteLLM's {inc: 50, a: 0} after a rollback whose last update failed), the
+    decision is in force: its applied state, status `applied`, so a retry of the run does not step again.
+    """
+    in_force = percentages(result.observed, names) if result.changed and result.observed is not None else None
+    if in_force is None:
+        return decision.refused, "failed"
+    if in_force == decision.after:
+        return decision.applied, "applied"
+    return replace(decision.refused, weights=in_force), "failed"
 
 
 def _claim_revision(engine: Engine, route: RouteConfig, gateway: Gateway, decision: Decision, action: str, reason: str,
@@ -246,6 +311,7 @@ def load_rollout_state(engine: Engine, route: RouteConfig) -> RolloutState:
 
 def _from_row(row: RouteState, route: RouteConfig) -> RolloutState:
     policy_state = row.policy_state or {}
+    by_name = {t.name: t for t in targets_of(route)}
     weights = {k: int(v) for k, v in (row.weights or {}).items()}
     if not weights:
         return replace(RolloutState.initial(route), frozen=bool(row.frozen), approved_step=row.approved_step,
@@ -254,8 +320,19 @@ def _from_row(row: RouteState, route: RouteConfig) -> RolloutState:
         route=row.route, weights=weights, serving=row.serving or route.incumbent.name, candidate=row.candidate,
         step_index=row.step_index, step_started_at=as_utc(row.step_started_at) if row.step_started_at else None,
         phase=row.phase, frozen=bool(row.frozen), approved_step=row.approved_step,
-        samples_in_step=row.samples_in_step or 0, failed=dict(policy_state.get("failed", {})),
-        posteriors={k: list(v) for k, v in policy_state.get("posteriors", {}).items()}, revision=row.revision)
+        samples_in_step=row.samples_in_step or 0,
+        samples_for=policy_state.get("samples_for", row.candidate if route.policy.kind == "ladder" else None),
+        failed=dict(policy_state.get("failed", {})), revision=row.revision,
+        posteriors={n: _posterior_from_row(v, by_name.get(n)) for n, v in policy_state.get("posteriors", {}).items()})
+
+
+def _posterior_from_row(value: Any, target: TargetConfig | None) -> Posterior:
+    """Stored as {alpha, beta, fingerprint}. A row written before fingerprints were kept holds [alpha, beta]: taken
+    as judged on the target as configured now, since dropping it would restart every bandit rollout under way."""
+    if isinstance(value, dict):
+        return Posterior(float(value["alpha"]), float(value["beta"]), str(value["fingerprint"]))
+    alpha, beta = value
+    return Posterior(float(alpha), float(beta), target_fingerprint(target) if target is not None else "")
 
 
 def _store_state(row: RouteState, state: RolloutState) -> None:
@@ -268,7 +345,8 @@ def _store_state(row: RouteState, state: RolloutState) -> None:
     row.frozen = state.frozen
     row.approved_step = state.approved_step
     row.samples_in_step = state.samples_in_step
-    row.policy_state = {"failed": state.failed, "posteriors": state.posteriors}
+    row.policy_state = {"failed": state.failed, "samples_for": state.samples_for,
+                        "posteriors": {n: asdict(p) for n, p in state.posteriors.items()}}
 
 
 # -- operator actions (the `shadowjudge routes` commands) --------------------------------------------------------
@@ -311,32 +389,40 @@ def set_frozen(engine: Engine, route: RouteConfig, frozen: bool) -> RolloutState
 
 
 def manual_rollback(engine: Engine, route: RouteConfig, *, gateway: Gateway, now: datetime, to: str | None = None,
-                    reason: str = "manual rollback") -> StepOutcome:
+                    reason: str = "manual rollback", dry_run: bool = False) -> StepOutcome:
     """Send all traffic to `to` (default: the serving target) now, and mark the candidates it takes traffic from
-    as failed. With `to` set to the config's incumbent after a promotion, this undoes the promotion."""
+    as failed. With `to` set to the config's incumbent after a promotion, this undoes the promotion. `dry_run`
+    renders and validates the push and writes nothing."""
     now = as_utc(now)
-    names = [t.name for t in targets_of(route)]
+    if dry_run:
+        return _preview(route, gateway, rollback_decision(route, load_rollout_state(engine, route), to, reason, now))
     lock = _locked(engine, route.name, gateway)
     try:
-        state = load_rollout_state(engine, route)
-        target = to or state.serving
-        if target not in names:
-            raise InputError(f"route '{route.name}': cannot roll back to '{target}': not a target (targets: {names})")
-        after = {n: (100 if n == target else 0) for n in names}
-        by_name = {t.name: t for t in targets_of(route)}
-        failed = dict(state.failed)
-        for n, w in state.weights.items():
-            if n != target and n in by_name and (w > 0 or n == state.candidate) and n != route.incumbent.name:
-                failed.setdefault(n, {"fingerprint": target_fingerprint(by_name[n]), "reason": reason,
-                                      "at": now.isoformat()})
-        applied = replace(state, weights=after, serving=target, candidate=None, step_index=-1, step_started_at=now,
-                          phase="rolled_back", samples_in_step=0, approved_step=None, failed=failed)
-        text = f"{reason}: all traffic to '{target}' ({weights_diff(state.weights, after)})"
-        decision = Decision("rollback", dict(state.weights), after, text, applied, state)
+        decision = rollback_decision(route, load_rollout_state(engine, route), to, reason, now)
         return _apply(engine, route, gateway, decision, now=now, run_id=None, analysis_link=None,
                       label="manual_rollback")
     finally:
         lock.release()
+
+
+def rollback_decision(route: RouteConfig, state: RolloutState, to: str | None, reason: str,
+                      now: datetime) -> Decision:
+    """All traffic to `to` (default: the serving target); the candidates it takes traffic from are marked failed."""
+    names = [t.name for t in targets_of(route)]
+    target = to or state.serving
+    if target not in names:
+        raise InputError(f"route '{route.name}': cannot roll back to '{target}': not a target (targets: {names})")
+    after = {n: (100 if n == target else 0) for n in names}
+    by_name = {t.name: t for t in targets_of(route)}
+    failed = dict(state.failed)
+    for n, w in state.weights.items():
+        if n != target and n in by_name and (w > 0 or n == state.candidate) and n != route.incumbent.name:
+            failed.setdefault(n, {"fingerprint": target_fingerprint(by_name[n]), "reason": reason,
+                                  "at": now.isoformat()})
+    applied = replace(state, weights=after, serving=target, candidate=None, step_index=-1, step_started_at=now,
+                      phase="rolled_back", samples_in_step=0, approved_step=None, failed=failed)
+    text = f"{reason}: all traffic to '{target}' ({weights_diff(state.weights, after)})"
+    return Decision("rollback", dict(state.weights), after, text, applied, state)
 
 
 def route_history(engine: Engine, route: str, limit: int = 50) -> list[dict[str, Any]]:

@@ -63,6 +63,30 @@ def with_floor(weights: Mapping[str, int], keep: str, floor: int, names: Sequenc
     return out
 
 
+def step_toward(current: Mapping[str, int], desired: Mapping[str, int], max_change: int, keep: str, floor: int,
+                names: Sequence[str]) -> Weights:
+    """Move from `current` toward `desired`, no target by more than `max_change`, leaving `keep` at least `floor`.
+
+    The floor is applied to the destination before the move is limited: applied after, it took the shortfall from
+    targets the limit had already moved by the full `max_change`. When `current` meets the floor both hold (the
+    limited move is a convex mix of two weightings that meet it, and rounding never goes below an integer floor).
+    When it does not (the floor was raised, or the gateway was edited by hand) the limit wins: `keep` climbs
+    toward its floor by at most `max_change` a step.
+    """
+    return limit_change(current, with_floor(desired, keep, floor, names), max_change, names)
+
+
+def percentages(raw: Mapping[str, int], names: Sequence[str]) -> Weights | None:
+    """The share of traffic a gateway's `raw` weights send to each of `names`, as percentages summing to 100.
+
+    Gateways weigh relatively: LiteLLM's {a: 50, b: 0}, left by a push that failed part-way, sends everything to
+    `a`, as {a: 100, b: 0} does. None when the weights send nothing anywhere (the gateway has no config yet).
+    """
+    if sum(max(0, int(raw.get(n, 0))) for n in names) <= 0:
+        return None
+    return apportion({n: raw.get(n, 0) for n in names}, names)
+
+
 def weights_diff(before: Mapping[str, int], after: Mapping[str, int]) -> str:
     """`a 95→75, b 5→25`: what `--dry-run` prints and what reasons quote."""
     names = list(dict.fromkeys([*before, *after]))
