@@ -526,3 +526,44 @@ def test_log_rotation_between_runs_loses_nothing_and_stores_nothing_twice(store_
     assert sorted(sample_ids(store_url)) == sorted(r["id"] for r in records)
     with session_scope(engine) as session:
         assert session.scalar(select(func.count()).select_from(QuarantinedRecord)) == 2
+
+
+def test_an_ingest_that_lost_its_lease_stops_before_its_next_batch_commits(store_url, tmp_path, monkeypatch):
+    """An ingest paused past its lease while another took it over went on writing beside the new holder (both
+    cursors, both daily caps): it must stop before its next batch commits, keeping what it had committed."""
+    from datetime import timedelta
+
+    from sqlalchemy import delete, update
+
+    from shadowjudge.store import Lock
+    from shadowjudge.store.lease import LeaseLock
+
+    records = [json.loads(line) for line in gzip.decompress(
+        (FIXTURES / "gateway" / "2026-11-21.jsonl.gz").read_bytes()).decode().splitlines()]
+    assert len(records) == 30
+    (tmp_path / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = make_config(store_url, [{"name": "gw", "kind": "jsonl", "path": str(tmp_path), "batch_size": 10}])
+    engine = get_engine(store_url)
+    real_store_batch = ingest_module._store_batch
+    stored_batches = []
+
+    def store_batch_then_lose_the_lease(*args, **kwargs):
+        real_store_batch(*args, **kwargs)
+        stored_batches.append(len(stored_batches) + 1)
+        if len(stored_batches) == 1:  # our lease runs out (a long pause) and another ingest takes it over
+            with session_scope(engine) as s:
+                s.execute(update(Lock).values(expires_at=datetime.now(timezone.utc) - timedelta(seconds=1)))
+            assert LeaseLock(engine, ingest_module.INGEST_LOCK, holder="otherhost:1234:abcd").acquire()
+
+    monkeypatch.setattr(ingest_module, "_store_batch", store_batch_then_lose_the_lease)
+    with pytest.raises(ingest_module.IngestBusy, match="otherhost:1234:abcd"):
+        ingest_sources(engine, config)
+    assert len(sample_ids(store_url)) == 10 and stored_batches == [1]
+    with session_scope(engine) as s:
+        assert s.scalar(select(Lock.holder)) == "otherhost:1234:abcd"  # the new holder's lease is left alone
+        s.execute(delete(Lock))  # the other ingest finishes
+
+    monkeypatch.setattr(ingest_module, "_store_batch", real_store_batch)
+    resumed = ingest_sources(engine, config)  # from the cursor the committed batch left
+    assert (resumed.totals["read"], resumed.totals["duplicates"]) == (20, 0)
+    assert sorted(sample_ids(store_url)) == sorted(r["id"] for r in records)

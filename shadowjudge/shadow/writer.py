@@ -18,6 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from shadowjudge.errors import ShadowJudgeError
 from shadowjudge.store import ShadowResult
+from shadowjudge.store.models import fit_column
 
 RESULT_KEY = ["run_id", "sample_id", "target", "attempt"]
 COLUMNS = ("run_id", "sample_id", "target", "model", "attempt", "output_text", "ttft_ms", "itl_ms", "tpot_ms",
@@ -43,7 +44,9 @@ class ResultWriter:
         self._statement = dialect_insert(ShadowResult.__table__).on_conflict_do_nothing(index_elements=RESULT_KEY)
 
     def add(self, row: dict[str, Any]) -> None:
-        self._pending.append({c: row.get(c) for c in COLUMNS})
+        pending = {c: row.get(c) for c in COLUMNS}
+        pending["model"] = fit_column(ShadowResult.model, pending["model"])  # a config's name, of any length
+        self._pending.append(pending)
         if len(self._pending) >= self.batch_size:
             self._wake.set()
 
@@ -83,6 +86,6 @@ class ResultWriter:
         try:
             with self.engine.begin() as conn:
                 conn.execute(self._statement, rows)
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, ValueError, TypeError) as exc:  # the driver refusing a value raises the latter two
             raise ResultStoreError(f"cannot store {len(rows)} shadow results: {type(exc).__name__}: "
                                    f"{str(exc).splitlines()[0][:300]}") from None

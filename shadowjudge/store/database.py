@@ -7,10 +7,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
+
+from shadowjudge.errors import ShadowJudgeError
 
 _ENGINES: dict[str, Engine] = {}
 
@@ -87,37 +89,116 @@ def alembic_config(url: str):  # -> alembic.config.Config
     return cfg
 
 
-def upgrade_database(url: str, revision: str = "head") -> str:
-    """Create or upgrade the schema through Alembic; returns the revision now in force."""
-    from alembic import command
-    from alembic.runtime.migration import MigrationContext
+class StoreVersionError(ShadowJudgeError):
+    """The store's schema revision does not fit this shadowjudge: the message says what to run."""
 
+
+class MigrationFailed(ShadowJudgeError):
+    """An upgrade broke the store's integrity; it was rolled back."""
+
+
+# Held (pg_advisory_xact_lock) by whoever upgrades a PostgreSQL store; any constant no other tool on the database uses.
+MIGRATION_LOCK_KEY = 0x5348_4A55_4447_4501
+
+
+@contextmanager
+def migration_transaction(url: str) -> Iterator[Connection]:
+    """One transaction for a whole upgrade, holding the store's migration lock: an interrupted or failed upgrade
+    leaves nothing half-done, and upgraders that start together (flows) wait for it, then find the work done."""
     engine = get_engine(url)
-    cfg = alembic_config(url)
+    if engine.dialect.name == "sqlite":
+        with _sqlite_migration_transaction(engine) as conn:
+            yield conn
+        return
     with engine.begin() as conn:
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        yield conn
+
+
+@contextmanager
+def _sqlite_migration_transaction(engine: Engine) -> Iterator[Connection]:
+    """SQLAlchemy's pysqlite recipe for transactional DDL: pysqlite only BEGINs before DML, so each CREATE committed
+    on its own; with its handling off we BEGIN IMMEDIATE (the write lock at once: a concurrent upgrader waits for
+    it). Foreign keys off meanwhile, as SQLite's ALTER TABLE procedure asks: a batch migration rebuilds a table by
+    copy, DROP and rename, and the DROP would cascade to the table's children; they are checked before the commit."""
+    with engine.connect() as conn:
+        dbapi_conn = conn.connection.dbapi_connection
+        isolation_level = dbapi_conn.isolation_level
+        dbapi_conn.isolation_level = None
+        dbapi_conn.execute("PRAGMA foreign_keys=OFF")  # a no-op inside a transaction: set before the BEGIN
+        event.listen(conn, "begin", _begin_immediate)
+        try:
+            with conn.begin():
+                yield conn
+                dangling = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                if dangling:
+                    table, rowid, parent, _ = dangling[0]
+                    raise MigrationFailed(f"the upgrade left {len(dangling)} rows whose foreign key points nowhere "
+                                          f"(first: {table} row {rowid} -> {parent}); it was rolled back")
+        finally:
+            dbapi_conn.execute("PRAGMA foreign_keys=ON")
+            dbapi_conn.isolation_level = isolation_level
+
+
+def _begin_immediate(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def store_revisions(url: str) -> tuple[str | None, str]:
+    """The store's revision (None until a first migration has run to its end) and this shadowjudge's head;
+    StoreVersionError for a revision the migrations do not know (a newer shadowjudge upgraded the store)."""
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    scripts = ScriptDirectory.from_config(alembic_config(url))
+    current = current_revision(url)
+    if current is not None:
+        try:
+            scripts.get_revision(current)
+        except CommandError:
+            raise StoreVersionError(f"the store is at revision {current}, which this shadowjudge does not know "
+                                    "(newer release?): upgrade shadowjudge") from None
+    return current, scripts.get_current_head() or "base"
+
+
+def upgrade_database(url: str, revision: str = "head") -> str:
+    """Create or upgrade the schema through Alembic; returns the revision now in force. A store already at head
+    costs one read; an upgrade runs in `migration_transaction`."""
+    from alembic import command
+
+    current, head = store_revisions(url)
+    if revision == "head" and current == head:
+        return head
+    cfg = alembic_config(url)
+    with migration_transaction(url) as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
-    with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision() or "base"
+    return current_revision(url) or "base"
 
 
 def current_revision(url: str) -> str | None:
+    return _revision(get_engine(url))
+
+
+def _revision(engine: Engine) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
-    with get_engine(url).connect() as conn:
+    with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
 
 def has_schema(engine: Engine) -> bool:
-    return inspect(engine).has_table("traffic_samples")
+    """True once a migration has run to its end (its revision is recorded): tables alone may be an init cut short."""
+    return _revision(engine) is not None
 
 
 def initialised_engine(url: str) -> Engine:
-    """The engine of a store `shadowjudge init` has set up; commands that only read or add rows start here, so a
-    store without a schema gets one message (exit 1) instead of a missing-table error from the first query."""
-    from shadowjudge.errors import ShadowJudgeError
-
-    engine = get_engine(url)
-    if not has_schema(engine):
-        raise ShadowJudgeError("the store has no schema yet: run `shadowjudge init --config ...` first")
-    return engine
+    """The engine of a store `shadowjudge init` has brought to this shadowjudge's schema; commands that only read or
+    add rows start here, so any other store gets one message saying what to run (exit 1), not a failing query."""
+    current, head = store_revisions(url)
+    if current is None:
+        raise StoreVersionError("the store has no schema yet: run `shadowjudge init --config ...` first")
+    if current != head:
+        raise StoreVersionError(f"the store is at revision {current}, older than this shadowjudge's {head}: "
+                                "run `shadowjudge init --config ...` to upgrade it")
+    return get_engine(url)

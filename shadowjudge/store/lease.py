@@ -20,6 +20,7 @@ from types import TracebackType
 
 from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from shadowjudge.store import Lock, session_scope
 
@@ -106,9 +107,14 @@ class LeaseLock:
         if not self.held:
             return False
         with session_scope(self.engine) as s:
-            kept = s.execute(update(Lock).where(Lock.name == self.name, Lock.holder == self.holder)
-                             .values(expires_at=as_utc(self.clock()) + self.ttl))
-            self.held = kept.rowcount == 1
+            return self.renew_in(s)
+
+    def renew_in(self, session: Session) -> bool:
+        """`renew` inside the caller's transaction, so what it writes commits only while the lease is still ours:
+        the row stays locked until the commit, and a takeover meanwhile waits and then finds the lease extended."""
+        kept = session.execute(update(Lock).where(Lock.name == self.name, Lock.holder == self.holder)
+                               .values(expires_at=as_utc(self.clock()) + self.ttl))
+        self.held = kept.rowcount == 1
         self._renewed_at = time.monotonic()
         return self.held
 

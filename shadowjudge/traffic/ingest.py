@@ -7,7 +7,8 @@ from its beginning, keeps only requests inside the window and leaves the live cu
 
 One ingest writes to a store at a time (a lease in the store, `INGEST_LOCK`); another waits for it. The daily cap
 and stratum quotas count what is stored, so two ingests interleaving their batches each admitted up to the cap;
-and a cycle picks the samples above the last run's highest id, so ids must commit in order.
+and a cycle picks the samples above the last run's highest id, so ids must commit in order. Each batch renews the
+lease in its own transaction, so an ingest that lost it (paused past it, taken over) stops before that batch commits.
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, String, bindparam, type_coerce
+from sqlalchemy import Engine, String, bindparam, select, type_coerce
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from shadowjudge.config import Config, SourceConfig
 from shadowjudge.errors import ShadowJudgeError
-from shadowjudge.store import QuarantinedRecord, SourceCursor, TrafficSample, session_scope
+from shadowjudge.store import Lock, QuarantinedRecord, SourceCursor, TrafficSample, session_scope
 from shadowjudge.store.lease import LeaseLock
 from shadowjudge.store.models import utcnow
 from shadowjudge.traffic.records import Rejected, SourceRead, SourceUnavailable, TrafficRecord, storable_text
@@ -121,14 +122,9 @@ def ingest_sources(engine: Engine, config: Config, *, since: datetime | None = N
     sources = [(c, open_source(c)) for c in config.sources]  # a misconfigured source fails before any work
     reports: list[SourceReport] = []
     with ingest_lease(engine, wait_s) as lease, _progress_display(progress) as show:
-        def on_batch(report: SourceReport) -> None:
-            lease.keep_alive()
-            if show is not None:
-                show(report)
-
         for source_config, source in sources:
-            reports.append(ingest_source(engine, source_config, source, sampler, redactor, budget, window,
-                                         on_batch))
+            reports.append(ingest_source(engine, source_config, source, sampler, redactor, budget, window, show,
+                                         lease=lease))
     return IngestReport(reports, since, until)
 
 
@@ -138,6 +134,10 @@ INGEST_LEASE_S = 600.0
 
 class IngestBusy(ShadowJudgeError):
     """Another ingest held the store's ingest lease for longer than this one would wait."""
+
+
+class IngestLeaseLost(IngestBusy):
+    """This ingest's lease ran out and another ingest took it over: this one stopped before writing beside it."""
 
 
 @contextlib.contextmanager
@@ -160,8 +160,9 @@ def ingest_lease(engine: Engine, wait_s: float) -> Iterator[LeaseLock]:
 
 def ingest_source(engine: Engine, source_config: SourceConfig, source: TrafficSource, sampler: Sampler,
                   redactor: Redactor, budget: DailyBudget, window: TimeWindow,
-                  on_batch: ProgressCallback | None = None) -> SourceReport:
-    """Ingest one source batch by batch (see the module docstring for the guarantees)."""
+                  on_batch: ProgressCallback | None = None, *, lease: LeaseLock | None = None) -> SourceReport:
+    """Ingest one source batch by batch (see the module docstring for the guarantees); with the ingest `lease`,
+    each batch renews it in its own transaction and is not committed once the lease is lost (IngestLeaseLost)."""
     report = SourceReport(source_config.name, source_config.kind, backfill=window.is_backfill)
     batch: list[SourceRead] = []
     try:
@@ -169,7 +170,7 @@ def ingest_source(engine: Engine, source_config: SourceConfig, source: TrafficSo
         for step in source.read(cursor, window):
             batch.append(step)
             if len(batch) >= source_config.batch_size:
-                _store_batch(engine, source_config.name, batch, sampler, redactor, budget, window, report)
+                _store_batch(engine, source_config.name, batch, sampler, redactor, budget, window, report, lease)
                 batch = []
                 if on_batch:
                     on_batch(report)
@@ -180,7 +181,7 @@ def ingest_source(engine: Engine, source_config: SourceConfig, source: TrafficSo
         budget.forget()
         raise
     if batch:  # what was read before an unreadable stretch is still good
-        _store_batch(engine, source_config.name, batch, sampler, redactor, budget, window, report)
+        _store_batch(engine, source_config.name, batch, sampler, redactor, budget, window, report, lease)
         if on_batch:
             on_batch(report)
     return report
@@ -193,7 +194,7 @@ def load_cursor(engine: Engine, source: str) -> dict[str, Any] | None:
 
 
 def _store_batch(engine: Engine, source: str, batch: list[SourceRead], sampler: Sampler, redactor: Redactor,
-                 budget: DailyBudget, window: TimeWindow, report: SourceReport) -> None:
+                 budget: DailyBudget, window: TimeWindow, report: SourceReport, lease: LeaseLock | None) -> None:
     records = [s.item for s in batch if isinstance(s.item, TrafficRecord)]
     rejected = [s.item for s in batch if isinstance(s.item, Rejected)]
     cursor = batch[-1].cursor
@@ -206,6 +207,11 @@ def _store_batch(engine: Engine, source: str, batch: list[SourceRead], sampler: 
             quarantine(session, source, rejected, now)
             if not window.is_backfill:
                 save_cursor(session, source, cursor, now)
+            if lease is not None and not lease.renew_in(session):
+                holder = session.scalar(select(Lock.holder).where(Lock.name == lease.name))
+                raise IngestLeaseLost(f"this ingest lost the store's ingest lease to {holder or 'another ingest'} "
+                                      f"(it ran past the lease); stopped before batch {report.batches + 1} of source "
+                                      f"'{source}', whose earlier batches are stored")
     except BaseException:
         budget.forget()
         raise
