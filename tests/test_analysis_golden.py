@@ -108,6 +108,9 @@ def test_missing_answers_fail_and_min_score_needs_a_scorer(cases):
     ([{"id": "a", "prompt": "p", "max_lenght": 3}], "case a: max_lenght"),
     ([{"id": "b", "prompt": "p", "json_schema": {"type": "objekt"}}], "not a valid JSON Schema"),
     ([{"prompt": "p"}], "case #0: id"),
+    # An empty text is in every answer: forbidden it failed every answer, required it checked nothing.
+    ([{"id": "a", "prompt": "p", "must_not_contain": [""]}], "case a: must_not_contain.0: String should have at least"),
+    ([{"id": "a", "prompt": "p", "must_contain": ""}], "case a: must_contain.0: String should have at least"),
 ])
 def test_bad_golden_sets_are_clear_errors(data, message):
     with pytest.raises(GoldenSetError, match=message):

@@ -75,6 +75,75 @@ def test_psi_is_zero_for_the_same_distribution_and_large_for_a_shift():
     assert population_stability_index(ref, rng.normal(1, 1, 5000)) > 0.5
 
 
+def test_psi_sees_judge_scores_move_past_a_tied_top_value():
+    """Rubric scores are discrete: the reference's quantile edges all sat on its tied top score, whose bin took
+    everything above it, so 98% at 8/10 -> 100% at 10/10 read 0.106 and constant 0.8 -> constant 1.0 read 0."""
+    ref = np.array([0.8] * 196 + [0.7] * 4)
+    assert population_stability_index(ref, np.full(200, 1.0)) > 5
+    assert population_stability_index(np.full(200, 0.8), np.full(200, 1.0)) > 5
+    assert population_stability_index(np.full(200, 0.8), np.full(200, 0.6)) > 5  # as the downward shift always was
+    rng = np.random.default_rng(4)
+    rubric = np.arange(1, 11) / 10
+    weights = np.array([1, 1, 2, 3, 5, 8, 10, 8, 5, 2], dtype=float) / 45
+    same = population_stability_index(rng.choice(rubric, 500, p=weights), rng.choice(rubric, 500, p=weights))
+    assert same < 0.1  # about (10 - 1) * (1/500 + 1/500) from sampling alone, far under the 0.2 of drift
+    # More distinct values than bins (quantile bins): a tied top value still keeps what lies above it apart.
+    spread = np.linspace(0.1, 0.79, 50)
+    assert population_stability_index(np.r_[spread, np.full(150, 0.8)], np.r_[spread, np.full(150, 1.0)]) > 5
+
+
+def test_psi_of_continuous_values_is_not_inflated_by_the_bins_beyond_the_reference():
+    """Without a pseudo-value in the bins beyond the reference's range, a 50-value window's PSI rose by ~0.27 on
+    average when nothing changed (values beyond a sample's range are common in small samples)."""
+    rng = np.random.default_rng(5)
+    psi = [population_stability_index(rng.lognormal(6, 0.6, 200), rng.lognormal(6, 0.6, 200)) for _ in range(200)]
+    assert float(np.mean(psi)) < 0.12, np.mean(psi)
+    assert population_stability_index(rng.lognormal(6, 0.6, 200), rng.lognormal(6, 0.6, 200) * 3) > 2
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(-100, 100), min_size=1, max_size=40), st.data())
+def test_kth_walsh_average_matches_brute_force_on_both_paths(d, data):
+    ds = np.sort(np.array(d))
+    rows, cols = np.triu_indices(len(ds))
+    walsh = np.sort(0.5 * (ds[rows] + ds[cols]))
+    k = data.draw(st.integers(1, len(walsh)))
+    assert stats._kth_walsh_average(ds, k) == pytest.approx(walsh[k - 1])
+    old = stats._MAX_PAIRWISE
+    stats._MAX_PAIRWISE = 0  # force the bisection path
+    try:
+        assert stats._kth_walsh_average(ds, k) == pytest.approx(walsh[k - 1], abs=1e-9)
+    finally:
+        stats._MAX_PAIRWISE = old
+
+
+def test_paired_shift_sees_a_small_consistent_change_that_the_unpaired_test_misses():
+    """The candidate scores 0.03 lower on 199 of 200 prompts whose scores spread over 0.2-0.8."""
+    rng = np.random.default_rng(2)
+    incumbent = rng.uniform(0.2, 0.8, 200)
+    candidate = np.clip(incumbent - 0.03 + rng.normal(0, 0.005, 200), 0, 1)
+    paired = stats.wilcoxon_shift(candidate - incumbent, 0.99)
+    assert paired.p_value < 1e-20 and paired.ci_high < 0 and paired.shift == pytest.approx(-0.03, abs=0.002)
+    assert mann_whitney_shift(incumbent, candidate, 0.99).p_value > 0.05  # why quality no longer uses it
+    nothing = stats.wilcoxon_shift(np.zeros(40), 0.95)
+    assert (nothing.shift, nothing.ci_low, nothing.ci_high, nothing.p_value) == (0.0, 0.0, 0.0, 1.0)
+
+
+def test_paired_shift_interval_coverage_is_near_nominal():
+    rng = np.random.default_rng(6)
+    estimates = [stats.wilcoxon_shift(rng.normal(0.3, 1, 40), 0.9) for _ in range(200)]
+    covered = sum(e.ci_low <= 0.3 <= e.ci_high for e in estimates)
+    assert 0.84 <= covered / 200 <= 0.96
+
+
+def test_bootstrap_takes_enough_resamples_for_a_narrow_tail():
+    """criteria.bootstrap_resamples may be 200; at 99.9% (10 slices x 5 metrics, Bonferroni) each tail is 0.0005,
+    and 200 resamples made the bounds the smallest and largest resample. 20 / tail = 40000 are drawn instead."""
+    values = np.random.default_rng(7).lognormal(0, 1, 80)
+    few = bootstrap_interval(lambda v: v.mean(1), [[values]], 200, 0.999, 3)
+    assert few == bootstrap_interval(lambda v: v.mean(1), [[values]], 40_000, 0.999, 3)
+
+
 # --- classifier --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("effect, lo, hi, expected", [
@@ -132,6 +201,23 @@ def test_scorer_weights_and_critical_metrics():
                 for n in names]
     assert score_metrics(two_fail, criteria, 100, 30).verdict is Verdict.FAIL  # 70 < 75
 
+
+
+def test_a_failed_critical_metric_fails_whatever_else_lacks_data():
+    """The scorer returned 'no weighted metric has data' (or 'no data for critical metric(s)') before it looked at
+    a critical metric whose interval lies wholly beyond its tolerance."""
+    criteria = CriteriaConfig(weights={"latency_p95": 1.0, "ttft": 1.0}, critical=["error_rate"])
+    results = [_metric("quality", Classification.PASS), _metric("error_rate", Classification.FAIL),
+               _metric("cost_per_outcome", Classification.PASS), _metric("latency_p95", Classification.NODATA),
+               _metric("ttft", Classification.NODATA)]
+    scored = score_metrics(results, criteria, 100, 30)
+    assert scored.verdict is Verdict.FAIL and scored.score is None
+    assert scored.reasons[0] == "critical metric(s) failed: error_rate (no weighted metric has data)"
+    no_quality = [_metric("quality", Classification.NODATA), _metric("error_rate", Classification.FAIL)]
+    scored = score_metrics(no_quality, CriteriaConfig(), 100, 30)
+    assert scored.verdict is Verdict.FAIL and "no data for critical metric(s) quality" in scored.reasons[0]
+    no_failure = [_metric("quality", Classification.PASS), _metric("error_rate", Classification.PASS)]
+    assert score_metrics(no_failure, criteria, 100, 30).verdict is Verdict.INCONCLUSIVE
 
 
 def test_marginal_point_estimates_alone_hold_a_candidate_but_never_fail_it():

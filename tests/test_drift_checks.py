@@ -136,6 +136,30 @@ def test_output_drift_of_a_model_swap_and_not_of_the_same_model():
     assert not any(r.drifted for r in same), [r.describe() for r in same]
 
 
+def test_judge_scores_on_a_rubric_drift_when_they_move_past_the_top_value():
+    """98% of the reference at 8/10, every current score 10/10: PSI read 0.106, and the check said stable."""
+    texts = ["an answer"] * 200
+    reference = OutputWindow(texts, [0.8] * 196 + [0.7] * 4)
+    score = next(r for r in output_drift(reference, OutputWindow(texts, [1.0] * 200), CONFIG)
+                 if r.metric == "judge_score")
+    assert score.drifted and score.effect > 5
+    same = next(r for r in output_drift(reference, OutputWindow(texts, [0.7] * 4 + [0.8] * 196), CONFIG)
+                if r.metric == "judge_score")
+    assert same.status == "stable" and same.effect == pytest.approx(0.0)
+
+
+def test_non_finite_scores_are_dropped_before_they_are_counted():
+    """Enough values, all NaN: they passed the min_samples count and reached the KS test empty."""
+    texts = ["an answer"] * 100
+    nan_scores = output_drift(OutputWindow(texts, [0.5] * 100), OutputWindow(texts, [float("nan")] * 100), CONFIG)
+    score = next(r for r in nan_scores if r.metric == "judge_score")
+    assert score.status == "nodata" and (score.n_reference, score.n_current) == (100, 0)
+    some_nan = [float("nan")] * 10 + [0.5] * 90
+    score = next(r for r in output_drift(OutputWindow(texts, [0.5] * 100), OutputWindow(texts, some_nan), CONFIG)
+                 if r.metric == "judge_score")
+    assert score.status == "stable" and score.n_current == 90
+
+
 def test_refusal_and_format_compliance_rates():
     assert is_refusal("I'm sorry, but I cannot help with that request.")
     assert is_refusal("As an AI language model, I cannot browse the internet.")
@@ -254,3 +278,38 @@ def test_a_busy_window_reads_a_bounded_stable_subsample_of_its_requests(store_ur
     assert len(after) == 100 and len(set(before) & set(after)) >= 60
     prompts = load_prompts(engine, after)
     assert len(prompts) == 100 and all(p.startswith("question ") for p in prompts)
+
+
+def test_a_candidates_drift_windows_hold_its_replays_not_the_requests_subsample(store_url):
+    """A candidate replays a share of the requests. Its answers were read from the window's hash subsample of
+    requests, so with 2000 requests a window, 150 replays and max_window_rows=400 about 30 of them counted (20000,
+    1000 and 5000: 246); its replays come first now, and the row limit applies to them."""
+    import random
+    from datetime import UTC, datetime
+
+    from shadowjudge.store import ShadowResult, ShadowRun, TrafficSample, get_engine
+
+    engine = get_engine(store_url)
+    per_window, replays = 2000, 150
+    rows = [dict(request_id=f"r{i}", source="s", source_position=str(i), route="chat", incumbent_model="m",
+                 messages=[{"role": "user", "content": f"question {i}"}], params={}, meta={}, redactions={},
+                 response_text="an answer", request_ts=START + timedelta(seconds=i * 86400 // per_window),
+                 ingested_at=datetime.now(UTC), cache_hit=False) for i in range(2 * per_window)]
+    with session_scope(engine) as s:
+        insert_ignoring_duplicates(s, TrafficSample, rows, ["request_id"])
+        ids = dict(s.execute(select(TrafficSample.request_id, TrafficSample.id)).all())
+        run = ShadowRun(run_key="k", route="chat", config_hash="h", status="finished")
+        s.add(run)
+        s.flush()
+        rng = random.Random(0)
+        replayed = [ids[f"r{i}"] for w in (0, 1) for i in rng.sample(range(w * per_window, (w + 1) * per_window),
+                                                                       replays)]
+        s.add_all(ShadowResult(run_id=run.id, sample_id=sid, target="cand", model="cand", attempt=0,
+                               output_text="a candidate answer") for sid in replayed)
+    day = timedelta(days=1)
+    config = DriftConfig(min_samples=30, permutations=100, max_window_rows=400)
+    report = detect_drift(engine, route_for(["cand"]), TimeWindow(START, START + day),
+                          TimeWindow(START + day, START + 2 * day), config, judge_agreement=([], []))
+    length = {r.target: r for r in report.results if r.metric == "length"}
+    assert (length["cand"].n_reference, length["cand"].n_current) == (replays, replays)
+    assert (length["incumbent"].n_reference, length["incumbent"].n_current) == (400, 400)

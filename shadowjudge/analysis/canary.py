@@ -39,7 +39,10 @@ class MetricResult:
     `effect` is in the units the criterion is stated in: a ratio (candidate / incumbent, no change = 1), a
     difference (candidate - incumbent, no change = 0) or a level (mean preference, no change = 0.5);
     `tolerance` is the worst effect the criteria accept. `shift*` and `p_value` are the Mann-Whitney U test and
-    Hodges-Lehmann shift (candidate - incumbent, in the metric's own unit) where the metric has one.
+    Hodges-Lehmann shift (candidate - incumbent, in the metric's own unit) where the metric has one; for the
+    paired judge scores of quality, the Wilcoxon signed-rank test and the one-sample Hodges-Lehmann shift.
+    JSON (RunAnalysis.to_dict) turns infinite values into None: in a classified result only an infinite value
+    can be missing, since a NaN effect or bound classifies as nodata.
     """
 
     metric: str
@@ -66,19 +69,25 @@ class MetricResult:
     effect_at_equal_length: float | None = None
 
     def describe(self) -> str:
-        """One line a person can act on: what moved, by how much, against what bound."""
-        if self.classification is Classification.NODATA or self.effect is None:
-            return f"{self.metric}: no data ({self.note or 'too few samples'})"
+        """One line a person can act on: what moved, by how much, against what bound. Read from the
+        classification, so it says the same before and after a JSON round trip (alerts and routing read that)."""
+        if self.classification is Classification.NODATA:
+            return f"{self.metric}: no data" + (f" ({self.note})" if self.note else "")
         unit = {"ratio": "x", "difference": "", "level": ""}[self.effect_kind]
+        infinite = self.effect is None or math.isinf(self.effect)
+        effect = f"unbounded ({_fmt(self.effect)})" if infinite else f"{self.effect:.3g}{unit}"
         bound = "min" if self.higher_is_better else "max"
-        return (f"{self.metric} {self.classification}: {self.effect_kind} {self.effect:.3g}{unit} "
+        return (f"{self.metric} {self.classification}: {self.effect_kind} {effect} "
                 f"[{_fmt(self.ci_low)}, {_fmt(self.ci_high)}], {bound} {_fmt(self.tolerance)} "
                 f"(candidate {_fmt(self.candidate_value)} vs incumbent {_fmt(self.incumbent_value)}, "
                 f"n={self.n_candidate}/{self.n_incumbent})" + (f"; {self.note}" if self.note else ""))
 
 
 def _fmt(value: float | None) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:.3g}"
+    """A classified result's number; None is an infinity that JSON turned into null (NaN classifies as nodata)."""
+    if value is None or math.isinf(value):
+        return "∞" if value is None or value > 0 else "-∞"
+    return f"{value:.3g}"
 
 
 def classify_effect(effect: float, ci_low: float, ci_high: float, tolerance: float, no_change: float,
@@ -118,25 +127,29 @@ class Score:
 def score_metrics(results: list[MetricResult], criteria: CriteriaConfig, n: int, min_samples: int) -> Score:
     """Weight the classifications into a 0-100 score and a verdict.
 
-    Too little data is inconclusive, never a pass: fewer than `min_samples` judged samples, or a critical metric
-    without data. A failed critical metric fails the candidate whatever the score, and however few samples were
-    judged: its interval lies wholly beyond the tolerance, which is evidence enough (a candidate that errors on
-    every request has nothing to judge, and must not keep its traffic for want of judged samples). Metrics without
-    data are left out of the score (their weight does not count either way).
+    Too little data is inconclusive, never a pass: fewer than `min_samples` judged samples, a critical metric
+    without data, or no weighted metric with data. A failed critical metric fails the candidate whatever the score,
+    and before any of those: its interval lies wholly beyond the tolerance, which is evidence enough (a candidate
+    that errors on every request has nothing to judge, and must not keep its traffic for want of judged samples or
+    of another metric's data). Metrics without data are left out of the score (their weight does not count either
+    way).
     """
     by_name = {r.metric: r for r in results}
-    failed_with_data = [m for m in criteria.critical
-                        if m in by_name and by_name[m].classification is Classification.FAIL]
+    critical_failed = [m for m in criteria.critical
+                       if m in by_name and by_name[m].classification is Classification.FAIL]
+
+    def undecided(why: str) -> Score:
+        if critical_failed:
+            return Score(Verdict.FAIL, None, [f"critical metric(s) failed: {', '.join(critical_failed)} ({why})",
+                                              *(by_name[m].describe() for m in critical_failed)])
+        return Score(Verdict.INCONCLUSIVE, None, [why])
+
     if n < min_samples:
-        if failed_with_data:
-            return Score(Verdict.FAIL, None, [f"critical metric(s) failed: {', '.join(failed_with_data)} "
-                                              f"(only {n} samples judged)",
-                                              *(by_name[m].describe() for m in failed_with_data)])
-        return Score(Verdict.INCONCLUSIVE, None, [f"only {n} samples, {min_samples} needed"])
+        return undecided(f"only {n} samples judged, {min_samples} needed")
     missing = [m for m in criteria.critical
                if m not in by_name or by_name[m].classification is Classification.NODATA]
     if missing:
-        return Score(Verdict.INCONCLUSIVE, None, [f"no data for critical metric(s) {', '.join(missing)}"])
+        return undecided(f"no data for critical metric(s) {', '.join(missing)}")
     total = credit = 0.0
     for r in results:
         weight = criteria.weights.get(r.metric, 0.0)
@@ -145,10 +158,9 @@ def score_metrics(results: list[MetricResult], criteria: CriteriaConfig, n: int,
         total += weight
         credit += weight * _CREDIT[r.classification]
     if total == 0:
-        return Score(Verdict.INCONCLUSIVE, None, ["no weighted metric has data"])
+        return undecided("no weighted metric has data")
     score = round(100.0 * credit / total, 1)
     reasons = [r.describe() for r in results if r.classification in (Classification.FAIL, Classification.MARGINAL)]
-    critical_failed = [m for m in criteria.critical if by_name[m].classification is Classification.FAIL]
     if critical_failed:
         return Score(Verdict.FAIL, score, [f"critical metric(s) failed: {', '.join(critical_failed)}", *reasons])
     if score < criteria.marginal_score:

@@ -28,7 +28,7 @@ from scipy import stats as sps
 # The refusal check's detector, so the refusal rate counts exactly the answers that check fails; evaluators.checks
 # is cheap to import and imports nothing from shadowjudge.analysis.
 from evaluators.checks import looks_like_refusal as is_refusal
-from shadowjudge.analysis.stats import ks_test, population_stability_index, rate_difference
+from shadowjudge.analysis.stats import finite_values, ks_test, population_stability_index, rate_difference
 from shadowjudge.config import DriftConfig
 
 
@@ -242,8 +242,9 @@ class OutputWindow:
     format_ok: list[bool] = field(default_factory=list)  # only the answers a format applies to
 
 
-def _distribution_drift(metric: str, target: str | None, ref: Sequence[float], cur: Sequence[float],
+def _distribution_drift(metric: str, target: str | None, reference: Sequence[float], current: Sequence[float],
                         config: DriftConfig, alpha: float) -> DriftResult:
+    ref, cur = finite_values(reference), finite_values(current)  # counted as the tests below see them
     if min(len(ref), len(cur)) < config.min_samples:
         return _nodata("output", metric, target, "psi", config.max_psi, len(ref), len(cur),
                        f"{min(len(ref), len(cur))} values in a window, {config.min_samples} needed")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, exists, select
 
 from shadowjudge.analysis.drift import DriftReport, DriftResult, OutputWindow, input_drift, judge_drift, output_drift
 from shadowjudge.analysis.embeddings import PromptEmbedder
@@ -61,12 +61,21 @@ def _id_hash(sample_id: int) -> int:
     return (sample_id * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF  # Fibonacci hashing: a fixed shuffle of the ids
 
 
-def window_sample_ids(engine: Engine, route: str, window: TimeWindow, limit: int | None = None) -> list[int]:
+def window_sample_ids(engine: Engine, route: str, window: TimeWindow, limit: int | None = None,
+                      replayed_by: str | None = None) -> list[int]:
     """The route's sample ids in `window` (read from the (route, request_ts) index alone), at most `limit` of them:
     those with the smallest id hashes, so a busy week's window costs `limit` rows, not millions, and consecutive
-    cycles over a sliding window keep most of the same samples."""
+    cycles over a sliding window keep most of the same samples.
+
+    With `replayed_by`, only the samples that target has a replay of (attempt 0) count, and the limit applies to
+    those: a candidate replays a small share of the requests, and limiting the window first kept only the share of
+    it that fell in the hash subsample (246 of 1000 replays in a window of 20000 requests)."""
+    query = _in_window(select(TrafficSample.id).where(TrafficSample.route == route), window)
+    if replayed_by is not None:
+        query = query.where(exists().where(ShadowResult.sample_id == TrafficSample.id,
+                                           ShadowResult.target == replayed_by, ShadowResult.attempt == 0))
     with session_scope(engine) as s:
-        ids = list(s.scalars(_in_window(select(TrafficSample.id).where(TrafficSample.route == route), window)))
+        ids = list(s.scalars(query))
     if limit is not None and len(ids) > limit:
         ids = sorted(ids, key=_id_hash)[:limit]
     return sorted(ids)
@@ -103,7 +112,7 @@ def load_output_window(engine: Engine, route: RouteConfig, target: str, window: 
     window's `sample_ids`, when the caller has chosen a subsample with `window_sample_ids`)."""
     incumbent = target == route.incumbent.name
     if sample_ids is None:
-        sample_ids = window_sample_ids(engine, route.name, window)
+        sample_ids = window_sample_ids(engine, route.name, window, replayed_by=None if incumbent else target)
     rows: list = []
     scores: dict[int, float] = {}
     with session_scope(engine) as s:
@@ -174,9 +183,13 @@ def detect_drift(engine: Engine, route: RouteConfig, reference: TimeWindow, curr
         results.append(replace(result, details={**result.details,
                                                 "examples": [{"text": cur_prompts[i][:1000]} for i in rows]}))
     evaluator = evaluator_version or latest_evaluator(engine, route.name)
-    for target in [route.incumbent.name, *(c.name for c in route.candidates)]:
-        ref = load_output_window(engine, route, target, reference, evaluator, format_check, ref_ids)
-        cur = load_output_window(engine, route, target, current, evaluator, format_check, cur_ids)
+    windows: dict[str, tuple[list[int], ...]] = {route.incumbent.name: (ref_ids, cur_ids)}
+    for c in route.candidates:  # a candidate's answers: its replays in the window, subsampled among themselves
+        windows[c.name] = tuple(window_sample_ids(engine, route.name, w, config.max_window_rows, replayed_by=c.name)
+                                for w in (reference, current))
+    for target, (target_ref_ids, target_cur_ids) in windows.items():
+        ref = load_output_window(engine, route, target, reference, evaluator, format_check, target_ref_ids)
+        cur = load_output_window(engine, route, target, current, evaluator, format_check, target_cur_ids)
         if not ref.texts and not cur.texts:
             continue  # a candidate not replayed in either window has nothing to compare
         results.extend(output_drift(ref, cur, config, target))

@@ -20,7 +20,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -38,14 +38,18 @@ class AnswerScorer(Protocol):
     def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]: ...
 
 
+# An empty text is in every answer: required, it checks nothing; forbidden, it fails every answer.
+NonEmptyText = Annotated[str, Field(min_length=1)]
+
+
 class GoldenCase(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str = Field(min_length=1)
     prompt: str = Field(min_length=1)
     incident: str | None = None
-    must_contain: tuple[str, ...] = ()
-    must_not_contain: tuple[str, ...] = ()
+    must_contain: tuple[NonEmptyText, ...] = ()
+    must_not_contain: tuple[NonEmptyText, ...] = ()
     case_sensitive: bool = False
     max_length: int | None = Field(default=None, gt=0)
     json_schema: dict[str, Any] | None = None

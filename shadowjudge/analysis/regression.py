@@ -5,9 +5,14 @@ criteria name (judge quality, error rate, cost per accepted outcome, P95 latency
 tolerance, scores them into a verdict, and repeats per slice of `route.slice_key` so a candidate that is better on
 average but worse on one slice is caught with the slice named.
 
-`criteria.confidence` holds for a candidate's whole analysis, not one interval: intervals are Bonferroni-adjusted
-over the metrics (and, per slice, over metrics times tested slices), so a candidate that changed nothing fails a
-metric by chance at most (1 - confidence) / 2 of the time, however many metrics and slices are looked at.
+`criteria.confidence` holds for a candidate's whole analysis, not one interval. The overall intervals are
+Bonferroni-adjusted over the metrics, and the slices' over metrics times tested slices, each family at
+alpha = 1 - confidence: a candidate that changed nothing fails some overall metric by chance at most alpha / 2 of
+the time (a failure is one-sided), and some metric of some slice at most alpha / 2 as well. With
+`slice_failure: fail` either fails the candidate, so a no-change candidate is failed by chance at most alpha of the
+time (5% at the default 0.95), however many metrics and slices are looked at; with `mark` a slice only marks it,
+and chance failures stay at alpha / 2. These bounds are as good as the intervals' coverage: the bootstrap's is
+approximate, which is why a P95 is judged only from MIN_P95_VALUES values per side.
 """
 
 from __future__ import annotations
@@ -23,10 +28,21 @@ from sqlalchemy import Engine
 
 from shadowjudge.analysis.canary import Classification, MetricResult, Verdict, classify_effect, score_metrics
 from shadowjudge.analysis.run_data import MISSING_SLICE, PairJudgment, RunData, TargetRecord, load_run_data
-from shadowjudge.analysis.stats import Interval, Statistic, bootstrap_interval, length_feature, mann_whitney_shift
+from shadowjudge.analysis.stats import (
+    Interval,
+    Statistic,
+    bootstrap_interval,
+    length_feature,
+    mann_whitney_shift,
+    wilcoxon_shift,
+)
 from shadowjudge.config import CANARY_METRICS, CriteriaConfig, RouteConfig
 
 WORST_EXAMPLES = 10
+# Values per side below which a P95 is not judged: 3 / (1 - 0.95), three values above it. With fewer the bootstrap
+# of a P95 resamples the top two or three values, and its interval misses the declared confidence (at n = 30, 0.8%
+# false fails where 0.5% were declared; at n = 20 in slices, 0.36% for 0.125%).
+MIN_P95_VALUES = 60
 
 
 @dataclass
@@ -121,6 +137,15 @@ def _finite(values: list[float | None]) -> np.ndarray:
     return arr[np.isfinite(arr)]
 
 
+def _is_number(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _scored(pair: PairJudgment | None) -> bool:
+    """Both judge scores present and finite: one NaN score must cost its pair, not the candidate's whole analysis."""
+    return pair is not None and _is_number(pair.candidate_score) and _is_number(pair.incumbent_score)
+
+
 def _seed(*parts: object) -> int:
     return zlib.crc32("|".join(map(str, parts)).encode())
 
@@ -196,8 +221,8 @@ def _quality(pairs: list[PairJudgment], cand: Mapping[int, TargetRecord], inc: M
              m: _Measure) -> MetricResult:
     """Mean judge scores as a ratio (or, for a judge that only gives preferences, the mean preference), plain or
     at equal answer length as the criteria say; the other reading rides along in the note."""
-    scored = [p for p in pairs if p.candidate_score is not None and p.incumbent_score is not None]
-    judged = scored or [p for p in pairs if p.preference is not None and math.isfinite(p.preference)]
+    scored = [p for p in pairs if _scored(p)]
+    judged = scored or [p for p in pairs if _is_number(p.preference)]
     x, length_ratio = _length_terms([p.sample_id for p in judged], cand, inc)
     controlled = m.criteria.length_controlled_quality and length_ratio is not None
     adjusted_by = " at equal answer length" if controlled else ""
@@ -205,7 +230,7 @@ def _quality(pairs: list[PairJudgment], cand: Mapping[int, TargetRecord], inc: M
     if scored:
         c = np.array([p.candidate_score for p in scored], dtype=float)
         i = np.array([p.incumbent_score for p in scored], dtype=float)
-        method = f"paired bootstrap ratio of mean judge scores{adjusted_by}; Mann-Whitney U"
+        method = f"paired bootstrap ratio of mean judge scores{adjusted_by}; Wilcoxon signed-rank"
         if n < m.min_n:
             return _nodata("quality", method, "ratio", 1.0, True, n, n, f"{n} judged pairs, {m.min_n} needed")
         if i.mean() <= 0:
@@ -220,11 +245,12 @@ def _quality(pairs: list[PairJudgment], cand: Mapping[int, TargetRecord], inc: M
             ci = m.interval(adjusted_ratio, [[c, i, x]], "quality")
         else:
             ci = m.interval(lambda c_, i_: c_.mean(axis=1) / i_.mean(axis=1), [[c, i]], "quality")
-        mw = mann_whitney_shift(i, c, m.confidence)
+        paired = wilcoxon_shift(c - i, m.confidence)  # the pairs share a prompt: the unpaired test wastes that
         tol = m.criteria.min_quality_ratio
         return MetricResult("quality", classify_effect(ci.estimate, ci.low, ci.high, tol, 1.0, True), method,
                             "ratio", ci.estimate, ci.low, ci.high, tol, 1.0, True,
-                            ci.estimate * float(i.mean()) if controlled else float(c.mean()), float(i.mean()), n, n, mw.p_value, mw.shift, mw.ci_low, mw.ci_high,
+                            ci.estimate * float(i.mean()) if controlled else float(c.mean()), float(i.mean()), n, n,
+                            paired.p_value, paired.shift, paired.ci_low, paired.ci_high,
                             note=_length_note(controlled, plain, adjusted, "x", length_ratio),
                             effect_at_equal_length=adjusted)
     prefs = np.array([p.preference for p in judged], dtype=float)
@@ -267,7 +293,7 @@ def _error_rate(cand: list[TargetRecord], inc: list[TargetRecord], m: _Measure) 
 def _cost_per_outcome(cand: dict[int, TargetRecord], inc: dict[int, TargetRecord],
                       pairs: dict[int, PairJudgment], m: _Measure) -> MetricResult:
     """Cost per accepted answer (judge score >= accept floor), paired by sample; per request without scores."""
-    scored = any(p.candidate_score is not None and p.incumbent_score is not None for p in pairs.values())
+    scored = any(_scored(p) for p in pairs.values())
     method = ("paired bootstrap ratio of cost per accepted answer" if scored
               else "paired bootstrap ratio of cost per request (no judge scores)")
     rows = []
@@ -280,14 +306,13 @@ def _cost_per_outcome(cand: dict[int, TargetRecord], inc: dict[int, TargetRecord
             continue
         if scored:
             p = pairs.get(sid)
-            if p is None and not c.error:
-                continue  # answered but not judged: its outcome is unknown
-            c_ok = (not c.error) and p is not None and p.candidate_score is not None \
-                and p.candidate_score >= m.accept_floor
+            if not c.error and not _scored(p):
+                continue  # answered but not judged (or judged without a usable score): its outcome is unknown
+            c_ok = (not c.error) and p.candidate_score >= m.accept_floor
             # A pair whose candidate errored is never judged, so the incumbent's outcome there is unknown, not a
             # failure (which would make the incumbent look dearer and the failing candidate cheaper): filled in
             # below with the incumbent's acceptance rate where it is known.
-            i_ok = None if p is None or p.incumbent_score is None else float(p.incumbent_score >= m.accept_floor)
+            i_ok = float(p.incumbent_score >= m.accept_floor) if _scored(p) else None
         else:
             c_ok, i_ok = not c.error, 1.0
         rows.append((c_cost, float(c_ok), i.cost_usd, i_ok))
@@ -301,6 +326,9 @@ def _cost_per_outcome(cand: dict[int, TargetRecord], inc: dict[int, TargetRecord
     if ia.sum() == 0 or ic.sum() == 0:
         return _nodata("cost_per_outcome", method, "ratio", 1.0, False, len(rows), len(rows),
                        "the incumbent has no accepted answer or no cost")
+    if ca.sum() == 0 and cc.sum() == 0:
+        return _nodata("cost_per_outcome", method, "ratio", 1.0, False, len(rows), len(rows),
+                       "undefined (0/0): no accepted answer from the candidate and no cost")
 
     def ratio(cc_, ca_, ic_, ia_):
         return (cc_.sum(axis=1) / ca_.sum(axis=1)) / (ic_.sum(axis=1) / ia_.sum(axis=1))
@@ -310,16 +338,18 @@ def _cost_per_outcome(cand: dict[int, TargetRecord], inc: dict[int, TargetRecord
     c_val = float(cc.sum() / ca.sum()) if ca.sum() else math.inf
     return MetricResult("cost_per_outcome", classify_effect(ci.estimate, ci.low, ci.high, tol, 1.0, False), method,
                         "ratio", ci.estimate, ci.low, ci.high, tol, 1.0, False, c_val, float(ic.sum() / ia.sum()),
-                        len(rows), len(rows))
+                        len(rows), len(rows), note="" if ca.sum() else "no accepted answer from the candidate")
 
 
 def _latency_p95(cand: list[TargetRecord], inc: list[TargetRecord], m: _Measure) -> MetricResult:
     method = "bootstrap ratio of P95 total latency; Mann-Whitney U"
     c = _finite([r.latency_ms for r in cand if not r.error])
     i = _finite([r.latency_ms for r in inc if not r.error])
-    if len(c) < m.min_n or len(i) < m.min_n:
+    needed = max(m.min_n, MIN_P95_VALUES)
+    if len(c) < needed or len(i) < needed:
+        why = "" if needed == m.min_n else " (a P95 needs 3 values above it per side)"
         return _nodata("latency_p95", method, "ratio", 1.0, False, len(c), len(i),
-                       f"{min(len(c), len(i))} latencies, {m.min_n} needed")
+                       f"{min(len(c), len(i))} latencies, {needed} needed{why}")
     if np.percentile(i, 95) <= 0:
         return _nodata("latency_p95", method, "ratio", 1.0, False, len(c), len(i), "incumbent P95 latency is 0")
     ci = m.interval(lambda c_, i_: np.percentile(c_, 95, axis=1) / np.percentile(i_, 95, axis=1), [[c], [i]],
@@ -362,7 +392,9 @@ def _measure(data: RunData, target: str, ids: set[int] | None, m: _Measure) -> t
         _latency_p95(list(cand.values()), list(inc.values()), m),
         _ttft(list(cand.values()), list(inc.values()), m),
     ]
-    metrics = [r if r.classification is Classification.NODATA else replace(r, confidence=m.confidence)
+    metrics = [replace(r, confidence=m.confidence) if r.classification is not Classification.NODATA
+               # Classified NODATA without a note of its own: its estimate or interval is NaN, not short of samples.
+               else r if r.note else replace(r, note="undefined: the estimate or its interval is 0/0")
                for r in metrics]
     return metrics, len(cand), quality.n_candidate
 
@@ -376,9 +408,9 @@ def _worst_samples(data: RunData, target: str, ids: set[int] | None) -> list[int
         p = data.judgments[target].get(sid)
         if rec.error:
             keyed.append((-math.inf, sid))
-        elif p is not None and p.candidate_score is not None and p.incumbent_score is not None:
+        elif _scored(p):
             keyed.append((p.candidate_score - p.incumbent_score, sid))
-        elif p is not None and p.preference is not None:
+        elif p is not None and _is_number(p.preference):
             keyed.append((p.preference - 0.5, sid))
     keyed.sort()
     return [sid for key, sid in keyed[:WORST_EXAMPLES] if key < 0]
