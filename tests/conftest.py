@@ -89,9 +89,25 @@ def engine(store_url):
 
 @pytest.fixture(scope="session")
 def prefect_harness():
-    """One Prefect test harness (a temporary API and database) for the whole session: it costs 10-15 s to start."""
+    """One Prefect test harness (a temporary API and database) for the whole session: it costs 10-15 s to start.
+
+    Prefect sets its logging up on the first flow run and its console handlers keep the stderr they find then: in
+    a test using capfd, a stream pytest closes when that test ends, after which every Prefect log line failed and,
+    with log_prints on, its error report recursed (test_security_leaks.py run alone failed its second case). So it
+    is set up here and its handlers pointed at the process's stderr, which fd-level capture (and capfd) still see."""
+    import logging
+    import sys
+
+    from prefect.logging.configuration import ensure_logging_setup
+    from prefect.logging.handlers import PrefectConsoleHandler
     from prefect.testing.utilities import prefect_test_harness
 
+    ensure_logging_setup()
+    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in logging.root.manager.loggerDict)]
+    for handler in {h for logger in loggers for h in getattr(logger, "handlers", ())}:
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.setStream(sys.__stderr__)
+            handler.console.file = sys.__stderr__
     with prefect_test_harness(server_startup_timeout=180):
         yield
 
