@@ -12,9 +12,13 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import IntegrityError
 
 from shadowjudge.config import Config, RouteConfig
 from shadowjudge.errors import InputError
+# A route's targets, the incumbent first: it is replayed too, so its latency and cost are measured under the same
+# conditions. The name stays importable from here for flows/loadtest.py.
+from shadowjudge.routing.controller import targets_of as route_targets
 from shadowjudge.store import (
     Judgment,
     RouteWeightChange,
@@ -134,7 +138,11 @@ def open_run(engine: Engine, config: Config, route: RouteConfig, cycle_id: str) 
                         config_hash=config.fingerprint(), sample_ids=sample_ids,
                         summary={"max_sample_id": max(sample_ids, default=watermark), "cycle_id": cycle_id})
         s.add(run)
-        s.flush()
+        try:
+            s.flush()
+        except IntegrityError:  # another process opened this cycle's run since our SELECT: resume theirs
+            s.rollback()
+            return find_run(engine, run_key)
         return RunHandle(run.id, run_key, sample_ids, resumed=False)
 
 
@@ -143,11 +151,6 @@ def load_samples(engine: Engine, sample_ids: list[int]) -> list[TrafficSample]:
         rows = list(s.scalars(select(TrafficSample).where(TrafficSample.id.in_(sample_ids)).order_by(TrafficSample.id)))
         s.expunge_all()
     return rows
-
-
-def route_targets(route: RouteConfig) -> list:
-    """The incumbent is replayed too, so its latency and cost are measured under the same conditions."""
-    return [route.incumbent, *route.candidates]
 
 
 def finish_run(engine: Engine, run_id: int, decision: str, summary: dict[str, Any],
@@ -160,16 +163,6 @@ def finish_run(engine: Engine, run_id: int, decision: str, summary: dict[str, An
         if mlflow_run_id:
             run.mlflow_run_id = mlflow_run_id
         run.finished_at = utcnow()
-
-
-def already_routed(engine: Engine, route: str, run_id: int) -> RouteWeightChange | None:
-    """The weight change this run already made, so a rerun never steps the ladder twice."""
-    with session_scope(engine) as s:
-        change = s.scalar(select(RouteWeightChange).where(RouteWeightChange.route == route,
-                                                          RouteWeightChange.run_id == run_id).limit(1))
-        if change is not None:
-            s.expunge(change)
-        return change
 
 
 def _pairs(run_id: int, evaluator: str | None, *columns: Any) -> Any:
@@ -518,22 +511,22 @@ def mlflow_link(config: Config, route: RouteConfig, mlflow_run_id: str | None) -
 def alert(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle, analysis: dict[str, Any],
           mlflow_run_id: str | None, config_path: str | None = None) -> list[dict[str, Any]]:
     """Raise (or recur) an alert for every regression, failed golden set and drift; delivery failures stay stored
-    for the next cycle."""
-    from shadowjudge.alerts.records import alert_to_dict, drift_alerts, golden_alerts, raise_alerts
+    for the next cycle. All findings are stored first, then delivered in one pass: a dead sink costs one retry
+    schedule per route and cycle, not one per kind of finding."""
+    from shadowjudge.alerts.findings import drift_findings, golden_findings, regression_findings
+    from shadowjudge.alerts.records import alert_to_dict, raise_findings
     from shadowjudge.alerts.sinks import build_sinks
     from shadowjudge.analysis import RunAnalysis
     from shadowjudge.analysis.drift import DriftReport
     from shadowjudge.analysis.golden import GoldenReport
 
-    sinks, link = build_sinks(config.alerts), mlflow_link(config, route, mlflow_run_id)
-    options = {"config_path": config_path, "max_examples": config.alerts.max_examples}
-    alerts = raise_alerts(engine, RunAnalysis.from_dict(analysis), route, sinks, link, **options)
+    findings = regression_findings(RunAnalysis.from_dict(analysis), route)
     for report in (analysis.get("golden") or {}).values():
-        alerts += golden_alerts(engine, GoldenReport.from_dict(report), route, sinks, link, run_id=handle.run_id,
-                                **options)
+        findings += golden_findings(GoldenReport.from_dict(report), route, handle.run_id)
     if analysis.get("drift"):
-        alerts += drift_alerts(engine, DriftReport.from_dict(analysis["drift"]), route, sinks, link,
-                               run_id=handle.run_id, **options)
+        findings += drift_findings(DriftReport.from_dict(analysis["drift"]), route, handle.run_id)
+    alerts = raise_findings(engine, findings, route, build_sinks(config.alerts),
+                            mlflow_link(config, route, mlflow_run_id), config_path, config.alerts.max_examples)
     return [alert_to_dict(a) for a in alerts]
 
 

@@ -31,7 +31,7 @@ def _config(tmp_path, store_url: str, pd_url: str | None = None):
 def test_list_show_ack_resolve(engine, store_url, tmp_path, monkeypatch):
     monkeypatch.setenv("PD_KEY", "key")
     route = route_for(["bad"])
-    analysis = analyze_run(engine, build_run(engine, run_key="r", incumbent="claude-2", profiles=PROFILES,
+    analysis = analyze_run(engine, build_run(engine, run_key="chat:c1", incumbent="claude-2", profiles=PROFILES,
                                              candidates={"bad": "falcon-40b-instruct"},
                                              datasets={"koala", "oasst", "helpful_base"}), route)
     with Receiver(default=202) as pd:
@@ -47,7 +47,8 @@ def test_list_show_ack_resolve(engine, store_url, tmp_path, monkeypatch):
 
         shown = runner.invoke(alerts_cli, ["show", str(alert.id), "--config", config])
         assert shown.exit_code == 0, shown.output
-        for text in ("http://mlflow.local/run/1", "shadowjudge run --config shadowjudge.yaml --route chat",
+        for text in ("http://mlflow.local/run/1",
+                     "shadowjudge run --config shadowjudge.yaml --route chat --cycle-id c1",
                      "example 1", "prompt", "candidate"):
             assert text in shown.output
         as_json = json.loads(runner.invoke(alerts_cli, ["show", str(alert.id), "--json", "-c", config]).output)

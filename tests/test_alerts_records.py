@@ -53,7 +53,7 @@ def test_a_slice_regression_raises_one_alert_with_its_triage_bundle_and_no_chang
     assert "task=koala" in alert.message and "promotion blocked" in alert.action
     bundle = alert.bundle
     assert bundle["run_link"] == LINK and bundle["slice"] == "task=koala"
-    assert bundle["reproduce"] == "shadowjudge run --config configs/prod.yaml --route chat"
+    assert bundle["run_key"] == "r" and bundle["reproduce"] is None  # a run no cycle opened: nothing to rerun
     data = mini()
     example = bundle["examples"][0]
     prompt_id = next(p["id"] for p in data.prompts if p["instruction"] == example["prompt"])
@@ -107,10 +107,10 @@ def test_a_recurrence_carries_its_own_severity_and_only_a_worse_one_notifies_aga
 
     with Receiver() as rx:
         sinks = _webhook(rx.url)
-        [first] = records._raise(engine, [finding(1, "critical")], route, sinks, None, None, 5)
-        [calmer] = records._raise(engine, [finding(2, "warning")], route, sinks, None, None, 5)
+        [first] = records.raise_findings(engine, [finding(1, "critical")], route, sinks, None, None, 5)
+        [calmer] = records.raise_findings(engine, [finding(2, "warning")], route, sinks, None, None, 5)
         assert calmer.id == first.id and calmer.severity == "warning" and len(rx.requests) == 1
-        [worse] = records._raise(engine, [finding(3, "critical")], route, sinks, None, None, 5)
+        [worse] = records.raise_findings(engine, [finding(3, "critical")], route, sinks, None, None, 5)
         assert worse.severity == "critical" and len(rx.requests) == 2  # escalated again: news
 
 
@@ -194,7 +194,7 @@ def test_real_output_drift_raises_a_drift_alert_with_examples(engine):
     assert all(a.kind == "drift" and a.target == "cand" and a.severity == "warning" for a in alerts)
     length = by_metric["output:length"]
     assert length.bundle["drift"]["details"]["current_median"] < length.bundle["drift"]["details"]["reference_median"]
-    assert length.bundle["run_link"] == LINK and "--route chat" in length.bundle["reproduce"]
+    assert length.bundle["run_link"] == LINK and length.bundle["reproduce"] is None  # checked outside a cycle
     if "output:refusal_rate" in by_metric:
         assert by_metric["output:refusal_rate"].bundle["examples"]
     assert drift_alerts(engine, report, route, []) and _count(engine) == len(alerts)  # rerun: no duplicates

@@ -16,10 +16,12 @@ from shadowjudge.config import AlertsConfig, AlertSinkConfig
 class Receiver:
     """A tiny HTTP server on 127.0.0.1 that records JSON posts and answers with scripted status codes."""
 
-    def __init__(self, statuses: list[int] | None = None, default: int = 200) -> None:
+    def __init__(self, statuses: list[int] | None = None, default: int = 200,
+                 headers: dict[str, str] | None = None) -> None:
         self.requests: list[dict] = []
         self.statuses = list(statuses or [])
         self.default = default
+        self.headers = headers or {}
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -30,6 +32,8 @@ class Receiver:
                 status = receiver.statuses.pop(0) if receiver.statuses else receiver.default
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
+                for name, value in receiver.headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(b"{}")
 
@@ -155,3 +159,39 @@ def test_sink_config_and_severity_filter():
         AlertSinkConfig(name="x", kind="pagerduty")
     with pytest.raises(ValueError, match="sink names must be unique"):
         AlertsConfig(sinks=[{"name": "a", "kind": "webhook", "url": "http://x"}] * 2)
+
+
+def test_retry_after_is_waited_for_up_to_the_longest_backoff():
+    for retry_after, waits in (("3", [3.0, 3.0]), ("120", [4.0, 4.0])):
+        sleeps: list[float] = []
+        with Receiver(statuses=[429, 429], headers={"Retry-After": retry_after}) as rx:
+            sink = _sink(WebhookSink, kind="webhook", url=rx.url, max_attempts=4, backoff_s=1.0)
+            status = deliver(sink, ALERT, "trigger", sleep=sleeps.append)
+        assert status["status"] == "sent" and status["attempts"] == 3
+        assert sleeps == waits  # the schedule alone waits 1 s, then 2 s; its longest wait is 4 s
+
+
+def test_slack_shows_text_from_traffic_literally():
+    """A prompt is traffic: '<!channel>' in it must not ping the channel, nor '<url|label>' render as a link."""
+    prompt = "hi <!channel> see <https://evil.example|MLflow run> & more"
+    alert = {**ALERT, "slice": "task=<!here>", "message": "Candidate regresses on <!everyone>",
+             "bundle": {**ALERT["bundle"], "examples": [{**ALERT["bundle"]["examples"][0], "prompt": prompt}]}}
+    body = _sink(SlackSink, kind="slack", url="http://127.0.0.1:9").payload(alert, "trigger")
+    texts = [body["text"]] + [b["text"]["text"] for b in body["blocks"] if b["type"] == "section" and "text" in b]
+    texts += [f["text"] for b in body["blocks"] for f in b.get("fields", [])]
+    assert not any("<!" in t or "<https://evil" in t for t in texts)
+    lines = [line for t in texts for line in t.splitlines()]
+    assert "*Prompt*: hi &lt;!channel&gt; see &lt;https://evil.example|MLflow run&gt; &amp; more" in lines
+    assert "*Slice*\ntask=&lt;!here&gt;" in texts
+    context = body["blocks"][-1]["elements"][0]["text"]
+    assert context.startswith("<http://mlflow.local/#/experiments/1/runs/abc|MLflow run>")
+
+
+def test_slack_shows_a_failed_golden_case_with_its_failures_and_incident():
+    example = {"case_id": "refund-42", "passed": False, "failures": ["missing required text '30 days'", "too long"],
+               "score": 0.2, "incident": "INC-42 <refund policy>"}
+    alert = {**ALERT, "kind": "golden", "metric": "golden_set", "bundle": {"examples": [example]}}
+    body = _sink(SlackSink, kind="slack", url="http://127.0.0.1:9").payload(alert, "trigger")
+    assert body["blocks"][3]["text"]["text"] == (
+        "*Golden case* refund-42 (score 0.20)\n*Failures*: missing required text '30 days'; too long\n"
+        "*Incident*: INC-42 &lt;refund policy&gt;")

@@ -3,12 +3,14 @@
 Stored first, delivered second: a sink that is down never loses an alert, and every call retries what is still
 undelivered. One unresolved alert per cause is enforced by the database (`open_key` is unique and holds the
 fingerprint until the alert is resolved), so two cycles raising the same cause at once still make one alert;
-a recurrence bumps `occurrences` instead of notifying again (unless its severity rises), and a rerun of the same
-run changes nothing. Delivery is at-least-once: PagerDuty deduplicates by the fingerprint.
+a recurrence bumps `occurrences` instead of notifying again (unless its severity rises), and a rerun of a run (or
+window) the alert counted already changes nothing. Delivery is at-least-once: PagerDuty deduplicates by the
+fingerprint.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -24,10 +26,12 @@ from shadowjudge.analysis.regression import RunAnalysis, json_safe
 from shadowjudge.config import RouteConfig
 from shadowjudge.errors import InputError
 from shadowjudge.store import Alert, insert_ignoring_duplicates, session_scope
-from shadowjudge.store.models import utcnow
+from shadowjudge.store.models import fit_column, utcnow
 
 STATUSES = ("open", "acknowledged", "resolved")
 RESOLVE_RETRY_WINDOW = timedelta(days=7)
+SEEN_SOURCES = 50  # the source keys (runs, windows) an alert remembers: a rerun of any of them is not news
+SINK_TIME_BUDGET_S = 60.0  # per sink and delivery: a slow or rate-limiting sink cannot hold a cycle for minutes
 
 
 class AlertError(InputError):
@@ -47,50 +51,74 @@ def alert_to_dict(alert: Alert) -> dict[str, Any]:
     })
 
 
+def _sources(bundle: dict[str, Any] | None) -> list[str]:
+    """The source keys an alert has counted, oldest first (alerts stored before `source_keys` hold only the last)."""
+    bundle = bundle or {}
+    return list(bundle.get("source_keys") or ([bundle["source_key"]] if bundle.get("source_key") else []))
+
+
+def _trigger_attempted(state: dict[str, Any]) -> bool:
+    """Whether a trigger went out to a sink, before an escalation included: even one that failed (a timeout) may
+    have opened an incident there, which only a resolve closes."""
+    return bool(state.get("triggered")) or (state.get("event") == "trigger" and state.get("attempts", 0) > 0)
+
+
 def _record(session, finding: Finding, bundle: dict[str, Any]) -> int:
     """Insert the finding as a new open alert, or fold it into the unresolved alert of the same cause."""
     fp = finding.fingerprint
     now = utcnow()
+    # Labels from data (a slice is a metadata value) cut to their columns: one too long fails the transaction that
+    # holds every finding of the cycle. The fingerprint hashes them whole, so two causes never merge.
+    action = fit_column(Alert.action, finding.action)
     row = dict(fingerprint=fp, open_key=fp, status="open", severity=finding.severity, kind=finding.kind,
-               route=finding.route, target=finding.target, metric=finding.metric, slice=finding.slice,
-               effect_size=finding.effect_size, ci_low=finding.ci_low, ci_high=finding.ci_high,
-               action=finding.action, message=finding.message, bundle=bundle, run_id=finding.run_id, occurrences=1,
+               route=finding.route, target=finding.target, metric=fit_column(Alert.metric, finding.metric),
+               slice=fit_column(Alert.slice, finding.slice), effect_size=finding.effect_size, ci_low=finding.ci_low,
+               ci_high=finding.ci_high, action=action, message=finding.message,
+               bundle={**bundle, "source_keys": [finding.source_key]}, run_id=finding.run_id, occurrences=1,
                delivered={}, created_at=now, updated_at=now)
     settled = session.execute(select(Alert.id, Alert.bundle).where(Alert.fingerprint == fp, Alert.status == "resolved")
                               .order_by(Alert.id.desc()).limit(20)).all()
-    for earlier in settled:  # a rerun of the run (or window) a resolved alert last saw: already handled, not news
-        if (earlier.bundle or {}).get("source_key") == finding.source_key:
+    for earlier in settled:  # a rerun of a run (or window) a resolved alert counted: already handled, not news
+        if finding.source_key in _sources(earlier.bundle):
             return earlier.id
     for _ in range(2):  # a second try covers an alert resolved between our insert and our read
         if insert_ignoring_duplicates(session, Alert, [row], ["open_key"]):
             return session.scalar(select(Alert.id).where(Alert.open_key == fp))
-        existing = session.execute(select(Alert.id, Alert.severity, Alert.bundle).where(Alert.open_key == fp)).first()
+        existing = session.execute(select(Alert.id, Alert.severity, Alert.bundle, Alert.run_id, Alert.delivered)
+                                   .where(Alert.open_key == fp)).first()
         if existing is None:
             continue
-        if (existing.bundle or {}).get("source_key") == finding.source_key:
-            return existing.id  # the same run or window again: a rerun, not a recurrence
+        seen = _sources(existing.bundle)
+        if finding.source_key in seen:
+            return existing.id  # a run or window it counted already, rerun: not a recurrence
+        sources = [*seen, finding.source_key][-SEEN_SOURCES:]
+        if finding.run_id is not None and existing.run_id is not None and finding.run_id < existing.run_id:
+            # a run older than the evidence held (a late resume): it counts, but never rolls the evidence back
+            session.execute(update(Alert).where(Alert.id == existing.id).values(
+                occurrences=Alert.occurrences + 1, bundle={**(existing.bundle or {}), "source_keys": sources},
+                updated_at=now))
+            return existing.id
         escalated = SEVERITY_RANK[finding.severity] > SEVERITY_RANK.get(existing.severity, 0)
         values: dict[str, Any] = dict(
             occurrences=Alert.occurrences + 1, effect_size=finding.effect_size, ci_low=finding.ci_low,
-            ci_high=finding.ci_high, message=finding.message, action=finding.action, run_id=finding.run_id,
+            ci_high=finding.ci_high, message=finding.message, action=action, run_id=finding.run_id,
             severity=finding.severity,  # the latest evidence: a critical cause now only a warning no longer rolls back
-            bundle={**bundle, "log": (existing.bundle or {}).get("log", [])}, updated_at=now)
-        if escalated:
-            values |= dict(delivered={})  # a worse cause is news: notify again
+            bundle={**bundle, "log": (existing.bundle or {}).get("log", []), "source_keys": sources}, updated_at=now)
+        if escalated:  # a worse cause is news: notify again, remembering where a trigger went (it needs a resolve)
+            values |= dict(delivered={name: {"triggered": True} for name, state in (existing.delivered or {}).items()
+                                      if _trigger_attempted(state)})
         session.execute(update(Alert).where(Alert.id == existing.id).values(**values))
         return existing.id
     raise RuntimeError(f"alert for cause {fp} could be neither inserted nor found")
 
 
-def _pending_event(alert: Alert, sink: AlertSink) -> str | None:
-    """The event this sink still needs for this alert, if any."""
-    state = (alert.delivered or {}).get(sink.name) or {}
+def _pending_event(alert: Alert, state: dict[str, Any]) -> str | None:
+    """The event a sink whose delivery state is `state` still needs for this alert, if any."""
     if alert.status == "resolved":
-        if state.get("event") == "trigger" and state.get("status") == "sent":
-            return "resolve"
-        if state.get("event") == "resolve" and state.get("status") == "failed":
-            return "resolve"
-        return None  # never triggered there: nothing to resolve
+        if state.get("event") == "resolve":
+            return "resolve" if state.get("status") == "failed" else None
+        # PagerDuty ignores a resolve for an incident it never opened, but an orphaned incident stays open forever
+        return "resolve" if _trigger_attempted(state) else None
     if state.get("event") == "trigger" and state.get("status") in ("sent", "skipped"):
         return None
     return "trigger"
@@ -100,8 +128,9 @@ def deliver_pending(engine: Engine, sinks: Sequence[AlertSink], alert_ids: Seque
     """Send every event a sink has not received yet (new triggers, escalations, resolves, earlier failures).
 
     Network calls happen outside any transaction; each result is merged into `delivered` per sink. Returns the
-    number of sends that failed (they stay pending for the next call). A sink whose retries all failed is not
-    tried again in this call: a dead endpoint costs one retry schedule per cycle, not one per pending alert.
+    number of sends that failed (they stay pending for the next call). A sink whose retries all failed, or that
+    used its SINK_TIME_BUDGET_S, is not tried again in this call: a dead or slow endpoint costs one retry schedule
+    per cycle, not one per pending alert.
     """
     if not sinks:
         return 0
@@ -113,38 +142,53 @@ def deliver_pending(engine: Engine, sinks: Sequence[AlertSink], alert_ids: Seque
         alerts = list(s.scalars(query.order_by(Alert.id)))
         s.expunge_all()
     failures = 0
-    down: dict[str, str] = {}  # sink name -> why it failed earlier in this call
+    down: dict[str, str] = {}  # sink name -> why it is not tried again in this call
+    spent: dict[str, float] = {}  # sink name -> seconds its sends took in this call
     for alert in alerts:
         payload = alert_to_dict(alert)
         updates: dict[str, Any] = {}
         for sink in sinks:
-            event = _pending_event(alert, sink)
+            state = (alert.delivered or {}).get(sink.name) or {}
+            event = _pending_event(alert, state)
             if event is None:
                 continue
             if event == "trigger" and not wants(sink, alert.severity):
-                updates[sink.name] = {"event": "trigger", "status": "skipped", "attempts": 0,
-                                      "error": f"severity {alert.severity} below {sink.min_severity}"}
-                continue
-            if sink.name in down:
-                updates[sink.name] = {"event": event, "status": "failed", "attempts": 0,
-                                      "error": f"not tried: the sink failed earlier in this delivery "
-                                               f"({down[sink.name]})"}
+                status = {"event": "trigger", "status": "skipped", "attempts": 0,
+                          "error": f"severity {alert.severity} below {sink.min_severity}"}
+            elif sink.name in down:
+                status = {"event": event, "status": "failed", "attempts": 0, "error": f"not tried: {down[sink.name]}"}
                 failures += 1
-                continue
-            updates[sink.name] = status = deliver(sink, payload, event)
-            if status["status"] == "failed":
-                failures += 1
-                if status.get("attempts", 0) >= sink.max_attempts:  # retries spent: the endpoint, not this payload
-                    down[sink.name] = str(status.get("error") or "failed")[:200]
+            else:
+                started = time.monotonic()
+                status = deliver(sink, payload, event,
+                                 deadline=started + SINK_TIME_BUDGET_S - spent.get(sink.name, 0.0))
+                spent[sink.name] = spent.get(sink.name, 0.0) + time.monotonic() - started
+                if status["status"] == "failed":
+                    failures += 1
+                    if status.get("attempts", 0) >= sink.max_attempts:  # retries spent: the endpoint, not the payload
+                        down[sink.name] = (f"the sink failed earlier in this delivery "
+                                           f"({str(status.get('error') or 'failed')[:200]})")
+                if sink.name not in down and spent[sink.name] >= SINK_TIME_BUDGET_S:
+                    down[sink.name] = f"the sink used its {SINK_TIME_BUDGET_S:g} s of this delivery"
+            if event == "trigger" and (_trigger_attempted(state) or _trigger_attempted(status)):
+                status["triggered"] = True
+            updates[sink.name] = status
         if updates:
             with session_scope(engine) as s:
-                row = s.get(Alert, alert.id)
-                row.delivered = {**(row.delivered or {}), **updates}
+                delivered = s.scalar(select(Alert.delivered).where(Alert.id == alert.id)) or {}
+                # updated_at is the alert's last change, not its last delivery attempt (and it starts the window
+                # in which a failed resolve is retried)
+                s.execute(update(Alert).where(Alert.id == alert.id)
+                          .values(delivered={**delivered, **updates}, updated_at=Alert.updated_at))
     return failures
 
 
-def _raise(engine: Engine, findings: list[Finding], route: RouteConfig, sinks: Sequence[AlertSink],
-           run_link: str | None, config_path: str | None, max_examples: int) -> list[Alert]:
+def raise_findings(engine: Engine, findings: list[Finding], route: RouteConfig, sinks: Sequence[AlertSink],
+                   run_link: str | None, config_path: str | None, max_examples: int) -> list[Alert]:
+    """Store every finding as an alert (new or recurred), then make one delivery pass over all pending alerts.
+
+    A cycle passes all its findings at once: each pass may wait out a dead sink's retry schedule.
+    """
     bundles = [build_bundle(engine, f, route, run_link, config_path, max_examples) for f in findings]
     with session_scope(engine) as s:
         ids = [_record(s, f, b) for f, b in zip(findings, bundles, strict=True)]
@@ -165,22 +209,24 @@ def raise_alerts(engine: Engine, analysis: RunAnalysis, route: RouteConfig, sink
     `run_link` is the MLflow run; `action` says what the controller did (default: derived from the verdict);
     `config_path` goes into the reproduce command. Returns the alerts raised or recurred by this analysis.
     """
-    return _raise(engine, regression_findings(analysis, route, action), route, sinks, run_link, config_path,
-                  max_examples)
+    return raise_findings(engine, regression_findings(analysis, route, action), route, sinks, run_link, config_path,
+                          max_examples)
 
 
 def drift_alerts(engine: Engine, report: DriftReport, route: RouteConfig, sinks: Sequence[AlertSink],
                  run_link: str | None = None, *, run_id: int | None = None, config_path: str | None = None,
                  max_examples: int = 5) -> list[Alert]:
     """Store and send an alert for every drift check that alarmed."""
-    return _raise(engine, drift_findings(report, route, run_id), route, sinks, run_link, config_path, max_examples)
+    return raise_findings(engine, drift_findings(report, route, run_id), route, sinks, run_link, config_path,
+                          max_examples)
 
 
 def golden_alerts(engine: Engine, report: GoldenReport, route: RouteConfig, sinks: Sequence[AlertSink],
                   run_link: str | None = None, *, run_id: int | None = None, config_path: str | None = None,
                   max_examples: int = 5) -> list[Alert]:
     """Store and send an alert when a candidate fails its golden regression set."""
-    return _raise(engine, golden_findings(report, route, run_id), route, sinks, run_link, config_path, max_examples)
+    return raise_findings(engine, golden_findings(report, route, run_id), route, sinks, run_link, config_path,
+                          max_examples)
 
 
 def _get(session, alert_id: int) -> Alert:

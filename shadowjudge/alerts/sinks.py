@@ -10,9 +10,11 @@ a status or log message (webhook URLs such as Slack's carry their secret in the 
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
 import httpx
@@ -25,11 +27,13 @@ _SLACK_TEXT_LIMIT = 2900  # Slack's section text limit is 3000 characters
 
 
 class DeliveryError(Exception):
-    """A send that failed; `retryable` says whether trying again can help (network, 429, 5xx)."""
+    """A send that failed; `retryable` says whether trying again can help (network, 429, 5xx), `retry_after` how
+    many seconds the receiver asked to wait first (its Retry-After header)."""
 
-    def __init__(self, message: str, retryable: bool) -> None:
+    def __init__(self, message: str, retryable: bool, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.retry_after = retry_after
 
 
 class AlertSink(Protocol):
@@ -47,11 +51,16 @@ def wants(sink: AlertSink, severity: str) -> bool:
     return SEVERITY_RANK.get(severity, 0) >= SEVERITY_RANK.get(sink.min_severity, 0)
 
 
-def deliver(sink: AlertSink, alert: Mapping[str, Any], event: str,
-            sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
-    """Send with retries; the status (sent/failed, attempts, error) is what `Alert.delivered[sink]` stores."""
+def deliver(sink: AlertSink, alert: Mapping[str, Any], event: str, sleep: Callable[[float], None] = time.sleep,
+            deadline: float | None = None) -> dict[str, Any]:
+    """Send with retries; the status (sent/failed, attempts, error) is what `Alert.delivered[sink]` stores.
+
+    A receiver's Retry-After is waited for, up to the schedule's longest backoff. Retries end at `deadline` (a
+    `time.monotonic()` value): a wait past it is cut short to it, for one last try.
+    """
     error = None
     attempts = 0
+    longest_backoff = sink.backoff_s * 2 ** max(sink.max_attempts - 2, 0)
     for attempts in range(1, sink.max_attempts + 1):
         try:
             sink.send(alert, event)
@@ -61,7 +70,15 @@ def deliver(sink: AlertSink, alert: Mapping[str, Any], event: str,
             error = str(exc)
             if not exc.retryable or attempts == sink.max_attempts:
                 break
-            sleep(sink.backoff_s * 2 ** (attempts - 1))
+            wait = sink.backoff_s * 2 ** (attempts - 1)
+            if exc.retry_after is not None:
+                wait = min(max(wait, exc.retry_after), longest_backoff)
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                wait = min(wait, left)
+            sleep(wait)
         except Exception as exc:  # a sink's bug must not take the other sinks (or the cycle) down with it
             error = f"sink '{sink.name}': {type(exc).__name__}"
             break
@@ -106,7 +123,25 @@ class _HttpSink:
             raise DeliveryError(f"sink '{self.name}': {type(exc).__name__}", retryable=True) from None
         if response.status_code >= 300:
             retryable = response.status_code == 429 or response.status_code >= 500
-            raise DeliveryError(f"sink '{self.name}': HTTP {response.status_code}", retryable=retryable)
+            raise DeliveryError(f"sink '{self.name}': HTTP {response.status_code}", retryable=retryable,
+                                retry_after=_retry_after(response.headers.get("Retry-After")))
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delay seconds or an HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max((when - datetime.now(timezone.utc)).total_seconds(), 0.0)
 
 
 def _headline(alert: Mapping[str, Any]) -> str:
@@ -139,23 +174,35 @@ class SlackSink(_HttpSink):
                   ("Slice", alert.get("slice") or "all traffic"),
                   ("Effect", f"{effect:.3g}{interval}" if effect is not None else "-"),
                   ("Occurrences", str(alert.get("occurrences", 1))), ("Action", alert.get("action") or "-")]
+        # Everything but the header (plain text) is mrkdwn: text from data goes through _mrkdwn
         blocks: list[dict[str, Any]] = [
             {"type": "header", "text": {"type": "plain_text", "text": _clip(headline, 150)}},
-            {"type": "section", "text": {"type": "mrkdwn", "text": _clip(alert["message"], _SLACK_TEXT_LIMIT)}},
-            {"type": "section", "fields": [{"type": "mrkdwn", "text": f"*{k}*\n{_clip(v, 500)}"} for k, v in fields]},
+            {"type": "section", "text": {"type": "mrkdwn", "text": _mrkdwn(alert["message"], _SLACK_TEXT_LIMIT)}},
+            {"type": "section", "fields": [{"type": "mrkdwn", "text": f"*{k}*\n{_mrkdwn(v, 500)}"} for k, v in fields]},
         ]
         for example in (bundle.get("examples") or [])[:2]:
-            blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": _clip(_slack_example(example),
-                                                                                        _SLACK_TEXT_LIMIT)}})
+            blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": _slack_example(example)}})
         context = []
         if bundle.get("run_link"):
-            context.append(f"<{bundle['run_link']}|MLflow run>")
+            context.append(f"<{_mrkdwn(bundle['run_link'], 1000)}|MLflow run>")
         if bundle.get("reproduce"):
-            context.append(f"reproduce: `{bundle['reproduce']}`")
+            note = f" ({_mrkdwn(bundle['reproduce_note'], 600)})" if bundle.get("reproduce_note") else ""
+            context.append(f"reproduce: `{_mrkdwn(bundle['reproduce'], 1000)}`{note}")
         context.append(f"alert #{alert.get('id')} \u00b7 `shadowjudge alerts show {alert.get('id')}`")
-        context_text = _clip(" \u00b7 ".join(context), _SLACK_TEXT_LIMIT)
-        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": context_text}]})
-        return {"text": headline, "blocks": blocks}
+        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": " \u00b7 ".join(context)}]})
+        return {"text": _mrkdwn(headline, _SLACK_TEXT_LIMIT), "blocks": blocks}
+
+
+_PARTIAL_ENTITY = re.compile(r"&[a-z]{0,3}$")  # after escaping, every '&' starts an entity
+
+
+def _mrkdwn(text: str, limit: int) -> str:
+    """Text from data (prompts, answers, slice labels) shown literally in mrkdwn: &, < and > escaped, so
+    '<!channel>' pings no one and '<https://x|label>' links nowhere; clipped without cutting an entity."""
+    escaped = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    if len(escaped) <= limit:
+        return escaped
+    return _PARTIAL_ENTITY.sub("", escaped[: limit - 1]) + "\u2026"
 
 
 def _slack_example(example: Mapping[str, Any]) -> str:
@@ -163,12 +210,19 @@ def _slack_example(example: Mapping[str, Any]) -> str:
         value = example.get(key)
         return f"{value:.2f}" if isinstance(value, (int, float)) else "-"
 
-    lines = [f"*Prompt*: {_clip(example.get('prompt') or '', 400)}",
-             f"*Incumbent* ({score('incumbent_score')}): {_clip(example.get('incumbent_answer') or '-', 600)}",
-             f"*Candidate* ({score('candidate_score')}): "
-             f"{_clip(example.get('candidate_answer') or example.get('candidate_error') or '-', 600)}"]
-    if "prompt" not in example and example.get("text"):
-        lines = [f"*Example*: {_clip(example['text'], 800)}"]
+    if "case_id" in example:  # a failed golden case
+        failures = "; ".join(str(f) for f in example.get("failures") or []) or "-"
+        lines = [f"*Golden case* {_mrkdwn(str(example['case_id']), 200)} (score {score('score')})",
+                 f"*Failures*: {_mrkdwn(failures, 1200)}"]
+        if example.get("incident"):
+            lines.append(f"*Incident*: {_mrkdwn(str(example['incident']), 400)}")
+    elif "prompt" not in example and example.get("text"):  # a drift example
+        lines = [f"*Example*: {_mrkdwn(example['text'], 800)}"]
+    else:
+        lines = [f"*Prompt*: {_mrkdwn(example.get('prompt') or '', 400)}",
+                 f"*Incumbent* ({score('incumbent_score')}): {_mrkdwn(example.get('incumbent_answer') or '-', 600)}",
+                 f"*Candidate* ({score('candidate_score')}): "
+                 f"{_mrkdwn(example.get('candidate_answer') or example.get('candidate_error') or '-', 600)}"]
     return "\n".join(lines)
 
 
@@ -190,7 +244,8 @@ class PagerDutySink(_HttpSink):
             "class": alert["metric"],
             "custom_details": {k: alert.get(k) for k in ("id", "kind", "slice", "effect_size", "ci_low", "ci_high",
                                                          "action", "occurrences")}
-            | {"reproduce": bundle.get("reproduce"), "worst_examples": (bundle.get("examples") or [])[:3]},
+            | {"reproduce": bundle.get("reproduce"), "reproduce_note": bundle.get("reproduce_note"),
+               "worst_examples": (bundle.get("examples") or [])[:3]},
         }
         body["client"] = "ShadowJudge"
         if bundle.get("run_link"):

@@ -1,7 +1,7 @@
 """The triage bundle every alert carries: what a person needs to act without opening five tools.
 
 The MLflow run link, the worst examples (prompt, incumbent answer, candidate answer, scores), the slice, the
-numbers behind the finding and the command that reproduces the cycle.
+numbers behind the finding and the command that reruns the cycle that found it.
 """
 
 from __future__ import annotations
@@ -14,9 +14,13 @@ from sqlalchemy import Engine, select
 from shadowjudge.alerts.findings import Finding
 from shadowjudge.config import RouteConfig
 from shadowjudge.scoring import prompt_text
-from shadowjudge.store import Judgment, ShadowResult, TrafficSample, session_scope
+from shadowjudge.store import Judgment, ShadowResult, ShadowRun, TrafficSample, session_scope
 
 TEXT_LIMIT = 1500
+# What pasting the reproduce command does: a rerun of the same cycle is idempotent, except for two stages.
+REPRODUCE_NOTE = ("reruns this cycle on its stored samples: stored shadow answers, judgments and teacher verdicts are "
+                  "reused and its weight step is replayed, not repeated (only a push that failed is retried); it "
+                  "still ingests new traffic first and asks the golden cases again (live candidate calls)")
 
 
 def _clip(text: str | None) -> str | None:
@@ -66,8 +70,21 @@ def worst_examples(engine: Engine, run_id: int, route: RouteConfig, target: str,
     return examples
 
 
-def reproduce_command(route: str, config_path: str | None) -> str:
-    return f"shadowjudge run --config {shlex.quote(config_path or 'CONFIG.yaml')} --route {shlex.quote(route)}"
+def reproduce_command(route: str, config_path: str | None, cycle_id: str) -> str:
+    """The command that reruns this cycle; without --cycle-id `run` starts a new one (fresh samples, paid calls)."""
+    return (f"shadowjudge run --config {shlex.quote(config_path or 'CONFIG.yaml')} --route {shlex.quote(route)} "
+            f"--cycle-id {shlex.quote(cycle_id)}")
+
+
+def cycle_of(engine: Engine, route: str, run_id: int | None) -> tuple[str | None, str | None]:
+    """The run key of a stored run and the cycle id it was opened for: a cycle's run key is '<route>:<cycle id>', so
+    `run --cycle-id` finds this very run again (None for a run no cycle opened)."""
+    if run_id is None:
+        return None, None
+    with session_scope(engine) as s:
+        run_key = s.scalar(select(ShadowRun.run_key).where(ShadowRun.id == run_id))
+    prefix = f"{route}:"
+    return run_key, run_key[len(prefix):] if run_key and run_key.startswith(prefix) else None
 
 
 def build_bundle(engine: Engine, finding: Finding, route: RouteConfig, run_link: str | None,
@@ -81,12 +98,17 @@ def build_bundle(engine: Engine, finding: Finding, route: RouteConfig, run_link:
     elif finding.kind == "golden":
         golden = finding.details.get("golden", {})
         examples = [r for r in golden.get("results", []) if not r.get("passed")][:max_examples]
+    run_key, cycle_id = cycle_of(engine, route.name, finding.run_id)
     return {
         "source_key": finding.source_key,
         "run_id": finding.run_id,
+        "run_key": run_key,
+        "cycle_id": cycle_id,
         "run_link": run_link,
         "slice": finding.slice,
         "examples": examples,
-        "reproduce": reproduce_command(route.name, config_path),
+        # no cycle (a finding raised outside one): nothing to rerun, and a `run` without --cycle-id is a new cycle
+        "reproduce": reproduce_command(route.name, config_path, cycle_id) if cycle_id else None,
+        "reproduce_note": REPRODUCE_NOTE if cycle_id else None,
         **finding.details,
     }

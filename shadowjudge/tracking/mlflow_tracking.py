@@ -223,10 +223,19 @@ def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, str]) -> None:
 
 
 def run_link(tracking_uri: str, ui_url: str | None, prefix: str, route: str, run_id: str | None) -> str | None:
-    """The UI page of a run; `ui_url` defaults to the tracking URI when that is an HTTP server."""
+    """The UI page of a run; `ui_url` defaults to the tracking URI when that is an HTTP server.
+
+    Credentials in the URL (http://user:token@host) are dropped, not masked: the link goes into alert bundles and
+    to every sink, and must stay clickable (the browser asks the user to log in).
+    """
+    from urllib.parse import urlsplit, urlunsplit
+
     if not run_id:
         return None
     base = ui_url or (tracking_uri if tracking_uri.startswith("http") else None)
+    if base is not None:
+        parts = urlsplit(base)
+        base = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
     try:
         exp = _client(tracking_uri).get_experiment_by_name(experiment_name(prefix, route))
     except Exception:
