@@ -16,9 +16,12 @@ from typing import TextIO
 
 import typer
 
+from shadowjudge.subcommands import ConfigOption, fail
+
 DEFAULT_TRACKING_URI = "sqlite:///.shadowjudge/mlflow.db"
 
-judge_cli = typer.Typer(help="Train, register and measure the small judge.", no_args_is_help=True)
+judge_cli = typer.Typer(help="Train, register and measure the small judge.", no_args_is_help=True,
+                        pretty_exceptions_enable=False, add_completion=False)
 
 
 def tracking_uri_default(explicit: str | None) -> str:
@@ -91,12 +94,6 @@ def strict_json(value):
     return value
 
 
-def _fail(exc: Exception) -> None:
-    """One line on stderr; exit 2 for bad input (InputError), 1 for the rest, as everywhere in the CLI."""
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=getattr(exc, "exit_code", 1))
-
-
 @judge_cli.command()
 def train(
     data: list[Path] = typer.Option(None, metavar="DIR",
@@ -123,8 +120,7 @@ def train(
             result = train_judge(data, tracking_uri_default(tracking_uri), quick=quick, seed=seed,
                                  registered_name=registered_name, cache_dir=cache_dir, progress=update)
     except ShadowJudgeError as exc:
-        _fail(exc)
-        return
+        fail(exc)
     typer.echo(json.dumps(strict_json(result.as_dict()), indent=2, sort_keys=True, default=str))
 
 
@@ -153,16 +149,14 @@ def evaluate(
             report = evaluate_judge(judge, data, prompts=prompts, seed=seed, include_seen=include_seen,
                                     progress=update)
     except (PreferenceDataError, JudgeRegistryError, EvaluatorConfigError) as exc:
-        _fail(exc)
-        return
+        fail(exc)
     typer.echo(json.dumps(strict_json({"judge": judge.version, **report}), indent=2, sort_keys=True))
 
 
 @judge_cli.command("label-traffic")
 def label_traffic(
     out: Path = typer.Option(..., help="Directory to write (AlpacaEval format: prompts, outputs, labels)"),
-    config: Path = typer.Option(Path("configs/shadowjudge.yaml"), "--config", "-c", envvar="SHADOWJUDGE_CONFIG",
-                                help="Config YAML: its store holds the traffic, judge.teacher is the labeller"),
+    config: Path = ConfigOption,
     route: str = typer.Option(None, help="Route whose stored pairs to label (default: the config's only route)"),
     max_pairs: int = typer.Option(2000, help="Label at most this many pairs, a seeded sample"),
     seed: int = typer.Option(0),
@@ -177,8 +171,7 @@ def label_traffic(
         with progress_bar(progress) as update:
             report = label_route_traffic(config, out, route=route, max_pairs=max_pairs, seed=seed, progress=update)
     except ShadowJudgeError as exc:
-        _fail(exc)
-        return
+        fail(exc)
     typer.echo(json.dumps(report.as_dict(), indent=2, sort_keys=True))
 
 

@@ -16,6 +16,7 @@ apply_defaults()
 from prefect import flow, get_run_logger  # noqa: E402
 
 from evaluators.factory import check_evaluator  # noqa: E402
+from shadowjudge.config import check_api_keys  # noqa: E402
 from shadowjudge.errors import InputError, ShadowJudgeError  # noqa: E402
 from shadowjudge.tracking.reachability import check_config_tracking  # noqa: E402
 
@@ -49,6 +50,9 @@ def evaluation_cycle(config_path: str, route: str | None = None, cycle_id: str |
     failures: dict[str, BaseException] = {}
     for rc in routes:
         try:
+            # a key that is not set is bad input of this route, before its run opens: it used to fail the shadow
+            # test, which Prefect retried twice, 10 s apart, as a transient fault
+            check_api_keys(config.endpoints([rc]))
             handle = open_run_task(config, rc, cycle_id)
             shadow_report = shadow_task(config, rc, handle, progress)
             score_report = score_and_calibrate(config, rc, handle, config_path, progress)

@@ -16,18 +16,17 @@ if TYPE_CHECKING:
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from shadowjudge.config import Config, load_config  # noqa: E402
-from shadowjudge.errors import ShadowJudgeError  # noqa: E402
+from shadowjudge.config import Config, RouteConfig, load_config  # noqa: E402
+from shadowjudge.errors import InputError, ShadowJudgeError  # noqa: E402
+from shadowjudge.subcommands import ConfigOption, literal, print_error  # noqa: E402
 
 app = typer.Typer(help="ShadowJudge: continuous evaluation of LLM traffic.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 console = Console()
 err_console = Console(stderr=True)
-
-DEFAULT_CONFIG = Path("configs/shadowjudge.yaml")
-ConfigOption = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Config YAML", envvar="SHADOWJUDGE_CONFIG")
 
 
 def _load(config_path: Path) -> Config:
@@ -42,7 +41,7 @@ def init(config: Path = ConfigOption) -> None:
 
     cfg = _load(config)
     revision = upgrade_database(cfg.store.url)
-    console.print(f"store at {redact_uri(cfg.store.url)} is at revision [bold]{revision}[/]")
+    console.print(f"store at {escape(redact_uri(cfg.store.url))} is at revision [bold]{escape(revision)}[/]")
 
 
 @app.command()
@@ -52,29 +51,50 @@ def run(config: Path = ConfigOption,
         ) -> None:
     """Run one evaluation cycle (ingest, shadow-test, score, analyse, log, alert, update routes)."""
     from shadowjudge.cycle import check_cycle_id
-    from shadowjudge.tracking.reachability import check_config_tracking
 
     cfg = _load(config)
-    if route:
-        cfg.route(route)
+    routes = [cfg.route(route)] if route else cfg.routes
     if cycle_id is not None:
         check_cycle_id(cycle_id)
-    check_config_tracking(cfg)  # an MLflow server that is down fails here, in seconds, not after the shadow calls
+    _check_cycle_inputs(cfg, routes)
     from flows.cycle import evaluation_cycle
 
     result = evaluation_cycle(config_path=str(config), route=route, cycle_id=cycle_id, progress=sys.stderr.isatty())
     _print_cycle(result)
 
 
+def _check_cycle_inputs(cfg: Config, routes: list[RouteConfig]) -> None:
+    """What the flow would meet only after starting Prefect and ingesting (MLflow down, a missing judge), or inside a
+    retried shadow test (a missing key), found in seconds with a one-line message, cheapest first. It also starts
+    Prefect's server apart from Ctrl-C; keys held in Prefect Secret blocks need it, so they are checked last."""
+    from evaluators.factory import check_evaluator
+    from evaluators.judge_registry import JudgeRegistryError
+    from shadowjudge.config import check_api_keys
+    from shadowjudge.environment import start_prefect_server_apart
+    from shadowjudge.tracking.reachability import check_config_tracking
+
+    targets = cfg.endpoints(routes)
+    check_api_keys(t for t in targets if not t.api_key_secret)
+    check_config_tracking(cfg)
+    try:
+        check_evaluator(cfg.judge, cfg.mlflow.tracking_uri)
+    except JudgeRegistryError as exc:  # the registry answered check_config_tracking: the judge named is not there
+        raise InputError(str(exc)) from None
+    start_prefect_server_apart()
+    check_api_keys(t for t in targets if t.api_key_secret)
+
+
 def _print_cycle(result: dict) -> None:
-    console.print(f"cycle [bold]{result['cycle_id']}[/]: ingest {result['ingest'].get('totals')}")
+    console.print(f"cycle [bold]{escape(str(result['cycle_id']))}[/]: "
+                  f"ingest {escape(str(result['ingest'].get('totals')))}")
     for name, outcome in result["routes"].items():
-        console.print(f"route [bold]{name}[/]: decision [bold]{outcome.get('decision')}[/], "
-                      f"weights {outcome.get('weights_before')} -> {outcome.get('weights_after')}")
+        console.print(f"route [bold]{escape(name)}[/]: decision [bold]{escape(str(outcome.get('decision')))}[/], "
+                      f"weights {escape(str(outcome.get('weights_before')))} -> "
+                      f"{escape(str(outcome.get('weights_after')))}")
         if outcome.get("mlflow_link"):
-            console.print(f"  MLflow run: {outcome['mlflow_link']}")
+            console.print(f"  MLflow run: {outcome['mlflow_link']}", markup=False)
         for verdict in outcome.get("verdicts", []):
-            console.print(f"  {verdict}")
+            console.print(f"  {verdict}", markup=False)
 
 
 @app.command()
@@ -93,22 +113,22 @@ def status(config: Path = ConfigOption, limit: int = typer.Option(10, min=1, max
         t = Table(title="Latest runs")
         for col in ("id", "run", "status", "samples", "decision", "judge", "started"):
             t.add_column(col)
-        for r in runs:
-            t.add_row(str(r.id), r.run_key, r.status, str(len(r.sample_ids)), r.decision or "-",
-                      r.judge_version or "-", r.started_at.strftime("%Y-%m-%d %H:%M:%S"))
+        for r in runs:  # stored text shown as stored: a '[/...]' in it is not Rich markup
+            t.add_row(*literal(r.id, r.run_key, r.status, len(r.sample_ids), r.decision or "-",
+                               r.judge_version or "-", r.started_at.strftime("%Y-%m-%d %H:%M:%S")))
         console.print(t)
         t = Table(title="Route weights")
         for col in ("route", "weights", "candidate", "phase", "step", "frozen", "revision"):
             t.add_column(col)
         for st in states:
-            t.add_row(st.route, ", ".join(f"{k}={v}" for k, v in st.weights.items()), st.candidate or "-", st.phase,
-                      str(st.step_index), "yes" if st.frozen else "no", str(st.revision))
+            t.add_row(*literal(st.route, ", ".join(f"{k}={v}" for k, v in st.weights.items()), st.candidate or "-",
+                               st.phase, st.step_index, "yes" if st.frozen else "no", st.revision))
         console.print(t)
         t = Table(title="Open alerts")
         for col in ("id", "severity", "status", "route", "metric", "slice", "message"):
             t.add_column(col)
         for a in alerts:
-            t.add_row(str(a.id), a.severity, a.status, a.route, a.metric, a.slice or "-", a.message[:80])
+            t.add_row(*literal(a.id, a.severity, a.status, a.route, a.metric, a.slice or "-", a.message[:80]))
         console.print(t)
     counts = status_row_counts(engine)
     console.print("rows: " + ", ".join(f"{k}={v}" for k, v in counts.items())
@@ -163,7 +183,9 @@ def demo(workdir: Path = typer.Option(Path("shadowjudge-demo"), help="Where the 
          cycles: int = typer.Option(3, min=1, max=10, help="Cycles to run (each steps the rollout once)")) -> None:
     """Run the whole loop on shipped demo data: replay server, quick judge, cycles, MLflow, gateway config."""
     from shadowjudge.demo import run_demo
+    from shadowjudge.environment import start_prefect_server_apart
 
+    start_prefect_server_apart()  # its cycles are flows: Ctrl-C must not take their Prefect server down first
     run_demo(workdir, cycles=cycles, console=console)
 
 
@@ -179,7 +201,8 @@ def deploy(config: Path = ConfigOption, prefect_file: Path = PrefectFileOption,
 
     for d in deploy_schedules(config, prefect_file, pool=pool, judge_data=judge_data):
         schedules = ", ".join(f"{s['schedule']}{'' if s['active'] else ' (inactive)'}" for s in d["schedules"])
-        console.print(f"[bold]{d['name']}[/] pool {d['work_pool']}: {schedules or 'on demand'}")
+        console.print(f"[bold]{escape(d['name'])}[/] pool {escape(str(d['work_pool']))}: "
+                      f"{escape(schedules or 'on demand')}")
     console.print("start a worker: prefect worker start --pool " + (pool or "shadowjudge"))
 
 
@@ -223,33 +246,38 @@ def _click_errors() -> tuple[type[Exception], ...]:
     return (*bases, vendored.ClickException)
 
 
+INTERRUPTED = 130  # 128 + SIGINT
+
+
 def main() -> None:
     """Entry point: bad input exits 2 and any failure exits non-zero with a message, never a traceback."""
     try:
         _mount_subcommands(sys.argv[1:])
         # Outside standalone mode click returns (not raises) the code of a `typer.Exit` raised by a command.
         code = app(standalone_mode=False)
-        sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
+        code = code if isinstance(code, int) and not isinstance(code, bool) else 0
+        if code == INTERRUPTED:  # typer turns Ctrl-C inside a command into a silent Exit(130)
+            err_console.print("interrupted")
+        sys.exit(code)
     except ShadowJudgeError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        print_error(str(exc))
         sys.exit(exc.exit_code)
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         sys.exit(code or 0)
     except typer.Abort:
         err_console.print("aborted")
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
     except KeyboardInterrupt:
         err_console.print("interrupted")
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
     except Exception as exc:  # the last line of defence: a message, not a traceback
         if isinstance(exc, _click_errors()):  # bad option or argument: click's usage message, exit 2
             exc.show()
             sys.exit(exc.exit_code)
         if os.environ.get("SHADOWJUDGE_DEBUG"):
             raise
-        err_console.print(f"[bold red]error:[/] {describe_failure(exc)}\n"
-                          "(set SHADOWJUDGE_DEBUG=1 for the traceback)", highlight=False)
+        print_error(f"{describe_failure(exc)}\n(set SHADOWJUDGE_DEBUG=1 for the traceback)")
         sys.exit(1)
 
 

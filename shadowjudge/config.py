@@ -1,7 +1,8 @@
 """One YAML config, validated by pydantic, with env-var overrides for secrets and URLs.
 
 Overrides use `SHADOWJUDGE__SECTION__KEY=value` (double underscores walk the tree; list items by
-index, e.g. `SHADOWJUDGE__ROUTES__0__INCUMBENT__BASE_URL`). Secrets are never written in the file:
+index, e.g. `SHADOWJUDGE__ROUTES__0__INCUMBENT__BASE_URL`; keys match the file's whatever their case). A text
+field takes the value as written, other fields read it as YAML. Secrets are never written in the file:
 targets name the env var that holds their key (`api_key_env`).
 """
 
@@ -11,8 +12,10 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -382,36 +385,118 @@ class Config(_Strict):
                 return r
         raise ConfigError(f"no route named '{name}' (known: {[r.name for r in self.routes]})")
 
+    def endpoints(self, routes: list[RouteConfig]) -> list[TargetConfig]:
+        """Every endpoint a cycle of `routes` calls: their targets, and the teacher when it judges or calibrates."""
+        targets = [target for r in routes for target in (r.incumbent, *r.candidates)]
+        teacher = self.judge.teacher
+        if teacher is not None and (self.judge.evaluator == "llm-judge" or self.judge.calibration_fraction > 0):
+            targets.append(teacher)
+        return targets
+
     def fingerprint(self) -> str:
         """Hash of the effective config: logged with every run so results trace back to it."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _apply_env_overrides(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
+def check_api_keys(targets: Iterable[TargetConfig]) -> None:
+    """Resolve each target's key now (env var or Prefect Secret block): a missing key is bad input found before ingest
+    and the paid calls, not a shadow-test failure that Prefect retries. The message names every missing key."""
+    from shadowjudge.shadow.credentials import resolve_api_key  # it imports this module
+
+    problems: list[str] = []
+    for target in targets:
+        try:
+            resolve_api_key(target)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError("; ".join(dict.fromkeys(problems)))
+
+
+_Location = tuple[str | int, ...]
+
+
+def _apply_env_overrides(data: dict[str, Any], environ: dict[str, str]) -> dict[_Location, str]:
+    """Set each SHADOWJUDGE__ variable's value in `data`, walking the schema beside it: keys match whatever their
+    case, and a value is read as YAML only where the field is not text. Returns the variable of each location set,
+    so that a validation error there names the variable, not the file."""
+    applied: dict[_Location, str] = {}
     for key, value in environ.items():
-        if not key.startswith(ENV_PREFIX):
-            continue
-        path = [p.lower() for p in key[len(ENV_PREFIX):].split("__") if p]
+        parts = [p for p in key[len(ENV_PREFIX):].split("__") if p] if key.startswith(ENV_PREFIX) else []
         node: Any = data
-        for i, part in enumerate(path):
-            last = i == len(path) - 1
+        kind: Any = Config
+        location: list[str | int] = []
+        for i, part in enumerate(parts):
+            slot: str | int
             if isinstance(node, list):
                 if not part.isdigit() or int(part) >= len(node):
                     raise ConfigError(f"env override {key}: '{part}' is not an index of that list")
-                idx = int(part)
-                if last:
-                    node[idx] = yaml.safe_load(value)
-                else:
-                    node = node[idx]
+                slot = int(part)
             elif isinstance(node, dict):
-                if last:
-                    node[part] = yaml.safe_load(value)
-                else:
-                    node = node.setdefault(part, {})
+                slot = _mapping_key(node, part, kind, key)
             else:
                 raise ConfigError(f"env override {key}: '{part}' walks into a scalar")
-    return data
+            kind = _member_type(kind, slot)
+            location.append(slot)
+            if i == len(parts) - 1:
+                node[slot] = _env_value(value, kind)
+            else:
+                node = node[slot] if isinstance(node, list) else node.setdefault(slot, {})
+        if parts:
+            applied[tuple(location)] = key
+    return applied
+
+
+def _alternatives(kind: Any) -> list[Any]:
+    """The types a value of `kind` may take: a union's members, None left out, Annotated's metadata dropped."""
+    origin = get_origin(kind)
+    if origin is Annotated:
+        return _alternatives(get_args(kind)[0])
+    if origin in (Union, UnionType):
+        return [member for arg in get_args(kind) for member in _alternatives(arg)]
+    return [] if kind is None or kind is type(None) else [kind]
+
+
+def _member_type(kind: Any, slot: str | int) -> Any:
+    """The declared type at `slot` inside a value of `kind`; None where the schema does not say."""
+    for option in _alternatives(kind):
+        if isinstance(option, type) and issubclass(option, BaseModel):
+            if slot in option.model_fields:
+                return option.model_fields[slot].annotation
+        elif get_origin(option) is dict and isinstance(slot, str):
+            return get_args(option)[1]
+        elif get_origin(option) is list and isinstance(slot, int):
+            return get_args(option)[0]
+    return None
+
+
+def _mapping_key(node: dict[Any, Any], part: str, kind: Any, variable: str) -> str:
+    """The key `part` names: an existing key whatever its case (variables are written in capitals, a price key such
+    as 'Yi-34B-Chat' is not); else a new entry of a mapping as written, or a field name in lower case."""
+    if part in node:
+        return part
+    same = [k for k in node if isinstance(k, str) and k.lower() == part.lower()]
+    if len(same) > 1:
+        raise ConfigError(f"env override {variable}: '{part}' matches several keys {same}; write one exactly")
+    if same:
+        return same[0]
+    return part if any(get_origin(t) is dict for t in _alternatives(kind)) else part.lower()
+
+
+def _env_value(raw: str, kind: Any) -> Any:
+    """The value as written where the field takes text: YAML would turn '20240501' into a number, cut 'a #b' at
+    its comment and refuse '@cf/...'. Elsewhere YAML gives numbers, booleans and lists, unless it fails or only
+    yields another string; validation then names the variable."""
+    options = _alternatives(kind)
+    if options and all(t is str or (get_origin(t) is Literal and all(isinstance(a, str) for a in get_args(t)))
+                       for t in options):
+        return raw
+    try:
+        parsed = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    return raw if isinstance(parsed, str) else parsed
 
 
 def _format_location(loc: tuple[Any, ...]) -> str:
@@ -424,14 +509,15 @@ def _format_location(loc: tuple[Any, ...]) -> str:
 def parse_config(data: Any, source: str = "<config>", environ: dict[str, str] | None = None) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
-    data = _apply_env_overrides(data, dict(os.environ if environ is None else environ))
+    overridden = _apply_env_overrides(data, dict(os.environ if environ is None else environ))
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
         lines = [f"{source}: invalid config"]
         for err in exc.errors():
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  {_format_location(err['loc'])}: {msg}")
+            variable = next((v for at, v in overridden.items() if tuple(err["loc"][:len(at)]) == at), None)
+            lines.append(f"  {_format_location(err['loc'])}: {msg}" + (f" (from env {variable})" if variable else ""))
         raise ConfigError("\n".join(lines)) from None
 
 

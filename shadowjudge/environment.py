@@ -6,6 +6,8 @@ import gc
 import logging
 import os
 import re
+import signal
+import threading
 
 DEFAULTS = {
     "HF_HUB_OFFLINE": "1",
@@ -31,7 +33,8 @@ def apply_defaults() -> None:
             logger.addFilter(UrlPathRedactor())
 
 
-_URL = re.compile(r"(https?://)(?:[^@/\s\"']*@)?([^/\s\"']+)[^\s\"']*")
+# The host ends at '/', '?' or '#': a URL with no path (https://hooks.example.com?token=...) keeps its query secret.
+_URL = re.compile(r"(https?://)(?:[^@/?#\s\"']*@)?([^/?#\s\"']+)[^\s\"']*")
 
 
 class UrlPathRedactor(logging.Filter):
@@ -44,6 +47,36 @@ class UrlPathRedactor(logging.Filter):
         if "://" in str(record.msg):
             record.msg = _URL.sub(r"\1\2/...", str(record.msg))
         return True
+
+
+def start_prefect_server_apart() -> None:
+    """Start Prefect's temporary API server (used when PREFECT_API_URL is not set) so that Ctrl-C leaves it running.
+
+    The terminal sends SIGINT to its whole foreground process group, the server included: the server died at once
+    and the interrupted flow then spent a minute retrying to record its crash, ending in 'Connection refused'. Started
+    from a thread that blocks SIGINT, the server process inherits the blocked signal (uvicorn installs handlers but
+    does not unblock it); Prefect still stops it with SIGTERM at exit, and Ctrl-C during the start interrupts the
+    waiting main thread.
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    failures: list[BaseException] = []
+
+    def start() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            SubprocessASGIServer().start()  # the instance Prefect's clients use; a no-op once it runs
+        except BaseException as exc:  # noqa: BLE001 - raised again in the calling thread
+            failures.append(exc)
+
+    starter = threading.Thread(target=start, name="prefect-server-start", daemon=True)
+    starter.start()
+    starter.join()
+    if failures:
+        raise failures[0]
 
 
 def release_memory() -> None:

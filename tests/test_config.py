@@ -107,3 +107,49 @@ def test_a_secret_put_where_an_env_var_name_belongs_is_refused_without_being_rep
     assert "routes[0].candidates[0].api_key_env" in message and "alerts.sinks[0].url_env" in message
     assert "NAME of an environment variable" in message
     assert "SECRET123" not in message and "XYZ" not in message
+
+
+def test_env_override_of_a_text_field_keeps_the_value_as_written():
+    """Values went through YAML: ' #...' was cut as a comment, a number was refused for a text field and '@...'
+    crashed the command with a ScannerError."""
+    env = {"SHADOWJUDGE__MLFLOW__EXPERIMENT_PREFIX": "team-a #prod", "SHADOWJUDGE__SAMPLING__SEED": "20240501",
+           "SHADOWJUDGE__ROUTES__0__CANDIDATES__0__MODEL": "@cf/meta/llama-3-8b",
+           "SHADOWJUDGE__SHADOW__MAX_TOKENS": "256", "SHADOWJUDGE__MLFLOW__ENABLED": "false"}
+    config = parse_config(_example(), environ=env)
+    assert config.mlflow.experiment_prefix == "team-a #prod"
+    assert config.sampling.seed == "20240501"
+    assert config.routes[0].candidates[0].model == "@cf/meta/llama-3-8b"
+    assert config.shadow.max_tokens == 256 and config.mlflow.enabled is False  # other fields still read YAML
+
+
+def test_env_override_matches_an_existing_key_whatever_its_case():
+    """'PRICING__Yi-34B-Chat__...' created a price 'yi-34b-chat' that no model uses; the real one stayed."""
+    env = {"SHADOWJUDGE__PRICING__YI-34B-CHAT__INPUT_PER_MTOK": "9",
+           "SHADOWJUDGE__PRICING__New-Model__INPUT_PER_MTOK": "1",
+           "SHADOWJUDGE__PRICING__New-Model__OUTPUT_PER_MTOK": "2"}
+    pricing = parse_config(_example(), environ=env).pricing
+    assert pricing["Yi-34B-Chat"].input_per_mtok == 9 and "yi-34b-chat" not in pricing
+    assert pricing["New-Model"].output_per_mtok == 2  # a new entry keeps the case it was written in
+
+
+def test_an_invalid_env_override_is_blamed_on_the_variable():
+    env = {"SHADOWJUDGE__SAMPLING__RATE": "@lots"}
+    with pytest.raises(ConfigError) as exc:
+        parse_config(_example(), "shadowjudge.yaml", environ=env)
+    assert "sampling.rate" in str(exc.value) and "(from env SHADOWJUDGE__SAMPLING__RATE)" in str(exc.value)
+
+
+def test_cycle_endpoints_and_their_keys(monkeypatch):
+    """`run` and the flow check every key before ingest: a missing one used to fail the shadow test, retried twice."""
+    from shadowjudge.config import check_api_keys
+
+    config = parse_config(_example(), environ={})
+    endpoints = config.endpoints(config.routes)
+    assert [t.name for t in endpoints] == ["claude-instant", "yi-34b", "llama-2-7b", "gpt-4-teacher"]
+    monkeypatch.setenv("INCUMBENT_API_KEY", "k")
+    monkeypatch.delenv("CANDIDATE_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="CANDIDATE_API_KEY is not set") as exc:
+        check_api_keys(endpoints[:3] * 2)  # a target of two routes is named once
+    assert "INCUMBENT_API_KEY" not in str(exc.value) and str(exc.value).count("yi-34b") == 1
+    no_teacher = parse_config(_example(), environ={"SHADOWJUDGE__JUDGE__CALIBRATION_FRACTION": "0"})
+    assert "gpt-4-teacher" not in [t.name for t in no_teacher.endpoints(no_teacher.routes)]

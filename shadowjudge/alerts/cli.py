@@ -11,9 +11,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from shadowjudge.config import Config, load_config
 from shadowjudge.errors import ShadowJudgeError
+from shadowjudge.subcommands import MAX_DATABASE_ID, ConfigOption, fail, literal
 
 alerts_cli = typer.Typer(help="List, inspect, acknowledge and resolve alerts.", no_args_is_help=True,
                          pretty_exceptions_enable=False, add_completion=False)
@@ -27,9 +29,8 @@ def _out() -> Console:
 def _err() -> Console:
     return Console(stderr=True)
 
-ConfigOption = typer.Option(Path("configs/shadowjudge.yaml"), "--config", "-c", help="Config YAML",
-                            envvar="SHADOWJUDGE_CONFIG")
-AlertIdArgument = typer.Argument(..., min=1, max=2 ** 63 - 1, help="Alert id")  # beyond: not a database id
+
+AlertIdArgument = typer.Argument(..., min=1, max=MAX_DATABASE_ID, help="Alert id")
 
 
 def _engine(config_path: Path):
@@ -37,11 +38,6 @@ def _engine(config_path: Path):
 
     config: Config = load_config(config_path)
     return config, initialised_engine(config.store.url)
-
-
-def _fail(exc: ShadowJudgeError) -> None:
-    _err().print(f"[bold red]error:[/] {exc}", highlight=False)
-    raise typer.Exit(getattr(exc, "exit_code", 1))
 
 
 def _fmt(value: float | None) -> str:
@@ -63,14 +59,14 @@ def list_command(config: Path = ConfigOption,
         _, engine = _engine(config)
         alerts = list_alerts(engine, status, route, limit)
     except ShadowJudgeError as exc:
-        _fail(exc)
+        fail(exc)
     table = Table(title=f"Alerts ({status})")
     for col in ("id", "severity", "status", "kind", "route", "target", "metric", "slice", "effect", "seen", "updated"):
         table.add_column(col)
-    for a in alerts:
-        table.add_row(str(a.id), f"[{_SEVERITY_STYLE.get(a.severity, '')}]{a.severity}[/]", a.status, a.kind, a.route,
-                      a.target or "-", a.metric, a.slice or "-", _fmt(a.effect_size), str(a.occurrences),
-                      a.updated_at.strftime("%Y-%m-%d %H:%M"))
+    for a in alerts:  # stored text shown as stored: a slice label like 'labels=[/internal]' is not Rich markup
+        table.add_row(*literal(a.id), Text(a.severity, style=_SEVERITY_STYLE.get(a.severity, "")),
+                      *literal(a.status, a.kind, a.route, a.target or "-", a.metric, a.slice or "-",
+                               _fmt(a.effect_size), a.occurrences, a.updated_at.strftime("%Y-%m-%d %H:%M")))
     _out().print(table)
 
 
@@ -84,7 +80,7 @@ def show_command(alert_id: int = AlertIdArgument, config: Path = ConfigOption,
         _, engine = _engine(config)
         alert = get_alert(engine, alert_id)
     except ShadowJudgeError as exc:
-        _fail(exc)
+        fail(exc)
     data = alert_to_dict(alert)
     if as_json:
         typer.echo(json.dumps(data, indent=2, default=str))
@@ -92,10 +88,10 @@ def show_command(alert_id: int = AlertIdArgument, config: Path = ConfigOption,
     bundle = data["bundle"] or {}
     interval = f" [{_fmt(data['ci_low'])}, {_fmt(data['ci_high'])}]" if data["ci_low"] is not None else ""
     lines = [
-        f"[bold]{data['severity'].upper()}[/] {data['kind']} \u00b7 {data['status']} \u00b7 "
+        f"[bold]{escape(data['severity'].upper())}[/] {escape(data['kind'])} \u00b7 {escape(data['status'])} \u00b7 "
         f"seen {data['occurrences']}x",
-        f"route {data['route']} \u00b7 target {data['target'] or '-'} \u00b7 metric {data['metric']} \u00b7 "
-        f"slice {data['slice'] or 'all traffic'}",
+        f"route {escape(data['route'])} \u00b7 target {escape(data['target'] or '-')} \u00b7 "
+        f"metric {escape(data['metric'])} \u00b7 slice {escape(data['slice'] or 'all traffic')}",
         f"effect {_fmt(data['effect_size'])}{interval}",
         "", escape(data["message"]), "", f"action: {escape(data['action'] or '-')}",
         f"MLflow run: {escape(bundle.get('run_link') or '-')}", f"reproduce: {escape(bundle.get('reproduce') or '-')}",
@@ -115,8 +111,8 @@ def show_command(alert_id: int = AlertIdArgument, config: Path = ConfigOption,
         for col in ("sink", "event", "status", "attempts", "error", "at"):
             table.add_column(col)
         for sink, st in data["delivered"].items():
-            table.add_row(sink, st.get("event", "-"), st.get("status", "-"), str(st.get("attempts", "-")),
-                          st.get("error") or "-", st.get("at") or "-")
+            table.add_row(*literal(sink, st.get("event", "-"), st.get("status", "-"), st.get("attempts", "-"),
+                                   st.get("error") or "-", st.get("at") or "-"))
         _out().print(table)
 
 
@@ -130,7 +126,7 @@ def ack_command(alert_id: int = AlertIdArgument, config: Path = ConfigOption,
         _, engine = _engine(config)
         alert = acknowledge_alert(engine, alert_id, note)
     except ShadowJudgeError as exc:
-        _fail(exc)
+        fail(exc)
     _out().print(f"alert {alert.id} acknowledged")
 
 
@@ -145,9 +141,10 @@ def resolve_command(alert_id: int = AlertIdArgument, config: Path = ConfigOption
         cfg, engine = _engine(config)
         alert = resolve_alert(engine, alert_id, build_sinks(cfg.alerts), note)
     except ShadowJudgeError as exc:
-        _fail(exc)
+        fail(exc)
     failed = [name for name, st in (alert.delivered or {}).items()
               if st.get("event") == "resolve" and st.get("status") == "failed"]
     _out().print(f"alert {alert.id} resolved")
     if failed:
-        _err().print(f"[yellow]resolve not delivered to {', '.join(failed)}; it is retried on the next cycle[/]")
+        _err().print(f"[yellow]resolve not delivered to {escape(', '.join(failed))}; it is retried on the next "
+                     "cycle[/]")
