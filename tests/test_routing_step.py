@@ -449,3 +449,28 @@ def test_routes_sharing_one_gateway_file_never_push_at_the_same_time(store_url, 
     assert again.status == "applied"
     rules = {r["id"]: r for r in yaml.safe_load(Path(route.gateway.path).read_text())["rules"]}
     assert set(rules) == {"chat", "chat-eu"}  # neither route's push overwrote the other's rule
+
+
+def test_stored_reasons_and_errors_are_shown_verbatim_and_bad_ids_are_refused(store_url, tmp_path):
+    """Reasons and errors quote slice names and gateway text ('[/INST]'); read as Rich markup they crashed
+    `routes history` and `show` with a traceback. A run id past BIGINT overflowed the driver (exit 1)."""
+    from sqlalchemy import update
+
+    from shadowjudge.store import RouteState, RouteWeightChange
+
+    cfg_path = write_config(tmp_path, store_url)
+    route = load_config(cfg_path).route("chat")
+    engine = get_engine(store_url)
+    step_route(engine, route, [CandidateVerdict("better", "pass", score=0.7, n=150)],
+               gateway=get_gateway(route.gateway, route), now=T0, run_id=None)
+    with session_scope(engine) as s:
+        s.execute(update(RouteWeightChange).values(reason="slice prompt=[/INST] regressed", error="bad [/x] tag"))
+        row = s.get(RouteState, "chat")
+        row.last_outcome = {**(row.last_outcome or {}), "reason": "last [/INST] reason"}
+    history = runner.invoke(routes_cli, ["history", "chat", "--config", str(cfg_path)])
+    assert history.exit_code == 0, history.output
+    assert "[/INST]" in history.output and "[/x]" in history.output
+    shown = runner.invoke(routes_cli, ["show", "chat", "--config", str(cfg_path)])
+    assert shown.exit_code == 0 and "last [/INST] reason" in shown.output, shown.output
+    huge = runner.invoke(routes_cli, ["step", "chat", "-c", str(cfg_path), "--run-id", str(2 ** 63)])
+    assert huge.exit_code == 2 and "Traceback" not in huge.output

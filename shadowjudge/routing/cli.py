@@ -15,19 +15,19 @@ from typing import Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from shadowjudge.config import Config, RouteConfig, load_config
 from shadowjudge.errors import InputError, ShadowJudgeError
 from shadowjudge.routing.weights import format_weights
+from shadowjudge.subcommands import MAX_DATABASE_ID, ConfigOption, fail, literal
 
 routes_cli = typer.Typer(help="Route weights: history, state, manual gate, freeze and rollback.",
                          no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 console = Console(width=160)
-err_console = Console(stderr=True)
 
-ConfigOption = typer.Option(Path("configs/shadowjudge.yaml"), "--config", "-c", help="Config YAML",
-                            envvar="SHADOWJUDGE_CONFIG")
 JsonOption = typer.Option(False, "--json", help="Print JSON instead of a table")
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -39,8 +39,7 @@ def _clean_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except ShadowJudgeError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-            raise typer.Exit(exc.exit_code) from None
+            fail(exc)
     return wrapper  # type: ignore[return-value]
 
 
@@ -56,11 +55,11 @@ def _print_outcome(outcome: Any, as_json: bool) -> None:
     if as_json:
         console.print_json(json.dumps(outcome.to_dict(), default=str))
         return
-    console.print(f"route [bold]{outcome.route}[/]: [bold]{outcome.decision}[/] ({outcome.status}); "
-                  f"{outcome.diff}", highlight=False)
-    console.print(f"  {outcome.reason}", highlight=False)
+    console.print(f"route [bold]{escape(outcome.route)}[/]: [bold]{escape(str(outcome.decision))}[/] "
+                  f"({escape(str(outcome.status))}); {escape(str(outcome.diff))}", highlight=False)
+    console.print(f"  {outcome.reason}", markup=False, highlight=False)  # reasons quote stored and gateway text
     if outcome.error:
-        console.print(f"  [red]{outcome.error}[/]", highlight=False)
+        console.print(f"  [red]{escape(str(outcome.error))}[/]", highlight=False)
     if outcome.config_diff:
         console.print(outcome.config_diff, markup=False, highlight=False)
 
@@ -84,19 +83,22 @@ def show(route: Optional[str] = typer.Argument(None, help="Route name (default: 
                 "revision"):
         table.add_column(col)
     for st in states:
-        serving = st["serving"] + (" [yellow](config stale)[/]" if st["config_stale"] else "")
+        serving = Text(st["serving"])
+        if st["config_stale"]:
+            serving.append(" (config stale)", style="yellow")
         gate = ("approved " + str(st["approved_step"]) if st["approved_step"] is not None else "waiting") \
             if st["manual_gate"] else "-"
-        table.add_row(st["route"], st["policy"], format_weights(st["weights"]), serving,
-                      st["candidate"] or "-", st["phase"], str(st["step_index"]), str(st["samples_in_step"]),
-                      "yes" if st["frozen"] else "no", gate, str(st["revision"]))
+        table.add_row(*literal(st["route"], st["policy"], format_weights(st["weights"])), serving,
+                      *literal(st["candidate"] or "-", st["phase"], st["step_index"], st["samples_in_step"],
+                               "yes" if st["frozen"] else "no", gate, st["revision"]))
     console.print(table)
     for st in states:
         if st["failed"]:
             console.print(f"{st['route']}: failed candidates: " +
-                          "; ".join(f"{n} ({m.get('reason', '')})" for n, m in st["failed"].items()), highlight=False)
+                          "; ".join(f"{n} ({m.get('reason', '')})" for n, m in st["failed"].items()),
+                          markup=False, highlight=False)
         if st["last_reason"]:
-            console.print(f"{st['route']}: last: {st['last_reason']}", highlight=False)
+            console.print(f"{st['route']}: last: {st['last_reason']}", markup=False, highlight=False)
 
 
 @routes_cli.command()
@@ -115,9 +117,11 @@ def history(route: str = typer.Argument(..., help="Route name"), config: Path = 
     for col in ("rev", "at", "decision", "status", "before", "after", "reason", "analysis"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        reason = r["reason"] + (f" [red]{r['error']}[/]" if r["error"] else "")
-        table.add_row(str(r["revision"]), r["at"][:19], r["decision"], r["status"],
-                      format_weights(r["before"]), format_weights(r["after"]), reason, r["analysis_link"] or "-")
+        reason = Text(r["reason"])
+        if r["error"]:
+            reason.append(f" {r['error']}", style="red")
+        table.add_row(*literal(r["revision"], r["at"][:19], r["decision"], r["status"], format_weights(r["before"]),
+                               format_weights(r["after"])), reason, *literal(r["analysis_link"] or "-"))
     console.print(table)
 
 
@@ -128,7 +132,7 @@ def step(route: str = typer.Argument(..., help="Route name"),
                                        "({target, verdict, score, quality, cost_per_outcome, n, critical_alert, ...})"),
          config: Path = ConfigOption,
          dry_run: bool = typer.Option(False, "--dry-run", help="Decide and render, print the diff, write nothing"),
-         run_id: Optional[int] = typer.Option(None, help="Shadow run the verdicts come from (idempotency key)"),
+         run_id: Optional[int] = typer.Option(None, min=1, max=MAX_DATABASE_ID, help="Shadow run the verdicts come from (idempotency key)"),
          analysis_link: Optional[str] = typer.Option(None, help="Link recorded with the change"),
          as_json: bool = JsonOption) -> None:
     """Step the controller once with verdicts from a file (the cycle flow does this with its own analysis)."""
