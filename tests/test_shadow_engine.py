@@ -367,3 +367,14 @@ def test_rpm_and_tpm_buckets_are_charged_per_attempt_and_refunded(engine, monkey
     assert charged == [(10_000, 1), (100_000, reserve), (10_000, 1), (100_000, reserve)]  # both attempts
     assert refunded == [reserve, reserve - 40]  # the failed attempt in full, then what the answer did not use
     assert endpoint.bodies[0]["max_tokens"] == FAST["max_tokens"]
+
+
+def test_a_shadow_run_that_cannot_start_is_bad_input_not_a_transient_fault():
+    """A key that is not set (or a target list that cannot run) failed the same way on each of the stage's retries,
+    10 s apart: the flows retry everything but InputError."""
+    from flows.stages import transient_fault
+    from shadowjudge.errors import InputError
+
+    error = ShadowError("target 'cand': env var NO_SUCH_KEY is not set")
+    assert isinstance(error, InputError) and error.exit_code == 2
+    assert not transient_fault(None, None, type("State", (), {"data": error})())

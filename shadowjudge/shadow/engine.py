@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import Engine, delete, or_, select
 
 from shadowjudge.config import ConfigError, Price, ShadowConfig, TargetConfig
-from shadowjudge.errors import ShadowJudgeError
+from shadowjudge.errors import InputError
 from shadowjudge.shadow.credentials import resolve_api_key, scrub_secrets
 from shadowjudge.shadow.endpoint import AttemptError, ChatEndpoint, Completion, OpenAIEndpoint
 from shadowjudge.shadow.eventloop import run_sync
@@ -49,8 +49,9 @@ FORWARDED_PARAMS = ("temperature", "top_p", "stop", "presence_penalty", "frequen
 EndpointFactory = Callable[[TargetConfig, str, ShadowConfig], ChatEndpoint]
 
 
-class ShadowError(ShadowJudgeError):
-    """A shadow run that cannot start or cannot store its results."""
+class ShadowError(InputError):
+    """A shadow run that cannot start as asked (targets, samples, pricing, a key that is not set): bad input, which
+    a retry meets again (storage failures are ResultStoreError)."""
 
 
 @dataclass
