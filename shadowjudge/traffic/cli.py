@@ -13,14 +13,13 @@ from rich.table import Table
 
 from shadowjudge.config import Config, load_config
 from shadowjudge.errors import InputError, ShadowJudgeError
+from shadowjudge.subcommands import ConfigOption, literal
 from shadowjudge.traffic.records import SUPPORTED_YEARS
 
 traffic_cli = typer.Typer(help="Ingest production traffic from the configured sources.", no_args_is_help=True,
                           pretty_exceptions_enable=False, add_completion=False)
 console = Console()
 
-ConfigOption = typer.Option(Path("configs/shadowjudge.yaml"), "--config", "-c", help="Config YAML",
-                            envvar="SHADOWJUDGE_CONFIG")
 SourceOption = typer.Option(None, "--source", "-s", help="Only this source (repeatable)")
 
 
@@ -78,7 +77,7 @@ def ingest(config: Path = ConfigOption,
         for s in report.sources + [None]:
             row = report.totals if s is None else s.to_dict()
             name = "total" if s is None else s.source
-            table.add_row(name, *(f"{row[k]:,}" for k in ("read", "stored", "duplicates", "quarantined", "filtered")),
+            table.add_row(*literal(name), *(f"{row[k]:,}" for k in ("read", "stored", "duplicates", "quarantined", "filtered")),
                           ", ".join(f"{k} {v}" for k, v in sorted(row["redactions"].items())) or "-")
         console.print(table)
         for s in report.sources:
@@ -115,5 +114,6 @@ def list_quarantine(config: Path = ConfigOption, source: Optional[list[str]] = S
     for column in ("when", "source", "position", "reason"):
         table.add_column(column)
     for r in rows:
-        table.add_row(r.created_at.strftime("%Y-%m-%d %H:%M:%S"), r.source, r.position, r.reason)
+        # positions are file names and table keys, shown as stored (a '[/x]' in one is not Rich markup)
+        table.add_row(*literal(r.created_at.strftime("%Y-%m-%d %H:%M:%S"), r.source, r.position, r.reason))
     console.print(table)
