@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -144,11 +144,16 @@ class LlmJudge:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_target(cls, target: "TargetConfig", *, timeout_s: float = 60.0, max_retries: int = 3) -> "LlmJudge":
+    def from_target(cls, target: "TargetConfig", *, timeout_s: float = 60.0, max_retries: int = 3,
+                    load_secret: Callable[[str], str] | None = None) -> "LlmJudge":
+        """A judge for the endpoint `target` names, with its key as the shadow engine resolves it (a Prefect Secret
+        block when the target names one, else its env var); `load_secret` stands in for Prefect in tests."""
         from openai import OpenAI
 
-        client = OpenAI(base_url=target.base_url, api_key=target.api_key(), timeout=timeout_s,
-                        max_retries=max_retries)
+        from shadowjudge.shadow.credentials import load_prefect_secret, resolve_api_key
+
+        api_key = resolve_api_key(target, load_secret or load_prefect_secret)
+        client = OpenAI(base_url=target.base_url, api_key=api_key, timeout=timeout_s, max_retries=max_retries)
         return cls(client, target.model, concurrency=target.concurrency, name=target.name)
 
     # -- one call ------------------------------------------------------------------------------------------------

@@ -182,3 +182,16 @@ def test_the_version_changes_with_the_model_behind_a_teacher_name():
     assert version("gpt-4-turbo") == version("gpt-4-turbo")
     assert version("gpt-4-turbo").startswith("llm-judge:teacher:")
     assert len({version("gpt-4-turbo"), version("gpt-4o"), version("gpt-4-turbo", 0.7)}) == 3
+
+
+def test_a_teacher_takes_its_key_from_its_prefect_secret_block(monkeypatch):
+    """The teacher read only api_key_env: one whose key sits in a Prefect Secret block (as a target's may) was
+    called with the keyless placeholder and every verdict failed authentication."""
+    from evaluators.llm_judge import LlmJudge
+    from shadowjudge.config import TargetConfig
+
+    monkeypatch.delenv("TEACHER_KEY", raising=False)
+    target = TargetConfig(name="teacher", model="gpt-4-turbo", base_url="http://127.0.0.1:9/v1",
+                          api_key_secret="teacher-key")
+    judge = LlmJudge.from_target(target, load_secret={"teacher-key": "from-block"}.__getitem__)
+    assert judge.client.api_key == "from-block"
