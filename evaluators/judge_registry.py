@@ -31,6 +31,11 @@ class JudgeRegistryError(ShadowJudgeError):
     """No such registered judge, or the registry cannot be reached; the message says what to do."""
 
 
+class JudgeNotFound(JudgeRegistryError, InputError):
+    """The registry answered, and holds no judge by that name, alias or version: bad input (exit 2, never retried),
+    where a registry that cannot be reached may be a passing fault."""
+
+
 def check_registered_name(name: str) -> None:
     """Refuse, before any training, a name the registry rejects ('/', ':') or that `models:/name@alias` cannot
     address afterwards ('@')."""
@@ -158,13 +163,13 @@ def find_alias(tracking_uri: str, name: str, alias: str = CHAMPION) -> Registere
 def resolve(tracking_uri: str, model_uri: str) -> RegisteredJudge:
     """`models:/name@alias` or `models:/name/version` to a concrete version, with a clear error when missing."""
     if not model_uri.startswith("models:/"):
-        raise JudgeRegistryError(f"'{model_uri}' is not a models:/ URI")
+        raise JudgeNotFound(f"'{model_uri}' is not a models:/ URI")
     ref = model_uri[len("models:/"):]
     if "@" in ref:
         name, alias = ref.split("@", 1)
         found = find_alias(tracking_uri, name, alias)
         if found is None:
-            raise JudgeRegistryError(
+            raise JudgeNotFound(
                 f"no judge registered as '{name}' with alias '{alias}' in the MLflow registry at "
                 f"{_shown(tracking_uri)}; train one with `{TRAIN_COMMAND}` (or set judge.model_uri)"
             )
@@ -173,7 +178,7 @@ def resolve(tracking_uri: str, model_uri: str) -> RegisteredJudge:
     try:
         mv = client(tracking_uri).get_model_version(name, version)
     except MlflowException as exc:
-        raise JudgeRegistryError(
+        raise JudgeNotFound(
             f"no version '{version}' of judge '{name}' in the MLflow registry at {_shown(tracking_uri)}: train "
             f"one with `{TRAIN_COMMAND}`"
         ) from exc

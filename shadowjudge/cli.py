@@ -20,7 +20,7 @@ from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from shadowjudge.config import Config, RouteConfig, load_config  # noqa: E402
-from shadowjudge.errors import InputError, ShadowJudgeError  # noqa: E402
+from shadowjudge.errors import ShadowJudgeError  # noqa: E402
 from shadowjudge.subcommands import ConfigOption, literal, print_error  # noqa: E402
 
 app = typer.Typer(help="ShadowJudge: continuous evaluation of LLM traffic.", no_args_is_help=True,
@@ -68,7 +68,6 @@ def _check_cycle_inputs(cfg: Config, routes: list[RouteConfig]) -> None:
     retried shadow test (a missing key), found in seconds with a one-line message, cheapest first. It also starts
     Prefect's server apart from Ctrl-C; keys held in Prefect Secret blocks need it, so they are checked last."""
     from evaluators.factory import check_evaluator
-    from evaluators.judge_registry import JudgeRegistryError
     from shadowjudge.config import check_api_keys
     from shadowjudge.environment import start_prefect_server_apart
     from shadowjudge.tracking.reachability import check_config_tracking
@@ -76,10 +75,7 @@ def _check_cycle_inputs(cfg: Config, routes: list[RouteConfig]) -> None:
     targets = cfg.endpoints(routes)
     check_api_keys(t for t in targets if not t.api_key_secret)
     check_config_tracking(cfg)
-    try:
-        check_evaluator(cfg.judge, cfg.mlflow.tracking_uri)
-    except JudgeRegistryError as exc:  # the registry answered check_config_tracking: the judge named is not there
-        raise InputError(str(exc)) from None
+    check_evaluator(cfg.judge, cfg.mlflow.tracking_uri)  # no such judge: JudgeNotFound, bad input (exit 2)
     start_prefect_server_apart()
     check_api_keys(t for t in targets if t.api_key_secret)
 

@@ -433,3 +433,18 @@ def test_experiments_can_leave_out_the_models_training_holds_out(tiny_data, tmp_
     everything, training_only = (json.loads(line) for line in capsys.readouterr().out.splitlines())
     assert everything["n_models"] == len(data.judged_models()) == 11
     assert training_only["n_models"] == 11 - len(heldout) and training_only["excluded_heldout_of_seed"] == 0
+
+
+def test_a_judge_the_registry_does_not_hold_is_bad_input(tmp_path):
+    """The registry answered and holds no such judge: the stage that loads it must not be retried as a passing
+    fault, and the CLI exits 2 (it mapped the error by hand, and only in `run`)."""
+    from evaluators.judge_registry import JudgeNotFound, resolve
+    from flows.stages import transient_fault
+    from shadowjudge.errors import InputError
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    for ref in ("models:/never-trained@champion", "models:/never-trained/3", "runs:/abc/judge"):
+        with pytest.raises(JudgeNotFound) as caught:
+            resolve(uri, ref)
+        assert isinstance(caught.value, InputError) and caught.value.exit_code == 2
+        assert not transient_fault(None, None, type("State", (), {"data": caught.value})())
