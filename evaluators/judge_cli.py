@@ -137,10 +137,9 @@ def evaluate(
     progress: bool = typer.Option(True),
 ) -> None:
     """Measure a judge against the labels and leaderboard in a directory; prints one JSON object."""
-    from evaluators.factory import EvaluatorConfigError, load_small_judge
-    from evaluators.judge_registry import JudgeRegistryError
+    from evaluators.factory import load_small_judge
     from evaluators.judge_training import evaluate_judge
-    from evaluators.preference_data import PreferenceDataError
+    from shadowjudge.errors import ShadowJudgeError
 
     uri = tracking_uri_default(tracking_uri)
     try:
@@ -148,7 +147,7 @@ def evaluate(
         with progress_bar(progress) as update:
             report = evaluate_judge(judge, data, prompts=prompts, seed=seed, include_seen=include_seen,
                                     progress=update)
-    except (PreferenceDataError, JudgeRegistryError, EvaluatorConfigError) as exc:
+    except ShadowJudgeError as exc:  # a judge that will not load (JudgeLoadError) printed a traceback
         fail(exc)
     typer.echo(json.dumps(strict_json({"judge": judge.version, **report}), indent=2, sort_keys=True))
 

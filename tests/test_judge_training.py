@@ -448,3 +448,21 @@ def test_a_judge_the_registry_does_not_hold_is_bad_input(tmp_path):
             resolve(uri, ref)
         assert isinstance(caught.value, InputError) and caught.value.exit_code == 2
         assert not transient_fault(None, None, type("State", (), {"data": caught.value})())
+
+
+def test_evaluate_reports_a_judge_that_will_not_load_in_one_line(tiny_data, tmp_path):
+    """A judge directory of another format (JudgeLoadError) escaped `judge evaluate` as a traceback."""
+    from typer.testing import CliRunner
+
+    from evaluators.judge_cli import judge_cli
+
+    broken = tmp_path / "judge"
+    broken.mkdir()
+    (broken / "judge.json").write_text(json.dumps({"format_version": 99}))
+    import numpy as np
+
+    np.savez(broken / "head.npz", w=np.zeros(1))
+    done = CliRunner().invoke(judge_cli, ["evaluate", "--data", str(tiny_data), "--model-uri", str(broken),
+                                          "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--no-progress"])
+    assert done.exit_code == 1 and isinstance(done.exception, SystemExit), done.output
+    assert "judge format 99" in done.output and "Traceback" not in done.output
