@@ -68,9 +68,11 @@ def main(argv: list[str] | None = None) -> int:
                                     include_seen=args.include_seen, progress=update)
         if isinstance(judge.embedder, EmbeddingCache):
             judge.embedder.save()
-    except ShadowJudgeError as exc:
+    except ShadowJudgeError as exc:  # bad data, an unloadable judge, a missing encoder: one line, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    for warning in report["warnings"]:  # why figures below are null, where a reader of the JSON may not look
+        print(f"warning: {warning}", file=sys.stderr)
     system = report.get("system", {})
     lc = report.get("system_length_controlled", {})
     balanced = report["instance"]["balanced_agreement"]

@@ -71,10 +71,22 @@ def rate(judge, prompts, inc, cand, batch: int, warm_incumbent: bool) -> dict[st
     return {"pairs": len(prompts), "seconds": round(elapsed, 2), "judgments_per_s": round(len(prompts) / elapsed, 2)}
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a count of pairs or a batch size, where 0 would leave nothing to time (or divide by it)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--pairs", type=int, default=256, help="pairs per fast path (the full-512 path runs a quarter)")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--pairs", type=positive_int, default=256,
+                        help="pairs per fast path (the full-512 path runs a quarter)")
+    parser.add_argument("--batch", type=positive_int, default=32)
     parser.add_argument("--model-uri", default=None)
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--registered-name", default="shadowjudge-judge")

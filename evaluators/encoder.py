@@ -10,7 +10,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 import time
+import warnings
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -123,8 +126,6 @@ class PooledEncoder(torch.nn.Module):
 def onnx_encoder_path(settings: EncoderSettings, backend: Backend, model_dir: Path | None = None) -> Path:
     """Export (once, cached by encoder fingerprint) the pooled encoder to ONNX; int8 uses dynamic quantisation
     with per-channel weights and reduced range, which keeps AVX2 machines (no VNNI) from saturating."""
-    import warnings
-
     root = cache_root() / "onnx"
     fp32 = root / f"minilm-{settings.fingerprint()}.onnx"
     target = fp32 if backend == "onnx" else root / f"minilm-{settings.fingerprint()}.int8.onnx"
@@ -307,9 +308,7 @@ class EmbeddingCache:
         self.chunk = 1024  # texts encoded between checkpoints (length-sorted within a chunk)
         self.checkpoint_s = 120.0
         if self.path.exists():
-            with np.load(self.path) as data:
-                for key, row in zip(data["keys"], data["vectors"]):
-                    self._rows[str(key)] = row
+            self._rows = _read_cache_file(self.path)
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -347,8 +346,25 @@ class EmbeddingCache:
         if not self._dirty:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.stem + ".tmp.npz")
+        # A name of its own per writer: two processes on one cache directory (training beside a bench) would
+        # otherwise write one temporary file together and move each other's half-written file into place.
+        tmp = self.path.with_name(f"{self.path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp.npz")
         keys = np.array(list(self._rows), dtype="U40")
         np.savez(tmp, keys=keys, vectors=np.stack(list(self._rows.values())))
         os.replace(tmp, self.path)
         self._dirty = False
+
+
+def _read_cache_file(path: Path) -> dict[str, np.ndarray]:
+    """The rows of an embedding cache file; none, with a warning, when it is unreadable (cut short by a full disk or
+    a killed process): a cache can always be rebuilt, and the next save replaces the file."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            keys, vectors = data["keys"], data["vectors"]
+        if len(keys) != len(vectors) or vectors.ndim != 2 or vectors.shape[1] != EMBEDDING_DIM:
+            raise ValueError(f"{len(keys)} keys for vectors of shape {vectors.shape}")
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        warnings.warn(f"{path}: unreadable embedding cache ({exc}); ignoring it, its embeddings will be computed "
+                      "again and the file rewritten", RuntimeWarning, stacklevel=3)
+        return {}
+    return {str(key): row for key, row in zip(keys, vectors)}

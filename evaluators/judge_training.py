@@ -25,6 +25,7 @@ from evaluators.judge_metrics import ReferenceComparisons, longest_wins, pair_me
 from evaluators.preference_data import (
     REFERENCE_MODEL,
     LabelledPair,
+    LeaderboardRow,
     ModelSplit,
     PreferenceData,
     PreferenceDataError,
@@ -49,14 +50,26 @@ DEFAULT_EXPERIMENT = "shadowjudge-judge-training"
 SELECTION_METRIC = "agreement"  # the fallback when a set has no leaderboard rows to rank models by
 
 
-def selection_score(metrics: dict[str, float]) -> float:
+def selection_key(metrics: dict[str, float]) -> tuple[bool, float]:
     """What head selection and the champion contest maximise: how well the judge ranks unseen models, the mean of
     its Spearman correlations with the leaderboard's win_rate and lc_win_rate. The product decides between models,
     so ranking them is the job; pair agreement alone rewards leaning on length (the teacher's bias), which ranks
-    long, weak models high. Without leaderboard rows: pair agreement."""
+    long, weak models high.
+
+    (ranks, score): a judge whose Spearman is undefined (no leaderboard rows, or every win rate tied, as a collapsed
+    judge's 0.5 for every pair) is scored by pair agreement, which is on another scale, so it loses to any judge
+    that ranks; two judges that cannot rank are compared on agreement."""
     rhos = [metrics.get(k, float("nan")) for k in ("spearman_win_rate", "spearman_lc_win_rate")]
     rhos = [r for r in rhos if np.isfinite(r)]
-    return float(np.mean(rhos)) if rhos else float(metrics.get(SELECTION_METRIC, float("-inf")))
+    if rhos:
+        return True, float(np.mean(rhos))
+    return False, float(metrics.get(SELECTION_METRIC, float("-inf")))
+
+
+def selection_score(metrics: dict[str, float]) -> float:
+    """The number `selection_key` compares (logged with every candidate beside `selection_ranks`): the mean
+    Spearman, or pair agreement."""
+    return selection_key(metrics)[1]
 
 
 @dataclass(frozen=True)
@@ -356,12 +369,16 @@ def quality_report(judge: SmallJudge, data: PreferenceData, pairs: Sequence[Labe
             m: {"judge": round(judged[m], 2), "longest": round(baseline[m], 2),
                 "judge_length_controlled": round(judged_lc[m], 2),
                 "teacher_length_controlled": round(teacher_lc[m], 2) if m in teacher_lc else None,
-                "leaderboard_win_rate": round(data.leaderboard[m].win_rate, 2),
-                "leaderboard_lc_win_rate": None if data.leaderboard[m].lc_win_rate is None
-                else round(data.leaderboard[m].lc_win_rate, 2)}
+                **_leaderboard_figures(data.leaderboard.get(m))}
             for m in sorted(judged, key=lambda k: -judged[k])
         }
     return report
+
+
+def _leaderboard_figures(row: LeaderboardRow | None) -> dict[str, float | None]:
+    """A model's published win rates beside the judge's; null for a model the leaderboard does not list."""
+    return {"leaderboard_win_rate": None if row is None else round(row.win_rate, 2),
+            "leaderboard_lc_win_rate": None if row is None or row.lc_win_rate is None else round(row.lc_win_rate, 2)}
 
 
 def measure(judge: SmallJudge, data: PreferenceData, pairs: Sequence[LabelledPair], models: Sequence[str],
@@ -384,8 +401,9 @@ def measure(judge: SmallJudge, data: PreferenceData, pairs: Sequence[LabelledPai
 def system_win_rates(judge: SmallJudge, data: PreferenceData, models: Sequence[str], *,
                      reference: str = REFERENCE_MODEL, chunk: int = 512, progress: Progress | None = None
                      ) -> ReferenceComparisons | None:
-    """Each model judged against the reference on all shared prompts."""
-    models = [m for m in models if m != reference and m in data.leaderboard]
+    """Each model judged against the reference on all shared prompts, whether or not the leaderboard lists it (its
+    win rate is a figure of its own; only the Spearman needs a leaderboard row)."""
+    models = [m for m in models if m != reference]
     triples = [(pid, reference, m) for m in models for pid in sorted(data.prompts)
                if (pid, reference) in data.outputs and (pid, m) in data.outputs]
     if not triples:
@@ -518,13 +536,14 @@ def train_judge(data_dir: str | Path | Sequence[str | Path], tracking_uri: str, 
                 champion_embedder = (embedder if champion_spec.encoder == settings.encoder
                                      else EmbeddingCache(Path(cache_dir), champion_spec.encoder))
                 champion_judge = SmallJudge.load(champion_dir, version=champion.uri, embedder=champion_embedder)
-                # Only models neither judge trained on: the champion may have been fitted on some of this split's
-                # held-out models (another seed, other data), which would flatter it.
+                # Only models neither judge trained on, judged against each other or a reference: the champion may
+                # have been fitted on some of this split's held-out models (another seed, other data), which would
+                # flatter it.
                 seen_by_champion = set(champion_spec.trained_models)
                 contest = [m for m in split.heldout_models if m not in seen_by_champion]
                 mlflow.log_param("contest_models", ",".join(contest) or "none unseen by the champion")
                 if contest:
-                    contest_pairs = [p for p in split.heldout_pairs(data) if p.model_b not in seen_by_champion]
+                    contest_pairs = ModelSplit(split.train_models, tuple(contest)).heldout_pairs(data)
                     new_metrics = metrics
                     if len(contest) < len(split.heldout_models):
                         new_metrics = measure(judge, data, contest_pairs, contest)
@@ -549,7 +568,7 @@ def train_judge(data_dir: str | Path | Sequence[str | Path], tracking_uri: str, 
 def _select_head(data: PreferenceData, emb: EmbeddedAnswers, split: ModelSplit, fit_split: ModelSplit,
                  validation: ModelSplit | None, settings: TrainSettings, embedder: TextEmbedder, seed: int,
                  progress: Progress | None, data_dir: str) -> HeadConfig:
-    """The head configuration with the best `selection_score` on training models it did not see (each one a
+    """The head configuration with the best `selection_key` on training models it did not see (each one a
     nested MLflow run); the held-out models play no part."""
     import mlflow
 
@@ -560,7 +579,7 @@ def _select_head(data: PreferenceData, emb: EmbeddedAnswers, split: ModelSplit, 
     train_only = replace(data, pairs=split.train_pairs(data))
     parent = mlflow.active_run()
     experiment_id = parent.info.experiment_id if parent else None  # else nested runs land in "Default"
-    best: tuple[float, HeadConfig] | None = None
+    best: tuple[tuple[bool, float], HeadConfig] | None = None
     # Labels from a route's traffic may cover only two or three candidate models: no more folds than models.
     folds = min(settings.selection_folds, len(train_only.judged_models()))
     for config in settings.heads:
@@ -578,13 +597,14 @@ def _select_head(data: PreferenceData, emb: EmbeddedAnswers, split: ModelSplit, 
             else:
                 found = {}
                 prefix = ""
-            score = selection_score(found) if found else 0.0
+            key = selection_key(found) if found else (False, 0.0)
             mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in found.items()
-                                if isinstance(v, (int, float)) and np.isfinite(v)} | {"selection_score": score})
+                                if isinstance(v, (int, float)) and np.isfinite(v)}
+                               | {"selection_ranks": float(key[0]), "selection_score": key[1]})
             if progress:
                 progress("choosing a head", settings.heads.index(config) + 1, len(settings.heads))
-            if best is None or score > best[0]:
-                best = (score, config)
+            if best is None or key > best[0]:
+                best = (key, config)
     assert best is not None
     return best[1]
 
@@ -614,8 +634,8 @@ def int8_keeps_agreement(judge: SmallJudge, data: PreferenceData, pairs: Sequenc
 
 
 def _beats(new: dict[str, float], old: dict[str, float]) -> bool:
-    """A strictly better held-out `selection_score`; ties keep the champion in place."""
-    return selection_score(new) > selection_score(old)
+    """A strictly better held-out `selection_key`; ties keep the champion in place."""
+    return selection_key(new) > selection_key(old)
 
 
 def _validation_split(data: PreferenceData, split: ModelSplit, fraction: float,
@@ -654,7 +674,41 @@ def evaluate_judge(judge: SmallJudge, data_dir: str | Path, *, prompts: int | No
                                 else "all models (the judge does not record which models it trained on)"),
             "unseen_models": judged,
             "excluded_seen_models": sorted(m for m in all_models if m in seen and m != REFERENCE_MODEL),
-            "unlabelled_rows_skipped": data.unlabelled_rows, **report}
+            "unlabelled_rows_skipped": data.unlabelled_rows,
+            "duplicate_label_rows_skipped": data.duplicate_label_rows,
+            "label_rows_without_answers": dict(sorted(data.rows_without_answers.items())),
+            "warnings": report_warnings(data, judged, report), **report}
+
+
+def report_warnings(data: PreferenceData, models: Sequence[str], report: dict) -> list[str]:
+    """Why figures of a `quality_report` over `models` are null or rest on fewer rows than the files hold: a set
+    that cannot be measured must say so, not exit 0 with nulls."""
+    out = []
+    if data.rows_without_answers:
+        reasons = ", ".join(f"{n} {why}" for why, n in sorted(data.rows_without_answers.items()))
+        out.append(f"{sum(data.rows_without_answers.values())} label rows skipped because their prompt or an answer "
+                   f"is not in the data ({reasons})")
+    if data.duplicate_label_rows:
+        out.append(f"{data.duplicate_label_rows} label rows repeat an earlier row and were counted once")
+    if not report["instance"]["n"]:
+        out.append("no labelled pair (with a label other than a tie) judges a measured model: pair agreement cannot "
+                   "be computed")
+    system = report.get("system")
+    unranked = sorted(set(models) - set(data.leaderboard))
+    if not any(m == REFERENCE_MODEL for _, m in data.outputs):
+        out.append(f"no outputs of the reference model {REFERENCE_MODEL}: system-level win rates cannot be computed")
+    elif system is None:
+        out.append(f"no prompt has answers of both the reference model {REFERENCE_MODEL} and a measured model: "
+                   "system-level win rates cannot be computed")
+    elif system["n_models"] < 3:
+        out.append(f"{int(system['n_models'])} measured models have a leaderboard row, Spearman needs 3: the system "
+                   "Spearman figures cannot be computed")
+    elif not np.isfinite(system["spearman_win_rate"]):
+        out.append("the judge gives every measured model the same win rate: the system Spearman figures are undefined")
+    if unranked and system is not None:
+        out.append(f"no leaderboard row for {len(unranked)} measured models (win rates reported, left out of the "
+                   f"Spearman): {', '.join(unranked)}")
+    return out
 
 
 __all__ = ["FULL", "QUICK", "HeadConfig", "TrainResult", "TrainSettings", "evaluate_judge", "fit_head", "measure",

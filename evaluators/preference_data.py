@@ -13,6 +13,7 @@ import gzip
 import json
 import math
 import random
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -55,7 +56,11 @@ class PreferenceData:
     pairs: list[LabelledPair]
     leaderboard: dict[str, LeaderboardRow] = field(default_factory=dict)
     source: str = ""
-    unlabelled_rows: int = 0  # label rows without a preference (null or NaN), skipped
+    # Label rows read but not used, counted over the whole files (also after restrict_prompts): a report must say why
+    # it measured fewer pairs than the labels file has.
+    unlabelled_rows: int = 0  # without a preference (null or NaN)
+    duplicate_label_rows: int = 0  # repeating an earlier row's prompt, models, annotator and label
+    rows_without_answers: dict[str, int] = field(default_factory=dict)  # by reason: an answer is not in outputs
 
     def models(self) -> list[str]:
         return sorted({m for _, m in self.outputs})
@@ -69,14 +74,9 @@ class PreferenceData:
 
     def restrict_prompts(self, prompt_ids: Sequence[str]) -> "PreferenceData":
         keep = set(prompt_ids)
-        return PreferenceData(
-            prompts={k: v for k, v in self.prompts.items() if k in keep},
-            outputs={k: v for k, v in self.outputs.items() if k[0] in keep},
-            pairs=[p for p in self.pairs if p.prompt_id in keep],
-            leaderboard=self.leaderboard,
-            source=self.source,
-            unlabelled_rows=self.unlabelled_rows,
-        )
+        return replace(self, prompts={k: v for k, v in self.prompts.items() if k in keep},
+                       outputs={k: v for k, v in self.outputs.items() if k[0] in keep},
+                       pairs=[p for p in self.pairs if p.prompt_id in keep])
 
     def sample_prompts(self, n: int, seed: int) -> "PreferenceData":
         """A fixed, seeded subset of `n` prompts (all of them if n >= the number of prompts)."""
@@ -93,7 +93,8 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise PreferenceDataError(f"{path}: file not found (an AlpacaEval-format directory needs it)")
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8") as fh:
+        # utf-8-sig: a file saved with a byte-order mark (Excel, pandas' "utf-8-sig") reads like one without
+        with opener(path, "rt", encoding="utf-8-sig") as fh:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
@@ -148,28 +149,57 @@ def load_preference_data(directory: str | Path, *, require_labels: bool = True) 
             raise PreferenceDataError(f"{where}: prompt_id '{pid}' is not in prompts")
         output = row.get("output")
         outputs[(pid, _field(row, "model", str, where))] = output if isinstance(output, str) else ""
-    pairs: list[LabelledPair] = []
-    unlabelled = 0
+    data = PreferenceData(prompts, outputs, [], _read_leaderboard(directory / "leaderboard.csv"), str(directory))
     path = _find(directory, "labels")
     if path.exists() or require_labels:
-        for lineno, row in _read_jsonl(path):
-            where = f"{path}:{lineno}"
-            if _is_missing(row.get("p_b_better")):  # AlpacaEval keeps rows its annotator could not parse
-                unlabelled += 1
-                continue
-            pair = LabelledPair(
-                prompt_id=_field(row, "prompt_id", str, where),
-                model_a=_field(row, "model_a", str, where),
-                model_b=_field(row, "model_b", str, where),
-                p_b_better=_field(row, "p_b_better", float, where),
-                annotator=str(row.get("annotator") or ""),
-            )
-            if not 0.0 <= pair.p_b_better <= 1.0:
-                raise PreferenceDataError(f"{where}: p_b_better must be in [0, 1], got {pair.p_b_better}")
-            if (pair.prompt_id, pair.model_a) in outputs and (pair.prompt_id, pair.model_b) in outputs:
-                pairs.append(pair)
-    return PreferenceData(prompts, outputs, pairs, _read_leaderboard(directory / "leaderboard.csv"), str(directory),
-                          unlabelled_rows=unlabelled)
+        _read_labels(path, data)
+    return data
+
+
+def _read_labels(path: Path, data: PreferenceData) -> None:
+    """Add the usable label rows of `path` to `data.pairs` and count the others.
+
+    A repeated row is one judgment, counted once (copies would weigh a pair twice); a repeat with another label is
+    not a copy but a contradiction, refused."""
+    first_seen: dict[tuple[str, str, str, str], tuple[float, int]] = {}
+    for lineno, row in _read_jsonl(path):
+        where = f"{path}:{lineno}"
+        if _is_missing(row.get("p_b_better")):  # AlpacaEval keeps rows its annotator could not parse
+            data.unlabelled_rows += 1
+            continue
+        pair = LabelledPair(
+            prompt_id=_field(row, "prompt_id", str, where),
+            model_a=_field(row, "model_a", str, where),
+            model_b=_field(row, "model_b", str, where),
+            p_b_better=_field(row, "p_b_better", float, where),
+            annotator=str(row.get("annotator") or ""),
+        )
+        if not 0.0 <= pair.p_b_better <= 1.0:
+            raise PreferenceDataError(f"{where}: p_b_better must be in [0, 1], got {pair.p_b_better}")
+        key = (pair.prompt_id, pair.model_a, pair.model_b, pair.annotator)
+        if key in first_seen:
+            label, first_line = first_seen[key]
+            if label != pair.p_b_better:
+                raise PreferenceDataError(f"{where}: p_b_better {pair.p_b_better} contradicts line {first_line}'s "
+                                          f"{label} for the same prompt, models and annotator")
+            data.duplicate_label_rows += 1
+            continue
+        first_seen[key] = (pair.p_b_better, lineno)
+        reason = _missing_answer(pair, data)
+        if reason:
+            data.rows_without_answers[reason] = data.rows_without_answers.get(reason, 0) + 1
+        else:
+            data.pairs.append(pair)
+
+
+def _missing_answer(pair: LabelledPair, data: PreferenceData) -> str:
+    """Why a label row cannot be used (its prompt or one of its answers is not in the data), or ''."""
+    if pair.prompt_id not in data.prompts:
+        return "prompt_id not in prompts"
+    for side, model in (("model_a", pair.model_a), ("model_b", pair.model_b)):
+        if (pair.prompt_id, model) not in data.outputs:
+            return f"no output of {side}"
+    return ""
 
 
 def load_preference_sets(directories: Sequence[str | Path]) -> PreferenceData:
@@ -189,7 +219,10 @@ def load_preference_sets(directories: Sequence[str | Path]) -> PreferenceData:
     if len(parts) == 1:
         return parts[0]
     merged = PreferenceData({}, {}, [], {}, " + ".join(p.source for p in parts),
-                            unlabelled_rows=sum(p.unlabelled_rows for p in parts))
+                            unlabelled_rows=sum(p.unlabelled_rows for p in parts),
+                            duplicate_label_rows=sum(p.duplicate_label_rows for p in parts),
+                            rows_without_answers=dict(sum((Counter(p.rows_without_answers) for p in parts),
+                                                          Counter())))
     for position, part in enumerate(parts):
         prefix = f"{position}:" if position else ""
         for pid, text in part.prompts.items():
@@ -220,7 +253,7 @@ def _read_leaderboard(path: Path) -> dict[str, LeaderboardRow]:
         return {}
     rows: dict[str, LeaderboardRow] = {}
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:  # a byte-order mark is not part of the header
             for lineno, row in enumerate(csv.DictReader(fh), 2):
                 rows.update(_leaderboard_row(row, f"{path}:{lineno}", rows))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
@@ -249,16 +282,25 @@ class ModelSplit:
     heldout_models: tuple[str, ...]
 
     def train_pairs(self, data: PreferenceData) -> list[LabelledPair]:
-        keep = set(self.train_models)
-        return [p for p in data.pairs if p.model_b in keep]
+        return _pairs_among(data, self.train_models)
 
     def heldout_pairs(self, data: PreferenceData) -> list[LabelledPair]:
-        keep = set(self.heldout_models)
-        return [p for p in data.pairs if p.model_b in keep]
+        return _pairs_among(data, self.heldout_models)
+
+
+def _pairs_among(data: PreferenceData, models: Sequence[str]) -> list[LabelledPair]:
+    """Pairs that judge one of `models` (model_b) against one of them or a reference (a model never judged).
+
+    A judged model can be model_a too (traffic labels after a promotion: yesterday's candidate is today's incumbent);
+    a pair that sets a model of the other side of the split against it would carry that model's answers across."""
+    keep = set(models)
+    other_side = set(data.judged_models()) - keep
+    return [p for p in data.pairs if p.model_b in keep and p.model_a not in other_side]
 
 
 def split_by_model(data: PreferenceData, heldout_fraction: float, seed: int) -> ModelSplit:
-    """Hold out whole judged models (never prompts); the references judged against stay on both sides."""
+    """Hold out whole judged models (never prompts), on both sides of every pair; the references judged against
+    (never judged themselves) stay on both sides of the split."""
     models = data.judged_models()
     if len(models) < 2:
         raise PreferenceDataError(f"{data.source}: need labels for at least 2 judged models to split, got {models}")

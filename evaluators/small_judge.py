@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,6 +67,8 @@ class JudgeSpec:
     @classmethod
     def from_json(cls, text: str) -> "JudgeSpec":
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise JudgeLoadError(f"expected a JSON object, got {type(data).__name__}")
         if data.get("format_version") != FORMAT_VERSION:
             raise JudgeLoadError(f"judge format {data.get('format_version')} is not {FORMAT_VERSION}")
         data["encoder"] = EncoderSettings(**data["encoder"])
@@ -176,10 +179,14 @@ class SmallJudge:
                 raise JudgeLoadError(f"{directory}: missing {p.name}; not a small-judge directory")
         try:
             spec = JudgeSpec.from_json(spec_path.read_text())
-        except (ValueError, TypeError, KeyError) as exc:
+        except (OSError, ValueError, TypeError, KeyError, JudgeLoadError) as exc:
             raise JudgeLoadError(f"{spec_path}: {exc}") from exc
-        with np.load(weights_path) as data:
-            state = {k: data[k] for k in data.files}
+        try:  # arrays only: a head.npz that asks to unpickle objects is not one this code wrote
+            with np.load(weights_path, allow_pickle=False) as data:
+                state = {k: data[k] for k in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+            reason = str(exc).split(". ")[0]  # numpy goes on to suggest unpickling a file it does not trust
+            raise JudgeLoadError(f"{weights_path}: not readable as head weights (an .npz of arrays): {reason}") from exc
         if version is None:
             digest = hashlib.sha1(spec_path.read_bytes() + weights_path.read_bytes()).hexdigest()[:12]
             version = f"small-judge:{directory.name}@{digest}"

@@ -137,3 +137,65 @@ def test_the_same_directory_twice_is_refused(data_dir):
 
     with pytest.raises(PreferenceDataError, match="given more than once"):
         load_preference_sets([data_dir, f"{data_dir}/."])
+
+
+def test_files_saved_with_a_byte_order_mark_read_like_files_without(data_dir):
+    """Excel and pandas' to_csv(encoding="utf-8-sig") start a file with U+FEFF; it is not part of the first field."""
+    plain = load_preference_data(data_dir)
+    (data_dir / "leaderboard.csv").write_bytes(b"\xef\xbb\xbf" + (data_dir / "leaderboard.csv").read_bytes())
+    for name in ("prompts", "outputs", "labels"):
+        raw = gzip.decompress((data_dir / f"{name}.jsonl.gz").read_bytes())
+        (data_dir / f"{name}.jsonl.gz").write_bytes(gzip.compress(b"\xef\xbb\xbf" + raw))
+    with_bom = load_preference_data(data_dir)
+    assert with_bom.leaderboard == plain.leaderboard and with_bom.leaderboard["m"].win_rate == 12.5
+    assert (with_bom.prompts, with_bom.outputs, with_bom.pairs) == (plain.prompts, plain.outputs, plain.pairs)
+
+
+LABEL = {"prompt_id": "p1", "model_a": "ref", "model_b": "m", "p_b_better": 0.8, "annotator": "x"}
+
+
+def test_a_repeated_label_row_is_one_pair_and_is_counted(data_dir):
+    _write(data_dir / "labels.jsonl.gz", [LABEL, LABEL, {**LABEL, "annotator": "y"}, LABEL])
+    data = load_preference_data(data_dir)
+    assert [p.annotator for p in data.pairs] == ["x", "y"]  # another annotator's label is another judgment
+    assert data.duplicate_label_rows == 2 and data.sample_prompts(1, seed=0).duplicate_label_rows == 2
+
+
+def test_a_repeated_label_row_with_another_label_is_refused_naming_both_lines(data_dir):
+    _write(data_dir / "labels.jsonl.gz", [LABEL, {**LABEL, "model_b": "ref"}, {**LABEL, "p_b_better": 0.3}])
+    with pytest.raises(PreferenceDataError, match=r"labels\.jsonl\.gz:3: p_b_better 0\.3 contradicts line 1's 0\.8"):
+        load_preference_data(data_dir)
+
+
+def test_label_rows_whose_answers_are_missing_are_counted_by_reason(data_dir, tmp_path):
+    from evaluators.preference_data import load_preference_sets
+
+    _write(data_dir / "labels.jsonl.gz", [LABEL, {**LABEL, "model_a": "gone"}, {**LABEL, "model_b": "gone"},
+                                          {**LABEL, "model_a": "gone", "annotator": "y"},
+                                          {**LABEL, "prompt_id": "p9"}])
+    data = load_preference_data(data_dir)
+    assert len(data.pairs) == 1
+    assert data.rows_without_answers == {"no output of model_a": 2, "no output of model_b": 1,
+                                         "prompt_id not in prompts": 1}
+    both = load_preference_sets([data_dir, _second_set(tmp_path / "traffic")])
+    assert both.rows_without_answers == data.rows_without_answers and both.duplicate_label_rows == 0
+
+
+def test_a_heldout_model_is_held_out_on_both_sides_of_a_pair(data_dir):
+    """Traffic labels after a promotion: yesterday's candidate (held out) is today's incumbent, model_a of pairs that
+    judge a training model. Its answers must not reach training, nor a training model's the held-out figures."""
+    from evaluators.preference_data import ModelSplit
+
+    models = ["m", "held", "other"]
+    _write(data_dir / "outputs.jsonl.gz", [{"prompt_id": "p1", "model": m, "output": m} for m in ["ref", *models]])
+    _write(data_dir / "labels.jsonl.gz", [
+        {**LABEL, "model_b": "m"}, {**LABEL, "model_b": "held"}, {**LABEL, "model_b": "other"},
+        {**LABEL, "model_a": "held", "model_b": "m"},  # a held-out incumbent against a training candidate
+        {**LABEL, "model_a": "m", "model_b": "held"},  # a training incumbent against a held-out candidate
+        {**LABEL, "model_a": "other", "model_b": "m"},  # training models on both sides: kept
+    ])
+    data = load_preference_data(data_dir)
+    split = ModelSplit(train_models=("m", "other"), heldout_models=("held",))
+    assert [(p.model_a, p.model_b) for p in split.train_pairs(data)] == [("ref", "m"), ("ref", "other"),
+                                                                         ("other", "m")]
+    assert [(p.model_a, p.model_b) for p in split.heldout_pairs(data)] == [("ref", "held")]

@@ -106,3 +106,46 @@ def test_bad_settings_are_clear_errors():
         TextEncoder(EncoderSettings(pooling="max"))
     with pytest.raises(EncoderError, match="backend must be one of"):
         TextEncoder(SMALL, backend="tpu")
+
+
+class ConstantEncoder:
+    """Stands in for the encoder where only the cache's bookkeeping is tested: no model loaded."""
+
+    def encode(self, texts, progress=None):
+        return np.full((len(texts), 384), 384 ** -0.5, dtype=np.float32)
+
+
+def _filled_cache(directory, texts) -> EmbeddingCache:
+    cache = EmbeddingCache(directory, SMALL)
+    cache._encoder = ConstantEncoder()
+    cache.embed(texts)
+    return cache
+
+
+@pytest.mark.parametrize("corrupt", [lambda path: path.write_bytes(b"not an npz"),
+                                     lambda path: path.write_bytes(path.read_bytes()[:200])])  # cut short
+def test_an_unreadable_embedding_cache_is_ignored_with_a_warning_and_rewritten(tmp_path, corrupt):
+    _filled_cache(tmp_path, TEXTS).save()
+    path = EmbeddingCache(tmp_path, SMALL).path
+    corrupt(path)
+    with pytest.warns(RuntimeWarning, match=f"{path.name}: unreadable embedding cache"):
+        rebuilt = _filled_cache(tmp_path, TEXTS[:2])
+    assert len(rebuilt) == 2
+    rebuilt.save()
+    assert EmbeddingCache(tmp_path, SMALL).missing(TEXTS[:2]) == 0
+
+
+def test_two_processes_saving_one_cache_directory_write_their_own_temporary_files(tmp_path, monkeypatch):
+    """Training beside a bench on one cache directory: the other process saves while this one is writing."""
+    first, second = _filled_cache(tmp_path, TEXTS[:2]), _filled_cache(tmp_path, TEXTS[2:])
+    savez = np.savez
+
+    def savez_while_the_other_saves(file, **arrays):
+        savez(file, **arrays)
+        monkeypatch.setattr(np, "savez", savez)
+        second.save()
+
+    monkeypatch.setattr(np, "savez", savez_while_the_other_saves)
+    first.save()
+    assert EmbeddingCache(tmp_path, SMALL).missing(TEXTS[:2]) == 0  # the last save wins, whole
+    assert [p.name for p in tmp_path.iterdir()] == [first.path.name]
