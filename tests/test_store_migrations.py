@@ -226,8 +226,8 @@ def test_cli_status_on_a_newer_store_says_to_upgrade_shadowjudge(store_url, monk
     with get_engine(store_url).begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = '0003'"))
     monkeypatch.setenv("SHADOWJUDGE__STORE__URL", store_url)
-    for command in ("status", "init"):
-        monkeypatch.setattr("sys.argv", ["shadowjudge", command, "-c", "configs/shadowjudge.yaml"])
+    for subcommand in ("status", "init"):
+        monkeypatch.setattr("sys.argv", ["shadowjudge", subcommand, "-c", "configs/shadowjudge.yaml"])
         with pytest.raises(SystemExit) as exit_:
             cli.main()
         assert exit_.value.code == 1

@@ -132,7 +132,8 @@ def step(route: str = typer.Argument(..., help="Route name"),
                                        "({target, verdict, score, quality, cost_per_outcome, n, critical_alert, ...})"),
          config: Path = ConfigOption,
          dry_run: bool = typer.Option(False, "--dry-run", help="Decide and render, print the diff, write nothing"),
-         run_id: Optional[int] = typer.Option(None, min=1, max=MAX_DATABASE_ID, help="Shadow run the verdicts come from (idempotency key)"),
+         run_id: Optional[int] = typer.Option(None, min=1, max=MAX_DATABASE_ID,
+                                              help="Shadow run the verdicts come from (idempotency key)"),
          analysis_link: Optional[str] = typer.Option(None, help="Link recorded with the change"),
          as_json: bool = JsonOption) -> None:
     """Step the controller once with verdicts from a file (the cycle flow does this with its own analysis)."""

@@ -77,7 +77,8 @@ def ingest(config: Path = ConfigOption,
         for s in report.sources + [None]:
             row = report.totals if s is None else s.to_dict()
             name = "total" if s is None else s.source
-            table.add_row(*literal(name), *(f"{row[k]:,}" for k in ("read", "stored", "duplicates", "quarantined", "filtered")),
+            counts = (f"{row[k]:,}" for k in ("read", "stored", "duplicates", "quarantined", "filtered"))
+            table.add_row(*literal(name), *counts,
                           ", ".join(f"{k} {v}" for k, v in sorted(row["redactions"].items())) or "-")
         console.print(table)
         for s in report.sources:
