@@ -20,16 +20,7 @@ from shadowjudge.config import check_api_keys  # noqa: E402
 from shadowjudge.errors import InputError, ShadowJudgeError  # noqa: E402
 from shadowjudge.tracking.reachability import check_config_tracking  # noqa: E402
 
-from flows.stages import (  # noqa: E402
-    analyse_and_log,
-    current_cycle_id,
-    decide_and_publish,
-    ingest_task,
-    load,
-    open_run_task,
-    score_and_calibrate,
-    shadow_task,
-)
+from flows.stages import current_cycle_id, ingest_task, load, run_route_cycle  # noqa: E402
 
 
 @flow(name="evaluation-cycle", log_prints=True)
@@ -53,13 +44,9 @@ def evaluation_cycle(config_path: str, route: str | None = None, cycle_id: str |
             # a key that is not set is bad input of this route, before its run opens: it used to fail the shadow
             # test, which Prefect retried twice, 10 s apart, as a transient fault
             check_api_keys(config.endpoints([rc]))
-            handle = open_run_task(config, rc, cycle_id)
-            shadow_report = shadow_task(config, rc, handle, progress)
-            score_report = score_and_calibrate(config, rc, handle, config_path, progress)
-            analysed = analyse_and_log(config, rc, handle,
-                                       {"ingest": ingest_report, "shadow": shadow_report, "score": score_report},
-                                       config_path)
-            outcomes[rc.name] = decide_and_publish(config, rc, handle, analysed)
+            # holds the route's cycle lease: another cycle of it meanwhile fails at once instead of paying for the
+            # same samples again
+            outcomes[rc.name] = run_route_cycle(config, rc, cycle_id, ingest_report, config_path, progress)
         except Exception as exc:  # noqa: BLE001 - one route's failure must not starve the routes after it
             logger.error("route %s failed: %s: %s", rc.name, type(exc).__name__, exc)
             failures[rc.name] = exc

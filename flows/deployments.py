@@ -1,19 +1,23 @@
 """Deploying and serving the schedules of prefect.yaml: `shadowjudge deploy` and `shadowjudge serve`.
 
 prefect.yaml is the one list of deployments. `deploy_schedules` prepares what the deployments rely on (the work
-pool of type process, the `provider-calls` concurrency limit) and hands the file to `prefect deploy --all`;
-`serve_schedules` builds the same deployments in-process and serves them with `prefect.serve` (no pool, no
-worker). Both fill the file's `{{ $SHADOWJUDGE_* }}` placeholders from the config, so both give the same
-deployments the same parameters.
+pool of type process, the `provider-calls` concurrency limit) and hands the file (with `--pool`, a copy of it on
+that pool) to `prefect deploy --all`; `serve_schedules` builds the same deployments in-process and serves them with
+`prefect.serve` (no pool, no worker). Both fill the file's `{{ $SHADOWJUDGE_* }}` placeholders from the config, so
+both give the same deployments the same parameters.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
+import shlex
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,15 +188,51 @@ def deploy_schedules(config_path: str | Path, prefect_file: str | Path = "prefec
     for name in sorted({pool} if pool else {s.work_pool or "shadowjudge" for s in specs}):
         ensure_work_pool(name)
     ensure_provider_limit(config.orchestration.provider_calls_limit)
+    with deployments_on_pool(prefect_file, pool) as deploy_file:
+        prefect_deploy_all(deploy_file, env)
+    return deployed([s.name for s in specs])
+
+
+@contextlib.contextmanager
+def deployments_on_pool(prefect_file: Path, pool: str | None) -> Iterator[Path]:
+    """The deployments file with every deployment's work pool set to `pool` (the file itself when None).
+
+    `prefect deploy --all` ignores `--pool` (multi-deploy ignores CLI options), so the pool goes into a copy written
+    beside the file (entrypoints and the runs' working directory stay relative to its folder), removed afterwards.
+    """
+    if pool is None:
+        yield prefect_file
+        return
+    data = yaml.safe_load(prefect_file.read_text())
+    for entry in data["deployments"]:
+        entry["work_pool"] = {**(entry.get("work_pool") or {}), "name": pool}
+    with tempfile.NamedTemporaryFile("w", dir=prefect_file.parent, prefix=f".{prefect_file.stem}-deploy-",
+                                     suffix=".yaml", delete=False) as copy:
+        yaml.safe_dump(data, copy, sort_keys=False)
+    try:
+        yield Path(copy.name)
+    finally:
+        os.unlink(copy.name)
+
+
+def prefect_deploy_all(prefect_file: Path, env: dict[str, str]) -> None:
+    """`prefect deploy --all` on the file, from its folder; PrefectApiError when it fails or ignores an option
+    (Prefect only warns then, and the deployments would not be what was asked for)."""
     command = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)]
-    if pool:
-        command += ["--pool", pool]
     done = subprocess.run(command, cwd=prefect_file.parent, env={**os.environ, **env}, capture_output=True, text=True,
                           check=False)
+    output = (done.stdout + done.stderr).strip()
+    tail = "\n".join(output.splitlines()[-15:])
     if done.returncode != 0:
-        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
         raise PrefectApiError(f"`prefect deploy --all` failed (exit {done.returncode}):\n{tail}")
-    return deployed([s.name for s in specs])
+    if "will be ignored" in " ".join(output.split()):  # Rich wraps the warning at the console's width
+        raise PrefectApiError(f"`prefect deploy --all` ignored options it was given:\n{tail}")
+
+
+def worker_commands(deployments: list[dict[str, Any]]) -> list[str]:
+    """The `prefect worker start` command for each work pool the deployments are on, as the API holds them."""
+    pools = sorted({d["work_pool"] for d in deployments if d["work_pool"]})
+    return [f"prefect worker start --pool {shlex.quote(pool)}" for pool in pools]
 
 
 def deployed(names: list[str]) -> list[dict[str, Any]]:

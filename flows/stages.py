@@ -35,12 +35,14 @@ PROVIDER_CALLS = "provider-calls"
 
 
 class ScoreFanOutError(ShadowJudgeError):
-    """Scoring batches run by other workers failed or did not finish in time; the message names them."""
+    """Scoring batches run by other workers failed or did not finish in time (those are cancelled); the message
+    names them."""
 
 
 def transient_fault(task, task_run, state) -> bool:  # noqa: ARG001 (Prefect's retry_condition_fn signature)
-    """Retry anything but bad input (a config, a file, a cycle that does not exist): that fails again."""
-    return not isinstance(state.data, InputError)
+    """Retry anything but bad input (a config, a file, a cycle that does not exist), which fails again, and a scoring
+    fan-out that gave up: its batches failed or were cancelled, and a retry re-attaches to those same runs."""
+    return not isinstance(state.data, (InputError, ScoreFanOutError))
 
 
 STAGE = {"cache_policy": NO_CACHE, "retry_condition_fn": transient_fault}
@@ -154,6 +156,20 @@ def close_task(config: Config, route: RouteConfig, handle: stages.RunHandle, ana
 
 # --- the per-route sequence the parent and the stage flows share ---
 
+def run_route_cycle(config: Config, route: RouteConfig, cycle_id: str, ingest_report: dict[str, Any],
+                    config_path: str, progress: bool = False) -> dict[str, Any]:
+    """One route's cycle after ingest, holding the route's cycle lease from opening its run to closing it: another
+    cycle of the route meanwhile fails at once (RouteBeingEvaluated) instead of shadow-testing the same samples."""
+    with stages.cycle_lease(engine_of(config), route.name, cycle_id):
+        handle = open_run_task(config, route, cycle_id)
+        shadow_report = shadow_task(config, route, handle, progress)
+        score_report = score_and_calibrate(config, route, handle, config_path, progress)
+        analysed = analyse_and_log(config, route, handle,
+                                   {"ingest": ingest_report, "shadow": shadow_report, "score": score_report},
+                                   config_path)
+        return decide_and_publish(config, route, handle, analysed)
+
+
 def score_and_calibrate(config: Config, route: RouteConfig, handle: stages.RunHandle, config_path: str,
                         progress: bool = False) -> dict[str, Any]:
     """Judge the run's pairs, then send the calibration share of them to the teacher (called inside a flow)."""
@@ -197,7 +213,9 @@ def fan_out_scoring(config: Config, config_path: str, route: RouteConfig, handle
     """Score the run's sample-id ranges as runs of the score-batch deployment, which any worker of its pool takes.
 
     Batches write through the judgments' unique key, so a batch retried, rerun or overlapping another never
-    duplicates a judgment; what the run holds afterwards is read back from the store.
+    duplicates a judgment; what the run holds afterwards is read back from the store. Each batch's run is keyed by
+    this flow run and its range, so a retry of the task re-attaches to the batches it started instead of queueing a
+    second set; a rerun of the stage (a new flow run) starts new ones.
     """
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
@@ -211,6 +229,7 @@ def fan_out_scoring(config: Config, config_path: str, route: RouteConfig, handle
         try:
             runs.append(run_deployment(
                 orchestration.score_deployment, timeout=0, flow_run_name=f"{handle.run_key} samples {first}-{last}",
+                idempotency_key=f"{handle.run_key}:{first}-{last}:{flow_run.get_id()}",
                 parameters={"config_path": str(Path(config_path).resolve()), "route": route.name,
                             "cycle_id": cycle_id, "first_sample_id": first, "last_sample_id": last}))
         except ObjectNotFound:
@@ -228,8 +247,10 @@ def fan_out_scoring(config: Config, config_path: str, route: RouteConfig, handle
 
 
 def wait_for_flow_runs(flow_run_ids: list, timeout_s: float, poll_s: float = 2.0) -> list:
-    """Poll the Prefect API until every flow run is in a final state; ScoreFanOutError after `timeout_s`."""
+    """Poll the Prefect API until every flow run is in a final state; after `timeout_s`, cancel the unfinished ones
+    (left scheduled, a worker would still score them long after the cycle gave up) and raise ScoreFanOutError."""
     from prefect import get_client
+    from prefect.states import Cancelling
 
     deadline = time.monotonic() + timeout_s
     with get_client(sync_client=True) as client:
@@ -238,9 +259,11 @@ def wait_for_flow_runs(flow_run_ids: list, timeout_s: float, poll_s: float = 2.0
             if all(r.state is not None and r.state.is_final() for r in runs):
                 return runs
             if time.monotonic() > deadline:
-                waiting = [f"{r.name} ({r.state.name if r.state else 'no state'})" for r in runs
-                           if r.state is None or not r.state.is_final()]
-                raise ScoreFanOutError(f"scoring batches still unfinished after {timeout_s:.0f} s: "
+                unfinished = [r for r in runs if r.state is None or not r.state.is_final()]
+                for r in unfinished:
+                    client.set_flow_run_state(r.id, Cancelling(message=f"scoring gave up after {timeout_s:g} s"))
+                waiting = [f"{r.name} ({r.state.name if r.state else 'no state'})" for r in unfinished]
+                raise ScoreFanOutError(f"scoring batches still unfinished after {timeout_s:g} s, cancelled: "
                                        f"{', '.join(waiting)}; is a worker polling the deployment's work pool?")
             time.sleep(poll_s)
 
@@ -255,11 +278,14 @@ def ingest_and_sample(config_path: str, progress: bool = False) -> dict[str, Any
 
 @flow(name="shadow-test", log_prints=True)
 def shadow_test(config_path: str, route: str, cycle_id: str | None = None, progress: bool = False) -> dict[str, Any]:
-    """Open the cycle's run (fixing its sample set) and replay its samples against the route's targets."""
+    """Open the cycle's run (fixing its sample set) and replay its samples against the route's targets, under the
+    route's cycle lease (a cycle of the route running meanwhile would replay the same samples)."""
     config = load(config_path)
     rc = config.route(route)
-    handle = open_run_task(config, rc, current_cycle_id(cycle_id))
-    return {"run_key": handle.run_key, **shadow_task(config, rc, handle, progress)}
+    cycle_id = current_cycle_id(cycle_id)
+    with stages.cycle_lease(engine_of(config), rc.name, cycle_id):
+        handle = open_run_task(config, rc, cycle_id)
+        return {"run_key": handle.run_key, **shadow_task(config, rc, handle, progress)}
 
 
 @flow(name="score", log_prints=True)

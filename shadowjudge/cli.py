@@ -193,13 +193,15 @@ def deploy(config: Path = ConfigOption, prefect_file: Path = PrefectFileOption,
            pool: Optional[str] = typer.Option(None, help="Work pool for every deployment (default: prefect.yaml's)"),
            judge_data: Optional[Path] = typer.Option(None, help="Preference data of the train-judge deployment")) -> None:
     """Deploy every schedule of prefect.yaml to the Prefect server at PREFECT_API_URL (pool and limits included)."""
-    from flows.deployments import deploy_schedules
+    from flows.deployments import deploy_schedules, worker_commands
 
-    for d in deploy_schedules(config, prefect_file, pool=pool, judge_data=judge_data):
+    deployed = deploy_schedules(config, prefect_file, pool=pool, judge_data=judge_data)
+    for d in deployed:
         schedules = ", ".join(f"{s['schedule']}{'' if s['active'] else ' (inactive)'}" for s in d["schedules"])
         console.print(f"[bold]{escape(d['name'])}[/] pool {escape(str(d['work_pool']))}: "
                       f"{escape(schedules or 'on demand')}")
-    console.print("start a worker: prefect worker start --pool " + (pool or "shadowjudge"))
+    for command in worker_commands(deployed):  # the pools the deployments are really on
+        console.print("start a worker: " + command, markup=False)
 
 
 @app.command()

@@ -6,7 +6,11 @@ the same `cycle_id` (after a crash, or on purpose) finishes the work without dup
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
@@ -15,7 +19,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import IntegrityError
 
 from shadowjudge.config import Config, RouteConfig
-from shadowjudge.errors import InputError
+from shadowjudge.errors import InputError, ShadowJudgeError
 # A route's targets, the incumbent first: it is replayed too, so its latency and cost are measured under the same
 # conditions. The name stays importable from here for flows/loadtest.py.
 from shadowjudge.routing.controller import targets_of as route_targets
@@ -27,7 +31,10 @@ from shadowjudge.store import (
     TrafficSample,
     session_scope,
 )
+from shadowjudge.store.lease import LeaseLock, default_holder
 from shadowjudge.store.models import utcnow
+
+log = logging.getLogger(__name__)
 
 
 def default_cycle_id(now: datetime | None = None) -> str:
@@ -144,6 +151,51 @@ def open_run(engine: Engine, config: Config, route: RouteConfig, cycle_id: str) 
             s.rollback()
             return find_run(engine, run_key)
         return RunHandle(run.id, run_key, sample_ids, resumed=False)
+
+
+CYCLE_LEASE_S = 300.0
+
+
+class RouteBeingEvaluated(ShadowJudgeError):
+    """Another cycle of the route is running: a second would shadow-test (and pay for) the same samples again."""
+
+
+@contextlib.contextmanager
+def cycle_lease(engine: Engine, route: str, cycle_id: str, ttl_s: float = CYCLE_LEASE_S) -> Iterator[LeaseLock]:
+    """Hold the route's cycle lease while a cycle opens, tests and closes its run; RouteBeingEvaluated at once when
+    another cycle holds it (a scheduled cycle fails instead of piling up behind a long one).
+
+    A cycle picks the samples after the last finished run, so two at once (`shadowjudge run` beside a worker, the
+    shadow-test stage deployment) would replay the same samples. A background thread renews the lease while the
+    cycle runs; the lease of a cycle killed on this host is taken over at once, elsewhere when it expires.
+    """
+    lease = LeaseLock(engine, f"cycle:{route}", holder=f"{default_holder()}:cycle {cycle_id}", ttl_s=ttl_s)
+    if not lease.acquire():
+        holder = lease.current_holder()
+        who = f"{holder[0]} (lease until {holder[1]:%Y-%m-%d %H:%M:%S} UTC)" if holder else "another cycle"
+        raise RouteBeingEvaluated(f"route {route} is being evaluated by {who}: not starting cycle {cycle_id} "
+                                  "beside it; run it again once that cycle has finished")
+    stop = threading.Event()
+    renewer = threading.Thread(target=_renew_until, args=(lease, stop, ttl_s / 4), daemon=True,
+                               name=f"cycle-lease-{route}")
+    renewer.start()
+    try:
+        yield lease
+    finally:
+        stop.set()
+        renewer.join()
+        lease.release()
+
+
+def _renew_until(lease: LeaseLock, stop: threading.Event, every_s: float) -> None:
+    """Renew the lease every `every_s` until `stop`; a store that is briefly away is retried at the next tick."""
+    while not stop.wait(every_s):
+        try:
+            if not lease.renew():
+                log.error("lost the cycle lease %s to another cycle: it may test the same samples", lease.name)
+                return
+        except Exception as exc:  # noqa: BLE001 - the cycle goes on; the lease lasts ttl_s from the last renewal
+            log.warning("could not renew the cycle lease %s: %s", lease.name, exc)
 
 
 def load_samples(engine: Engine, sample_ids: list[int]) -> list[TrafficSample]:

@@ -290,7 +290,7 @@ def test_a_later_run_that_answered_differently_is_labelled_again(sqlite_url, tmp
 
 def test_the_training_flow_labels_production_traffic_then_trains(tmp_path, prefect_harness, monkeypatch):
     """The train-judge Prefect flow with labels from production: teacher over HTTP, then training and registry."""
-    monkeypatch.chdir(tmp_path)  # the flow keeps its embedding cache under the working directory
+    monkeypatch.chdir(tmp_path)  # nothing the flow writes may land in the checkout (its cache: the config's folder)
     import yaml
 
     from evaluators.judge_registry import CHAMPION, find_alias
