@@ -19,7 +19,6 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from flows.stages import PROVIDER_CALLS, load, transient_fault  # noqa: E402
 from shadowjudge.config import ShadowConfig, TargetConfig  # noqa: E402
-from shadowjudge.cycle import route_targets  # noqa: E402
 from shadowjudge.errors import InputError  # noqa: E402
 
 
@@ -49,7 +48,7 @@ def load_test(config_path: str, route: str, targets: list[str] | None = None, ra
     Ramp.parse(ramp)  # bad input fails before any request
     config = load(config_path)
     rc = config.route(route)
-    known = {t.name: t for t in route_targets(rc)}
+    known = {t.name: t for t in rc.targets}
     unknown = sorted(set(targets or ()) - set(known))
     if unknown:
         raise InputError(f"load-test: route '{route}' has no target(s) {unknown} (known: {sorted(known)})")

@@ -335,6 +335,12 @@ class RouteConfig(_Strict):
     golden_set: str | None = Field(default=None, description="YAML file of golden regression cases (past "
                                    "incidents) every candidate must pass before it can be promoted")
 
+    @property
+    def targets(self) -> list[TargetConfig]:
+        """The incumbent, then the candidates: the incumbent is replayed and weighted too, so its latency and cost
+        are measured under the candidates' conditions."""
+        return [self.incumbent, *self.candidates]
+
     @model_validator(mode="after")
     def _unique_targets(self) -> "RouteConfig":
         names = [self.incumbent.name] + [c.name for c in self.candidates]
@@ -387,7 +393,7 @@ class Config(_Strict):
 
     def endpoints(self, routes: list[RouteConfig]) -> list[TargetConfig]:
         """Every endpoint a cycle of `routes` calls: their targets, and the teacher when it judges or calibrates."""
-        targets = [target for r in routes for target in (r.incumbent, *r.candidates)]
+        targets = [target for r in routes for target in r.targets]
         teacher = self.judge.teacher
         if teacher is not None and (self.judge.evaluator == "llm-judge" or self.judge.calibration_fraction > 0):
             targets.append(teacher)

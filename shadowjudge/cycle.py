@@ -20,9 +20,6 @@ from sqlalchemy.exc import IntegrityError
 
 from shadowjudge.config import Config, RouteConfig
 from shadowjudge.errors import InputError, ShadowJudgeError
-# A route's targets, the incumbent first: it is replayed too, so its latency and cost are measured under the same
-# conditions. The name stays importable from here for flows/loadtest.py.
-from shadowjudge.routing.controller import targets_of as route_targets
 from shadowjudge.store import (
     Judgment,
     RouteWeightChange,
@@ -118,7 +115,7 @@ def stored_reports(engine: Engine, route: RouteConfig, handle: RunHandle) -> dic
 
     from shadowjudge.shadow.engine import summarize_run
 
-    targets = summarize_run(engine, handle.run_id, route_targets(route))
+    targets = summarize_run(engine, handle.run_id, route.targets)
     return {"shadow": {"run_id": handle.run_id, "targets": {name: asdict(t) for name, t in targets.items()},
                        "spend_usd": sum(t.spend_usd for t in targets.values())},
             "score": scoring_summary(engine, handle.run_id)}
@@ -297,7 +294,7 @@ def shadow(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle
     from shadowjudge.shadow.engine import run_shadow
 
     samples = load_samples(engine, handle.sample_ids)
-    report = run_shadow(engine, handle.run_id, samples, route_targets(route), config.shadow, config.pricing,
+    report = run_shadow(engine, handle.run_id, samples, route.targets, config.shadow, config.pricing,
                         progress=progress)
     return report.as_dict()
 
@@ -492,7 +489,7 @@ def track(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle,
     for target in route.candidates:
         scores[target.name] = [s for s, t in zip(pairs["candidate_score"], pairs["target"]) if t == target.name]
     latencies = {t.name: [v for v, tt in zip(pairs["latency_ms"], pairs["target"]) if tt == t.name]
-                 for t in route_targets(route)}
+                 for t in route.targets}
     figures = {"score_distributions.png": score_histogram(scores, f"{route.name}: judge scores"),
                "latency_cdf.png": latency_cdf(latencies, f"{route.name}: total latency")}
     incumbent_metrics = _candidate_metrics(analysis, shadow_report, route.incumbent.name)

@@ -136,7 +136,7 @@ def duplicated_keys(engine) -> dict[str, int]:
 def assert_cycle_complete(engine, config: Config, route: RouteConfig, cycle_id: str) -> None:
     """The cycle's run is finished, each sampled request has one result per target, each usable pair one judgment,
     nothing is duplicated, no push is left pending, and the gateway holds the route's recorded weights."""
-    targets = [t.name for t in stages.route_targets(route)]
+    targets = [t.name for t in route.targets]
     candidates = [c.name for c in route.candidates]
     with session_scope(engine) as s:
         run = s.scalar(select(ShadowRun).where(ShadowRun.run_key == stages.cycle_run_key(route.name, cycle_id)))

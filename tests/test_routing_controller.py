@@ -354,10 +354,3 @@ def test_a_move_keeps_the_step_limit_and_the_incumbents_floor(current, desired, 
         assert moved["inc"] >= floor, (current, moved)
     else:  # the step limit wins: the incumbent climbs toward its floor, never away from it
         assert moved["inc"] >= current["inc"], (current, moved)
-
-
-def test_the_cycle_lists_a_routes_targets_with_the_controllers_function():
-    from shadowjudge import cycle
-    from shadowjudge.routing.controller import targets_of
-
-    assert cycle.route_targets is targets_of

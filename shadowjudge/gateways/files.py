@@ -21,7 +21,7 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-from shadowjudge.config import RouteConfig, TargetConfig
+from shadowjudge.config import RouteConfig
 from shadowjudge.gateways.base import (
     GatewayConfigInvalid,
     GatewayRejected,
@@ -106,10 +106,6 @@ def _yaml() -> YAML:
     return yaml
 
 
-def route_targets(route: RouteConfig) -> list[TargetConfig]:
-    return [route.incumbent, *route.candidates]
-
-
 def names_model(ident: str, model: str) -> bool:
     """Whether a gateway's model id is `model`, with or without a `provider/` prefix."""
     return ident == model or ident.split("/", 1)[-1] == model
@@ -117,7 +113,7 @@ def names_model(ident: str, model: str) -> bool:
 
 def model_owner(route: RouteConfig, ident: str) -> str | None:
     """The route target an entry names, by target name or by model (with or without a `provider/` prefix)."""
-    targets = route_targets(route)
+    targets = route.targets
     for t in targets:
         if ident == t.name:
             return t.name

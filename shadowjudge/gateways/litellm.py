@@ -28,7 +28,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from shadowjudge.config import RouteConfig, TargetConfig
 from shadowjudge.gateways.base import GatewayConfigInvalid, GatewayRejected, Weights
-from shadowjudge.gateways.files import FileGateway, dump_yaml, load_yaml, model_owner, names_model, route_targets
+from shadowjudge.gateways.files import FileGateway, dump_yaml, load_yaml, model_owner, names_model
 
 WEIGHTED_STRATEGY = "simple-shuffle"
 SHUFFLE_KEYS = ("weight", "rpm", "tpm")  # simple-shuffle weighs by the first of these its first deployment sets
@@ -47,7 +47,7 @@ def id_owner(targets_by_name: Mapping[str, TargetConfig], deployment: Mapping[st
 
 def deployment_owner(route: RouteConfig, deployment: Mapping[str, Any]) -> str | None:
     """The route target a LiteLLM deployment serves (by `model_info.id`, else by model)."""
-    owner = id_owner({t.name: t for t in route_targets(route)}, deployment)
+    owner = id_owner({t.name: t for t in route.targets}, deployment)
     if owner is not None:
         return owner
     params = deployment.get("litellm_params") or {}
@@ -154,8 +154,8 @@ class LiteLLMFileGateway(FileGateway):
         self._check_strategy(doc)
         models = doc.setdefault("model_list", CommentedSeq())
         owned = self._owned(doc)
-        by_name = {t.name: t for t in route_targets(self.route)}
-        for target in route_targets(self.route):
+        by_name = {t.name: t for t in self.route.targets}
+        for target in self.route.targets:
             weight = int(weights.get(target.name, 0))
             dep = owned.get(target.name)
             if dep is None:

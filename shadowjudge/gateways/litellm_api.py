@@ -30,7 +30,6 @@ from shadowjudge.gateways.base import (
     Weights,
     check_weights,
 )
-from shadowjudge.gateways.files import route_targets
 from shadowjudge.gateways.litellm import (
     deployment_weight,
     id_owner,
@@ -85,7 +84,7 @@ class LiteLLMApiGateway:
         check_weights(weights, f"route '{self.route.name}'")
         existing = {d.owner: d for d in current.document or []}
         updates, creates = [], []
-        for target in route_targets(self.route):
+        for target in self.route.targets:
             w = int(weights.get(target.name, 0))
             held = existing.get(target.name)
             if held is not None:
@@ -99,7 +98,7 @@ class LiteLLMApiGateway:
     def validate(self, rendered: LiteLLMPlan, weights: Mapping[str, int]) -> None:
         check_weights(weights, f"route '{self.route.name}'")
         planned = {d.owner: d.weight for d in rendered.updates}
-        by_name = {t.name: t for t in route_targets(self.route)}
+        by_name = {t.name: t for t in self.route.targets}
         planned.update({id_owner(by_name, c): c["litellm_params"]["weight"] for c in rendered.creates})
         if planned != dict(weights):
             raise GatewayRejected(f"{self.name}: plan sets {planned}, not the weights {dict(weights)}")
@@ -142,7 +141,7 @@ class LiteLLMApiGateway:
             raise GatewayUnavailable(f"{self.name}: /model/info did not return a 'data' list")
         where = f"{self.name}: /model/info data"
         owned = owned_deployments(self.route, data, where)
-        by_name = {t.name: t for t in route_targets(self.route)}
+        by_name = {t.name: t for t in self.route.targets}
         deployments = []
         for owner, dep in owned.items():
             ident = (dep.get("model_info") or {}).get("id")

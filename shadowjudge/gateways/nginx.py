@@ -25,7 +25,7 @@ import httpx
 
 from shadowjudge.config import RouteConfig
 from shadowjudge.gateways.base import GatewayConfigInvalid, GatewayRejected, GatewayUnavailable, Weights
-from shadowjudge.gateways.files import FileGateway, route_targets
+from shadowjudge.gateways.files import FileGateway
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._:@/-]+$")
 _SERVER = re.compile(r"^\s*server\s+(?P<addr>\S+)(?P<params>[^;#]*);\s*(?:#\s*target=(?P<target>\S+))?\s*$")
@@ -70,8 +70,8 @@ class NginxGateway(FileGateway):
                  status_url: str | None = None) -> None:
         super().__init__(route, path, reload_command)
         self.status_url = status_url.rstrip("/") if status_url else None
-        self.addresses = {t.name: target_address(t.base_url) for t in route_targets(route)}
-        for t in route_targets(route):
+        self.addresses = {t.name: target_address(t.base_url) for t in route.targets}
+        for t in route.targets:
             if not _SAFE_NAME.match(t.name):
                 raise GatewayConfigInvalid(
                     f"nginx gateway: target name '{t.name}' has characters nginx configs cannot carry")
@@ -118,13 +118,13 @@ class NginxGateway(FileGateway):
         if body is not None:
             kept = [ln.strip() for ln in body.splitlines() if ln.strip() and not re.match(r"^\s*server\s", ln)]
         lines = [f"upstream {upstream_name(self.route.name)} {{"]
-        for t in route_targets(self.route):
+        for t in self.route.targets:
             w = int(weights.get(t.name, 0))
             params = f"weight={w}" if w > 0 else "weight=1 down"
             lines.append(f"    server {self.addresses[t.name]} {params};  # target={t.name}")
         lines += [f"    {ln}" for ln in kept]
         lines.append("}")
-        payload = ",".join(f"{t.name}={int(weights.get(t.name, 0))}" for t in route_targets(self.route))
+        payload = ",".join(f"{t.name}={int(weights.get(t.name, 0))}" for t in self.route.targets)
         lines += [f"map $host {weights_variable(self.route.name)} {{", f"    default '{payload}';", "}"]
         block = "\n".join(lines) + "\n"
         rest = self._without_managed_blocks(text).strip()

@@ -23,7 +23,7 @@ from typing import Any
 
 from shadowjudge.config import TargetConfig
 from shadowjudge.gateways.base import GatewayConfigInvalid, GatewayRejected, Weights
-from shadowjudge.gateways.files import FileGateway, route_targets
+from shadowjudge.gateways.files import FileGateway
 
 MODE = "loadbalance"
 MISSING_WEIGHT = 1  # what Portkey's selectProviderByWeight counts a target without `weight` as
@@ -49,7 +49,7 @@ class PortkeyGateway(FileGateway):
         doc.setdefault("strategy", {"mode": MODE})
         entries = doc.setdefault("targets", [])
         owned, _ = self._owned(doc)
-        for target in route_targets(self.route):
+        for target in self.route.targets:
             entry = owned.get(target.name)
             if entry is None:
                 entry = self._new_entry(target)
@@ -94,7 +94,7 @@ class PortkeyGateway(FileGateway):
         return doc
 
     def _owned(self, doc: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], list[float]]:
-        targets = route_targets(self.route)
+        targets = self.route.targets
         owned: dict[str, dict[str, Any]] = {}
         others: list[float] = []
         for i, entry in enumerate(doc.get("targets") or []):

@@ -27,7 +27,7 @@ from typing import Any
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from shadowjudge.gateways.base import GatewayConfigInvalid, GatewayRejected, Weights
-from shadowjudge.gateways.files import FileGateway, dump_yaml, load_yaml, model_owner, names_model, route_targets
+from shadowjudge.gateways.files import FileGateway, dump_yaml, load_yaml, model_owner, names_model
 
 CONFIG_TYPE = "gateway-load-balancing-config"
 WEIGHT_BASED = "weight-based-routing"
@@ -51,7 +51,7 @@ class TrueFoundryGateway(FileGateway):
         block.setdefault("type", WEIGHT_BASED)
         entries = block.setdefault("load_balance_targets", CommentedSeq())
         owned = self._owned_entries(block)
-        for target in route_targets(self.route):
+        for target in self.route.targets:
             entry = owned.get(target.name)
             if entry is None:
                 entry = CommentedMap(target=target.model)

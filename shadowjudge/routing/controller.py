@@ -83,7 +83,7 @@ class RolloutState:
 
     @classmethod
     def initial(cls, route: RouteConfig) -> "RolloutState":
-        weights = {t.name: 0 for t in targets_of(route)}
+        weights = {t.name: 0 for t in route.targets}
         weights[route.incumbent.name] = 100
         return cls(route=route.name, weights=weights, serving=route.incumbent.name)
 
@@ -105,10 +105,6 @@ class Decision:
         return self.after != self.before
 
 
-def targets_of(route: RouteConfig) -> list[TargetConfig]:
-    return [route.incumbent, *route.candidates]
-
-
 def target_fingerprint(target: TargetConfig) -> str:
     """A failed candidate is retried only when this changes (a new model or endpoint is a new revision)."""
     return hashlib.sha256(f"{target.model}\n{target.base_url}".encode()).hexdigest()[:16]
@@ -119,7 +115,7 @@ def decide(route: RouteConfig, state: RolloutState, verdicts: dict[str, Candidat
     """One controller iteration. `verdicts` maps candidate names to this cycle's verdict (missing = no evidence).
     `observe=False` when `state` already counts these verdicts' samples and posteriors (a failed push retried).
     `gateway_weights`: what the gateway holds (None: unknown, or the state's weights stand); see the module doc."""
-    names = [t.name for t in targets_of(route)]
+    names = [t.name for t in route.targets]
     state = _reconciled(route, state, names)
     observed = _observe(route, state, verdicts) if observe else state
     observed, drift = _drifted(route, observed, gateway_weights, names, now)
@@ -178,7 +174,7 @@ def _reconciled(route: RouteConfig, state: RolloutState, names: list[str]) -> Ro
     if state.serving not in names:
         raise RoutingStateError(
             f"route '{route.name}': serving target '{state.serving}' is not in the config (targets: {names})")
-    fingerprints = {t.name: target_fingerprint(t) for t in targets_of(route)}
+    fingerprints = {t.name: target_fingerprint(t) for t in route.targets}
     failed = {n: mark for n, mark in state.failed.items()
               if n in fingerprints and mark.get("fingerprint") == fingerprints[n]}
     posteriors = {n: p for n, p in state.posteriors.items() if n in fingerprints and p.fingerprint == fingerprints[n]}
@@ -189,7 +185,7 @@ def _reconciled(route: RouteConfig, state: RolloutState, names: list[str]) -> Ro
 
 def _observe(route: RouteConfig, state: RolloutState, verdicts: dict[str, CandidateVerdict]) -> RolloutState:
     """Evidence this cycle adds whatever is decided: samples toward the dwell, and the bandit's posteriors."""
-    fingerprints = {t.name: target_fingerprint(t) for t in targets_of(route)}
+    fingerprints = {t.name: target_fingerprint(t) for t in route.targets}
     posteriors = dict(state.posteriors)
     for name, v in verdicts.items():
         if v.score is not None and v.n > 0:
@@ -239,7 +235,7 @@ def _drifted(route: RouteConfig, state: RolloutState, gateway_weights: Weights |
 
 def _rollback(route: RouteConfig, state: RolloutState, verdicts: dict[str, CandidateVerdict], names: list[str],
               now: datetime) -> Decision | None:
-    by_name = {t.name: t for t in targets_of(route)}
+    by_name = {t.name: t for t in route.targets}
     reasons: dict[str, str] = {}
     for name in names:
         if name == state.serving:

@@ -31,7 +31,6 @@ from shadowjudge.routing.controller import (
     RolloutState,
     decide,
     target_fingerprint,
-    targets_of,
 )
 from shadowjudge.store.lease import LeaseLock, LockSet, as_utc, default_holder
 from shadowjudge.routing.push import PushResult, describe_error, preview_push, push_weights
@@ -171,7 +170,7 @@ def _weights_to_decide_from(engine: Engine, route: RouteConfig, reading: Gateway
         pending = s.scalar(select(RouteWeightChange.after)
                            .where(RouteWeightChange.route == route.name, RouteWeightChange.status == "pending")
                            .order_by(RouteWeightChange.revision.desc()).limit(1))
-    names = [t.name for t in targets_of(route)]
+    names = [t.name for t in route.targets]
     if pending is not None and percentages(pending, names) == percentages(reading.weights, names):
         return None
     return reading.weights
@@ -195,7 +194,7 @@ def _apply(engine: Engine, route: RouteConfig, gateway: Gateway, decision: Decis
     `reading`: what the gateway held when the decision was taken (read here when not given)."""
     action = label or decision.action
     reason = decision.reason
-    names = [t.name for t in targets_of(route)]
+    names = [t.name for t in route.targets]
     push_needed = decision.changes_weights
     held: Weights | None = None
     if not push_needed:
@@ -311,7 +310,7 @@ def load_rollout_state(engine: Engine, route: RouteConfig) -> RolloutState:
 
 def _from_row(row: RouteState, route: RouteConfig) -> RolloutState:
     policy_state = row.policy_state or {}
-    by_name = {t.name: t for t in targets_of(route)}
+    by_name = {t.name: t for t in route.targets}
     weights = {k: int(v) for k, v in (row.weights or {}).items()}
     if not weights:
         return replace(RolloutState.initial(route), frozen=bool(row.frozen), approved_step=row.approved_step,
@@ -408,12 +407,12 @@ def manual_rollback(engine: Engine, route: RouteConfig, *, gateway: Gateway, now
 def rollback_decision(route: RouteConfig, state: RolloutState, to: str | None, reason: str,
                       now: datetime) -> Decision:
     """All traffic to `to` (default: the serving target); the candidates it takes traffic from are marked failed."""
-    names = [t.name for t in targets_of(route)]
+    names = [t.name for t in route.targets]
     target = to or state.serving
     if target not in names:
         raise InputError(f"route '{route.name}': cannot roll back to '{target}': not a target (targets: {names})")
     after = {n: (100 if n == target else 0) for n in names}
-    by_name = {t.name: t for t in targets_of(route)}
+    by_name = {t.name: t for t in route.targets}
     failed = dict(state.failed)
     for n, w in state.weights.items():
         if n != target and n in by_name and (w > 0 or n == state.candidate) and n != route.incumbent.name:
