@@ -58,6 +58,11 @@ def demo_config(workdir: Path, base_url: str) -> dict:
     }
 
 
+def inspect_commands(config_path: Path) -> dict[str, str]:
+    """The shadowjudge commands the demo prints for looking at what it did (tests run them)."""
+    return {"state": f"status -c {config_path}", "history": f"routes history {ROUTE} -c {config_path}"}
+
+
 def run_demo(workdir: Path, cycles: int = 3, console: Console | None = None) -> dict:
     from evaluators import ensure_champion
     from flows.cycle import evaluation_cycle
@@ -98,8 +103,8 @@ def run_demo(workdir: Path, cycles: int = 3, console: Console | None = None) -> 
     console.print("MLflow UI:\n  .venv/bin/mlflow ui --backend-store-uri "
                   f"{config.mlflow.tracking_uri} --host 127.0.0.1 --port 5000\n"
                   f"  then open http://127.0.0.1:5000 (experiment 'shadowjudge/{ROUTE}')")
-    console.print(f"state: .venv/bin/shadowjudge status -c {config_path}")
-    console.print(f"history: .venv/bin/shadowjudge routes history -c {config_path} --route {ROUTE}")
+    for label, command in inspect_commands(config_path).items():
+        console.print(f"{label}: .venv/bin/shadowjudge {command}")
     console.print(f"rerun a cycle: .venv/bin/shadowjudge replay-server --recordings {DEMO_DATA / 'recordings.jsonl.gz'} "
                   f"--profiles {DEMO_DATA / 'replay_profiles.yaml'} --port {server.port} &  then "
                   f".venv/bin/shadowjudge run -c {config_path}")
