@@ -48,7 +48,7 @@ def test_list_show_ack_resolve(engine, store_url, tmp_path, monkeypatch):
         shown = runner.invoke(alerts_cli, ["show", str(alert.id), "--config", config])
         assert shown.exit_code == 0, shown.output
         for text in ("http://mlflow.local/run/1",
-                     "shadowjudge run --config shadowjudge.yaml --route chat --cycle-id c1",
+                     "shadowjudge run --config shadowjudge.yaml --route chat --cycle-id c1", "reruns this cycle",
                      "example 1", "prompt", "candidate"):
             assert text in shown.output
         as_json = json.loads(runner.invoke(alerts_cli, ["show", str(alert.id), "--json", "-c", config]).output)

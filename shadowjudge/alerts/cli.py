@@ -96,6 +96,8 @@ def show_command(alert_id: int = AlertIdArgument, config: Path = ConfigOption,
         "", escape(data["message"]), "", f"action: {escape(data['action'] or '-')}",
         f"MLflow run: {escape(bundle.get('run_link') or '-')}", f"reproduce: {escape(bundle.get('reproduce') or '-')}",
     ]
+    if bundle.get("reproduce_note"):  # what pasting the command still does (new traffic, live golden calls)
+        lines.append(f"  [dim]{escape(bundle['reproduce_note'])}[/]")
     _out().print(Panel("\n".join(lines), title=f"alert {data['id']}", expand=False), highlight=False)
     for i, ex in enumerate(bundle.get("examples") or [], 1):
         if "prompt" in ex:
