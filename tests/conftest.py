@@ -15,7 +15,8 @@ from shadowjudge.environment import apply_defaults  # noqa: E402
 
 apply_defaults()
 
-from shadowjudge.store import dispose_engines, get_engine, upgrade_database  # noqa: E402
+from shadowjudge.store import get_engine, upgrade_database  # noqa: E402
+from pg_databases import throwaway_pg_database  # noqa: E402
 
 PG_URL = os.environ.get("SHADOWJUDGE_TEST_PG_URL")
 
@@ -35,16 +36,8 @@ def pg_server_url() -> Iterator[str]:
     """A fresh, throwaway database on the PostgreSQL server, dropped after the session."""
     if not PG_URL:
         pytest.skip("SHADOWJUDGE_TEST_PG_URL is not set")
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    name = f"sj_test_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_URL.rsplit("/", 1)[0] + "/" + name
-    yield url
-    dispose_engines()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with throwaway_pg_database(PG_URL, "sj_test_") as url:
+        yield url
 
 
 def _fresh_pg_schema(server_url: str) -> str:

@@ -6,14 +6,13 @@ import multiprocessing
 import re
 import shutil
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from alembic import command
 from alembic.operations import Operations
-from sqlalchemy import create_engine, func, inspect, select, text
+from sqlalchemy import func, inspect, select, text
 
 from shadowjudge.store import (
     Alert,
@@ -31,6 +30,8 @@ from shadowjudge.errors import ShadowJudgeError
 from shadowjudge.store import database
 from shadowjudge.store.database import has_schema
 from shadowjudge.store.models import utcnow
+from pg_databases import throwaway_pg_database
+from tests.test_store_text import add_run_and_sample
 
 HEAD = "0002"
 
@@ -41,17 +42,8 @@ def empty_store_url(request, tmp_path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/store.db"
         return
-    server = request.getfixturevalue("pg_server_url")
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    name = f"sj_m_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = server.rsplit("/", 1)[0] + "/" + name
-    yield url
-    get_engine(url).dispose()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with throwaway_pg_database(request.getfixturevalue("pg_server_url"), "sj_m_") as url:
+        yield url
 
 
 def with_migration(tmp_path: Path, monkeypatch, upgrade_body: str) -> None:
@@ -66,15 +58,11 @@ def with_migration(tmp_path: Path, monkeypatch, upgrade_body: str) -> None:
 
 
 def add_run_with_children(url: str) -> None:
+    run_id, sample_id = add_run_and_sample(url)
     with session_scope(get_engine(url)) as s:
-        sample = TrafficSample(request_id="r1", source="s", source_position="1", route="chat", incumbent_model="m",
-                               messages=[], request_ts=utcnow())
-        run = ShadowRun(run_key="chat:c1", route="chat", config_hash="x", sample_ids=[1])
-        s.add_all([sample, run])
-        s.flush()
-        s.add(ShadowResult(run_id=run.id, sample_id=sample.id, target="t", model="m", output_text="o"))
-        s.add(Judgment(run_id=run.id, sample_id=sample.id, target="t", evaluator="e", preference=0.5))
-        s.add(Alert(fingerprint="f", severity="high", kind="k", route="chat", metric="m", message="x", run_id=run.id))
+        s.add(ShadowResult(run_id=run_id, sample_id=sample_id, target="t", model="m", output_text="o"))
+        s.add(Judgment(run_id=run_id, sample_id=sample_id, target="t", evaluator="e", preference=0.5))
+        s.add(Alert(fingerprint="f", severity="high", kind="k", route="chat", metric="m", message="x", run_id=run_id))
 
 
 def children(url: str) -> dict[str, int | None]:

@@ -17,7 +17,8 @@ from shadowjudge.store import Alert, Base, ShadowResult, ShadowRun, TrafficSampl
 from shadowjudge.store.models import utcnow
 
 
-def _run_and_sample(url: str) -> tuple[int, int]:
+def add_run_and_sample(url: str) -> tuple[int, int]:
+    """A stored sample and a shadow run: what results, judgments and alerts refer to."""
     with session_scope(get_engine(url)) as s:
         sample = TrafficSample(request_id="r1", source="s", source_position="1", route="chat", incumbent_model="m",
                                messages=[], request_ts=utcnow())
@@ -28,7 +29,7 @@ def _run_and_sample(url: str) -> tuple[int, int]:
 
 
 def _write_results(url: str, rows: list[dict]) -> dict[str, ShadowResult]:
-    run_id, sample_id = _run_and_sample(url)
+    run_id, sample_id = add_run_and_sample(url)
     writer = ResultWriter(get_engine(url))
     for row in rows:
         writer.add({"run_id": run_id, "sample_id": sample_id, "attempt": 0, "retries": 0, "model": "m", **row})
