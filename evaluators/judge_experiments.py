@@ -73,7 +73,7 @@ def cross_validate(data: PreferenceData, emb: EmbeddedAnswers, config: HeadConfi
     fold_rho, fold_lc = [], []
     for fold in model_folds(judged, folds, seed):
         held = set(fold)
-        train = [p for p in pairs if p.model_b not in held]
+        train = [p for p in pairs if p.model_b not in held and p.model_a not in held]
         spec, state = fit_head(emb, train, config, encoder, seed)
         r = answer_rewards(emb, spec, state) + length_penalty * np.log1p(emb.lengths)
         test = [p for p in data.pairs if p.model_b in held]

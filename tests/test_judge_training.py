@@ -466,3 +466,32 @@ def test_evaluate_reports_a_judge_that_will_not_load_in_one_line(tiny_data, tmp_
                                           "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--no-progress"])
     assert done.exit_code == 1 and isinstance(done.exception, SystemExit), done.output
     assert "judge format 99" in done.output and "Traceback" not in done.output
+
+
+def test_cross_validation_trains_on_no_pair_that_shows_a_held_out_model(tiny_data, tmp_path, monkeypatch):
+    """A labels file may compare two judged models; such a pair must not teach a fold the model it holds out."""
+    from evaluators import judge_experiments
+    from evaluators.encoder import EmbeddingCache
+    from evaluators.judge_training import embed_answers
+    from evaluators.preference_data import LabelledPair
+
+    data = load_preference_data(tiny_data)
+    judged = sorted({p.model_b for p in data.pairs})
+    pid = data.pairs[0].prompt_id
+    data.pairs.extend(LabelledPair(pid, a, b, 0.5) for a in judged for b in judged
+                      if a != b and (pid, a) in data.outputs and (pid, b) in data.outputs)
+    emb = embed_answers(data, sorted(data.outputs), EmbeddingCache(tmp_path, TINY.encoder))
+    seen: list[set[str]] = []
+    real_fit = judge_experiments.fit_head
+
+    def recording_fit(emb, train, *args):
+        seen.append({p.model_a for p in train} | {p.model_b for p in train})
+        return real_fit(emb, train, *args)
+
+    monkeypatch.setattr(judge_experiments, "fit_head", recording_fit)
+    head = HeadConfig("plain", use_length=False, epochs=2, hidden=8)
+    judge_experiments.cross_validate(data, emb, head, TINY.encoder, folds=3)
+    folds = judge_experiments.model_folds(judged, 3, 0)
+    assert len(seen) == len(folds) == 3
+    for fold, trained_on in zip(folds, seen):
+        assert not trained_on & set(fold)
