@@ -264,6 +264,8 @@ class AlertSinkConfig(_Strict):
     timeout_s: float = Field(default=10.0, gt=0)
     max_attempts: int = Field(default=4, ge=1, le=10)
     backoff_s: float = Field(default=0.5, ge=0)
+    delivery_budget_s: float = Field(
+        default=60.0, gt=0, description="Seconds this sink may take per delivery (one per cycle); then it is skipped")
 
     @model_validator(mode="after")
     def _has_destination(self) -> "AlertSinkConfig":

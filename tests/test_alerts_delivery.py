@@ -27,8 +27,10 @@ ROUTE = route_for(["c"])
 class RecordingSink:
     """A sink in memory: records what it was sent, or fails like an endpoint that is down (`fail`)."""
 
-    def __init__(self, name: str = "pd", max_attempts: int = 1, backoff_s: float = 0.0) -> None:
+    def __init__(self, name: str = "pd", max_attempts: int = 1, backoff_s: float = 0.0,
+                 delivery_budget_s: float = 60.0) -> None:
         self.name, self.min_severity, self.max_attempts, self.backoff_s = name, "info", max_attempts, backoff_s
+        self.delivery_budget_s = delivery_budget_s
         self.fail: str | None = None
         self.sent: list[tuple[int, str]] = []
         self.calls = 0
@@ -126,8 +128,7 @@ def test_a_delivery_attempt_leaves_updated_at_alone_so_a_failed_resolve_stops_af
 
 
 def test_a_sink_that_keeps_failing_stops_at_its_time_budget(engine, monkeypatch):
-    monkeypatch.setattr(records, "SINK_TIME_BUDGET_S", 0.5, raising=False)
-    slow = RecordingSink("slow", max_attempts=10, backoff_s=0.05)  # a full schedule sleeps 25.6 s
+    slow = RecordingSink("slow", max_attempts=10, backoff_s=0.05, delivery_budget_s=0.5)  # a full schedule sleeps 25.6 s
     slow.fail = "HTTP 429"
     started = time.monotonic()
     first, second = records.raise_findings(engine, [finding(1), Finding(
@@ -158,3 +159,13 @@ def test_a_cycle_delivers_once_however_many_kinds_of_finding_it_checks(engine, t
         handle = stages.RunHandle(run_id, "chat:c1", [], resumed=False)
         assert stages.alert(engine, config, route, handle, analysis, None, "c.yaml") == []
     assert len(down.requests) == 2
+
+
+def test_each_sink_takes_its_delivery_budget_from_the_config():
+    from shadowjudge.alerts.sinks import build_sinks
+    from shadowjudge.config import AlertsConfig, AlertSinkConfig
+
+    fast, default = build_sinks(AlertsConfig(sinks=[
+        AlertSinkConfig(name="hook", kind="webhook", url="http://127.0.0.1:9/h", delivery_budget_s=5),
+        AlertSinkConfig(name="other", kind="webhook", url="http://127.0.0.1:9/o")]))
+    assert (fast.delivery_budget_s, default.delivery_budget_s) == (5, 60)

@@ -31,7 +31,6 @@ from shadowjudge.store.models import fit_column, utcnow
 STATUSES = ("open", "acknowledged", "resolved")
 RESOLVE_RETRY_WINDOW = timedelta(days=7)
 SEEN_SOURCES = 50  # the source keys (runs, windows) an alert remembers: a rerun of any of them is not news
-SINK_TIME_BUDGET_S = 60.0  # per sink and delivery: a slow or rate-limiting sink cannot hold a cycle for minutes
 
 
 class AlertError(InputError):
@@ -129,7 +128,7 @@ def deliver_pending(engine: Engine, sinks: Sequence[AlertSink], alert_ids: Seque
 
     Network calls happen outside any transaction; each result is merged into `delivered` per sink. Returns the
     number of sends that failed (they stay pending for the next call). A sink whose retries all failed, or that
-    used its SINK_TIME_BUDGET_S, is not tried again in this call: a dead or slow endpoint costs one retry schedule
+    used its `delivery_budget_s`, is not tried again in this call: a dead or slow endpoint costs one retry schedule
     per cycle, not one per pending alert.
     """
     if not sinks:
@@ -161,15 +160,15 @@ def deliver_pending(engine: Engine, sinks: Sequence[AlertSink], alert_ids: Seque
             else:
                 started = time.monotonic()
                 status = deliver(sink, payload, event,
-                                 deadline=started + SINK_TIME_BUDGET_S - spent.get(sink.name, 0.0))
+                                 deadline=started + sink.delivery_budget_s - spent.get(sink.name, 0.0))
                 spent[sink.name] = spent.get(sink.name, 0.0) + time.monotonic() - started
                 if status["status"] == "failed":
                     failures += 1
                     if status.get("attempts", 0) >= sink.max_attempts:  # retries spent: the endpoint, not the payload
                         down[sink.name] = (f"the sink failed earlier in this delivery "
                                            f"({str(status.get('error') or 'failed')[:200]})")
-                if sink.name not in down and spent[sink.name] >= SINK_TIME_BUDGET_S:
-                    down[sink.name] = f"the sink used its {SINK_TIME_BUDGET_S:g} s of this delivery"
+                if sink.name not in down and spent[sink.name] >= sink.delivery_budget_s:
+                    down[sink.name] = f"the sink used its {sink.delivery_budget_s:g} s of this delivery"
             if event == "trigger" and (_trigger_attempted(state) or _trigger_attempted(status)):
                 status["triggered"] = True
             updates[sink.name] = status

@@ -41,6 +41,7 @@ class AlertSink(Protocol):
     min_severity: str
     max_attempts: int
     backoff_s: float
+    delivery_budget_s: float  # per delivery pass: a slow or rate-limiting sink cannot hold a cycle for minutes
 
     def send(self, alert: Mapping[str, Any], event: str) -> None:
         """Send one event for one alert; raise DeliveryError on failure."""
@@ -101,6 +102,7 @@ class _HttpSink:
         self.min_severity = config.min_severity
         self.max_attempts = config.max_attempts
         self.backoff_s = config.backoff_s
+        self.delivery_budget_s = config.delivery_budget_s
         self._config = config
         self._transport = transport
 
