@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -68,7 +67,6 @@ class LeaseLock:
         self.ttl = timedelta(seconds=ttl_s)
         self.clock = clock
         self.held = False
-        self._renewed_at = 0.0
 
     def acquire(self) -> bool:
         now = as_utc(self.clock())
@@ -78,7 +76,6 @@ class LeaseLock:
                 s.add(Lock(name=self.name, holder=self.holder, expires_at=expires))
                 s.flush()
             self.held = True
-            self._renewed_at = time.monotonic()
             return True
         except IntegrityError:
             pass
@@ -92,15 +89,7 @@ class LeaseLock:
                 .values(holder=self.holder, expires_at=expires)
             )
             self.held = taken.rowcount == 1
-        self._renewed_at = time.monotonic()
         return self.held
-
-    def keep_alive(self) -> bool:
-        """`renew` once a quarter of the lease has passed since it was taken or last renewed; cheap to call per
-        batch (a renewal is a write transaction)."""
-        if self.held and time.monotonic() - self._renewed_at < self.ttl.total_seconds() / 4:
-            return True
-        return self.renew()
 
     def renew(self) -> bool:
         """Extend a held lease by its ttl from now; False when it was lost (it expired and another took it over)."""
@@ -115,7 +104,6 @@ class LeaseLock:
         kept = session.execute(update(Lock).where(Lock.name == self.name, Lock.holder == self.holder)
                                .values(expires_at=as_utc(self.clock()) + self.ttl))
         self.held = kept.rowcount == 1
-        self._renewed_at = time.monotonic()
         return self.held
 
     def release(self) -> None:
