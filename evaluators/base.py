@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
+
+MAX_VERSION_CHARS = 256  # the store's evaluator columns (judgments.evaluator, shadow_runs.judge_version)
+
+
+def bounded_version(version: str) -> str:
+    """`version` if it fits the store's columns, else its start and a hash of the whole: a version keys stored
+    judgments, so cutting it short could make two versions one. (A registered model name may take 256 characters.)"""
+    if len(version) <= MAX_VERSION_CHARS:
+        return version
+    digest = hashlib.sha256(version.encode()).hexdigest()[:16]
+    return f"{version[:MAX_VERSION_CHARS - len(digest) - 1]}#{digest}"
 
 
 @runtime_checkable

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from evaluators.base import bounded_version
 from shadowjudge.errors import ShadowJudgeError
 
 if TYPE_CHECKING:
@@ -139,7 +140,7 @@ class LlmJudge:
         verdict_inputs = "\x00".join((PAIRWISE_SYSTEM, PAIRWISE_USER, POINTWISE_SYSTEM, POINTWISE_USER, model,
                                       repr(float(temperature))))
         digest = hashlib.sha1(verdict_inputs.encode()).hexdigest()[:8]
-        self.version = f"llm-judge:{name or model}:{digest}"
+        self.version = bounded_version(f"llm-judge:{name or model}:{digest}")
         self.unparsed = 0
         self._lock = threading.Lock()
 

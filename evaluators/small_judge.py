@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluators.answer_features import answer_features, feature_names
+from evaluators.base import bounded_version
 from evaluators.encoder import EMBEDDING_DIM, Backend, EncoderSettings, LruEmbedder, TextEmbedder, TextEncoder
 from evaluators.word_profile import WordProfiles, profile_reward, word_profiles
 from shadowjudge.errors import ShadowJudgeError
@@ -151,7 +152,7 @@ class SmallJudge:
                  embedder: TextEmbedder | None = None, cache_size: int = 8192, batch_size: int = 32,
                  backend: Backend | None = None) -> None:
         self.spec = spec
-        self.version = version
+        self.version = bounded_version(version)
         self.reward_head = RewardHead(spec, head_state)
         if embedder is None:
             encoder = TextEncoder(spec.encoder, batch_size=batch_size, backend=backend or spec.serving_backend)

@@ -195,3 +195,18 @@ def test_a_teacher_takes_its_key_from_its_prefect_secret_block(monkeypatch):
                           api_key_secret="teacher-key")
     judge = LlmJudge.from_target(target, load_secret={"teacher-key": "from-block"}.__getitem__)
     assert judge.client.api_key == "from-block"
+
+
+
+def test_a_version_too_long_for_the_store_keeps_its_start_and_stays_unique():
+    """A registered judge name may take MLflow's 256 characters and the version adds to it: PostgreSQL refused such
+    judgments (varchar(256)) while SQLite stored them."""
+    from evaluators.base import MAX_VERSION_CHARS, bounded_version
+
+    long_name = "team-" + "x" * 300
+    one, other = (LlmJudge(None, "m", name=long_name + end).version for end in "ab")  # type: ignore[arg-type]
+    assert len(one) == len(other) == MAX_VERSION_CHARS and one != other
+    assert one.startswith("llm-judge:team-xxx")
+    assert LlmJudge(None, "m", name="teacher").version.startswith("llm-judge:teacher:")  # type: ignore[arg-type]
+    exact = "v" * MAX_VERSION_CHARS
+    assert bounded_version(exact) == exact and bounded_version(exact + "w") != exact

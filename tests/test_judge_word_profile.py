@@ -74,3 +74,15 @@ def test_a_judge_with_a_word_term_saves_loads_and_refuses_weights_that_do_not_ma
     assert loaded.compare(["q"], ["bad bad"], ["good good"]) == pytest.approx([p])
     with pytest.raises(JudgeLoadError, match="word buckets"):
         SmallJudge(spec, state, version="t", embedder=Constant())
+
+
+def test_a_judge_registered_under_a_long_name_gets_a_version_the_store_can_hold():
+    from evaluators.base import MAX_VERSION_CHARS
+    from evaluators.small_judge import JudgeSpec, SmallJudge, build_head
+
+    spec = JudgeSpec(use_length=False, hidden=8, feature_mean=[0.0] * 9, feature_std=[1.0] * 9)
+    state = {k: v.detach().numpy() for k, v in build_head(spec).state_dict().items()}
+    version = f"small-judge:models:/{'team-' + 'x' * 251}/12"  # MLflow takes registered names up to 256 characters
+    judge = SmallJudge(spec, state, version=version)
+    assert len(judge.version) == MAX_VERSION_CHARS and judge.version.startswith("small-judge:models:/team-x")
+    assert SmallJudge(spec, state, version=version[:-1] + "3").version != judge.version
