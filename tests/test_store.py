@@ -63,3 +63,27 @@ def test_status_counts_small_tables_exactly_and_estimates_large_ones(store_url, 
     counts = cli.status_row_counts(engine)
     assert counts["traffic_samples"] == "~5"
     assert counts["alerts"] == 0
+
+
+def test_every_stored_datetime_comes_back_as_the_same_instant_in_utc(store_url):
+    """SQLite keeps no zone: it stored a +02:00 time's wall clock and handed back naive values, so alert payloads
+    and listings read differently there and on PostgreSQL."""
+    from datetime import datetime, timedelta, timezone
+
+    from shadowjudge.alerts.records import alert_to_dict
+    from shadowjudge.store import Alert
+
+    engine = get_engine(store_url)
+    at = datetime(2026, 11, 25, 6, 0, tzinfo=timezone(timedelta(hours=2)))
+    with session_scope(engine) as s:
+        s.add(TrafficSample(**{**_sample(9), "request_ts": at}))
+        s.add(Alert(fingerprint="f", status="open", severity="warning", kind="regression", route="chat",
+                    target="c", metric="m", message="m", created_at=at, updated_at=at))
+    with session_scope(engine) as s:
+        stored = s.scalar(select(TrafficSample.request_ts).where(TrafficSample.request_id == "req-9"))
+        before = s.scalar(select(func.count()).select_from(TrafficSample)
+                          .where(TrafficSample.request_ts < datetime(2026, 11, 25, 4, 30, tzinfo=timezone.utc)))
+        payload = alert_to_dict(s.scalars(select(Alert)).one())
+    assert stored == at and stored.utcoffset() == timedelta(0)
+    assert before == 1  # 04:00 UTC, compared as an instant
+    assert payload["created_at"] == payload["updated_at"] == "2026-11-25T04:00:00+00:00"

@@ -71,9 +71,30 @@ class StoredText(StoredString):
     cache_ok = True  # SQLAlchemy reads it per class
 
 
+class UtcDateTime(TypeDecorator[datetime]):
+    """TIMESTAMP WITH TIME ZONE in the schema; values go in as UTC and come back aware UTC on every backend.
+
+    SQLite keeps no zone: it stored an aware datetime's wall time as given (another zone's read back shifted) and
+    handed back naive values, so alert payloads and listings said `...T04:40:27` there and `...+00:00` on PostgreSQL.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None or value.tzinfo is None:  # naive values are UTC already (SQLite's own, a test's)
+            return value
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
 def render_stored_type(kind: str, obj: Any, autogen_context: Any) -> str | Literal[False]:
     """Alembic's `render_item`: a migration names the plain SQLAlchemy type, never an import of shadowjudge."""
-    if kind == "type" and isinstance(obj, StoredString):
+    if kind == "type" and isinstance(obj, (StoredString, UtcDateTime)):
         return f"{autogen_context.opts['sqlalchemy_module_prefix']}{obj.impl_instance!r}"
     return False
 
@@ -118,8 +139,8 @@ class TrafficSample(Base):
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     stratum: Mapped[str | None] = mapped_column(StoredString(256))
     redactions: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    request_ts: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    ingested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    request_ts: Mapped[datetime] = mapped_column(UtcDateTime())
+    ingested_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
     __table_args__ = (
         Index("ix_traffic_samples_route_request_ts", "route", "request_ts"),
@@ -134,7 +155,7 @@ class SourceCursor(Base):
 
     source: Mapped[str] = mapped_column(StoredString(128), primary_key=True)
     position: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow, onupdate=utcnow)
 
 
 class QuarantinedRecord(Base):
@@ -146,7 +167,7 @@ class QuarantinedRecord(Base):
     source: Mapped[str] = mapped_column(StoredString(128))
     position: Mapped[str] = mapped_column(StoredString(512))
     reason: Mapped[str] = mapped_column(StoredString(1024))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
     __table_args__ = (UniqueConstraint("source", "position"),)
 
@@ -167,8 +188,8 @@ class ShadowRun(Base):
     mlflow_run_id: Mapped[str | None] = mapped_column(StoredString(64))
     decision: Mapped[str | None] = mapped_column(StoredString(32))
     summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
     __table_args__ = (Index("ix_shadow_runs_route_started_at", "route", "started_at"),)
 
@@ -196,7 +217,7 @@ class ShadowResult(Base):
     cost_usd: Mapped[float | None] = mapped_column(Float)
     error_class: Mapped[str | None] = mapped_column(StoredString(128))
     retries: Mapped[int] = mapped_column(Integer, default=0)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
     # Drift windows and reports reach results through their samples; without this index SQLite scans the whole
     # table once per sample (22 s a cycle at 6k samples in bench/soak.py).
@@ -218,7 +239,7 @@ class Judgment(Base):
     incumbent_score: Mapped[float | None] = mapped_column(Float)
     preference: Mapped[float | None] = mapped_column(Float, doc="P(candidate better than incumbent)")
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
     __table_args__ = (UniqueConstraint("run_id", "sample_id", "target", "evaluator"),
                       Index("ix_judgments_sample_id_evaluator", "sample_id", "evaluator"))
@@ -251,8 +272,8 @@ class Alert(Base):
     run_id: Mapped[int | None] = mapped_column(ForeignKey("shadow_runs.id", ondelete="SET NULL"))
     occurrences: Mapped[int] = mapped_column(Integer, default=1)
     delivered: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, doc="sink -> delivery status")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow, onupdate=utcnow)
 
     __table_args__ = (
         Index("ix_alerts_fingerprint_status", "fingerprint", "status"),
@@ -269,7 +290,7 @@ class RouteState(Base):
     weights: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     candidate: Mapped[str | None] = mapped_column(StoredString(128))
     step_index: Mapped[int] = mapped_column(Integer, default=-1)
-    step_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    step_started_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     phase: Mapped[str] = mapped_column(StoredString(32), default="idle")
     frozen: Mapped[bool] = mapped_column(Boolean, default=False)
     approved_step: Mapped[int | None] = mapped_column(Integer)
@@ -280,7 +301,7 @@ class RouteState(Base):
     policy_state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, doc="failed candidates, bandit posteriors")
     last_run_id: Mapped[int | None] = mapped_column(Integer, doc="run whose verdicts were applied last: a rerun is a no-op")
     last_outcome: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow, onupdate=utcnow)
 
 
 class RouteWeightChange(Base):
@@ -300,7 +321,7 @@ class RouteWeightChange(Base):
     gateway: Mapped[str] = mapped_column(StoredString(64))
     analysis_link: Mapped[str | None] = mapped_column(StoredString(1024))
     run_id: Mapped[int | None] = mapped_column(ForeignKey("shadow_runs.id", ondelete="SET NULL"))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
     __table_args__ = (
         UniqueConstraint("route", "revision"),
@@ -315,4 +336,4 @@ class Lock(Base):
 
     name: Mapped[str] = mapped_column(StoredString(256), primary_key=True)
     holder: Mapped[str] = mapped_column(StoredString(256))
-    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
