@@ -21,7 +21,7 @@ from shadowjudge import cycle
 from shadowjudge.demo import DEMO_DATA
 from shadowjudge.shadow.replay_server import ReplayServer
 from shadowjudge.store import Lock, ShadowRun, get_engine, session_scope
-from shadowjudge.store.lease import LeaseLock
+from shadowjudge.store.lease import LeaseLock, pid_namespace
 from cycle_configs import write_cycle_config
 
 FAST = {"seed": 1, "default": {"ttft_ms": 2, "token_ms": 0}}
@@ -87,7 +87,7 @@ def test_a_cycle_killed_on_this_host_does_not_hold_the_route(sqlite_url):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True).stdout.strip()
     with session_scope(engine) as s:
-        s.add(Lock(name="cycle:chat-default", holder=f"{socket.gethostname()}:{dead}:0:cycle k1",
+        s.add(Lock(name="cycle:chat-default", holder=f"{socket.gethostname()}:{dead}:0:{pid_namespace()}:cycle k1",
                    expires_at=datetime(2999, 1, 1, tzinfo=timezone.utc)))
     with cycle.cycle_lease(engine, ROUTE, "k2") as lease:
         assert lease.held

@@ -1,6 +1,7 @@
 """File gateways (TrueFoundry, LiteLLM config.yaml, Portkey): only weights change, bad files are refused clearly."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,37 @@ def test_one_file_reached_by_two_spellings_is_one_gateway_and_so_one_lock(tmp_pa
     _, roundabout = make_route("truefoundry", tmp_path / "sub" / ".." / "routing.yaml")
     assert direct.name == roundabout.name
 
+
+def test_one_file_reached_through_a_symlinked_folder_or_a_double_slash_is_one_lock(tmp_path):
+    """Two routes sharing a file, one naming it through a link, took two locks: one route's push was lost."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "linked").symlink_to(tmp_path / "real")
+    spellings = [tmp_path / "real" / "routing.yaml", tmp_path / "linked" / "routing.yaml",
+                 "/" + str(tmp_path / "real" / "routing.yaml")]
+    assert len({make_route("truefoundry", spelling)[1].name for spelling in spellings}) == 1
+
+
+def test_the_previous_revision_keeps_the_mode_of_a_private_file(tmp_path):
+    path = tmp_path / "routing.yaml"
+    path.write_text(TRUEFOUNDRY)
+    path.chmod(0o600)
+    _, gw = make_route("truefoundry", path)
+    assert push_weights(gw, {"inc": 90, "cand": 10}).ok
+    assert previous_revision_path(path).stat().st_mode & 0o777 == 0o600  # was 0644: readable by every user
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may give a file to another user")
+def test_a_push_as_root_keeps_the_owner_of_the_gateway_file_and_its_previous_revision(tmp_path):
+    """A gateway running as its own user could no longer read its config once root pushed it."""
+    path = tmp_path / "routing.yaml"
+    path.write_text(TRUEFOUNDRY)
+    os.chown(path, 1000, 1001)
+    path.chmod(0o640)
+    _, gw = make_route("truefoundry", path)
+    assert push_weights(gw, {"inc": 90, "cand": 10}).ok
+    for written in (path, previous_revision_path(path)):
+        st = written.stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (1000, 1001, 0o640), written
 
 def test_truefoundry_virtual_model_group_shape(tmp_path):
     path = tmp_path / "vm.yaml"

@@ -2,9 +2,10 @@
 
 A file gateway's push writes a temp file next to the target, fsyncs it, saves the current file as `<name>.prev`,
 renames the temp over the target (atomic on POSIX) and fsyncs the folder; a crash leaves either the old or the new
-file, never half of one. If the reload command then fails, or the push is restored after a failed read-back, the
-previous text is written back, so the file on disk matches the config the gateway still runs, and `.prev` gets
-its own earlier revision back: a rejected rendering is never left where a person would look for the last good one.
+file, never half of one. Both files keep the current file's mode, and its owner where we may set it (as root). If
+the reload command then fails, or the push is restored after a failed read-back, the previous text is written back,
+so the file on disk matches the config the gateway still runs, and `.prev` gets its own earlier revision back: a
+rejected rendering is never left where a person would look for the last good one.
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ _ODD_SHAPE = (AttributeError, TypeError, ValueError, KeyError)
 NEW_FILE_MODE = 0o644  # a gateway process often runs as another user; the files hold no secrets (env references)
 
 
-def _replace_atomically(path: Path, text: str) -> None:
+def _replace_atomically(path: Path, text: str, like: Path | None = None) -> None:
     """Write a temporary file beside `path` and rename it over: a reader sees the old or the new text, never half.
-    A symlinked config keeps its link (the file it points to is replaced); an existing file keeps its mode."""
+    A symlinked config keeps its link (the file it points to is replaced); the new file takes the access of `like`
+    (default: the file it replaces), see `_copy_access`."""
     if path.is_symlink():
         path = path.resolve()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -57,13 +59,29 @@ def _replace_atomically(path: Path, text: str) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
+            _copy_access(fh.fileno(), like or path)
             os.fsync(fh.fileno())
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else NEW_FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _copy_access(fd: int, like: Path) -> None:
+    """Give the open file `like`'s mode and, where we may (as root), its owner and group: a gateway running as
+    another user can still read its config after root pushed it, and a copy of a private file stays private.
+    A new file (no `like` on disk) gets NEW_FILE_MODE."""
+    try:
+        st = like.stat()
+    except FileNotFoundError:
+        os.fchmod(fd, NEW_FILE_MODE)
+        return
+    try:
+        os.fchown(fd, st.st_uid, st.st_gid)
+    except PermissionError:
+        pass  # not root: the file stays ours, as any file we create
+    os.fchmod(fd, st.st_mode & 0o777)  # after the chown, which may clear mode bits
 
 
 def previous_revision_path(path: Path) -> Path:
@@ -75,7 +93,7 @@ def write_config_file(path: Path, text: str | None, keep_previous: bool = True) 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if keep_previous and path.exists():
-            _replace_atomically(previous_revision_path(path), path.read_text(encoding="utf-8"))
+            _replace_atomically(previous_revision_path(path), path.read_text(encoding="utf-8"), like=path)
         if text is None:
             path.unlink(missing_ok=True)
             _fsync_dir(path.parent)
@@ -140,9 +158,9 @@ class FileGateway:
 
     def __init__(self, route: RouteConfig, path: str | Path, reload_command: Sequence[str] | None = None) -> None:
         self.route = route
-        self.path = Path(os.path.abspath(path))  # one name per file: it keys the gateway's lock
+        self.path = Path(os.path.abspath(path))
         self.reload_command = list(reload_command) if reload_command else None
-        self.name = f"{self.kind}:{self.path}"
+        self.name = f"{self.kind}:{os.path.realpath(path)}"  # one name per file, however spelled: it keys its lock
         self._last_push: _Push | None = None
 
     # -- format-specific ---------------------------------------------------------------------------------------
