@@ -101,8 +101,11 @@ class SamplingConfig(_Strict):
     metadata_equals: dict[str, str] = Field(default_factory=dict)
     stratify_by: str | None = Field(default=None, description="Metadata key whose values are strata")
     per_stratum_quota: int | None = Field(default=None, gt=0)
-    min_per_stratum: int = Field(default=0, ge=0)
-    daily_cap: int | None = Field(default=None, gt=0)
+    min_per_stratum: int = Field(default=0, ge=0, description=(
+        "Floor per stratum per UTC day, kept beyond the rate and even past daily_cap (counting toward it); "
+        "first-come in read order"))
+    daily_cap: int | None = Field(default=None, gt=0, description=(
+        "Samples per UTC day; only min_per_stratum floors go past it; first-come in read order"))
 
 
 class RedactionConfig(_Strict):

@@ -4,11 +4,15 @@ In order, a request is dropped if it is outside the backfill window, on another 
 model, or missing a required metadata value. It is a candidate when its hash says so (`hash(seed, request_id)
 < rate`, so the same request is always in or out, and one in at 1% is also in at 5%), or when its stratum is
 still below the floor (`min_per_stratum` per day, so rare slices get samples too). A candidate whose request id
-is already stored is a duplicate; otherwise it is kept unless the day's cap or its stratum's quota for the day
-is reached.
+is already stored is a duplicate. Otherwise it is kept if its stratum is below the floor: floors are guaranteed,
+so these are taken even past the day's cap (and count toward it, so the cap is exceeded by at most the floor per
+stratum seen that day); else it is kept unless the day's cap or its stratum's quota for the day is reached.
 
 Days are UTC calendar days of the request's timestamp, and counts come from the store, so caps hold across
-runs, sources and backfills.
+runs, sources and backfills. Whether a request hashes in does not depend on order, but the floor and the cap do:
+they go to the first requests of the day in the order the sources yield them (across runs too). Choosing them
+independently of order would need a whole day's requests before keeping any, which a live ingest, run while the
+day is still going, never has.
 """
 
 from __future__ import annotations
@@ -154,28 +158,38 @@ class Sampler:
             r.request_id for r, stratum, day, hashed_in in passing
             if hashed_in or budget.day(session, day).by_stratum[stratum] < self._floor])
 
-        cap, quota = self.config.daily_cap, self.config.per_stratum_quota
         admitted: list[tuple[TrafficRecord, str | None]] = []
         duplicates = 0
         seen: set[str] = set()
         for record, stratum, day, hashed_in in passing:
             count = budget.day(session, day)
             in_stratum = count.by_stratum[stratum]
-            if not hashed_in and in_stratum >= self._floor:
+            below_floor = in_stratum < self._floor
+            if not hashed_in and not below_floor:
                 filtered[RATE] += 1
                 continue
             if record.request_id in stored or record.request_id in seen:
                 duplicates += 1
                 continue
             seen.add(record.request_id)
-            if cap is not None and count.total >= cap:
-                filtered[DAILY_CAP] += 1
-            elif quota is not None and in_stratum >= quota:
-                filtered[STRATUM_QUOTA] += 1
+            # Below the floor it is kept even past the cap: common traffic filling the cap early in the day would
+            # otherwise starve the rare slices the floor is for. (The quota is never below the floor.)
+            limit = None if below_floor else self._limit_reached(count.total, in_stratum)
+            if limit is not None:
+                filtered[limit] += 1
             else:
                 admitted.append((record, stratum))
                 budget.add(day, stratum)
         return Selection(admitted, duplicates, filtered)
+
+    def _limit_reached(self, day_total: int, in_stratum: int) -> str | None:
+        """The day's limit (cap, then stratum quota) already reached, if any."""
+        cap, quota = self.config.daily_cap, self.config.per_stratum_quota
+        if cap is not None and day_total >= cap:
+            return DAILY_CAP
+        if quota is not None and in_stratum >= quota:
+            return STRATUM_QUOTA
+        return None
 
 
 def existing_request_ids(session: Session, request_ids: list[str]) -> set[str]:
