@@ -4,7 +4,7 @@ prefect.yaml is the one list of deployments. `deploy_schedules` prepares what th
 pool of type process, the `provider-calls` concurrency limit) and hands the file (with `--pool`, a copy of it on
 that pool) to `prefect deploy --all`; `serve_schedules` builds the same deployments in-process and serves them with
 `prefect.serve` (no pool, no worker). Both fill the file's `{{ $SHADOWJUDGE_* }}` placeholders from the config, so
-both give the same deployments the same parameters.
+both give the same deployments the same parameters, and both refuse a `route` parameter the config has no route of.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def template_environment(config_path: str | Path, config: Config,
     """Values of prefect.yaml's `{{ $SHADOWJUDGE_* }}` placeholders, taken from the config."""
     return {
         "SHADOWJUDGE_CONFIG": str(Path(config_path).resolve()),
+        "SHADOWJUDGE_ROUTE": config.routes[0].name,  # the route load-test ramps: every config has one
         "SHADOWJUDGE_MLFLOW_URI": config.mlflow.tracking_uri,
         "SHADOWJUDGE_JUDGE_NAME": config.judge.registered_name,
         "SHADOWJUDGE_JUDGE_DATA": str(judge_data or os.environ.get("SHADOWJUDGE_JUDGE_DATA") or DEFAULT_JUDGE_DATA),
@@ -121,6 +122,17 @@ def _spec(path: Path, index: int, entry: Any) -> DeploymentSpec:
                           schedules=[dict(s) for s in schedules], tags=list(entry.get("tags") or []),
                           description=entry.get("description"), concurrency_limit=entry.get("concurrency_limit"),
                           work_pool=pool.get("name") if isinstance(pool, dict) else None)
+
+
+def check_routes(prefect_file: Path, specs: list[DeploymentSpec], config: Config) -> None:
+    """Refuse a `route` parameter that names no route of the config: the deployment would be created without
+    complaint and every run of it fail (at once for an on-demand run, at each tick for a scheduled one)."""
+    known = [r.name for r in config.routes]
+    for spec in specs:
+        route = spec.parameters.get("route")
+        if route is not None and route not in known:
+            raise DeploymentFileError(f"{prefect_file}: deployment '{spec.name}': parameter route '{route}' names no "
+                                      f"route of the config (known: {known})")
 
 
 def to_schedule(entry: dict[str, Any]):
@@ -184,13 +196,14 @@ def deploy_schedules(config_path: str | Path, prefect_file: str | Path = "prefec
     prefect_file = Path(prefect_file).resolve()
     env = template_environment(config_path, config, judge_data)
     specs = read_deployments(prefect_file, env)
+    check_routes(prefect_file, specs, config)
     require_api()
     for name in sorted({pool} if pool else {s.work_pool or "shadowjudge" for s in specs}):
         ensure_work_pool(name)
     ensure_provider_limit(config.orchestration.provider_calls_limit)
     with deployments_on_pool(prefect_file, pool) as deploy_file:
         prefect_deploy_all(deploy_file, env)
-    return deployed([s.name for s in specs])
+    return deployed(full_names(specs, prefect_file.parent))
 
 
 @contextlib.contextmanager
@@ -235,22 +248,36 @@ def worker_commands(deployments: list[dict[str, Any]]) -> list[str]:
     return [f"prefect worker start --pool {shlex.quote(pool)}" for pool in pools]
 
 
+def full_names(specs: list[DeploymentSpec], project_root: Path) -> list[str]:
+    """The `flow/deployment` name of each spec: only that names one deployment on a shared server, where another
+    flow may have a deployment of the same name. The flow's name is read from its `@flow` decorator without importing
+    the file, as Prefect does for a flow it cannot load."""
+    from prefect.flows import load_flow_arguments_from_entrypoint
+
+    names = []
+    for spec in specs:
+        file, function = spec.entrypoint.rsplit(":", 1)
+        flow = load_flow_arguments_from_entrypoint(f"{project_root / file}:{function}", {"name"})["name"]
+        names.append(f"{flow}/{spec.name}")
+    return names
+
+
 def deployed(names: list[str]) -> list[dict[str, Any]]:
-    """`flow/deployment` name, pool, schedules and parameters of the named deployments, as the API holds them."""
+    """Pool, schedules and parameters of the `flow/deployment` names that exist, as the API holds them, in the
+    order given. Each is read by its name, not found in a listing: the API lists a page (200) at a time."""
     from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
 
     out = []
     with get_client(sync_client=True) as client:
-        flow_names: dict[Any, str] = {}
-        for d in client.read_deployments():
-            if d.name not in names:
+        for name in names:
+            try:
+                d = client.read_deployment_by_name(name)
+            except ObjectNotFound:
                 continue
-            if d.flow_id not in flow_names:
-                flow_names[d.flow_id] = client.read_flow(d.flow_id).name
-            out.append({"name": f"{flow_names[d.flow_id]}/{d.name}", "work_pool": d.work_pool_name,
-                        "parameters": d.parameters,
+            out.append({"name": name, "work_pool": d.work_pool_name, "parameters": d.parameters,
                         "schedules": [{"schedule": _describe(s.schedule), "active": s.active} for s in d.schedules]})
-    return sorted(out, key=lambda d: names.index(d["name"].split("/", 1)[1]))
+    return out
 
 
 def _describe(schedule: Any) -> str:
@@ -314,6 +341,7 @@ def serve_schedules(config_path: str | Path, prefect_file: str | Path = "prefect
         if unknown:
             raise DeploymentFileError(f"{prefect_file}: no deployment(s) {unknown} (known: {[s.name for s in specs]})")
         specs = [s for s in specs if s.name in only]
+    check_routes(prefect_file, specs, config)
     require_api()
     ensure_provider_limit(config.orchestration.provider_calls_limit)
     os.environ.update(env)

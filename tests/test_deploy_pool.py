@@ -20,18 +20,30 @@ NAMES = {"evaluation-cycle", "ingest-and-sample", "shadow-test", "score", "score
          "load-test", "train-judge"}
 
 
-def test_deploy_with_a_pool_puts_every_deployment_on_it_and_names_it_in_the_worker_hint(tmp_path, prefect_server,
-                                                                                       prefect_client):
+def test_deploy_with_a_pool_on_a_shared_server_puts_every_one_on_it_and_lists_ours_only(tmp_path, prefect_server,
+                                                                                        prefect_client):
+    """On a shared server: more than a page (200) of other deployments listed before ours, and another flow's
+    deployment named like one of ours."""
+    other = prefect_client.create_flow_from_name("other-team")
+    crowd = [prefect_client.create_deployment(flow_id=other, name=f"another-team-{i:03d}") for i in range(200)]
+    crowd.append(prefect_client.create_deployment(flow_id=other, name="score"))
     config_path = tmp_path / "shadowjudge.yaml"
     config_path.write_text(yaml.safe_dump(demo_config(tmp_path, "http://127.0.0.1:9/v1")))
-    done = subprocess.run([sys.executable, "-m", "shadowjudge.cli", "deploy", "-c", str(config_path), "--pool",
-                           "altpool"], cwd=ROOT, env=prefect_server, capture_output=True, text=True, timeout=300,
-                          check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    pools = {d.name: d.work_pool_name for d in prefect_client.read_deployments() if d.name in NAMES}
-    assert pools == dict.fromkeys(NAMES, "altpool")
+    try:
+        done = subprocess.run([sys.executable, "-m", "shadowjudge.cli", "deploy", "-c", str(config_path), "--pool",
+                               "altpool"], cwd=ROOT, env={**prefect_server, "COLUMNS": "500"}, capture_output=True,
+                              text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        pools = {n: prefect_client.read_deployment_by_name(f"{n}/{n}").work_pool_name for n in NAMES}
+        assert pools == dict.fromkeys(NAMES, "altpool")
+    finally:
+        for deployment_id in crowd:
+            prefect_client.delete_deployment(deployment_id)
     assert prefect_client.read_work_pool("altpool").type == "process"
-    assert "start a worker: prefect worker start --pool altpool" in done.stdout
+    listed = [line.split(": ")[0] for line in done.stdout.splitlines() if not line.startswith("start a worker")]
+    assert sorted(listed) == sorted(f"{n}/{n} pool altpool" for n in NAMES)  # ours only, and every one
+    assert [line for line in done.stdout.splitlines() if line.startswith("start a worker")] == [
+        "start a worker: prefect worker start --pool altpool"]
     assert not list(ROOT.glob(".prefect-deploy-*"))  # the deployments file with the pool in it is gone
 
 

@@ -101,3 +101,30 @@ def test_deploy_without_a_prefect_server_says_how_to_start_one(config_path, tmp_
     assert done.returncode == 1
     assert "PREFECT_API_URL is not set" in done.stderr and "prefect server start" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_load_test_is_deployed_on_the_configs_first_route(tmp_path):
+    data = demo_config(tmp_path, "http://127.0.0.1:9/v1")
+    data["routes"] = [{**data["routes"][0], "name": name} for name in ("support", "search")]
+    path = tmp_path / "shadowjudge.yaml"
+    path.write_text(yaml.safe_dump(data))
+    specs = {s.name: s for s in read_deployments(ROOT / "prefect.yaml", template_environment(path, load_config(path)))}
+    assert specs["load-test"].parameters["route"] == "support"
+
+
+@pytest.mark.parametrize("command", ["deploy", "serve"])
+def test_a_route_parameter_naming_no_route_of_the_config_fails_before_the_server_is_asked(config_path, tmp_path,
+                                                                                          command):
+    prefect_file = tmp_path / "prefect.yaml"
+    prefect_file.write_text(yaml.safe_dump({"deployments": [{
+        "name": "load-test", "entrypoint": "flows/loadtest.py:load_test",
+        "parameters": {"config_path": "{{ $SHADOWJUDGE_CONFIG }}", "route": "nowhere"}}]}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), COLUMNS="500")  # no server; no wrapping of the message
+    done = subprocess.run([sys.executable, "-m", "shadowjudge.cli", command, "-c", str(config_path), "--prefect-file",
+                           str(prefect_file)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error: {prefect_file}: deployment 'load-test': parameter route 'nowhere' names no route of the config "
+        "(known: ['chat-default'])"]
