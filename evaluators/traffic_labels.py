@@ -75,14 +75,17 @@ def stored_pairs(engine: Engine, route: str) -> list[StoredPair]:
     with session_scope(engine) as s:
         rows = s.execute(
             select(ShadowResult.id, ShadowResult.run_id, ShadowResult.sample_id, ShadowResult.target,
-                   TrafficSample.request_id, TrafficSample.incumbent_model)
+                   ShadowResult.model, TrafficSample.request_id, TrafficSample.incumbent_model)
             .join(TrafficSample, TrafficSample.id == ShadowResult.sample_id)
             .where(TrafficSample.route == route, ShadowResult.attempt == 0, ShadowResult.error_class.is_(None),
                    ShadowResult.output_text.is_not(None), TrafficSample.response_text.is_not(None))
             .order_by(ShadowResult.run_id, ShadowResult.id)
         ).all()
-    # A target that is the incumbent model itself would put two answers under one (prompt, model) name.
-    latest = {(r.sample_id, r.target): r for r in rows if r.target != r.incumbent_model}
+    # The incumbent's own replay (a target serving the model that answered in production) is no comparison: the
+    # teacher would be paid to judge the model against itself. A target named like the incumbent model would also
+    # put two answers under one (prompt, model) name.
+    latest = {(r.sample_id, r.target): r for r in rows
+              if r.model != r.incumbent_model and r.target != r.incumbent_model}
     return [StoredPair(r.id, r.run_id, r.sample_id, r.request_id, r.target, r.incumbent_model)
             for r in latest.values()]
 

@@ -37,7 +37,8 @@ def _answer(i: int, who: str, good: bool) -> str:
 
 def seed_traffic(engine, route: str = "chat") -> None:
     """N samples answered by the incumbent and three candidates in two runs; the GOOD answer alternates sides.
-    Failed and empty shadow answers are stored too and must not be labelled."""
+    Failed and empty shadow answers, and the incumbent's own replay (target 'incumbent' serving model 'inc'), are
+    stored too and must not be labelled: the teacher would judge the incumbent against itself."""
     now = datetime.now(timezone.utc)
     with session_scope(engine) as s:
         runs = [ShadowRun(run_key=f"r{k}", route=route, config_hash="h") for k in (1, 2)]
@@ -53,6 +54,8 @@ def seed_traffic(engine, route: str = "chat") -> None:
                 run = runs[t % 2]
                 s.add(ShadowResult(run_id=run.id, sample_id=sample.id, target=target, model=target,
                                    output_text=_answer(i, target, i % 2 == 0)))
+            s.add(ShadowResult(run_id=runs[0].id, sample_id=sample.id, target="incumbent", model="inc",
+                               output_text=_answer(i, "inc again", i % 2 == 1)))
             s.add(ShadowResult(run_id=runs[0].id, sample_id=sample.id, target="broken", model="broken",
                                output_text=None, error_class="timeout"))
         other = TrafficSample(request_id="other-route", source="logs", source_position="x", route="elsewhere",
