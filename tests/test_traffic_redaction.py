@@ -35,9 +35,16 @@ def redact(redactor: Redactor, text: str) -> tuple[str, dict[str, int]]:
     ("06 12 34 56 78", "PHONE"),  # French/European national numbers: 0 then nine digits in pairs
     ("06.12.34.56.78", "PHONE"),
     ("01-23-45-67-89", "PHONE"),
+    ("00 44 20 7946 0958", "PHONE"),  # international, dialled with 00 or 011 instead of +
+    ("0044 20 7946 0958", "PHONE"),
+    ("011 44 20 7946 0958", "PHONE"),
+    ("0033 6 12 34 56 78", "PHONE"),
     ("4111 1111 1111 1111", "CARD_NUMBER"),
     ("5500-0055-5555-5559", "CARD_NUMBER"),
     ("378282246310005", "CARD_NUMBER"),
+    ("5555 5555 5555 4444", "CARD_NUMBER"),
+    ("3782 822463 10005", "CARD_NUMBER"),
+    ("6011-1111-1111-1117", "CARD_NUMBER"),
     ("GB82 WEST 1234 5698 7654 32", "IBAN"),
     ("DE89370400440532013000", "IBAN"),
     ("FR1420041010050500013M02606", "IBAN"),
@@ -55,6 +62,9 @@ def redact(redactor: Redactor, text: str) -> tuple[str, dict[str, int]]:
     ("xoxb-123456789012-abcdefABCDEF", "API_KEY"),
     ("AIzaSyA-1234567890abcdefghijklmnopqrstu", "API_KEY"),
     ("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.abcdefghijk", "API_KEY"),
+    ("eyJhbGciOiJub25lIn0.eyJzdWIiOiJhbGljZSJ9.", "API_KEY"),  # unsigned JWT (`alg: none`): empty signature
+    ("8.8.8.8", "IP_ADDRESS"),  # 4 digits in all
+    ("josé@bücher.de", "EMAIL"),
     ("EMP-123456", "EMPLOYEE_ID"),
 ])
 def test_each_kind_is_replaced_by_its_placeholder(redactor, value, kind):
@@ -66,6 +76,60 @@ def test_each_kind_is_replaced_by_its_placeholder(redactor, value, kind):
 def test_bearer_tokens_keep_the_scheme_word(redactor):
     text, counts = redact(redactor, "curl -H 'Authorization: Bearer abc.DEF-123_456~xyz=' https://x")
     assert text == "curl -H 'Authorization: Bearer [BEARER_TOKEN]' https://x" and counts == {"BEARER_TOKEN": 1}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("-H 'Authorization: Basic dXNlcjpwYXNzd29yZA=='", "-H 'Authorization: Basic [BEARER_TOKEN]'"),
+    ("Authorization: Token 9944b09199c62bcf9418ad846dd0e4bbdfc6ee4b", "Authorization: Token [BEARER_TOKEN]"),
+    ('{"authorization": "basic dXNlcjpwYXNz"}', '{"authorization": "basic [BEARER_TOKEN]"}'),
+    ("AUTHORIZATION=TOKEN 9944b09199c62bcf", "AUTHORIZATION=TOKEN [BEARER_TOKEN]"),
+])
+def test_basic_and_token_credentials_after_an_authorization_header_are_replaced(redactor, text, expected):
+    assert redact(redactor, text) == (expected, {"BEARER_TOKEN": 1})
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "aws_secret_access_key = [API_KEY]"),
+    ('{"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"}', '{"AWS_SECRET_ACCESS_KEY": "[API_KEY]"}'),
+    ("my aws secret is wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY, rotate it", "my aws secret is [API_KEY], rotate it"),
+])
+def test_an_aws_secret_access_key_after_its_keyword_is_replaced(redactor, text, expected):
+    assert redact(redactor, text) == (expected, {"API_KEY": 1})
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("mail müller@example.de", "mail [EMAIL]"),
+    ("mail o'brien@example.com now", "mail [EMAIL] now"),
+    ("mail zoë.smith@example.org", "mail [EMAIL]"),
+    ("mail 山田@example.jp or alice@例え.jp", "mail [EMAIL] or [EMAIL]"),
+    ("write to josé@bücher.de now", "write to [EMAIL] now"),
+    ("it's under my_name@example.com", "it's under [EMAIL]"),
+    # Quotes and punctuation around an address stay out of it.
+    ('contact "bob@example.com" or \'eve@example.com\'.', 'contact "[EMAIL]" or \'[EMAIL]\'.'),
+    ("(bob@example.com), <bob@example.com>, «jean@example.fr», ...bob@example.com.",
+     "([EMAIL]), <[EMAIL]>, «[EMAIL]», ...[EMAIL]."),
+    ("name@example.com's inbox; email=bob@example.com,", "[EMAIL]'s inbox; email=[EMAIL],"),
+])
+def test_emails_with_unicode_or_apostrophes_are_replaced_whole(redactor, text, expected):
+    out, counts = redact(redactor, text)
+    assert out == expected and counts == {"EMAIL": expected.count("[EMAIL]")}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("my ip is 10.0.0.1", "my ip is [IP_ADDRESS]"),  # 5 digits in all
+    ("client 8.8.8.8", "client [IP_ADDRESS]"),
+    ("dns 1.1.1.1 ok", "dns [IP_ADDRESS] ok"),
+    ("from 10.0.0.12.", "from [IP_ADDRESS]."),
+])
+def test_an_ipv4_address_is_found_in_a_text_with_few_digits(redactor, text, expected):
+    assert redact(redactor, text) == (expected, {"IP_ADDRESS": 1})
+
+
+def test_ipv4_addresses_in_metadata_values_are_redacted(redactor):
+    counts: dict[str, int] = {}
+    out = redactor.redact_value({"client.address": "10.20.0.7", "net.peer.ip": "1.1.1.1", "port": "443"}, counts)
+    assert out == {"client.address": "[IP_ADDRESS]", "net.peer.ip": "[IP_ADDRESS]", "port": "443"}
+    assert counts == {"IP_ADDRESS": 2}
 
 
 @pytest.mark.parametrize("text", [
@@ -83,6 +147,11 @@ def test_bearer_tokens_keep_the_scheme_word(redactor):
     "Order ORD-0612345678, ref 0612345678; runs 06 12 34 56 78 90, 123406 12 34 56 78, 01 02 03 04 05 06.",
     "Not phones either: 21-800-555-0100, 1-800-555-01000, 1.800.555.0100.5 and 00 12 34 56 78.",
     "Amounts with dots are not addresses: 2.000.000.000 EUR, 1.200.000.000 people, 7.050.000.000 stars.",
+    "Luhn-valid but no card: date 20240315103000, ts 1732269600000, ts_ns 1795255200000000002.",
+    "Zero-padded ids are no calls abroad: id 000000123456, ref 0012345678, pairs 00 12 34 56 78.",
+    "The secret commit 4a5b6c7d8e9f0a1b2c3d4e5f6a7b8c9d0e1f2a3b is a hex SHA-1, not an AWS key.",
+    "Each token is a word piece; Basic reasoning and the Token class are no credentials.",
+    "Mail goes to user@localhost or @handle; pip install pkg@git+https://x; npm i @scope/pkg@1.2.3.",
 ])
 def test_look_alikes_are_left_alone(redactor, text):
     assert redact(redactor, text) == (text, {})
@@ -118,6 +187,21 @@ def test_json_values_are_redacted_deeply_and_credential_keys_whole(redactor):
     assert (out["n"], out["ok"], out["none"]) == (3, True, None)
     assert counts == {"EMAIL": 1, "SECRET": 2}
     assert value["messages"][0]["content"][0]["text"] == "mail me: x@y.com"  # the input is not modified
+
+
+@pytest.mark.parametrize("key", ["token", "api_token", "id_token", "x-api-token", "X-Api-Token", "GITHUB_TOKEN",
+                                 "apiToken", "pwd", "db_pwd", "credentials", "aws_credential", "passphrase"])
+def test_values_under_token_password_and_credential_keys_are_secrets(redactor, key):
+    counts: dict[str, int] = {}
+    assert redactor.redact_value({key: "a1b2c3d4e5f6g7h8"}, counts) == {key: "[SECRET]"} and counts == {"SECRET": 1}
+
+
+def test_token_counts_of_llm_requests_are_not_secrets(redactor):
+    value = {"params": {"max_tokens": 256, "max_completion_tokens": 512, "maxTokens": 64},
+             "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "tokens": [1, 2],
+                       "token_count": 12, "num_tokens": 3, "cached_tokens": 0, "tokenizer": "cl100k_base"}}
+    counts: dict[str, int] = {}
+    assert redactor.redact_value(value, counts) == value and counts == {}
 
 
 def test_a_credential_is_replaced_whatever_its_type_and_short_emails_are_found(redactor):
@@ -171,6 +255,14 @@ def test_pii_embedded_in_any_text_never_survives(redactor, before, after, email,
 def test_amounts_grouped_by_thousands_are_never_phones(redactor, n, sep, before, after):
     amount = f"{n:,}".replace(",", sep)
     text = f"{before} {amount} {after}"
+    assert redact(redactor, text) == (text, {})
+
+
+@settings(max_examples=150, deadline=None)
+@given(ms=st.integers(min_value=1_500_000_000_000, max_value=1_999_999_999_999), scale=st.sampled_from([1, 10**6]))
+@example(ms=1_732_269_600_000, scale=1)  # passes Luhn
+def test_epoch_timestamps_are_never_card_numbers(redactor, ms, scale):
+    text = f"created_at: {ms * scale}"  # epoch milliseconds (13 digits) or nanoseconds (19)
     assert redact(redactor, text) == (text, {})
 
 

@@ -2,7 +2,9 @@
 
 Each detector replaces what it finds by a typed placeholder (`[EMAIL]`, `[PHONE]`, ...) and counts it by kind.
 Numbers that merely look like card numbers or IBANs are left alone unless their checksum holds (Luhn, mod-97),
-so prices, order numbers and years survive. Phones need a recognised layout (international, North American with
+so prices, order numbers and years survive; a card number must also start like one of a card network's and have
+that network's length, so most ids and timestamps (epoch milliseconds start with 1) that happen to pass Luhn
+survive too. Phones need a recognised layout (international with `+`, `00` or `011`, North American with
 or without the trunk code 1, national with a trunk 0, French-style pairs), never a bare digit run, and amounts
 grouped by thousands (`2 000 000 000`) are not phones. What parses as an IPv6 address but reads as code is not
 one: a `word::word` path made of hex letters (`dead::beef`, `abc::def()`) or a Python slice (`a[1::2]`, `::2`).
@@ -34,8 +36,12 @@ SECRET = "SECRET"
 BUILTIN_KINDS = (API_KEY, BEARER_TOKEN, EMAIL, IBAN, CARD, IP_ADDRESS, PHONE, SECRET)
 
 # A JSON value stored under a key named like this is a credential whatever it looks like (e.g. a hashed key).
-SECRET_KEY_NAME = re.compile(r"(?i)api[_-]?key|authorization|passw(?:or)?d|secret|access[_-]?token|auth[_-]?token"
-                             r"|refresh[_-]?token|session[_-]?token|private[_-]?key|cookie")
+# A bare `token` counts only as the key's last word (`token`, `id_token`, `x-api-token`, `apiToken`): `tokens`,
+# `max_tokens`, `prompt_tokens` or `token_count` are token counts, found in every LLM request and usage block.
+SECRET_KEY_NAME = re.compile(r"(?i)api[_-]?key|authorization|passw(?:or)?d|passphrase|secret|credential"
+                             r"|access[_-]?token|auth[_-]?token|refresh[_-]?token|session[_-]?token"
+                             r"|private[_-]?key|cookie|(?<![a-z])pwd(?![a-z])"
+                             r"|(?:(?:^|(?<=[-_. ]))token|(?-i:(?<=[a-z])Token))$")
 
 _API_KEY_PREFIXES = ("sk-", "sk_", "rk_", "pk_", "AKIA", "ASIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_",
                      "github_pat_", "xox", "AIza", "glpat-", "hf_", "eyJ")
@@ -48,11 +54,27 @@ _API_KEY = re.compile(
     r"|AIza[0-9A-Za-z_-]{35}"  # Google
     r"|glpat-[A-Za-z0-9_-]{20,}"  # GitLab
     r"|hf_[A-Za-z0-9]{30,}"  # Hugging Face
-    r"|eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"  # JWTs
+    r"|eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"  # JWTs; unsigned ones (`alg: none`) end in `.`
     r")(?![A-Za-z0-9_-])"
 )
-_BEARER = re.compile(r"([Bb]earer|BEARER)(\s+)[A-Za-z0-9._~+/-]{8,}=*")
-_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+# An AWS secret access key has no prefix of its own: 40 base64 characters, mixed case (which spares a hex SHA-1),
+# taken only when a little after `secret` or `AWS` (`aws_secret_access_key = ...`, `"SecretAccessKey": "..."`, `AWS
+# key: ...`; not lowercase `aws`, which is mostly in `laws` and `draws` and would make the gate pass on prose).
+# Group 1, the key, is what gets replaced.
+_AWS_SECRET_KEY = re.compile(
+    r"(?:AWS|[Ss]ecret|SECRET)[\w\s\"':=-]{0,40}?"
+    r"(?<![A-Za-z0-9/+])((?=[A-Za-z0-9/+]*[a-z])(?=[A-Za-z0-9/+]*[A-Z])[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])"
+)
+# The credential after an HTTP auth scheme; group 1, the credential, is what gets replaced, the scheme is kept.
+# `Basic` and `Token` are ordinary words, so they count only right after an `Authorization` header name.
+_BEARER = re.compile(r"(?:[Bb]earer|BEARER"
+                     r"|(?:[Aa]uthorization|AUTHORIZATION)[\"']?\s*[:=]\s*[\"']?(?:[Bb]asic|BASIC|[Tt]oken|TOKEN))"
+                     r"\s+([A-Za-z0-9._~+/-]{8,}=*)")
+# Unicode letters and digits (`müller`, `josé`, `山田`) and `o'brien`'s apostrophe on the left of the @, Unicode
+# domain labels (`bücher.de`). The address starts with a letter or digit, so a quote or dot before it stays out,
+# and only at a word's start: a later start in the same word could not match either, and trying none keeps a long
+# word (CJK text has no spaces) from being rescanned from each of its letters.
+_EMAIL = re.compile(r"\w(?<!\w\w)[\w.%+'-]*@(?:[\w-]+\.)+[^\W\d_]{2,}")
 _IBAN = re.compile(r"[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])")
 # 13 to 19 digits, optionally grouped by single spaces or dashes; not glued to other digits or letters.
 _CARD = re.compile(r"\d(?<![\w.]\d)(?:[ -]?\d){12,18}(?![\w]|[.,]\d)")
@@ -62,14 +84,16 @@ _IPV4 = re.compile(r"\d(?<![\w.]\d)\d{0,2}(?:\.\d{1,3}){3}(?![\w]|\.\d)")
 # A sentence's full stop is not taken in (`fe80::1.`). `_ipv6_ok` then parses it and rules out code.
 _IPV6 = re.compile(r"[0-9A-Fa-f:](?<![\w:][0-9A-Fa-f:])(?<![\w)\]]\[[0-9A-Fa-f:])(?:(?<=:)|[0-9A-Fa-f]*:)"
                    r"[0-9A-Fa-f]*:[0-9A-Fa-f:]*(?:\.\d{1,3}){0,3}(?![\w:]|\.\d)")
-# International (+CC ...), North American ((415) 555-0100, 415-555-0100, and with the trunk code 1 in front:
-# 1-800-555-0100, 1 (800) 555-0100), French-style (a 0 then nine digits in pairs, one separator throughout:
-# 06 12 34 56 78, 01-23-45-67-89; not part of a longer run of pairs such as 01 02 03 04 05 06) and other
-# trunk-prefixed national numbers (020 7946 0958). Bare digit runs are not phones: too many false positives (ids,
-# amounts). Nor is `0dd ddd ddd` right after a digit and a space: that continues an amount grouped by thousands
-# (2 000 000 000).
+# International (+CC ...; or dialled with 00 or 011 instead of the +, then with a separator after the country code,
+# 0044 20 7946 0958 or 011 44 20 7946 0958, so that zero-padded ids are not phones), North American ((415) 555-0100,
+# 415-555-0100, and with the trunk code 1 in front: 1-800-555-0100, 1 (800) 555-0100), French-style (a 0 then nine
+# digits in pairs, one separator throughout: 06 12 34 56 78, 01-23-45-67-89; not part of a longer run of pairs such
+# as 01 02 03 04 05 06) and other trunk-prefixed national numbers (020 7946 0958). Bare digit runs are not phones:
+# too many false positives (ids, amounts). Nor is `0dd ddd ddd` right after a digit and a space: that continues an
+# amount grouped by thousands (2 000 000 000).
 _PHONE = re.compile(
-    r"\+(?<![\w+]\+)\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){1,5}[ .-]?\d{2,4}(?!\d)"
+    r"(?:\+(?<![\w+]\+)|0(?<![\w.+-]0)(?:0|11)[ .-]?(?=[1-9]\d{0,2}[ .-]))"
+    r"\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){1,5}[ .-]?\d{2,4}(?!\d)"
     r"|[(\d](?<![\w(.+-][(\d])(?:(?<=\()\d{3}\) ?|(?<=\d)\d{2}[ .-])\d{3}[ .-]\d{4}(?![\d]|[.,]\d)"
     r"|1(?<![\w.+-]1)(?:[ .-]?\([2-9]\d\d\) ?|[ .-][2-9]\d\d[ .-])\d{3}[ .-]\d{4}(?![\d]|[.,]\d)"
     r"|0(?<![\w.+-]0)(?:(?<!(?<![\w.])\d\d 0)[1-9]([ .-])\d\d(?:\1\d\d){3}(?![\d]|[.,]\d|\1\d)"
@@ -102,9 +126,31 @@ def iban_valid(candidate: str) -> bool:
         return False
 
 
+# Issuer identification numbers of the card networks: (first prefix, last prefix, lengths a number of theirs has).
+# Nothing starts with 1 (epoch-millisecond timestamps do) or 0 (zero-padded ids do).
+_CARD_RANGES: tuple[tuple[str, str, frozenset[int]], ...] = (
+    ("4", "4", frozenset({13, 16, 19})),  # Visa
+    ("51", "55", frozenset({16})),  # Mastercard
+    ("2221", "2720", frozenset({16})),  # Mastercard 2-series
+    ("34", "34", frozenset({15})),  # American Express
+    ("37", "37", frozenset({15})),
+    ("300", "305", frozenset(range(14, 20))),  # Diners Club
+    ("36", "36", frozenset(range(14, 20))),
+    ("38", "38", frozenset(range(14, 20))),
+    ("3528", "3589", frozenset(range(16, 20))),  # JCB
+    ("50", "50", frozenset(range(16, 20))),  # Maestro
+    ("56", "69", frozenset(range(16, 20))),  # Maestro, Discover (6011, 644-649, 65), UnionPay (62)
+)
+
+
+def card_number_plausible(digits: str) -> bool:
+    """Whether `digits` start like a card network's numbers and have one of that network's lengths."""
+    return any(lo <= digits[:len(lo)] <= hi and len(digits) in lengths for lo, hi, lengths in _CARD_RANGES)
+
+
 def _card_ok(match: str) -> bool:
     digits = match.replace(" ", "").replace("-", "")
-    return 13 <= len(digits) <= 19 and luhn_valid(digits)
+    return 13 <= len(digits) <= 19 and card_number_plausible(digits) and luhn_valid(digits)
 
 
 def _ipv4_ok(match: str) -> bool:
@@ -133,7 +179,14 @@ def _ipv6_ok(match: str) -> bool:
 
 
 def _phone_ok(match: str) -> bool:
+    """7 to 15 digits (E.164's most), not counting an international prefix `00` or `011`. After `00`, at least 9
+    (country code and national number): `00 12 34 56 78` is a run of pairs, not a call abroad. A number starting
+    with `011` may also be a national one with that trunk and area code (Delhi, Johannesburg)."""
     digits = sum(ch.isdigit() for ch in match)
+    if match.startswith("00"):
+        return 11 <= digits <= 17
+    if match.startswith("011"):
+        return 7 <= digits <= 18
     return 7 <= digits <= 15
 
 
@@ -145,6 +198,7 @@ class Detector:
     pattern: re.Pattern[str]
     gate: Callable[[str], bool] | None = None
     valid: Callable[[str], bool] | None = None
+    group: int = 0  # the part of a match that is replaced (e.g. the token after `Bearer`, not the scheme word)
 
 
 def _gate_api_key(text: str) -> bool:
@@ -153,8 +207,12 @@ def _gate_api_key(text: str) -> bool:
             or "ASIA" in text or "AIza" in text or "eyJ" in text)
 
 
+def _gate_aws_secret_key(text: str) -> bool:
+    return "ecret" in text or "ECRET" in text or "AWS" in text
+
+
 def _gate_bearer(text: str) -> bool:
-    return "earer" in text or "EARER" in text
+    return "earer" in text or "EARER" in text or "uthorization" in text or "UTHORIZATION" in text
 
 
 def _gate_email(text: str) -> bool:
@@ -172,13 +230,21 @@ _NOT_DIGITS = bytes(b for b in range(256) if not 48 <= b <= 57)
 _NUMERIC_RUN = re.compile(r"[0-9][0-9 .()/+-]{5,}[0-9]")
 _WINDOW_BEFORE = 34
 _WINDOW_AFTER = 34
+# Fewest digits a text needs for the numeric detectors to run at all: 7 (the shortest phone), or 4 and a dot
+# between digits for the IPv4 detector alone (the shortest address, `8.8.8.8`, as in an OTel `client.address` or
+# `net.peer.ip` attribute). The hint starts with a literal dot, so `re` skips to the dots instead of trying
+# every position, as it would for a digit class (prose has full stops, most of them not between digits).
+_MIN_DIGITS = 7
+_MIN_DIGITS_IPV4 = 4
+_IPV4_HINT = re.compile(r"\.(?<=[0-9]\.)[0-9]")
 
 
 def builtin_text_detectors() -> list[Detector]:
     """Detectors run over the whole text, each behind its gate, in priority order."""
     return [
         Detector(API_KEY, _API_KEY, _gate_api_key),
-        Detector(BEARER_TOKEN, _BEARER, _gate_bearer),
+        Detector(API_KEY, _AWS_SECRET_KEY, _gate_aws_secret_key, group=1),
+        Detector(BEARER_TOKEN, _BEARER, _gate_bearer, group=1),
         Detector(EMAIL, _EMAIL, _gate_email),
         Detector(IP_ADDRESS, _IPV6, _gate_ipv6, _ipv6_ok),
     ]
@@ -208,6 +274,9 @@ class Redactor:
                  enabled: bool = True, cache_size: int = 2048) -> None:
         self.text_detectors = text_detectors
         self.numeric_detectors = numeric_detectors
+        # (offset in numeric_detectors, which sets the priority; detector): all of them, or the IPv4 ones alone.
+        self._numeric_ranked = list(enumerate(numeric_detectors))
+        self._ipv4_ranked = [(offset, det) for offset, det in self._numeric_ranked if det.kind == IP_ADDRESS]
         self.enabled = enabled
         # System prompts and templates repeat across requests: remember recent short results.
         self._cache: dict[str, tuple[str, tuple[tuple[str, int], ...]]] = {}
@@ -254,16 +323,21 @@ class Redactor:
             if det.gate is not None and not det.gate(text):
                 continue
             for m in det.pattern.finditer(text):
-                if det.valid is None or det.valid(m.group()):
-                    start = m.end(2) if det.kind == BEARER_TOKEN else m.start()  # keep "Bearer "
-                    spans.append((start, m.end(), priority, det.kind))
-        if len(text.encode("utf-8", "surrogatepass").translate(None, _NOT_DIGITS)) >= 7:
-            base = len(self.text_detectors)
-            for lo, hi in self._numeric_windows(text):
-                for offset, det in enumerate(self.numeric_detectors):
-                    for m in det.pattern.finditer(text, lo, hi):
-                        if det.valid is None or det.valid(m.group()):
-                            spans.append((m.start(), m.end(), base + offset, det.kind))
+                if det.valid is None or det.valid(m.group(det.group)):
+                    spans.append((m.start(det.group), m.end(det.group), priority, det.kind))
+        digits = len(text.encode("utf-8", "surrogatepass").translate(None, _NOT_DIGITS))
+        if digits >= _MIN_DIGITS:
+            ranked = self._numeric_ranked
+        elif digits >= _MIN_DIGITS_IPV4 and _IPV4_HINT.search(text) is not None:
+            ranked = self._ipv4_ranked  # too few digits for any other numeric kind
+        else:
+            return spans
+        base = len(self.text_detectors)
+        for lo, hi in self._numeric_windows(text):
+            for offset, det in ranked:
+                for m in det.pattern.finditer(text, lo, hi):
+                    if det.valid is None or det.valid(m.group()):
+                        spans.append((m.start(), m.end(), base + offset, det.kind))
         return spans
 
     @staticmethod
