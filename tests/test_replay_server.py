@@ -130,12 +130,69 @@ def test_unknown_model_is_a_404_with_an_openai_error_body(server):
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
 
 
+def test_a_model_is_retrieved_by_id_and_an_unknown_one_is_a_404_with_an_openai_error_body(server):
+    client = openai.OpenAI(base_url=server.base_url, api_key="k", max_retries=0)
+    model = client.models.retrieve("Yi-34B-Chat")
+    assert (model.id, model.object, model.owned_by) == ("Yi-34B-Chat", "model", "replay:replay")
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("gpt-nope")
+    assert err.value.body["code"] == "model_not_found" and "gpt-nope" in err.value.body["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_stops_at_the_first_stop_sequence_with_usage_of_what_was_kept(server, recordings, stream):
+    prompt, output = recorded_prompt(recordings[1], "Yi-34B-Chat")
+    client = openai.OpenAI(base_url=server.base_url, api_key="k", max_retries=0)
+    words = output.split()
+    late, early = words[12], words[5]
+    kept = output[:min(output.find(late), output.find(early))]
+    assert 0 < len(kept) < len(output)
+
+    def ask(**params) -> tuple[str, str | None, int]:
+        request = dict(model="Yi-34B-Chat", messages=[{"role": "user", "content": prompt}], **params)
+        if not stream:
+            r = client.chat.completions.create(**request)
+            return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
+        chunks = list(client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return text, [c.choices[0].finish_reason for c in chunks if c.choices][-1], chunks[-1].usage.completion_tokens
+
+    assert ask(stop=[late, early]) == (kept, "stop", count_tokens(kept))
+    assert ask(stop=late) == (output[:output.find(late)], "stop", count_tokens(output[:output.find(late)]))
+    assert ask(stop=early, max_tokens=2) == ("".join(split_tokens(output)[:2]), "length", 2)  # the limit came first
+    assert ask(stop=["never in any answer \u2603"]) == (output, "stop", count_tokens(output))
+
+
+@pytest.mark.parametrize("params, param", [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {}}}}, "response_format"),
+])
+def test_what_recorded_text_cannot_honour_is_refused_not_answered_in_plain_text(server, params, param):
+    client = openai.OpenAI(base_url=server.base_url, api_key="k", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="Yi-34B-Chat", messages=[{"role": "user", "content": "x"}], **params)
+    assert err.value.body["param"] == param and err.value.body["code"] == "unsupported_value"
+    assert err.value.body["message"].startswith(f"the replay server does not support {param}")
+
+
+def test_optional_tools_and_a_text_format_are_answered_with_the_recording(server):
+    client = openai.OpenAI(base_url=server.base_url, api_key="k", max_retries=0)
+    answer = client.chat.completions.create(
+        model="Yi-34B-Chat", messages=[{"role": "user", "content": "x"}], response_format={"type": "text"},
+        tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="auto")
+    assert answer.choices[0].message.content and answer.choices[0].finish_reason == "stop"
+
+
 @pytest.mark.parametrize("body, problem", [
     (b"{not json", "not valid JSON"),
     (json.dumps({"model": "Yi-34B-Chat"}).encode(), "'messages'"),
     (json.dumps({"model": "Yi-34B-Chat", "messages": [{"role": "user", "content": "x"}], "n": 3}).encode(), "n > 1"),
     (json.dumps({"model": "Yi-34B-Chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}).encode(),
      "max_tokens"),
+    (json.dumps({"model": "Yi-34B-Chat", "messages": [{"role": "user", "content": "x"}],
+                 "stop": ["a", "b", "c", "d", "e"]}).encode(), "'stop' must be a string or a list of at most 4"),
 ])
 def test_bad_requests_are_400s_that_say_why(server, body, problem):
     r = httpx.post(f"{server.base_url}/chat/completions", content=body)

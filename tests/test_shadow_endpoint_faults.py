@@ -13,7 +13,7 @@ from shadowjudge.shadow.endpoint import AttemptError, Completion, OpenAIEndpoint
 from shadowjudge.shadow.engine import replay
 from shadowjudge.shadow.golden_answers import ask_golden_cases
 from test_shadow_engine import stored, store_samples
-from test_shadow_http1 import SECRET, Reply, ScriptedServer, chunked, endpoint, fixed
+from test_shadow_http1 import SECRET, Reply, ScriptedServer, chunked, endpoint, fixed, silent
 
 ANSWER = [b'data: {"choices":[{"index":0,"delta":{"content":"Par"}}]}\n\n',
           b'data: {"choices":[{"index":0,"delta":{"content":"is"},"finish_reason":"stop"}]}\n\n'
@@ -21,11 +21,11 @@ ANSWER = [b'data: {"choices":[{"index":0,"delta":{"content":"Par"}}]}\n\n',
 REQUEST = {"model": "m", "messages": [{"role": "user", "content": "capital of France?"}]}
 
 
-async def ask(port: int, stream: bool = True) -> Completion | AttemptError:
+async def ask(port: int, stream: bool = True, timeout_s: float = 2.0) -> Completion | AttemptError:
     """One attempt through a fresh OpenAIEndpoint: the Completion, or the AttemptError it raised."""
     ep = endpoint(port)
     try:
-        return await ep.complete(REQUEST, stream=stream, timeout_s=2.0)
+        return await ep.complete(REQUEST, stream=stream, timeout_s=timeout_s)
     except AttemptError as exc:
         return exc
     finally:
@@ -143,6 +143,37 @@ def test_an_error_event_in_the_stream_is_classified_by_its_cause():
     assert isinstance(result, AttemptError)
     assert (result.error_class, result.retryable) == ("bad_request", False)
     assert "maximum context length" in str(result)
+
+
+def stalls_after(piece: bytes) -> Reply:
+    async def reply(request: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                     + b"%x\r\n%s\r\n" % (len(piece), piece))
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        return False
+    return reply
+
+
+def test_a_failed_attempt_carries_what_it_received_for_the_engine_to_charge():
+    """A provider bills a stream that stalled or broke off for what it generated, and a request it was still
+    working on when the deadline passed for its prompt; an error status for nothing."""
+    broken = ANSWER[0] + b'data: {"choices": [\n\n' + ANSWER[1]  # the rest of the answer came after the bad chunk
+
+    async def main() -> list[Completion | AttemptError]:
+        replies = [stalls_after(ANSWER[0]), silent(0.5), chunked([broken]), fixed(b'{"error": {}}', 429)]
+        async with ScriptedServer(replies) as srv:
+            results = [await ask(srv.port, timeout_s=0.3) for _ in range(4)]
+            await asyncio.sleep(0.3)  # the server's replies end their holds
+            return results
+
+    stalled, silence, malformed, refused = asyncio.run(main())
+    assert (stalled.error_class, stalled.received.text, stalled.received.output_tokens) == ("stalled_stream", "Par",
+                                                                                           None)
+    assert (malformed.error_class, malformed.received.text) == ("malformed_response", "Paris")
+    assert (malformed.received.input_tokens, malformed.received.output_tokens) == (5, 2)
+    assert (silence.error_class, silence.received.text) == ("timeout", "")
+    assert (refused.error_class, refused.received) == ("rate_limited", None)
 
 
 PROXY_PAGE = (b"<html><head><title>502 Bad Gateway</title></head>\n<body>\n<pre>Authorization: Bearer "

@@ -17,9 +17,9 @@ from shadowjudge.config import Price, ShadowConfig, TargetConfig
 from shadowjudge.shadow.endpoint import AttemptError, Completion
 from shadowjudge.shadow.engine import ShadowError, replay, run_shadow
 from shadowjudge.shadow.profiles import ProfileSet, plan_request
-from shadowjudge.shadow.recordings import prompt_id_for
+from shadowjudge.shadow.recordings import Recordings, prompt_id_for
 from shadowjudge.shadow.replay_server import ReplayServer
-from shadowjudge.shadow.tokens import count_message_tokens, message_text
+from shadowjudge.shadow.tokens import count_message_tokens, message_text, split_tokens
 from shadowjudge.shadow.writer import ResultStoreError
 from shadowjudge.store import ShadowResult, ShadowRun, TrafficSample, session_scope
 from shadowjudge.store.models import utcnow
@@ -237,6 +237,86 @@ def test_placeholders_an_earlier_version_stored_for_unsent_requests_are_sent_on_
     assert len(stored(engine, run_id)) == 4
 
 
+def billed_tokens(profiles: ProfileSet, model: str, sample: TrafficSample, max_retries: int,
+                  max_tokens: int) -> int:
+    """Tokens the replay server delivered for one request over its attempts, as a provider bills them: the prompt
+    and the answer of each attempt it accepted, up to where a stalled stream stopped; nothing for an error status."""
+    answer = min(len(split_tokens(Recordings.load(RECORDINGS, [model]).answer(model, prompt_of(sample))[0])),
+                 max_tokens)
+    prompt = count_message_tokens(sample.messages)
+    _, retries = expected_outcome(profiles, model, prompt_of(sample), max_retries)
+    total = 0
+    for n in range(retries + 1):
+        plan = plan_request(profiles, model, prompt_of(sample), n)
+        if plan.outcome != "error":
+            stop = profiles.for_model(model).stall_after_tokens if plan.outcome == "stall" else answer
+            total += prompt + min(answer, stop)
+    return total
+
+
+def test_failed_attempts_are_charged_by_what_they_received(engine):
+    """A stalled stream is billed for the part of the answer it got, a malformed one for all it got, a stream that
+    timed out before its first token for its prompt, an error status for nothing; a row's cost is all its attempts'.
+    Only answers were charged, so a budget of $2 was overspent by $1.05 under stalls and malformed streams."""
+    profiles = ProfileSet(seed=5, models={
+        "Yi-34B-Chat": {"error_rate": 0.2, "stall_rate": 0.3, "stall_after_tokens": 3, "stall_s": 5,
+                        "malformed_rate": 0.2, "malformed_after_tokens": 2},
+        "claude-instant-1.2": {"stall_rate": 0.5, "stall_after_tokens": 0, "stall_s": 5}})
+    run_id, samples = store_samples(engine, 12)
+    shadow = ShadowConfig(**{**FAST, "timeout_s": 0.3, "max_tokens": 8}, max_retries=1)
+    price = Price(input_per_mtok=1000.0, output_per_mtok=1000.0)  # $0.001 a token
+    with ReplayServer(RECORDINGS, profiles) as srv:
+        report = run_shadow(engine, run_id, samples, targets_for(srv), shadow,
+                            {"Yi-34B-Chat": price, "claude-instant-1.2": price})
+        server = srv.stats()["models"]
+    rows = stored(engine, run_id)
+    models = {"yi": "Yi-34B-Chat", "claude": "claude-instant-1.2"}
+    expected = {(s.id, name): billed_tokens(profiles, model, s, 1, 8) / 1000 for s in samples
+                for name, model in models.items()}
+    yi = server["Yi-34B-Chat"]
+    assert yi["stalled"] and yi["malformed"] and yi["errors"] and server["claude-instant-1.2"]["stalled"]
+    assert report.targets["yi"].retries and set(report.targets["claude"].errors) == {"timeout"}
+    assert {(r.sample_id, r.target): r.cost_usd for r in rows} == pytest.approx(expected)
+    assert report.spend_usd == pytest.approx(sum(expected.values()))
+    assert report.targets["yi"].spend_usd == pytest.approx(sum(v for (_, t), v in expected.items() if t == "yi"))
+
+
+def test_a_spent_budget_stops_retries_and_a_resumed_run_starts_from_what_failed_attempts_cost(engine):
+    run_id, samples = store_samples(engine, 2)
+    prompt = count_message_tokens(samples[0].messages)
+    stalled = AttemptError("stalled_stream", "stream stalled after 3 chunks", retryable=True)
+    stalled.received = Completion(text="one two three", latency_ms=300.0, ttft_ms=10.0, itl_ms=5.0,
+                                  input_tokens=None, output_tokens=None)
+    endpoint = ScriptedEndpoint([stalled])
+    target = TargetConfig(name="t", model="m", base_url="http://unused/v1", concurrency=1)
+    pricing = {"m": Price(input_per_mtok=1000.0, output_per_mtok=1000.0)}
+    cost = (prompt + 3) / 1000
+    shadow = ShadowConfig(**FAST, max_retries=3, budget_usd=cost / 2)
+    report = asyncio.run(replay(engine, run_id, samples, [target], shadow, pricing,
+                                endpoint_factory=lambda t, key, s: endpoint))
+    rows = [(r.error_class, r.retries, r.cost_usd) for r in stored(engine, run_id)]
+    assert rows == [("stalled_stream", 0, pytest.approx(cost))]
+    assert report.spend_usd == pytest.approx(cost) and report.budget_exhausted
+    assert report.targets["t"].not_sent == 1 and len(endpoint.bodies) == 1  # no retry once the budget is spent
+
+    again = asyncio.run(replay(engine, run_id, samples, [target], ShadowConfig(**FAST, budget_usd=cost), pricing,
+                               endpoint_factory=lambda t, key, s: ScriptedEndpoint([])))
+    assert again.replayed == 0 and again.targets["t"].not_sent == 1  # the stored failed attempt spent the budget
+
+
+def test_a_request_the_replay_server_cannot_honour_is_the_targets_bad_request_with_a_clear_message(engine):
+    """Production traffic that requires a tool call: the replay server answered it with plain text."""
+    run_id, samples = store_samples(engine, 2)
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    for sample in samples:
+        sample.params = {**sample.params, "tools": tools, "tool_choice": "required"}
+    with ReplayServer(RECORDINGS) as srv:
+        target = TargetConfig(name="yi", model="Yi-34B-Chat", base_url=srv.base_url)
+        report = run_shadow(engine, run_id, samples, [target], ShadowConfig(**FAST), {})
+    assert report.targets["yi"].errors == {"bad_request": 2} and report.targets["yi"].retries == 0
+    assert "replay server does not support tool_choice" in report.error_examples["yi"]["bad_request"]
+
+
 def test_consistency_mode_without_streaming_with_a_progress_bar(engine, capsys):
     run_id, samples = store_samples(engine, 6)
     with ReplayServer(RECORDINGS) as srv:
@@ -367,6 +447,32 @@ def test_rpm_and_tpm_buckets_are_charged_per_attempt_and_refunded(engine, monkey
     assert charged == [(10_000, 1), (100_000, reserve), (10_000, 1), (100_000, reserve)]  # both attempts
     assert refunded == [reserve, reserve - 40]  # the failed attempt in full, then what the answer did not use
     assert endpoint.bodies[0]["max_tokens"] == FAST["max_tokens"]
+
+
+def test_tpm_is_settled_with_what_each_attempt_received(engine, monkeypatch):
+    """A refused attempt gives its reservation back; one that got part of an answer keeps what it got (it counted
+    towards the provider's limit too); it used to be refunded in full."""
+    from shadowjudge.shadow.ratelimit import TokenBucket
+
+    used: list[float] = []
+    real_settle = TokenBucket.settle
+
+    def settle(self, reserved, spent):
+        used.append(spent)
+        real_settle(self, reserved, spent)
+
+    monkeypatch.setattr(TokenBucket, "settle", settle)
+    run_id, samples = store_samples(engine, 1)
+    stalled = AttemptError("stalled_stream", "stalled", retryable=True)
+    stalled.received = Completion(text="a b", latency_ms=9.0, ttft_ms=1.0, itl_ms=None, input_tokens=None,
+                                  output_tokens=None)
+    answer = Completion(text="ok", latency_ms=5.0, ttft_ms=1.0, itl_ms=None, input_tokens=30, output_tokens=10)
+    endpoint = ScriptedEndpoint([AttemptError("rate_limited", "429", retryable=True, retry_after_s=0.0), stalled,
+                                 answer])
+    target = TargetConfig(name="t", model="m", base_url="http://unused/v1", tpm=6_000_000)
+    asyncio.run(replay(engine, run_id, samples, [target], ShadowConfig(**FAST), {},
+                       endpoint_factory=lambda t, key, s: endpoint))
+    assert used == [0, count_message_tokens(samples[0].messages) + 2, 40]
 
 
 def test_a_shadow_run_that_cannot_start_is_bad_input_not_a_transient_fault():

@@ -58,6 +58,22 @@ class SleepyEndpoint:
         pass
 
 
+class PooledEndpoint(SleepyEndpoint):
+    """A SleepyEndpoint behind a pool of as many connections as the load test sized the client for, counting the
+    requests that had to wait for one (inside the real client that wait reads as the endpoint's latency)."""
+
+    def __init__(self, service_s: float, connections: int):
+        super().__init__(service_s)
+        self.pool = asyncio.Semaphore(connections)
+        self.connections = connections
+        self.queued = 0
+
+    async def complete(self, body: dict[str, Any], *, stream: bool, timeout_s: float) -> Completion:
+        self.queued += self.pool.locked()
+        async with self.pool:
+            return await super().complete(body, stream=stream, timeout_s=timeout_s)
+
+
 def run_on_stub(endpoint: SleepyEndpoint, **plan: Any) -> LoadTestReport:
     return run_loadtest(STUB_TARGET, STUB_PROMPTS, max_requests=1000, shadow=SHADOW,
                         endpoint_factory=lambda *_: endpoint, **plan)
@@ -151,7 +167,8 @@ def test_cli_rejects_bad_plans_without_a_traceback(args, message, tmp_path):
 
 
 def test_request_logs_are_read_plain_or_gzipped_and_bad_lines_are_named(tmp_path):
-    rows = [{"request": {"messages": [{"role": "user", "content": "a"}]}}, {"messages": [{"role": "user", "content": "b"}]}]
+    rows = [{"request": {"messages": [{"role": "user", "content": "a"}]}},
+            {"messages": [{"role": "user", "content": "b"}]}]
     plain = tmp_path / "log.jsonl"
     plain.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "log.jsonl.gz").write_bytes(gzip.compress(plain.read_bytes()))
@@ -175,6 +192,41 @@ def test_open_loop_latency_from_the_scheduled_arrival_counts_the_wait_for_a_free
     assert step.response_ms["count"] == 6
     for key in ("p50", "p90", "p99"):  # each answer came >= 200 ms after its send, which was send-lag late
         assert step.response_ms[key] >= step.send_lag_ms[key] + 199
+
+
+def test_a_fixed_rate_gets_a_connection_for_every_request_it_can_have_in_flight(prompts):
+    """3.8 req/s against 350 ms answers with a 0.5 s timeout: two requests overlap, but the pool was sized
+    int(3.8 * 0.5) = 1 connection, so the second waited for the first inside the client, that wait read as latency
+    and TTFT, and requests ended as timeouts with in_flight_capped = 0."""
+    profiles = {"models": {"Yi-34B-Chat": {"ttft_ms": 350, "token_ms": 0}}}
+    with ReplayServer(DEMO / "recordings.jsonl.gz", profiles) as srv:
+        target = TargetConfig(name="lt", model="Yi-34B-Chat", base_url=srv.base_url)
+        shadow = ShadowConfig(stream=True, timeout_s=0.5, max_retries=0, max_tokens=8)
+        (step,) = run_loadtest(target, prompts, rate=3.8, duration_s=1.1, shadow=shadow).steps
+    assert step.errors == {} and step.ok == step.sent == 5
+    assert step.in_flight_capped == 0 and step.latency_ms["p99"] < 450
+    assert step.max_in_flight == loadtest.open_loop_slots(3.8, 0.5) >= 3
+
+
+def test_arrivals_beyond_the_connections_wait_in_the_open_not_inside_the_client(monkeypatch):
+    """The client has one connection per in-flight slot: an arrival never queues where its wait would be counted
+    as the endpoint's latency; when the slots run out (here MAX_IN_FLIGHT = 2 against 4 requests in flight) the wait
+    is an in-flight cap hit, in the send lag and in response_ms."""
+    endpoints: list[PooledEndpoint] = []
+
+    def pooled(target: TargetConfig, key: str, shadow: ShadowConfig) -> PooledEndpoint:
+        endpoints.append(PooledEndpoint(0.09, target.concurrency))
+        return endpoints[-1]
+
+    plan = dict(max_requests=1000, shadow=ShadowConfig(max_retries=0, timeout_s=0.1, max_tokens=16),
+                endpoint_factory=pooled)
+    (step,) = run_loadtest(STUB_TARGET, STUB_PROMPTS, rate=25, duration_s=0.4, **plan).steps
+    assert endpoints[0].queued == 0 and step.in_flight_capped == 0 and step.ok == 10
+    monkeypatch.setattr(loadtest, "MAX_IN_FLIGHT", 2)
+    (step,) = run_loadtest(STUB_TARGET, STUB_PROMPTS, rate=40, duration_s=0.2, **plan).steps
+    assert endpoints[1].connections == step.max_in_flight == 2 and endpoints[1].queued == 0
+    assert step.in_flight_capped > 0 and step.latency_ms["p99"] == pytest.approx(90)
+    assert step.response_ms["p99"] >= step.send_lag_ms["p99"] + 89 and step.send_lag_ms["p99"] > 50
 
 
 def test_a_closed_loop_has_no_schedule_so_response_time_is_latency():
@@ -227,8 +279,8 @@ def test_cli_warns_when_the_client_fell_behind_its_schedule_or_hit_the_in_flight
     assert "send lag p99" in result.output
     assert ("warning: step 0: the client fell behind its schedule (send lag p99 " in result.output
             and "latency from the scheduled arrival is in response_ms" in result.output), result.output
-    assert "warning: step 0: 5 arrivals waited for a free slot: MAX_IN_FLIGHT (1) requests were outstanding" \
-        in result.output, result.output
+    assert "warning: step 0: 5 arrivals waited for a free slot: all 1 in-flight slots (one connection each) were " \
+           "taken" in result.output, result.output
 
 
 @pytest.mark.parametrize("name, content, message", [

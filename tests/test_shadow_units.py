@@ -61,6 +61,17 @@ def test_stream_parser_keeps_tool_calls_and_rejects_bad_chunks():
     assert (err.value.error_class, err.value.retryable) == ("server_error", True)
 
 
+def test_stream_parser_reads_the_events_received_after_a_bad_one_before_failing():
+    """They were delivered, so billed: the engine charges a malformed stream for all it received."""
+    p = StreamParser(started=0.0)
+    with pytest.raises(AttemptError) as err:
+        p.feed(b'data: {"choices":[{"index":0,"delta":{"content":"Par"}}]}\n\ndata: {"choices": [\n\n'
+               b'data: {"choices":[{"index":0,"delta":{"content":"is"},"finish_reason":"stop"}]}\n\n'
+               b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}\n\ndata: [DONE]\n\n', 1.0)
+    assert err.value.error_class == "malformed_response" and "not JSON" in str(err.value)
+    assert (p.text(), p.usage) == ("Paris", (5, 2, 0))
+
+
 @pytest.mark.parametrize("status, expected", [
     (429, ("rate_limited", True)), (500, ("server_error", True)), (503, ("server_error", True)),
     (408, ("timeout", True)), (401, ("auth_error", False)), (404, ("not_found", False)),

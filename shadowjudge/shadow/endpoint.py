@@ -48,15 +48,21 @@ class Completion:
 
 
 class AttemptError(Exception):
-    """A failed attempt, classified; `retryable` and `retry_after_s` drive the engine's backoff."""
+    """A failed attempt, classified; `retryable` and `retry_after_s` drive the engine's backoff.
+
+    `received` is what the attempt got before it failed, for the engine to charge (a provider bills a stream that
+    stalled or broke off for what it generated): set once the provider accepted the request (a 200 response) or
+    the deadline passed waiting for it; None when it was refused (an error status) or never got a response."""
 
     def __init__(self, error_class: str, message: str, *, retryable: bool = False,
-                 retry_after_s: float | None = None, status: int | None = None):
+                 retry_after_s: float | None = None, status: int | None = None,
+                 received: Completion | None = None):
         super().__init__(message)
         self.error_class = error_class
         self.retryable = retryable
         self.retry_after_s = retry_after_s
         self.status = status
+        self.received = received
 
 
 class ChatEndpoint(Protocol):
@@ -218,18 +224,27 @@ class StreamParser:
         self._unframed: bytes | None = b""  # the body so far, until its first event (then None)
 
     def feed(self, data: bytes, now: float) -> None:
-        """Take the next piece of the body, which may end mid-line; `now` is when it arrived."""
+        """Take the next piece of the body, which may end mid-line; `now` is when it arrived.
+
+        A bad event fails the attempt, but only once the events already received after it are read too: they
+        were delivered, and so billed (`AttemptError.received`)."""
         if self._unframed is not None and len(self._unframed) < _UNFRAMED_LIMIT:
             self._unframed += data[:_UNFRAMED_LIMIT - len(self._unframed)]
         if self._rest:
             data = self._rest + data
         lines = data.split(b"\n")
         self._rest = lines.pop()
+        failure: AttemptError | None = None
         for line in lines:
             if self.done:
-                return
+                break
             if line[:5] == b"data:":
-                self._event(line[5:].strip(), now)
+                try:
+                    self._event(line[5:].strip(), now)
+                except AttemptError as exc:
+                    failure = failure or exc
+        if failure is not None:
+            raise failure
 
     def _event(self, data: bytes, now: float) -> None:
         self._unframed = None
@@ -399,7 +414,8 @@ class OpenAIEndpoint:
             if parser.finish_reason is None:
                 raise parser.unfinished()
             return parser.completion(time.perf_counter())
-        except AttemptError:
+        except AttemptError as exc:  # raised on a 200 response's body: what it brought is billed
+            exc.received = parser.completion(time.perf_counter())
             raise
         except openai.APIStatusError as exc:
             error_class, retryable = classify_status(exc.status_code)
@@ -410,10 +426,12 @@ class OpenAIEndpoint:
             stalled = bool(parser.token_times)
             what = f"stream stalled after {len(parser.token_times)} chunks" if stalled else "no answer"
             raise AttemptError("stalled_stream" if stalled else "timeout",
-                               f"{what}: not finished within the {timeout_s:g}s deadline", retryable=True) from None
+                               f"{what}: not finished within the {timeout_s:g}s deadline", retryable=True,
+                               received=parser.completion(time.perf_counter())) from None
         except (openai.APIConnectionError, httpx2.TransportError) as exc:
+            received = parser.completion(time.perf_counter()) if response is not None else None
             raise AttemptError("connection_error", self._scrub(f"{type(exc).__name__}: {exc}"),
-                               retryable=True) from None
+                               retryable=True, received=received) from None
         finally:
             if response is not None:
                 await response.aclose()

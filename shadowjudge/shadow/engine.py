@@ -6,10 +6,16 @@ by (run_id, sample_id, target, attempt): an answer, or an error class after retr
 the run goes (small batches, off the event loop), so an interrupted run that is started again replays only the
 keys that are missing.
 
-Once the spend budget is reached no request starts (those in flight finish), so it is overshot by in-flight
-requests only. Targets may then have answered different numbers of samples; the analysis compares the samples
-both sides answered. Requests never sent leave no row (they are not the target's errors): a later call with budget
-left sends them.
+Spend counts every attempt, as a provider bills it: an answer by its usage, and a failed attempt by what it
+received, since a stream that stalled or broke off was generated (and billed) up to there: its prompt plus the
+completion tokens that came. An attempt refused with an error status costs nothing; one whose deadline passed
+before anything came is charged its prompt, since the provider may have been processing it (a ceiling errs high).
+A row's `cost_usd` is what all attempts of its request cost, so a resumed run's budget starts from what was spent.
+
+Once the spend budget is reached no request starts and no failed attempt is retried (those in flight finish), so it
+is overshot by in-flight attempts only. Targets may then have answered different numbers of samples; the analysis
+compares the samples both sides answered. Requests never sent leave no row (they are not the target's errors): a
+later call with budget left sends them.
 """
 
 from __future__ import annotations
@@ -63,10 +69,10 @@ class TargetReport:
     ok: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     retries: int = 0
-    spend_usd: float = 0.0
+    spend_usd: float = 0.0  # every attempt of every request sent, failed ones included
     input_tokens: int = 0
     output_tokens: int = 0
-    cost_per_request_usd: float | None = None
+    cost_per_request_usd: float | None = None  # mean over answered requests, their failed attempts included
     latency_ms: dict[str, Any] = field(default_factory=dict)
     ttft_ms: dict[str, Any] = field(default_factory=dict)
     tpot_ms: dict[str, Any] = field(default_factory=dict)
@@ -128,7 +134,7 @@ class _Item:
 
 
 class SpendBudget:
-    """Spend of one run so far; new requests stop once it reaches the limit (in-flight ones finish)."""
+    """Spend of one run so far; new requests and retries stop once it reaches the limit (in-flight ones finish)."""
 
     def __init__(self, limit_usd: float | None, spent_usd: float = 0.0):
         self.limit = limit_usd
@@ -178,7 +184,7 @@ class _TargetRun:
         body = build_request_body(item.messages, item.params, self.target.model, self.shadow)
         prompt_tokens = count_message_tokens(item.messages)
         reserved = prompt_tokens + (body.get("max_tokens") or body.get("max_completion_tokens") or 0)
-        retries = 0
+        retries, spent = 0, 0.0
         while True:
             if self.rpm is not None:
                 await self.rpm.acquire(1)
@@ -188,34 +194,44 @@ class _TargetRun:
                 completion = await self.endpoint.complete(body, stream=self.shadow.stream,
                                                           timeout_s=self.shadow.timeout_s)
             except AttemptError as exc:
-                if self.tpm is not None:
-                    self.tpm.settle(reserved, 0)
-                if exc.retryable and retries < self.shadow.max_retries:
+                spent += self._charge(exc.received, prompt_tokens, reserved)
+                if exc.retryable and retries < self.shadow.max_retries and not self.budget.exhausted:
                     retries += 1
                     delay = backoff_delay(retries, self.shadow.retry_backoff_s, exc.retry_after_s, self.rng)
                     await asyncio.sleep(delay)
                     continue
                 self._note_error(exc.error_class, str(exc))
-                return self._row(item, error_class=exc.error_class, retries=retries)
+                return self._row(item, error_class=exc.error_class, retries=retries, cost_usd=self._cost(spent))
             except Exception as exc:  # a bug or an SDK surprise: recorded, never silently dropped
                 if "unexpected" not in self.error_examples:  # the traceback once, scrubbed like every message
                     trace = "".join(traceback.format_exception(exc))
                     log.error("target %s: unexpected failure replaying sample %s:\n%s", self.target.name,
                               item.sample_id, scrub_secrets(trace, self.secrets))
                 self._note_error("unexpected", f"{type(exc).__name__}: {exc}")
-                return self._row(item, error_class="unexpected", retries=retries)
-            return self._success_row(item, completion, prompt_tokens, reserved, retries)
+                return self._row(item, error_class="unexpected", retries=retries, cost_usd=self._cost(spent))
+            spent += self._charge(completion, prompt_tokens, reserved)
+            return self._success_row(item, completion, prompt_tokens, retries, self._cost(spent))
 
-    def _success_row(self, item: _Item, c: Completion, prompt_tokens: int, reserved: int,
-                     retries: int) -> dict[str, Any]:
-        input_tokens = c.input_tokens if c.input_tokens is not None else prompt_tokens
-        output_tokens = c.output_tokens if c.output_tokens is not None else count_tokens(c.text)
+    def _charge(self, received: Completion | None, prompt_tokens: int, reserved: int) -> float:
+        """Settle one attempt's TPM reservation and charge the spend budget with what the attempt received, as the
+        provider bills it (a stalled or broken stream's part of the answer included); its USD cost, 0 when the
+        target has no price. An attempt the provider refused (`received` None: an error status) costs nothing."""
+        input_tokens, output_tokens = _billed_tokens(received, prompt_tokens) if received is not None else (0, 0)
         if self.tpm is not None:
             self.tpm.settle(reserved, input_tokens + output_tokens)
-        cost = None
-        if self.price is not None:
-            cost = request_cost(self.price, input_tokens, output_tokens, c.cached_input_tokens)
-            self.budget.add(cost)
+        if self.price is None or received is None:
+            return 0.0
+        cost = request_cost(self.price, input_tokens, output_tokens, received.cached_input_tokens)
+        self.budget.add(cost)
+        return cost
+
+    def _cost(self, spent: float) -> float | None:
+        """A row's `cost_usd`: what all attempts of the request cost; unknown (None) for a target without a price."""
+        return spent if self.price is not None else None
+
+    def _success_row(self, item: _Item, c: Completion, prompt_tokens: int, retries: int,
+                     cost: float | None) -> dict[str, Any]:
+        input_tokens, output_tokens = _billed_tokens(c, prompt_tokens)
         tpot = None
         if c.ttft_ms is not None and output_tokens > 1:
             tpot = (c.latency_ms - c.ttft_ms) / (output_tokens - 1)
@@ -228,6 +244,13 @@ class _TargetRun:
             message = scrub_secrets(message, self.secrets)[:500]
             self.error_examples[error_class] = message
             log.warning("target %s: %s: %s", self.target.name, error_class, message)
+
+
+def _billed_tokens(c: Completion, prompt_tokens: int) -> tuple[int, int]:
+    """Input and output tokens of an attempt: the provider's usage, else counted locally like the replay server."""
+    input_tokens = c.input_tokens if c.input_tokens is not None else prompt_tokens
+    output_tokens = c.output_tokens if c.output_tokens is not None else count_tokens(c.text)
+    return input_tokens, output_tokens
 
 
 def openai_endpoint(target: TargetConfig, api_key: str, shadow: ShadowConfig) -> ChatEndpoint:

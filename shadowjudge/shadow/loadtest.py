@@ -5,15 +5,18 @@ of a provider (or the replay server, or a gateway) shows up as the step where th
 latency or errors climb. Requests are not retried and nothing is written to the store: this measures the
 endpoint, not a shadow run. Always bounded: a request cap, a duration per step and a cap on requests in flight.
 
-At a fixed rate, a request that leaves later than its scheduled arrival (MAX_IN_FLIGHT reached, or the client's
-event loop fell behind) would hide that wait from its latency (coordinated omission); so each step also reports
-how late the sends were (`send_lag_ms`) and the latency from the scheduled arrival (`response_ms`).
+At a fixed rate, a request that leaves later than its scheduled arrival (every in-flight slot taken, or the
+client's event loop fell behind) would hide that wait from its latency (coordinated omission); so each step also
+reports how late the sends were (`send_lag_ms`) and the latency from the scheduled arrival (`response_ms`). The
+client gets one connection per in-flight slot, sized for every request the rate can have in flight within the
+timeout, so a request never queues inside the HTTP client, where the wait would read as the endpoint's latency.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -26,7 +29,7 @@ import typer
 from shadowjudge.config import ConfigError, ShadowConfig, TargetConfig
 from shadowjudge.errors import InputError, ShadowJudgeError
 from shadowjudge.shadow.credentials import resolve_api_key
-from shadowjudge.shadow.endpoint import AttemptError, ChatEndpoint
+from shadowjudge.shadow.endpoint import DONE_GRACE_S, AttemptError, ChatEndpoint
 from shadowjudge.shadow.engine import EndpointFactory, build_request_body, openai_endpoint
 from shadowjudge.shadow.eventloop import run_sync
 from shadowjudge.shadow.metrics import latency_percentiles
@@ -78,7 +81,8 @@ class LoadStep:
     `latency_ms` is the endpoint's service time, from the actual send. `response_ms` (successes, like latency_ms)
     is what a user arriving at the scheduled moment waits: from the scheduled arrival at a fixed rate; a closed loop
     has no schedule (a worker sends when it is free), so there it equals `latency_ms` and `send_lag_ms` (every send
-    of a fixed rate) is empty. `in_flight_capped` counts arrivals that waited for one of the MAX_IN_FLIGHT slots.
+    of a fixed rate) is empty. `in_flight_capped` counts arrivals that waited for one of the `max_in_flight` slots
+    (a fixed rate's cap on requests outstanding, one connection each; None in a closed loop, whose workers are it).
     """
 
     index: int
@@ -97,6 +101,7 @@ class LoadStep:
     send_lag_ms: dict[str, Any] = field(default_factory=dict)
     response_ms: dict[str, Any] = field(default_factory=dict)
     in_flight_capped: int = 0
+    max_in_flight: int | None = None
 
 
 @dataclass
@@ -146,7 +151,8 @@ class _StepRecorder:
         self.ttft.append(done.ttft_ms)
         self.response.append(done.latency_ms if due is None else (answered - min(due, sent_at)) * 1000)
 
-    def step(self, index: int, elapsed: float, concurrency: int | None, target_rps: float | None) -> LoadStep:
+    def step(self, index: int, elapsed: float, concurrency: int | None, target_rps: float | None,
+             max_in_flight: int | None = None) -> LoadStep:
         ok = len(self.latency)
         send_span = self.last_send - self.first_send
         return LoadStep(index=index, concurrency=concurrency, target_rps=target_rps, duration_s=round(elapsed, 3),
@@ -157,7 +163,8 @@ class _StepRecorder:
                         send_rps=(self.sent - 1) / send_span if self.sent > 1 and send_span > 0 else None,
                         drain_s=round(self.last_answer - self.last_send, 3),
                         send_lag_ms=latency_percentiles(self.send_lag) if self.send_lag else {},
-                        response_ms=latency_percentiles(self.response), in_flight_capped=self.in_flight_capped)
+                        response_ms=latency_percentiles(self.response), in_flight_capped=self.in_flight_capped,
+                        max_in_flight=max_in_flight)
 
 
 class _Budget:
@@ -192,11 +199,18 @@ async def _closed_loop_step(endpoint: ChatEndpoint, bodies: Sequence[dict[str, A
     return recorder, time.perf_counter() - start
 
 
+def open_loop_slots(rate: float, timeout_s: float) -> int:
+    """Requests a fixed rate can have outstanding: arrivals within the longest a request holds its connection (the
+    timeout, plus the grace for a stream's end), one more for a late timer, at most MAX_IN_FLIGHT."""
+    return min(MAX_IN_FLIGHT, math.ceil(rate * (timeout_s + DONE_GRACE_S)) + 1)
+
+
 async def _open_loop_step(endpoint: ChatEndpoint, bodies: Sequence[dict[str, Any]], rate: float, duration_s: float,
-                          budget: _Budget, shadow: ShadowConfig) -> tuple[_StepRecorder, float]:
-    """Arrivals every 1/rate seconds regardless of completions (until MAX_IN_FLIGHT are outstanding)."""
+                          budget: _Budget, shadow: ShadowConfig, max_in_flight: int) -> tuple[_StepRecorder, float]:
+    """Arrivals every 1/rate seconds regardless of completions, until `max_in_flight` (the client's connections)
+    are outstanding: a later arrival waits here, counted and in its send lag, not in the client's pool."""
     recorder = _StepRecorder()
-    slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+    slots = asyncio.Semaphore(max_in_flight)
     tasks: list[asyncio.Task] = []
     start = time.perf_counter()
     i = 0
@@ -237,7 +251,7 @@ async def run_loadtest_async(target: TargetConfig, prompts: Sequence[list[dict[s
         raise LoadTestError("max_requests must be at least 1")
     shadow = shadow or ShadowConfig(max_retries=0, timeout_s=30.0, max_tokens=256)
     bodies = [build_request_body(list(m), {}, target.model, shadow) for m in prompts]
-    top = ramp.max if ramp else min(MAX_IN_FLIGHT, max(1, int(rate * shadow.timeout_s)))
+    top = ramp.max if ramp else open_loop_slots(rate, shadow.timeout_s)
     sized = target.model_copy(update={"concurrency": top})
     try:
         api_key = resolve_api_key(target)
@@ -257,8 +271,8 @@ async def run_loadtest_async(target: TargetConfig, prompts: Sequence[list[dict[s
                                                             shadow)
                 steps.append(recorder.step(index, elapsed, level, None))
         else:
-            recorder, elapsed = await _open_loop_step(endpoint, bodies, rate, duration_s, budget, shadow)
-            steps.append(recorder.step(0, elapsed, None, rate))
+            recorder, elapsed = await _open_loop_step(endpoint, bodies, rate, duration_s, budget, shadow, top)
+            steps.append(recorder.step(0, elapsed, None, rate, top))
     finally:
         await endpoint.aclose()
     return LoadTestReport(model=target.model, base_url=target.base_url, mode="ramp" if ramp else "rate", steps=steps,
@@ -308,7 +322,7 @@ def log_loadtest(report: LoadTestReport, tracking_uri: str, experiment: str = "s
         for s in report.steps:
             values = {"achieved_rps": s.achieved_rps, "send_rps": s.send_rps, "drain_s": s.drain_s,
                       "error_rate": s.error_rate, "sent": s.sent, "in_flight_capped": s.in_flight_capped,
-                      "concurrency": s.concurrency, "target_rps": s.target_rps}
+                      "max_in_flight": s.max_in_flight, "concurrency": s.concurrency, "target_rps": s.target_rps}
             for name, percentiles in (("latency", s.latency_ms), ("ttft", s.ttft_ms), ("send_lag", s.send_lag_ms),
                                       ("response", s.response_ms)):
                 values.update({f"{name}_{k}_ms": v for k, v in percentiles.items() if k.startswith("p")})
@@ -419,7 +433,7 @@ def _schedule_warnings(report: LoadTestReport) -> list[str]:
                             f"(p99 {_ms(s.response_ms.get('p99'))} ms)")
         if s.in_flight_capped:
             warnings.append(f"warning: step {s.index}: {s.in_flight_capped} arrivals waited for a free slot: "
-                            f"MAX_IN_FLIGHT ({MAX_IN_FLIGHT}) requests were outstanding")
+                            f"all {s.max_in_flight} in-flight slots (one connection each) were taken")
     return warnings
 
 

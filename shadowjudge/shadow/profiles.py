@@ -1,9 +1,13 @@
 """Per-model latency and fault profiles for the replay server, and the seeded plan each request follows.
 
 A request's fate (error status, stalled or malformed stream, its jittered TTFT) is drawn from an RNG seeded
-by `(seed, model, prompt_id, n)`, where `n` counts earlier requests for the same model and prompt. So the
-outcome does not depend on the order in which concurrent requests arrive, a retry of a failed request draws
-afresh, and a test can compute with `plan_request` exactly what the server will do.
+by `(seed, model, prompt_id, n)`, where `n` counts earlier requests for the same model and prompt. So a retry of
+a failed request draws afresh, requests for different prompts do not depend on each other's arrival order, and a
+test can compute with `plan_request` exactly what the server will do. Identical (model, prompt) requests in
+flight at once (a repeated prompt, consistency attempts, their retries) share one counter, which goes to whichever
+arrives first: the key's sequence of fates is the same every run, but which request meets which fate depends on
+arrival order, so per-request outcomes (and the retries they take, hence how far the sequence is used) are
+reproducible only without such concurrent duplicates.
 
 A profile file (YAML or JSON):
 

@@ -4,7 +4,10 @@ It stands in for real providers in tests, the demo and the load benchmarks: a cl
 sees streamed SSE chunks, usage, error bodies and Retry-After headers as from a real endpoint. It is a raw ASGI
 app (no routing framework) on uvicorn, because it is also the target of a >= 500 streamed req/s benchmark.
 
-Endpoints: `POST /v1/chat/completions` (streaming and not), `GET /v1/models`, `GET /healthz`, `GET /stats`.
+Endpoints: `POST /v1/chat/completions` (streaming and not), `GET /v1/models`, `GET /v1/models/{id}`,
+`GET /healthz`, `GET /stats`. An answer stops at the request's first `stop` sequence, as a provider's would; what
+recorded text answers cannot honour (a required or named tool call, a JSON response format) is refused with a 400
+saying so, rather than answered with plain text the caller would take for it.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 DEFAULT_PORT = 8400
 API_KEY_ENV = "SHADOWJUDGE_REPLAY_API_KEY"
+MAX_STOP_SEQUENCES = 4  # as OpenAI's API allows
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
                 429: "rate_limit_exceeded", 503: "service_unavailable"}
 
@@ -56,9 +60,9 @@ def _tokens(text: str) -> tuple[str, ...]:
     return tuple(split_tokens(text))
 
 
-def _error_body(status: int, message: str, code: str | None = None) -> bytes:
+def _error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> bytes:
     kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}})
+    return orjson.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}})
 
 
 class ModelStats:
@@ -98,8 +102,9 @@ class ReplayApp:
         self.counters: Counter[str] = Counter()
         self.in_flight = 0
         self._name_header = (b"x-replay-server", name.encode())
-        self._models_body = orjson.dumps({"object": "list", "data": [
-            {"id": m, "object": "model", "created": 0, "owned_by": f"replay:{name}"} for m in recordings.models]})
+        self._model_bodies = {m: orjson.dumps({"id": m, "object": "model", "created": 0, "owned_by": f"replay:{name}"})
+                              for m in recordings.models}
+        self._models_body = b'{"object":"list","data":[' + b",".join(self._model_bodies.values()) + b"]}"
 
     def stats(self) -> dict[str, Any]:
         per_model = {m: s.as_dict() for m, s in sorted(self.models.items())}
@@ -128,9 +133,19 @@ class ReplayApp:
             await self._json(send, 200, orjson.dumps(self.stats()))
         elif path == "/v1/models":
             await self._json(send, 200, self._models_body)
+        elif path.startswith("/v1/models/"):
+            await self._model(send, path.removeprefix("/v1/models/"))
         else:
             self.counters["not_found"] += 1
             await self._json(send, 404, _error_body(404, f"no route {method} {path}", "not_found"))
+
+    async def _model(self, send: Send, model: str) -> None:
+        """`models.retrieve`: the model object, or the 404 a provider sends for a model it does not serve."""
+        body = self._model_bodies.get(model)
+        if body is None:
+            self.counters["unknown_model"] += 1
+            return await self._json(send, 404, _unknown_model_body(model))
+        await self._json(send, 200, body)
 
     async def _json(self, send: Send, status: int, body: bytes, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
         await send({"type": "http.response.start", "status": status,
@@ -169,11 +184,14 @@ class ReplayApp:
         if problem:
             self.counters["bad_request"] += 1
             return await self._json(send, 400, _error_body(400, problem))
+        unsupported = _unsupported_feature(request)
+        if unsupported:
+            self.counters["unsupported"] += 1
+            return await self._json(send, 400, _error_body(400, unsupported[1], "unsupported_value", unsupported[0]))
         model = request["model"]
         if model not in self.recordings:
             self.counters["unknown_model"] += 1
-            return await self._json(send, 404, _error_body(
-                404, f"The model '{model}' does not exist or you do not have access to it.", "model_not_found"))
+            return await self._json(send, 404, _unknown_model_body(model))
 
         messages = request["messages"]
         last_user = next((m for m in reversed(messages) if m.get("role") == "user"), None)
@@ -202,11 +220,8 @@ class ReplayApp:
             stats.hits += 1
         else:
             stats.misses += 1
-        tokens = _tokens(text)
         limit = request.get("max_completion_tokens") or request.get("max_tokens")
-        finish = "stop"
-        if limit is not None and len(tokens) > limit:
-            tokens, finish = tokens[:limit], "length"
+        tokens, finish = _generated_tokens(text, _stop_sequences(request.get("stop")), limit)
         usage = {"prompt_tokens": count_message_tokens(messages), "completion_tokens": len(tokens)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         completion_id = f"chatcmpl-{self.name}-{next(self._ids)}"
@@ -281,6 +296,40 @@ class ReplayApp:
         await self._json(send, 200, body)
 
 
+def _unknown_model_body(model: str) -> bytes:
+    return _error_body(404, f"The model '{model}' does not exist or you do not have access to it.", "model_not_found")
+
+
+def _stop_sequences(stop: str | list[str] | None) -> list[str]:
+    """The request's stop sequences (validated by `_request_problem`); an empty one stops nothing."""
+    return [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
+
+
+def _generated_tokens(text: str, stops: list[str], limit: int | None) -> tuple[tuple[str, ...], str]:
+    """The tokens a provider would generate and its finish_reason: the answer up to its first stop sequence (which
+    is not sent), cut at `limit` tokens ("length") when that comes first."""
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    tokens = _tokens(text[:min(cuts)] if cuts else text)
+    if limit is not None and len(tokens) > limit:
+        return tokens[:limit], "length"
+    return tokens, "stop"
+
+
+def _unsupported_feature(request: dict[str, Any]) -> tuple[str, str] | None:
+    """(param, message) for what a replay of recorded text cannot honour: a tool call the request requires, a JSON
+    response format. Refused, as a provider refuses what it does not support, rather than answered with plain text
+    that the caller would take for a tool call or JSON; `tool_choice` "auto"/"none" may be answered in text."""
+    why = "the replay server does not support {}: it replays recorded text answers, {}"
+    choice = request.get("tool_choice")
+    if choice == "required" or isinstance(choice, dict):
+        return "tool_choice", why.format(f"tool_choice {orjson.dumps(choice).decode()}", "never tool calls")
+    response_format = request.get("response_format")
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind in ("json_object", "json_schema"):
+        return "response_format", why.format(f"response_format {kind!r}", "which need not be JSON")
+    return None
+
+
 def _request_problem(request: Any) -> str | None:
     if not isinstance(request, dict):
         return "request body must be a JSON object"
@@ -295,6 +344,10 @@ def _request_problem(request: Any) -> str | None:
         value = request.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             return f"'{key}' must be a positive integer"
+    stop = request.get("stop")
+    if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, list) and len(stop) <= MAX_STOP_SEQUENCES and all(isinstance(s, str) for s in stop)):
+        return f"'stop' must be a string or a list of at most {MAX_STOP_SEQUENCES} strings"
     return None
 
 
