@@ -138,12 +138,16 @@ def evaluate(
 ) -> None:
     """Measure a judge against the labels and leaderboard in a directory; prints one JSON object."""
     from evaluators.factory import load_small_judge
+    from evaluators.judge_registry import resolve
     from evaluators.judge_training import evaluate_judge
     from shadowjudge.errors import ShadowJudgeError
 
     uri = tracking_uri_default(tracking_uri)
+    model_uri = model_uri or f"models:/{registered_name}@champion"
     try:
-        judge = load_small_judge(model_uri or f"models:/{registered_name}@champion", uri)
+        if model_uri.startswith("models:/"):  # resolved here so a missing judge's hint names this command's option
+            model_uri = resolve(uri, model_uri, instead="pass --model-uri").uri
+        judge = load_small_judge(model_uri, uri)
         with progress_bar(progress) as update:
             report = evaluate_judge(judge, data, prompts=prompts, seed=seed, include_seen=include_seen,
                                     progress=update)

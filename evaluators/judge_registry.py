@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +24,6 @@ from shadowjudge.errors import InputError, ShadowJudgeError  # noqa: E402
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-TRAIN_COMMAND = "shadowjudge judge train --data shadowjudge/demo_data/alpacaeval-mini --quick"
 JUDGE_ARTIFACT = "judge"
 
 
@@ -76,6 +76,16 @@ def _shown(tracking_uri: str) -> str:
     from shadowjudge.tracking.mlflow_tracking import redact_uri
 
     return redact_uri(tracking_uri)
+
+
+def train_command(tracking_uri: str, name: str) -> str:
+    """The `judge train` that fills the gap an error names: the shipped demo data by absolute path (a relative one
+    works from the checkout's root only), and that error's registry and name (the defaults register
+    'shadowjudge-judge' in the local store, which the error was not about). Credentials in the URI are masked."""
+    from evaluators.preference_data import MINI_DATA
+
+    return (f"shadowjudge judge train --data {shlex.quote(str(MINI_DATA))} --quick "
+            f"--tracking-uri {shlex.quote(_shown(tracking_uri))} --registered-name {shlex.quote(name)}")
 
 
 def ensure_experiment(tracking_uri: str, name: str) -> str:
@@ -160,8 +170,11 @@ def find_alias(tracking_uri: str, name: str, alias: str = CHAMPION) -> Registere
     return RegisteredJudge(name, str(mv.version), mv.run_id)
 
 
-def resolve(tracking_uri: str, model_uri: str) -> RegisteredJudge:
-    """`models:/name@alias` or `models:/name/version` to a concrete version, with a clear error when missing."""
+def resolve(tracking_uri: str, model_uri: str, *, instead: str = "set judge.model_uri") -> RegisteredJudge:
+    """`models:/name@alias` or `models:/name/version` to a concrete version, with a clear error when missing.
+
+    `instead`: the caller's other way to name a judge, offered beside training one (a command without a config
+    says its option)."""
     if not model_uri.startswith("models:/"):
         raise JudgeNotFound(f"'{model_uri}' is not a models:/ URI")
     ref = model_uri[len("models:/"):]
@@ -171,7 +184,7 @@ def resolve(tracking_uri: str, model_uri: str) -> RegisteredJudge:
         if found is None:
             raise JudgeNotFound(
                 f"no judge registered as '{name}' with alias '{alias}' in the MLflow registry at "
-                f"{_shown(tracking_uri)}; train one with `{TRAIN_COMMAND}` (or set judge.model_uri)"
+                f"{_shown(tracking_uri)}; train one with `{train_command(tracking_uri, name)}` (or {instead})"
             )
         return found
     name, _, version = ref.partition("/")
@@ -180,7 +193,7 @@ def resolve(tracking_uri: str, model_uri: str) -> RegisteredJudge:
     except MlflowException as exc:
         raise JudgeNotFound(
             f"no version '{version}' of judge '{name}' in the MLflow registry at {_shown(tracking_uri)}: train "
-            f"one with `{TRAIN_COMMAND}`"
+            f"one with `{train_command(tracking_uri, name)}` (or {instead})"
         ) from exc
     return RegisteredJudge(name, str(mv.version), mv.run_id)
 

@@ -536,9 +536,12 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Conf
     """Read and validate a config file. Relative paths inside it resolve against the file's folder."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:  # a binary file, or another encoding: bad input like any other config fault
+        raise ConfigError(f"{path}: cannot read config: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+                          f"offset {exc.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -58,10 +58,17 @@ def _print_outcome(outcome: Any, as_json: bool) -> None:
     console.print(f"route [bold]{escape(outcome.route)}[/]: [bold]{escape(str(outcome.decision))}[/] "
                   f"({escape(str(outcome.status))}); {escape(str(outcome.diff))}", highlight=False)
     console.print(f"  {outcome.reason}", markup=False, highlight=False)  # reasons quote stored and gateway text
-    if outcome.error:
+    if outcome.error and outcome.status != "dry_run":  # a dry run's reason already ends "the push would fail: ..."
         console.print(f"  [red]{escape(str(outcome.error))}[/]", highlight=False)
     if outcome.config_diff:
         console.print(outcome.config_diff, markup=False, highlight=False)
+
+
+def _exit_status(outcome: Any) -> None:
+    """Exit 1 for a push that failed, and for a dry run whose push would fail: a script checking a push first
+    must not read 0 as "safe to run"."""
+    if outcome.status == "failed" or (outcome.status == "dry_run" and outcome.error):
+        raise typer.Exit(1)
 
 
 @routes_cli.command()
@@ -105,7 +112,10 @@ def show(route: Optional[str] = typer.Argument(None, help="Route name (default: 
 @_clean_errors
 def history(route: str = typer.Argument(..., help="Route name"), config: Path = ConfigOption,
             limit: int = typer.Option(50, min=1, max=10000), as_json: bool = JsonOption) -> None:
-    """Every weight change pushed or attempted, newest first: before, after, why, status and analysis link."""
+    """Every weight change pushed or attempted, newest first: before, after, why, status and analysis link.
+
+    A reason's preference= (written score= before it was renamed) is the judge's mean preference for the
+    candidate over the incumbent, in [0, 1] (0.5: as good), not the cycle's 0-100 analysis score."""
     from shadowjudge.routing.step import route_history
 
     _, rc, engine = _open(config, route)
@@ -162,9 +172,11 @@ def step(route: str = typer.Argument(..., help="Route name"),
                 raise InputError(f"--run-id {run_id}: no shadow run of route '{route}' has that id")
     outcome = step_route(engine, rc, parsed, gateway=get_gateway(rc.gateway, rc), now=datetime.now(timezone.utc),
                          run_id=run_id, analysis_link=analysis_link, dry_run=dry_run)
+    if outcome.replayed:  # on stderr: --json keeps stdout one object, which says "replayed": true
+        Console(stderr=True).print(f"note: run {run_id} was already stepped: the outcome below is the one recorded "
+                                   f"then, and --verdicts {verdicts} was ignored", markup=False, highlight=False)
     _print_outcome(outcome, as_json)
-    if outcome.status == "failed":
-        raise typer.Exit(1)
+    _exit_status(outcome)
 
 
 @routes_cli.command()
@@ -174,6 +186,9 @@ def approve(route: str = typer.Argument(..., help="Route name"), config: Path = 
     from shadowjudge.routing.step import approve_step
 
     _, rc, engine = _open(config, route)
+    if not rc.policy.manual_gate:  # an approval would be recorded and never read: say so, write nothing
+        raise InputError(f"route '{rc.name}' has no manual gate (policy.manual_gate is false): its steps need no "
+                         "approval; nothing was recorded")
     state = approve_step(engine, rc)
     console.print(f"route [bold]{rc.name}[/]: step {state.approved_step} approved; it runs at the next cycle that "
                   "passes the other checks", highlight=False)
@@ -217,5 +232,4 @@ def rollback(route: str = typer.Argument(..., help="Route name"), config: Path =
     outcome = manual_rollback(engine, rc, gateway=get_gateway(rc.gateway, rc), now=datetime.now(timezone.utc), to=to,
                               reason=reason, dry_run=dry_run)
     _print_outcome(outcome, as_json)
-    if outcome.status == "failed":
-        raise typer.Exit(1)
+    _exit_status(outcome)

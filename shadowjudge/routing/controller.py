@@ -247,7 +247,7 @@ def _rollback(route: RouteConfig, state: RolloutState, verdicts: dict[str, Candi
         if v is not None and v.critical_alert:
             reasons[name] = "critical alert"
         elif v is not None and v.verdict == "fail":
-            reasons[name] = f"analysis failed (score={_num(v.score)}, quality={_num(v.quality)}, n={v.n})"
+            reasons[name] = f"analysis failed (preference={_num(v.score)}, quality={_num(v.quality)}, n={v.n})"
         elif name in state.failed and state.weights.get(name, 0) > 0:
             reasons[name] = f"marked failed earlier ({state.failed[name].get('reason', '')}); rollback not yet in force"
     if not reasons:
@@ -301,7 +301,7 @@ def _ladder(route: RouteConfig, state: RolloutState, verdicts: dict[str, Candida
         return f"'{active}' at {state.weights[active]}%: verdict {v.verdict} (n={v.n}), weights held"
     current = state.weights[active]
     if current == 100 and 100 in route.policy.steps:  # the gateway already gives it everything: promote, no push
-        return Proposal(dict(state.weights), active, f"'{active}' passed (score={_num(v.score)}, n={v.n}) and "
+        return Proposal(dict(state.weights), active, f"'{active}' passed (preference={_num(v.score)}, n={v.n}) and "
                                                      "already holds 100%", completes=True)
     floor = route.policy.incumbent_min_weight
     rungs = [s for s in route.policy.steps if s == 100 or 100 - s >= floor]
@@ -312,7 +312,7 @@ def _ladder(route: RouteConfig, state: RolloutState, verdicts: dict[str, Candida
     desired = {n: 0 for n in state.weights}
     desired[active] = rung
     desired[state.serving] = 100 - rung
-    return Proposal(desired, active, f"'{active}' passed (score={_num(v.score)}, n={v.n}): ladder step {rung}%",
+    return Proposal(desired, active, f"'{active}' passed (preference={_num(v.score)}, n={v.n}): ladder step {rung}%",
                     completes=rung == 100)
 
 

@@ -12,7 +12,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
-from shadowjudge.errors import ShadowJudgeError
+from shadowjudge.errors import InputError, ShadowJudgeError
 
 _ENGINES: dict[str, Engine] = {}
 
@@ -144,12 +144,46 @@ def _begin_immediate(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+class StoreUrlError(InputError):
+    """store.url names no database the store can live in; the message names its scheme, never the whole URL."""
+
+
+STORE_SCHEMES = ("sqlite", "sqlite+pysqlite", "postgresql", "postgresql+psycopg2")
+
+
+def check_store_url(url: str) -> None:
+    """Refuse a store URL of a scheme the store does not support with a message naming it and those it does;
+    SQLAlchemy's own errors (NoSuchModuleError, a missing driver) named neither."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        scheme = make_url(url).drivername
+    except ArgumentError:
+        raise StoreUrlError(f"store.url is not a database URL (supported: {', '.join(STORE_SCHEMES)}, e.g. "
+                            "sqlite:///.shadowjudge/shadowjudge.db)") from None
+    if scheme not in STORE_SCHEMES:
+        raise StoreUrlError(f"store.url: scheme '{scheme}' is not supported (supported: "
+                            f"{', '.join(STORE_SCHEMES)})")
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite store URL; None for another database, an in-memory one or a `file:` URI."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:") or parsed.query.get("uri"):
+        return None
+    return Path(parsed.database)
+
+
 def store_revisions(url: str) -> tuple[str | None, str]:
     """The store's revision (None until a first migration has run to its end) and this shadowjudge's head;
     StoreVersionError for a revision the migrations do not know (a newer shadowjudge upgraded the store)."""
     from alembic.script import ScriptDirectory
     from alembic.util import CommandError
 
+    check_store_url(url)
     scripts = ScriptDirectory.from_config(alembic_config(url))
     current = current_revision(url)
     if current is not None:
@@ -194,7 +228,13 @@ def has_schema(engine: Engine) -> bool:
 
 def initialised_engine(url: str) -> Engine:
     """The engine of a store `shadowjudge init` has brought to this shadowjudge's schema; commands that only read or
-    add rows start here, so any other store gets one message saying what to run (exit 1), not a failing query."""
+    add rows start here, so any other store gets one message saying what to run (exit 1), not a failing query.
+    A SQLite file that is not there is not created: connecting would leave an empty store behind."""
+    check_store_url(url)
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        raise StoreVersionError(f"the store has no schema yet (no file {path}): run `shadowjudge init --config ...` "
+                                "first")
     current, head = store_revisions(url)
     if current is None:
         raise StoreVersionError("the store has no schema yet: run `shadowjudge init --config ...` first")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -63,11 +64,16 @@ def ingest(config: Path = ConfigOption,
            ) -> None:
     """Read new requests from each source (or, with --since/--until, backfill that window without moving the
     live cursor), sample, redact and store them."""
-    from shadowjudge.traffic.ingest import ingest_sources
+    from shadowjudge.traffic.ingest import ingest_sources, source_errors_log
 
     cfg = _config(config, source)
-    report = ingest_sources(_engine(cfg), cfg, since=parse_when(since, "--since"),
-                            until=parse_when(until, "--until"), progress=console.is_terminal and not as_json)
+    quieted = source_errors_log.level
+    source_errors_log.setLevel(logging.CRITICAL + 1)  # each source's error is printed once, below, as `error:`
+    try:
+        report = ingest_sources(_engine(cfg), cfg, since=parse_when(since, "--since"),
+                                until=parse_when(until, "--until"), progress=console.is_terminal and not as_json)
+    finally:
+        source_errors_log.setLevel(quieted)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:

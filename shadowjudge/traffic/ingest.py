@@ -39,6 +39,9 @@ from shadowjudge.traffic.sampling import DailyBudget, Sampler
 from shadowjudge.traffic.source import TimeWindow, TrafficSource, open_source
 
 log = logging.getLogger(__name__)
+# A source that cannot be read: logged for flows, whose report no one prints; `traffic ingest` prints the error
+# itself at the end and quiets this logger, so the message is not shown twice.
+source_errors_log = logging.getLogger(f"{__name__}.sources")
 
 MAX_POSITION = 512
 MAX_REASON = 1024
@@ -176,7 +179,7 @@ def ingest_source(engine: Engine, source_config: SourceConfig, source: TrafficSo
                     on_batch(report)
     except SourceUnavailable as exc:
         report.error = str(exc)
-        log.error("source '%s': %s", source_config.name, exc)
+        source_errors_log.error("source '%s': %s", source_config.name, exc)
     except BaseException:
         budget.forget()
         raise
