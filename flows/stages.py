@@ -30,6 +30,7 @@ from shadowjudge import cycle as stages  # noqa: E402
 from shadowjudge.config import Config, RouteConfig, load_config  # noqa: E402
 from shadowjudge.errors import InputError, ShadowJudgeError  # noqa: E402
 from shadowjudge.store import get_engine, upgrade_database  # noqa: E402
+from shadowjudge.store.lease import LeaseLock  # noqa: E402
 
 PROVIDER_CALLS = "provider-calls"
 
@@ -40,9 +41,10 @@ class ScoreFanOutError(ShadowJudgeError):
 
 
 def transient_fault(task, task_run, state) -> bool:  # noqa: ARG001 (Prefect's retry_condition_fn signature)
-    """Retry anything but bad input (a config, a file, a cycle that does not exist), which fails again, and a scoring
-    fan-out that gave up: its batches failed or were cancelled, and a retry re-attaches to those same runs."""
-    return not isinstance(state.data, (InputError, ScoreFanOutError))
+    """Retry anything but bad input (a config, a file, a cycle that does not exist), which fails again, a scoring
+    fan-out that gave up (its batches failed or were cancelled, and a retry re-attaches to those same runs), and a
+    cycle that lost its lease to another (it must stop, not try again beside it)."""
+    return not isinstance(state.data, (InputError, ScoreFanOutError, stages.CycleLeaseLost))
 
 
 STAGE = {"cache_policy": NO_CACHE, "retry_condition_fn": transient_fault}
@@ -159,43 +161,55 @@ def close_task(config: Config, route: RouteConfig, handle: stages.RunHandle, ana
 def run_route_cycle(config: Config, route: RouteConfig, cycle_id: str, ingest_report: dict[str, Any],
                     config_path: str, progress: bool = False) -> dict[str, Any]:
     """One route's cycle after ingest, holding the route's cycle lease from opening its run to closing it: another
-    cycle of the route meanwhile fails at once (RouteBeingEvaluated) instead of shadow-testing the same samples."""
-    with stages.cycle_lease(engine_of(config), route.name, cycle_id):
+    cycle of the route meanwhile fails at once (RouteBeingEvaluated) instead of shadow-testing the same samples.
+    Each stage starts only while the lease is still ours (CycleLeaseLost otherwise)."""
+    with stages.cycle_lease(engine_of(config), route.name, cycle_id) as lease:
         handle = open_run_task(config, route, cycle_id)
+        stages.ensure_lease(lease)
         shadow_report = shadow_task(config, route, handle, progress)
-        score_report = score_and_calibrate(config, route, handle, config_path, progress)
+        score_report = score_and_calibrate(config, route, handle, config_path, lease, progress)
         analysed = analyse_and_log(config, route, handle,
                                    {"ingest": ingest_report, "shadow": shadow_report, "score": score_report},
-                                   config_path)
-        return decide_and_publish(config, route, handle, analysed)
+                                   config_path, lease)
+        return decide_and_publish(config, route, handle, analysed, lease)
 
 
 def score_and_calibrate(config: Config, route: RouteConfig, handle: stages.RunHandle, config_path: str,
-                        progress: bool = False) -> dict[str, Any]:
-    """Judge the run's pairs, then send the calibration share of them to the teacher (called inside a flow)."""
+                        lease: LeaseLock, progress: bool = False) -> dict[str, Any]:
+    """Judge the run's pairs, then send the calibration share of them to the teacher (called inside a flow, holding
+    the route's cycle `lease`)."""
+    stages.ensure_lease(lease)
     report = score_task(config, route, handle, config_path, progress)
+    stages.ensure_lease(lease)
     calibration = calibrate_task(config, handle, report.get("evaluator"))
     return {**report, "calibration": calibration} if calibration else report
 
 
 def analyse_and_log(config: Config, route: RouteConfig, handle: stages.RunHandle, reports: dict[str, Any],
-                    config_path: str) -> dict[str, Any]:
-    """Analyse the run, check the golden set and drift, log it all to MLflow and raise alerts (inside a flow)."""
+                    config_path: str, lease: LeaseLock) -> dict[str, Any]:
+    """Analyse the run, check the golden set and drift, log it all to MLflow and raise alerts (inside a flow,
+    holding the route's cycle `lease`)."""
+    stages.ensure_lease(lease)
     judge_version = reports.get("score", {}).get("evaluator")
     analysis = {**analyse_task(config, route, handle, judge_version),
                 "golden": golden_task(config, route, judge_version), "drift": drift_task(config, route)}
     if reports.get("score", {}).get("calibration"):
         reports = {**reports, "calibration": reports["score"]["calibration"]}
     mlflow_run_id = track_task(config, route, handle, analysis, reports)
+    stages.ensure_lease(lease)
     alerts = alerts_task(config, route, handle, analysis, mlflow_run_id, config_path)
     return {"analysis": analysis, "mlflow_run_id": mlflow_run_id, "alerts": alerts}
 
 
-def decide_and_publish(config: Config, route: RouteConfig, handle: stages.RunHandle,
-                       analysed: dict[str, Any]) -> dict[str, Any]:
-    """Step the route's weights, close the run, and publish the cycle's summary as a Prefect artifact."""
+def decide_and_publish(config: Config, route: RouteConfig, handle: stages.RunHandle, analysed: dict[str, Any],
+                       lease: LeaseLock) -> dict[str, Any]:
+    """Step the route's weights, close the run, and publish the cycle's summary as a Prefect artifact (inside a flow,
+    holding the route's cycle `lease`). A step that finds the route's lock busy fails the update-routes task (retried)
+    and leaves the run open."""
     analysis, alerts, mlflow_run_id = analysed["analysis"], analysed["alerts"], analysed["mlflow_run_id"]
+    stages.ensure_lease(lease)
     step = route_task(config, route, handle, analysis, alerts, mlflow_run_id)
+    stages.ensure_lease(lease)
     outcome = close_task(config, route, handle, analysis, step, alerts, mlflow_run_id)
     create_markdown_artifact(key=artifact_key(route.name), markdown=outcome["markdown"],
                              description=f"ShadowJudge cycle {handle.run_key}")
@@ -223,7 +237,7 @@ def fan_out_scoring(config: Config, config_path: str, route: RouteConfig, handle
     orchestration = config.orchestration
     logger = get_run_logger()
     ranges = stages.sample_ranges(handle.sample_ids, orchestration.score_batches)
-    cycle_id = handle.run_key.removeprefix(f"{route.name}:")
+    cycle_id = stages.cycle_id_of(route, handle)
     runs = []
     for first, last in ranges:
         try:
@@ -276,15 +290,18 @@ def ingest_and_sample(config_path: str, progress: bool = False) -> dict[str, Any
     return ingest_task(load(config_path), progress)
 
 
+# The stage flows of one cycle hold the route's cycle lease as the whole cycle does (see stages.cycle_lease);
+# score-batch does not: the score stage that fans it out holds the lease while its batches run on other workers.
+
 @flow(name="shadow-test", log_prints=True)
 def shadow_test(config_path: str, route: str, cycle_id: str | None = None, progress: bool = False) -> dict[str, Any]:
-    """Open the cycle's run (fixing its sample set) and replay its samples against the route's targets, under the
-    route's cycle lease (a cycle of the route running meanwhile would replay the same samples)."""
+    """Open the cycle's run (fixing its sample set) and replay its samples against the route's targets."""
     config = load(config_path)
     rc = config.route(route)
     cycle_id = current_cycle_id(cycle_id)
-    with stages.cycle_lease(engine_of(config), rc.name, cycle_id):
+    with stages.cycle_lease(engine_of(config), rc.name, cycle_id) as lease:
         handle = open_run_task(config, rc, cycle_id)
+        stages.ensure_lease(lease)
         return {"run_key": handle.run_key, **shadow_task(config, rc, handle, progress)}
 
 
@@ -293,8 +310,9 @@ def score(config_path: str, route: str, cycle_id: str, progress: bool = False) -
     """Judge the cycle's (incumbent, candidate) answer pairs, fanned out when orchestration.score_batches > 1."""
     config = load(config_path)
     rc = config.route(route)
-    handle = find_run_task(config, rc, cycle_id)
-    return score_and_calibrate(config, rc, handle, config_path, progress)
+    with stages.cycle_lease(engine_of(config), rc.name, cycle_id) as lease:
+        handle = find_run_task(config, rc, cycle_id)
+        return score_and_calibrate(config, rc, handle, config_path, lease, progress)
 
 
 @flow(name="score-batch", log_prints=True)
@@ -314,8 +332,10 @@ def analyse(config_path: str, route: str, cycle_id: str) -> dict[str, Any]:
     """Analyse the cycle's run, log it to MLflow and raise alerts; reports are rebuilt from the store."""
     config = load(config_path)
     rc = config.route(route)
-    handle = find_run_task(config, rc, cycle_id)
-    analysed = analyse_and_log(config, rc, handle, stages.stored_reports(engine_of(config), rc, handle), config_path)
+    with stages.cycle_lease(engine_of(config), rc.name, cycle_id) as lease:
+        handle = find_run_task(config, rc, cycle_id)
+        analysed = analyse_and_log(config, rc, handle, stages.stored_reports(engine_of(config), rc, handle),
+                                   config_path, lease)
     return {"run_key": handle.run_key, "mlflow_run_id": analysed["mlflow_run_id"],
             "verdicts": {c["target"]: c["verdict"] for c in analysed["analysis"].get("candidates", [])},
             "alerts": [a.get("id") for a in analysed["alerts"]]}
@@ -326,6 +346,8 @@ def update_routes(config_path: str, route: str, cycle_id: str) -> dict[str, Any]
     """Step the route's weights from the cycle's verdicts (analysed again: the analysis is a function of the store)."""
     config = load(config_path)
     rc = config.route(route)
-    handle = find_run_task(config, rc, cycle_id)
-    analysed = analyse_and_log(config, rc, handle, stages.stored_reports(engine_of(config), rc, handle), config_path)
-    return decide_and_publish(config, rc, handle, analysed)
+    with stages.cycle_lease(engine_of(config), rc.name, cycle_id) as lease:
+        handle = find_run_task(config, rc, cycle_id)
+        analysed = analyse_and_log(config, rc, handle, stages.stored_reports(engine_of(config), rc, handle),
+                                   config_path, lease)
+        return decide_and_publish(config, rc, handle, analysed, lease)

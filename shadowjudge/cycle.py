@@ -77,6 +77,11 @@ def cycle_run_key(route: str, cycle_id: str) -> str:
     return key
 
 
+def cycle_id_of(route: RouteConfig, handle: RunHandle) -> str:
+    """The cycle id a run was opened for: its run key less the route's name."""
+    return handle.run_key.removeprefix(f"{route.name}:")
+
+
 def find_run(engine: Engine, run_key: str) -> RunHandle:
     """The run a later stage works on; unlike `open_run` it never opens one (that would pick a new sample set)."""
     with session_scope(engine) as s:
@@ -122,16 +127,19 @@ def stored_reports(engine: Engine, route: RouteConfig, handle: RunHandle) -> dic
 
 
 def open_run(engine: Engine, config: Config, route: RouteConfig, cycle_id: str) -> RunHandle:
-    """Find or create the cycle's run and fix its sample set: samples of the route newer than the last finished run's."""
+    """Find or create the cycle's run and fix its sample set: samples of the route newer than those of its newest
+    cycle run, finished or not.
+
+    A run still open (its stages run one by one, or it crashed and is finished by rerunning its cycle id) keeps its
+    samples: a cycle opened meanwhile taking them again would step the route twice on one set of evidence.
+    """
     run_key = cycle_run_key(route.name, cycle_id)
     with session_scope(engine) as s:
         run = s.scalar(select(ShadowRun).where(ShadowRun.run_key == run_key))
         if run is not None:
             return RunHandle(run.id, run_key, list(run.sample_ids), resumed=True)
-        last = s.scalar(
-            select(ShadowRun).where(ShadowRun.route == route.name, ShadowRun.status == "finished", ShadowRun.kind == "cycle")
-            .order_by(ShadowRun.id.desc()).limit(1)
-        )
+        last = s.scalar(select(ShadowRun).where(ShadowRun.route == route.name, ShadowRun.kind == "cycle")
+                        .order_by(ShadowRun.id.desc()).limit(1))
         watermark = int(last.summary.get("max_sample_id", 0)) if last is not None else 0
         query = (select(TrafficSample.id).where(TrafficSample.route == route.name, TrafficSample.id > watermark)
                  .order_by(TrafficSample.id))
@@ -157,14 +165,19 @@ class RouteBeingEvaluated(ShadowJudgeError):
     """Another cycle of the route is running: a second would shadow-test (and pay for) the same samples again."""
 
 
+class CycleLeaseLost(ShadowJudgeError):
+    """Another host took the route's cycle lease over (ours expired unrenewed): this cycle must not go on beside it."""
+
+
 @contextlib.contextmanager
 def cycle_lease(engine: Engine, route: str, cycle_id: str, ttl_s: float = CYCLE_LEASE_S) -> Iterator[LeaseLock]:
-    """Hold the route's cycle lease while a cycle opens, tests and closes its run; RouteBeingEvaluated at once when
-    another cycle holds it (a scheduled cycle fails instead of piling up behind a long one).
+    """Hold the route's cycle lease while a cycle, or one stage flow of it, works on the route's run;
+    RouteBeingEvaluated at once when another holds it (a scheduled cycle fails instead of piling up behind a long one).
 
-    A cycle picks the samples after the last finished run, so two at once (`shadowjudge run` beside a worker, the
-    shadow-test stage deployment) would replay the same samples. A background thread renews the lease while the
-    cycle runs; the lease of a cycle killed on this host is taken over at once, elsewhere when it expires.
+    Runs are opened one at a time, so each takes samples no other run holds, and a run's stages (a cycle's, or the
+    stage flows of a cycle run stage by stage) never interleave with another cycle's route step. A background thread
+    renews the lease; the holder calls `ensure_lease` before each stage, which stops it once the lease was lost. The
+    lease of a cycle killed on this host is taken over at once, elsewhere when it expires.
     """
     lease = LeaseLock(engine, f"cycle:{route}", holder=f"{default_holder()}:cycle {cycle_id}", ttl_s=ttl_s)
     if not lease.acquire():
@@ -184,12 +197,24 @@ def cycle_lease(engine: Engine, route: str, cycle_id: str, ttl_s: float = CYCLE_
         lease.release()
 
 
+def ensure_lease(lease: LeaseLock) -> None:
+    """Renew the cycle lease now, or raise CycleLeaseLost: called before each stage, so a cycle whose lease another
+    host took over stops instead of scoring, alerting, stepping the route or closing its run beside the new holder."""
+    if not lease.renew():
+        holder = lease.current_holder()
+        raise CycleLeaseLost(f"lost the lease '{lease.name}' to {holder[0] if holder else 'another cycle'}: it "
+                             f"went unrenewed for its whole length (the store out of reach, or this process stalled), "
+                             f"so {lease.holder} stopped before its next stage; rerun that cycle id once the other "
+                             "has finished: it resumes the same run")
+
+
 def _renew_until(lease: LeaseLock, stop: threading.Event, every_s: float) -> None:
     """Renew the lease every `every_s` until `stop`; a store that is briefly away is retried at the next tick."""
     while not stop.wait(every_s):
         try:
             if not lease.renew():
-                log.error("lost the cycle lease %s to another cycle: it may test the same samples", lease.name)
+                log.error("lost the cycle lease %s to another cycle: this cycle stops before its next stage",
+                          lease.name)
                 return
         except Exception as exc:  # noqa: BLE001 - the cycle goes on; the lease lasts ttl_s from the last renewal
             log.warning("could not renew the cycle lease %s: %s", lease.name, exc)
@@ -598,8 +623,24 @@ def update_routes(engine: Engine, config: Config, route: RouteConfig, handle: Ru
                 for v in verdicts_from_analysis(RunAnalysis.from_dict(analysis), critical_targets=critical)]
     outcome = step_route(engine, route, verdicts, gateway=get_gateway(route.gateway, route),
                          now=now or datetime.now(timezone.utc), run_id=handle.run_id,
-                         analysis_link=mlflow_link(config, route, mlflow_run_id))
-    return outcome.to_dict()
+                         analysis_link=mlflow_link(config, route, mlflow_run_id)).to_dict()
+    refuse_busy_step(route, handle, outcome)
+    return outcome
+
+
+def refuse_busy_step(route: RouteConfig, handle: RunHandle, step: dict[str, Any]) -> None:
+    """RouteBusy (a fault, so Prefect retries the stage) for a step that found the route's lock held by another
+    writer: it applied none of the run's verdicts, and closing the run on it would record the old weights as the
+    cycle's decision, over the record of a writer that did step the run."""
+    from shadowjudge.routing.step import RouteBusy
+
+    if step.get("status") == "busy":
+        cycle_id = cycle_id_of(route, handle)
+        raise RouteBusy(f"the weights of route {route.name} are being changed by another writer "
+                        f"({step.get('reason')}); run {handle.run_key} stays open with its verdicts not applied: "
+                        f"rerun the update-routes stage of cycle {cycle_id} (prefect deployment run "
+                        f"'update-routes/update-routes' -p route={route.name} -p cycle_id={cycle_id}, or "
+                        f"shadowjudge run --route {route.name} --cycle-id {cycle_id})")
 
 
 def _quality_summary(candidate: dict[str, Any]) -> str:
@@ -614,6 +655,7 @@ def _quality_summary(candidate: dict[str, Any]) -> str:
 def close_cycle(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle, analysis: dict[str, Any],
                 step: dict[str, Any], alerts: list[dict[str, Any]], mlflow_run_id: str | None) -> dict[str, Any]:
     """Record the decision on the run and in MLflow, and render the cycle's markdown summary."""
+    refuse_busy_step(route, handle, step)
     decision = step.get("decision", "none")
     verdicts = [f"{c['target']}: {c['verdict']} (score {c['score'] if c['score'] is not None else '-'}, "
                 f"n={c['n_judged']}/{c['n']}{_quality_summary(c)})" for c in analysis.get("candidates", [])]

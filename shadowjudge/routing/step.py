@@ -128,7 +128,7 @@ def step_route(engine: Engine, route: RouteConfig,
         state = load_rollout_state(engine, route)
         who = f"{holder[0]} until {holder[1].isoformat()}" if holder else "another writer"
         return StepOutcome(route.name, "busy", state.weights, state.weights, state.weights,
-                           f"busy: {who} holds the lock '{busy.name}'; retried next cycle", pushed=False,
+                           f"busy: {who} holds the lock '{busy.name}'", pushed=False,
                            status="busy", phase=state.phase, serving=state.serving)
     try:
         retrying = False

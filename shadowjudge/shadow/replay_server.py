@@ -564,7 +564,7 @@ def serve(
                                           help="AlpacaEval-format outputs (JSON lines, .gz ok); repeatable"),
     profiles: Path | None = typer.Option(None, "--profiles", help="YAML/JSON latency and fault profiles"),
     host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(DEFAULT_PORT, "--port"),
+    port: int = typer.Option(DEFAULT_PORT, "--port", min=0, max=65535, help="0: any free port"),
     name: str = typer.Option("replay", "--name", help="Sent as x-replay-server and in /stats"),
     model: list[str] = typer.Option([], "--model", help="Serve only these recorded models; repeatable"),
     api_key_env: str | None = typer.Option(None, "--api-key-env", help="Require the key held by this env var"),
