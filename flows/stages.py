@@ -195,10 +195,22 @@ def analyse_and_log(config: Config, route: RouteConfig, handle: stages.RunHandle
                 "golden": golden_task(config, route, judge_version), "drift": drift_task(config, route)}
     if reports.get("score", {}).get("calibration"):
         reports = {**reports, "calibration": reports["score"]["calibration"]}
-    mlflow_run_id = track_task(config, route, handle, analysis, reports)
+    try:
+        mlflow_run_id, not_logged = track_task(config, route, handle, analysis, reports), None
+    except Exception as exc:  # noqa: BLE001 - raised again once alerts and the route step are done
+        mlflow_run_id, not_logged = None, exc
+        get_run_logger().error("route %s: the cycle could not be logged to MLflow (%s); its alerts and route step go "
+                               "ahead, and the cycle fails afterwards: rerun it to log it", route.name, exc)
     stages.ensure_lease(lease)
     alerts = alerts_task(config, route, handle, analysis, mlflow_run_id, config_path)
-    return {"analysis": analysis, "mlflow_run_id": mlflow_run_id, "alerts": alerts}
+    return {"analysis": analysis, "mlflow_run_id": mlflow_run_id, "alerts": alerts, "not_logged": not_logged}
+
+
+def raise_if_not_logged(analysed: dict[str, Any]) -> None:
+    """Fail the flow with the MLflow logging error `analyse_and_log` held back: an MLflow outage must not stop a
+    regression's alerts or rollback, but it must not pass unnoticed either (a rerun of the cycle logs it)."""
+    if analysed.get("not_logged") is not None:
+        raise analysed["not_logged"]
 
 
 def decide_and_publish(config: Config, route: RouteConfig, handle: stages.RunHandle, analysed: dict[str, Any],
@@ -213,6 +225,7 @@ def decide_and_publish(config: Config, route: RouteConfig, handle: stages.RunHan
     outcome = close_task(config, route, handle, analysis, step, alerts, mlflow_run_id)
     create_markdown_artifact(key=artifact_key(route.name), markdown=outcome["markdown"],
                              description=f"ShadowJudge cycle {handle.run_key}")
+    raise_if_not_logged(analysed)
     return {k: v for k, v in outcome.items() if k != "markdown"}
 
 
@@ -336,6 +349,7 @@ def analyse(config_path: str, route: str, cycle_id: str) -> dict[str, Any]:
         handle = find_run_task(config, rc, cycle_id)
         analysed = analyse_and_log(config, rc, handle, stages.stored_reports(engine_of(config), rc, handle),
                                    config_path, lease)
+    raise_if_not_logged(analysed)
     return {"run_key": handle.run_key, "mlflow_run_id": analysed["mlflow_run_id"],
             "verdicts": {c["target"]: c["verdict"] for c in analysed["analysis"].get("candidates", [])},
             "alerts": [a.get("id") for a in analysed["alerts"]]}

@@ -166,3 +166,40 @@ def test_sample_ranges_split_a_run_into_near_equal_contiguous_batches(ids, parts
     if batches:
         assert max(map(len, batches)) - min(map(len, batches)) <= 1
         assert all(first <= last for first, last in ranges)
+
+
+def test_an_mlflow_outage_does_not_hold_back_the_cycles_alerts_and_route_step(tmp_path, sqlite_url, replay_server,
+                                                                           prefect_harness, monkeypatch):
+    """MLflow went down mid-cycle: the log task's failure ended the route's cycle before its alerts and route step,
+    so a regression found in that cycle was neither alerted nor rolled back. Now they go ahead and the cycle fails
+    afterwards with the logging error (a rerun of the cycle logs it)."""
+    import flows.stages
+    from shadowjudge.tracking import TrackingUnreachable
+
+    config_path = write_cycle_config(tmp_path, sqlite_url, replay_server.base_url)
+    ingest_and_sample(config_path)
+    alerted: list[str] = []
+    real_alert = cycle.alert
+
+    def mlflow_down(*args, **kwargs):
+        raise TrackingUnreachable("MLflow tracking server at http://127.0.0.1:1 is unreachable: connection refused")
+
+    def recording_alert(engine, config, route, handle, *args, **kwargs):
+        alerted.append(handle.run_key)
+        return real_alert(engine, config, route, handle, *args, **kwargs)
+
+    monkeypatch.setattr(cycle, "track", mlflow_down)
+    monkeypatch.setattr(cycle, "alert", recording_alert)
+    monkeypatch.setattr(flows.stages, "track_task", flows.stages.track_task.with_options(retries=0))
+
+    @flow
+    def route_cycle(path: str) -> dict:
+        config = load(path)
+        return flows.stages.run_route_cycle(config, config.route(ROUTE), "m1", {}, path)
+
+    with pytest.raises(TrackingUnreachable, match="unreachable"):
+        route_cycle(config_path)
+    assert alerted == [f"{ROUTE}:m1"]
+    with session_scope(get_engine(sqlite_url)) as s:
+        run = s.scalar(select(ShadowRun).where(ShadowRun.run_key == f"{ROUTE}:m1"))
+        assert run.status == "finished" and run.decision is not None
