@@ -11,7 +11,7 @@ import logging
 import re
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -500,7 +500,8 @@ def track(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle,
         metrics = {**_candidate_metrics(analysis, shadow_report, target.name), **win_rate(preferences)}
         golden = (analysis.get("golden") or {}).get(target.name)
         if golden:
-            metrics |= {"golden.passed": float(golden["passed"]), "golden.n_failed": golden["n_failed"]}
+            metrics |= {"golden.passed": float(golden["passed"]), "golden.n_failed": golden["n_failed"],
+                        "golden.n_unanswered": golden.get("n_unanswered", 0)}
         summary |= {f"{target.name}.{k}": metrics[k] for k in SUMMARY_METRICS if k in metrics}
         candidates.append(CandidateLog(
             target=target.name,
@@ -605,7 +606,8 @@ def alert(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle,
 
 
 def failed_golden(analysis: dict[str, Any]) -> set[str]:
-    return {target for target, report in (analysis.get("golden") or {}).items() if not report["passed"]}
+    """Candidates that answered a golden case wrongly; unanswered cases (an outage) fail none."""
+    return {target for target, report in (analysis.get("golden") or {}).items() if report["n_failed"]}
 
 
 def update_routes(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle, analysis: dict[str, Any],
@@ -615,12 +617,11 @@ def update_routes(engine: Engine, config: Config, route: RouteConfig, handle: Ru
     from shadowjudge.analysis import RunAnalysis
     from shadowjudge.gateways import get_gateway
     from shadowjudge.routing.step import step_route
-    from shadowjudge.routing.verdicts import verdicts_from_analysis
+    from shadowjudge.routing.verdicts import apply_golden_gate, verdicts_from_analysis
 
     critical = {a.get("target") for a in alerts if a.get("severity") == "critical" and a.get("target")}
-    golden_failures = failed_golden(analysis)
-    verdicts = [replace(v, verdict="fail", critical_alert=True) if v.target in golden_failures else v
-                for v in verdicts_from_analysis(RunAnalysis.from_dict(analysis), critical_targets=critical)]
+    verdicts = apply_golden_gate(verdicts_from_analysis(RunAnalysis.from_dict(analysis), critical_targets=critical),
+                                 analysis.get("golden") or {})
     outcome = step_route(engine, route, verdicts, gateway=get_gateway(route.gateway, route),
                          now=now or datetime.now(timezone.utc), run_id=handle.run_id,
                          analysis_link=mlflow_link(config, route, mlflow_run_id)).to_dict()
@@ -701,9 +702,11 @@ def render_cycle_markdown(handle: RunHandle, route: RouteConfig, analysis: dict[
     if golden:
         lines += ["", "## Golden set", ""]
         for target, report in golden.items():
-            failed = [f"{r['case_id']} ({'; '.join(r['failures'])})" for r in report["results"] if not r["passed"]]
-            lines.append(f"- {target}: " + ("passed" if report["passed"] else
-                                            f"**failed** {len(failed)}/{report['n_cases']}: " + ", ".join(failed[:5])))
+            failed = [f"{r['case_id']} ({'; '.join(r['failures'])})" for r in report["results"] if r["failures"]]
+            parts = [f"**failed** {len(failed)}/{report['n_cases']}: " + ", ".join(failed[:5])] if failed else []
+            if report.get("n_unanswered"):
+                parts.append(f"{report['n_unanswered']}/{report['n_cases']} unanswered (an outage, not failed)")
+            lines.append(f"- {target}: " + ("; ".join(parts) or "passed"))
     drift = analysis.get("drift")
     if drift:
         lines += ["", f"**Drift** ({drift.get('current_window')} vs {drift.get('reference_window')}): "

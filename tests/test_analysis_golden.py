@@ -93,10 +93,11 @@ def test_a_judge_score_that_is_not_a_number_fails_min_score(cases):
     assert any("judge score nan below" in f for f in helpful.failures)
 
 
-def test_missing_answers_fail_and_min_score_needs_a_scorer(cases):
+def test_missing_answers_are_unanswered_not_failed_and_min_score_needs_a_scorer(cases):
     report = run_golden_set(cases, {"refund-window": "30 days"}, LengthScorer())
-    assert [r.case_id for r in report.failed] == ["order-json", "helpful"]
-    assert "no answer" in report.failed[0].failures[0]
+    assert report.failed == [] and not report.passed and report.status == "incomplete"
+    assert [(r.case_id, r.unanswered, r.failures) for r in report.unanswered] == [
+        ("order-json", "not_asked", []), ("helpful", "not_asked", [])]
     with pytest.raises(GoldenSetError, match="min_score: run_golden_set needs a scorer"):
         run_golden_set(cases, {"helpful": "some answer"})
     assert not run_golden_set(cases, {"order-json": "not json"}).passed

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from shadowjudge.analysis.golden import GoldenCase
+from shadowjudge.analysis.golden import GoldenCase, NoAnswer
 from shadowjudge.config import ShadowConfig, TargetConfig
 from shadowjudge.shadow.endpoint import AttemptError, Completion, OpenAIEndpoint, parse_retry_after
 from shadowjudge.shadow.engine import replay
@@ -309,7 +309,8 @@ def test_a_golden_case_whose_request_raises_fails_alone_with_a_scrubbed_log(monk
     caplog.set_level(logging.WARNING)
     answers = ask_golden_cases(target, cases, ShadowConfig(max_retries=2, retry_backoff_s=0.01),
                                endpoint_factory=lambda t, api_key, s: fake)
-    assert answers == {"capital": "answer to capital of France?", "hello": None, "refund": "answer to refund window?"}
+    assert answers == {"capital": "answer to capital of France?", "hello": NoAnswer("unexpected"),
+                       "refund": "answer to refund window?"}
     assert fake.prompts.count("say hi") == 1  # not an error a retry can help with
     assert "golden case hello on cand" in caplog.text and "ValueError" in caplog.text
     assert key not in caplog.text

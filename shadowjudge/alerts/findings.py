@@ -9,6 +9,7 @@ again in the next cycle bumps the open alert instead of paging twice.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -97,16 +98,28 @@ def regression_findings(analysis: RunAnalysis, route: RouteConfig, action: str |
 
 
 def golden_findings(report: GoldenReport, route: RouteConfig, run_id: int | None = None) -> list[Finding]:
-    """A candidate that fails its golden regression set cannot be promoted: one critical finding per candidate."""
-    if report.passed:
-        return []
-    failed = report.failed
-    message = (f"Candidate {report.target} fails {len(failed)} of {len(report.results)} golden cases on route "
-               f"{route.name}: " + "; ".join(f"{r.case_id}: {', '.join(r.failures)}" for r in failed[:5]))
-    return [Finding("golden", "critical", route.name, report.target, "golden_set", None, float(len(failed)), None,
-                    None, message, "promotion blocked: golden regression set failed", run_id,
-                    f"run:{run_id}" if run_id is not None else f"golden:{report.target}", [],
-                    {"golden": report.to_dict()})]
+    """A candidate that answers a golden case wrongly cannot be promoted: a critical finding (routing rolls it back).
+    Cases it left unanswered (its requests failed: an outage, maybe the evaluator's) are no evidence against it:
+    a warning naming the errors, with its own fingerprint, that rolls nothing back."""
+    source_key = f"run:{run_id}" if run_id is not None else f"golden:{report.target}"
+    n_cases, details = len(report.results), {"golden": report.to_dict()}
+    findings = []
+    if failed := report.failed:
+        message = (f"Candidate {report.target} fails {len(failed)} of {n_cases} golden cases on route {route.name}: "
+                   + "; ".join(f"{r.case_id}: {', '.join(r.failures)}" for r in failed[:5]))
+        findings.append(Finding("golden", "critical", route.name, report.target, "golden_set", None,
+                                float(len(failed)), None, None, message,
+                                "promotion blocked: golden regression set failed", run_id, source_key, [], details))
+    if unanswered := report.unanswered:
+        errors = Counter(r.unanswered for r in unanswered)
+        message = (f"Golden set of candidate {report.target} on route {route.name}: {len(unanswered)} of {n_cases} "
+                   f"cases unanswered: " + ", ".join(f"{e} ({n})" for e, n in errors.most_common())
+                   + " (availability, not wrong answers: not counted as failures)")
+        findings.append(Finding("golden", "warning", route.name, report.target, "golden_unanswered", None,
+                                float(len(unanswered)), None, None, message,
+                                "golden gate inconclusive: not promoted on it, not rolled back; asked again next cycle",
+                                run_id, source_key, [], details))
+    return findings
 
 
 def _drift_action(result: DriftResult) -> str:

@@ -11,6 +11,10 @@ A case is a prompt with the properties its answer must have (YAML):
       min_score: 0.6                     # judge score, needs a scorer
 
 The checks are deterministic except `min_score`, which asks the judge (anything with `score(prompts, answers)`).
+
+A case the candidate gave no answer to (the request failed: connection error, timeout, 5xx after retries; or it was
+not asked) is unanswered, not failed: an outage, often on the evaluator's side, is no evidence that the candidate
+answers wrongly, and must not roll it back. Nor has it passed: the report is incomplete, so the gate is inconclusive.
 """
 
 from __future__ import annotations
@@ -75,12 +79,26 @@ class GoldenCase(BaseModel):
 
 
 @dataclass(frozen=True)
+class NoAnswer:
+    """Stands for the answer to a case the candidate was asked but gave none to; `error_class` says why (the
+    endpoint's: connection_error, timeout, server_error, ...), for the availability alert."""
+
+    error_class: str
+
+
+NOT_ASKED = NoAnswer("not_asked")
+
+
+@dataclass(frozen=True)
 class GoldenCaseResult:
+    """One case's outcome. `unanswered` is the error class of a case without an answer: neither passed nor failed."""
+
     case_id: str
     passed: bool
     failures: list[str]
     score: float | None = None
     incident: str | None = None
+    unanswered: str | None = None
 
 
 @dataclass(frozen=True)
@@ -90,15 +108,28 @@ class GoldenReport:
 
     @property
     def passed(self) -> bool:
+        """Every case answered and passed: only then has the candidate passed its golden set."""
         return all(r.passed for r in self.results)
 
     @property
     def failed(self) -> list[GoldenCaseResult]:
-        return [r for r in self.results if not r.passed]
+        """Cases the candidate answered wrongly: these, and only these, fail the golden gate."""
+        return [r for r in self.results if not r.passed and r.unanswered is None]
+
+    @property
+    def unanswered(self) -> list[GoldenCaseResult]:
+        return [r for r in self.results if r.unanswered is not None]
+
+    @property
+    def status(self) -> str:
+        """passed, failed (some answer is wrong, whatever else went unanswered) or incomplete (none wrong, some
+        unanswered: the gate is inconclusive)."""
+        return "failed" if self.failed else "incomplete" if self.unanswered else "passed"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"target": self.target, "passed": self.passed, "n_cases": len(self.results),
-                "n_failed": len(self.failed), "results": [asdict(r) for r in self.results]}
+        return {"target": self.target, "status": self.status, "passed": self.passed, "n_cases": len(self.results),
+                "n_passed": sum(r.passed for r in self.results), "n_failed": len(self.failed),
+                "n_unanswered": len(self.unanswered), "results": [asdict(r) for r in self.results]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GoldenReport:
@@ -155,10 +186,8 @@ def _json_failures(answer: str, schema: dict[str, Any]) -> list[str]:
     return [f"JSON schema: {'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}" for e in errors[:5]]
 
 
-def check_answer(case: GoldenCase, answer: str | None, score: float | None = None) -> list[str]:
+def check_answer(case: GoldenCase, answer: str, score: float | None = None) -> list[str]:
     """What is wrong with `answer` for `case` (empty when it passes)."""
-    if answer is None:
-        return ["no answer (the candidate failed or was not asked)"]
     failures = []
     haystack = answer if case.case_sensitive else answer.lower()
     for needle in case.must_contain:
@@ -176,22 +205,28 @@ def check_answer(case: GoldenCase, answer: str | None, score: float | None = Non
     return failures
 
 
-def run_golden_set(cases: Sequence[GoldenCase], answers: Mapping[str, str | None],
+def run_golden_set(cases: Sequence[GoldenCase], answers: Mapping[str, str | NoAnswer],
                    scorer: AnswerScorer | None = None, target: str = "candidate") -> GoldenReport:
     """Check the candidate's answers (by case id) against every golden case; any failure blocks promotion.
 
-    A case without an answer fails (a candidate that was not asked has not passed). Cases with `min_score`
+    A case without an answer (a NoAnswer, or missing: not asked) is unanswered, not failed. Cases with `min_score`
     need `scorer`; the judge sees only the answered ones, in one batch.
     """
-    needs_score = [c for c in cases if c.min_score is not None and answers.get(c.id) is not None]
+    texts = {c.id: a for c in cases if isinstance(a := answers.get(c.id), str)}
+    needs_score = [c for c in cases if c.min_score is not None and c.id in texts]
     if needs_score and scorer is None:
         raise GoldenSetError(f"cases {[c.id for c in needs_score]} set min_score: run_golden_set needs a scorer")
     scores: dict[str, float] = {}
     if needs_score:
-        values = scorer.score([c.prompt for c in needs_score], [answers[c.id] for c in needs_score])
+        values = scorer.score([c.prompt for c in needs_score], [texts[c.id] for c in needs_score])
         scores = {c.id: float(v) for c, v in zip(needs_score, values, strict=True)}
     results = []
     for case in cases:
-        failures = check_answer(case, answers.get(case.id), scores.get(case.id))
-        results.append(GoldenCaseResult(case.id, not failures, failures, scores.get(case.id), case.incident))
+        if case.id in texts:
+            failures = check_answer(case, texts[case.id], scores.get(case.id))
+            results.append(GoldenCaseResult(case.id, not failures, failures, scores.get(case.id), case.incident))
+        else:
+            missing = answers.get(case.id)
+            reason = missing.error_class if isinstance(missing, NoAnswer) else NOT_ASKED.error_class
+            results.append(GoldenCaseResult(case.id, False, [], incident=case.incident, unanswered=reason))
     return GoldenReport(target, results)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from shadowjudge.config import RouteConfig
@@ -109,6 +109,25 @@ def verdicts_from_analysis(analysis: Any, critical_targets: Iterable[str] = ()) 
             cost_per_outcome=_finite_or_none(getattr(cost_metric, "candidate_value", None)),
             incumbent_cost_per_outcome=_finite_or_none(getattr(cost_metric, "incumbent_value", None)),
             n=int(c.n_judged), critical_alert=c.target in critical))
+    return out
+
+
+def apply_golden_gate(verdicts: Iterable[CandidateVerdict], golden: Mapping[str, Mapping[str, Any]]
+                      ) -> list[CandidateVerdict]:
+    """The verdicts after each candidate's golden report (`GoldenReport.to_dict()` by target name).
+
+    A wrong answer to a golden case fails the candidate with a critical alert: rolled back if it holds traffic.
+    Unanswered cases (its requests failed: an outage, no evidence either way) never fail it, but a candidate that
+    has not passed every case may not advance on them: a pass is held as inconclusive.
+    """
+    out = []
+    for v in verdicts:
+        report = golden.get(v.target) or {}
+        if report.get("n_failed"):
+            v = replace(v, verdict="fail", critical_alert=True)
+        elif report.get("n_unanswered") and v.verdict == "pass":
+            v = replace(v, verdict="inconclusive")
+        out.append(v)
     return out
 
 
