@@ -64,16 +64,21 @@ def run(config: Path = ConfigOption,
 
 
 def _check_cycle_inputs(cfg: Config, routes: list[RouteConfig]) -> None:
-    """What the flow would meet only after starting Prefect and ingesting (MLflow down, a missing judge), or inside a
-    retried shadow test (a missing key), found in seconds with a one-line message, cheapest first. It also starts
-    Prefect's server apart from Ctrl-C; keys held in Prefect Secret blocks need it, so they are checked last."""
+    """What the flow would meet only after starting Prefect and ingesting (MLflow down, a missing judge, a golden
+    set that cannot be read), or inside a retried shadow test (a missing key), found in seconds with a one-line
+    message, cheapest first. It also starts Prefect's server apart from Ctrl-C; keys held in Prefect Secret blocks
+    need it, so they are checked last."""
     from evaluators.factory import check_evaluator
+    from shadowjudge.analysis.golden import load_golden_set
     from shadowjudge.config import check_api_keys
     from shadowjudge.environment import start_prefect_server_apart
     from shadowjudge.tracking.reachability import check_config_tracking
 
     targets = cfg.endpoints(routes)
     check_api_keys(t for t in targets if not t.api_key_secret)
+    for route in routes:
+        if route.golden_set:
+            load_golden_set(route.golden_set)  # GoldenSetError: bad input (exit 2), before a run is opened
     check_config_tracking(cfg)
     check_evaluator(cfg.judge, cfg.mlflow.tracking_uri)  # no such judge: JudgeNotFound, bad input (exit 2)
     start_prefect_server_apart()

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from sqlalchemy import func, select
 
 from cycle_configs import save_config
@@ -58,6 +59,17 @@ def test_run_without_a_trained_judge(tmp_path):
     config, store_url = _config(tmp_path, evaluator="small-judge")
     _assert_one_line(_run(config), "no judge registered as 'no-such-judge'")
     assert _stored_samples(store_url) == 0
+
+
+@pytest.mark.slow
+def test_run_with_a_golden_set_it_cannot_read(tmp_path):
+    """It was read only after Prefect had started, traffic was ingested and the cycle's run opened (~17 s), then
+    the route failed with Prefect's tracebacks and the run was left open."""
+    data = yaml.safe_load(_config(tmp_path)[0].read_text())
+    data["routes"][0]["golden_set"] = str(tmp_path / "no-such-golden.yaml")
+    config = save_config(tmp_path, data)
+    _assert_one_line(_run(config), "no-such-golden.yaml: cannot read golden set")
+    assert _stored_samples(data["store"]["url"]) == 0  # failed before ingest
 
 
 @pytest.mark.slow

@@ -161,9 +161,12 @@ def parse_golden_set(data: Any, source: str = "<golden set>") -> list[GoldenCase
 def load_golden_set(path: str | Path) -> list[GoldenCase]:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise GoldenSetError(f"{path}: cannot read golden set: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise GoldenSetError(f"{path}: cannot read golden set: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+                             f"at offset {exc.start})") from None
     except yaml.YAMLError as exc:
         raise GoldenSetError(f"{path}: not valid YAML: {exc}") from None
     return parse_golden_set(data, str(path))
