@@ -29,6 +29,7 @@ from prefect.runtime import flow_run  # noqa: E402
 from shadowjudge import cycle as stages  # noqa: E402
 from shadowjudge.config import Config, RouteConfig, load_config  # noqa: E402
 from shadowjudge.errors import InputError, ShadowJudgeError  # noqa: E402
+from shadowjudge.routing.step import RouteBusy  # noqa: E402
 from shadowjudge.store import get_engine, upgrade_database  # noqa: E402
 from shadowjudge.store.lease import LeaseLock  # noqa: E402
 
@@ -165,13 +166,19 @@ def run_route_cycle(config: Config, route: RouteConfig, cycle_id: str, ingest_re
     Each stage starts only while the lease is still ours (CycleLeaseLost otherwise)."""
     with stages.cycle_lease(engine_of(config), route.name, cycle_id) as lease:
         handle = open_run_task(config, route, cycle_id)
-        stages.ensure_lease(lease)
-        shadow_report = shadow_task(config, route, handle, progress)
-        score_report = score_and_calibrate(config, route, handle, config_path, lease, progress)
-        analysed = analyse_and_log(config, route, handle,
-                                   {"ingest": ingest_report, "shadow": shadow_report, "score": score_report},
-                                   config_path, lease)
-        return decide_and_publish(config, route, handle, analysed, lease)
+        try:
+            stages.ensure_lease(lease)
+            shadow_report = shadow_task(config, route, handle, progress)
+            score_report = score_and_calibrate(config, route, handle, config_path, lease, progress)
+            analysed = analyse_and_log(config, route, handle,
+                                       {"ingest": ingest_report, "shadow": shadow_report, "score": score_report},
+                                       config_path, lease)
+            return decide_and_publish(config, route, handle, analysed, lease)
+        except RouteBusy:
+            raise  # the run stays open for the update-routes rerun its message names
+        except Exception as exc:
+            stages.fail_run(engine_of(config), handle.run_id, exc)
+            raise
 
 
 def score_and_calibrate(config: Config, route: RouteConfig, handle: stages.RunHandle, config_path: str,

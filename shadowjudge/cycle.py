@@ -229,14 +229,25 @@ def load_samples(engine: Engine, sample_ids: list[int]) -> list[TrafficSample]:
 
 def finish_run(engine: Engine, run_id: int, decision: str, summary: dict[str, Any],
                mlflow_run_id: str | None = None) -> None:
+    """Record the cycle's decision; a rerun keeps the first `finished_at` (it changes no row that did not change)."""
     with session_scope(engine) as s:
         run = s.get(ShadowRun, run_id)
         run.status = "finished"
         run.decision = decision
-        run.summary = {**run.summary, **summary}
+        run.summary = {**{k: v for k, v in run.summary.items() if k != "error"}, **summary}
         if mlflow_run_id:
             run.mlflow_run_id = mlflow_run_id
-        run.finished_at = utcnow()
+        run.finished_at = run.finished_at or utcnow()
+
+
+def fail_run(engine: Engine, run_id: int, error: BaseException) -> None:
+    """Mark a run whose cycle failed before closing it `failed`, with the error, so `status` does not show it running
+    for ever; rerunning its cycle id resumes it and `finish_run` closes it. A finished run is left as it is."""
+    with session_scope(engine) as s:
+        run = s.get(ShadowRun, run_id)
+        if run is not None and run.status != "finished":
+            run.status = "failed"
+            run.summary = {**run.summary, "error": f"{type(error).__name__}: {error}"[:2000]}
 
 
 def _pairs(run_id: int, evaluator: str | None, *columns: Any) -> Any:

@@ -213,3 +213,31 @@ def test_a_busy_route_step_is_retried_and_a_lost_lease_is_not():
     assert flows.stages.transient_fault(None, None, Failed(data=busy)) is True
     lost = cycle.CycleLeaseLost("lost the lease 'cycle:chat-default'")
     assert flows.stages.transient_fault(None, None, Failed(data=lost)) is False
+
+
+def test_a_cycle_that_fails_marks_its_run_failed_and_a_rerun_finishes_it(tmp_path, sqlite_url, replay_server,
+                                                                         prefect_harness, monkeypatch):
+    """A failed cycle left its run 'running' for ever in `shadowjudge status`."""
+    from shadowjudge.errors import InputError
+
+    config_path = write_cycle_config(tmp_path, sqlite_url, replay_server.base_url)
+    engine = get_engine(sqlite_url)
+    ingest_and_sample(config_path)
+    real_analyse = cycle.analyse
+
+    def analysis_refused(*args, **kwargs):
+        raise InputError("the analysis config is wrong")
+
+    monkeypatch.setattr(cycle, "analyse", analysis_refused)
+    with pytest.raises(InputError, match="the analysis config is wrong"):
+        route_cycle(config_path, "f1")
+    run = _run(engine, f"{ROUTE}:f1")
+    assert (run.status, run.summary["error"]) == ("failed", "InputError: the analysis config is wrong")
+
+    monkeypatch.setattr(cycle, "analyse", real_analyse)
+    route_cycle(config_path, "f1")  # the rerun resumes the same run
+    run = _run(engine, f"{ROUTE}:f1")
+    assert run.status == "finished" and "error" not in run.summary and run.finished_at is not None
+    finished_at = run.finished_at
+    route_cycle(config_path, "f1")
+    assert _run(engine, f"{ROUTE}:f1").finished_at == finished_at  # a rerun changes no row
