@@ -58,6 +58,9 @@ def run(config: Path = ConfigOption,
         check_cycle_id(cycle_id)
     _check_cycle_inputs(cfg, routes)
     from flows.cycle import evaluation_cycle
+    from shadowjudge.environment import quiet_expected_failures
+
+    quiet_expected_failures()
 
     result = evaluation_cycle(config_path=str(config), route=route, cycle_id=cycle_id, progress=sys.stderr.isatty())
     _print_cycle(result)

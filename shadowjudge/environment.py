@@ -49,6 +49,29 @@ class UrlPathRedactor(logging.Filter):
         return True
 
 
+class ExpectedFailureTraceback(logging.Filter):
+    """Drop the traceback Prefect logs with a task or flow that failed on a ShadowJudge error: its message already
+    says what went wrong and what to do (`shadowjudge run` prints it as its last line), and fourteen lines of engine
+    frames above it read like a crash. Any other exception keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from shadowjudge.errors import ShadowJudgeError
+
+        if record.exc_info and isinstance(record.exc_info[1], ShadowJudgeError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_expected_failures() -> None:
+    """Install ExpectedFailureTraceback on Prefect's flow and task run loggers (unless SHADOWJUDGE_DEBUG is set)."""
+    if os.environ.get("SHADOWJUDGE_DEBUG"):
+        return
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, ExpectedFailureTraceback) for f in logger.filters):
+            logger.addFilter(ExpectedFailureTraceback())
+
+
 def start_prefect_server_apart() -> None:
     """Start Prefect's temporary API server (used when PREFECT_API_URL is not set) so that Ctrl-C leaves it running.
 

@@ -93,3 +93,21 @@ def test_the_flow_fails_a_route_with_a_missing_key_as_bad_input_before_its_run(t
     assert exc.value.exit_code == 2
     with session_scope(get_engine(store_url)) as s:
         assert s.scalar(select(func.count()).select_from(ShadowRun)) == 0
+
+
+@pytest.mark.slow
+def test_a_route_another_cycle_holds_fails_the_run_with_its_message_and_no_traceback(tmp_path):
+    """Prefect logged the expected refusal with fourteen lines of engine frames, twice, above the one-line error."""
+    from datetime import datetime, timedelta, timezone
+
+    from shadowjudge.store import Lock
+
+    config, store_url = _config(tmp_path)
+    with session_scope(get_engine(store_url)) as s:
+        s.add(Lock(name="cycle:chat-default", holder="elsewhere:1:beef:cycle other",
+                   expires_at=datetime.now(timezone.utc) + timedelta(hours=1)))
+    done = _run(config)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1 and "Traceback" not in out, out
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "is being evaluated by elsewhere:1:beef:cycle other" in errors[0], out
