@@ -333,3 +333,13 @@ def test_bench_reports_a_ramp_step_without_a_success_instead_of_crashing(monkeyp
     out = json.loads(capsys.readouterr().out)
     assert [(s["latency_p50_ms"], s["latency_p99_ms"]) for s in out["steps"]] == [(5.12, 9.88), (None, None)]
     assert out["peak_rps"] == 10.0 and out["knee_concurrency"] == 12
+
+
+def test_cli_exits_1_when_no_request_succeeded(server, tmp_path):
+    """A wrong model or a dead endpoint printed a table of errors and exited 0, as if it had measured something."""
+    result = CliRunner().invoke(loadtest_cli, [
+        "--base-url", server.base_url, "--model", "no-such-model", "--requests", str(DEMO / "requests.jsonl.gz"),
+        "--rate", "5", "--duration", "0.4", "--json"])
+    assert result.exit_code == 1, result.output
+    assert "error: none of the 2 requests to no-such-model succeeded (errors: not_found 2)" in result.output
+    assert json.loads(result.output.splitlines()[0])["steps"][0]["ok"] == 0

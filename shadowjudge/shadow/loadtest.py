@@ -414,8 +414,25 @@ def loadtest(
         raise typer.Exit(getattr(exc, "exit_code", 2)) from None
     if as_json:
         typer.echo(json.dumps({**report.as_dict(), "mlflow_run_id": run_id}))
-        return
-    _print_report(report, run_id)
+    else:
+        _print_report(report, run_id)
+    if (failure := _nothing_answered(report)) is not None:
+        typer.echo(f"error: {failure}", err=True)
+        raise typer.Exit(1)
+
+
+def _nothing_answered(report: LoadTestReport) -> str | None:
+    """Why a load test in which every request failed is no measurement (a wrong model, an endpoint that is down):
+    its latencies describe errors, and a script reading the exit status must see it failed."""
+    sent = sum(s.sent for s in report.steps)
+    if sent == 0 or any(s.ok for s in report.steps):
+        return None
+    errors: dict[str, int] = {}
+    for s in report.steps:
+        for kind, n in s.errors.items():
+            errors[kind] = errors.get(kind, 0) + n
+    found = ", ".join(f"{kind} {n}" for kind, n in sorted(errors.items(), key=lambda e: -e[1])) or "none recorded"
+    return f"none of the {sent} requests to {report.model} succeeded (errors: {found})"
 
 
 def _ms(value: float | None) -> str:
