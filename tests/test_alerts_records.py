@@ -207,3 +207,18 @@ def test_a_failed_golden_set_blocks_promotion_with_a_critical_alert(engine):
     [alert] = golden_alerts(engine, run_golden_set(cases, {"refund": "90 days"}, target="cand"), route, [])
     assert alert.severity == "critical" and alert.kind == "golden" and "refund" in alert.message
     assert alert.bundle["examples"][0]["case_id"] == "refund"
+
+
+def test_a_golden_alert_carries_its_own_cases_and_slack_says_which_were_unanswered(engine):
+    """The unanswered-cases warning showed the wrong answers' cases and 'Failures: -' for each unanswered one."""
+    from shadowjudge.alerts.sinks import _slack_example
+
+    route = route_for(["cand"])
+    cases = parse_golden_set([{"id": "refund", "prompt": "Refund window?", "must_contain": "30 days"},
+                              {"id": "capital", "prompt": "Capital of France?", "must_contain": "Paris"}])
+    report = run_golden_set(cases, {"refund": "90 days"}, target="cand")  # capital never asked
+    alerts = golden_alerts(engine, report, route, [])
+    by_metric = {a.metric: [e["case_id"] for e in a.bundle["examples"]] for a in alerts}
+    assert by_metric == {"golden_set": ["refund"], "golden_unanswered": ["capital"]}
+    [unanswered] = [a for a in alerts if a.metric == "golden_unanswered"]
+    assert "*Unanswered*: not_asked (the request failed" in _slack_example(unanswered.bundle["examples"][0])

@@ -215,7 +215,8 @@ def _slack_example(example: Mapping[str, Any]) -> str:
     if "case_id" in example:  # a failed golden case
         failures = "; ".join(str(f) for f in example.get("failures") or []) or "-"
         lines = [f"*Golden case* {_mrkdwn(str(example['case_id']), 200)} (score {score('score')})",
-                 f"*Failures*: {_mrkdwn(failures, 1200)}"]
+                 f"*Unanswered*: {_mrkdwn(str(example['unanswered']), 200)} (the request failed: not a wrong answer)"
+                 if example.get("unanswered") else f"*Failures*: {_mrkdwn(failures, 1200)}"]
         if example.get("incident"):
             lines.append(f"*Incident*: {_mrkdwn(str(example['incident']), 400)}")
     elif "prompt" not in example and example.get("text"):  # a drift example

@@ -97,7 +97,9 @@ def build_bundle(engine: Engine, finding: Finding, route: RouteConfig, run_link:
         examples = list((finding.details.get("drift") or {}).get("details", {}).get("examples") or [])[:max_examples]
     elif finding.kind == "golden":
         golden = finding.details.get("golden", {})
-        examples = [r for r in golden.get("results", []) if not r.get("passed")][:max_examples]
+        unanswered = finding.metric == "golden_unanswered"  # else the wrong answers (stored results may predate it)
+        examples = [r for r in golden.get("results", [])
+                    if not r.get("passed") and bool(r.get("unanswered")) == unanswered][:max_examples]
     run_key, cycle_id = cycle_of(engine, route.name, finding.run_id)
     return {
         "source_key": finding.source_key,
