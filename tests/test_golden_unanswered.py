@@ -70,3 +70,17 @@ def test_wrong_answers_fail_beside_unanswered_cases_and_roll_the_candidate_back(
     assert critical.fingerprint != warning.fingerprint
     [gated] = apply_golden_gate([v("a")], {"a": report.to_dict()})
     assert gated.verdict == "fail" and gated.critical_alert
+
+
+@pytest.mark.parametrize("error_class", ["malformed_response", "bad_request", "auth_error", "not_found"])
+def test_a_reply_the_candidate_broke_or_refused_fails_the_case(error_class):
+    """Only an outage leaves a case unanswered; a candidate whose endpoint answers every golden case with a broken
+    or refused reply was held as inconclusive for ever instead of failing."""
+    from shadowjudge.analysis.golden import NoAnswer
+
+    answers = {c.id: NoAnswer(error_class) for c in CASES}
+    report = run_golden_set(CASES, answers, target="a")
+    assert report.status == "failed" and report.unanswered == []
+    assert all(r.failures == [f"no usable answer: {error_class}"] for r in report.failed)
+    [critical] = golden_findings(report, route_for(["a"]))
+    assert critical.severity == "critical"

@@ -87,6 +87,11 @@ class NoAnswer:
 
 
 NOT_ASKED = NoAnswer("not_asked")
+# Why a case may go unanswered without counting against the candidate: the endpoint was out of reach, overloaded or
+# cut off (an outage, maybe the evaluator's own), or our side raised something unclassified. Any other error class
+# (a malformed reply, a request it refused: bad_request, auth_error, not_found) is the candidate failing the case.
+UNAVAILABLE = frozenset({"connection_error", "timeout", "server_error", "rate_limited", "stalled_stream",
+                         "truncated_stream", "not_asked", "unexpected"})
 
 
 @dataclass(frozen=True)
@@ -212,7 +217,8 @@ def run_golden_set(cases: Sequence[GoldenCase], answers: Mapping[str, str | NoAn
                    scorer: AnswerScorer | None = None, target: str = "candidate") -> GoldenReport:
     """Check the candidate's answers (by case id) against every golden case; any failure blocks promotion.
 
-    A case without an answer (a NoAnswer, or missing: not asked) is unanswered, not failed. Cases with `min_score`
+    A case without an answer (a NoAnswer, or missing: not asked) is unanswered, not failed, when the reason is in
+    UNAVAILABLE; a NoAnswer for any other reason fails the case. Cases with `min_score`
     need `scorer`; the judge sees only the answered ones, in one batch.
     """
     texts = {c.id: a for c in cases if isinstance(a := answers.get(c.id), str)}
@@ -231,5 +237,9 @@ def run_golden_set(cases: Sequence[GoldenCase], answers: Mapping[str, str | NoAn
         else:
             missing = answers.get(case.id)
             reason = missing.error_class if isinstance(missing, NoAnswer) else NOT_ASKED.error_class
-            results.append(GoldenCaseResult(case.id, False, [], incident=case.incident, unanswered=reason))
+            if reason in UNAVAILABLE:
+                results.append(GoldenCaseResult(case.id, False, [], incident=case.incident, unanswered=reason))
+            else:
+                results.append(GoldenCaseResult(case.id, False, [f"no usable answer: {reason}"],
+                                                incident=case.incident))
     return GoldenReport(target, results)
