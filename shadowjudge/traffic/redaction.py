@@ -36,12 +36,21 @@ SECRET = "SECRET"
 BUILTIN_KINDS = (API_KEY, BEARER_TOKEN, EMAIL, IBAN, CARD, IP_ADDRESS, PHONE, SECRET)
 
 # A JSON value stored under a key named like this is a credential whatever it looks like (e.g. a hashed key).
-# A bare `token` counts only as the key's last word (`token`, `id_token`, `x-api-token`, `apiToken`): `tokens`,
-# `max_tokens`, `prompt_tokens` or `token_count` are token counts, found in every LLM request and usage block.
+# `token` counts as the last word of a longer key (`id_token`, `x-api-token`, `apiToken`): `tokens`, `max_tokens`,
+# `prompt_tokens` or `token_count` are token counts, found in every LLM request and usage block, and a tokenizer's
+# special tokens (`eos_token`) are no secrets. A key that is `token` alone is also a logprobs entry's text
+# (`{"token": " Hello"}`): only a credential-shaped value under it is one (BARE_TOKEN_KEY, `credential_shaped`).
 SECRET_KEY_NAME = re.compile(r"(?i)api[_-]?key|authorization|passw(?:or)?d|passphrase|secret|credential"
                              r"|access[_-]?token|auth[_-]?token|refresh[_-]?token|session[_-]?token"
                              r"|private[_-]?key|cookie|(?<![a-z])pwd(?![a-z])"
-                             r"|(?:(?:^|(?<=[-_. ]))token|(?-i:(?<=[a-z])Token))$")
+                             r"|(?<!bos_)(?<!eos_)(?<!pad_)(?<!unk_)(?<!sep_)(?<!cls_)(?<!mask_)"
+                             r"(?:(?<=[-_. ])token|(?-i:(?<=[a-z])Token))$")
+BARE_TOKEN_KEY = re.compile(r"(?i)token")
+
+
+def credential_shaped(value: Any) -> bool:
+    """A string of 16 or more characters without spaces: an opaque token, not a word or a piece of one."""
+    return type(value) is str and len(value) >= 16 and not any(ch.isspace() for ch in value)
 
 _API_KEY_PREFIXES = ("sk-", "sk_", "rk_", "pk_", "AKIA", "ASIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_",
                      "github_pat_", "xox", "AIza", "glpat-", "hf_", "eyJ")
@@ -70,11 +79,16 @@ _AWS_SECRET_KEY = re.compile(
 _BEARER = re.compile(r"(?:[Bb]earer|BEARER"
                      r"|(?:[Aa]uthorization|AUTHORIZATION)[\"']?\s*[:=]\s*[\"']?(?:[Bb]asic|BASIC|[Tt]oken|TOKEN))"
                      r"\s+([A-Za-z0-9._~+/-]{8,}=*)")
-# Unicode letters and digits (`müller`, `josé`, `山田`) and `o'brien`'s apostrophe on the left of the @, Unicode
-# domain labels (`bücher.de`). The address starts with a letter or digit, so a quote or dot before it stays out,
+# Unicode letters and digits (`müller`, `josé`) and `o'brien`'s apostrophe on the left of the @, Unicode domain
+# labels (`bücher.de`, `例え.jp`). The address starts with a letter or digit, so a quote or dot before it stays out,
 # and only at a word's start: a later start in the same word could not match either, and trying none keeps a long
-# word (CJK text has no spaces) from being rescanned from each of its letters.
-_EMAIL = re.compile(r"\w(?<!\w\w)[\w.%+'-]*@(?:[\w-]+\.)+[^\W\d_]{2,}")
+# word from being rescanned from each of its letters. CJK scripts write no spaces between words, so their letters
+# neither belong to the local part nor end the top-level domain: `请联系john@example.com获取帮助` keeps its sentence
+# (and a local part written in them, `山田@`, is left: rare, and telling it from the text before it is guesswork).
+_CJK = "\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef"  # CJK, kana, Hangul, full-width forms
+_EMAIL_WORD = rf"[^\W{_CJK}]"
+_EMAIL = re.compile(rf"{_EMAIL_WORD}(?<!{_EMAIL_WORD}{_EMAIL_WORD})(?:{_EMAIL_WORD}|[.%+'-])*"
+                    rf"@(?:[\w-]+\.)+[^\W\d_{_CJK}]{{2,}}")
 _IBAN = re.compile(r"[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])")
 # 13 to 19 digits, optionally grouped by single spaces or dashes; not glued to other digits or letters.
 _CARD = re.compile(r"\d(?<![\w.]\d)(?:[ -]?\d){12,18}(?![\w]|[.,]\d)")
@@ -139,7 +153,10 @@ _CARD_RANGES: tuple[tuple[str, str, frozenset[int]], ...] = (
     ("38", "38", frozenset(range(14, 20))),
     ("3528", "3589", frozenset(range(16, 20))),  # JCB
     ("50", "50", frozenset(range(16, 20))),  # Maestro
-    ("56", "69", frozenset(range(16, 20))),  # Maestro, Discover (6011, 644-649, 65), UnionPay (62)
+    ("56", "69", frozenset(range(16, 20))),  # Maestro, Discover (6011, 644-649, 65), UnionPay (62), RuPay (60, 65)
+    ("2200", "2204", frozenset({16})),  # Mir
+    ("81", "82", frozenset(range(16, 20))),  # RuPay, UnionPay 81
+    ("9792", "9792", frozenset({16})),  # Troy
 )
 
 
@@ -149,8 +166,11 @@ def card_number_plausible(digits: str) -> bool:
 
 
 def _card_ok(match: str) -> bool:
+    """Luhn-valid 13-19 digits; a bare digit run must also start like a network's cards (ids and timestamps pass
+    Luhn one time in ten), a number grouped by spaces or dashes is written as a card and needs no more."""
     digits = match.replace(" ", "").replace("-", "")
-    return 13 <= len(digits) <= 19 and card_number_plausible(digits) and luhn_valid(digits)
+    grouped = len(digits) != len(match)
+    return 13 <= len(digits) <= 19 and (grouped or card_number_plausible(digits)) and luhn_valid(digits)
 
 
 def _ipv4_ok(match: str) -> bool:
@@ -392,7 +412,9 @@ class Redactor:
         if kind is dict or isinstance(value, Mapping):
             out = {}
             for k, v in value.items():
-                if v not in (None, "", [], {}) and type(v) is not bool and self.enabled and self._is_secret_key(k):
+                secret = self._is_secret_key(k) or (isinstance(k, str) and BARE_TOKEN_KEY.fullmatch(k) is not None
+                                                     and credential_shaped(v))
+                if v not in (None, "", [], {}) and type(v) is not bool and self.enabled and secret:
                     out[k] = f"[{SECRET}]"
                     counts[SECRET] = counts.get(SECRET, 0) + 1
                 elif type(v) is str:
