@@ -174,8 +174,8 @@ def run_route_cycle(config: Config, route: RouteConfig, cycle_id: str, ingest_re
                                        {"ingest": ingest_report, "shadow": shadow_report, "score": score_report},
                                        config_path, lease)
             return decide_and_publish(config, route, handle, analysed, lease)
-        except RouteBusy:
-            raise  # the run stays open for the update-routes rerun its message names
+        except (RouteBusy, stages.CycleLeaseLost):
+            raise  # the run stays open for the update-routes rerun; or it is now the new holder's to finish
         except Exception as exc:
             stages.fail_run(engine_of(config), handle.run_id, exc)
             raise
