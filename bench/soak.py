@@ -126,7 +126,7 @@ def store_url(workdir: Path, pg_url: str | None) -> Iterator[str]:
     if not pg_url:
         yield f"sqlite:///{workdir / 'shadowjudge.db'}"
         return
-    from bench.store_queries import pg_database
+    from tests.pg_databases import pg_database
 
     with pg_database(pg_url, PG_DB) as url:
         yield url

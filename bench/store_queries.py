@@ -62,7 +62,6 @@ from sqlalchemy import (
     Engine,
     String,
     bindparam,
-    create_engine,
     event,
     text,
     type_coerce,
@@ -82,6 +81,7 @@ from shadowjudge.store import (
     get_engine,
     upgrade_database,
 )
+from tests.pg_databases import pg_database
 
 BUDGET_MS = 200.0
 ROUTES = ["chat-default", "support-bot", "code-assist", "summarise", "search-answers", "translate", "sql-helper",
@@ -412,22 +412,6 @@ def measure(url: str, workdir: Path, samples: int, repeats: int, scan_rows: int)
     return out
 
 
-@contextlib.contextmanager
-def pg_database(server_url: str, name: str = PG_DB) -> Iterator[str]:
-    """A dedicated database on the server, dropped afterwards (also when the run fails)."""
-    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield server_url.rsplit("/", 1)[0] + "/" + name
-    finally:
-        dispose_engines()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 def summary(backend: dict[str, Any]) -> dict[str, Any]:
     cmds = backend["commands"]
     return {"all_under_budget": all(c["under_budget"] for c in cmds.values()),
@@ -463,7 +447,7 @@ def main() -> int:
             result["backends"]["sqlite"] = {**summary(sqlite), **sqlite}
     if args.pg_url and not args.no_pg:
         try:
-            with pg_database(args.pg_url) as url, tempfile.TemporaryDirectory(prefix="sj-bench-pg-") as tmp:
+            with pg_database(args.pg_url, PG_DB) as url, tempfile.TemporaryDirectory(prefix="sj-bench-pg-") as tmp:
                 pg = measure(url, Path(tmp), args.samples, args.repeats, args.scan_rows)
                 result["backends"]["postgresql"] = {**summary(pg), **pg}
         except Exception as exc:  # noqa: BLE001 - the server may be down: say so in the report
