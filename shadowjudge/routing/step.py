@@ -32,7 +32,8 @@ from shadowjudge.routing.controller import (
     decide,
     target_fingerprint,
 )
-from shadowjudge.store.lease import LeaseLock, LockSet, as_utc, default_holder
+from shadowjudge.store.lease import LeaseLock, LockSet, default_holder
+from shadowjudge.store.models import as_utc
 from shadowjudge.routing.push import PushResult, describe_error, preview_push, push_weights
 from shadowjudge.routing.verdicts import CandidateVerdict, index_verdicts
 from shadowjudge.routing.weights import Weights, format_weights, percentages, weights_diff
@@ -317,7 +318,7 @@ def _from_row(row: RouteState, route: RouteConfig) -> RolloutState:
                        revision=row.revision)
     return RolloutState(
         route=row.route, weights=weights, serving=row.serving or route.incumbent.name, candidate=row.candidate,
-        step_index=row.step_index, step_started_at=as_utc(row.step_started_at) if row.step_started_at else None,
+        step_index=row.step_index, step_started_at=row.step_started_at,
         phase=row.phase, frozen=bool(row.frozen), approved_step=row.approved_step,
         samples_in_step=row.samples_in_step or 0,
         samples_for=policy_state.get("samples_for", row.candidate if route.policy.kind == "ladder" else None),
@@ -429,7 +430,7 @@ def route_history(engine: Engine, route: str, limit: int = 50) -> list[dict[str,
     with session_scope(engine) as s:
         rows = s.scalars(select(RouteWeightChange).where(RouteWeightChange.route == route)
                          .order_by(RouteWeightChange.revision.desc()).limit(limit))
-        return [{"revision": r.revision, "at": as_utc(r.created_at).isoformat(), "decision": r.decision,
+        return [{"revision": r.revision, "at": r.created_at.isoformat(), "decision": r.decision,
                  "status": r.status, "before": r.before, "after": r.after, "reason": r.reason, "error": r.error,
                  "gateway": r.gateway, "analysis_link": r.analysis_link, "run_id": r.run_id} for r in rows]
 

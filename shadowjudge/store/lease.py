@@ -27,15 +27,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shadowjudge.store import Lock, session_scope
+from shadowjudge.store.models import as_utc
 
 
 def wall_clock() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def as_utc(value: datetime) -> datetime:
-    """SQLite hands back naive datetimes; every datetime the store holds is UTC."""
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
 @functools.cache
@@ -151,7 +147,7 @@ class LeaseLock:
     def current_holder(self) -> tuple[str, datetime] | None:
         with session_scope(self.engine) as s:
             row = s.get(Lock, self.name)
-            return None if row is None else (row.holder, as_utc(row.expires_at))
+            return None if row is None else (row.holder, row.expires_at)
 
     def __enter__(self) -> "LeaseLock":
         self.acquire()

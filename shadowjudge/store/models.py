@@ -71,6 +71,11 @@ class StoredText(StoredString):
     cache_ok = True  # SQLAlchemy reads it per class
 
 
+def as_utc(value: datetime) -> datetime:
+    """`value` as an aware UTC datetime; a naive one is taken to be UTC already (every datetime the store holds is)."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
 class UtcDateTime(TypeDecorator[datetime]):
     """TIMESTAMP WITH TIME ZONE in the schema; values go in as UTC and come back aware UTC on every backend.
 
@@ -87,9 +92,7 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.astimezone(timezone.utc)
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+        return None if value is None else as_utc(value)
 
 
 def render_stored_type(kind: str, obj: Any, autogen_context: Any) -> str | Literal[False]:
