@@ -427,11 +427,10 @@ def _nothing_answered(report: LoadTestReport) -> str | None:
     sent = sum(s.sent for s in report.steps)
     if sent == 0 or any(s.ok for s in report.steps):
         return None
-    errors: dict[str, int] = {}
+    errors: Counter[str] = Counter()
     for s in report.steps:
-        for kind, n in s.errors.items():
-            errors[kind] = errors.get(kind, 0) + n
-    found = ", ".join(f"{kind} {n}" for kind, n in sorted(errors.items(), key=lambda e: -e[1])) or "none recorded"
+        errors.update(s.errors)
+    found = ", ".join(f"{kind} {n}" for kind, n in errors.most_common()) or "none recorded"
     return f"none of the {sent} requests to {report.model} succeeded (errors: {found})"
 
 
