@@ -65,6 +65,21 @@ def test_a_rerun_replaces_the_table_and_its_values_are_the_latest_even_when_lowe
     assert json.loads(parent.data.tags["shadowjudge.params_changed_by_rerun"]) == {"config_hash": "def"}
 
 
+def test_a_plain_rerun_adds_no_metric_point_and_a_changed_value_adds_one(tmp_path):
+    """Every rerun added a point to every metric's history, so a cycle resumed twice showed three identical
+    points per metric in the UI's charts."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = log_cycle(uri, "sj", _cycle(0.5))
+    log_cycle(uri, "sj", _cycle(0.5))
+    client = MlflowClient(uri)
+    child = next(r for r in client.search_runs([client.get_run(run_id).info.experiment_id]) if r.info.run_id != run_id)
+    assert [m.value for m in client.get_metric_history(run_id, "samples")] == [3.0]
+    assert [m.value for m in client.get_metric_history(child.info.run_id, "quality")] == [0.5]
+    log_cycle(uri, "sj", _cycle(0.25))
+    assert [m.value for m in client.get_metric_history(child.info.run_id, "quality")] == [0.5, 0.25]
+    assert [m.value for m in client.get_metric_history(child.info.run_id, "win_rate")] == [0.6]
+
+
 def test_cycle_artifacts_sit_next_to_a_sqlite_store_and_a_failed_logging_leaves_no_run_running(tmp_path, monkeypatch):
     import pytest
 

@@ -66,6 +66,7 @@ class TargetReport:
     model: str
     requests: int = 0
     not_sent: int = 0  # left unsent by the spend budget; not counted in `requests`
+    not_retried: int = 0  # requests whose failed attempt the spend budget kept from being retried
     ok: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     retries: int = 0
@@ -162,6 +163,7 @@ class _TargetRun:
         self.rng = random.Random()
         self.error_examples: dict[str, str] = {}
         self.replayed = 0
+        self.not_retried = 0
 
     async def run(self) -> None:
         workers = min(self.target.concurrency, len(self.items))
@@ -195,11 +197,13 @@ class _TargetRun:
                                                           timeout_s=self.shadow.timeout_s)
             except AttemptError as exc:
                 spent += self._charge(exc.received, prompt_tokens, reserved)
-                if exc.retryable and retries < self.shadow.max_retries and not self.budget.exhausted:
-                    retries += 1
-                    delay = backoff_delay(retries, self.shadow.retry_backoff_s, exc.retry_after_s, self.rng)
-                    await asyncio.sleep(delay)
-                    continue
+                if exc.retryable and retries < self.shadow.max_retries:
+                    if not self.budget.exhausted:
+                        retries += 1
+                        delay = backoff_delay(retries, self.shadow.retry_backoff_s, exc.retry_after_s, self.rng)
+                        await asyncio.sleep(delay)
+                        continue
+                    self.not_retried += 1
                 self._note_error(exc.error_class, str(exc))
                 return self._row(item, error_class=exc.error_class, retries=retries, cost_usd=self._cost(spent))
             except Exception as exc:  # a bug or an SDK surprise: recorded, never silently dropped
@@ -337,12 +341,15 @@ async def replay(engine: Engine, run_id: int, samples: Sequence[TrafficSample], 
     report = summarize_run(engine, run_id, targets)
     for name, plan in plans.items():
         report[name].not_sent = len(plan)
-    if any(plans.values()):
-        log.warning("run %s: the spend budget (%s USD) is spent; %d requests were not sent", run_id,
-                    shadow.budget_usd, sum(len(q) for q in plans.values()))
+    for r in runs:
+        report[r.target.name].not_retried = r.not_retried
+    not_sent, not_retried = sum(len(q) for q in plans.values()), sum(r.not_retried for r in runs)
+    if not_sent or not_retried:
+        log.warning("run %s: the spend budget (%s USD) is spent; %d requests were not sent and %d failed ones not "
+                    "retried", run_id, shadow.budget_usd, not_sent, not_retried)
     return ShadowReport(run_id=run_id, targets=report, replayed=sum(r.replayed for r in runs),
                         already_stored=len(stored), spend_usd=sum(t.spend_usd for t in report.values()),
-                        budget_usd=shadow.budget_usd, budget_exhausted=any(plans.values()),
+                        budget_usd=shadow.budget_usd, budget_exhausted=bool(not_sent or not_retried),
                         error_examples={r.target.name: r.error_examples for r in runs if r.error_examples})
 
 

@@ -1,7 +1,8 @@
 """MLflow logging for evaluation cycles: one experiment per route, one run per cycle, a nested run per candidate.
 
 Runs are found again by their `shadowjudge.run_key` tag, so logging a cycle twice updates the same run
-instead of creating a second one: metrics get a new point stamped with the time (the rerun's value is the latest),
+instead of creating a second one: a metric whose value changed gets a new point stamped with the time (the rerun's
+value is the latest; an unchanged value adds no point, so a plain rerun leaves every metric's history as it was),
 artifacts and the per-sample table are replaced, and params, which MLflow never changes, are kept, with those a
 rerun would have changed listed in the `shadowjudge.params_changed_by_rerun` tag.
 """
@@ -118,7 +119,8 @@ def _log_values(client, run_id: str, params: Mapping[str, Any], metrics: Mapping
                 tags: Mapping[str, str]) -> None:
     from mlflow.entities import Metric, Param, RunTag
 
-    existing = client.get_run(run_id).data.params
+    data = client.get_run(run_id).data
+    existing, latest = data.params, data.metrics
     wanted = {k: str(v)[:6000] for k, v in params.items()}
     # MLflow params are immutable: a rerun adds the params it did not log before, and says which it would change.
     changed = {k: v for k, v in wanted.items() if k in existing and existing[k] != v}
@@ -126,7 +128,7 @@ def _log_values(client, run_id: str, params: Mapping[str, Any], metrics: Mapping
     now_ms = int(time.time() * 1000)
     client.log_batch(
         run_id,
-        metrics=[Metric(k, v, now_ms, 0) for k, v in _finite(metrics).items()],
+        metrics=[Metric(k, v, now_ms, 0) for k, v in _finite(metrics).items() if latest.get(k) != v],
         params=[Param(k, v) for k, v in wanted.items() if k not in existing],
         tags=[RunTag(k, str(v)) for k, v in all_tags.items()],
     )
