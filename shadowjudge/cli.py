@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -13,6 +14,8 @@ apply_defaults()
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
+
+    from shadowjudge.store import ShadowRun
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
@@ -121,6 +124,9 @@ def status(config: Path = ConfigOption, limit: int = typer.Option(10, min=1, max
             t.add_row(*literal(r.id, r.run_key, r.status, len(r.sample_ids), r.decision or "-",
                                r.judge_version or "-", r.started_at.strftime("%Y-%m-%d %H:%M:%S")))
         console.print(t)
+        for r in runs:
+            if r.status == "failed":
+                console.print(failed_run_hint(r, config), markup=False, soft_wrap=True)
         t = Table(title="Route weights")
         for col in ("route", "weights", "candidate", "phase", "step", "frozen", "revision"):
             t.add_column(col)
@@ -137,6 +143,17 @@ def status(config: Path = ConfigOption, limit: int = typer.Option(10, min=1, max
     counts = status_row_counts(engine)
     console.print("rows: " + ", ".join(f"{k}={v}" for k, v in counts.items())
                   + (" (~: an estimate)" if any(str(v).startswith("~") for v in counts.values()) else ""))
+
+
+def failed_run_hint(run: ShadowRun, config: Path) -> str:
+    """What a failed run left and how to finish it: no later cycle takes its samples (each run takes only samples
+    newer than the route's newest run), so they stay unevaluated until its cycle id is rerun."""
+    summary = run.summary or {}
+    rerun = f"shadowjudge run -c {shlex.quote(str(config))} --route {shlex.quote(run.route)}"
+    if summary.get("cycle_id"):
+        rerun += f" --cycle-id {shlex.quote(str(summary['cycle_id']))}"
+    return (f"run {run.id} ({run.run_key}) failed: {summary.get('error', 'no error recorded')}; its "
+            f"{len(run.sample_ids)} samples are evaluated by no later run until it is rerun: {rerun}")
 
 
 EXACT_COUNT_BELOW = 100_000

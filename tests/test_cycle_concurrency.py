@@ -11,10 +11,12 @@ import pytest
 from prefect import flow
 from prefect.states import Failed
 from sqlalchemy import select, update
+from typer.testing import CliRunner
 
 import flows.stages
 from flows.stages import analyse, ingest_and_sample, load, score, score_batch, shadow_test, update_routes
 from shadowjudge import cycle
+from shadowjudge.cli import app
 from shadowjudge.config import load_config
 from shadowjudge.demo import DEMO_DATA
 from shadowjudge.gateways import get_gateway
@@ -233,6 +235,11 @@ def test_a_cycle_that_fails_marks_its_run_failed_and_a_rerun_finishes_it(tmp_pat
         route_cycle(config_path, "f1")
     run = _run(engine, f"{ROUTE}:f1")
     assert (run.status, run.summary["error"]) == ("failed", "InputError: the analysis config is wrong")
+    shown = CliRunner().invoke(app, ["status", "-c", config_path])
+    assert shown.exit_code == 0, shown.output
+    assert (f"run {run.id} ({ROUTE}:f1) failed: InputError: the analysis config is wrong; its "
+            f"{len(run.sample_ids)} samples are evaluated by no later run until it is rerun: shadowjudge run -c "
+            f"{config_path} --route {ROUTE} --cycle-id f1") in shown.output
 
     monkeypatch.setattr(cycle, "analyse", real_analyse)
     route_cycle(config_path, "f1")  # the rerun resumes the same run
