@@ -175,6 +175,19 @@ def test_a_proxy_that_fails_mid_push_is_restored_to_the_previous_weights():
         assert result.restored and proxy.weights() == {"inc": 60, "cand": 40}
 
 
+def test_a_proxy_whose_deployments_had_no_weight_is_restored_to_the_split_it_served():
+    """The snapshot read a missing weight as 0 and the restore wrote 0 on every deployment, leaving the route with
+    no weight anywhere; /model/update cannot remove a weight, so the restore writes the split the proxy served."""
+    proxy = StandInProxy([deployment("inc", "openai/gpt-4o"), deployment("cand", "openai/Yi-34B-Chat")])
+    with serve(proxy.app()) as url:
+        _, gw = make_route(url)
+        assert gw.read_current().weights == {"inc": 50, "cand": 50}  # simple-shuffle: no weights, a uniform split
+        proxy.fail_update_numbers = {1}  # the first update (inc, lowered) lands, the second (cand) gets a 500
+        result = push_weights(gw, {"inc": 25, "cand": 75})
+        assert not result.ok and result.restored, result.in_force
+        assert gw.read_back() == {"inc": 50, "cand": 50} and proxy.weights() == {"inc": 50, "cand": 50}
+
+
 def test_a_proxy_that_reports_other_weights_is_rolled_back_and_deployments_it_added_removed():
     proxy = StandInProxy([deployment("inc", "openai/gpt-4o", 100)])
     with serve(proxy.app()) as url:

@@ -24,7 +24,7 @@ from shadowjudge.shadow.replay_server import ReplayServer
 from shadowjudge.store import get_engine
 
 NGINX = nginx_binary()
-pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (CI: apt-get install -y nginx-light)")
+needs_nginx = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (CI: apt-get install -y nginx-light)")
 RECORDINGS = Path(__file__).resolve().parents[1] / "shadowjudge" / "demo_data" / "recordings.jsonl.gz"
 T0 = datetime(2025, 5, 1, 8, 0, tzinfo=timezone.utc)
 
@@ -141,6 +141,7 @@ def assert_split_matches(counts: dict[str, int], weights: dict[str, int], n: int
     assert sum(counts.values()) == n
 
 
+@needs_nginx
 def test_nginx_splits_real_traffic_by_the_weights_the_controller_pushes(gateway_setup, sqlite_url):
     route, gateway, server = gateway_setup
     engine = get_engine(sqlite_url)
@@ -155,6 +156,7 @@ def test_nginx_splits_real_traffic_by_the_weights_the_controller_pushes(gateway_
     assert [h["decision"] for h in route_history(engine, "chat")] == ["promote", "advance", "advance"]
 
 
+@needs_nginx
 def test_a_config_nginx_rejects_is_never_written_and_traffic_keeps_its_split(gateway_setup):
     route, gateway, server = gateway_setup
     assert push_weights(gateway, {"inc": 75, "cand": 25}).ok
@@ -167,6 +169,7 @@ def test_a_config_nginx_rejects_is_never_written_and_traffic_keeps_its_split(gat
     assert_split_matches(observed_split(server.url, 100), {"inc": 75, "cand": 25}, 100)
 
 
+@needs_nginx
 def test_when_nginx_is_down_the_push_fails_and_the_file_is_put_back(gateway_setup):
     route, gateway, server = gateway_setup
     assert push_weights(gateway, {"inc": 90, "cand": 10}).ok
@@ -177,6 +180,7 @@ def test_when_nginx_is_down_the_push_fails_and_the_file_is_put_back(gateway_setu
     assert Path(gateway.path).read_text() == before
 
 
+@needs_nginx
 def test_the_shipped_example_nginx_conf_is_valid_with_a_rendered_upstream_file(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     cfg = parse_config({
@@ -195,6 +199,7 @@ def test_the_shipped_example_nginx_conf_is_valid_with_a_rendered_upstream_file(t
     assert check.returncode == 0, check.stderr
 
 
+@needs_nginx
 def test_two_routes_whose_names_map_to_one_upstream_are_refused_not_merged(tmp_path):
     def route(name: str):
         return parse_config({
@@ -210,3 +215,32 @@ def test_two_routes_whose_names_map_to_one_upstream_are_refused_not_merged(tmp_p
     clash = push_weights(NginxGateway(route("chat_a"), upstreams), {"inc": 50, "cand": 50})
     assert not clash.ok and "both map to the nginx upstream 'shadowjudge_chat_a'" in clash.error
     assert upstreams.read_text() == before
+
+
+def test_a_push_keeps_each_servers_own_parameters_and_the_servers_of_no_target(tmp_path):
+    """Every server line of the upstream used to be rewritten as `server addr weight=w;`, dropping max_fails,
+    max_conns, ... and deleting a `down` server that is no target, which the parser accepts."""
+    route = parse_config({
+        "sources": [{"name": "logs", "path": "x.jsonl"}],
+        "routes": [{"name": "chat",
+                    "incumbent": {"name": "inc", "model": "m0", "base_url": "http://127.0.0.1:8401/v1"},
+                    "candidates": [{"name": "cand", "model": "m1", "base_url": "http://127.0.0.1:8402/v1"}]}],
+    }).routes[0]
+    gw = NginxGateway(route, tmp_path / "upstreams.conf")
+    text = ("upstream shadowjudge_chat {\n"
+            "    server 127.0.0.1:8401 weight=100 max_fails=3 fail_timeout=30s;  # target=inc\n"
+            "    server 127.0.0.1:8402 weight=1 down max_conns=50;  # target=cand\n"
+            "    server 10.9.9.9:80 down;\n"
+            "    keepalive 32;\n"
+            "}\n")
+    ramped = gw.render_text(text, {"inc": 95, "cand": 5})
+    assert "server 127.0.0.1:8401 weight=95 max_fails=3 fail_timeout=30s;  # target=inc" in ramped
+    assert "server 127.0.0.1:8402 weight=5 max_conns=50;  # target=cand" in ramped  # 0 → 5: no longer down
+    assert "    server 10.9.9.9:80 down;\n" in ramped and "keepalive 32;" in ramped
+    assert gw.parse_weights(ramped) == {"inc": 95, "cand": 5}
+    back = gw.render_text(ramped, {"inc": 100, "cand": 0})
+    assert "server 127.0.0.1:8402 weight=1 down max_conns=50;  # target=cand" in back
+    assert gw.parse_weights(back) == {"inc": 100, "cand": 0} and "server 10.9.9.9:80 down;" in back
+    if NGINX is not None:
+        gw.check_rendered(ramped)
+        gw.check_rendered(back)

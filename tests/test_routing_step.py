@@ -396,6 +396,38 @@ def test_rollback_dry_run_previews_what_the_rollback_would_push(store_url, tmp_p
     assert bad.exit_code == 2 and "cannot roll back to 'nobody'" in bad.output
 
 
+def test_a_manual_rollback_the_gateway_refused_is_retried_by_the_next_cycle(store_url, tmp_path):
+    route = load_config(write_config(tmp_path, store_url, policy={"steps": [5, 25, 100]})).route("chat")
+    engine, good = get_engine(store_url), get_gateway(route.gateway, route)
+    passing = [CandidateVerdict("fragile", "pass", n=200)]
+    step_route(engine, route, passing, gateway=good, now=T0)
+    refusing = TrueFoundryGateway(route, route.gateway.path, ["false"])
+    failed = manual_rollback(engine, route, gateway=refusing, now=T0 + timedelta(minutes=5))
+    assert failed.status == "failed" and good.read_back()["fragile"] == 5
+    state = load_rollout_state(engine, route)
+    assert "fragile" in state.failed and state.phase == "rolling_back"
+    retried = step_route(engine, route, passing, gateway=good, now=T0 + timedelta(hours=1))
+    assert retried.decision == "rollback" and retried.status == "applied", retried.reason
+    assert retried.weights_after["fragile"] == 0 and good.read_back()["fragile"] == 0
+
+
+def test_a_manual_rollback_takes_traffic_from_what_the_gateway_holds(store_url, tmp_path):
+    """A hand edit gave a candidate traffic the state does not record: the rollback is decided from the gateway,
+    so that candidate is marked failed and the next cycle does not ramp it back up."""
+    route = load_config(write_config(tmp_path, store_url, policy={"steps": [5, 25, 100]})).route("chat")
+    engine, gateway = get_engine(store_url), get_gateway(route.gateway, route)
+    step_route(engine, route, [], gateway=gateway, now=T0)
+    file = Path(route.gateway.path)
+    file.write_text(gateway.render_text(file.read_text(), {"inc": 50, "fragile": 50, "better": 0}))
+    outcome = manual_rollback(engine, route, gateway=gateway, now=T0 + timedelta(minutes=5))
+    assert outcome.status == "applied" and outcome.diff == "inc 50→100, fragile 50→0", outcome.reason
+    assert "fragile 50→0" in outcome.reason and gateway.read_back() == {"inc": 100, "fragile": 0, "better": 0}
+    assert "fragile" in load_rollout_state(engine, route).failed
+    after = step_route(engine, route, [CandidateVerdict("fragile", "pass", n=200)], gateway=gateway,
+                       now=T0 + timedelta(hours=1))
+    assert after.weights_after["fragile"] == 0, after.reason
+
+
 def test_operator_commands_gate_freeze_and_roll_back(store_url, tmp_path):
     cfg_path = write_config(tmp_path, store_url, policy={"manual_gate": True})
     route = load_config(cfg_path).route("chat")

@@ -4,7 +4,8 @@ Reads `GET /model/info`, changes weights with `POST /model/update` (`litellm_par
 `api_base` and key reference of a deployment named for a target that now lives elsewhere; other params stay as the
 proxy holds them), adds missing targets with `POST /model/new` (the key as an `os.environ/<VAR>` reference, never
 its value) and, when restoring, puts back each deployment's weight, model and `api_base` and removes deployments a
-failed push added with `POST /model/delete` (a key reference a push changed stays: the proxy never shows keys).
+failed push added with `POST /model/delete` (a key reference a push changed stays: the proxy never shows keys;
+a weight the proxy had none of cannot be removed either, so the split is restored as weights instead).
 The API has no transactions, so a push applies weight decreases before increases (a target being rolled back stops
 taking traffic first) and a failed push is undone by the controller, which pushes the snapshot it read first.
 Weights are read, and deployments matched to targets, as in a config.yaml (see shadowjudge.gateways.litellm).
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -44,14 +45,16 @@ ENDPOINT_KEYS = ("model", "api_base")  # what a restore puts back besides the we
 
 @dataclass(frozen=True)
 class Deployment:
-    """A target's deployment: as the proxy holds it (`endpoint`: its model and api_base; `named`: matched by its
-    model_info.id), or as a push sets it (`endpoint`: what it changes besides the weight, {} for nothing)."""
+    """A target's deployment: as the proxy holds it (`weight`: None when it sets none; `endpoint`: its model and
+    api_base; `named`: matched by its model_info.id; `served`: the percentage of the route it served), or as a push
+    sets it (`endpoint`: what it changes besides the weight, {} for nothing)."""
 
     id: str
     owner: str
-    weight: float
+    weight: float | None
     endpoint: dict[str, Any] = field(default_factory=dict)
     named: bool = False
+    served: int = 0
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,11 @@ class LiteLLMApiGateway:
                                              "litellm_params": {**d.endpoint, "weight": d.weight}})
 
     def _restore(self, snapshot: list[Deployment]) -> None:
+        """Put the snapshot's deployments back. /model/update keeps a param sent as null, so a missing weight cannot
+        be removed again: when any deployment had none, each gets the percentage it served, the same split."""
         keep = {d.id for d in snapshot}
+        if any(d.weight is None for d in snapshot):
+            snapshot = [replace(d, weight=d.served) for d in snapshot]
         for d in sorted(snapshot, key=lambda d: d.weight):
             self._update(d)
         for d in self._read()[1]:
@@ -142,17 +149,18 @@ class LiteLLMApiGateway:
         where = f"{self.name}: /model/info data"
         owned = owned_deployments(self.route, data, where)
         by_name = {t.name: t for t in self.route.targets}
+        served = served_weights(self.route.name, data, owned, where)
         deployments = []
         for owner, dep in owned.items():
             ident = (dep.get("model_info") or {}).get("id")
             if not ident:
                 raise GatewayConfigInvalid(f"{self.name}: deployment for '{owner}' has no model_info.id")
             params = dep.get("litellm_params") or {}
-            weight = deployment_weight(dep, f"{where} '{ident}'") or 0
+            weight = deployment_weight(dep, f"{where} '{ident}'")
             endpoint = {k: params[k] for k in ENDPOINT_KEYS if params.get(k) is not None}
             named = id_owner(by_name, dep) is not None
-            deployments.append(Deployment(str(ident), owner, weight, endpoint, named))
-        return served_weights(self.route.name, data, owned, where), deployments
+            deployments.append(Deployment(str(ident), owner, weight, endpoint, named, served[owner]))
+        return served, deployments
 
     def _key(self) -> str | None:
         if not self.api_key_env:

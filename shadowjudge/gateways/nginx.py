@@ -6,8 +6,9 @@ weights (`a=95,b=5`) in `$shadowjudge_weights_<route>`. The main config proxies 
 variable (see configs/gateways/nginx/nginx.conf), so the read-back asks the running nginx, not the file.
 
 Validation runs `nginx -t` on the rendered file inside a throwaway wrapper config before anything is written;
-the push writes atomically and runs the reload command (`nginx -s reload`); non-server directives inside the
-upstream block (keepalive, ...) and text outside the managed blocks are kept.
+the push writes atomically and runs the reload command (`nginx -s reload`); a target's server parameters other
+than its weight (max_fails, ...), other servers and directives inside the upstream block (keepalive, ...) and text
+outside the managed blocks are kept.
 """
 
 from __future__ import annotations
@@ -111,16 +112,26 @@ class NginxGateway(FileGateway):
         return weights
 
     def render_text(self, text: str | None, weights: Mapping[str, int]) -> str:
+        """Each target's `server` line gets its weight (or `down`) and keeps its other parameters (max_fails,
+        backup, ...); every other line of the upstream, other servers included, is carried over as it was."""
         text = text or ""
         self._check_no_name_clash(text)
         kept: list[str] = []
+        extra: dict[str, list[str]] = {}
+        by_address = {a: n for n, a in self.addresses.items()}
         body = self._upstream_body(text)
-        if body is not None:
-            kept = [ln.strip() for ln in body.splitlines() if ln.strip() and not re.match(r"^\s*server\s", ln)]
+        for ln in (body or "").splitlines():
+            m = _SERVER.match(ln)
+            owner = (m.group("target") or by_address.get(m.group("addr"))) if m else None
+            if m and owner in self.addresses:
+                given = m.group("params").split()
+                extra.setdefault(owner, [p for p in given if p != "down" and not p.startswith("weight=")])
+            elif ln.strip():
+                kept.append(ln.strip())
         lines = [f"upstream {upstream_name(self.route.name)} {{"]
         for t in self.route.targets:
             w = int(weights.get(t.name, 0))
-            params = f"weight={w}" if w > 0 else "weight=1 down"
+            params = " ".join([f"weight={w}" if w > 0 else "weight=1 down", *extra.get(t.name, [])])
             lines.append(f"    server {self.addresses[t.name]} {params};  # target={t.name}")
         lines += [f"    {ln}" for ln in kept]
         lines.append("}")

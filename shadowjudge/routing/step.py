@@ -392,37 +392,49 @@ def manual_rollback(engine: Engine, route: RouteConfig, *, gateway: Gateway, now
                     reason: str = "manual rollback", dry_run: bool = False) -> StepOutcome:
     """Send all traffic to `to` (default: the serving target) now, and mark the candidates it takes traffic from
     as failed. With `to` set to the config's incumbent after a promotion, this undoes the promotion. `dry_run`
-    renders and validates the push and writes nothing."""
+    renders and validates the push and writes nothing. Decided from what the gateway holds, as the controller is."""
     now = as_utc(now)
     if dry_run:
-        return _preview(route, gateway, rollback_decision(route, load_rollout_state(engine, route), to, reason, now))
+        reading = read_gateway(gateway)
+        return _preview(route, gateway, rollback_decision(route, load_rollout_state(engine, route), to, reason, now,
+                                                          gateway_weights=reading.weights))
     lock = _locked(engine, route.name, gateway)
     try:
-        decision = rollback_decision(route, load_rollout_state(engine, route), to, reason, now)
+        reading = read_gateway(gateway)
+        decision = rollback_decision(route, load_rollout_state(engine, route), to, reason, now,
+                                     gateway_weights=reading.weights)
         return _apply(engine, route, gateway, decision, now=now, run_id=None, analysis_link=None,
-                      label="manual_rollback")
+                      label="manual_rollback", reading=reading)
     finally:
         lock.release()
 
 
-def rollback_decision(route: RouteConfig, state: RolloutState, to: str | None, reason: str,
-                      now: datetime) -> Decision:
-    """All traffic to `to` (default: the serving target); the candidates it takes traffic from are marked failed."""
+def rollback_decision(route: RouteConfig, state: RolloutState, to: str | None, reason: str, now: datetime,
+                      gateway_weights: Weights | None = None) -> Decision:
+    """All traffic to `to` (default: the serving target); the candidates it takes traffic from are marked failed.
+
+    `gateway_weights` (what the gateway holds; None: unknown) win over the state's, as in the controller: a
+    candidate a hand edit gave traffic is marked failed too, or the next cycle would ramp it back up. A failed push
+    leaves the refused state marked and `rolling_back`, so the controller retries the rollback next cycle."""
     names = [t.name for t in route.targets]
     target = to or state.serving
     if target not in names:
         raise InputError(f"route '{route.name}': cannot roll back to '{target}': not a target (targets: {names})")
+    held = percentages(gateway_weights, names) if gateway_weights is not None else None
+    before = dict(held or state.weights)
     after = {n: (100 if n == target else 0) for n in names}
     by_name = {t.name: t for t in route.targets}
     failed = dict(state.failed)
-    for n, w in state.weights.items():
-        if n != target and n in by_name and (w > 0 or n == state.candidate) and n != route.incumbent.name:
+    for n in names:
+        holding = state.weights.get(n, 0) > 0 or before.get(n, 0) > 0 or n == state.candidate
+        if n != target and holding and n != route.incumbent.name:
             failed.setdefault(n, {"fingerprint": target_fingerprint(by_name[n]), "reason": reason,
                                   "at": now.isoformat()})
     applied = replace(state, weights=after, serving=target, candidate=None, step_index=-1, step_started_at=now,
                       phase="rolled_back", samples_in_step=0, approved_step=None, failed=failed)
-    text = f"{reason}: all traffic to '{target}' ({weights_diff(state.weights, after)})"
-    return Decision("rollback", dict(state.weights), after, text, applied, state)
+    refused = replace(state, failed=failed, phase="rolling_back")
+    text = f"{reason}: all traffic to '{target}' ({weights_diff(before, after)})"
+    return Decision("rollback", before, after, text, applied, refused)
 
 
 def route_history(engine: Engine, route: str, limit: int = 50) -> list[dict[str, Any]]:
