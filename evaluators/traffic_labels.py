@@ -21,6 +21,7 @@ from sqlalchemy import Engine, select
 
 from evaluators.calibration import LABEL_ROLE, TeacherTask, judge_and_store, readable_preference
 from evaluators.preference_data import PreferenceDataError
+from shadowjudge.config import logged_model_key
 from shadowjudge.store import Judgment, ShadowResult, TrafficSample, session_scope
 
 if TYPE_CHECKING:
@@ -81,11 +82,11 @@ def stored_pairs(engine: Engine, route: str) -> list[StoredPair]:
                    ShadowResult.output_text.is_not(None), TrafficSample.response_text.is_not(None))
             .order_by(ShadowResult.run_id, ShadowResult.id)
         ).all()
-    # The incumbent's own replay (a target serving the model that answered in production) is no comparison: the
-    # teacher would be paid to judge the model against itself. A target named like the incumbent model would also
-    # put two answers under one (prompt, model) name.
+    # The incumbent's own replay (a target serving the model that answered in production, however the log spells
+    # it) is no comparison: the teacher would be paid to judge the model against itself. A target named like the
+    # incumbent model would also put two answers under one (prompt, model) name.
     latest = {(r.sample_id, r.target): r for r in rows
-              if r.model != r.incumbent_model and r.target != r.incumbent_model}
+              if logged_model_key(r.model) != logged_model_key(r.incumbent_model) and r.target != r.incumbent_model}
     return [StoredPair(r.id, r.run_id, r.sample_id, r.request_id, r.target, r.incumbent_model)
             for r in latest.values()]
 

@@ -55,8 +55,21 @@ def _plain_name(value: str) -> str:
     return value
 
 
+def logged_model_key(name: str) -> str:
+    """A model name as logs are matched on it: without case or provider prefix, since gateways log 'openai/gpt-4o'
+    (or 'GPT-4o') for the model a target calls 'gpt-4o'."""
+    return name.rsplit("/", 1)[-1].strip().lower()
+
+
+def _logged_name(value: str) -> str:
+    if not logged_model_key(value):
+        raise ValueError(f"{value!r}: a logged model name must name a model (not be empty or end in '/')")
+    return value
+
+
 EnvVarName = Annotated[str, AfterValidator(_env_var_name)]
 PlainName = Annotated[str, AfterValidator(_plain_name)]
+LoggedName = Annotated[str, AfterValidator(_logged_name)]
 
 
 class StoreConfig(_Strict):
@@ -142,6 +155,13 @@ class TargetConfig(_Strict):
     concurrency: int = Field(default=8, gt=0)
     rpm: int | None = Field(default=None, gt=0)
     tpm: int | None = Field(default=None, gt=0)
+    logged_as: list[LoggedName] = Field(
+        default_factory=list, description="Other names the gateway's logs give this target's answers (e.g. the dated "
+        "version the provider reports, 'gpt-4o-2024-08-06'); its model and name count without being listed")
+
+    def logged_names(self) -> set[str]:
+        """The keys (`logged_model_key`) of every name a gateway log may give this target's answers."""
+        return {logged_model_key(n) for n in (self.model, self.name, *self.logged_as)}
 
     def api_key(self) -> str:
         """The key from the environment; a placeholder for keyless local endpoints."""
@@ -346,6 +366,12 @@ class RouteConfig(_Strict):
         are measured under the candidates' conditions."""
         return [self.incumbent, *self.candidates]
 
+    def candidate_logged_names(self) -> set[str]:
+        """The logged model names (as keys) that mark a sample as a candidate's own answer; a name the incumbent is
+        also logged under is left out: then the logs cannot tell the two apart, and nothing is taken for a
+        candidate's."""
+        return set().union(*(c.logged_names() for c in self.candidates)) - self.incumbent.logged_names()
+
     @model_validator(mode="after")
     def _unique_targets(self) -> "RouteConfig":
         names = [self.incumbent.name] + [c.name for c in self.candidates]
@@ -355,6 +381,14 @@ class RouteConfig(_Strict):
         if reserved:
             raise ValueError(f"target name(s) {reserved} are reserved")
         return self
+
+
+def incumbent_served(route: RouteConfig, samples: Iterable[tuple[int, str]]) -> list[int]:
+    """The ids, in the order given, of the `samples` (sample id, model the gateway logged as serving it) that the
+    route's incumbent served. During a rollout the gateway serves part of the route with a candidate: those logs are
+    the candidate's own answers, and a candidate compared with them is compared with itself."""
+    candidate_names = route.candidate_logged_names()
+    return [sample_id for sample_id, model in samples if logged_model_key(model) not in candidate_names]
 
 
 class OrchestrationConfig(_Strict):

@@ -17,8 +17,9 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
-from shadowjudge.config import Config, RouteConfig
+from shadowjudge.config import Config, RouteConfig, incumbent_served
 from shadowjudge.errors import InputError, ShadowJudgeError
 from shadowjudge.store import (
     Judgment,
@@ -128,10 +129,12 @@ def stored_reports(engine: Engine, route: RouteConfig, handle: RunHandle) -> dic
 
 def open_run(engine: Engine, config: Config, route: RouteConfig, cycle_id: str) -> RunHandle:
     """Find or create the cycle's run and fix its sample set: samples of the route newer than those of its newest
-    cycle run, finished or not.
+    cycle run, finished or not, that the incumbent served (at most shadow.max_samples of them).
 
     A run still open (its stages run one by one, or it crashed and is finished by rerunning its cycle id) keeps its
-    samples: a cycle opened meanwhile taking them again would step the route twice on one set of evidence.
+    samples: a cycle opened meanwhile taking them again would step the route twice on one set of evidence. Samples a
+    candidate served (during a rollout) are passed over, and the run's `max_sample_id` moves past them all the same,
+    so no later run reads them again.
     """
     run_key = cycle_run_key(route.name, cycle_id)
     with session_scope(engine) as s:
@@ -141,14 +144,15 @@ def open_run(engine: Engine, config: Config, route: RouteConfig, cycle_id: str) 
         last = s.scalar(select(ShadowRun).where(ShadowRun.route == route.name, ShadowRun.kind == "cycle")
                         .order_by(ShadowRun.id.desc()).limit(1))
         watermark = int(last.summary.get("max_sample_id", 0)) if last is not None else 0
-        query = (select(TrafficSample.id).where(TrafficSample.route == route.name, TrafficSample.id > watermark)
-                 .order_by(TrafficSample.id))
-        if config.shadow.max_samples:
-            query = query.limit(config.shadow.max_samples)
-        sample_ids = list(s.scalars(query))
+        sample_ids, read_to, served_by_candidates = _incumbent_samples_after(s, route, watermark,
+                                                                             config.shadow.max_samples)
+        if served_by_candidates:
+            log.info("route %s: %d new samples were served by a candidate, not the incumbent: not shadow-tested",
+                     route.name, served_by_candidates)
         run = ShadowRun(run_key=run_key, route=route.name, kind="cycle", status="running",
                         config_hash=config.fingerprint(), sample_ids=sample_ids,
-                        summary={"max_sample_id": max(sample_ids, default=watermark), "cycle_id": cycle_id})
+                        summary={"max_sample_id": read_to, "cycle_id": cycle_id,
+                                 "served_by_candidates": served_by_candidates})
         s.add(run)
         try:
             s.flush()
@@ -156,6 +160,32 @@ def open_run(engine: Engine, config: Config, route: RouteConfig, cycle_id: str) 
             s.rollback()
             return find_run(engine, run_key)
         return RunHandle(run.id, run_key, sample_ids, resumed=False)
+
+
+def _incumbent_samples_after(session: Session, route: RouteConfig, watermark: int,
+                             limit: int | None) -> tuple[list[int], int, int]:
+    """The route's first `limit` (None: all) samples after `watermark` that its incumbent served, the id up to which
+    samples were read (past the candidates' among them), and how many of those a candidate served.
+
+    Read a page of `limit` rows at a time: during a rollout a candidate serves part of them, and the logged model
+    that says which is matched in Python (without case or provider prefix), not in SQL."""
+    sample_ids: list[int] = []
+    read_to, served_by_candidates = watermark, 0
+    while True:
+        rows = session.execute(select(TrafficSample.id, TrafficSample.incumbent_model)
+                               .where(TrafficSample.route == route.name, TrafficSample.id > read_to)
+                               .order_by(TrafficSample.id).limit(limit)).all()
+        served = set(incumbent_served(route, rows))
+        for sample_id, _ in rows:
+            read_to = sample_id
+            if sample_id not in served:
+                served_by_candidates += 1
+                continue
+            sample_ids.append(sample_id)
+            if len(sample_ids) == limit:
+                return sample_ids, read_to, served_by_candidates
+        if limit is None or len(rows) < limit:
+            return sample_ids, read_to, served_by_candidates
 
 
 CYCLE_LEASE_S = 300.0

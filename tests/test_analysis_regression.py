@@ -416,3 +416,67 @@ def test_a_p95_is_judged_only_from_enough_latencies_per_side(n, judged):
     else:
         assert result.classification is Classification.NODATA and result.effect is None
         assert result.note == "59 latencies, 60 needed (a P95 needs 3 values above it per side)"
+
+
+def test_a_rollout_does_not_dilute_a_regression_with_the_candidates_own_logged_answers(engine):
+    """At 50% weight the gateway logs half the route's requests as the candidate's answers: taken as the
+    incumbent's, the candidate was compared with itself there, and a 5% regression that failed at weight 0
+    passed (quality 0.953 fail, then 0.978 pass). The samples the candidate served are no evidence now."""
+    import numpy as np
+    from sqlalchemy import select
+
+    from shadowjudge.store import Judgment, TrafficSample
+
+    run_id = build_run(engine, run_key="r", incumbent="claude-2", candidates={"c": GEMMA}, replay_incumbent=False)
+    route = route_for(["c"], slice_key=None, weights={"quality": 1})
+    route.candidates[0].model = GEMMA  # as the gateway logs the candidate's answers
+    rng = np.random.default_rng(0)
+    with session_scope(engine) as s:  # well-behaved judge scores: the candidate is 5% worse on every prompt
+        ids = sorted(s.scalars(select(Judgment.sample_id)))
+        incumbent = rng.beta(5, 3, len(ids))
+        candidate = np.clip(incumbent * 0.95 + rng.normal(0, 0.03, len(ids)), 0, 1)
+        for sid, i, c in zip(ids, incumbent, candidate):
+            s.execute(update(Judgment).where(Judgment.sample_id == sid)
+                      .values(candidate_score=float(c), incumbent_score=float(i), preference=0.3))
+    at_zero = analyze_run(engine, run_id, route).candidate("c")
+
+    with session_scope(engine) as s:  # weight 50%: every other request answered (and logged) by the candidate
+        answers = dict(s.execute(select(ShadowResult.sample_id, ShadowResult.output_text)
+                                 .where(ShadowResult.target == "c")).all())
+        for sid in ids[::2]:
+            s.execute(update(TrafficSample).where(TrafficSample.id == sid)
+                      .values(incumbent_model=f"together/{GEMMA}", response_text=answers[sid]))
+            score = s.scalar(select(Judgment.candidate_score).where(Judgment.sample_id == sid))
+            s.execute(update(Judgment).where(Judgment.sample_id == sid).values(incumbent_score=score, preference=0.5))
+    at_half = analyze_run(engine, run_id, route).candidate("c")
+
+    assert at_zero.verdict is at_half.verdict is Verdict.FAIL
+    assert at_zero.metric("quality").classification is at_half.metric("quality").classification is Classification.FAIL
+    assert (at_zero.n, at_half.n) == (len(ids), len(ids[1::2])) and at_half.n_judged == len(ids[1::2])
+    assert at_half.metric("quality").effect == pytest.approx(0.95, abs=0.01)
+
+
+def test_the_same_rows_read_in_another_order_give_the_same_analysis():
+    """The store returns rows in no set order (PostgreSQL: as score batches committed them) and the bootstrap
+    resamples by position: the same 120 pairs reversed moved the quality interval and turned a marginal verdict
+    into a fail."""
+    import numpy as np
+
+    from shadowjudge.analysis.regression import _analyse_candidate
+    from shadowjudge.analysis.run_data import PairJudgment, RunData, TargetRecord
+
+    rng, n = np.random.default_rng(9), 120
+    incumbent = rng.beta(4, 3, n)
+    candidate = np.clip(incumbent - 0.055 + rng.normal(0, 0.12, n), 0, 1)
+    records = {i: TargetRecord(i, False, float(rng.lognormal(7, .3)), float(rng.lognormal(5, .2)), 1e-3, 500)
+               for i in range(n)}
+    pairs = {i: PairJudgment(i, float(candidate[i]), float(incumbent[i]), 0.5) for i in range(n)}
+
+    def analysed(order: list[int]):
+        data = RunData(7, "chat", "j", "replay", {i: records[i] for i in order},
+                       {"c": {i: records[i] for i in order}}, {"c": {i: pairs[i] for i in order}})
+        return _analyse_candidate(data, route_for(["c"], slice_key=None), "c", 0.5)
+
+    ascending, reversed_ = analysed(list(range(n))), analysed(list(reversed(range(n))))
+    assert ascending.metrics == reversed_.metrics
+    assert ascending.verdict is reversed_.verdict

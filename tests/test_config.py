@@ -153,3 +153,31 @@ def test_cycle_endpoints_and_their_keys(monkeypatch):
     assert "INCUMBENT_API_KEY" not in str(exc.value) and str(exc.value).count("yi-34b") == 1
     no_teacher = parse_config(_example(), environ={"SHADOWJUDGE__JUDGE__CALIBRATION_FRACTION": "0"})
     assert "gpt-4-teacher" not in [t.name for t in no_teacher.endpoints(no_teacher.routes)]
+
+
+@pytest.mark.parametrize("logged_as, words", [
+    ("Yi-34B-Chat-0205", "valid list"),
+    ([""], "must name a model"),
+    (["01-ai/"], "must name a model"),
+    ([" "], "must name a model"),
+    ([34], "valid string"),
+])
+def test_logged_as_is_a_list_of_model_names(tmp_path, logged_as, words):
+    data = _example()
+    data["routes"][0]["candidates"][0]["logged_as"] = logged_as
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, environ={})
+    assert "routes[0].candidates[0].logged_as" in str(exc.value) and words in str(exc.value)
+
+
+def test_a_candidates_logged_names_are_its_model_name_and_logged_as_but_never_the_incumbents():
+    data = _example()
+    candidates = data["routes"][0]["candidates"]
+    candidates[0]["logged_as"] = ["01-ai/Yi-34B-Chat-0205", "claude-instant-1.2"]
+    route = parse_config(data, environ={}).routes[0]
+    assert route.candidate_logged_names() == {"yi-34b", "yi-34b-chat", "yi-34b-chat-0205", "llama-2-7b",
+                                              "llama-2-7b-chat-hf"}
+    assert parse_config(data, environ={"SHADOWJUDGE__ROUTES__0__CANDIDATES__1__LOGGED_AS": "[llama-2-7b-0613]"}
+                        ).routes[0].candidates[1].logged_as == ["llama-2-7b-0613"]

@@ -313,3 +313,40 @@ def test_a_candidates_drift_windows_hold_its_replays_not_the_requests_subsample(
     length = {r.target: r for r in report.results if r.metric == "length"}
     assert (length["cand"].n_reference, length["cand"].n_current) == (replays, replays)
     assert (length["incumbent"].n_reference, length["incumbent"].n_current) == (400, 400)
+
+
+def test_the_incumbents_output_window_holds_only_the_logged_answers_it_served(store_url):
+    """A week before the rollout, then a day with the candidate on half the route: its logged answers (longer, and
+    logged under its model with or without a provider prefix) were read as the incumbent's outputs, and the
+    incumbent's output length drifted although the incumbent changed nothing."""
+    import random
+    from datetime import UTC, datetime
+
+    from shadowjudge.analysis import load_output_window
+    from shadowjudge.analysis.drift_data import window_sample_ids
+    from shadowjudge.store import TrafficSample, get_engine
+
+    engine = get_engine(store_url)
+    rng, per_window, day = random.Random(0), 300, timedelta(days=1)
+
+    def answer(served_by: str) -> str:
+        return ("claude " if served_by.endswith("claude-2") else "the candidate's longer answer ") * rng.randint(5, 15)
+
+    rollout_logs = ["claude-2", "cand", "OpenAI/CAND", "anthropic/claude-2"]  # the candidate served half of them
+    served_by = ["claude-2"] * per_window + rollout_logs * (per_window // 4)
+    rows = [dict(request_id=f"r{i}", source="s", source_position=str(i), route="chat", incumbent_model=model,
+                 messages=[{"role": "user", "content": f"question {i}"}], params={}, meta={}, redactions={},
+                 response_text=answer(model), request_ts=START + i * day / per_window, ingested_at=datetime.now(UTC),
+                 cache_hit=False) for i, model in enumerate(served_by)]
+    with session_scope(engine) as s:
+        insert_ignoring_duplicates(s, TrafficSample, rows, ["request_id"])
+    route = route_for(["cand"])
+    before, rollout = TimeWindow(START, START + day), TimeWindow(START + day, START + 2 * day)
+
+    report = detect_drift(engine, route, before, rollout, DriftConfig(min_samples=30, permutations=100,
+                                                                      max_window_rows=100), judge_agreement=([], []))
+    length = next(r for r in report.results if r.metric == "length" and r.target == "incumbent")
+    assert length.status == "stable" and (length.n_reference, length.n_current) == (100, 100)
+    assert {t.split()[0] for t in load_output_window(engine, route, "incumbent", rollout).texts} == {"claude"}
+    assert len(window_sample_ids(engine, "chat", rollout)) == per_window  # the requests: input drift reads them all
+    assert len(window_sample_ids(engine, "chat", rollout, incumbent_of=route)) == per_window // 2

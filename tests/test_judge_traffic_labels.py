@@ -319,3 +319,21 @@ def test_the_training_flow_labels_production_traffic_then_trains(tmp_path, prefe
     assert result["traffic_labels"]["pairs"] == 60 and calls == 120
     assert result["alias"] == CHAMPION and find_alias(tracking, "traffic-flow", CHAMPION).version == "1"
     assert len(load_preference_data(tmp_path / "labels").pairs) == 60
+
+
+def test_a_replay_of_the_logged_model_is_not_a_pair_however_the_log_spells_it(sqlite_url):
+    """The gateway logs 'anthropic/Inc' for the model the incumbent target calls 'inc': its replay was labelled as
+    a pair, and the teacher paid to judge the model against itself."""
+    from evaluators.traffic_labels import stored_pairs
+
+    engine = get_engine(sqlite_url)
+    with session_scope(engine) as s:
+        run = ShadowRun(run_key="r", route="chat", config_hash="h")
+        sample = TrafficSample(request_id="req", source="logs", source_position="0", route="chat",
+                               incumbent_model="anthropic/Inc", messages=[{"role": "user", "content": "q"}],
+                               response_text="logged", request_ts=datetime.now(timezone.utc))
+        s.add_all([run, sample])
+        s.flush()
+        s.add_all([ShadowResult(run_id=run.id, sample_id=sample.id, target="incumbent", model="inc", output_text="a"),
+                   ShadowResult(run_id=run.id, sample_id=sample.id, target="cand-a", model="cand-a", output_text="b")])
+    assert [p.target for p in stored_pairs(engine, "chat")] == ["cand-a"]

@@ -1,7 +1,8 @@
 """Drift checks over the store: two time windows of a route's traffic, compared input, output and judge-wise.
 
 Windows are by request time (`traffic_samples.request_ts`): what production saw, not when it was replayed. The
-incumbent's outputs are what production answered (the logged response); a candidate's are its replays.
+incumbent's outputs are what production answered (the logged response, where the incumbent served it); a
+candidate's are its replays.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from sqlalchemy import Engine, exists, select
 
 from shadowjudge.analysis.drift import DriftReport, DriftResult, OutputWindow, input_drift, judge_drift, output_drift
 from shadowjudge.analysis.embeddings import PromptEmbedder
-from shadowjudge.config import DriftConfig, RouteConfig
+from shadowjudge.config import DriftConfig, RouteConfig, incumbent_served
 from shadowjudge.scoring import prompt_text
 from shadowjudge.store import Judgment, ShadowResult, ShadowRun, TrafficSample, session_scope
 
@@ -62,20 +63,23 @@ def _id_hash(sample_id: int) -> int:
 
 
 def window_sample_ids(engine: Engine, route: str, window: TimeWindow, limit: int | None = None,
-                      replayed_by: str | None = None) -> list[int]:
-    """The route's sample ids in `window` (read from the (route, request_ts) index alone), at most `limit` of them:
-    those with the smallest id hashes, so a busy week's window costs `limit` rows, not millions, and consecutive
-    cycles over a sliding window keep most of the same samples.
+                      replayed_by: str | None = None, incumbent_of: RouteConfig | None = None) -> list[int]:
+    """The route's sample ids in `window` (read from the (route, request_ts) index alone, unless `incumbent_of` asks
+    for the logged model too), at most `limit` of them: those with the smallest id hashes, so a busy week's window
+    costs `limit` rows, not millions, and consecutive cycles over a sliding window keep most of the same samples.
 
     With `replayed_by`, only the samples that target has a replay of (attempt 0) count, and the limit applies to
     those: a candidate replays a small share of the requests, and limiting the window first kept only the share of
-    it that fell in the hash subsample (246 of 1000 replays in a window of 20000 requests)."""
-    query = _in_window(select(TrafficSample.id).where(TrafficSample.route == route), window)
+    it that fell in the hash subsample (246 of 1000 replays in a window of 20000 requests). With `incumbent_of`
+    (the route's config), only the samples its incumbent served count, the limit applying to those too: during a
+    rollout a candidate answers part of the route, and its logged answers are not the incumbent's outputs."""
+    columns = (TrafficSample.id,) if incumbent_of is None else (TrafficSample.id, TrafficSample.incumbent_model)
+    query = _in_window(select(*columns).where(TrafficSample.route == route), window)
     if replayed_by is not None:
         query = query.where(exists().where(ShadowResult.sample_id == TrafficSample.id,
                                            ShadowResult.target == replayed_by, ShadowResult.attempt == 0))
     with session_scope(engine) as s:
-        ids = list(s.scalars(query))
+        ids = list(s.scalars(query)) if incumbent_of is None else incumbent_served(incumbent_of, s.execute(query))
     if limit is not None and len(ids) > limit:
         ids = sorted(ids, key=_id_hash)[:limit]
     return sorted(ids)
@@ -112,7 +116,8 @@ def load_output_window(engine: Engine, route: RouteConfig, target: str, window: 
     window's `sample_ids`, when the caller has chosen a subsample with `window_sample_ids`)."""
     incumbent = target == route.incumbent.name
     if sample_ids is None:
-        sample_ids = window_sample_ids(engine, route.name, window, replayed_by=None if incumbent else target)
+        sample_ids = (window_sample_ids(engine, route.name, window, incumbent_of=route) if incumbent
+                      else window_sample_ids(engine, route.name, window, replayed_by=target))
     rows: list = []
     scores: dict[int, float] = {}
     with session_scope(engine) as s:
@@ -183,7 +188,9 @@ def detect_drift(engine: Engine, route: RouteConfig, reference: TimeWindow, curr
         results.append(replace(result, details={**result.details,
                                                 "examples": [{"text": cur_prompts[i][:1000]} for i in rows]}))
     evaluator = evaluator_version or latest_evaluator(engine, route.name)
-    windows: dict[str, tuple[list[int], ...]] = {route.incumbent.name: (ref_ids, cur_ids)}
+    windows: dict[str, tuple[list[int], ...]] = {  # the incumbent's answers: the logged ones it served
+        route.incumbent.name: tuple(window_sample_ids(engine, route.name, w, config.max_window_rows,
+                                                      incumbent_of=route) for w in (reference, current))}
     for c in route.candidates:  # a candidate's answers: its replays in the window, subsampled among themselves
         windows[c.name] = tuple(window_sample_ids(engine, route.name, w, config.max_window_rows, replayed_by=c.name)
                                 for w in (reference, current))

@@ -381,9 +381,11 @@ def _ttft(cand: list[TargetRecord], inc: list[TargetRecord], m: _Measure) -> Met
 
 
 def _measure(data: RunData, target: str, ids: set[int] | None, m: _Measure) -> tuple[list[MetricResult], int, int]:
-    cand = {sid: r for sid, r in data.candidates[target].items() if ids is None or sid in ids}
-    inc = {sid: r for sid, r in data.incumbent.items() if ids is None or sid in ids}
-    pairs = {sid: p for sid, p in data.judgments[target].items() if ids is None or sid in ids}
+    # In sample-id order: the bootstrap resamples by position, so the order rows came from the store in (judgments
+    # committed by several score batches, a restored dump) must not move the intervals.
+    cand = {sid: r for sid, r in sorted(data.candidates[target].items()) if ids is None or sid in ids}
+    inc = {sid: r for sid, r in sorted(data.incumbent.items()) if ids is None or sid in ids}
+    pairs = {sid: p for sid, p in sorted(data.judgments[target].items()) if ids is None or sid in ids}
     quality = _quality(list(pairs.values()), cand, inc, m)
     metrics = [
         quality,

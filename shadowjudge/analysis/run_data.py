@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Engine, select
 
-from shadowjudge.config import RouteConfig
+from shadowjudge.config import RouteConfig, incumbent_served
 from shadowjudge.errors import ShadowJudgeError
 from shadowjudge.store import Judgment, ShadowResult, ShadowRun, TrafficSample, session_scope
 
@@ -82,18 +82,27 @@ def load_run_data(engine: Engine, run_id: int, route: RouteConfig, evaluator_ver
             select(ShadowResult.sample_id, ShadowResult.target, ShadowResult.model, ShadowResult.output_text,
                    ShadowResult.error_class, ShadowResult.latency_ms, ShadowResult.ttft_ms, ShadowResult.cost_usd)
             .where(ShadowResult.run_id == run_id, ShadowResult.attempt == 0)
+            .order_by(ShadowResult.sample_id, ShadowResult.target)
         ).all()
         sample_ids = set(run.sample_ids or []) | {r.sample_id for r in results}
         samples = s.execute(
             select(TrafficSample.id, TrafficSample.meta, TrafficSample.response_text, TrafficSample.latency_ms,
                    TrafficSample.ttft_ms, TrafficSample.cost_usd, TrafficSample.incumbent_model)
-            .where(TrafficSample.id.in_(sample_ids))
+            .where(TrafficSample.id.in_(sample_ids)).order_by(TrafficSample.id)
         ).all() if sample_ids else []
         judgments = s.execute(
             select(Judgment.sample_id, Judgment.target, Judgment.candidate_score, Judgment.incumbent_score,
                    Judgment.preference)
             .where(Judgment.run_id == run_id, Judgment.evaluator == evaluator)
+            .order_by(Judgment.sample_id, Judgment.target)
         ).all() if evaluator else []
+
+    # Samples a candidate served (in a run opened before open_run passed them over) are no evidence of the incumbent.
+    logged = [(t.id, t.incumbent_model) for t in samples]
+    by_candidate = {sample_id for sample_id, _ in logged} - set(incumbent_served(route, logged))
+    samples = [t for t in samples if t.id not in by_candidate]
+    results = [r for r in results if r.sample_id not in by_candidate]
+    judgments = [j for j in judgments if j.sample_id not in by_candidate]
 
     candidate_names = {c.name for c in route.candidates}
     candidates: dict[str, dict[int, TargetRecord]] = {c.name: {} for c in route.candidates}
