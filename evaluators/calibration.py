@@ -5,6 +5,8 @@ Selection hashes (sample, target), so reruns pick the same pairs and a pair is n
 the teacher's verdicts are `Judgment` rows under the teacher's own version string, with
 `details = {"role": "teacher", "student": <small judge version>, ...}`. A selected pair the teacher already judged
 for training (role "label", evaluators.traffic_labels) is not asked again: that verdict becomes the calibration one.
+A pair counts once in the agreement, by its latest teacher verdict (a teacher model changed and rerun replaces the
+reference, it does not add a second one), against the preference of the student being measured.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from shadowjudge.store import (
 )
 
 if TYPE_CHECKING:
-    from evaluators.llm_judge import LlmJudge
+    from evaluators.llm_judge import LlmJudge, PairVerdict
     from shadowjudge.config import JudgeConfig
 
 TEACHER_ROLE = "teacher"
@@ -72,20 +74,29 @@ def judge_and_store(engine: Engine, teacher: "LlmJudge", tasks: Sequence[Teacher
     """The teacher's preference for each task (`readable_preference`), stored as a Judgment row under the
     teacher's version (`details` plus which order said what) batch by batch, so an interrupted run keeps every
     verdict it paid for. Calibration and training labels both ask the teacher through here."""
+    from evaluators.llm_judge import LlmJudgeError
+
     verdicts: dict[tuple[int, int, str], float | None] = {}
     for start in range(0, len(tasks), batch_size):
         batch = tasks[start:start + batch_size]
-        judged = teacher.judge_pairs([t.prompt for t in batch], [t.incumbent for t in batch],
-                                     [t.candidate for t in batch])
+        failure: LlmJudgeError | None = None
+        try:
+            judged: Sequence[PairVerdict | None] = teacher.judge_pairs(
+                [t.prompt for t in batch], [t.incumbent for t in batch], [t.candidate for t in batch])
+        except LlmJudgeError as exc:  # the pairs judged before it are stored: a retry pays only for the rest
+            judged, failure = exc.completed, exc
         records = [dict(run_id=t.run_id, sample_id=t.sample_id, target=t.target, evaluator=teacher.version,
                         candidate_score=None, incumbent_score=None, preference=v.preference,
                         details={**details, "candidate_first": v.candidate_first,
                                  "incumbent_first": v.incumbent_first})
-                   for t, v in zip(batch, judged)]
-        with session_scope(engine) as s:
-            insert_ignoring_duplicates(s, Judgment, records, ["run_id", "sample_id", "target", "evaluator"])
+                   for t, v in zip(batch, judged) if v is not None]
+        if records:
+            with session_scope(engine) as s:
+                insert_ignoring_duplicates(s, Judgment, records, ["run_id", "sample_id", "target", "evaluator"])
         verdicts.update({(r["run_id"], r["sample_id"], r["target"]): readable_preference(r["preference"], r["details"])
                          for r in records})
+        if failure is not None:
+            raise failure
         if progress:
             progress(start + len(batch), len(tasks))
     return verdicts
@@ -135,7 +146,7 @@ def calibrate_run(engine: Engine, run_id: int, student_version: str, teacher: "L
                     {"role": TEACHER_ROLE, "student": student_version}, batch_size=batch_size)
     with session_scope(engine) as s:
         route = s.scalar(select(ShadowRun.route).where(ShadowRun.id == run_id))
-    agreement = judge_agreement(engine, route, run_id=run_id) if route is not None else None
+    agreement = judge_agreement(engine, route, run_id=run_id, student=student_version) if route is not None else None
     return CalibrationReport(teacher.version, student_version, len(chosen), len(todo), len(chosen) - len(todo),
                              agreement)
 
@@ -173,11 +184,17 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 def judge_agreement(engine: Engine, route: str, since: datetime | None = None,
-                    until: datetime | None = None, run_id: int | None = None) -> AgreementStats:
+                    until: datetime | None = None, run_id: int | None = None,
+                    student: str | None = None) -> AgreementStats:
     """Agreement between the small judge and the teacher on a route's calibrated pairs: those of requests made in
     [since, until) (by request time, as the drift windows are, however much later the teacher judged them), or of
-    one run."""
-    query = (select(Judgment.run_id, Judgment.sample_id, Judgment.target, Judgment.preference, Judgment.details,
+    one run.
+
+    Each pair counts once, by its latest teacher verdict. `student` is the judge version measured, by its own
+    preferences (a run rescored by a new judge is that judge's agreement, without asking the teacher again); by
+    default each verdict's `details["student"]`, the judge it was bought to calibrate."""
+    query = (select(Judgment.id, Judgment.run_id, Judgment.sample_id, Judgment.target, Judgment.preference,
+                    Judgment.details,
                     func.length(TrafficSample.response_text).label("incumbent_chars"),
                     func.length(ShadowResult.output_text).label("candidate_chars"))
              .join(TrafficSample, TrafficSample.id == Judgment.sample_id)
@@ -192,12 +209,19 @@ def judge_agreement(engine: Engine, route: str, since: datetime | None = None,
         query = query.where(TrafficSample.request_ts < until)
     if run_id is not None:
         query = query.where(Judgment.run_id == run_id)
+
+    def student_of(row: Any) -> str | None:
+        return student or row.details.get("student")
+
     with session_scope(engine) as s:
-        teacher_rows = [r for r in s.execute(query).all()
-                        if isinstance(r.details, dict) and r.details.get("role") == TEACHER_ROLE]
+        latest: dict[tuple[int, int, str], Any] = {}  # one pair, one reference: its latest teacher verdict
+        for r in s.execute(query).all():  # a pair's rows share a request time, then come in id order
+            if isinstance(r.details, dict) and r.details.get("role") == TEACHER_ROLE:
+                latest[(r.run_id, r.sample_id, r.target)] = r
+        teacher_rows = list(latest.values())
         students: dict[tuple[int, int, str, str], float] = {}
         run_ids = sorted({r.run_id for r in teacher_rows})
-        versions = sorted({r.details.get("student") for r in teacher_rows if r.details.get("student")})
+        versions = sorted({v for v in map(student_of, teacher_rows) if v})
         if run_ids and versions:
             for run_id, sample_id, target, evaluator, pref in s.execute(
                 select(Judgment.run_id, Judgment.sample_id, Judgment.target, Judgment.evaluator, Judgment.preference)
@@ -210,16 +234,16 @@ def judge_agreement(engine: Engine, route: str, since: datetime | None = None,
     # Decided pairs: student and teacher preference, incumbent and candidate answer lengths.
     sized: list[tuple[float, float, int, int]] = []
     for r in teacher_rows:
-        student = students.get((r.run_id, r.sample_id, r.target, r.details.get("student")))
-        teacher = readable_preference(r.preference, r.details)
-        if student is None or teacher is None:
+        student_pref = students.get((r.run_id, r.sample_id, r.target, student_of(r)))
+        teacher_pref = readable_preference(r.preference, r.details)
+        if student_pref is None or teacher_pref is None:
             continue
-        errors.append(abs(student - teacher))
-        if abs(teacher - 0.5) < 1e-9:
+        errors.append(abs(student_pref - teacher_pref))
+        if abs(teacher_pref - 0.5) < 1e-9:
             continue  # the teacher could not decide (or contradicted itself across orders)
-        values.append(1.0 if (student > 0.5) == (teacher > 0.5) else 0.0)
+        values.append(1.0 if (student_pref > 0.5) == (teacher_pref > 0.5) else 0.0)
         if r.incumbent_chars is not None and r.candidate_chars is not None:
-            sized.append((student, teacher, r.incumbent_chars, r.candidate_chars))
+            sized.append((student_pref, teacher_pref, r.incumbent_chars, r.candidate_chars))
     n, hits = len(values), int(sum(values))
     low, high = wilson_interval(hits, n)
     stats = AgreementStats(n=n, agreement=hits / n if n else float("nan"), ci_low=low, ci_high=high,

@@ -1,25 +1,30 @@
 """LLM-as-judge through any OpenAI-compatible endpoint: the teacher whose verdicts the small judge learns from.
 
 Pairwise verdicts are asked in both orders and averaged, which cancels the position bias big judges have;
-pointwise scores come from a 1-10 rubric. Requests run concurrently; an unusable verdict is re-asked once and then
-counts as a tie (pairwise) or the middle score (pointwise), and is counted in `unparsed`. A pair neither order could
-be read for has no preference: its 0.5 is a placeholder, which evaluators.calibration.readable_preference tells apart
-from a tie the teacher gave.
+pointwise scores come from a 1-10 rubric. Requests run concurrently, paced by the endpoint's `rpm`/`tpm` when it has
+them; an unusable verdict is re-asked once and then counts as a tie (pairwise) or the middle score (pointwise), and is
+counted in `unparsed`. A request the endpoint refuses as such (HTTP 400/404/413/422: a prompt over the context length,
+say) is an unusable verdict too, not asked again: one long answer must not fail a batch whose other verdicts were paid
+for. A pair neither order could be read for has no preference: its 0.5 is a placeholder, which
+evaluators.calibration.readable_preference tells apart from a tie the teacher gave.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from evaluators.base import bounded_version
 from shadowjudge.errors import ShadowJudgeError
+from shadowjudge.shadow.ratelimit import TokenBucket
+from shadowjudge.shadow.tokens import count_message_tokens
 
 if TYPE_CHECKING:
     from openai import OpenAI
@@ -48,10 +53,17 @@ _WINNER = re.compile(r'"winner"\s*:\s*(?:"([^"\n]*)"|([A-Za-z]+))(?=[ \t]*(?:[,}
 _LABEL_WORD = re.compile(r"^(?:answer|assistant|response|model|option)\s+")  # "Answer B" names answer B
 _TIE_WORDS = frozenset({"tie", "a tie", "both", "neither", "equal"})
 _SCORE = re.compile(r'"score"\s*:\s*"?(\d+(?:\.\d+)?)"?')
+# The endpoint refuses the request itself (too long, unknown model, unprocessable): asking again gets the same answer.
+REFUSED_STATUSES = frozenset({400, 404, 413, 422})
 
 
 class LlmJudgeError(ShadowJudgeError):
-    """The judge endpoint failed after the client's retries; the message names model and error class only."""
+    """The judge endpoint failed after the client's retries; the message names model and error class only.
+
+    `completed` holds the results of the items that finished before the failure (None for the others), so a caller
+    can keep the verdicts it paid for."""
+
+    completed: Sequence[Any] = ()
 
 
 @dataclass(frozen=True)
@@ -129,7 +141,8 @@ class LlmJudge:
     """An `Evaluator` backed by a chat model; also the teacher for calibration and for labelling stored traffic."""
 
     def __init__(self, client: "OpenAI", model: str, *, concurrency: int = 8, max_tokens: int = 200,
-                 temperature: float = 0.0, name: str | None = None) -> None:
+                 temperature: float = 0.0, name: str | None = None, rpm: int | None = None,
+                 tpm: int | None = None) -> None:
         self.client = client
         self.model = model
         self.concurrency = max(1, concurrency)
@@ -142,7 +155,14 @@ class LlmJudge:
         digest = hashlib.sha1(verdict_inputs.encode()).hexdigest()[:8]
         self.version = bounded_version(f"llm-judge:{name or model}:{digest}")
         self.unparsed = 0
+        self.answered = 0
+        self.refused = 0  # requests the endpoint refused as such (REFUSED_STATUSES), each an unusable verdict
+        self.last_refusal: str | None = None
         self._lock = threading.Lock()
+        # The shadow engine's buckets, so a teacher's rpm/tpm mean what a target's do.
+        self.rpm = TokenBucket.per_minute(rpm) if rpm else None
+        self.tpm = TokenBucket.per_minute(tpm) if tpm else None
+        self._pacing = threading.Lock()
 
     @classmethod
     def from_target(cls, target: "TargetConfig", *, timeout_s: float = 60.0, max_retries: int = 3,
@@ -155,21 +175,52 @@ class LlmJudge:
 
         api_key = resolve_api_key(target, load_secret or load_prefect_secret)
         client = OpenAI(base_url=target.base_url, api_key=api_key, timeout=timeout_s, max_retries=max_retries)
-        return cls(client, target.model, concurrency=target.concurrency, name=target.name)
+        return cls(client, target.model, concurrency=target.concurrency, name=target.name, rpm=target.rpm,
+                   tpm=target.tpm)
 
     # -- one call ------------------------------------------------------------------------------------------------
-    def _ask(self, system: str, user: str) -> str:
+    def _pace(self, reserved: int) -> None:
+        """Wait for the endpoint's rpm and tpm. The buckets are asyncio's and the calls run on threads: one thread at
+        a time waits in an event loop of its own (the bucket's asyncio lock is then never contended, so it binds to
+        no loop), and the others queue in arrival order, as the bucket serves its waiters."""
+        if self.rpm is None and self.tpm is None:
+            return
+        with self._pacing:
+            if self.rpm is not None:
+                asyncio.run(self.rpm.acquire(1))
+            if self.tpm is not None:
+                asyncio.run(self.tpm.acquire(reserved))
+
+    def _settle(self, reserved: int, used: int) -> None:
+        if self.tpm is not None:
+            with self._pacing:
+                self.tpm.settle(reserved, used)
+
+    def _ask(self, system: str, user: str) -> str | None:
+        """The reply's text; None when the endpoint refused the request itself (REFUSED_STATUSES), which asking
+        again would not change."""
         from openai import OpenAIError
 
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        reserved = count_message_tokens(messages) + self.max_tokens
+        self._pace(reserved)
         try:
             response = self.client.chat.completions.create(
-                model=self.model, temperature=self.temperature, max_tokens=self.max_tokens,
-                messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
-            )
+                model=self.model, temperature=self.temperature, max_tokens=self.max_tokens, messages=messages)
         except OpenAIError as exc:
+            self._settle(reserved, 0)
             status = getattr(exc, "status_code", None)
-            raise LlmJudgeError(f"judge model '{self.model}' failed: {type(exc).__name__}"
-                                + (f" (HTTP {status})" if status else "")) from None
+            failure = f"{type(exc).__name__}" + (f" (HTTP {status})" if status else "")
+            if status in REFUSED_STATUSES:
+                with self._lock:
+                    self.refused += 1
+                    self.last_refusal = failure
+                return None
+            raise LlmJudgeError(f"judge model '{self.model}' failed: {failure}") from None
+        usage = getattr(response, "usage", None)
+        self._settle(reserved, usage.total_tokens if usage is not None and usage.total_tokens else reserved)
+        with self._lock:
+            self.answered += 1
         if not response.choices:
             return ""
         return response.choices[0].message.content or ""
@@ -177,9 +228,12 @@ class LlmJudge:
     def _verdict(self, prompt: str, a: str, b: str) -> str | None:
         user = PAIRWISE_USER.format(prompt=prompt, a=a, b=b)
         for _ in range(2):
-            winner = parse_winner(self._ask(PAIRWISE_SYSTEM, user))
+            reply = self._ask(PAIRWISE_SYSTEM, user)
+            winner = None if reply is None else parse_winner(reply)
             if winner is not None:
                 return winner
+            if reply is None:
+                break
         with self._lock:
             self.unparsed += 1
         return None
@@ -197,9 +251,12 @@ class LlmJudge:
     def _rate(self, prompt: str, answer: str) -> float:
         user = POINTWISE_USER.format(prompt=prompt, answer=answer)
         for _ in range(2):
-            score = parse_score(self._ask(POINTWISE_SYSTEM, user))
+            reply = self._ask(POINTWISE_SYSTEM, user)
+            score = None if reply is None else parse_score(reply)
             if score is not None:
                 return score
+            if reply is None:
+                break
         with self._lock:
             self.unparsed += 1
         return 0.5
@@ -208,16 +265,35 @@ class LlmJudge:
     def judge_pairs(self, prompts: Sequence[str], incumbent: Sequence[str],
                     candidate: Sequence[str]) -> list[PairVerdict]:
         _same_length(prompts, incumbent, candidate)
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(self.judge_pair, prompts, incumbent, candidate))
+        return self._map(self.judge_pair, prompts, incumbent, candidate)
 
     def compare(self, prompts: Sequence[str], incumbent: Sequence[str], candidate: Sequence[str]) -> list[float]:
         return [v.preference for v in self.judge_pairs(prompts, incumbent, candidate)]
 
     def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
         _same_length(prompts, answers)
+        return self._map(self._rate, prompts, answers)
+
+    def _map(self, fn: Callable[..., Any], *items: Sequence[str]) -> list[Any]:
+        """`fn` over the items on the judge's threads. The first failure cancels the items not started (no more paid
+        calls) and is raised with the finished ones as its `completed`. An endpoint that answered none of several
+        items' requests and refused them is refusing this judge (its model name or request parameters), not one
+        long prompt: that fails too, rather than leaving a placeholder for every item."""
+        answered, refused = self.answered, self.refused
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(self._rate, prompts, answers))
+            futures = [pool.submit(fn, *args) for args in zip(*items)]
+            wait(futures, return_when=FIRST_EXCEPTION)
+            for future in futures:
+                future.cancel()
+        failure = next((f.exception() for f in futures if not f.cancelled() and f.exception() is not None), None)
+        if failure is None and len(futures) > 1 and self.answered == answered and self.refused > refused:
+            failure = LlmJudgeError(f"judge model '{self.model}' refused every request of {len(futures)} items "
+                                    f"({self.last_refusal}): check its model name and parameters")
+        elif isinstance(failure, LlmJudgeError):
+            failure.completed = [None if f.cancelled() or f.exception() is not None else f.result() for f in futures]
+        if failure is not None:
+            raise failure
+        return [f.result() for f in futures]
 
 
 def _same_length(*seqs: Sequence[str]) -> None:

@@ -173,7 +173,10 @@ def run_route_cycle(config: Config, route: RouteConfig, cycle_id: str, ingest_re
             analysed = analyse_and_log(config, route, handle,
                                        {"ingest": ingest_report, "shadow": shadow_report, "score": score_report},
                                        config_path, lease)
-            return decide_and_publish(config, route, handle, analysed, lease)
+            outcome = decide_and_publish(config, route, handle, analysed, lease)
+            if score_report.get("calibration_failed"):
+                outcome["calibration_failed"] = score_report["calibration_failed"]
+            return outcome
         except (RouteBusy, stages.CycleLeaseLost):
             raise  # the run stays open for the update-routes rerun; or it is now the new holder's to finish
         except Exception as exc:
@@ -184,11 +187,22 @@ def run_route_cycle(config: Config, route: RouteConfig, cycle_id: str, ingest_re
 def score_and_calibrate(config: Config, route: RouteConfig, handle: stages.RunHandle, config_path: str,
                         lease: LeaseLock, progress: bool = False) -> dict[str, Any]:
     """Judge the run's pairs, then send the calibration share of them to the teacher (called inside a flow, holding
-    the route's cycle `lease`)."""
+    the route's cycle `lease`).
+
+    Calibration measures the judge; it decides nothing about the candidates. A teacher that fails (down, a revoked
+    key) is a warning, recorded in the report as `calibration_failed`, and the cycle goes on to its analysis, alerts
+    and route step: a regression must still be caught and rolled back. The verdicts it did buy are stored, and the
+    next calibration of the run (a rerun of the cycle) asks only for the rest."""
     stages.ensure_lease(lease)
     report = score_task(config, route, handle, config_path, progress)
     stages.ensure_lease(lease)
-    calibration = calibrate_task(config, handle, report.get("evaluator"))
+    try:
+        calibration = calibrate_task(config, handle, report.get("evaluator"))
+    except Exception as exc:  # noqa: BLE001 - a side measurement: reported, never the end of the cycle
+        get_run_logger().warning("route %s: calibration against the teacher failed (%s: %s); the cycle goes on "
+                                 "without it: rerun the cycle to calibrate this run", route.name,
+                                 type(exc).__name__, exc)
+        return {**report, "calibration_failed": f"{type(exc).__name__}: {exc}"}
     return {**report, "calibration": calibration} if calibration else report
 
 

@@ -28,6 +28,7 @@ class FakeJudgeModel:
     def __init__(self, mode: str = "fair") -> None:
         self.mode = mode
         self.requests: list[dict] = []
+        self.stamps: list[float] = []  # when each request arrived (time.monotonic)
 
     def app(self) -> Starlette:
         return Starlette(routes=[Route("/v1/chat/completions", self.chat, methods=["POST"])])
@@ -37,9 +38,14 @@ class FakeJudgeModel:
             return JSONResponse({"error": {"message": "bad key"}}, status_code=401)
         body = await request.json()
         self.requests.append(body)
+        self.stamps.append(time.monotonic())
         if self.mode == "down":
             return JSONResponse({"error": {"message": "overloaded"}}, status_code=500)
         user = body["messages"][-1]["content"]
+        if self.mode == "refuse_all" or (self.mode == "refuse_long" and "LONG" in user):
+            return JSONResponse({"error": {"message": "This model's maximum context length is 8192 tokens",
+                                           "type": "invalid_request_error", "code": "context_length_exceeded"}},
+                                status_code=400)
         if self.mode == "garbage":
             content = "I think both are fine."
         elif self.mode == "always_a_or_chatter" and "GOOD" not in user.split("## Answer B", 1)[0]:
@@ -54,10 +60,12 @@ class FakeJudgeModel:
             content = "```json\n" + json.dumps({"reason": "rule", "winner": winner}) + "\n```"
         else:
             content = json.dumps({"reason": "rule", "score": 9 if "GOOD" in user else 3})
+        usage = {} if self.mode == "no_usage" else {
+            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
         return JSONResponse({
             "id": "cmpl-1", "object": "chat.completion", "created": int(time.time()), "model": body["model"],
             "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+            **usage,
         })
 
 
@@ -137,6 +145,41 @@ def test_endpoint_failure_is_a_clear_error_without_the_key(endpoint):
             judge.compare(["q"], ["a"], ["b"])
     assert "judge-large" in str(info.value) and "500" in str(info.value)
     assert API_KEY not in str(info.value)
+
+
+def test_a_request_the_endpoint_refuses_is_an_unreadable_order_not_a_failed_batch(endpoint):
+    """One answer over the teacher's context length (HTTP 400) failed the whole batch, and with it every verdict
+    already paid for. Now that pair's orders are unreadable (not asked again); an endpoint that refuses every
+    request of a batch is refusing the judge itself (model, parameters) and still fails."""
+    with endpoint("refuse_long") as (judge, model):
+        verdicts = judge.judge_pairs(["q1", "q2", "q3"], ["GOOD", "LONG answer", "meh"], ["meh", "meh", "GOOD"])
+    assert [(v.candidate_first, v.incumbent_first) for v in verdicts] == [(0.0, 0.0), (None, None), (1.0, 1.0)]
+    assert len(model.requests) == 6 and judge.refused == 2 and judge.unparsed == 2
+    with endpoint("refuse_all") as (judge, _), pytest.raises(LlmJudgeError, match="refused every request.*HTTP 400"):
+        judge.judge_pairs(["q1", "q2"], ["a", "b"], ["c", "d"])
+
+
+@pytest.mark.parametrize("limit", ["rpm", "tpm"])
+def test_the_teacher_keeps_to_its_rpm_and_tpm(monkeypatch, limit):
+    """judge.teacher's rpm/tpm were ignored (only its concurrency was used): a teacher limited to 6 requests a
+    minute was sent 20 in a tenth of a second. Here 1 request (or its tokens) a second, a burst of one: at most 2
+    of the 6 requests may arrive in the first 1.5 s, however slow the machine (a slow one only sends later)."""
+    from evaluators.llm_judge import PAIRWISE_SYSTEM, PAIRWISE_USER
+    from shadowjudge.shadow.tokens import count_message_tokens
+
+    monkeypatch.setenv("JUDGE_KEY", API_KEY)
+    messages = [{"role": "system", "content": PAIRWISE_SYSTEM},
+                {"role": "user", "content": PAIRWISE_USER.format(prompt="q", a="GOOD", b="meh")}]
+    per_request = count_message_tokens(messages) + 200  # the prompt and max_tokens: what a request reserves
+    model = FakeJudgeModel("no_usage")  # no usage in the reply: the reservation is what it is charged
+    with serve(model.app()) as url:
+        target = TargetConfig(name="teacher", model="judge-large", base_url=url, api_key_env="JUDGE_KEY",
+                              concurrency=4, **{limit: 60 if limit == "rpm" else 60 * per_request})
+        judge = LlmJudge.from_target(target, max_retries=0)
+        start = time.monotonic()
+        judge.judge_pairs(["q"] * 3, ["GOOD"] * 3, ["meh"] * 3)
+    assert len(model.stamps) == 6
+    assert sum(t - start < 1.5 for t in model.stamps) <= 2
 
 
 def test_parsers_tolerate_fences_and_reject_nonsense():

@@ -203,3 +203,41 @@ def test_an_mlflow_outage_does_not_hold_back_the_cycles_alerts_and_route_step(tm
     with session_scope(get_engine(sqlite_url)) as s:
         run = s.scalar(select(ShadowRun).where(ShadowRun.run_key == f"{ROUTE}:m1"))
         assert run.status == "finished" and run.decision is not None
+
+
+def test_a_failed_calibration_does_not_hold_back_the_cycles_analysis_alerts_and_route_step(
+        tmp_path, sqlite_url, replay_server, prefect_harness, monkeypatch):
+    """The teacher failing (down, a revoked key) failed the calibrate task and with it the route's cycle, before its
+    analysis, alerts and route step, on every rerun: a regression found meanwhile was neither alerted nor rolled
+    back. Calibration measures the judge; its failure is now a warning the cycle's result records."""
+    import flows.stages
+    from evaluators.llm_judge import LlmJudgeError
+
+    config_path = write_cycle_config(tmp_path, sqlite_url, replay_server.base_url)
+    ingest_and_sample(config_path)
+    alerted: list[str] = []
+    real_alert = cycle.alert
+
+    def teacher_down(*args, **kwargs):
+        raise LlmJudgeError("judge model 'gpt-4-judge' failed: AuthenticationError (HTTP 401)")
+
+    def recording_alert(engine, config, route, handle, *args, **kwargs):
+        alerted.append(handle.run_key)
+        return real_alert(engine, config, route, handle, *args, **kwargs)
+
+    monkeypatch.setattr(cycle, "calibrate", teacher_down)
+    monkeypatch.setattr(cycle, "alert", recording_alert)
+    monkeypatch.setattr(flows.stages, "calibrate_task", flows.stages.calibrate_task.with_options(retries=0))
+
+    @flow
+    def route_cycle(path: str) -> dict:
+        config = load(path)
+        return flows.stages.run_route_cycle(config, config.route(ROUTE), "t1", {}, path)
+
+    outcome = route_cycle(config_path)
+    assert outcome["calibration_failed"] == ("LlmJudgeError: judge model 'gpt-4-judge' failed: "
+                                             "AuthenticationError (HTTP 401)")
+    assert alerted == [f"{ROUTE}:t1"] and outcome["decision"] is not None
+    with session_scope(get_engine(sqlite_url)) as s:
+        run = s.scalar(select(ShadowRun).where(ShadowRun.run_key == f"{ROUTE}:t1"))
+        assert run.status == "finished" and run.decision is not None

@@ -16,11 +16,12 @@ from evaluators.calibration import (
     calibrate_from_config,
     calibrate_run,
     judge_agreement,
+    readable_preference,
     selected_for_calibration,
     wilson_interval,
 )
 from evaluators.factory import EvaluatorConfigError
-from evaluators.llm_judge import LlmJudge
+from evaluators.llm_judge import LlmJudge, LlmJudgeError
 from shadowjudge.config import JudgeConfig
 from shadowjudge.store import Judgment, ShadowResult, ShadowRun, TrafficSample, get_engine, session_scope
 
@@ -28,15 +29,23 @@ STUDENT = "small-judge:models:/j/1"
 N = 40
 
 
-def teacher_transport(calls: list[str], unreadable: frozenset[int] = frozenset()) -> httpx.MockTransport:
+def teacher_transport(calls: list[str], unreadable: frozenset[int] = frozenset(),
+                      too_long: frozenset[int] = frozenset(), key_revoked_at: int | None = None) -> httpx.MockTransport:
     """A chat endpoint whose verdict follows the visible rule 'the answer containing GOOD wins'; its replies about
-    the questions numbered in `unreadable` name no winner."""
+    the questions numbered in `unreadable` name no winner, those numbered in `too_long` are refused (HTTP 400, over
+    the context length), and from call number `key_revoked_at` on every request fails authentication (HTTP 401)."""
 
     def handler(request: httpx.Request) -> httpx.Response:
         user = json.loads(request.content)["messages"][-1]["content"]
         calls.append(user)
         a = user.split("## Answer A", 1)[1].split("## Answer B", 1)[0]
         question = int(user.split("question ", 1)[1].split(None, 1)[0])
+        if key_revoked_at is not None and len(calls) >= key_revoked_at:
+            return httpx.Response(401, json={"error": {"message": "Incorrect API key", "code": "invalid_api_key"}})
+        if question in too_long:
+            return httpx.Response(400, json={"error": {"message": "This model's maximum context length is 8192 tokens",
+                                                       "type": "invalid_request_error",
+                                                       "code": "context_length_exceeded"}})
         content = "Both have merit." if question in unreadable else json.dumps({"winner": "A" if "GOOD" in a else "B"})
         return httpx.Response(200, json={
             "id": "x", "object": "chat.completion", "created": 0, "model": "teacher",
@@ -172,6 +181,80 @@ def test_pairs_already_labelled_for_training_count_in_calibration_without_a_seco
     assert sum(bool(r.details.get("labelled_for_training")) for r in rows) == N // 2
     # the labels stay reusable for training: a rerun of the labelling asks the teacher nothing
     assert label_stored_traffic(engine, "chat", teacher, tmp_path / "labels", max_pairs=N).teacher_calls == 0
+
+
+def test_a_pair_the_teacher_refuses_is_stored_unusable_and_the_rest_once(store_url):
+    """One answer over the teacher's context length (HTTP 400) failed the batch: its other verdicts were paid for
+    but not stored, and every retry and rerun paid for them again and failed again."""
+    engine = get_engine(store_url)
+    run_id = seed_run(engine)
+    calls: list[str] = []
+    teacher = LlmJudge(OpenAI(api_key="k", base_url="http://teacher.test/v1", max_retries=0,
+                              http_client=httpx.Client(transport=teacher_transport(calls, too_long=frozenset({7})))),
+                       "teacher", concurrency=4)
+    report = calibrate_run(engine, run_id, STUDENT, teacher, fraction=1.0)
+    assert (report.selected, report.judged) == (N, N) and len(calls) <= 2 * N
+    assert report.agreement.n == N - 1
+    with session_scope(engine) as s:
+        rows = {r.sample_id: r for r in s.query(Judgment).filter(Judgment.evaluator == teacher.version)}
+        assert len(rows) == N
+        refused = [r for r in rows.values() if readable_preference(r.preference, r.details) is None]
+        assert [(r.details["candidate_first"], r.details["incumbent_first"]) for r in refused] == [(None, None)]
+    paid = len(calls)
+    assert calibrate_run(engine, run_id, STUDENT, teacher, fraction=1.0).judged == 0 and len(calls) == paid
+
+
+def test_a_teacher_failing_mid_batch_keeps_the_verdicts_already_paid_for(store_url):
+    """A revoked key partway through a batch (after 5 pairs): the verdicts finished before it are stored, and the
+    next calibration asks only for the rest."""
+    engine = get_engine(store_url)
+    run_id = seed_run(engine)
+    calls: list[str] = []
+    revoked = LlmJudge(OpenAI(api_key="k", base_url="http://teacher.test/v1", max_retries=0,
+                              http_client=httpx.Client(transport=teacher_transport(calls, key_revoked_at=11))),
+                       "teacher", concurrency=1)
+    with pytest.raises(LlmJudgeError, match="AuthenticationError"):
+        calibrate_run(engine, run_id, STUDENT, revoked, fraction=1.0)
+    with session_scope(engine) as s:
+        assert s.query(Judgment).filter(Judgment.evaluator == revoked.version).count() == 5
+    calls.clear()
+    teacher = LlmJudge(OpenAI(api_key="k", base_url="http://teacher.test/v1",
+                              http_client=httpx.Client(transport=teacher_transport(calls))), "teacher")
+    report = calibrate_run(engine, run_id, STUDENT, teacher, fraction=1.0)
+    assert (report.judged, report.already_judged) == (N - 5, 5) and len(calls) == 2 * (N - 5)
+
+
+def test_a_run_rescored_by_a_new_judge_reports_that_judges_agreement(store_url):
+    """The teacher's verdicts were paired with the judge recorded at the first calibration: a run rescored by a new
+    champion reported the old judge's agreement under the new judge's name."""
+    engine = get_engine(store_url)
+    run_id = seed_run(engine)
+    calls: list[str] = []
+    teacher = LlmJudge(OpenAI(api_key="k", base_url="http://teacher.test/v1",
+                              http_client=httpx.Client(transport=teacher_transport(calls))), "teacher")
+    assert calibrate_run(engine, run_id, STUDENT, teacher, fraction=1.0).agreement.agreement == pytest.approx(0.9)
+    new_judge = "small-judge:models:/j/2"
+    with session_scope(engine) as s:  # the new judge contradicts the teacher on every pair
+        for sample_id, target in s.query(ShadowResult.sample_id, ShadowResult.target).filter_by(run_id=run_id).all():
+            good = "GOOD" in s.get(TrafficSample, sample_id).response_text
+            s.add(Judgment(run_id=run_id, sample_id=sample_id, target=target, evaluator=new_judge,
+                           candidate_score=0.5, incumbent_score=0.5, preference=0.8 if good else 0.2))
+    paid = len(calls)
+    report = calibrate_run(engine, run_id, new_judge, teacher, fraction=1.0)
+    assert report.student == new_judge and report.agreement.n == N and report.agreement.agreement == 0.0
+    assert len(calls) == paid
+
+
+def test_a_new_teacher_model_replaces_the_reference_instead_of_adding_to_it(store_url):
+    """A teacher model changed and the run calibrated again counted every pair twice (n doubled, the interval
+    narrowed on no new data, a drift window mixed two references)."""
+    engine = get_engine(store_url)
+    run_id = seed_run(engine)
+    for model in ("teacher", "teacher-2"):
+        teacher = LlmJudge(OpenAI(api_key="k", base_url="http://teacher.test/v1",
+                                  http_client=httpx.Client(transport=teacher_transport([]))), model)
+        assert calibrate_run(engine, run_id, STUDENT, teacher, fraction=1.0).agreement.n == N
+    assert len(judge_agreement(engine, "chat").values) == N
 
 
 def test_config_driven_calibration(sqlite_url):
