@@ -22,7 +22,7 @@ def bounded_version(version: str) -> str:
 class Evaluator(Protocol):
     """Scores answers to prompts.
 
-    `version` identifies the evaluator and its weights (e.g. "small-judge:models:/shadowjudge-judge/3");
+    `version` identifies the evaluator and its weights (e.g. "small-judge:models:/shadowjudge-judge/3@1a2b3c4d5e6f");
     judgments are stored under it, so two versions never overwrite each other.
     """
 

@@ -19,11 +19,14 @@ from shadowjudge.errors import InputError
 # (shadowjudge.analysis.drift.is_refusal) both use it. It reads the opening only: the first sentence after at most
 # two short leading ones ("I'm sorry." / "Sorry!" / "Thanks for asking."), so a refusal quoted later in a story is
 # not the answer's. An apology followed by "but I ..." counts (in answers it almost always declines or cannot
-# answer); "I can't help but ..." and concessions ("While I can't X, I can Y") do not.
+# answer); "I can't help but ...", "I can't help you enough" and concessions ("While I can't X, I can Y") do not.
 _REFUSAL = re.compile(
     r"\W*+(?:[^.!?\n]{1,80}[.!?]+\s+){0,2}[^.!?\n]{0,80}?\b(?:"
-    r"(?<!while )(?<!though )(?:I (?:can ?not|can'?t|won'?t|will not)|I(?:'m| am) (?:unable|not able) to) "
-    r"(?:help|assist|provide|comply|fulfil|fulfill|do that|answer|create|generate|write|share|support)\b(?! but\b)"
+    r"(?<!while )(?<!whilst )(?<!though )(?:"
+    r"(?:I (?:can ?not|can'?t|(?:won'?t|will not)(?: be able to)?)|I(?:'m| am) (?:unable|not able|not going) to) "
+    r"(?:help|assist|provide|comply|fulfil|fulfill|do that|answer|create|generate|write|share|support|tell you|give)"
+    r"\b(?! but\b)(?!(?: you)? enough\b)"
+    r"|(?:that|this|it)(?:'s| is) not something I can (?:help|assist)\b)"
     r"|I(?:'m| am) sorry,? but (?:I|as|it(?:'s| is) not)\b"
     r"|as an AI(?: language model)?,? I (?:can ?not|can'?t|don'?t|do not|(?:'m| am) unable)"
     r"|I must (?:respectfully )?(?:decline|refuse)"
@@ -105,7 +108,9 @@ class JsonCheck:
 
 @dataclass(frozen=True)
 class RegexCheck:
-    """The answer matches (or, with must_match=False, never matches) a regular expression."""
+    """The answer matches (or, with must_match=False, never matches) a regular expression, searched anywhere in it:
+    ^ and $ anchor at the answer's start and end, so `^\\d+$` means the whole answer is a number; a pattern that
+    means lines asks for it with (?m)."""
 
     pattern: str
     must_match: bool = True
@@ -118,7 +123,7 @@ class RegexCheck:
             raise CheckSpecError(f"check '{self.name}': invalid regex {self.pattern!r}: {exc}") from None
 
     def check(self, prompt: str, answer: str) -> CheckResult:
-        found = re.search(self.pattern, answer or "", re.MULTILINE) is not None
+        found = re.search(self.pattern, answer or "") is not None
         if found == self.must_match:
             return CheckResult(self.name, True)
         return CheckResult(self.name, False, ("no match for " if self.must_match else "forbidden match for ")
@@ -134,6 +139,15 @@ class LengthCheck:
     min_words: int | None = None
     max_words: int | None = None
     name: str = "length"
+
+    def __post_init__(self) -> None:
+        """Bad bounds are refused when the check is built, not with a TypeError on the first answer checked."""
+        for low, high, unit in ((self.min_chars, self.max_chars, "chars"), (self.min_words, self.max_words, "words")):
+            for key, bound in ((f"min_{unit}", low), (f"max_{unit}", high)):
+                if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int) or bound < 0):
+                    raise CheckSpecError(f"check '{self.name}': {key} must be a whole number >= 0, got {bound!r}")
+            if low is not None and high is not None and low > high:
+                raise CheckSpecError(f"check '{self.name}': min_{unit} {low} > max_{unit} {high}")
 
     def check(self, prompt: str, answer: str) -> CheckResult:
         text = answer or ""

@@ -72,6 +72,7 @@ def load_small_judge(model_uri: str, tracking_uri: str, *, batch_size: int = 32,
 
     `backend` (torch | onnx | onnx-int8) overrides the encoder runtime the judge was validated with.
     """
+    import tempfile
     from pathlib import Path
 
     from evaluators import judge_registry as reg
@@ -79,8 +80,10 @@ def load_small_judge(model_uri: str, tracking_uri: str, *, batch_size: int = 32,
 
     if model_uri.startswith("models:/"):
         found = reg.resolve(tracking_uri, model_uri)
-        return SmallJudge.load(reg.download_judge(tracking_uri, found), version=f"small-judge:{found.uri}",
-                               batch_size=batch_size, backend=backend)
+        # load reads judge.json and head.npz whole, so the download is removed once it returns (or fails)
+        with tempfile.TemporaryDirectory(prefix="shadowjudge-judge-") as download:
+            return SmallJudge.load(reg.download_judge(tracking_uri, found, Path(download)), name=found.uri,
+                                   batch_size=batch_size, backend=backend)
     path = Path(model_uri.removeprefix("file://"))
     if not path.is_dir():
         raise _not_a_judge(model_uri)

@@ -9,14 +9,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import mlflow  # noqa: E402
+from mlflow.entities.model_registry import ModelVersion  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
@@ -155,10 +155,17 @@ def find_alias(tracking_uri: str, name: str, alias: str = CHAMPION) -> Registere
     """The version holding `alias`, or None when the model or alias does not exist. A registry that cannot be used
     (an unknown URI scheme, a server that does not answer) is an error, not "no champion": training would
     otherwise crown its judge without a contest."""
+    return _find_version(tracking_uri, name, lambda c: c.get_model_version_by_alias(name, alias))
+
+
+def _find_version(tracking_uri: str, name: str,
+                  lookup: Callable[[MlflowClient], ModelVersion]) -> RegisteredJudge | None:
+    """The model version `lookup` asks the registry for, or None when the registry answered that it holds none; a
+    registry that cannot be used is a JudgeRegistryError, so an outage is never reported as a missing judge."""
     from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
 
     try:
-        mv = client(tracking_uri).get_model_version_by_alias(name, alias)
+        mv = lookup(client(tracking_uri))
     except UnsupportedModelRegistryStoreURIException:
         raise JudgeRegistryError(f"{_shown(tracking_uri)}: not a model registry URI (sqlite:///..., "
                                  "postgresql://..., http://...)") from None
@@ -188,23 +195,21 @@ def resolve(tracking_uri: str, model_uri: str, *, instead: str = "set judge.mode
             )
         return found
     name, _, version = ref.partition("/")
-    try:
-        mv = client(tracking_uri).get_model_version(name, version)
-    except MlflowException as exc:
+    found = _find_version(tracking_uri, name, lambda c: c.get_model_version(name, version))
+    if found is None:
         raise JudgeNotFound(
             f"no version '{version}' of judge '{name}' in the MLflow registry at {_shown(tracking_uri)}: train "
             f"one with `{train_command(tracking_uri, name)}` (or {instead})"
-        ) from exc
-    return RegisteredJudge(name, str(mv.version), mv.run_id)
+        )
+    return found
 
 
-def download_judge(tracking_uri: str, judge: RegisteredJudge, destination: Path | None = None) -> Path:
-    """Copy the judge directory of a registered version to local disk; returns that directory."""
+def download_judge(tracking_uri: str, judge: RegisteredJudge, destination: Path) -> Path:
+    """Copy the judge directory of a registered version under `destination` (the caller's to remove); returns it."""
     c = client(tracking_uri)
     try:
         source = c.get_model_version_download_uri(judge.name, judge.version)
-        dest = destination or Path(tempfile.mkdtemp(prefix="shadowjudge-judge-"))
-        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest),
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(destination),
                                                     tracking_uri=tracking_uri)
     except MlflowException as exc:
         raise JudgeRegistryError(f"cannot download {judge.uri} from {_shown(tracking_uri)}: {exc}") from exc

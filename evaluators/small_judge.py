@@ -172,7 +172,11 @@ class SmallJudge:
         return self.reward_head.state()
 
     @classmethod
-    def load(cls, directory: str | Path, *, version: str | None = None, **kwargs) -> "SmallJudge":
+    def load(cls, directory: str | Path, *, version: str | None = None, name: str | None = None,
+             **kwargs) -> "SmallJudge":
+        """The judge saved in `directory`. Its version, unless given, is `small-judge:<name>@<digest of its files>`
+        (`name` defaults to the directory's): a registry reuses a version number once a model is deleted and
+        registered again, and judgments are keyed by version, so the files must be part of it."""
         directory = Path(directory)
         spec_path, weights_path = directory / SPEC_FILE, directory / WEIGHTS_FILE
         for p in (spec_path, weights_path):
@@ -190,7 +194,7 @@ class SmallJudge:
             raise JudgeLoadError(f"{weights_path}: not readable as head weights (an .npz of arrays): {reason}") from exc
         if version is None:
             digest = hashlib.sha1(spec_path.read_bytes() + weights_path.read_bytes()).hexdigest()[:12]
-            version = f"small-judge:{directory.name}@{digest}"
+            version = f"small-judge:{name or directory.name}@{digest}"
         return cls(spec, state, version=version, **kwargs)
 
     # -- scoring -----------------------------------------------------------------------------------------------

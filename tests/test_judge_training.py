@@ -73,7 +73,7 @@ def test_first_judge_becomes_champion_and_loads_through_the_factory(trained):
     assert result.alias == CHAMPION and result.version == "1"
     judge = load_evaluator(JudgeConfig(registered_name="tiny-judge"), uri)
     assert isinstance(judge, Evaluator)
-    assert judge.version == "small-judge:models:/tiny-judge/1"
+    assert judge.version.startswith("small-judge:models:/tiny-judge/1@")  # and the digest of its files
     prompts = ["Name three primary colors."] * 2
     short, full = "Red.", "The three primary colors are red, yellow and blue (RYB), or red, green and blue for light."
     scores = judge.score(prompts, [short, full])
@@ -207,7 +207,7 @@ def test_bench_judge_quality_runs_on_a_holdout_shaped_directory(trained, tiny_da
         raise AssertionError(f"not strict JSON: {token}")
 
     out = json.loads(done.stdout, parse_constant=no_nan)
-    assert out["benchmark"] == "judge_quality" and out["judge"] == "small-judge:models:/tiny-judge/1"
+    assert out["benchmark"] == "judge_quality" and out["judge"].startswith("small-judge:models:/tiny-judge/1@")
     assert out["n_prompts"] == 40 and out["unseen_models"] == sorted(result.heldout_models)
     assert out["unlabelled_rows_skipped"] == 2 and out["excluded_seen_models"] == []
     assert 0 < out["instance"]["n"] and 0 <= out["instance"]["balanced_agreement"] <= 1
@@ -448,6 +448,88 @@ def test_a_judge_the_registry_does_not_hold_is_bad_input(tmp_path):
             resolve(uri, ref)
         assert isinstance(caught.value, InputError) and caught.value.exit_code == 2
         assert not transient_fault(None, None, type("State", (), {"data": caught.value})())
+
+
+def _register_random_judge(uri: str, name: str, seed: int, root: Path):
+    """A judge with a random head (no training), logged and registered the way training does it."""
+    import mlflow
+    import numpy as np
+    import torch
+
+    from evaluators import judge_registry as reg
+    from evaluators.answer_features import feature_names
+    from evaluators.small_judge import JudgeSpec, build_head
+
+    torch.manual_seed(seed)
+    n = len(feature_names(True))
+    spec = JudgeSpec(encoder=EncoderSettings(max_tokens=32, num_layers=2), hidden=8, feature_mean=[0.0] * n,
+                     feature_std=[1.0] * n, serving_backend="torch")
+    directory = root / f"{name}-{seed}" / "judge"
+    directory.mkdir(parents=True)
+    (directory / "judge.json").write_text(spec.to_json())
+    np.savez(directory / "head.npz", **{k: v.detach().numpy() for k, v in build_head(spec).state_dict().items()})
+    with reg.tracking(uri), mlflow.start_run(experiment_id=reg.ensure_experiment(uri, "registry-test")):
+        return reg.log_and_register(directory, name, uri)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> tuple[str, Path]:
+    root = tmp_path_factory.mktemp("registry")
+    return f"sqlite:///{root}/mlflow.db", root
+
+
+def test_a_version_number_the_registry_reuses_for_other_weights_is_another_judge(registry):
+    """Delete a registered model and register new weights under its name: they are version 1 again, and a version
+    string without the files' digest made score_run skip their pairs as judged already."""
+    from mlflow.tracking import MlflowClient
+
+    from evaluators.judge_registry import JudgeNotFound, resolve
+
+    uri, root = registry
+    assert _register_random_judge(uri, "reused", 0, root).version == "1"
+    first = load_small_judge("models:/reused/1", uri).version
+    assert load_small_judge("models:/reused/1", uri).version == first  # the same weights: the same judge
+    MlflowClient(uri).delete_registered_model("reused")
+    assert _register_random_judge(uri, "reused", 1, root).version == "1"
+    second = load_small_judge("models:/reused/1", uri).version
+    assert second != first
+    assert first.startswith("small-judge:models:/reused/1@") and second.startswith("small-judge:models:/reused/1@")
+    with pytest.raises(JudgeNotFound):
+        resolve(uri, "models:/reused/2")
+
+
+def test_loading_a_registry_judge_leaves_no_download_behind(registry, tmp_path, monkeypatch):
+    """Every load (each cycle's score and golden stages) downloaded into a directory nothing removed, a failed
+    download included; a long-running `serve` piled them up."""
+    import tempfile
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri, root = registry
+    _register_random_judge(uri, "downloaded", 0, root)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for _ in range(3):
+        load_small_judge("models:/downloaded/1", uri)
+
+    def unreachable(**kwargs):
+        raise MlflowException("artifact store unreachable")
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", unreachable)
+    with pytest.raises(JudgeRegistryError, match="cannot download"):
+        load_small_judge("models:/downloaded/1", uri)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_registry_that_cannot_be_used_is_an_error_not_a_missing_version(tmp_path):
+    """`models:/name/N` turned every registry failure into JudgeNotFound (exit 2, never retried) where
+    `models:/name@alias` said the registry could not be used."""
+    from evaluators.judge_registry import JudgeNotFound, resolve
+
+    for ref in ("models:/j@champion", "models:/j/1"):
+        with pytest.raises(JudgeRegistryError, match="not a model registry URI") as caught:
+            resolve("foo://bar", ref)
+        assert not isinstance(caught.value, JudgeNotFound) and caught.value.exit_code == 1
 
 
 def test_evaluate_reports_a_judge_that_will_not_load_in_one_line(tiny_data, tmp_path):
