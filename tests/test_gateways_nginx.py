@@ -229,11 +229,12 @@ def test_a_push_keeps_each_servers_own_parameters_and_the_servers_of_no_target(t
     gw = NginxGateway(route, tmp_path / "upstreams.conf")
     text = ("upstream shadowjudge_chat {\n"
             "    server 127.0.0.1:8401 weight=100 max_fails=3 fail_timeout=30s;  # target=inc\n"
-            "    server 127.0.0.1:8402 weight=1 down max_conns=50;  # target=cand\n"
+            "    server 127.0.0.1:8402 weight=1 down max_conns=50 backup;  # target=cand\n"
             "    server 10.9.9.9:80 down;\n"
             "    keepalive 32;\n"
             "}\n")
     ramped = gw.render_text(text, {"inc": 95, "cand": 5})
+    assert "backup" not in ramped  # a backup target takes traffic only when the others are down: not a 5% split
     assert "server 127.0.0.1:8401 weight=95 max_fails=3 fail_timeout=30s;  # target=inc" in ramped
     assert "server 127.0.0.1:8402 weight=5 max_conns=50;  # target=cand" in ramped  # 0 → 5: no longer down
     assert "    server 10.9.9.9:80 down;\n" in ramped and "keepalive 32;" in ramped

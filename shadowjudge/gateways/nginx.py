@@ -8,7 +8,8 @@ variable (see configs/gateways/nginx/nginx.conf), so the read-back asks the runn
 Validation runs `nginx -t` on the rendered file inside a throwaway wrapper config before anything is written;
 the push writes atomically and runs the reload command (`nginx -s reload`); a target's server parameters other
 than its weight (max_fails, ...), other servers and directives inside the upstream block (keepalive, ...) and text
-outside the managed blocks are kept.
+outside the managed blocks are kept. A target's `backup` is dropped: nginx sends a backup server traffic only when
+every other server is down, so the pushed split would not be the one served (yet read back as if it were).
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ class NginxGateway(FileGateway):
 
     def render_text(self, text: str | None, weights: Mapping[str, int]) -> str:
         """Each target's `server` line gets its weight (or `down`) and keeps its other parameters (max_fails,
-        backup, ...); every other line of the upstream, other servers included, is carried over as it was."""
+        max_conns, ...) but `backup`, which would override the split; every other line of the upstream, other
+        servers included, is carried over as it was."""
         text = text or ""
         self._check_no_name_clash(text)
         kept: list[str] = []
@@ -125,7 +127,8 @@ class NginxGateway(FileGateway):
             owner = (m.group("target") or by_address.get(m.group("addr"))) if m else None
             if m and owner in self.addresses:
                 given = m.group("params").split()
-                extra.setdefault(owner, [p for p in given if p != "down" and not p.startswith("weight=")])
+                extra.setdefault(owner, [p for p in given
+                                         if p not in ("down", "backup") and not p.startswith("weight=")])
             elif ln.strip():
                 kept.append(ln.strip())
         lines = [f"upstream {upstream_name(self.route.name)} {{"]
