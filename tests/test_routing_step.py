@@ -506,3 +506,22 @@ def test_stored_reasons_and_errors_are_shown_verbatim_and_bad_ids_are_refused(st
     assert shown.exit_code == 0 and "last [/INST] reason" in shown.output, shown.output
     huge = runner.invoke(routes_cli, ["step", "chat", "-c", str(cfg_path), "--run-id", str(2 ** 63)])
     assert huge.exit_code == 2 and "Traceback" not in huge.output
+
+
+def test_undoing_a_promotion_the_gateway_refused_leaves_the_state_as_it_was(store_url, tmp_path):
+    """A refused `rollback --to <incumbent>` after a promotion marked the promoted, serving target failed and
+    `rolling_back`, which the controller never retries for a serving target: the route held, 'config stale'."""
+    route = load_config(write_config(tmp_path, store_url, policy={"steps": [100]})).route("chat")
+    engine, good = get_engine(store_url), get_gateway(route.gateway, route)
+    passing = [CandidateVerdict("better", "pass", n=200)]
+    for hours in range(4):
+        step_route(engine, route, passing, gateway=good, now=T0 + timedelta(hours=hours))
+    promoted = load_rollout_state(engine, route)
+    assert (promoted.serving, promoted.phase) == ("better", "promoted"), promoted
+    refusing = TrueFoundryGateway(route, route.gateway.path, ["false"])
+    failed = manual_rollback(engine, route, gateway=refusing, to="inc", now=T0 + timedelta(hours=5))
+    assert failed.status == "failed" and good.read_back()["better"] == 100
+    state = load_rollout_state(engine, route)
+    assert (state.serving, state.phase, "better" in state.failed) == ("better", "promoted", False)
+    undone = manual_rollback(engine, route, gateway=good, to="inc", now=T0 + timedelta(hours=6))
+    assert undone.status == "applied" and good.read_back()["inc"] == 100

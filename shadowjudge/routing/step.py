@@ -415,7 +415,8 @@ def rollback_decision(route: RouteConfig, state: RolloutState, to: str | None, r
 
     `gateway_weights` (what the gateway holds; None: unknown) win over the state's, as in the controller: a
     candidate a hand edit gave traffic is marked failed too, or the next cycle would ramp it back up. A failed push
-    leaves the refused state marked and `rolling_back`, so the controller retries the rollback next cycle."""
+    leaves the refused state marked and `rolling_back`, so the controller retries the rollback next cycle (undoing a
+    promotion that fails leaves the state as it was: rerun the command)."""
     names = [t.name for t in route.targets]
     target = to or state.serving
     if target not in names:
@@ -432,7 +433,9 @@ def rollback_decision(route: RouteConfig, state: RolloutState, to: str | None, r
                                   "at": now.isoformat()})
     applied = replace(state, weights=after, serving=target, candidate=None, step_index=-1, step_started_at=now,
                       phase="rolled_back", samples_in_step=0, approved_step=None, failed=failed)
-    refused = replace(state, failed=failed, phase="rolling_back")
+    # Refused, a rollback of the serving target's candidates is left marked for the controller to retry; undoing a
+    # promotion (`to` another target than the serving one) is not the controller's to retry: state stays as it was.
+    refused = replace(state, failed=failed, phase="rolling_back") if target == state.serving else state
     text = f"{reason}: all traffic to '{target}' ({weights_diff(before, after)})"
     return Decision("rollback", before, after, text, applied, refused)
 
