@@ -133,6 +133,10 @@ def test_length_bounds_are_refused_when_the_check_is_built(bounds, message):
     ("I'm afraid that's not something I can help with.", True),
     ("Whilst I can't provide legal advice, here is how the law generally works: ...", False),
     ("I can't help you enough: here's the full plan, step by step.", False),
+    ("I can't tell you how happy I am to help! Here is the plan.", False),
+    ("I can't tell you how many people ask this. The answer is 42.", False),
+    ("I'm not going to give you the full solution, but here's a hint: look at the loop bound.", False),
+    ("I won't be able to give a definitive number, but typical ranges are 10-20%.", False),
 ])
 def test_refusal_detection(answer, refused):
     assert looks_like_refusal(answer) is refused
