@@ -3,9 +3,10 @@
 Pairwise verdicts are asked in both orders and averaged, which cancels the position bias big judges have;
 pointwise scores come from a 1-10 rubric. Requests run concurrently, paced by the endpoint's `rpm`/`tpm` when it has
 them; an unusable verdict is re-asked once and then counts as a tie (pairwise) or the middle score (pointwise), and is
-counted in `unparsed`. A request the endpoint refuses as such (HTTP 400/404/413/422: a prompt over the context length,
-say) is an unusable verdict too, not asked again: one long answer must not fail a batch whose other verdicts were paid
-for. A pair neither order could be read for has no preference: its 0.5 is a placeholder, which
+counted in `unparsed`. To the teacher (calibration, training labels) a request the endpoint refuses as such (HTTP
+400/404/413/422: a prompt over the context length, say) is an unusable verdict too, not asked again: one long answer
+must not fail a batch whose other verdicts were paid for; as the cycle's scorer (`score`, `compare`) it fails. A
+pair neither order could be read for has no preference: its 0.5 is a placeholder, which
 evaluators.calibration.readable_preference tells apart from a tie the teacher gave.
 """
 
@@ -18,6 +19,7 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from functools import partial
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -196,9 +198,10 @@ class LlmJudge:
             with self._pacing:
                 self.tpm.settle(reserved, used)
 
-    def _ask(self, system: str, user: str) -> str | None:
+    def _ask(self, system: str, user: str, refused_unusable: bool) -> str | None:
         """The reply's text; None when the endpoint refused the request itself (REFUSED_STATUSES), which asking
-        again would not change."""
+        again would not change, and the caller takes that as an unusable verdict (`refused_unusable`): else it
+        fails like any other error."""
         from openai import OpenAIError
 
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
@@ -211,7 +214,7 @@ class LlmJudge:
             self._settle(reserved, 0)
             status = getattr(exc, "status_code", None)
             failure = f"{type(exc).__name__}" + (f" (HTTP {status})" if status else "")
-            if status in REFUSED_STATUSES:
+            if status in REFUSED_STATUSES and refused_unusable:
                 with self._lock:
                     self.refused += 1
                     self.last_refusal = failure
@@ -225,10 +228,10 @@ class LlmJudge:
             return ""
         return response.choices[0].message.content or ""
 
-    def _verdict(self, prompt: str, a: str, b: str) -> str | None:
+    def _verdict(self, prompt: str, a: str, b: str, refused_unusable: bool) -> str | None:
         user = PAIRWISE_USER.format(prompt=prompt, a=a, b=b)
         for _ in range(2):
-            reply = self._ask(PAIRWISE_SYSTEM, user)
+            reply = self._ask(PAIRWISE_SYSTEM, user, refused_unusable)
             winner = None if reply is None else parse_winner(reply)
             if winner is not None:
                 return winner
@@ -238,10 +241,10 @@ class LlmJudge:
             self.unparsed += 1
         return None
 
-    def judge_pair(self, prompt: str, incumbent: str, candidate: str) -> PairVerdict:
+    def judge_pair(self, prompt: str, incumbent: str, candidate: str, refused_unusable: bool = True) -> PairVerdict:
         """Ask both orders; each verdict becomes P(candidate better) in {0, 0.5, 1} or None if unusable."""
-        first = self._verdict(prompt, candidate, incumbent)   # candidate is A
-        second = self._verdict(prompt, incumbent, candidate)  # candidate is B
+        first = self._verdict(prompt, candidate, incumbent, refused_unusable)   # candidate is A
+        second = self._verdict(prompt, incumbent, candidate, refused_unusable)  # candidate is B
         to_p = {"A": 1.0, "B": 0.0, "tie": 0.5}
         return PairVerdict(
             candidate_first=None if first is None else to_p[first],
@@ -251,7 +254,7 @@ class LlmJudge:
     def _rate(self, prompt: str, answer: str) -> float:
         user = POINTWISE_USER.format(prompt=prompt, answer=answer)
         for _ in range(2):
-            reply = self._ask(POINTWISE_SYSTEM, user)
+            reply = self._ask(POINTWISE_SYSTEM, user, False)
             score = None if reply is None else parse_score(reply)
             if score is not None:
                 return score
@@ -262,13 +265,16 @@ class LlmJudge:
         return 0.5
 
     # -- Evaluator ------------------------------------------------------------------------------------------------
-    def judge_pairs(self, prompts: Sequence[str], incumbent: Sequence[str],
-                    candidate: Sequence[str]) -> list[PairVerdict]:
+    def judge_pairs(self, prompts: Sequence[str], incumbent: Sequence[str], candidate: Sequence[str],
+                    refused_unusable: bool = True) -> list[PairVerdict]:
+        """Both orders' verdicts per pair. As the teacher (calibration, training labels: `refused_unusable`), a
+        request the endpoint refuses is an unusable verdict, stored as such; as the cycle's scorer it fails the call,
+        since a placeholder 0.5 would count as a real score (a tie, a golden case below its floor)."""
         _same_length(prompts, incumbent, candidate)
-        return self._map(self.judge_pair, prompts, incumbent, candidate)
+        return self._map(partial(self.judge_pair, refused_unusable=refused_unusable), prompts, incumbent, candidate)
 
     def compare(self, prompts: Sequence[str], incumbent: Sequence[str], candidate: Sequence[str]) -> list[float]:
-        return [v.preference for v in self.judge_pairs(prompts, incumbent, candidate)]
+        return [v.preference for v in self.judge_pairs(prompts, incumbent, candidate, refused_unusable=False)]
 
     def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
         _same_length(prompts, answers)

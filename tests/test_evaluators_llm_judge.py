@@ -159,6 +159,17 @@ def test_a_request_the_endpoint_refuses_is_an_unreadable_order_not_a_failed_batc
         judge.judge_pairs(["q1", "q2"], ["a", "b"], ["c", "d"])
 
 
+def test_as_the_cycles_scorer_a_refused_request_fails_instead_of_scoring_a_placeholder(endpoint):
+    """The teacher's tolerance of a refused request leaked into score and compare: the cycle's llm-judge stored a
+    0.5 for the refused pair as a real score, and a golden case scored so failed below its floor."""
+    with endpoint("refuse_long") as (judge, _):
+        with pytest.raises(LlmJudgeError, match="HTTP 400"):
+            judge.score(["q"], ["LONG answer"])
+        with pytest.raises(LlmJudgeError, match="HTTP 400"):
+            judge.compare(["q1", "q2"], ["GOOD", "LONG answer"], ["meh", "meh"])
+        assert judge.score(["q"], ["GOOD"]) != [0.5]
+
+
 @pytest.mark.parametrize("limit", ["rpm", "tpm"])
 def test_the_teacher_keeps_to_its_rpm_and_tpm(monkeypatch, limit):
     """judge.teacher's rpm/tpm were ignored (only its concurrency was used): a teacher limited to 6 requests a
