@@ -203,7 +203,11 @@ class JudgeConfig(_Strict):
         return self
 
 
-CANARY_METRICS = ("quality", "error_rate", "cost_per_outcome", "latency_p95", "ttft")
+CANARY_METRICS = ("quality", "error_rate", "cost_per_outcome", "latency_p95", "ttft", "checks")
+# `checks` is measured only on a route that declares checks (routes[].checks). There, unless the criteria say
+# otherwise, it weighs CHECKS_WEIGHT in the canary score (as much as error_rate: an answer that breaks the declared
+# format is, to the caller parsing it, as broken as an error) and is critical.
+CHECKS_WEIGHT = 20.0
 
 
 class CriteriaConfig(_Strict):
@@ -213,6 +217,9 @@ class CriteriaConfig(_Strict):
     max_cost_ratio: float = Field(default=1.10, gt=0)
     max_p95_latency_ratio: float = Field(default=1.0, gt=0)
     max_error_rate_delta: float = Field(default=0.0, ge=0)
+    max_check_failure_delta: float = Field(
+        default=0.0, ge=0, description="Share of answers failing at least one of the route's checks: candidate "
+        "minus incumbent on the same samples (only on a route that declares checks)")
     min_samples: int = Field(default=30, gt=0)
     confidence: float = Field(default=0.95, gt=0.5, lt=1)
     # What a judge that only gives preferences must show instead of the quality ratio.
@@ -224,9 +231,11 @@ class CriteriaConfig(_Strict):
         "pairs); off, the plain comparison decides and the length-controlled one is reported beside it")
     weights: dict[str, float] = Field(
         default_factory=lambda: {"quality": 40, "error_rate": 20, "cost_per_outcome": 15, "latency_p95": 15, "ttft": 10},
-        description="Metric weights of the canary score; a metric left out is measured but not scored")
+        description="Metric weights of the canary score; a metric left out is measured but not scored (on a route "
+        "with checks, `checks` left out weighs 20: give it 0 to measure it without scoring it)")
     critical: list[str] = Field(default_factory=lambda: ["quality", "error_rate"],
-                                description="Metrics whose failure fails the candidate whatever the score")
+                                description="Metrics whose failure fails the candidate whatever the score (on a "
+                                "route with checks, the default list gains `checks`; a list given is used as written)")
     pass_score: float = Field(default=95, ge=0, le=100)
     marginal_score: float = Field(default=75, ge=0, le=100)
     min_slice_samples: int = Field(default=20, gt=0)
@@ -359,6 +368,11 @@ class RouteConfig(_Strict):
     slice_key: str | None = Field(default=None, description="Metadata key to analyse per slice")
     golden_set: str | None = Field(default=None, description="YAML file of golden regression cases (past "
                                    "incidents) every candidate must pass before it can be promoted")
+    checks: list[dict[str, Any]] = Field(
+        default_factory=list, description="Deterministic checks every answer of the route must pass, as "
+        "evaluators.checks.build_checks takes them: {kind: json, schema: {...}}, {kind: regex, pattern: ...}, "
+        "{kind: length, max_chars: ...}, {kind: refusal}, each with an optional unique `name`. The analysis compares "
+        "the share of answers failing one (metric `checks`, criteria.max_check_failure_delta) with the incumbent's")
 
     @property
     def targets(self) -> list[TargetConfig]:
@@ -371,6 +385,50 @@ class RouteConfig(_Strict):
         also logged under is left out: then the logs cannot tell the two apart, and nothing is taken for a
         candidate's."""
         return set().union(*(c.logged_names() for c in self.candidates)) - self.incumbent.logged_names()
+
+    @property
+    def canary_metrics(self) -> tuple[str, ...]:
+        """The canary metrics measured on this route: `checks` only where the route declares checks."""
+        return CANARY_METRICS if self.checks else tuple(m for m in CANARY_METRICS if m != "checks")
+
+    def build_checks(self) -> list[Any]:
+        """The route's checks, built (evaluators.checks); validated when the config loads."""
+        from evaluators.checks import build_checks
+
+        return build_checks(self.checks)
+
+    @model_validator(mode="after")
+    def _checks(self) -> "RouteConfig":
+        """Build the checks now, so a bad one is a config error naming the route, not a failed analysis; on a
+        route with checks, `checks` gets its default weight and (with the default critical list) is critical."""
+        if not self.checks:
+            if "checks" in self.criteria.critical:
+                raise ValueError(f"route '{self.name}': criteria.critical names 'checks' but the route declares no "
+                                 "checks (routes[].checks): its verdicts would stay inconclusive")
+            return self
+        from evaluators.checks import CheckSpecError
+
+        try:
+            built = self.build_checks()
+        except CheckSpecError as exc:
+            raise ValueError(f"route '{self.name}': {exc}") from None
+        names = [c.name for c in built]
+        bad = [n for n in names if not isinstance(n, str) or not n.strip()]
+        if bad:
+            raise ValueError(f"route '{self.name}': check names must be non-empty text, got {bad}")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"route '{self.name}': check names must be unique within the route: {duplicates} "
+                             "named more than once (give each check a `name`)")
+        update: dict[str, Any] = {}
+        if "checks" not in self.criteria.weights:
+            update["weights"] = {**self.criteria.weights, "checks": CHECKS_WEIGHT}
+        if "critical" not in self.criteria.model_fields_set and "checks" not in self.criteria.critical:
+            update["critical"] = [*self.criteria.critical, "checks"]
+        if update:
+            # A copy: a CriteriaConfig object shared with a route without checks must not change under it.
+            self.criteria = self.criteria.model_copy(update=update)
+        return self
 
     @model_validator(mode="after")
     def _unique_targets(self) -> "RouteConfig":

@@ -694,13 +694,24 @@ def _quality_summary(candidate: dict[str, Any]) -> str:
     return f"; quality {quality['effect']:.3g}{unit}" + (f" ({quality['note']})" if quality.get("note") else "")
 
 
+def _checks_summary(candidate: dict[str, Any]) -> str:
+    """'; checks fail: json 0% -> 38%, ...' for the verdict line, where the route's checks failed or were marginal
+    (on a route without checks there is no such metric, and the line is as it always was)."""
+    checks = next((m for m in candidate.get("metrics", []) if m["metric"] == "checks"), None)
+    if checks is None or checks["classification"] not in ("fail", "marginal"):
+        return ""
+    per_check = (checks.get("note") or "").removeprefix("failing per check, incumbent -> candidate: ")
+    return f"; checks {checks['classification']}" + (f": {per_check}" if per_check else "")
+
+
 def close_cycle(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle, analysis: dict[str, Any],
                 step: dict[str, Any], alerts: list[dict[str, Any]], mlflow_run_id: str | None) -> dict[str, Any]:
     """Record the decision on the run and in MLflow, and render the cycle's markdown summary."""
     refuse_busy_step(route, handle, step)
     decision = step.get("decision", "none")
     verdicts = [f"{c['target']}: {c['verdict']} (score {c['score'] if c['score'] is not None else '-'}, "
-                f"n={c['n_judged']}/{c['n']}{_quality_summary(c)})" for c in analysis.get("candidates", [])]
+                f"n={c['n_judged']}/{c['n']}{_quality_summary(c)}{_checks_summary(c)})"
+                for c in analysis.get("candidates", [])]
     link = mlflow_link(config, route, mlflow_run_id)
     finish_run(engine, handle.run_id, decision,
                {"verdicts": verdicts, "golden_failed": sorted(failed_golden(analysis)),

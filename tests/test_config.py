@@ -181,3 +181,68 @@ def test_a_candidates_logged_names_are_its_model_name_and_logged_as_but_never_th
                                               "llama-2-7b-chat-hf"}
     assert parse_config(data, environ={"SHADOWJUDGE__ROUTES__0__CANDIDATES__1__LOGGED_AS": "[llama-2-7b-0613]"}
                         ).routes[0].candidates[1].logged_as == ["llama-2-7b-0613"]
+
+
+@pytest.mark.parametrize("checks, words", [
+    ([{"kind": "xml"}], "kind must be one of"),
+    ([{"kind": "regex", "pattern": "(unclosed", "name": "answer_id"}], "check 'answer_id': invalid regex"),
+    ([{"kind": "json", "schema": {"type": "objekt"}}], "check 'json': invalid JSON schema"),
+    ([{"kind": "length", "max_chars": 10, "max_char": 5}], "unexpected keyword argument 'max_char'"),
+    ([{"kind": "json"}, {"kind": "json", "schema": {"type": "object"}}], "['json'] named more than once"),
+    ([{"kind": "regex", "pattern": "a", "name": "x"}, {"kind": "length", "max_chars": 9, "name": "x"}],
+     "['x'] named more than once"),
+])
+def test_a_bad_check_is_a_config_error_naming_the_route_and_the_check(tmp_path, checks, words):
+    data = _example()
+    data["routes"][0]["checks"] = checks
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, environ={})
+    message = str(exc.value)
+    assert str(path) in message and "routes[0]" in message and "route 'chat-default'" in message
+    assert words in message
+
+
+def test_a_route_with_checks_scores_them_critically_unless_its_criteria_say_otherwise():
+    data = _example()
+    plain = parse_config(_example(), environ={}).routes[0]
+    data["routes"][0]["checks"] = [{"kind": "json", "schema": {"type": "object"}}, {"kind": "refusal"}]
+    route = parse_config(data, environ={}).routes[0]
+    assert [c.name for c in route.build_checks()] == ["json", "no_refusal"]
+    assert route.criteria.weights == {**plain.criteria.weights, "checks": 20}
+    assert route.criteria.critical == ["quality", "error_rate", "checks"]
+    assert route.criteria.max_check_failure_delta == 0.0
+    assert "checks" in route.canary_metrics and "checks" not in plain.canary_metrics
+    # A route without checks keeps today's criteria exactly.
+    assert plain.checks == []
+    assert "checks" not in plain.criteria.weights and "checks" not in plain.criteria.critical
+
+    # Overrides as for any metric: a weight named is kept (0: measured, not scored); a critical list is as written.
+    data["routes"][0]["criteria"] = {"weights": {"quality": 40, "checks": 0}, "critical": ["quality"],
+                                     "max_check_failure_delta": 0.02}
+    route = parse_config(data, environ={}).routes[0]
+    assert route.criteria.weights == {"quality": 40, "checks": 0}
+    assert route.criteria.critical == ["quality"] and route.criteria.max_check_failure_delta == 0.02
+
+
+def test_checks_as_a_critical_metric_needs_checks_on_the_route(tmp_path):
+    data = _example()
+    data["routes"][0]["criteria"]["critical"] = ["quality", "checks"]
+    with pytest.raises(ConfigError, match=r"routes\[0\].*names 'checks' but the route declares no checks"):
+        parse_config(data, environ={})
+    data["routes"][0]["criteria"]["max_check_failure_delta"] = -0.1
+    with pytest.raises(ConfigError, match="max_check_failure_delta"):
+        parse_config(data, environ={})
+
+
+def test_a_criteria_object_shared_with_a_route_without_checks_is_not_changed_under_it():
+    from shadowjudge.config import CriteriaConfig, RouteConfig
+
+    shared = CriteriaConfig()
+    target = dict(name="a", model="m", base_url="http://127.0.0.1:9/v1")
+    with_checks = RouteConfig(name="r1", incumbent=target, candidates=[{**target, "name": "b"}], criteria=shared,
+                              checks=[{"kind": "refusal"}])
+    without = RouteConfig(name="r2", incumbent=target, candidates=[{**target, "name": "b"}], criteria=shared)
+    assert "checks" in with_checks.criteria.critical and "checks" in with_checks.criteria.weights
+    assert "checks" not in without.criteria.critical and "checks" not in without.criteria.weights

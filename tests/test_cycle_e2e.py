@@ -80,3 +80,38 @@ def test_cycle_end_to_end_and_rerun_adds_nothing(tmp_path, store_url, replay_ser
         runs = s.scalars(select(ShadowRun).order_by(ShadowRun.id)).all()
         assert [r.run_key for r in runs] == ["chat-default:c1", "chat-default:c2"]
         assert not set(runs[0].sample_ids) & set(runs[1].sample_ids)  # the next cycle takes the next samples
+
+
+def test_a_routes_checks_fail_the_candidate_that_breaks_them_through_the_real_cycle(tmp_path, store_url,
+                                                                                    replay_server, prefect_harness):
+    """The route's house style: answers start with the substance, not a greeting. llama-2-7b opens with one on
+    about 40% of the demo's prompts (the incumbent and Yi on about 1%): its canary fails on `checks`, the verdict
+    line and the alert name the check, and MLflow has the metric; Yi's answers are no worse and pass it."""
+    from cycle_configs import cycle_config, save_config
+    from flows.cycle import evaluation_cycle
+    from shadowjudge.store import Alert
+
+    data = cycle_config(tmp_path, store_url, replay_server.base_url)
+    data["routes"][0]["checks"] = [{"kind": "regex", "pattern": r"^\W*(?:Hello|Hi|Sure|Thank)", "must_match": False,
+                                    "name": "no_greeting"}]
+    result = evaluation_cycle(config_path=str(save_config(tmp_path, data)), cycle_id="c1")
+    outcome = result["routes"]["chat-default"]
+    lines = {line.split(":", 1)[0]: line for line in outcome["verdicts"]}
+    assert lines["llama-2-7b"].startswith("llama-2-7b: fail") and "; checks fail: no_greeting " in lines["llama-2-7b"]
+    assert "checks" not in lines["yi-34b"]
+
+    engine = get_engine(store_url)
+    with session_scope(engine) as s:
+        run = s.scalar(select(ShadowRun))
+        alerts = s.scalars(select(Alert).where(Alert.metric == "checks")).all()
+        assert [(a.target, a.slice) for a in alerts] == [("llama-2-7b", None)]
+        assert "no_greeting 0% -> " in alerts[0].message
+        mlflow_run_id = run.mlflow_run_id
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("shadowjudge/chat-default")
+    nested = {r.data.params.get("model"): r.data for r in client.search_runs([exp.experiment_id])
+              if r.info.run_id != mlflow_run_id}
+    llama = nested["llama-2-7b-chat-hf"]
+    assert llama.tags["verdict"] == "fail" and "no_greeting 0% -> " in llama.tags["reasons"]
+    assert llama.metrics["checks.candidate_value"] > 0.25 and llama.metrics["checks.ci_low"] > 0
+    assert nested["Yi-34B-Chat"].metrics["checks.effect"] < 0.1

@@ -1,14 +1,15 @@
 """Regression analysis of a shadow run: per candidate, is it better, worse or inconclusive, overall and per slice.
 
 `analyze_run` is what the cycle calls. It measures each candidate against the incumbent on the metrics the route's
-criteria name (judge quality, error rate, cost per accepted outcome, P95 latency, TTFT), classifies each against its
-tolerance, scores them into a verdict, and repeats per slice of `route.slice_key` so a candidate that is better on
-average but worse on one slice is caught with the slice named.
+criteria name (judge quality, error rate, cost per accepted outcome, P95 latency, TTFT, and on a route that declares
+checks the share of answers failing one), classifies each against its tolerance, scores them into a verdict, and
+repeats per slice of `route.slice_key` so a candidate that is better on average but worse on one slice is caught
+with the slice named.
 
 `criteria.confidence` holds for a candidate's whole analysis, not one interval. The overall intervals are
-Bonferroni-adjusted over the metrics, and the slices' over metrics times tested slices, each family at
-alpha = 1 - confidence: a candidate that changed nothing fails some overall metric by chance at most alpha / 2 of
-the time (a failure is one-sided), and some metric of some slice at most alpha / 2 as well. With
+Bonferroni-adjusted over the metrics the route measures, and the slices' over metrics times tested slices, each
+family at alpha = 1 - confidence: a candidate that changed nothing fails some overall metric by chance at most
+alpha / 2 of the time (a failure is one-sided), and some metric of some slice at most alpha / 2 as well. With
 `slice_failure: fail` either fails the candidate, so a no-change candidate is failed by chance at most alpha of the
 time (5% at the default 0.95), however many metrics and slices are looked at; with `mark` a slice only marks it,
 and chance failures stay at alpha / 2. These bounds are as good as the intervals' coverage: the bootstrap's is
@@ -36,7 +37,7 @@ from shadowjudge.analysis.stats import (
     mann_whitney_shift,
     wilcoxon_shift,
 )
-from shadowjudge.config import CANARY_METRICS, CriteriaConfig, RouteConfig
+from shadowjudge.config import CriteriaConfig, RouteConfig
 
 WORST_EXAMPLES = 10
 # Values per side below which a P95 is not judged: 3 / (1 - 0.95), three values above it. With fewer the bootstrap
@@ -276,18 +277,49 @@ def _quality(pairs: list[PairJudgment], cand: Mapping[int, TargetRecord], inc: M
                         effect_at_equal_length=adjusted)
 
 
+def _rate_difference(metric: str, method: str, c: np.ndarray, i: np.ndarray, tolerance: float, m: _Measure,
+                     paired: bool, unit: str, note: str = "") -> MetricResult:
+    """A rate (share of 0/1 outcomes) of the candidate minus the incumbent's, bootstrapped and classified against
+    `tolerance` (the largest increase accepted); `paired` resamples the two sides' values together, by sample."""
+    if len(c) < m.min_n or len(i) < m.min_n:
+        return _nodata(metric, method, "difference", 0.0, False, len(c), len(i),
+                       f"{min(len(c), len(i))} {unit}, {m.min_n} needed")
+    groups = [[c, i]] if paired else [[c], [i]]
+    ci = m.interval(lambda c_, i_: c_.mean(axis=1) - i_.mean(axis=1), groups, metric)
+    return MetricResult(metric, classify_effect(ci.estimate, ci.low, ci.high, tolerance, 0.0, False), method,
+                        "difference", ci.estimate, ci.low, ci.high, tolerance, 0.0, False, float(c.mean()),
+                        float(i.mean()), len(c), len(i), note=note)
+
+
 def _error_rate(cand: list[TargetRecord], inc: list[TargetRecord], m: _Measure) -> MetricResult:
-    method = "bootstrap difference of error rates"
     c = np.array([r.error for r in cand], dtype=float)
     i = np.array([r.error for r in inc], dtype=float)
-    if len(c) < m.min_n or len(i) < m.min_n:
-        return _nodata("error_rate", method, "difference", 0.0, False, len(c), len(i),
-                       f"{min(len(c), len(i))} requests, {m.min_n} needed")
-    ci = m.interval(lambda c_, i_: c_.mean(axis=1) - i_.mean(axis=1), [[c], [i]], "error_rate")
-    tol = m.criteria.max_error_rate_delta
-    return MetricResult("error_rate", classify_effect(ci.estimate, ci.low, ci.high, tol, 0.0, False), method,
-                        "difference", ci.estimate, ci.low, ci.high, tol, 0.0, False, float(c.mean()),
-                        float(i.mean()), len(c), len(i))
+    return _rate_difference("error_rate", "bootstrap difference of error rates", c, i,
+                            m.criteria.max_error_rate_delta, m, paired=False, unit="requests")
+
+
+def _pct(rate: float) -> str:
+    return f"{100 * rate:.3g}%"
+
+
+def _checks(cand: Mapping[int, TargetRecord], inc: Mapping[int, TargetRecord], names: tuple[str, ...],
+            m: _Measure) -> MetricResult:
+    """Share of answers failing at least one of the route's checks, candidate minus incumbent, on the samples both
+    answered (paired: the same prompts); the note gives each check's failure rate on both sides, so a failure says
+    which check broke."""
+    both = [(c.failed_checks, inc[sid].failed_checks) for sid, c in cand.items()
+            if c.failed_checks is not None and sid in inc and inc[sid].failed_checks is not None]
+    c = np.array([bool(cf) for cf, _ in both], dtype=float)
+    i = np.array([bool(inf) for _, inf in both], dtype=float)
+    note = ""
+    if both:
+        rates = [(name, sum(name in cf for cf, _ in both) / len(both), sum(name in inf for _, inf in both) / len(both))
+                 for name in names]
+        note = "failing per check, incumbent -> candidate: " + ", ".join(
+            f"{name} {_pct(i_rate)} -> {_pct(c_rate)}" for name, c_rate, i_rate in rates)
+    return _rate_difference("checks", "paired bootstrap difference of check-failure rates", c, i,
+                            m.criteria.max_check_failure_delta, m, paired=True, unit="answers of both sides",
+                            note=note)
 
 
 def _cost_per_outcome(cand: dict[int, TargetRecord], inc: dict[int, TargetRecord],
@@ -394,6 +426,8 @@ def _measure(data: RunData, target: str, ids: set[int] | None, m: _Measure) -> t
         _latency_p95(list(cand.values()), list(inc.values()), m),
         _ttft(list(cand.values()), list(inc.values()), m),
     ]
+    if data.check_names:
+        metrics.append(_checks(cand, inc, data.check_names, m))
     metrics = [replace(r, confidence=m.confidence) if r.classification is not Classification.NODATA
                # Classified NODATA without a note of its own: its estimate or interval is NaN, not short of samples.
                else r if r.note else replace(r, note="undefined: the estimate or its interval is 0/0")
@@ -421,7 +455,8 @@ def _worst_samples(data: RunData, target: str, ids: set[int] | None) -> list[int
 def _analyse_candidate(data: RunData, route: RouteConfig, target: str, accept_floor: float) -> CandidateAnalysis:
     criteria = route.criteria
     alpha = 1 - criteria.confidence
-    overall = _Measure(criteria, 1 - alpha / len(CANARY_METRICS), criteria.min_samples, accept_floor,
+    n_metrics = len(route.canary_metrics)  # `checks` counts only where the route declares checks
+    overall = _Measure(criteria, 1 - alpha / n_metrics, criteria.min_samples, accept_floor,
                        f"{data.run_id}|{target}|all")
     metrics, n, n_judged = _measure(data, target, None, overall)
     score = score_metrics(metrics, criteria, n_judged, criteria.min_samples)
@@ -434,7 +469,7 @@ def _analyse_candidate(data: RunData, route: RouteConfig, target: str, accept_fl
             members.setdefault(data.slices.get(sid, MISSING_SLICE), set()).add(sid)
         testable = [v for v, ids in members.items() if len(ids) >= criteria.min_slice_samples]
         # Bonferroni over the slices actually tested: k slices must not give k chances of a false alarm.
-        slice_conf = 1 - alpha / (len(CANARY_METRICS) * max(1, len(testable)))
+        slice_conf = 1 - alpha / (n_metrics * max(1, len(testable)))
         for value in sorted(members):
             ids = members[value]
             if value not in testable:

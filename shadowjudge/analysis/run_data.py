@@ -3,6 +3,9 @@
 The incumbent's numbers come from its own replay in the run when its endpoint was configured (a shadow result with
 target == route.incumbent.name), so both sides are measured under the same conditions; otherwise from what the
 gateway logged for the sampled request (traffic_samples: latency, TTFT, cost, answer).
+On a route that declares checks (routes[].checks) every answer, the candidates' and the incumbent's from the same
+source, is run through them here: deterministic and free, so the analysis computes them from the stored answers and
+the same stored data gives the same analysis.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Engine, select
 
+from evaluators.checks import run_checks
 from shadowjudge.config import RouteConfig, incumbent_served
 from shadowjudge.errors import ShadowJudgeError
+from shadowjudge.scoring import prompt_text
 from shadowjudge.store import Judgment, ShadowResult, ShadowRun, TrafficSample, session_scope
 
 MISSING_SLICE = "(none)"
@@ -33,6 +38,9 @@ class TargetRecord:
     ttft_ms: float | None
     cost_usd: float | None
     output_chars: int | None = None  # length of the answer, for the length-controlled quality comparison
+    # Names of the route's checks the answer fails, in declared order (empty: passes them all); None when the
+    # route declares no checks or there is no answer to check.
+    failed_checks: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,7 @@ class RunData:
     judgments: dict[str, dict[int, PairJudgment]]
     slices: dict[int, str] = field(default_factory=dict)
     models: dict[str, str] = field(default_factory=dict)
+    check_names: tuple[str, ...] = ()  # the route's checks, in declared order; empty: no `checks` metric
 
 
 def _chars(text: str | None) -> int | None:
@@ -70,6 +79,12 @@ def _pick_evaluator(session, run: ShadowRun, requested: str | None) -> str | Non
     return counts.most_common(1)[0][0] if counts else None
 
 
+def _failed_checks(checks: list, prompt: str, answer: str | None, error: bool) -> tuple[str, ...] | None:
+    if not checks or error or answer is None:
+        return None
+    return tuple(r.name for r in run_checks(checks, [prompt], [answer])[0] if not r.passed)
+
+
 def load_run_data(engine: Engine, run_id: int, route: RouteConfig, evaluator_version: str | None = None) -> RunData:
     with session_scope(engine) as s:
         run = s.get(ShadowRun, run_id)
@@ -78,6 +93,7 @@ def load_run_data(engine: Engine, run_id: int, route: RouteConfig, evaluator_ver
         if run.route != route.name:
             raise AnalysisError(f"shadow run {run_id} belongs to route '{run.route}', not '{route.name}'")
         evaluator = _pick_evaluator(s, run, evaluator_version)
+        checks = route.build_checks() if route.checks else []
         results = s.execute(
             select(ShadowResult.sample_id, ShadowResult.target, ShadowResult.model, ShadowResult.output_text,
                    ShadowResult.error_class, ShadowResult.latency_ms, ShadowResult.ttft_ms, ShadowResult.cost_usd)
@@ -96,6 +112,10 @@ def load_run_data(engine: Engine, run_id: int, route: RouteConfig, evaluator_ver
             .where(Judgment.run_id == run_id, Judgment.evaluator == evaluator)
             .order_by(Judgment.sample_id, Judgment.target)
         ).all() if evaluator else []
+        # The prompts only where a check may read them: a route without checks loads what it always did.
+        prompts = dict(s.execute(
+            select(TrafficSample.id, TrafficSample.messages).where(TrafficSample.id.in_(sample_ids))
+        ).all()) if checks and sample_ids else {}
 
     # Samples a candidate served (in a run opened before open_run passed them over) are no evidence of the incumbent.
     logged = [(t.id, t.incumbent_model) for t in samples]
@@ -108,9 +128,15 @@ def load_run_data(engine: Engine, run_id: int, route: RouteConfig, evaluator_ver
     candidates: dict[str, dict[int, TargetRecord]] = {c.name: {} for c in route.candidates}
     replayed_incumbent: dict[int, TargetRecord] = {}
     models = {c.name: c.model for c in route.candidates} | {route.incumbent.name: route.incumbent.model}
+    def failed(sample_id: int, answer: str | None, error: bool) -> tuple[str, ...] | None:
+        if not checks:
+            return None
+        return _failed_checks(checks, prompt_text(prompts.get(sample_id) or []), answer, error)
+
     for r in results:
-        record = TargetRecord(r.sample_id, r.error_class is not None or r.output_text is None,
-                              r.latency_ms, r.ttft_ms, r.cost_usd, _chars(r.output_text))
+        error = r.error_class is not None or r.output_text is None
+        record = TargetRecord(r.sample_id, error, r.latency_ms, r.ttft_ms, r.cost_usd, _chars(r.output_text),
+                              failed(r.sample_id, r.output_text, error))
         if r.target == route.incumbent.name:
             replayed_incumbent[r.sample_id] = record
         elif r.target in candidate_names:
@@ -122,7 +148,8 @@ def load_run_data(engine: Engine, run_id: int, route: RouteConfig, evaluator_ver
     else:
         # A logged request without an answer is counted as the incumbent's error.
         incumbent = {t.id: TargetRecord(t.id, t.response_text is None, t.latency_ms, t.ttft_ms, t.cost_usd,
-                                        _chars(t.response_text))
+                                        _chars(t.response_text),
+                                        failed(t.id, t.response_text, t.response_text is None))
                      for t in samples}
         source = "logs"
 
@@ -137,4 +164,5 @@ def load_run_data(engine: Engine, run_id: int, route: RouteConfig, evaluator_ver
         if j.target in pairs:
             pairs[j.target][j.sample_id] = PairJudgment(j.sample_id, j.candidate_score, j.incumbent_score,
                                                         j.preference)
-    return RunData(run_id, route.name, evaluator, source, incumbent, candidates, pairs, slices, models)
+    return RunData(run_id, route.name, evaluator, source, incumbent, candidates, pairs, slices, models,
+                   tuple(c.name for c in checks))
