@@ -21,7 +21,7 @@ from sqlalchemy import Engine, select
 
 from evaluators.calibration import LABEL_ROLE, TeacherTask, judge_and_store, readable_preference
 from evaluators.preference_data import PreferenceDataError
-from shadowjudge.config import logged_model_key
+from shadowjudge.config import logged_name_matches
 from shadowjudge.store import Judgment, ShadowResult, TrafficSample, session_scope
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ def stored_pairs(engine: Engine, route: str) -> list[StoredPair]:
     # it) is no comparison: the teacher would be paid to judge the model against itself. A target named like the
     # incumbent model would also put two answers under one (prompt, model) name.
     latest = {(r.sample_id, r.target): r for r in rows
-              if logged_model_key(r.model) != logged_model_key(r.incumbent_model) and r.target != r.incumbent_model}
+              if not logged_name_matches(r.incumbent_model, r.model) and r.target != r.incumbent_model}
     return [StoredPair(r.id, r.run_id, r.sample_id, r.request_id, r.target, r.incumbent_model)
             for r in latest.values()]
 

@@ -55,14 +55,16 @@ def _plain_name(value: str) -> str:
     return value
 
 
-def logged_model_key(name: str) -> str:
-    """A model name as logs are matched on it: without case or provider prefix, since gateways log 'openai/gpt-4o'
-    (or 'GPT-4o') for the model a target calls 'gpt-4o'."""
-    return name.rsplit("/", 1)[-1].strip().lower()
+def logged_name_matches(logged: str, name: str) -> bool:
+    """Whether a model name a gateway logged and a configured one name the same model: equal but for case, or one is
+    the other behind a provider prefix (gateways log 'openai/gpt-4o' or 'GPT-4o' for the model a target calls
+    'gpt-4o'). 'acme/llama-3' and 'meta-llama/llama-3' stay two models: a fine-tune keeps its base's name."""
+    a, b = logged.strip().lower(), name.strip().lower()
+    return a == b or a.endswith("/" + b) or b.endswith("/" + a)
 
 
 def _logged_name(value: str) -> str:
-    if not logged_model_key(value):
+    if not value.strip() or value.strip().endswith("/"):
         raise ValueError(f"{value!r}: a logged model name must name a model (not be empty or end in '/')")
     return value
 
@@ -159,9 +161,12 @@ class TargetConfig(_Strict):
         default_factory=list, description="Other names the gateway's logs give this target's answers (e.g. the dated "
         "version the provider reports, 'gpt-4o-2024-08-06'); its model and name count without being listed")
 
-    def logged_names(self) -> set[str]:
-        """The keys (`logged_model_key`) of every name a gateway log may give this target's answers."""
-        return {logged_model_key(n) for n in (self.model, self.name, *self.logged_as)}
+    def logged_names(self) -> tuple[str, ...]:
+        """Every name a gateway log may give this target's answers (matched with `logged_name_matches`)."""
+        return (self.model, self.name, *self.logged_as)
+
+    def logged_as_this(self, logged: str) -> bool:
+        return any(logged_name_matches(logged, n) for n in self.logged_names())
 
     def api_key(self) -> str:
         """The key from the environment; a placeholder for keyless local endpoints."""
@@ -380,11 +385,11 @@ class RouteConfig(_Strict):
         are measured under the candidates' conditions."""
         return [self.incumbent, *self.candidates]
 
-    def candidate_logged_names(self) -> set[str]:
-        """The logged model names (as keys) that mark a sample as a candidate's own answer; a name the incumbent is
-        also logged under is left out: then the logs cannot tell the two apart, and nothing is taken for a
-        candidate's."""
-        return set().union(*(c.logged_names() for c in self.candidates)) - self.incumbent.logged_names()
+    def served_by_candidate(self, logged: str) -> bool:
+        """Whether a sample whose log names `logged` as the serving model is a candidate's own answer; a name the
+        incumbent may be logged under too is not: then the logs cannot tell the two apart, and it stays the
+        incumbent's."""
+        return any(c.logged_as_this(logged) for c in self.candidates) and not self.incumbent.logged_as_this(logged)
 
     @property
     def canary_metrics(self) -> tuple[str, ...]:
@@ -445,8 +450,14 @@ def incumbent_served(route: RouteConfig, samples: Iterable[tuple[int, str]]) -> 
     """The ids, in the order given, of the `samples` (sample id, model the gateway logged as serving it) that the
     route's incumbent served. During a rollout the gateway serves part of the route with a candidate: those logs are
     the candidate's own answers, and a candidate compared with them is compared with itself."""
-    candidate_names = route.candidate_logged_names()
-    return [sample_id for sample_id, model in samples if logged_model_key(model) not in candidate_names]
+    by_name: dict[str, bool] = {}  # a window holds millions of samples and a handful of model names
+    served: list[int] = []
+    for sample_id, model in samples:
+        if model not in by_name:
+            by_name[model] = route.served_by_candidate(model)
+        if not by_name[model]:
+            served.append(sample_id)
+    return served
 
 
 class OrchestrationConfig(_Strict):

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from shadowjudge.config import ConfigError, load_config, parse_config
+from shadowjudge.config import ConfigError, incumbent_served, load_config, parse_config
 
 EXAMPLE = "configs/shadowjudge.yaml"
 
@@ -177,8 +177,9 @@ def test_a_candidates_logged_names_are_its_model_name_and_logged_as_but_never_th
     candidates = data["routes"][0]["candidates"]
     candidates[0]["logged_as"] = ["01-ai/Yi-34B-Chat-0205", "claude-instant-1.2"]
     route = parse_config(data, environ={}).routes[0]
-    assert route.candidate_logged_names() == {"yi-34b", "yi-34b-chat", "yi-34b-chat-0205", "llama-2-7b",
-                                              "llama-2-7b-chat-hf"}
+    logged = ["Yi-34B-Chat", "01-ai/yi-34b-chat-0205", "openai/llama-2-7b", "Llama-2-7b-chat-hf", "claude-instant-1.2",
+              "anthropic/claude-instant-1.2", "gpt-4"]
+    assert [route.served_by_candidate(m) for m in logged] == [True, True, True, True, False, False, False]
     assert parse_config(data, environ={"SHADOWJUDGE__ROUTES__0__CANDIDATES__1__LOGGED_AS": "[llama-2-7b-0613]"}
                         ).routes[0].candidates[1].logged_as == ["llama-2-7b-0613"]
 
@@ -246,3 +247,16 @@ def test_a_criteria_object_shared_with_a_route_without_checks_is_not_changed_und
     without = RouteConfig(name="r2", incumbent=target, candidates=[{**target, "name": "b"}], criteria=shared)
     assert "checks" in with_checks.criteria.critical and "checks" in with_checks.criteria.weights
     assert "checks" not in without.criteria.critical and "checks" not in without.criteria.weights
+
+
+def test_a_fine_tune_named_like_its_base_model_under_another_organisation_is_another_model():
+    """Matching on the part after the last '/' took 'acme/Llama-3.1-8B-Instruct' (a candidate fine-tune) for
+    'meta-llama/Llama-3.1-8B-Instruct' (the incumbent): none of its logged answers were passed over."""
+    data = _example()
+    route_data = data["routes"][0]
+    route_data["incumbent"]["model"] = "meta-llama/Llama-3.1-8B-Instruct"
+    route_data["candidates"] = [{**route_data["candidates"][0], "name": "acme-ft",
+                                 "model": "acme/Llama-3.1-8B-Instruct"}]
+    route = parse_config(data, environ={}).routes[0]
+    assert incumbent_served(route, [(1, "meta-llama/Llama-3.1-8B-Instruct"), (2, "acme/Llama-3.1-8B-Instruct"),
+                                    (3, "Llama-3.1-8B-Instruct"), (4, "together/acme/Llama-3.1-8B-Instruct")]) == [1, 3]
