@@ -4,9 +4,10 @@ Heavy dependencies (torch, transformers, mlflow) load only when a judge is built
 """
 
 from evaluators.base import Evaluator
-from evaluators.factory import EvaluatorConfigError, ensure_champion, load_evaluator
+from evaluators.factory import EvaluatorConfigError, ensure_champion, load_evaluator, load_evaluator_version
 
-__all__ = ["Evaluator", "EvaluatorConfigError", "ensure_champion", "load_evaluator", "train_judge", "TrainResult"]
+__all__ = ["Evaluator", "EvaluatorConfigError", "ensure_champion", "load_evaluator", "load_evaluator_version",
+           "train_judge", "TrainResult"]
 
 
 def __getattr__(name: str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from evaluators.base import Evaluator
@@ -9,6 +10,9 @@ from shadowjudge.errors import InputError
 
 if TYPE_CHECKING:
     from shadowjudge.config import JudgeConfig
+
+
+log = logging.getLogger(__name__)
 
 
 class EvaluatorConfigError(InputError):
@@ -38,6 +42,29 @@ def load_evaluator(judge: "JudgeConfig", tracking_uri: str) -> Evaluator:
 
         return LexicalEvaluator()
     raise EvaluatorConfigError(f"judge.evaluator '{kind}' is unknown; use small-judge, llm-judge or lexical")
+
+
+def load_evaluator_version(judge: "JudgeConfig", tracking_uri: str, version: str | None) -> Evaluator:
+    """The evaluator that gave `version` (a run's judge), else the one the config names now, with a warning.
+
+    The champion can move between a cycle's score stage and a later one (the train-judge flow promoting, a rerun
+    after a promotion); a registry judge's version names its model version and the digest of its files, so that
+    exact judge is loaded again and checked."""
+    prefix = "small-judge:models:/"
+    if judge.evaluator == "small-judge" and version and version.startswith(prefix) and "@" in version:
+        from evaluators.judge_registry import JudgeNotFound
+
+        try:
+            pinned = load_small_judge(version.removeprefix("small-judge:").rpartition("@")[0], tracking_uri,
+                                      batch_size=judge.batch_size)
+        except JudgeNotFound:
+            pinned = None
+        if pinned is not None and pinned.version == version:
+            return pinned
+    evaluator = load_evaluator(judge, tracking_uri)
+    if version and evaluator.version != version:
+        log.warning("the judge that scored this run (%s) cannot be loaded again; using %s", version, evaluator.version)
+    return evaluator
 
 
 def judge_model_uri(judge: "JudgeConfig") -> str:

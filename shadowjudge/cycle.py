@@ -404,7 +404,8 @@ def calibrate(engine: Engine, config: Config, handle: RunHandle, judge_version: 
 def golden_gate(config: Config, route: RouteConfig, judge_version: str | None = None) -> dict[str, Any]:
     """Ask every candidate the route's golden cases and check its answers: {candidate: report}, {} without a set.
 
-    Cases with `min_score` are scored by the same judge the cycle used.
+    Cases with `min_score` are scored by the judge that scored the run (`judge_version`), even where the champion
+    has moved since.
     """
     from shadowjudge.analysis.golden import load_golden_set, run_golden_set
     from shadowjudge.shadow.golden_answers import ask_golden_cases
@@ -414,9 +415,9 @@ def golden_gate(config: Config, route: RouteConfig, judge_version: str | None = 
     cases = load_golden_set(route.golden_set)
     scorer = None
     if any(c.min_score is not None for c in cases):
-        from evaluators import load_evaluator
+        from evaluators import load_evaluator_version
 
-        scorer = load_evaluator(config.judge, config.mlflow.tracking_uri)
+        scorer = load_evaluator_version(config.judge, config.mlflow.tracking_uri, judge_version)
     reports = {}
     for target in route.candidates:
         answers = ask_golden_cases(target, cases, config.shadow)

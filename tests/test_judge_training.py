@@ -577,3 +577,22 @@ def test_cross_validation_trains_on_no_pair_that_shows_a_held_out_model(tiny_dat
     assert len(seen) == len(folds) == 3
     for fold, trained_on in zip(folds, seen):
         assert not trained_on & set(fold)
+
+
+def test_a_runs_judge_is_loaded_again_after_the_champion_moved(registry, caplog):
+    """golden_gate was handed the run's judge version and loaded whatever held @champion: a promotion between the
+    score stage and the golden stage (or a rerun after one) scored golden cases with another judge."""
+    from evaluators import judge_registry as reg
+    from evaluators.factory import load_evaluator_version
+
+    uri, root = registry
+    first = _register_random_judge(uri, "moving", 0, root)
+    reg.set_alias(uri, first, reg.CHAMPION)
+    judge = JudgeConfig(registered_name="moving")
+    scored_by = load_evaluator(judge, uri).version
+    reg.set_alias(uri, _register_random_judge(uri, "moving", 1, root), reg.CHAMPION)
+    assert load_evaluator(judge, uri).version != scored_by
+    assert load_evaluator_version(judge, uri, scored_by).version == scored_by
+    gone = scored_by.replace("/moving/1@", "/moving/7@")
+    assert load_evaluator_version(judge, uri, gone).version == load_evaluator(judge, uri).version
+    assert "cannot be loaded again" in caplog.text
