@@ -18,6 +18,10 @@ Then it times the real functions behind the commands (median and p95 of --repeat
   alerts_list        shadowjudge.alerts.records.list_alerts, `alerts list` (unresolved, and --status all)
   ingest_daily_budget  shadowjudge.traffic.sampling.DailyBudget.day, the per-day sample count ingestion reads
                      (not a command; reported, not held to the budget)
+  drift_window_ids   shadowjudge.analysis.drift_data.window_sample_ids over the hot route's last 7 days, the ids a
+                     drift check's input window reads (not a command; reported, not held)
+  drift_window_incumbent  the same window keeping only the samples the incumbent served (`incumbent_of`), what the
+                     incumbent's output-drift window reads: the logged model comes from the table, not the index
 and captures every SQL statement each one sends (a cursor hook), then EXPLAINs those exact statements with their
 parameters (SQLite `EXPLAIN QUERY PLAN`, PostgreSQL `EXPLAIN`, after ANALYZE). A plan step counts as a full scan
 when it reads a whole table of more than --scan-rows rows without an index (SQLite `SCAN t` with no index; PG
@@ -86,12 +90,14 @@ from tests.pg_databases import pg_database
 BUDGET_MS = 200.0
 ROUTES = ["chat-default", "support-bot", "code-assist", "summarise", "search-answers", "translate", "sql-helper",
           "onboarding"]
+FILL_END = datetime(2026, 11, 22, tzinfo=UTC)  # the newest request's time
 HOT_ROUTE = "chat-default"  # the route the timed history commands ask for: it has the most rows
 TARGETS = ["incumbent", "cand-a", "cand-b"]
 EVALUATOR = "small-judge:v7"
 BATCH = 5000
 PG_DB = "shadowjudge_bench"
-NOT_HELD = {"count_rows_exact", "ingest_daily_budget"}  # measured for comparison, not commands an operator waits on
+# Measured for comparison, not commands an operator waits on:
+NOT_HELD = {"count_rows_exact", "ingest_daily_budget", "drift_window_ids", "drift_window_incumbent"}
 
 
 def demo_texts(limit: int = 800) -> list[tuple[str, str]]:
@@ -144,7 +150,7 @@ def fill(engine: Engine, samples: int, seed: int = 0) -> dict[str, Any]:
     seconds per table."""
     rng = random.Random(seed)
     texts = demo_texts()
-    end = datetime(2026, 11, 22, tzinfo=UTC)
+    end = FILL_END
     start = end - timedelta(days=60)
     span_s = (end - start).total_seconds()
     weights_by_route = [6 if r == HOT_ROUTE else 1 for r in ROUTES]
@@ -371,10 +377,15 @@ def measure(url: str, workdir: Path, samples: int, repeats: int, scan_rows: int)
     from shadowjudge.cycle import count_rows, weight_history
     from shadowjudge.routing.step import route_history
 
+    from shadowjudge.analysis.drift_data import TimeWindow, window_sample_ids
+    from shadowjudge.config import load_config
+
     revision = upgrade_database(url)
     engine = get_engine(url)
     filled = fill(engine, samples)
     config_path = write_config(workdir, url)
+    hot_route = load_config(config_path).route(HOT_ROUTE)
+    week = TimeWindow(FILL_END - timedelta(days=7), FILL_END)
 
     def status() -> None:
         cli.console = Console(file=io.StringIO(), width=160)  # the command prints through this module global
@@ -389,6 +400,8 @@ def measure(url: str, workdir: Path, samples: int, repeats: int, scan_rows: int)
         "alerts_list": lambda: list_alerts(engine),
         "alerts_list_all": lambda: list_alerts(engine, status="all", route=HOT_ROUTE),
         "ingest_daily_budget": lambda: daily_budget(engine),
+        "drift_window_ids": lambda: window_sample_ids(engine, HOT_ROUTE, week),
+        "drift_window_incumbent": lambda: window_sample_ids(engine, HOT_ROUTE, week, incumbent_of=hot_route),
     }
     table_rows = {k: v for k, v in filled["rows"].items() if k != "open_alerts"}
     table_rows["route_state"] = len(ROUTES)
