@@ -241,3 +241,8 @@ def test_a_failed_calibration_does_not_hold_back_the_cycles_analysis_alerts_and_
     with session_scope(get_engine(sqlite_url)) as s:
         run = s.scalar(select(ShadowRun).where(ShadowRun.run_key == f"{ROUTE}:t1"))
         assert run.status == "finished" and run.decision is not None
+        mlflow_run_id = run.mlflow_run_id
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(load(config_path).mlflow.tracking_uri).get_run(mlflow_run_id).data.tags
+    assert tags["shadowjudge.calibration_failed"] == outcome["calibration_failed"]
