@@ -2,8 +2,8 @@
 
 Pairwise verdicts are asked in both orders and averaged, which cancels the position bias big judges have;
 pointwise scores come from a 1-10 rubric. Requests run concurrently, paced by the endpoint's `rpm`/`tpm` when it has
-them; an unusable verdict is re-asked once and then counts as a tie (pairwise) or the middle score (pointwise), and is
-counted in `unparsed`. To the teacher (calibration, training labels) a request the endpoint refuses as such (HTTP
+them; an unusable verdict is re-asked once and then counts as a tie within its pair (pairwise: a pair neither order
+was usable for has no preference, NaN from `compare`) or has no score (pointwise: NaN), and is counted in `unparsed`. To the teacher (calibration, training labels) a request the endpoint refuses as such (HTTP
 400/404/413/422: a prompt over the context length, say) is an unusable verdict too, not asked again: one long answer
 must not fail a batch whose other verdicts were paid for; as the cycle's scorer (`score`, `compare`) it fails. A
 pair neither order could be read for has no preference: its 0.5 is a placeholder, which
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -262,7 +263,7 @@ class LlmJudge:
                 break
         with self._lock:
             self.unparsed += 1
-        return 0.5
+        return math.nan
 
     # -- Evaluator ------------------------------------------------------------------------------------------------
     def judge_pairs(self, prompts: Sequence[str], incumbent: Sequence[str], candidate: Sequence[str],
@@ -274,7 +275,9 @@ class LlmJudge:
         return self._map(partial(self.judge_pair, refused_unusable=refused_unusable), prompts, incumbent, candidate)
 
     def compare(self, prompts: Sequence[str], incumbent: Sequence[str], candidate: Sequence[str]) -> list[float]:
-        return [v.preference for v in self.judge_pairs(prompts, incumbent, candidate, refused_unusable=False)]
+        """P(candidate better) per pair; NaN where neither order gave a usable verdict (no preference, not a tie)."""
+        return [v.preference if v.candidate_first is not None or v.incumbent_first is not None else math.nan
+                for v in self.judge_pairs(prompts, incumbent, candidate, refused_unusable=False)]
 
     def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
         _same_length(prompts, answers)

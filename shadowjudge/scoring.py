@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +12,8 @@ from sqlalchemy import Engine, select, true
 
 from evaluators.base import Evaluator
 from shadowjudge.store import Judgment, ShadowResult, ShadowRun, TrafficSample, insert_ignoring_duplicates, session_scope
+
+log = logging.getLogger(__name__)
 
 
 def prompt_text(messages: Sequence[dict[str, Any]]) -> str:
@@ -29,6 +33,14 @@ class ScoreReport:
     judged: int
     already_judged: int
     skipped_errors: int
+    unreadable: int = 0  # judged pairs the judge gave no usable score or preference for (stored as None)
+
+
+def _judged_value(value: float) -> float | None:
+    """A judge's value as stored: None where it gave none (NaN: an LLM judge's unreadable reply), which the analysis
+    leaves out rather than reading a placeholder as a real, middling score."""
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 @dataclass
@@ -76,7 +88,8 @@ def score_run(engine: Engine, run_id: int, evaluator: Evaluator, candidates: Seq
     can score one run side by side; the judgments' unique key makes overlapping slices harmless.
     """
     pairs, already, skipped = _pending_pairs(engine, run_id, candidates, evaluator.version, sample_range)
-    incumbent_scores: dict[int, float] = {}
+    incumbent_scores: dict[int, float | None] = {}
+    unreadable = 0
     with session_scope(engine) as s:
         for sample_id, score in s.execute(
             select(Judgment.sample_id, Judgment.incumbent_score)
@@ -95,19 +108,24 @@ def score_run(engine: Engine, run_id: int, evaluator: Evaluator, candidates: Seq
             fresh = {p.sample_id: p for p in batch if p.sample_id not in incumbent_scores}
             if fresh:
                 scores = evaluator.score([p.prompt for p in fresh.values()], [p.incumbent for p in fresh.values()])
-                incumbent_scores.update(zip(fresh, scores))
+                incumbent_scores.update(zip(fresh, map(_judged_value, scores)))
             cand_scores = evaluator.score(prompts, [p.candidate for p in batch])
             prefs = evaluator.compare(prompts, [p.incumbent for p in batch], [p.candidate for p in batch])
             rows = [
                 dict(run_id=run_id, sample_id=p.sample_id, target=p.target, evaluator=evaluator.version,
-                     candidate_score=float(c), incumbent_score=float(incumbent_scores[p.sample_id]),
-                     preference=float(q), details={})
+                     candidate_score=_judged_value(c), incumbent_score=incumbent_scores[p.sample_id],
+                     preference=_judged_value(q), details={})
                 for p, c, q in zip(batch, cand_scores, prefs)
             ]
+            unreadable += sum(r["preference"] is None or r["candidate_score"] is None or r["incumbent_score"] is None
+                              for r in rows)
             with session_scope(engine) as s:
                 insert_ignoring_duplicates(s, Judgment, rows, ["run_id", "sample_id", "target", "evaluator"])
                 run = s.get(ShadowRun, run_id)
                 if run is not None:
                     run.judge_version = evaluator.version
             bar.advance(task, len(batch))
-    return ScoreReport(evaluator.version, len(pairs), already, skipped)
+    if unreadable:
+        log.warning("run %s: the judge %s gave no usable score for %d of %d pairs (stored without one; the analysis "
+                    "leaves them out)", run_id, evaluator.version, unreadable, len(pairs))
+    return ScoreReport(evaluator.version, len(pairs), already, skipped, unreadable)

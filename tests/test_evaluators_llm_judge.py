@@ -131,12 +131,18 @@ def test_pointwise_rubric_maps_to_unit_interval(endpoint):
     assert judge.version.startswith("llm-judge:teacher:")
 
 
-def test_unusable_verdict_is_reasked_then_counts_as_tie(endpoint):
+def test_an_unusable_verdict_is_reasked_then_gives_no_preference_and_no_score(endpoint):
+    """Unreadable verdicts came back as 0.5, which the cycle's llm-judge stored as real scores: a candidate the
+    teacher said in prose lost every pair read as equal to the incumbent."""
+    import math
+
     with endpoint("garbage") as (judge, model):
-        assert judge.compare(["q"], ["a"], ["b"]) == [0.5]
+        [preference] = judge.compare(["q"], ["a"], ["b"])
         verdict = judge.judge_pairs(["q"], ["a"], ["b"])[0]
-    assert judge.unparsed == 4 and len(model.requests) == 8
-    assert verdict.preference == 0.5 and verdict.position_consistent is None  # no order read: nothing to compare
+        [score] = judge.score(["q"], ["a"])
+    assert math.isnan(preference) and math.isnan(score)
+    assert judge.unparsed == 5 and len(model.requests) == 10
+    assert verdict.preference == 0.5 and verdict.position_consistent is None  # the teacher's stored placeholder
 
 
 def test_endpoint_failure_is_a_clear_error_without_the_key(endpoint):
