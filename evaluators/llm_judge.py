@@ -2,12 +2,12 @@
 
 Pairwise verdicts are asked in both orders and averaged, which cancels the position bias big judges have;
 pointwise scores come from a 1-10 rubric. Requests run concurrently, paced by the endpoint's `rpm`/`tpm` when it has
-them; an unusable verdict is re-asked once and then counts as a tie within its pair (pairwise: a pair neither order
-was usable for has no preference, NaN from `compare`) or has no score (pointwise: NaN), and is counted in `unparsed`. To the teacher (calibration, training labels) a request the endpoint refuses as such (HTTP
+them; an unusable verdict is re-asked once and is then counted in `unparsed`: within a pair it counts as a tie, a pair
+neither order was usable for has no preference (NaN from `compare`; stored by the teacher as a 0.5 placeholder, which
+evaluators.calibration.readable_preference tells apart from a tie the teacher gave), and an unusable rating has no
+score (NaN). To the teacher (calibration, training labels) a request the endpoint refuses as such (HTTP
 400/404/413/422: a prompt over the context length, say) is an unusable verdict too, not asked again: one long answer
-must not fail a batch whose other verdicts were paid for; as the cycle's scorer (`score`, `compare`) it fails. A
-pair neither order could be read for has no preference: its 0.5 is a placeholder, which
-evaluators.calibration.readable_preference tells apart from a tie the teacher gave.
+must not fail a batch whose other verdicts were paid for; as the cycle's scorer (`score`, `compare`) it fails.
 """
 
 from __future__ import annotations
