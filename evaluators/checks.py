@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import regex
+
 from shadowjudge.errors import InputError
 
 # The one refusal detector: the refusal check here and the refusal rate of output drift
@@ -37,6 +39,9 @@ _REFUSAL = re.compile(
     r")",
     re.IGNORECASE,
 )
+# A user's pattern runs on every answer of every analysis: one that backtracks catastrophically (`^(\w+\s?)+$` on a
+# sentence ending in '!') must fail its answer, not hang the analysis. Run by the `regex` module, which has a timeout.
+REGEX_TIMEOUT_S = 1.0
 _REFUSAL_WINDOW = 400  # characters read: room for two short sentences and the refusing one
 _FENCE = re.compile(r"^\s*```(?:json)?\s*\n(.*?)\s*```\s*$", re.DOTALL | re.IGNORECASE)
 
@@ -68,6 +73,32 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _refs(schema: Any) -> list[str]:
+    """Every `$ref` string in a schema."""
+    if isinstance(schema, Mapping):
+        found = [schema["$ref"]] if isinstance(schema.get("$ref"), str) else []
+        return found + [r for key, value in schema.items() if key != "$ref" for r in _refs(value)]
+    if isinstance(schema, list):
+        return [r for value in schema for r in _refs(value)]
+    return []
+
+
+def _local_ref_resolves(schema: Mapping[str, Any], ref: str) -> bool:
+    """Whether `ref` is a JSON pointer into `schema` ('#', '#/$defs/x') that names something there."""
+    if not ref.startswith("#"):
+        return False
+    node: Any = schema
+    for part in [p for p in ref[1:].split("/") if p]:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return True
+
+
 @dataclass(frozen=True)
 class JsonCheck:
     """The answer is strict JSON (a lone ```json fenced block is accepted; NaN and Infinity, which Python's parser
@@ -84,6 +115,10 @@ class JsonCheck:
                 jsonschema.validators.validator_for(self.schema).check_schema(self.schema)
             except jsonschema.SchemaError as exc:
                 raise CheckSpecError(f"check '{self.name}': invalid JSON schema: {exc.message}") from None
+            for ref in _refs(self.schema):  # resolved only when an answer reaches them: check them all now
+                if not _local_ref_resolves(self.schema, ref):
+                    raise CheckSpecError(f"check '{self.name}': JSON schema $ref {ref!r} does not resolve (only "
+                                         "references inside the schema, '#/...', are followed)")
 
     def check(self, prompt: str, answer: str) -> CheckResult:
         text = answer or ""
@@ -121,12 +156,16 @@ class RegexCheck:
 
     def __post_init__(self) -> None:
         try:
-            re.compile(self.pattern)
-        except re.error as exc:
+            regex.compile(self.pattern)
+        except (regex.error, ValueError) as exc:
             raise CheckSpecError(f"check '{self.name}': invalid regex {self.pattern!r}: {exc}") from None
 
     def check(self, prompt: str, answer: str) -> CheckResult:
-        found = re.search(self.pattern, answer or "") is not None
+        try:
+            found = regex.search(self.pattern, answer or "", timeout=REGEX_TIMEOUT_S) is not None
+        except TimeoutError:
+            return CheckResult(self.name, False, f"{self.pattern!r} ran over {REGEX_TIMEOUT_S} s on this answer "
+                               "(catastrophic backtracking): counted as failed")
         if found == self.must_match:
             return CheckResult(self.name, True)
         return CheckResult(self.name, False, ("no match for " if self.must_match else "forbidden match for ")

@@ -381,7 +381,10 @@ def analyse(engine: Engine, config: Config, route: RouteConfig, handle: RunHandl
             judge_version: str | None) -> dict[str, Any]:
     from shadowjudge.analysis import analyze_run
 
-    return analyze_run(engine, handle.run_id, route, judge_version, accept_floor=config.judge.accept_floor).to_dict()
+    from shadowjudge.traffic.redaction import Redactor
+
+    return analyze_run(engine, handle.run_id, route, judge_version, accept_floor=config.judge.accept_floor,
+                       redactor=Redactor.from_config(config.redaction) if route.checks else None).to_dict()
 
 
 def calibrate(engine: Engine, config: Config, handle: RunHandle, judge_version: str | None) -> dict[str, Any] | None:

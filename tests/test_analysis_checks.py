@@ -123,3 +123,35 @@ def test_a_tolerance_lets_a_small_rise_in_check_failures_pass(engine):
     route = _with_checks(route_for(["slightly"], slice_key=None), max_check_failure_delta=0.1)
     checks = analyze_run(engine, run_id, route).candidate("slightly").metric("checks")
     assert 0 < checks.candidate_value < 0.1 and checks.classification is Classification.PASS
+
+
+def test_replayed_answers_are_checked_as_redacted_as_the_logged_ones(engine):
+    """Ingestion redacts logged answers and nothing redacted the replays: a check forbidding e-mail addresses saw 0%
+    on the logged incumbent and 25% on a candidate answering exactly as it did, and failed it (critical)."""
+    from shadowjudge.config import RedactionConfig
+    from shadowjudge.traffic.redaction import Redactor
+
+    run_id = build_run(engine, run_key="r", incumbent="claude-2", profiles=PROFILES, replay_incumbent=False,
+                       candidates={"same": "claude-2"})
+    redactor = Redactor.from_config(RedactionConfig())
+
+    def with_mail(sample_id: int, text: str) -> str:
+        return text + " Contact support@example.com." if sample_id % 4 == 0 else text
+
+    with session_scope(engine) as s:
+        for sid, target, text in s.execute(select(ShadowResult.sample_id, ShadowResult.target,
+                                                  ShadowResult.output_text).where(ShadowResult.run_id == run_id)):
+            if text is not None:
+                s.execute(update(ShadowResult).where(ShadowResult.run_id == run_id, ShadowResult.sample_id == sid,
+                                                     ShadowResult.target == target)
+                          .values(output_text=with_mail(sid, text)))
+        for sid, text in s.execute(select(TrafficSample.id, TrafficSample.response_text)).all():
+            if text is not None:  # as ingestion stored it
+                s.execute(update(TrafficSample).where(TrafficSample.id == sid)
+                          .values(response_text=redactor.redact(with_mail(sid, text), {})))
+    route = _with_checks(route_for(["same"], slice_key=None), checks=[
+        {"kind": "regex", "pattern": r"[\w.+-]+@[\w-]+\.\w+", "must_match": False, "name": "no_email"}])
+    checks = analyze_run(engine, run_id, route, redactor=redactor).candidate("same").metric("checks")
+    assert checks.candidate_value == checks.incumbent_value == 0.0, checks.note
+    unredacted = analyze_run(engine, run_id, route).candidate("same").metric("checks")
+    assert unredacted.classification is Classification.FAIL  # what a replay checked raw against a redacted log gives

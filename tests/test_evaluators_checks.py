@@ -191,3 +191,27 @@ def test_lexical_evaluator_through_the_factory(tmp_path):
         load_evaluator(JudgeConfig(evaluator="llm-judge"), "sqlite:///x.db")
     with pytest.raises(ValueError, match="'small-judge', 'llm-judge' or 'lexical'"):  # refused with the config
         JudgeConfig(evaluator="oracle")
+
+
+@pytest.mark.parametrize("ref", ["#/$defs/Missing", "https://example.com/answer.json", "#/properties/nope"])
+def test_a_schema_reference_that_does_not_resolve_is_refused_when_the_check_is_built(ref):
+    """check_schema never resolves $ref: a dangling one passed the config and crashed every analysis of the route
+    on the first answer that parsed as JSON."""
+    schema = {"type": "object", "$defs": {"Answer": {"type": "string"}}, "properties": {"answer": {"$ref": ref}}}
+    with pytest.raises(CheckSpecError, match="does not resolve"):
+        build_checks([{"kind": "json", "schema": schema}])
+    resolving = {**schema, "properties": {"answer": {"$ref": "#/$defs/Answer"}}}
+    [check] = build_checks([{"kind": "json", "schema": resolving}])
+    assert check.check("", '{"answer": "yes"}').passed and not check.check("", '{"answer": 3}').passed
+
+
+def test_a_pattern_that_backtracks_catastrophically_fails_its_answer_instead_of_hanging():
+    """A user's `^(\\w+\\s?)+$` took 33 s on a 9-word answer ending in '!' under `re` and never ended on 16 words: the
+    analysis, which runs every check on every answer, hung. Patterns run under `regex`, which matches that one at
+    once and stops one it cannot (`(a|aa)+$`) at REGEX_TIMEOUT_S, failing the answer."""
+    [words] = build_checks([{"kind": "regex", "pattern": r"^(\w+\s?)+$", "name": "words_only"}])
+    assert not words.check("", "one two three four five six seven eight nine ten eleven twelve thirteen x!").passed
+    assert words.check("", "just words here").passed
+    [runaway] = build_checks([{"kind": "regex", "pattern": r"(a|aa)+$", "name": "runaway"}])
+    result = runaway.check("", "a" * 40 + "b")
+    assert not result.passed and "catastrophic backtracking" in result.detail

@@ -38,6 +38,7 @@ from shadowjudge.analysis.stats import (
     wilcoxon_shift,
 )
 from shadowjudge.config import CriteriaConfig, RouteConfig
+from shadowjudge.traffic.redaction import Redactor
 
 WORST_EXAMPLES = 10
 # Values per side below which a P95 is not judged: 3 / (1 - 0.95), three values above it. With fewer the bootstrap
@@ -499,14 +500,15 @@ def _analyse_candidate(data: RunData, route: RouteConfig, target: str, accept_fl
 
 
 def analyze_run(engine: Engine, run_id: int, route: RouteConfig, evaluator_version: str | None = None,
-                accept_floor: float = 0.5) -> RunAnalysis:
+                accept_floor: float = 0.5, redactor: Redactor | None = None) -> RunAnalysis:
     """Analyse every candidate of a stored shadow run against the incumbent, overall and per slice.
 
     `evaluator_version` picks whose judgments count (default: the run's judge). `accept_floor` is the judge score
-    at which an answer counts as an accepted outcome (config.judge.accept_floor), for cost per outcome.
+    at which an answer counts as an accepted outcome (config.judge.accept_floor), for cost per outcome. `redactor`
+    (ingestion's) redacts replayed answers before the route's checks, as the logged ones were.
     Deterministic: the same stored data gives the same analysis (bootstrap seeds derive from the run).
     """
-    data = load_run_data(engine, run_id, route, evaluator_version)
+    data = load_run_data(engine, run_id, route, evaluator_version, redactor)
     candidates = [_analyse_candidate(data, route, c.name, accept_floor) for c in route.candidates]
     return RunAnalysis(run_id, route.name, route.incumbent.name, data.incumbent_source, data.evaluator,
                        route.slice_key, route.criteria.confidence, candidates)

@@ -20,6 +20,7 @@ from shadowjudge.config import RouteConfig, incumbent_served
 from shadowjudge.errors import ShadowJudgeError
 from shadowjudge.scoring import prompt_text
 from shadowjudge.store import Judgment, ShadowResult, ShadowRun, TrafficSample, session_scope
+from shadowjudge.traffic.redaction import Redactor
 
 MISSING_SLICE = "(none)"
 
@@ -85,7 +86,11 @@ def _failed_checks(checks: list, prompt: str, answer: str | None, error: bool) -
     return tuple(r.name for r in run_checks(checks, [prompt], [answer])[0] if not r.passed)
 
 
-def load_run_data(engine: Engine, run_id: int, route: RouteConfig, evaluator_version: str | None = None) -> RunData:
+def load_run_data(engine: Engine, run_id: int, route: RouteConfig, evaluator_version: str | None = None,
+                  redactor: Redactor | None = None) -> RunData:
+    """What the analysis of a run reads. `redactor` (ingestion's) redacts replayed answers before the route's checks
+    see them: logged answers were redacted at ingestion, and a check comparing redacted text with raw text (a
+    forbidden e-mail pattern, JSON a card number's placeholder broke) would fail one side for the redaction alone."""
     with session_scope(engine) as s:
         run = s.get(ShadowRun, run_id)
         if run is None:
@@ -133,10 +138,13 @@ def load_run_data(engine: Engine, run_id: int, route: RouteConfig, evaluator_ver
             return None
         return _failed_checks(checks, prompt_text(prompts.get(sample_id) or []), answer, error)
 
+    def as_logged(text: str | None) -> str | None:
+        return redactor.redact(text, {}) if redactor is not None and checks and text is not None else text
+
     for r in results:
         error = r.error_class is not None or r.output_text is None
         record = TargetRecord(r.sample_id, error, r.latency_ms, r.ttft_ms, r.cost_usd, _chars(r.output_text),
-                              failed(r.sample_id, r.output_text, error))
+                              failed(r.sample_id, as_logged(r.output_text), error))
         if r.target == route.incumbent.name:
             replayed_incumbent[r.sample_id] = record
         elif r.target in candidate_names:
