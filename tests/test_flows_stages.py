@@ -168,34 +168,46 @@ def test_sample_ranges_split_a_run_into_near_equal_contiguous_batches(ids, parts
         assert all(first <= last for first, last in ranges)
 
 
-def test_an_mlflow_outage_does_not_hold_back_the_cycles_alerts_and_route_step(tmp_path, sqlite_url, replay_server,
-                                                                           prefect_harness, monkeypatch):
-    """MLflow went down mid-cycle: the log task's failure ended the route's cycle before its alerts and route step,
-    so a regression found in that cycle was neither alerted nor rolled back. Now they go ahead and the cycle fails
-    afterwards with the logging error (a rerun of the cycle logs it)."""
+def _cycle_with_a_failing_stage(tmp_path, sqlite_url, replay_server, monkeypatch, stage: str, task: str,
+                                error: Exception, cycle_id: str):
+    """A route-cycle flow whose `stage` (cycle function; its Prefect `task` not retried) raises `error`, and the
+    run keys the cycle's alert stage saw."""
     import flows.stages
-    from shadowjudge.tracking import TrackingUnreachable
 
     config_path = write_cycle_config(tmp_path, sqlite_url, replay_server.base_url)
     ingest_and_sample(config_path)
     alerted: list[str] = []
     real_alert = cycle.alert
 
-    def mlflow_down(*args, **kwargs):
-        raise TrackingUnreachable("MLflow tracking server at http://127.0.0.1:1 is unreachable: connection refused")
+    def failing(*args, **kwargs):
+        raise error
 
     def recording_alert(engine, config, route, handle, *args, **kwargs):
         alerted.append(handle.run_key)
         return real_alert(engine, config, route, handle, *args, **kwargs)
 
-    monkeypatch.setattr(cycle, "track", mlflow_down)
+    monkeypatch.setattr(cycle, stage, failing)
     monkeypatch.setattr(cycle, "alert", recording_alert)
-    monkeypatch.setattr(flows.stages, "track_task", flows.stages.track_task.with_options(retries=0))
+    monkeypatch.setattr(flows.stages, task, getattr(flows.stages, task).with_options(retries=0))
 
     @flow
     def route_cycle(path: str) -> dict:
         config = load(path)
-        return flows.stages.run_route_cycle(config, config.route(ROUTE), "m1", {}, path)
+        return flows.stages.run_route_cycle(config, config.route(ROUTE), cycle_id, {}, path)
+
+    return config_path, route_cycle, alerted
+
+
+def test_an_mlflow_outage_does_not_hold_back_the_cycles_alerts_and_route_step(tmp_path, sqlite_url, replay_server,
+                                                                           prefect_harness, monkeypatch):
+    """MLflow went down mid-cycle: the log task's failure ended the route's cycle before its alerts and route step,
+    so a regression found in that cycle was neither alerted nor rolled back. Now they go ahead and the cycle fails
+    afterwards with the logging error (a rerun of the cycle logs it)."""
+    from shadowjudge.tracking import TrackingUnreachable
+
+    config_path, route_cycle, alerted = _cycle_with_a_failing_stage(
+        tmp_path, sqlite_url, replay_server, monkeypatch, "track", "track_task",
+        TrackingUnreachable("MLflow tracking server at http://127.0.0.1:1 is unreachable: connection refused"), "m1")
 
     with pytest.raises(TrackingUnreachable, match="unreachable"):
         route_cycle(config_path)
@@ -210,29 +222,11 @@ def test_a_failed_calibration_does_not_hold_back_the_cycles_analysis_alerts_and_
     """The teacher failing (down, a revoked key) failed the calibrate task and with it the route's cycle, before its
     analysis, alerts and route step, on every rerun: a regression found meanwhile was neither alerted nor rolled
     back. Calibration measures the judge; its failure is now a warning the cycle's result records."""
-    import flows.stages
     from evaluators.llm_judge import LlmJudgeError
 
-    config_path = write_cycle_config(tmp_path, sqlite_url, replay_server.base_url)
-    ingest_and_sample(config_path)
-    alerted: list[str] = []
-    real_alert = cycle.alert
-
-    def teacher_down(*args, **kwargs):
-        raise LlmJudgeError("judge model 'gpt-4-judge' failed: AuthenticationError (HTTP 401)")
-
-    def recording_alert(engine, config, route, handle, *args, **kwargs):
-        alerted.append(handle.run_key)
-        return real_alert(engine, config, route, handle, *args, **kwargs)
-
-    monkeypatch.setattr(cycle, "calibrate", teacher_down)
-    monkeypatch.setattr(cycle, "alert", recording_alert)
-    monkeypatch.setattr(flows.stages, "calibrate_task", flows.stages.calibrate_task.with_options(retries=0))
-
-    @flow
-    def route_cycle(path: str) -> dict:
-        config = load(path)
-        return flows.stages.run_route_cycle(config, config.route(ROUTE), "t1", {}, path)
+    config_path, route_cycle, alerted = _cycle_with_a_failing_stage(
+        tmp_path, sqlite_url, replay_server, monkeypatch, "calibrate", "calibrate_task",
+        LlmJudgeError("judge model 'gpt-4-judge' failed: AuthenticationError (HTTP 401)"), "t1")
 
     outcome = route_cycle(config_path)
     assert outcome["calibration_failed"] == ("LlmJudgeError: judge model 'gpt-4-judge' failed: "
