@@ -155,6 +155,9 @@ class RegexCheck:
     name: str = "regex"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str) or not isinstance(self.must_match, bool):
+            raise CheckSpecError(f"check '{self.name}': pattern must be text and must_match true or false, got "
+                                 f"pattern {self.pattern!r}, must_match {self.must_match!r}")
         try:
             regex.compile(self.pattern)
         except (regex.error, ValueError) as exc:

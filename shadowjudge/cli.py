@@ -98,6 +98,11 @@ def _print_cycle(result: dict) -> None:
         console.print(f"route [bold]{escape(name)}[/]: decision [bold]{escape(str(outcome.get('decision')))}[/], "
                       f"weights {escape(str(outcome.get('weights_before')))} -> "
                       f"{escape(str(outcome.get('weights_after')))}")
+        if outcome.get("step_status") == "failed":  # the weights above were decided, not pushed
+            console.print(f"  route step failed: {outcome.get('reason')}", markup=False)
+        if outcome.get("calibration_failed"):
+            console.print(f"  calibration failed, the cycle went on without it: {outcome['calibration_failed']}",
+                          markup=False)
         if outcome.get("mlflow_link"):
             console.print(f"  MLflow run: {outcome['mlflow_link']}", markup=False)
         for verdict in outcome.get("verdicts", []):

@@ -223,7 +223,7 @@ class CriteriaConfig(_Strict):
     max_p95_latency_ratio: float = Field(default=1.0, gt=0)
     max_error_rate_delta: float = Field(default=0.0, ge=0)
     max_check_failure_delta: float = Field(
-        default=0.0, ge=0, description="Share of answers failing at least one of the route's checks: candidate "
+        default=0.0, ge=0, description="Mean share of the route's checks an answer fails: candidate "
         "minus incumbent on the same samples (only on a route that declares checks)")
     min_samples: int = Field(default=30, gt=0)
     confidence: float = Field(default=0.95, gt=0.5, lt=1)
@@ -377,7 +377,7 @@ class RouteConfig(_Strict):
         default_factory=list, description="Deterministic checks every answer of the route must pass, as "
         "evaluators.checks.build_checks takes them: {kind: json, schema: {...}}, {kind: regex, pattern: ...}, "
         "{kind: length, max_chars: ...}, {kind: refusal}, each with an optional unique `name`. The analysis compares "
-        "the share of answers failing one (metric `checks`, criteria.max_check_failure_delta) with the incumbent's")
+        "the share of checks its answers fail (metric `checks`, criteria.max_check_failure_delta) with the incumbent's")
 
     @property
     def targets(self) -> list[TargetConfig]:

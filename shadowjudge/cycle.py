@@ -571,6 +571,7 @@ def track(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle,
                 "candidates": ",".join(c.model for c in route.candidates), "sampling_rate": config.sampling.rate,
                 "policy": route.policy.kind},
         metrics={"samples": len(handle.sample_ids), "spend_usd": shadow_report.get("spend_usd", 0.0),
+                 "samples.served_by_candidates": served_by_candidates(engine, handle.run_id),
                  "ingest.stored": reports.get("ingest", {}).get("totals", {}).get("stored", 0),
                  "ingest.quarantined": reports.get("ingest", {}).get("totals", {}).get("quarantined", 0),
                  **{f"incumbent.{k}": v for k, v in incumbent_metrics.items()}, **summary,
@@ -586,6 +587,13 @@ def track(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle,
     with session_scope(engine) as s:
         s.get(ShadowRun, handle.run_id).mlflow_run_id = run_id
     return run_id
+
+
+def served_by_candidates(engine: Engine, run_id: int) -> int:
+    """How many new samples the run passed over because a candidate served them (open_run), for MLflow."""
+    with session_scope(engine) as s:
+        summary = s.scalar(select(ShadowRun.summary).where(ShadowRun.id == run_id)) or {}
+    return int(summary.get("served_by_candidates", 0))
 
 
 def drift_metrics(drift: dict[str, Any] | None) -> dict[str, float]:

@@ -58,7 +58,7 @@ def test_a_candidate_breaking_the_json_check_fails_on_checks_and_names_the_check
     broken = analysis.candidate("broken")
     checks = broken.metric("checks")
     assert checks.classification is Classification.FAIL
-    assert 0.3 < checks.candidate_value < 0.5 and checks.incumbent_value == 0.0
+    assert 0.15 < checks.candidate_value < 0.25 and checks.incumbent_value == 0.0  # 40% fail one check of two
     assert checks.ci_low > 0 and checks.tolerance == 0.0
     assert "json 0% -> 4" in checks.note and "bounded 0% -> 0%" in checks.note
     # Critical: the candidate fails although every other metric (the same model's answers) passes.
@@ -101,7 +101,7 @@ def test_a_candidate_failing_checks_no_more_than_the_incumbent_passes_them(engin
     cand = analysis.candidate("as_bad")
     checks = cand.metric("checks")
     assert checks.classification is Classification.PASS and checks.effect == 0.0
-    assert checks.candidate_value == checks.incumbent_value > 0.3
+    assert checks.candidate_value == checks.incumbent_value == 0.2  # 40% fail one check of two, on both sides
     assert cand.verdict is Verdict.PASS
 
 
@@ -155,3 +155,19 @@ def test_replayed_answers_are_checked_as_redacted_as_the_logged_ones(engine):
     assert checks.candidate_value == checks.incumbent_value == 0.0, checks.note
     unredacted = analyze_run(engine, run_id, route).candidate("same").metric("checks")
     assert unredacted.classification is Classification.FAIL  # what a replay checked raw against a redacted log gives
+
+
+def test_a_check_both_sides_always_fail_hides_no_other_check(engine):
+    """Metric `checks` was the share of answers failing at least one check: a JSON check on a route answering in
+    prose failed every answer on both sides, the metric read 100% -> 100%, and a candidate breaking the JSON check's
+    neighbour on 40% of its answers passed and was advanced."""
+    run_id = build_run(engine, run_key="r", incumbent="claude-2", profiles=PROFILES,
+                       candidates={"same": "claude-2", "broken": "claude-2"})
+    _as_json(engine, run_id, {"broken": _breaks})  # 'broken' answers are plain text on 40% of samples
+    never = {"kind": "regex", "pattern": r"\AXYZZY", "name": "never_met"}  # fails every answer of both sides
+    route = _with_checks(route_for(["same", "broken"], slice_key=None), checks=[never, *CHECKS])
+    analysis = analyze_run(engine, run_id, route)
+    broken = analysis.candidate("broken").metric("checks")
+    assert broken.classification is Classification.FAIL, broken
+    assert "never_met 100% -> 100%" in broken.note and "json 0% -> 4" in broken.note
+    assert analysis.candidate("same").metric("checks").classification is not Classification.FAIL

@@ -68,3 +68,23 @@ def test_an_error_quoting_markup_ends_in_one_line_not_a_traceback(tmp_path, sqli
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and "no route named '[/INST]'" in done.stderr, done.stderr
+
+
+def test_run_says_when_the_route_step_or_calibration_failed(monkeypatch):
+    """`run` printed 'decision advance' for a push the gateway refused, and nothing of a failed calibration: both
+    were only in `routes history`, the logs and MLflow."""
+    import io
+
+    from rich.console import Console
+
+    from shadowjudge import cli
+
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=out, width=300))
+    cli._print_cycle({"cycle_id": "c1", "ingest": {"totals": {}}, "routes": {"chat": {
+        "decision": "advance", "weights_before": {"inc": 100}, "weights_after": {"inc": 100}, "verdicts": [],
+        "step_status": "failed", "reason": "push failed (previous config kept) GatewayUnavailable: [/x] gone",
+        "calibration_failed": "LlmJudgeError: judge model 'teacher' failed: APIConnectionError"}}})
+    text = out.getvalue()
+    assert "route step failed: push failed (previous config kept) GatewayUnavailable: [/x] gone" in text
+    assert "calibration failed, the cycle went on without it: LlmJudgeError" in text

@@ -215,3 +215,10 @@ def test_a_pattern_that_backtracks_catastrophically_fails_its_answer_instead_of_
     [runaway] = build_checks([{"kind": "regex", "pattern": r"(a|aa)+$", "name": "runaway"}])
     result = runaway.check("", "a" * 40 + "b")
     assert not result.passed and "catastrophic backtracking" in result.detail
+
+
+@pytest.mark.parametrize("spec", [{"pattern": "^Hi", "must_match": "false"}, {"pattern": 404}])
+def test_a_regex_checks_fields_of_the_wrong_type_are_refused_when_built(spec):
+    """must_match: 'false' (quoted in YAML) was compared with a bool and failed every answer, silently."""
+    with pytest.raises(CheckSpecError, match="must_match true or false"):
+        build_checks([{"kind": "regex", **spec}])

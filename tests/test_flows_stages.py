@@ -238,5 +238,6 @@ def test_a_failed_calibration_does_not_hold_back_the_cycles_analysis_alerts_and_
         mlflow_run_id = run.mlflow_run_id
     from mlflow.tracking import MlflowClient
 
-    tags = MlflowClient(load(config_path).mlflow.tracking_uri).get_run(mlflow_run_id).data.tags
-    assert tags["shadowjudge.calibration_failed"] == outcome["calibration_failed"]
+    logged = MlflowClient(load(config_path).mlflow.tracking_uri).get_run(mlflow_run_id).data
+    assert logged.tags["shadowjudge.calibration_failed"] == outcome["calibration_failed"]
+    assert logged.metrics["samples.served_by_candidates"] == 0  # every logged answer here is the incumbent's

@@ -2,7 +2,7 @@
 
 `analyze_run` is what the cycle calls. It measures each candidate against the incumbent on the metrics the route's
 criteria name (judge quality, error rate, cost per accepted outcome, P95 latency, TTFT, and on a route that declares
-checks the share of answers failing one), classifies each against its tolerance, scores them into a verdict, and
+checks the share of them an answer fails), classifies each against its tolerance, scores them into a verdict, and
 repeats per slice of `route.slice_key` so a candidate that is better on average but worse on one slice is caught
 with the slice named.
 
@@ -305,20 +305,21 @@ def _pct(rate: float) -> str:
 
 def _checks(cand: Mapping[int, TargetRecord], inc: Mapping[int, TargetRecord], names: tuple[str, ...],
             m: _Measure) -> MetricResult:
-    """Share of answers failing at least one of the route's checks, candidate minus incumbent, on the samples both
-    answered (paired: the same prompts); the note gives each check's failure rate on both sides, so a failure says
-    which check broke."""
+    """The share of the route's checks an answer fails, candidate minus incumbent, on the samples both answered
+    (paired: the same prompts). Per answer, not "fails at least one": a check both sides always fail (a JSON check
+    on a route that answers in prose) would hide every other check's change. The note gives each check's failure
+    rate on both sides, so a failure says which check broke."""
     both = [(c.failed_checks, inc[sid].failed_checks) for sid, c in cand.items()
             if c.failed_checks is not None and sid in inc and inc[sid].failed_checks is not None]
-    c = np.array([bool(cf) for cf, _ in both], dtype=float)
-    i = np.array([bool(inf) for _, inf in both], dtype=float)
+    c = np.array([len(cf) / len(names) for cf, _ in both], dtype=float)
+    i = np.array([len(inf) / len(names) for _, inf in both], dtype=float)
     note = ""
     if both:
         rates = [(name, sum(name in cf for cf, _ in both) / len(both), sum(name in inf for _, inf in both) / len(both))
                  for name in names]
         note = "failing per check, incumbent -> candidate: " + ", ".join(
             f"{name} {_pct(i_rate)} -> {_pct(c_rate)}" for name, c_rate, i_rate in rates)
-    return _rate_difference("checks", "paired bootstrap difference of check-failure rates", c, i,
+    return _rate_difference("checks", "paired bootstrap difference of the share of checks failed", c, i,
                             m.criteria.max_check_failure_delta, m, paired=True, unit="answers of both sides",
                             note=note)
 
