@@ -80,12 +80,6 @@ def _pick_evaluator(session, run: ShadowRun, requested: str | None) -> str | Non
     return counts.most_common(1)[0][0] if counts else None
 
 
-def _failed_checks(checks: list, prompt: str, answer: str | None, error: bool) -> tuple[str, ...] | None:
-    if not checks or error or answer is None:
-        return None
-    return tuple(r.name for r in run_checks(checks, [prompt], [answer])[0] if not r.passed)
-
-
 def load_run_data(engine: Engine, run_id: int, route: RouteConfig, evaluator_version: str | None = None,
                   redactor: Redactor | None = None) -> RunData:
     """What the analysis of a run reads. `redactor` (ingestion's) redacts replayed answers before the route's checks
@@ -133,18 +127,20 @@ def load_run_data(engine: Engine, run_id: int, route: RouteConfig, evaluator_ver
     candidates: dict[str, dict[int, TargetRecord]] = {c.name: {} for c in route.candidates}
     replayed_incumbent: dict[int, TargetRecord] = {}
     models = {c.name: c.model for c in route.candidates} | {route.incumbent.name: route.incumbent.model}
-    def failed(sample_id: int, answer: str | None, error: bool) -> tuple[str, ...] | None:
-        if not checks:
+    def failed(sample_id: int, answer: str | None, error: bool, replayed: bool) -> tuple[str, ...] | None:
+        """The checks the answer fails; None without checks or an answer. A replay is redacted first, as ingestion
+        redacted the logged answers."""
+        if not checks or error or answer is None:
             return None
-        return _failed_checks(checks, prompt_text(prompts.get(sample_id) or []), answer, error)
-
-    def as_logged(text: str | None) -> str | None:
-        return redactor.redact(text, {}) if redactor is not None and checks and text is not None else text
+        if replayed and redactor is not None:
+            answer = redactor.redact(answer, {})
+        prompt = prompt_text(prompts.get(sample_id) or [])
+        return tuple(r.name for r in run_checks(checks, [prompt], [answer])[0] if not r.passed)
 
     for r in results:
         error = r.error_class is not None or r.output_text is None
         record = TargetRecord(r.sample_id, error, r.latency_ms, r.ttft_ms, r.cost_usd, _chars(r.output_text),
-                              failed(r.sample_id, as_logged(r.output_text), error))
+                              failed(r.sample_id, r.output_text, error, replayed=True))
         if r.target == route.incumbent.name:
             replayed_incumbent[r.sample_id] = record
         elif r.target in candidate_names:
@@ -157,7 +153,7 @@ def load_run_data(engine: Engine, run_id: int, route: RouteConfig, evaluator_ver
         # A logged request without an answer is counted as the incumbent's error.
         incumbent = {t.id: TargetRecord(t.id, t.response_text is None, t.latency_ms, t.ttft_ms, t.cost_usd,
                                         _chars(t.response_text),
-                                        failed(t.id, t.response_text, t.response_text is None))
+                                        failed(t.id, t.response_text, t.response_text is None, replayed=False))
                      for t in samples}
         source = "logs"
 
