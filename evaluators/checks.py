@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from typing import Any, Protocol
 
 import regex
@@ -230,11 +230,23 @@ def build_checks(specs: Sequence[Mapping[str, Any]]) -> list[Check]:
         if kind not in _KINDS:
             raise CheckSpecError(f"check #{i}: kind must be one of {sorted(_KINDS)}, got {kind!r}")
         spec.setdefault("name", f"{kind}" if kind != "refusal" else "no_refusal")
-        try:
-            checks.append(_KINDS[kind](**spec))
-        except TypeError as exc:
-            raise CheckSpecError(f"check #{i} ({kind}): {exc}") from None
+        check_spec_fields(f"check #{i} ({kind})", _KINDS[kind], spec)
+        checks.append(_KINDS[kind](**spec))
     return checks
+
+
+def check_spec_fields(label: str, kind: type, spec: Mapping[str, Any]) -> None:
+    """Refuse unknown and missing fields in the config's words, before the dataclass would raise a TypeError that
+    names `RegexCheck.__init__()`."""
+    known = {f.name: f for f in fields(kind)}
+    required = [name for name, f in known.items() if f.default is MISSING and f.default_factory is MISSING]
+    unknown = sorted(str(key) for key in spec if key not in known)
+    if unknown:
+        raise CheckSpecError(f"{label}: unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                             f"(this kind takes: kind, {', '.join(known)})")
+    missing = [name for name in required if name not in spec]
+    if missing:
+        raise CheckSpecError(f"{label}: missing {', '.join(missing)} (required for this kind)")
 
 
 def run_checks(checks: Sequence[Check], prompts: Sequence[str], answers: Sequence[str]) -> list[list[CheckResult]]:

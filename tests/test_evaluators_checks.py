@@ -175,8 +175,21 @@ def test_checks_from_specs_and_as_evaluator():
     assert evaluator.compare(["p"], [bad], [good]) == [pytest.approx(0.5 + (1 - 1 / 3) / 2)]
     with pytest.raises(CheckSpecError, match="kind must be one of"):
         build_checks([{"kind": "nope"}])
-    with pytest.raises(CheckSpecError, match=r"check #0 \(length\)"):
+    with pytest.raises(CheckSpecError, match=r"check #0 \(length\): unknown field max_lines \(this kind takes: "
+                                             r"kind, min_chars, max_chars, min_words, max_words, name\)"):
         build_checks([{"kind": "length", "max_lines": 3}])
+
+
+def test_a_check_spec_error_speaks_the_configs_words_not_pythons():
+    """Unknown and missing fields used to surface as "RegexCheck.__init__() got an unexpected keyword argument"."""
+    cases = [({"kind": "regex", "pattern": "a", "flags": "i", "multiline": True},
+              "check #0 (regex): unknown fields flags, multiline (this kind takes: kind, pattern, must_match, name)"),
+             ({"kind": "regex", "name": "id"}, "check #0 (regex): missing pattern (required for this kind)"),
+             ({"kind": "refusal", "threshold": 2}, "check #0 (refusal): unknown field threshold")]
+    for spec, words in cases:
+        with pytest.raises(CheckSpecError) as exc:
+            build_checks([spec])
+        assert words in str(exc.value) and "__init__" not in str(exc.value)
 
 
 def test_lexical_evaluator_through_the_factory(tmp_path):
