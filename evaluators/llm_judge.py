@@ -2,12 +2,16 @@
 
 Pairwise verdicts are asked in both orders and averaged, which cancels the position bias big judges have;
 pointwise scores come from a 1-10 rubric. Requests run concurrently, paced by the endpoint's `rpm`/`tpm` when it has
-them; an unusable verdict is re-asked once and is then counted in `unparsed`: within a pair it counts as a tie, a pair
-neither order was usable for has no preference (NaN from `compare`; stored by the teacher as a 0.5 placeholder, which
-evaluators.calibration.readable_preference tells apart from a tie the teacher gave), and an unusable rating has no
-score (NaN). To the teacher (calibration, training labels) a request the endpoint refuses as such (HTTP
-400/404/413/422: a prompt over the context length, say) is an unusable verdict too, not asked again: one long answer
-must not fail a batch whose other verdicts were paid for; as the cycle's scorer (`score`, `compare`) it fails.
+them, every attempt included: the client's retries (its `max_retries`; 408/409/429/5xx, connection errors and
+timeouts, after the server's Retry-After or an exponential backoff) are made here, through the limiter, not by the SDK
+behind its back. An unusable verdict is re-asked once and is then counted in `unparsed`: within a pair it counts as a
+tie, a pair neither order was usable for has no preference (NaN from `compare`; stored by the teacher as a 0.5
+placeholder, which evaluators.calibration.readable_preference tells apart from a tie the teacher gave), and an
+unusable rating has no score (NaN). To the teacher (calibration, training labels) a request the endpoint refuses as
+such (HTTP 400/413/422: a prompt over the context length or caught by a content filter, say) is an unusable verdict
+too, not asked again: one long answer must not fail a batch whose other verdicts were paid for; as the cycle's scorer
+(`score`, `compare`) it fails. A 404 is no refusal of one prompt: the endpoint serves no such model (or path), every
+request would get it, and it fails as `LlmJudgeConfigError`.
 """
 
 from __future__ import annotations
@@ -16,16 +20,19 @@ import asyncio
 import hashlib
 import json
 import math
+import random
 import re
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from functools import partial
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from evaluators.base import bounded_version
-from shadowjudge.errors import ShadowJudgeError
+from shadowjudge.errors import InputError, ShadowJudgeError
 from shadowjudge.shadow.ratelimit import TokenBucket
 from shadowjudge.shadow.tokens import count_message_tokens
 
@@ -56,8 +63,16 @@ _WINNER = re.compile(r'"winner"\s*:\s*(?:"([^"\n]*)"|([A-Za-z]+))(?=[ \t]*(?:[,}
 _LABEL_WORD = re.compile(r"^(?:answer|assistant|response|model|option)\s+")  # "Answer B" names answer B
 _TIE_WORDS = frozenset({"tie", "a tie", "both", "neither", "equal"})
 _SCORE = re.compile(r'"score"\s*:\s*"?(\d+(?:\.\d+)?)"?')
-# The endpoint refuses the request itself (too long, unknown model, unprocessable): asking again gets the same answer.
-REFUSED_STATUSES = frozenset({400, 404, 413, 422})
+# The endpoint refuses this request itself (too long, filtered, unprocessable): asking again gets the same answer.
+# Not 404: an OpenAI-compatible endpoint sends it for a model (or path) it does not serve, for every request alike.
+REFUSED_STATUSES = frozenset({400, 413, 422})
+NOT_FOUND_STATUS = 404
+# What the openai SDK retries, and how, now that the judge retries instead (through its rate limiter): a request
+# timeout, a lock, a rate limit and any 5xx; a Retry-After up to two minutes, else 0.5 s doubling up to 8 s.
+RETRIED_STATUSES = frozenset({408, 409, 429})
+MAX_RETRY_AFTER_S = 120.0
+INITIAL_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 8.0
 
 
 class LlmJudgeError(ShadowJudgeError):
@@ -67,6 +82,11 @@ class LlmJudgeError(ShadowJudgeError):
     can keep the verdicts it paid for."""
 
     completed: Sequence[Any] = ()
+
+
+class LlmJudgeConfigError(LlmJudgeError, InputError):
+    """The endpoint does not serve the judge's model or path (HTTP 404): a configuration error every request meets,
+    not a refusal of one prompt. Like any LlmJudgeError it carries the verdicts finished before it (`completed`)."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +167,10 @@ class LlmJudge:
                  temperature: float = 0.0, name: str | None = None, rpm: int | None = None,
                  tpm: int | None = None) -> None:
         self.client = client
+        # Retries go through the rate limiter (`_ask`), not the SDK: as many as the client was built with, each
+        # attempt on a copy of it (same connection pool, timeout and key) that does not retry by itself.
+        self.max_retries: int = getattr(client, "max_retries", 0)
+        self._single_attempt_client = client.with_options(max_retries=0) if client is not None else None
         self.model = model
         self.concurrency = max(1, concurrency)
         self.max_tokens = max_tokens
@@ -185,7 +209,8 @@ class LlmJudge:
     def _pace(self, reserved: int) -> None:
         """Wait for the endpoint's rpm and tpm. The buckets are asyncio's and the calls run on threads: one thread at
         a time waits in an event loop of its own (the bucket's asyncio lock is then never contended, so it binds to
-        no loop), and the others queue in arrival order, as the bucket serves its waiters."""
+        no loop), and the others queue in arrival order, as the bucket serves its waiters. Every attempt of a request
+        waits here, retries included."""
         if self.rpm is None and self.tpm is None:
             return
         with self._pacing:
@@ -202,25 +227,24 @@ class LlmJudge:
     def _ask(self, system: str, user: str, refused_unusable: bool) -> str | None:
         """The reply's text; None when the endpoint refused the request itself (REFUSED_STATUSES), which asking
         again would not change, and the caller takes that as an unusable verdict (`refused_unusable`): else it
-        fails like any other error."""
+        fails like any other error. A failure a retry can help is retried up to `max_retries` times, each attempt
+        paced by rpm/tpm like the first."""
         from openai import OpenAIError
 
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
         reserved = count_message_tokens(messages) + self.max_tokens
-        self._pace(reserved)
-        try:
-            response = self.client.chat.completions.create(
-                model=self.model, temperature=self.temperature, max_tokens=self.max_tokens, messages=messages)
-        except OpenAIError as exc:
-            self._settle(reserved, 0)
-            status = getattr(exc, "status_code", None)
-            failure = f"{type(exc).__name__}" + (f" (HTTP {status})" if status else "")
-            if status in REFUSED_STATUSES and refused_unusable:
-                with self._lock:
-                    self.refused += 1
-                    self.last_refusal = failure
-                return None
-            raise LlmJudgeError(f"judge model '{self.model}' failed: {failure}") from None
+        for retries_done in range(self.max_retries + 1):
+            self._pace(reserved)
+            try:
+                response = self._single_attempt_client.chat.completions.create(
+                    model=self.model, temperature=self.temperature, max_tokens=self.max_tokens, messages=messages)
+                break
+            except OpenAIError as exc:
+                self._settle(reserved, 0)
+                delay = retry_delay(exc, retries_done)
+                if delay is None or retries_done == self.max_retries:
+                    return self._failed(exc, retries_done + 1, refused_unusable)
+                time.sleep(delay)
         usage = getattr(response, "usage", None)
         self._settle(reserved, usage.total_tokens if usage is not None and usage.total_tokens else reserved)
         with self._lock:
@@ -228,6 +252,29 @@ class LlmJudge:
         if not response.choices:
             return ""
         return response.choices[0].message.content or ""
+
+    def _failed(self, exc: Exception, attempts: int, refused_unusable: bool) -> None:
+        """Count a refused request (None: an unusable verdict) or raise the failure, naming model and error class
+        only (an endpoint's message may echo the request)."""
+        status = getattr(exc, "status_code", None)
+        failure = f"{type(exc).__name__}" + (f" (HTTP {status})" if status else "")
+        if status == NOT_FOUND_STATUS:
+            raise LlmJudgeConfigError(
+                f"judge model '{self.model}' was not found at {self._endpoint()} (HTTP 404): the endpoint serves no "
+                "such model or path; check the teacher's model and base_url (judge.teacher)") from None
+        if status in REFUSED_STATUSES and refused_unusable:
+            with self._lock:
+                self.refused += 1
+                self.last_refusal = failure
+            return None
+        tries = f" after {attempts} attempts" if attempts > 1 else ""
+        raise LlmJudgeError(f"judge model '{self.model}' failed{tries}: {failure}") from None
+
+    def _endpoint(self) -> str:
+        """The client's base URL without credentials or query, fit for a message."""
+        parts = urlsplit(str(getattr(self.client, "base_url", "")))
+        host = parts.hostname or ""
+        return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path.rstrip('/')}"
 
     def _verdict(self, prompt: str, a: str, b: str, refused_unusable: bool) -> str | None:
         user = PAIRWISE_USER.format(prompt=prompt, a=a, b=b)
@@ -303,6 +350,32 @@ class LlmJudge:
         if failure is not None:
             raise failure
         return [f.result() for f in futures]
+
+
+def retry_delay(exc: Exception, retries_done: int) -> float | None:
+    """Seconds to wait before retrying a failed attempt, as the openai SDK decides it; None when a retry cannot help
+    (or the server asks for a wait over MAX_RETRY_AFTER_S). The server's `x-should-retry` overrides the status."""
+    from openai import APIConnectionError, APIStatusError
+
+    from shadowjudge.shadow.endpoint import parse_retry_after  # the shadow engine's reading of the headers
+
+    if isinstance(exc, APIConnectionError):  # timeouts included
+        return _backoff(retries_done)
+    if not isinstance(exc, APIStatusError):
+        return None
+    retry_after = parse_retry_after(exc.response.headers)
+    if retry_after is not None and retry_after > MAX_RETRY_AFTER_S:
+        return None
+    should_retry = exc.response.headers.get("x-should-retry")
+    if should_retry == "false":
+        return None
+    if should_retry != "true" and exc.status_code not in RETRIED_STATUSES and exc.status_code < 500:
+        return None
+    return retry_after if retry_after else _backoff(retries_done)
+
+
+def _backoff(retries_done: int) -> float:
+    return min(INITIAL_BACKOFF_S * 2.0 ** retries_done, MAX_BACKOFF_S) * (1 - 0.25 * random.random())
 
 
 def _same_length(*seqs: Sequence[str]) -> None:
