@@ -139,6 +139,17 @@ def test_a_model_is_retrieved_by_id_and_an_unknown_one_is_a_404_with_an_openai_e
     assert err.value.body["code"] == "model_not_found" and "gpt-nope" in err.value.body["message"]
 
 
+
+def test_a_base_url_without_v1_is_a_404_as_providers_answer_it_and_a_wrong_method_a_405(server):
+    """A POST to an unknown path was a 405, so a client with a base_url missing /v1 read 'method not allowed'
+    instead of the 404 OpenAI and vLLM send (and the teacher's check for a wrong model or path missed it)."""
+    client = openai.OpenAI(base_url=server.url, api_key="k", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="Yi-34B-Chat", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.body["code"] == "not_found" and "/chat/completions" in err.value.body["message"]
+    assert httpx.post(f"{server.url}/v1/models").status_code == 405
+    assert httpx.get(f"{server.base_url}/chat/completions").status_code == 405
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_an_answer_stops_at_the_first_stop_sequence_with_usage_of_what_was_kept(server, recordings, stream):
     prompt, output = recorded_prompt(recordings[1], "Yi-34B-Chat")

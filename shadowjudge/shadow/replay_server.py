@@ -125,6 +125,10 @@ class ReplayApp:
                 await self._chat(scope, receive, send)
             finally:
                 self.in_flight -= 1
+        elif not (path in ("/healthz", "/stats", "/v1/models") or path.startswith("/v1/models/")):
+            # as OpenAI and vLLM answer a base_url without /v1: 404, whatever the method
+            self.counters["not_found"] += 1
+            await self._json(send, 404, _error_body(404, f"no route {method} {path}", "not_found"))
         elif method != "GET":
             await self._json(send, 405, _error_body(405, f"use GET for {path}"))
         elif path == "/healthz":
@@ -133,11 +137,8 @@ class ReplayApp:
             await self._json(send, 200, orjson.dumps(self.stats()))
         elif path == "/v1/models":
             await self._json(send, 200, self._models_body)
-        elif path.startswith("/v1/models/"):
-            await self._model(send, path.removeprefix("/v1/models/"))
         else:
-            self.counters["not_found"] += 1
-            await self._json(send, 404, _error_body(404, f"no route {method} {path}", "not_found"))
+            await self._model(send, path.removeprefix("/v1/models/"))
 
     async def _model(self, send: Send, model: str) -> None:
         """`models.retrieve`: the model object, or the 404 a provider sends for a model it does not serve."""
