@@ -27,9 +27,11 @@ from flows.stages import current_cycle_id, ingest_task, load, run_route_cycle  #
 def evaluation_cycle(config_path: str, route: str | None = None, cycle_id: str | None = None,
                      progress: bool = False) -> dict[str, Any]:
     """Ingest and sample, then per route: shadow-test, score (and calibrate against the teacher), analyse with the
-    golden set and drift checks, log, alert, and step the weights."""
+    golden set and drift checks, log, alert, and step the weights. Without a `cycle_id` (a scheduled run), a route
+    whose newest run failed finishes that run instead of opening a new one (orchestration.resume_failed_runs)."""
     logger = get_run_logger()
     config = load(config_path)
+    cycle_id_given = cycle_id is not None  # without one, a route whose newest run failed resumes it
     cycle_id = current_cycle_id(cycle_id)
     # a scheduled cycle whose MLflow is down, or whose judge is missing, fails now, before the paid shadow calls
     check_config_tracking(config)
@@ -46,7 +48,8 @@ def evaluation_cycle(config_path: str, route: str | None = None, cycle_id: str |
             check_api_keys(config.endpoints([rc]))
             # holds the route's cycle lease: another cycle of it meanwhile fails at once instead of paying for the
             # same samples again
-            outcomes[rc.name] = run_route_cycle(config, rc, cycle_id, ingest_report, config_path, progress)
+            outcomes[rc.name] = run_route_cycle(config, rc, cycle_id, ingest_report, config_path, progress,
+                                                cycle_id_given=cycle_id_given)
         except Exception as exc:  # noqa: BLE001 - one route's failure must not starve the routes after it
             logger.error("route %s failed: %s: %s", rc.name, type(exc).__name__, exc)
             failures[rc.name] = exc

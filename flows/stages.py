@@ -160,12 +160,19 @@ def close_task(config: Config, route: RouteConfig, handle: stages.RunHandle, ana
 # --- the per-route sequence the parent and the stage flows share ---
 
 def run_route_cycle(config: Config, route: RouteConfig, cycle_id: str, ingest_report: dict[str, Any],
-                    config_path: str, progress: bool = False) -> dict[str, Any]:
+                    config_path: str, progress: bool = False, *, cycle_id_given: bool = True) -> dict[str, Any]:
     """One route's cycle after ingest, holding the route's cycle lease from opening its run to closing it: another
     cycle of the route meanwhile fails at once (RouteBeingEvaluated) instead of shadow-testing the same samples.
-    Each stage starts only while the lease is still ours (CycleLeaseLost otherwise)."""
+    Each stage starts only while the lease is still ours (CycleLeaseLost otherwise).
+
+    `cycle_id_given` False (a scheduled cycle, `shadowjudge run` without --cycle-id): when the route's newest run
+    failed, the cycle resumes it instead of opening run `cycle_id` (`stages.choose_cycle_run`); the outcome says so."""
     with stages.cycle_lease(engine_of(config), route.name, cycle_id) as lease:
-        handle = open_run_task(config, route, cycle_id)
+        choice = stages.choose_cycle_run(engine_of(config), config, route, cycle_id, lease,
+                                         cycle_id_given=cycle_id_given)
+        if choice.note:
+            get_run_logger().warning("route %s: %s", route.name, choice.note)
+        handle = open_run_task(config, route, choice.cycle_id)
         try:
             stages.ensure_lease(lease)
             shadow_report = shadow_task(config, route, handle, progress)
@@ -176,7 +183,7 @@ def run_route_cycle(config: Config, route: RouteConfig, cycle_id: str, ingest_re
             outcome = decide_and_publish(config, route, handle, analysed, lease)
             if score_report.get("calibration_failed"):
                 outcome["calibration_failed"] = score_report["calibration_failed"]
-            return outcome
+            return {**outcome, **choice.outcome()}
         except (RouteBusy, stages.CycleLeaseLost):
             raise  # the run stays open for the update-routes rerun; or it is now the new holder's to finish
         except Exception as exc:

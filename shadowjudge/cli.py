@@ -50,7 +50,9 @@ def init(config: Path = ConfigOption) -> None:
 @app.command()
 def run(config: Path = ConfigOption,
         route: Optional[str] = typer.Option(None, help="Only this route"),
-        cycle_id: Optional[str] = typer.Option(None, help="Rerun/resume this cycle (default: the current minute)"),
+        cycle_id: Optional[str] = typer.Option(None, help="Rerun/resume this cycle (default: the current minute, "
+                                               "or the route's newest run if it failed: orchestration."
+                                               "resume_failed_runs)"),
         ) -> None:
     """Run one evaluation cycle (ingest, shadow-test, score, analyse, log, alert, update routes)."""
     from shadowjudge.cycle import check_cycle_id
@@ -98,6 +100,8 @@ def _print_cycle(result: dict) -> None:
         console.print(f"route [bold]{escape(name)}[/]: decision [bold]{escape(str(outcome.get('decision')))}[/], "
                       f"weights {escape(str(outcome.get('weights_before')))} -> "
                       f"{escape(str(outcome.get('weights_after')))}")
+        if outcome.get("note"):  # it resumed the route's failed run instead of starting a new one, or gave it up
+            console.print(f"  {outcome['note']}", markup=False)
         if outcome.get("step_status") == "failed":  # the weights above were decided, not pushed
             console.print(f"  route step failed: {outcome.get('reason')}", markup=False)
         if outcome.get("calibration_failed"):
@@ -129,9 +133,15 @@ def status(config: Path = ConfigOption, limit: int = typer.Option(10, min=1, max
             t.add_row(*literal(r.id, r.run_key, r.status, len(r.sample_ids), r.decision or "-",
                                r.judge_version or "-", r.started_at.strftime("%Y-%m-%d %H:%M:%S")))
         console.print(t)
+        newest_of_route: dict[str, int] = {}
+        for r in runs:  # newest first; every run newer than one shown is shown
+            if r.kind == "cycle":
+                newest_of_route.setdefault(r.route, r.id)
         for r in runs:
             if r.status == "failed":
-                console.print(failed_run_hint(r, config), markup=False, soft_wrap=True)
+                resumable = newest_of_route.get(r.route) == r.id
+                console.print(failed_run_hint(r, config, cfg.orchestration.resume_failed_runs if resumable else 0),
+                              markup=False, soft_wrap=True)
         t = Table(title="Route weights")
         for col in ("route", "weights", "candidate", "phase", "step", "frozen", "revision"):
             t.add_column(col)
@@ -150,15 +160,30 @@ def status(config: Path = ConfigOption, limit: int = typer.Option(10, min=1, max
                   + (" (~: an estimate)" if any(str(v).startswith("~") for v in counts.values()) else ""))
 
 
-def failed_run_hint(run: ShadowRun, config: Path) -> str:
-    """What a failed run left and how to finish it: no later cycle takes its samples (each run takes only samples
-    newer than the route's newest run), so they stay unevaluated until its cycle id is rerun."""
+def failed_run_hint(run: ShadowRun, config: Path, resume_limit: int = 0) -> str:
+    """What a failed run left and how to finish it: no later run takes its samples (each run takes only samples
+    newer than the route's newest run), so they stay unevaluated until its cycle id is rerun, by hand or, while it
+    is the route's newest run and has automatic resumes left (`resume_limit`, 0 where none apply), by the next
+    cycle started without a cycle id."""
     summary = run.summary or {}
     rerun = f"shadowjudge run -c {shlex.quote(str(config))} --route {shlex.quote(run.route)}"
     if summary.get("cycle_id"):
         rerun += f" --cycle-id {shlex.quote(str(summary['cycle_id']))}"
+    resumes = int(summary.get("auto_resumes", 0))
+    given_up = summary.get("auto_resume_given_up")
+    if given_up:
+        automatic = (f" (automatic resumes given up after {given_up.get('after_resumes', resumes)}: cycle "
+                     f"{given_up.get('by_cycle')} started a new run instead)")
+    elif resume_limit and resumes < resume_limit:
+        automatic = (f" (or the route's next cycle started without --cycle-id resumes it: automatic resume "
+                     f"{resumes + 1} of {resume_limit})")
+    elif resume_limit:
+        automatic = (f" (its {resume_limit} automatic resume(s) are used up: the next cycle started without "
+                     "--cycle-id gives it up)")
+    else:
+        automatic = ""
     return (f"run {run.id} ({run.run_key}) failed: {summary.get('error', 'no error recorded')}; its "
-            f"{len(run.sample_ids)} samples are evaluated by no later run until it is rerun: {rerun}")
+            f"{len(run.sample_ids)} samples are evaluated by no later run until it is rerun: {rerun}{automatic}")
 
 
 EXACT_COUNT_BELOW = 100_000

@@ -461,7 +461,8 @@ def incumbent_served(route: RouteConfig, samples: Iterable[tuple[int, str]]) -> 
 
 
 class OrchestrationConfig(_Strict):
-    """How the Prefect flows spread work past one process: judge scoring fan-out and provider-call limits."""
+    """How the Prefect flows spread work past one process (judge scoring fan-out, provider-call limits) and recover
+    a route's failed run."""
 
     score_batches: int = Field(default=1, ge=1, le=256, description="Split a run's judge scoring into this many "
                                "sample-id ranges, each a run of `score_deployment` that any worker may take "
@@ -470,6 +471,10 @@ class OrchestrationConfig(_Strict):
     score_batch_timeout_s: float = Field(default=3600, gt=0, description="How long the cycle waits for its batches")
     provider_calls_limit: int = Field(default=4, ge=1, description="Task runs tagged `provider-calls` (shadow tests, "
                                       "load tests) running at once across all flow runs; set by `shadowjudge deploy`")
+    resume_failed_runs: int = Field(default=2, ge=0, le=100, description="How many times cycles started without a "
+                                    "cycle id resume a route's newest run after it failed, instead of opening a new "
+                                    "run past its samples (0: never; then, and once these are used up, the failed "
+                                    "run waits for `shadowjudge run --cycle-id`)")
 
 
 class Config(_Strict):

@@ -231,11 +231,96 @@ def ensure_lease(lease: LeaseLock) -> None:
     """Renew the cycle lease now, or raise CycleLeaseLost: called before each stage, so a cycle whose lease another
     host took over stops instead of scoring, alerting, stepping the route or closing its run beside the new holder."""
     if not lease.renew():
-        holder = lease.current_holder()
-        raise CycleLeaseLost(f"lost the lease '{lease.name}' to {holder[0] if holder else 'another cycle'}: it "
-                             f"went unrenewed for its whole length (the store out of reach, or this process stalled), "
-                             f"so {lease.holder} stopped before its next stage; rerun that cycle id once the other "
-                             "has finished: it resumes the same run")
+        raise lease_lost(lease)
+
+
+def lease_lost(lease: LeaseLock) -> CycleLeaseLost:
+    holder = lease.current_holder()
+    return CycleLeaseLost(f"lost the lease '{lease.name}' to {holder[0] if holder else 'another cycle'}: it "
+                          f"went unrenewed for its whole length (the store out of reach, or this process stalled), "
+                          f"so {lease.holder} stopped before its next stage; rerun that cycle id once the other "
+                          "has finished: it resumes the same run")
+
+
+@dataclass(frozen=True)
+class CycleRunChoice:
+    """The run a full cycle of a route works on: the one its own cycle id names, or the route's newest run, which
+    failed, resumed in its place (`choose_cycle_run`)."""
+
+    cycle_id: str  # the cycle id of the run the cycle opens or resumes
+    started_as: str  # the cycle id the cycle was started with
+    resume_attempt: int = 0  # which automatic resume of the failed run this is (1-based); 0: none
+    resume_limit: int = 0  # orchestration.resume_failed_runs when the choice was made
+    given_up_cycle_id: str | None = None  # a failed run whose automatic resumes were used up: left to a person
+
+    @property
+    def resumed_failed(self) -> bool:
+        return self.resume_attempt > 0
+
+    @property
+    def note(self) -> str | None:
+        """One line saying what the cycle did instead of the usual (None when it opened its own run as usual)."""
+        if self.resumed_failed:
+            return (f"resumed failed cycle {self.cycle_id} (automatic resume {self.resume_attempt} of "
+                    f"{self.resume_limit}) instead of starting cycle {self.started_as}")
+        if self.given_up_cycle_id:
+            return (f"gave up on failed cycle {self.given_up_cycle_id}, its automatic resumes used up "
+                    f"(orchestration.resume_failed_runs: {self.resume_limit}), and started cycle {self.started_as}; "
+                    f"its samples wait for `shadowjudge run --cycle-id {self.given_up_cycle_id}` "
+                    "(`shadowjudge status` shows the command)")
+        return None
+
+    def outcome(self) -> dict[str, Any]:
+        """What the cycle's outcome records of the choice."""
+        out: dict[str, Any] = {"cycle_id": self.cycle_id}
+        if self.resumed_failed:
+            out |= {"resumed_failed_cycle_id": self.cycle_id, "started_as_cycle_id": self.started_as,
+                    "resume_attempt": self.resume_attempt, "resume_limit": self.resume_limit}
+        if self.given_up_cycle_id:
+            out["gave_up_cycle_id"] = self.given_up_cycle_id
+        if self.note:
+            out["note"] = self.note
+        return out
+
+
+def choose_cycle_run(engine: Engine, config: Config, route: RouteConfig, cycle_id: str, lease: LeaseLock, *,
+                     cycle_id_given: bool) -> CycleRunChoice:
+    """The run a full cycle of the route works on, decided while holding the route's cycle `lease`.
+
+    A cycle started without a cycle id (a scheduled one, `shadowjudge run` without --cycle-id) whose route's newest
+    run failed resumes that run instead of opening a new one: a new run would take only samples past the failed
+    run's, which no cycle would then evaluate. Each failed run is resumed automatically at most
+    `orchestration.resume_failed_runs` times (counted in its summary as `auto_resumes`); once they are used up, the
+    cycle records in its summary that it was given up (`auto_resume_given_up`) and opens its own run, so a run that
+    fails every time cannot hold the route still. A given cycle id is never redirected, and a `running` run (a cycle
+    run stage by stage, or one still going) is not resumed. The count is written in the same transaction as a
+    renewal of the lease (CycleLeaseLost when that fails), so two cycles never both resume one run.
+    """
+    as_usual = CycleRunChoice(cycle_id, cycle_id)
+    limit = config.orchestration.resume_failed_runs
+    if cycle_id_given or limit == 0:
+        return as_usual
+    with session_scope(engine) as s:
+        newest = s.scalar(select(ShadowRun).where(ShadowRun.route == route.name, ShadowRun.kind == "cycle")
+                          .order_by(ShadowRun.id.desc()).limit(1))
+        if newest is None or newest.status != "failed":
+            return as_usual
+        failed_cycle_id = str(newest.summary.get("cycle_id") or newest.run_key.removeprefix(f"{route.name}:"))
+        if failed_cycle_id == cycle_id:  # a retry of the failed cycle's own slot: open_run resumes it by its key
+            return as_usual
+        resumes = int(newest.summary.get("auto_resumes", 0))
+        if resumes >= limit:
+            newest.summary = {**newest.summary,
+                              "auto_resume_given_up": {"by_cycle": cycle_id, "after_resumes": resumes}}
+            choice = CycleRunChoice(cycle_id, cycle_id, resume_limit=limit, given_up_cycle_id=failed_cycle_id)
+        else:
+            newest.summary = {**newest.summary, "auto_resumes": resumes + 1,
+                              "auto_resumed_by": [*newest.summary.get("auto_resumed_by", []), cycle_id]}
+            choice = CycleRunChoice(failed_cycle_id, cycle_id, resume_attempt=resumes + 1, resume_limit=limit)
+        if not lease.renew_in(s):
+            s.rollback()  # the count is not ours to write: the cycle that took the lease over decides
+            raise lease_lost(lease)
+    return choice
 
 
 def _renew_until(lease: LeaseLock, stop: threading.Event, every_s: float) -> None:
