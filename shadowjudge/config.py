@@ -625,6 +625,16 @@ def _format_location(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
+def _blamed_variables(loc: _Location, overridden: dict[_Location, str]) -> str:
+    """The env variables an error at `loc` may come from: the one that set `loc` or a value around it, else those
+    that set values inside it (a validator of a whole route reports at the route, not at the check field set)."""
+    variable = next((v for at, v in overridden.items() if loc[:len(at)] == at), None)
+    if variable:
+        return f" (from env {variable})"
+    inside = sorted(v for at, v in overridden.items() if at[:len(loc)] == loc)
+    return f" (env sets {', '.join(inside)} inside it)" if inside else ""
+
+
 def parse_config(data: Any, source: str = "<config>", environ: dict[str, str] | None = None) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
@@ -635,8 +645,7 @@ def parse_config(data: Any, source: str = "<config>", environ: dict[str, str] | 
         lines = [f"{source}: invalid config"]
         for err in exc.errors():
             msg = err["msg"].removeprefix("Value error, ")
-            variable = next((v for at, v in overridden.items() if tuple(err["loc"][:len(at)]) == at), None)
-            lines.append(f"  {_format_location(err['loc'])}: {msg}" + (f" (from env {variable})" if variable else ""))
+            lines.append(f"  {_format_location(err['loc'])}: {msg}{_blamed_variables(tuple(err['loc']), overridden)}")
         raise ConfigError("\n".join(lines)) from None
 
 

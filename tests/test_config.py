@@ -139,6 +139,24 @@ def test_an_invalid_env_override_is_blamed_on_the_variable():
     assert "sampling.rate" in str(exc.value) and "(from env SHADOWJUDGE__SAMPLING__RATE)" in str(exc.value)
 
 
+
+def test_a_route_level_error_names_the_env_variables_set_inside_the_route():
+    """A route's checks are validated as a whole, so the error sits at routes[0]; the override that broke them sits
+    deeper, at routes[0].checks[0].max_chars, and the message named only the file."""
+    data = _example()
+    data["routes"][0]["checks"] = [{"kind": "length", "max_chars": 100}]
+    env = {"SHADOWJUDGE__ROUTES__0__CHECKS__0__MAX_CHARS": "-5", "SHADOWJUDGE__SAMPLING__RATE": "0.5"}
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data, "shadowjudge.yaml", environ=env)
+    message = str(exc.value)
+    assert "max_chars must be a whole number >= 0, got -5" in message
+    assert "(env sets SHADOWJUDGE__ROUTES__0__CHECKS__0__MAX_CHARS inside it)" in message
+    assert "SAMPLING__RATE" not in message  # a variable set elsewhere is not blamed
+    data["routes"][0]["checks"] = [{"kind": "length", "max_chars": -5}]
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data, "shadowjudge.yaml", environ={})
+    assert "env" not in str(exc.value)
+
 def test_cycle_endpoints_and_their_keys(monkeypatch):
     """`run` and the flow check every key before ingest: a missing one used to fail the shadow test, retried twice."""
     from shadowjudge.config import check_api_keys
