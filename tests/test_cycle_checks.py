@@ -1,6 +1,7 @@
 """The checks a cycle runs beside the canary analysis, end to end through the Prefect flow on real parts (the
 replay server, SQLite and PostgreSQL, a local MLflow store): the golden regression set gates promotion, drift
-is measured and alerted on, and the calibration share of judged pairs goes to a teacher over HTTP.
+is measured and alerted on, the calibration share of judged pairs goes to a teacher over HTTP, and an alert on the
+route's deterministic checks shows the answers that failed them.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from sqlalchemy import func, select
-from test_alerts_sinks import closed_port
+from test_alerts_sinks import Receiver, closed_port
+from typer.testing import CliRunner
 
 from shadowjudge.analysis.golden import GoldenSetError
 from shadowjudge.config import load_config
 from shadowjudge.cycle import drift_windows, golden_gate
 from shadowjudge.demo import DEMO_DATA, demo_config
 from shadowjudge.shadow.replay_server import ReplayServer
-from shadowjudge.store import Alert, Judgment, RouteWeightChange, ShadowRun, get_engine, session_scope
+from shadowjudge.store import Alert, Judgment, RouteWeightChange, ShadowResult, ShadowRun, get_engine, session_scope
 from cycle_configs import write_cycle_config
 
 ROUTE = "chat-default"
@@ -273,3 +275,60 @@ def test_a_cycle_whose_judge_is_missing_fails_before_any_shadow_call(tmp_path, s
     with session_scope(get_engine(sqlite_url)) as s:
         assert s.scalar(select(func.count()).select_from(ShadowRun)) == 0
     assert answered() == before
+
+
+def _is_json_answer(text: str | None) -> bool:
+    try:
+        return isinstance(json.loads(text or ""), dict)
+    except ValueError:
+        return False
+
+
+def test_a_checks_alert_shows_the_answers_that_broke_the_json_check(tmp_path, sqlite_url, prefect_harness):
+    """A route whose answers are JSON ({"answer": ...}): llama-2-7b drops the JSON on about 40% of the prompts.
+    Its `checks` alert carries exactly those answers as examples, each naming the check it failed (the incumbent
+    failing none), and both `alerts show` and the Slack message say so."""
+    from flows.cycle import evaluation_cycle
+    from shadowjudge.alerts.cli import alerts_cli
+    from cycle_configs import cycle_config, save_config
+
+    def breaks(prompt_id: str) -> bool:
+        return int(prompt_id, 16) % 5 in (0, 1)
+
+    recordings = tmp_path / "recordings.jsonl"
+    with gzip.open(DEMO_DATA / "recordings.jsonl.gz", "rt") as fh, recordings.open("w") as out:
+        for row in map(json.loads, fh):
+            if not (row["model"] == "llama-2-7b-chat-hf" and breaks(row["prompt_id"])):
+                row["output"] = json.dumps({"answer": row["output"]})
+            out.write(json.dumps(row) + "\n")
+    with ReplayServer(recordings, FAST) as server, Receiver(default=200) as slack:
+        data = cycle_config(tmp_path, sqlite_url, server.base_url, drift={"enabled": False},
+                            alerts={"sinks": [{"name": "slack", "kind": "slack", "url": slack.url, "backoff_s": 0}]})
+        data["routes"][0].pop("golden_set")
+        data["routes"][0]["checks"] = [{"kind": "json", "schema": {"type": "object", "required": ["answer"]}}]
+        config_path = str(save_config(tmp_path, data))
+        evaluation_cycle(config_path=config_path, cycle_id="j1")
+
+    engine = get_engine(sqlite_url)
+    with session_scope(engine) as s:
+        alerts = s.scalars(select(Alert).where(Alert.metric == "checks")).all()
+        assert [(a.target, a.slice, a.severity) for a in alerts] == [("llama-2-7b", None, "critical")]
+        alert = alerts[0]
+        answers = {(r.sample_id, r.target): r.output_text for r in s.scalars(
+            select(ShadowResult).where(ShadowResult.run_id == alert.run_id, ShadowResult.attempt == 0))}
+    broken = sorted(sid for (sid, target), text in answers.items()
+                    if target == "llama-2-7b" and text is not None and not _is_json_answer(text))
+    assert len(broken) >= 8
+    assert all(_is_json_answer(text) for (_, target), text in answers.items() if target != "llama-2-7b")
+    examples = alert.bundle["examples"]
+    assert [e["sample_id"] for e in examples] == broken[:5]  # alerts.max_examples
+    assert all(e["candidate_failed_checks"] == ["json"] and e["incumbent_failed_checks"] == [] for e in examples)
+    assert all(e["candidate_answer"].startswith(answers[e["sample_id"], "llama-2-7b"][:100]) for e in examples)
+
+    shown = CliRunner(env={"COLUMNS": "200"}).invoke(alerts_cli, ["show", str(alert.id), "--config", config_path])
+    assert shown.exit_code == 0, shown.output
+    assert shown.output.count("checks failed: candidate json, incumbent none") == len(examples)
+    posted = [r["json"] for r in slack.requests if "checks" in r["json"]["text"]]
+    assert len(posted) == 1
+    texts = [b["text"]["text"] for b in posted[0]["blocks"] if b["type"] == "section" and "text" in b]
+    assert sum("*Checks failed*: candidate json, incumbent none" in t for t in texts) == 2

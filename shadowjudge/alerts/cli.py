@@ -44,6 +44,10 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
+def _check_names(names: list[str] | None) -> str:
+    return escape(", ".join(names)) if names else "none"
+
+
 _SEVERITY_STYLE = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
 
 
@@ -101,7 +105,10 @@ def show_command(alert_id: int = AlertIdArgument, config: Path = ConfigOption,
     _out().print(Panel("\n".join(lines), title=f"alert {data['id']}", expand=False), highlight=False)
     for i, ex in enumerate(bundle.get("examples") or [], 1):
         if "prompt" in ex:
-            body = (f"[bold]prompt[/]: {escape(ex.get('prompt') or '')}\n\n[bold]incumbent[/] (score "
+            checks = (f"[bold]checks failed[/]: candidate {_check_names(ex['candidate_failed_checks'])}, "
+                      f"incumbent {_check_names(ex.get('incumbent_failed_checks'))}\n\n"
+                      if "candidate_failed_checks" in ex else "")  # a `checks` regression's example
+            body = (f"{checks}[bold]prompt[/]: {escape(ex.get('prompt') or '')}\n\n[bold]incumbent[/] (score "
                     f"{_fmt(ex.get('incumbent_score'))}): {escape(ex.get('incumbent_answer') or '-')}\n\n"
                     f"[bold]candidate[/] (score {_fmt(ex.get('candidate_score'))}): "
                     f"{escape(ex.get('candidate_answer') or ex.get('candidate_error') or '-')}")

@@ -16,7 +16,7 @@ from typing import Any
 from shadowjudge.analysis.canary import Classification, MetricResult, Verdict
 from shadowjudge.analysis.drift import DriftReport, DriftResult
 from shadowjudge.analysis.golden import GoldenReport
-from shadowjudge.analysis.regression import CandidateAnalysis, RunAnalysis, json_safe
+from shadowjudge.analysis.regression import CandidateAnalysis, RunAnalysis, SliceResult, json_safe
 from shadowjudge.config import RouteConfig
 
 
@@ -37,6 +37,8 @@ class Finding:
     source_key: str  # what produced it (a run, a window): the same source twice is a rerun, not a recurrence
     sample_ids: list[int] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+    # What the triage examples of `sample_ids` add, by sample id: for metric `checks`, the checks each side failed.
+    example_fields: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def fingerprint(self) -> str:
@@ -50,8 +52,24 @@ def _default_action(candidate: CandidateAnalysis) -> str:
     return f"watch: candidate verdict {candidate.verdict}, routing decides"
 
 
+def _examples(metric: str,
+              examples_of: CandidateAnalysis | SliceResult) -> tuple[list[int], dict[int, dict[str, Any]]]:
+    """The samples a finding on `metric` shows, worst first, and what each example adds: for `checks` the answers
+    that fail more of the route's checks than the incumbent's, with the checks each side failed (the judge's worst
+    pairs need not fail any); for every other metric the candidate's errors and the judge's worst pairs."""
+    if metric != "checks":
+        return examples_of.worst_sample_ids, {}
+    failures = examples_of.check_failures
+    fields = {f.sample_id: {"candidate_failed_checks": f.candidate_failed_checks,
+                            "incumbent_failed_checks": f.incumbent_failed_checks} for f in failures}
+    return [f.sample_id for f in failures], fields
+
+
 def _metric_finding(analysis: RunAnalysis, candidate: CandidateAnalysis, metric: MetricResult, severity: str,
-                    slice_label: str | None, sample_ids: list[int], action: str | None) -> Finding:
+                    slice_label: str | None, examples_of: CandidateAnalysis | SliceResult,
+                    action: str | None) -> Finding:
+    """`examples_of` is the candidate, or for a slice's finding its slice: the examples stay inside the slice."""
+    sample_ids, example_fields = _examples(metric.metric, examples_of)
     where = f" on slice {slice_label}" if slice_label else ""
     message = (f"Candidate {candidate.target} ({candidate.model}) regresses{where} on route {analysis.route}: "
                f"{metric.describe()}. Verdict {candidate.verdict}"
@@ -62,7 +80,8 @@ def _metric_finding(analysis: RunAnalysis, candidate: CandidateAnalysis, metric:
                    {"metric": json_safe(asdict(metric)), "verdict": str(candidate.verdict),
                     "score": candidate.score, "reasons": candidate.reasons[:10],
                     "evaluator": analysis.evaluator_version, "incumbent": analysis.incumbent,
-                    "incumbent_source": analysis.incumbent_source})
+                    "incumbent_source": analysis.incumbent_source},
+                   example_fields)
 
 
 def regression_findings(analysis: RunAnalysis, route: RouteConfig, action: str | None = None) -> list[Finding]:
@@ -71,7 +90,7 @@ def regression_findings(analysis: RunAnalysis, route: RouteConfig, action: str |
     findings: list[Finding] = []
     for candidate in analysis.candidates:
         severity = "critical" if candidate.verdict is Verdict.FAIL else "warning"
-        found = [_metric_finding(analysis, candidate, m, severity, None, candidate.worst_sample_ids, action)
+        found = [_metric_finding(analysis, candidate, m, severity, None, candidate, action)
                  for m in candidate.metrics if m.classification is Classification.FAIL]
         # A metric that fails overall is one cause, however many slices it also fails on (they are listed in
         # its details); a slice gets its own alert only for a metric that passes on average.
@@ -82,7 +101,7 @@ def regression_findings(analysis: RunAnalysis, route: RouteConfig, action: str |
                                                   for m in sl.metrics)]
         slice_severity = "critical" if route.criteria.slice_failure == "fail" else "warning"
         for sl in candidate.failing_slices:
-            found.extend(_metric_finding(analysis, candidate, m, slice_severity, sl.label, sl.worst_sample_ids, action)
+            found.extend(_metric_finding(analysis, candidate, m, slice_severity, sl.label, sl, action)
                          for m in sl.metrics
                          if m.classification is Classification.FAIL and m.metric not in failed_overall)
         if not found and candidate.verdict is Verdict.FAIL:

@@ -226,7 +226,14 @@ def _slack_example(example: Mapping[str, Any]) -> str:
                  f"*Incumbent* ({score('incumbent_score')}): {_mrkdwn(example.get('incumbent_answer') or '-', 600)}",
                  f"*Candidate* ({score('candidate_score')}): "
                  f"{_mrkdwn(example.get('candidate_answer') or example.get('candidate_error') or '-', 600)}"]
+        if "candidate_failed_checks" in example:  # a `checks` regression: which checks each side failed
+            lines.insert(1, f"*Checks failed*: candidate {_check_names(example['candidate_failed_checks'])}, "
+                            f"incumbent {_check_names(example.get('incumbent_failed_checks'))}")
     return "\n".join(lines)
+
+
+def _check_names(names: list[str] | None) -> str:
+    return _mrkdwn(", ".join(names), 300) if names else "none"
 
 
 class PagerDutySink(_HttpSink):

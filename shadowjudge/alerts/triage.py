@@ -1,7 +1,8 @@
 """The triage bundle every alert carries: what a person needs to act without opening five tools.
 
-The MLflow run link, the worst examples (prompt, incumbent answer, candidate answer, scores), the slice, the
-numbers behind the finding and the command that reruns the cycle that found it.
+The MLflow run link, the worst examples (prompt, incumbent answer, candidate answer, scores; for a regression on
+metric `checks`, the answers that fail more checks than the incumbent's, with the checks each side failed), the
+slice, the numbers behind the finding and the command that reruns the cycle that found it.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ def _clip(text: str | None) -> str | None:
 
 
 def worst_examples(engine: Engine, run_id: int, route: RouteConfig, target: str, sample_ids: list[int],
-                   evaluator: str | None, limit: int) -> list[dict[str, Any]]:
-    """The given samples (worst first) with both answers and the judge's scores, texts clipped."""
+                   evaluator: str | None, limit: int,
+                   example_fields: dict[int, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The given samples (worst first) with both answers and the judge's scores, texts clipped, and what
+    `example_fields` holds for each (a `checks` finding: the checks each side failed)."""
     ids = sample_ids[:limit]
     if not ids:
         return []
@@ -66,6 +69,7 @@ def worst_examples(engine: Engine, run_id: int, route: RouteConfig, target: str,
             "candidate_score": judged.candidate_score if judged else None,
             "incumbent_score": judged.incumbent_score if judged else None,
             "preference": judged.preference if judged else None,
+            **(example_fields or {}).get(sid, {}),
         })
     return examples
 
@@ -92,7 +96,7 @@ def build_bundle(engine: Engine, finding: Finding, route: RouteConfig, run_link:
     examples: list[dict[str, Any]] = []
     if finding.kind == "regression" and finding.run_id is not None and finding.target:
         examples = worst_examples(engine, finding.run_id, route, finding.target, finding.sample_ids,
-                                  finding.details.get("evaluator"), max_examples)
+                                  finding.details.get("evaluator"), max_examples, finding.example_fields)
     elif finding.kind == "drift":
         examples = list((finding.details.get("drift") or {}).get("details", {}).get("examples") or [])[:max_examples]
     elif finding.kind == "golden":

@@ -47,6 +47,16 @@ WORST_EXAMPLES = 10
 MIN_P95_VALUES = 60
 
 
+@dataclass(frozen=True)
+class CheckFailure:
+    """A sample whose candidate answer fails more of the route's checks than the incumbent's: an example for a
+    `checks` alert, with the checks each side failed (in declared order)."""
+
+    sample_id: int
+    candidate_failed_checks: list[str]
+    incumbent_failed_checks: list[str]
+
+
 @dataclass
 class SliceResult:
     key: str
@@ -57,6 +67,7 @@ class SliceResult:
     metrics: list[MetricResult]
     reasons: list[str]
     worst_sample_ids: list[int] = field(default_factory=list)
+    check_failures: list[CheckFailure] = field(default_factory=list)  # the examples of metric `checks`
 
     @property
     def label(self) -> str:
@@ -75,6 +86,7 @@ class CandidateAnalysis:
     slices: list[SliceResult]
     reasons: list[str]
     worst_sample_ids: list[int] = field(default_factory=list)
+    check_failures: list[CheckFailure] = field(default_factory=list)  # the examples of metric `checks`
 
     @property
     def failing_slices(self) -> list[SliceResult]:
@@ -110,12 +122,17 @@ class RunAnalysis:
         def metric(d: Mapping[str, Any]) -> MetricResult:
             return MetricResult(**{**d, "classification": Classification(d["classification"])})
 
+        def check_failures(d: Mapping[str, Any]) -> list[CheckFailure]:
+            return [CheckFailure(**f) for f in d.get("check_failures") or []]  # none in an analysis stored before
+
         def slice_(d: Mapping[str, Any]) -> SliceResult:
-            return SliceResult(**{**d, "verdict": Verdict(d["verdict"]), "metrics": [metric(m) for m in d["metrics"]]})
+            return SliceResult(**{**d, "verdict": Verdict(d["verdict"]), "metrics": [metric(m) for m in d["metrics"]],
+                                  "check_failures": check_failures(d)})
 
         candidates = [CandidateAnalysis(**{**c, "verdict": Verdict(c["verdict"]),
                                            "metrics": [metric(m) for m in c["metrics"]],
-                                           "slices": [slice_(s) for s in c["slices"]]})
+                                           "slices": [slice_(s) for s in c["slices"]],
+                                           "check_failures": check_failures(c)})
                       for c in data["candidates"]]
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known and k != "candidates"}, candidates=candidates)
@@ -454,6 +471,25 @@ def _worst_samples(data: RunData, target: str, ids: set[int] | None) -> list[int
     return [sid for key, sid in keyed[:WORST_EXAMPLES] if key < 0]
 
 
+def _check_failures(data: RunData, target: str, ids: set[int] | None) -> list[CheckFailure]:
+    """The samples where the candidate's answer fails more of the route's checks than the incumbent's (both answered,
+    as metric `checks` pairs them), most checks failed by the candidate and passed by the incumbent first: the
+    examples of a `checks` regression, which the judge's worst pairs need not be."""
+    keyed = []
+    for sid, rec in data.candidates[target].items():
+        inc = data.incumbent.get(sid)
+        if (ids is not None and sid not in ids) or inc is None:
+            continue
+        cand_failed, inc_failed = rec.failed_checks, inc.failed_checks
+        if cand_failed is None or inc_failed is None or len(cand_failed) <= len(inc_failed):
+            continue
+        newly_failed = len(set(cand_failed) - set(inc_failed))
+        keyed.append(((-newly_failed, len(inc_failed) - len(cand_failed), sid),
+                      CheckFailure(sid, list(cand_failed), list(inc_failed))))
+    keyed.sort(key=lambda k: k[0])
+    return [failure for _, failure in keyed[:WORST_EXAMPLES]]
+
+
 def _analyse_candidate(data: RunData, route: RouteConfig, target: str, accept_floor: float) -> CandidateAnalysis:
     criteria = route.criteria
     alpha = 1 - criteria.confidence
@@ -483,7 +519,8 @@ def _analyse_candidate(data: RunData, route: RouteConfig, target: str, accept_fl
             s_metrics, s_n, s_judged = _measure(data, target, ids, m)
             s_score = score_metrics(s_metrics, criteria, s_judged, criteria.min_slice_samples)
             slices.append(SliceResult(route.slice_key, value, s_n, s_score.verdict, s_score.score, s_metrics,
-                                      s_score.reasons, _worst_samples(data, target, ids)))
+                                      s_score.reasons, _worst_samples(data, target, ids),
+                                      _check_failures(data, target, ids)))
         failing = [s for s in slices if s.verdict is Verdict.FAIL]
         if failing:
             names = ", ".join(s.label for s in failing)
@@ -497,7 +534,8 @@ def _analyse_candidate(data: RunData, route: RouteConfig, target: str, accept_fl
             for s in failing:
                 reasons.extend(f"[{s.label}] {r}" for r in s.reasons)
     return CandidateAnalysis(target, data.models.get(target, target), verdict, score.score, n, n_judged, metrics,
-                             slices, reasons, _worst_samples(data, target, None))
+                             slices, reasons, _worst_samples(data, target, None),
+                             _check_failures(data, target, None))
 
 
 def analyze_run(engine: Engine, run_id: int, route: RouteConfig, evaluator_version: str | None = None,
