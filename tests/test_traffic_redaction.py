@@ -65,6 +65,15 @@ def redact(redactor: Redactor, text: str) -> tuple[str, dict[str, int]]:
     ("eyJhbGciOiJub25lIn0.eyJzdWIiOiJhbGljZSJ9.", "API_KEY"),  # unsigned JWT (`alg: none`): empty signature
     ("8.8.8.8", "IP_ADDRESS"),  # 4 digits in all
     ("josé@bücher.de", "EMAIL"),
+    ("josé.garcía@example.com", "EMAIL"),
+    ("用户@例子.公司", "EMAIL"),  # a CJK local part and top-level domain
+    ("山田@example.jp", "EMAIL"),
+    ("사용자@예시.한국", "EMAIL"),
+    ("gb82 west 1234 5698 7654 32", "IBAN"),  # IBANs typed in lower case
+    ("de89370400440532013000", "IBAN"),
+    ("fr14 2004 1010 0505 0001 3m02 606", "IBAN"),
+    ("123-45-6789", "SSN"),
+    ("123 45 6789", "SSN"),
     ("EMP-123456", "EMPLOYEE_ID"),
 ])
 def test_each_kind_is_replaced_by_its_placeholder(redactor, value, kind):
@@ -102,8 +111,17 @@ def test_an_aws_secret_access_key_after_its_keyword_is_replaced(redactor, text, 
     ("mail o'brien@example.com now", "mail [EMAIL] now"),
     ("mail zoë.smith@example.org", "mail [EMAIL]"),
     ("mail alice@例え.jp", "mail [EMAIL]"),
-    # CJK text has no spaces: the sentence around an address is kept (an address written in CJK, 山田@, is not found).
+    # CJK text has no spaces: the sentence around an address with a Latin local part is kept; a CJK local part
+    # takes the letters before it up to a space or punctuation, a CJK top-level domain ends where it is known to.
     ("请联系john@example.com获取帮助，谢谢", "请联系[EMAIL]获取帮助，谢谢"),
+    ("邮箱：用户@example.cn。", "邮箱：[EMAIL]。"),
+    ("请发到用户@例子.公司获取帮助", "[EMAIL]获取帮助"),
+    ("メール：山田@example.jp までどうぞ", "メール：[EMAIL] までどうぞ"),
+    # Combining marks: decomposed accents (e + U+0301) and Indic and Thai vowel signs do not cut an address in two.
+    ("mail jose\u0301.garci\u0301a@example.com now", "mail [EMAIL] now"),
+    ("mail अनुराग@example.in now", "mail [EMAIL] now"),
+    ("mail राम@उदाहरण.भारत now", "mail [EMAIL] now"),
+    ("mail สมชาย@ตัวอย่าง.ไทย now", "mail [EMAIL] now"),
     ("メールはtaro@example.comまでお願いします", "メールは[EMAIL]までお願いします"),
     ("write to josé@bücher.de now", "write to [EMAIL] now"),
     ("it's under my_name@example.com", "it's under [EMAIL]"),
@@ -116,6 +134,69 @@ def test_an_aws_secret_access_key_after_its_keyword_is_replaced(redactor, text, 
 def test_emails_with_unicode_or_apostrophes_are_replaced_whole(redactor, text, expected):
     out, counts = redact(redactor, text)
     assert out == expected and counts == {"EMAIL": expected.count("[EMAIL]")}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("call 5551234567 today", "call [PHONE] today"),
+    ("Phone: 2125550123.", "Phone: [PHONE]."),
+    ("tel:15551234567", "tel:[PHONE]"),  # with the trunk code 1
+    ("| Mobile | 4155550100 |", "| Mobile | [PHONE] |"),
+    ("my cell is 4155550100, thanks", "my cell is [PHONE], thanks"),
+    ("phone (mobile): 5551234567", "phone (mobile): [PHONE]"),
+    ("Contact John Smith at 2125550123", "Contact John Smith at [PHONE]"),
+])
+def test_a_bare_ten_digit_phone_number_right_after_a_phone_word_is_replaced(redactor, text, expected):
+    assert redact(redactor, text) == (expected, {"PHONE": 1})
+
+
+@pytest.mark.parametrize("text, expected", [
+    # The words after an IBAN are no part of it, in upper case too: it ends where its country's IBANs end.
+    ("iban GB82 WEST 1234 5698 7654 32 EUR", "iban [IBAN] EUR"),
+    ("IBAN GB82WEST12345698765432 AND MORE", "IBAN [IBAN] AND MORE"),
+    ("pay to gb82 west 1234 5698 7654 32 thanks", "pay to [IBAN] thanks"),
+    ("Konto DE89 3704 0044 0532 0130 00 EUR 100", "Konto [IBAN] EUR 100"),
+])
+def test_an_iban_followed_by_words_is_replaced_alone(redactor, text, expected):
+    assert redact(redactor, text) == (expected, {"IBAN": 1})
+
+
+@pytest.mark.parametrize("text", [
+    # Bare 10-digit runs without a phone word: order ids, maths, timestamps, ISBN-10s.
+    "Order 5551234567 shipped on 2024-03-15; order id ORD-2125550123, ref #4155550100.",
+    "2^31 - 1 = 2147483647, so 4000000000 overflows; 3^19 = 1162261467.",
+    "Epoch 1732269600 is 2024-11-22T10:00:00Z; timestamp 1700000000 and 2024-11-22 10:30:00.",
+    "ISBN 0306406152, ISBN 3161484100, ISBN-13 978-0-306-40615-7, https://open.spotify.com/playlist/7504851590.",
+    # A phone word, but code or maths between it and the number, or the word too far before it.
+    "call f(4000000000) and cell A1 = 2147483647; the phone bill is 12 + 2125550123.",
+    "Phone: see the list below, it is long and has no number in it.\n5551234567",
+    # A phone word, but no North American number: area code from 0 or 1, or an N11 service code.
+    "call 1234567890 or 0123456789; phone 9115550123 or 2129115550.",
+    # Shaped like a Social Security number but never issued: area 000, 666 or 9xx, group 00, serial 0000.
+    "Not issued: 000-12-3456, 666-12-3456, 900-12-3456, 123-00-4567, 123-45-0000.",
+    # Within a longer run of digit groups.
+    "Runs: 1 123 45 6789, 123-45-6789-0, 12-123-45-6789, 123-45-67890, 123 45 6789 12.",
+    # Lower case: a bad check digit, an unknown country, a gene variant.
+    "gb00 west 1234 5698 7654 32 has a wrong check digit; ab12 cdef ghij klmn opqr stuv; the rs12913832 variant.",
+    # An @ after CJK text that is a user name, no address.
+    "回复@张三.你好，转发@用户名：内容",
+])
+def test_look_alikes_of_ssns_bare_phones_and_lower_case_ibans_are_left_alone(redactor, text):
+    assert redact(redactor, text) == (text, {})
+
+
+@settings(max_examples=150, deadline=None)
+@given(area=st.integers(min_value=1, max_value=899).filter(lambda a: a != 666), group=st.integers(1, 99),
+       serial=st.integers(1, 9999), sep=st.sampled_from(["-", " "]))
+def test_every_issued_social_security_number_is_replaced(redactor, area, group, serial, sep):
+    text = f"SSN {area:03d}{sep}{group:02d}{sep}{serial:04d}."
+    assert redact(redactor, text) == ("SSN [SSN].", {"SSN": 1})
+
+
+@settings(max_examples=150, deadline=None)
+@given(n=st.integers(min_value=2_000_000_000, max_value=9_999_999_999))
+def test_a_bare_ten_digit_number_without_a_phone_word_is_left_alone(redactor, n):
+    text = f"The answer is {n}."
+    assert redact(redactor, text) == (text, {})
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -4,10 +4,13 @@ Each detector replaces what it finds by a typed placeholder (`[EMAIL]`, `[PHONE]
 Numbers that merely look like card numbers or IBANs are left alone unless their checksum holds (Luhn, mod-97),
 so prices, order numbers and years survive; a card number must also start like one of a card network's and have
 that network's length, so most ids and timestamps (epoch milliseconds start with 1) that happen to pass Luhn
-survive too. Phones need a recognised layout (international with `+`, `00` or `011`, North American with
-or without the trunk code 1, national with a trunk 0, French-style pairs), never a bare digit run, and amounts
-grouped by thousands (`2 000 000 000`) are not phones. What parses as an IPv6 address but reads as code is not
-one: a `word::word` path made of hex letters (`dead::beef`, `abc::def()`) or a Python slice (`a[1::2]`, `::2`).
+survive too, and an IBAN in lower case must also have its country's length. A US Social Security number needs its
+layout (123-45-6789, 123 45 6789) and a number that is issued (not area 000, 666 or 9xx, group 00, serial 0000).
+Phones need a recognised layout (international with `+`, `00` or `011`, North American with or without the trunk
+code 1, national with a trunk 0, French-style pairs); a bare run of 10 digits only when it is a valid North
+American number right after a word such as `phone` or `call`, and amounts grouped by thousands (`2 000 000 000`)
+are not phones. What parses as an IPv6 address but reads as code is not one: a `word::word` path made of hex
+letters (`dead::beef`, `abc::def()`) or a Python slice (`a[1::2]`, `::2`).
 
 Speed matters (every sampled request goes through here), so each detector has a cheap gate (a substring test
 in C) and its regex starts with a literal or a character class, which lets `re` skip ahead instead of trying a
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +37,8 @@ IP_ADDRESS = "IP_ADDRESS"
 API_KEY = "API_KEY"
 BEARER_TOKEN = "BEARER_TOKEN"
 SECRET = "SECRET"
-BUILTIN_KINDS = (API_KEY, BEARER_TOKEN, EMAIL, IBAN, CARD, IP_ADDRESS, PHONE, SECRET)
+SSN = "SSN"
+BUILTIN_KINDS = (API_KEY, BEARER_TOKEN, EMAIL, IBAN, CARD, SSN, IP_ADDRESS, PHONE, SECRET)
 
 # A JSON value stored under a key named like this is a credential whatever it looks like (e.g. a hashed key).
 # `token` counts as the last word of a longer key (`id_token`, `x-api-token`, `apiToken`): `tokens`, `max_tokens`,
@@ -81,15 +86,69 @@ _BEARER = re.compile(r"(?:[Bb]earer|BEARER"
                      r"\s+([A-Za-z0-9._~+/-]{8,}=*)")
 # Unicode letters and digits (`müller`, `josé`) and `o'brien`'s apostrophe on the left of the @, Unicode domain
 # labels (`bücher.de`, `例え.jp`). The address starts with a letter or digit, so a quote or dot before it stays out,
-# and only at a word's start: a later start in the same word could not match either, and trying none keeps a long
-# word from being rescanned from each of its letters. CJK scripts write no spaces between words, so their letters
-# neither belong to the local part nor end the top-level domain: `请联系john@example.com获取帮助` keeps its sentence
-# (and a local part written in them, `山田@`, is left: rare, and telling it from the text before it is guesswork).
+# and only at a word's start, not after a letter and a dot, dash, plus or apostrophe either: a later start in the same
+# run could not match either, and trying none keeps a long run (`a.b.c.d...`) from being rescanned from each of its
+# letters. Combining marks are part of a word though `\w` leaves them out: text in decomposed form (`josé` as `e` +
+# U+0301) and the vowel signs of Indic and Thai scripts (`अनुराग`) would otherwise cut an address in two and leave
+# its first half. CJK scripts write no spaces between words, so their letters neither belong to a Latin local part
+# nor end a Latin top-level domain: `请联系john@example.com获取帮助` keeps its sentence. A local part that ends in a
+# CJK letter (`用户@例子.公司`) is matched by `_EMAIL_CJK_LOCAL` instead.
 _CJK = "\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef"  # CJK, kana, Hangul, full-width forms
+
+
+def _combining_marks() -> str:
+    """Character-class ranges of the Unicode combining marks (categories Mn, Mc, Me) of the Basic Multilingual
+    Plane, none of which `\\w` matches."""
+    ranges: list[str] = []
+    start = end = -2
+    for code in range(0x10000):
+        if unicodedata.category(chr(code)).startswith("M"):
+            if code != end + 1:
+                if start >= 0:
+                    ranges.append(f"{chr(start)}-{chr(end)}")
+                start = code
+            end = code
+    ranges.append(f"{chr(start)}-{chr(end)}")
+    return "".join(ranges)
+
+
+_MARKS = _combining_marks()
 _EMAIL_WORD = rf"[^\W{_CJK}]"
-_EMAIL = re.compile(rf"{_EMAIL_WORD}(?<!{_EMAIL_WORD}{_EMAIL_WORD})(?:{_EMAIL_WORD}|[.%+'-])*"
-                    rf"@(?:[\w-]+\.)+[^\W\d_{_CJK}]{{2,}}")
-_IBAN = re.compile(r"[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])")
+_TLD_LETTER = rf"[^\W\d_{_CJK}]"
+# Top-level domains written in CJK scripts, which end the address wherever the sentence goes on (`例子.公司获取帮助`).
+# Only these: with no space after it, where an unknown one ends is guesswork, and `回复@张三.你好` (a reply to a user
+# name) would be an address. Longest first, so that `嘉里大酒店` is not cut to `嘉里`.
+_CJK_TLDS = sorted("""
+    中国 中國 香港 澳門 澳门 台湾 台灣 新加坡 公司 网络 網絡 商城 在线 中文网 我爱你 网址 网店 网站 集团
+    企业 商标 游戏 娱乐 手机 信息 移动 联通 广东 佛山 时尚 微博 慈善 公益 政务 政府 购物 餐厅 健康 世界
+    八卦 机构 组织机构 书籍 書籍 珠宝 点看 天主教 嘉里 嘉里大酒店 工行 中信 通販 食品 家電 商店 商業
+    みんな コム ストア クラウド セール ファッション ポイント 한국 닷컴 닷넷 삼성
+    """.split(), key=len, reverse=True)
+_EMAIL_DOMAIN = (rf"@(?:[\w{_MARKS}-]+\.)+(?:{_TLD_LETTER}(?:{_TLD_LETTER}|[{_MARKS}])+"
+                 rf"|{'|'.join(_CJK_TLDS)})")
+_EMAIL = re.compile(rf"{_EMAIL_WORD}(?<!(?:{_EMAIL_WORD}|[{_MARKS}]){_EMAIL_WORD})"
+                    rf"(?<!(?:{_EMAIL_WORD}|[{_MARKS}])[.%+'-]{_EMAIL_WORD})(?:{_EMAIL_WORD}|[.%+'{_MARKS}-])*{_EMAIL_DOMAIN}")
+# A local part whose last letter is CJK (`用户@`, `山田@`, `사용자@`): where it starts cannot be told from the text
+# before it when no space or punctuation comes between, so the whole run of letters before the @ goes with it
+# (`请发到用户@例子.公司` loses `请发到`: better a few words too many than half an address left).
+_EMAIL_CJK_LOCAL = re.compile(rf"\w(?<![\w{_MARKS}]\w)(?<![\w{_MARKS}][.%+'-]\w)[\w.%+'{_MARKS}-]*(?<=[{_CJK}])(?<=\w)"
+                              rf"{_EMAIL_DOMAIN}")
+_CJK_BEFORE_AT = re.compile(rf"@(?<=[{_CJK}]@)")
+# Letters, digits and single spaces after a country code and two check digits; `iban_length` then finds where the
+# IBAN ends. Upper case as IBANs are printed, or lower case (typed by hand) starting a word.
+_IBAN = re.compile(r"(?:[A-Z]{2}|(?<![A-Za-z0-9])[A-Za-z]{2})\d{2}(?: ?[A-Za-z0-9]){11,30}(?![A-Za-z0-9])")
+# US Social Security numbers, 123-45-6789 or 123 45 6789 (one separator throughout), not within a longer run of
+# digit groups (a phone, a list of numbers); `_ssn_ok` then rules out the numbers never issued.
+_SSN = re.compile(r"\d(?<![\w.+-]\d)(?<!\d[ -]\d)\d\d([ -])\d\d\1\d{4}(?![\w]|[.,]\d|[ -]\d)")
+# A North American number written as a bare run of 10 digits, or 11 with the trunk code 1 (5551234567): found only
+# a little after a word that announces a phone number (`_PHONE_CONTEXT`), as ids, amounts, integer limits
+# (2147483647) and numbers in URLs (/playlist/7504851590) are bare runs of 10 digits too. Between the word and the
+# number, no digit and nothing of code or maths (an opening bracket, `=`, operators): `call f(4000000000)` and
+# `cell A1 = 2147483647` are no phone numbers.
+_PHONE_BARE = re.compile(r"[1-9](?<![\w.+/-][1-9])\d{9,10}(?![\w]|[.,]\d)")
+_PHONE_CONTEXT = re.compile(r"(?i)(?:phone|\b(?:call|tel|mobile|cell|fax|contact|whatsapp|sms|text me))"
+                            r"[^\d(\[{<>=+*/^]*$")
+CONTEXT_CHARS = 40  # how far before a finding its context word may be
 # 13 to 19 digits, optionally grouped by single spaces or dashes; not glued to other digits or letters.
 _CARD = re.compile(r"\d(?<![\w.]\d)(?:[ -]?\d){12,18}(?![\w]|[.,]\d)")
 _IPV4 = re.compile(r"\d(?<![\w.]\d)\d{0,2}(?:\.\d{1,3}){3}(?![\w]|\.\d)")
@@ -138,6 +197,64 @@ def iban_valid(candidate: str) -> bool:
         return int("".join(str(int(ch, 36)) for ch in rearranged)) % 97 == 1
     except ValueError:
         return False
+
+
+# Length of the IBANs of each country in the SWIFT IBAN registry (Nicaragua's were 32 characters before 2023).
+IBAN_LENGTHS: dict[str, frozenset[int]] = {country: frozenset({length}) for country, length in (
+    ("AD", 24), ("AE", 23), ("AL", 28), ("AT", 20), ("AZ", 28), ("BA", 20), ("BE", 16), ("BG", 22), ("BH", 22),
+    ("BI", 27), ("BR", 29), ("BY", 28), ("CH", 21), ("CR", 22), ("CY", 28), ("CZ", 24), ("DE", 22), ("DJ", 27),
+    ("DK", 18), ("DO", 28), ("EE", 20), ("EG", 29), ("ES", 24), ("FI", 18), ("FK", 18), ("FO", 18), ("FR", 27),
+    ("GB", 22), ("GE", 22), ("GI", 23), ("GL", 18), ("GR", 27), ("GT", 28), ("HN", 28), ("HR", 21), ("HU", 28),
+    ("IE", 22), ("IL", 23), ("IQ", 23), ("IS", 26), ("IT", 27), ("JO", 30), ("KW", 30), ("KZ", 20), ("LB", 28),
+    ("LC", 32), ("LI", 21), ("LT", 20), ("LU", 20), ("LV", 21), ("LY", 25), ("MC", 27), ("MD", 24), ("ME", 22),
+    ("MK", 19), ("MN", 20), ("MR", 27), ("MT", 31), ("MU", 30), ("NL", 18), ("NO", 15), ("OM", 23),
+    ("PK", 24), ("PL", 28), ("PS", 29), ("PT", 25), ("QA", 29), ("RO", 24), ("RS", 22), ("RU", 33), ("SA", 24),
+    ("SC", 31), ("SD", 18), ("SE", 24), ("SI", 19), ("SK", 24), ("SM", 27), ("SO", 23), ("ST", 25), ("SV", 28),
+    ("TL", 23), ("TN", 24), ("TR", 26), ("UA", 29), ("VA", 22), ("VG", 24), ("XK", 20), ("YE", 30))}
+IBAN_LENGTHS["NI"] = frozenset({28, 32})
+
+
+def iban_length(candidate: str) -> int:
+    """Length of the IBAN that starts `candidate` (letters, digits and single spaces), 0 if there is none.
+
+    It ends at a space or at the candidate's end, after as many characters as its country's IBANs have, so the
+    words that follow it (`GB82 WEST 1234 5698 7654 32 EUR`) are no part of it, and it passes mod-97. A country
+    missing from the registry is taken in upper case only (the longest such prefix that passes): a lower-case
+    candidate must have its country's exact length too, as words after two letters and two digits are common."""
+    lengths = IBAN_LENGTHS.get(candidate[:2].upper())
+    if lengths is None and not candidate[:2].isupper():
+        return 0
+    found = 0
+    count = 0
+    for i, ch in enumerate(candidate):
+        if ch == " ":
+            continue
+        if lengths is None and ch.islower():
+            break
+        count += 1
+        ends_group = i + 1 == len(candidate) or candidate[i + 1] == " "
+        if ends_group and (count in lengths if lengths is not None else count >= 15) and iban_valid(candidate[:i + 1]):
+            found = i + 1
+            if lengths is not None:
+                break
+    return found
+
+
+def _ssn_ok(match: str) -> bool:
+    """A number the Social Security Administration issues: area not 000, 666 or 900-999, group not 00, serial
+    not 0000."""
+    area, group, serial = match[:3], match[4:6], match[7:]
+    return area not in ("000", "666") and area[0] != "9" and group != "00" and serial != "0000"
+
+
+def _nanp_ok(match: str) -> bool:
+    """A North American number: 10 digits (11 with the trunk code 1 first) whose area code starts with 2-9 and
+    neither the area code nor the exchange is an N11 service code (911, 411). The exchange's first digit is not
+    checked (555-123-4567, the usual example number, starts its exchange with a 1)."""
+    digits = match[1:] if len(match) == 11 else match
+    if len(match) == 11 and match[0] != "1":
+        return False
+    return digits[0] not in "01" and digits[1:3] != "11" and digits[4:6] != "11"
 
 
 # Issuer identification numbers of the card networks: (first prefix, last prefix, lengths a number of theirs has).
@@ -219,6 +336,11 @@ class Detector:
     gate: Callable[[str], bool] | None = None
     valid: Callable[[str], bool] | None = None
     group: int = 0  # the part of a match that is replaced (e.g. the token after `Bearer`, not the scheme word)
+    # The length of the finding at the start of a match, 0 for none: for a kind whose end the regex cannot tell.
+    measure: Callable[[str], int] | None = None
+    # A pattern that must match in the CONTEXT_CHARS before the finding (`$` is the finding's start), for a kind
+    # that looks like too many ordinary things to be taken on its shape alone.
+    context: re.Pattern[str] | None = None
 
 
 def _gate_api_key(text: str) -> bool:
@@ -237,6 +359,10 @@ def _gate_bearer(text: str) -> bool:
 
 def _gate_email(text: str) -> bool:
     return "@" in text
+
+
+def _gate_email_cjk_local(text: str) -> bool:
+    return "@" in text and _CJK_BEFORE_AT.search(text) is not None
 
 
 def _gate_ipv6(text: str) -> bool:
@@ -266,6 +392,7 @@ def builtin_text_detectors() -> list[Detector]:
         Detector(API_KEY, _AWS_SECRET_KEY, _gate_aws_secret_key, group=1),
         Detector(BEARER_TOKEN, _BEARER, _gate_bearer, group=1),
         Detector(EMAIL, _EMAIL, _gate_email),
+        Detector(EMAIL, _EMAIL_CJK_LOCAL, _gate_email_cjk_local),
         Detector(IP_ADDRESS, _IPV6, _gate_ipv6, _ipv6_ok),
     ]
 
@@ -273,21 +400,38 @@ def builtin_text_detectors() -> list[Detector]:
 def builtin_numeric_detectors() -> list[Detector]:
     """Detectors run only inside numeric windows, in priority order (checksummed kinds first)."""
     return [
-        Detector(IBAN, _IBAN, None, iban_valid),
+        Detector(IBAN, _IBAN, measure=iban_length),
         Detector(CARD, _CARD, None, _card_ok),
+        Detector(SSN, _SSN, None, _ssn_ok),
         Detector(IP_ADDRESS, _IPV4, None, _ipv4_ok),
         Detector(PHONE, _PHONE, None, _phone_ok),
+        Detector(PHONE, _PHONE_BARE, None, _nanp_ok, context=_PHONE_CONTEXT),
     ]
 
 
 _Span = tuple[int, int, int, str]  # start, end, priority, kind
 
 
+def _collect(det: Detector, text: str, lo: int, hi: int, priority: int, spans: list[_Span]) -> None:
+    """Append to `spans` what `det` finds in `text[lo:hi]` and its checks accept."""
+    for m in det.pattern.finditer(text, lo, hi):
+        start, end = m.span(det.group)
+        if det.valid is not None and not det.valid(m.group(det.group)):
+            continue
+        if det.measure is not None:
+            end = start + det.measure(m.group(det.group))
+            if end == start:
+                continue
+        if det.context is not None and det.context.search(text, max(0, start - CONTEXT_CHARS), start) is None:
+            continue
+        spans.append((start, end, priority, det.kind))
+
+
 class Redactor:
     """Replaces sensitive substrings in text and JSON-like values, counting replacements by kind.
 
     Every detector looks at the original text; where two findings overlap, the earlier detector wins
-    (configured extra patterns, then secrets, e-mails, IBANs, cards, IP addresses, phones).
+    (configured extra patterns, then secrets, e-mails, IBANs, cards, Social Security numbers, IP addresses, phones).
     """
 
     def __init__(self, text_detectors: list[Detector], numeric_detectors: list[Detector],
@@ -342,9 +486,7 @@ class Redactor:
         for priority, det in enumerate(self.text_detectors):
             if det.gate is not None and not det.gate(text):
                 continue
-            for m in det.pattern.finditer(text):
-                if det.valid is None or det.valid(m.group(det.group)):
-                    spans.append((m.start(det.group), m.end(det.group), priority, det.kind))
+            _collect(det, text, 0, len(text), priority, spans)
         digits = len(text.encode("utf-8", "surrogatepass").translate(None, _NOT_DIGITS))
         if digits >= _MIN_DIGITS:
             ranked = self._numeric_ranked
@@ -355,9 +497,7 @@ class Redactor:
         base = len(self.text_detectors)
         for lo, hi in self._numeric_windows(text):
             for offset, det in ranked:
-                for m in det.pattern.finditer(text, lo, hi):
-                    if det.valid is None or det.valid(m.group()):
-                        spans.append((m.start(), m.end(), base + offset, det.kind))
+                _collect(det, text, lo, hi, base + offset, spans)
         return spans
 
     @staticmethod
