@@ -1,0 +1,37 @@
+"""bench/redaction_corpus.py reads an AlpacaEval-format directory and reports what the detectors change."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "redaction_corpus.py"
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    with gzip.open(path, "wt") as fh:
+        fh.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def test_the_corpus_audit_counts_findings_by_kind_and_shows_them_as_written(tmp_path):
+    _write(tmp_path / "prompts.jsonl.gz", [{"id": 1, "instruction": "Write to ada@example.com about lunch."},
+                                           {"id": 2, "instruction": "What is 2147483647 in hex?"}])
+    _write(tmp_path / "outputs.jsonl.gz", [{"model": "m", "prompt_id": 1, "output": "Dear Ada, my SSN is 123-45-6789."},
+                                           {"model": "m", "prompt_id": 2, "output": "0x7FFFFFFF"},
+                                           {"model": "n", "prompt_id": 2, "output": None}])
+    out = subprocess.run([sys.executable, str(BENCH), "--data", str(tmp_path)], capture_output=True, text=True,
+                         check=True).stdout
+    report = json.loads(out)
+    assert (report["texts"], report["texts_changed"]) == (5, 2)
+    assert report["findings_by_kind"] == {"EMAIL": 1, "SSN": 1}
+    assert report["examples"]["SSN"] == ["Dear Ada, my SSN is 123-45-6789."]
+    assert report["examples"]["EMAIL"][0].startswith("Write to ada@example.com")
+
+
+def test_a_directory_without_the_corpus_is_one_line_and_a_non_zero_exit(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCH), "--data", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "holds no prompts.jsonl.gz and outputs.jsonl.gz" in done.stderr
