@@ -374,3 +374,15 @@ def test_redaction_never_fails_and_text_without_findings_is_unchanged(redactor, 
 def test_cards_of_every_network_are_replaced(redactor, text):
     out, counts = redact(redactor, text)
     assert counts == {"CARD_NUMBER": 1} and "[CARD_NUMBER]" in out
+
+
+@pytest.mark.parametrize("text", ["ISBN: 978-1878125026",  # both found in AlpacaEval answers as card numbers
+                                  "0010: 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00",
+                                  "ISBN 979-10-90636-07-1"])
+def test_a_luhn_valid_number_grouped_unlike_a_card_and_starting_like_none_is_left(redactor, text):
+    assert redact(redactor, text) == (text, {})
+
+
+@pytest.mark.parametrize("text", ["card 3782 822463 10005", "card 3056 930902 5904", "card 1234-5678-9012-3452"])
+def test_numbers_grouped_as_cards_are_printed_are_replaced(redactor, text):
+    assert redact(redactor, text)[1] == {"CARD_NUMBER": 1}

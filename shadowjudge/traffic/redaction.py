@@ -282,12 +282,17 @@ def card_number_plausible(digits: str) -> bool:
     return any(lo <= digits[:len(lo)] <= hi and len(digits) in lengths for lo, hi, lengths in _CARD_RANGES)
 
 
+# How cards are printed: groups of four (the last may be shorter), or 4-6-5 and 4-6-4 (American Express, Diners).
+_CARD_LAYOUT = re.compile(r"\d{4}(?:[ -]\d{4}){2,3}(?:[ -]\d{1,4})?|\d{4}[ -]\d{6}[ -]\d{4,5}")
+
+
 def _card_ok(match: str) -> bool:
-    """Luhn-valid 13-19 digits; a bare digit run must also start like a network's cards (ids and timestamps pass
-    Luhn one time in ten), a number grouped by spaces or dashes is written as a card and needs no more."""
+    """Luhn-valid 13-19 digits that start like a network's cards (ids and timestamps pass Luhn one time in ten), or
+    are grouped as cards are printed, which marks a card whatever its prefix; other groupings (an ISBN-13,
+    `978-1878125026`, a hex dump's `00 00 00 ...`) are no card for their grouping alone."""
     digits = match.replace(" ", "").replace("-", "")
-    grouped = len(digits) != len(match)
-    return 13 <= len(digits) <= 19 and (grouped or card_number_plausible(digits)) and luhn_valid(digits)
+    return (13 <= len(digits) <= 19 and (card_number_plausible(digits) or _CARD_LAYOUT.fullmatch(match) is not None)
+            and luhn_valid(digits))
 
 
 def _ipv4_ok(match: str) -> bool:
