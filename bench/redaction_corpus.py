@@ -2,9 +2,10 @@
 
 Runs the built-in redactor (default RedactionConfig, cache off) over every instruction and every model output of
 an AlpacaEval-format directory and prints ONE JSON object: texts read and changed, findings by kind, CPU seconds,
-and for each kind up to `--examples` findings as written, with the text around them, so a false positive can be
-read, not only counted. The instructions and answers are general chat traffic, so nearly every finding here is a
-look-alike (an e-mail address in a sample letter is real-shaped, a catalogue number shaped like an SSN is not PII).
+for each kind up to `--examples` findings as written, with the text around them, so a false positive can be read,
+not only counted, and the CPU time of texts built to make a detector rescan (`adversarial_ms`). The instructions
+and answers are general chat traffic, so nearly every finding here is a look-alike (an e-mail address in a sample
+letter is real-shaped, a catalogue number shaped like an SSN is not PII).
 
     python bench/redaction_corpus.py [--data ../shared/data/alpacaeval] [--examples 3]
 """
@@ -61,6 +62,27 @@ def audit(texts: list[str], examples: int) -> dict:
             "texts_per_cpu_s": round(len(texts) / cpu_s) if cpu_s else None, "examples": shown}
 
 
+# Texts built to make a detector rescan (each about 24k characters): the worst case, not a typical text.
+ADVERSARIAL = {"separator_runs": "a.." * 8000 + "@", "quote_runs": "a''" * 8000 + "@", "dot_runs": "a." * 12000 + "@",
+               "cjk_separator_runs": "用.." * 8000 + "用@例子.公司", "digit_groups": "12-" * 8000,
+               "phone_word_and_numbers": "phone " + "5551234567 " * 2200}
+
+
+def adversarial_ms() -> dict[str, float]:
+    """CPU milliseconds to redact each ADVERSARIAL text once (best of three)."""
+    redactor = Redactor.from_config(RedactionConfig())
+    redactor._cache_size = 0
+    out = {}
+    for name, text in ADVERSARIAL.items():
+        best = float("inf")
+        for _ in range(3):
+            start = time.process_time()
+            redactor.redact(text, {})
+            best = min(best, time.process_time() - start)
+        out[name] = round(best * 1000, 1)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "alpacaeval")
@@ -68,7 +90,8 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.data / "prompts.jsonl.gz").is_file() or not (args.data / "outputs.jsonl.gz").is_file():
         sys.exit(f"error: {args.data} holds no prompts.jsonl.gz and outputs.jsonl.gz (the AlpacaEval format)")
-    print(json.dumps({"data": str(args.data), **audit(corpus_texts(args.data), args.examples)}, ensure_ascii=False))
+    print(json.dumps({"data": str(args.data), **audit(corpus_texts(args.data), args.examples),
+                      "adversarial_ms": adversarial_ms()}, ensure_ascii=False))
 
 
 if __name__ == "__main__":
