@@ -140,6 +140,10 @@ def open_run(engine: Engine, config: Config, route: RouteConfig, cycle_id: str) 
     with session_scope(engine) as s:
         run = s.scalar(select(ShadowRun).where(ShadowRun.run_key == run_key))
         if run is not None:
+            if run.status == "failed":  # worked on again: `status` must not show the old error as the current state
+                run.status = "running"
+                run.summary = {**{k: v for k, v in run.summary.items() if k != "error"},
+                               "last_error": run.summary.get("error")}
             return RunHandle(run.id, run_key, list(run.sample_ids), resumed=True)
         last = s.scalar(select(ShadowRun).where(ShadowRun.route == route.name, ShadowRun.kind == "cycle")
                         .order_by(ShadowRun.id.desc()).limit(1))
@@ -283,6 +287,9 @@ class CycleRunChoice:
         return out
 
 
+RESUMED_SLOT_LOOKBACK = 20  # cycle runs of the route searched for one a retried slot resumed
+
+
 def choose_cycle_run(engine: Engine, config: Config, route: RouteConfig, cycle_id: str, lease: LeaseLock, *,
                      cycle_id_given: bool) -> CycleRunChoice:
     """The run a full cycle of the route works on, decided while holding the route's cycle `lease`.
@@ -294,15 +301,23 @@ def choose_cycle_run(engine: Engine, config: Config, route: RouteConfig, cycle_i
     cycle records in its summary that it was given up (`auto_resume_given_up`) and opens its own run, so a run that
     fails every time cannot hold the route still. A given cycle id is never redirected, and a `running` run (a cycle
     run stage by stage, or one still going) is not resumed. The count is written in the same transaction as a
-    renewal of the lease (CycleLeaseLost when that fails), so two cycles never both resume one run.
+    renewal of the lease (CycleLeaseLost when that fails), so two cycles never both resume one run. A retry of a
+    slot that resumed a run (Prefect's retry of the flow run) works on that run again, counting no new resume, as a
+    retried slot is the same cycle.
     """
     as_usual = CycleRunChoice(cycle_id, cycle_id)
     limit = config.orchestration.resume_failed_runs
     if cycle_id_given or limit == 0:
         return as_usual
     with session_scope(engine) as s:
-        newest = s.scalar(select(ShadowRun).where(ShadowRun.route == route.name, ShadowRun.kind == "cycle")
-                          .order_by(ShadowRun.id.desc()).limit(1))
+        recent = list(s.scalars(select(ShadowRun).where(ShadowRun.route == route.name, ShadowRun.kind == "cycle")
+                                .order_by(ShadowRun.id.desc()).limit(RESUMED_SLOT_LOOKBACK)))
+        for run in recent:  # a retried schedule slot is the same cycle: it goes on with the run it resumed
+            if cycle_id in run.summary.get("auto_resumed_by", []):
+                resumed_cycle_id = str(run.summary.get("cycle_id") or run.run_key.removeprefix(f"{route.name}:"))
+                return CycleRunChoice(resumed_cycle_id, cycle_id, resume_limit=limit,
+                                      resume_attempt=run.summary["auto_resumed_by"].index(cycle_id) + 1)
+        newest = recent[0] if recent else None
         if newest is None or newest.status != "failed":
             return as_usual
         failed_cycle_id = str(newest.summary.get("cycle_id") or newest.run_key.removeprefix(f"{route.name}:"))

@@ -111,11 +111,15 @@ def test_the_next_cycle_without_a_cycle_id_finishes_the_failed_run_and_the_one_a
     assert rows(engine, Judgment, failed.id) > 0 and duplicated_keys(engine) == {}
 
     with judge_back_on(judge_port):
-        result = evaluation_cycle(config_path=config_path)  # the next scheduled cycle: a new run, as usual
-    outcome = result["routes"][ROUTE]
+        # the same slot again (a retried flow run is the same cycle): it goes on with c1, now finished
+        slot = resumed.output.split("instead of starting cycle ")[1].split()[0]
+        same_slot = route_cycle(config_path, slot, cycle_id_given=False)
+        assert (same_slot["cycle_id"], same_slot["resumed_failed_cycle_id"]) == ("c1", "c1")
+        assert len(runs(engine)) == 1
+        outcome = route_cycle(config_path, "next-slot", cycle_id_given=False)  # the next one: a new run, as usual
     assert "resumed_failed_cycle_id" not in outcome and "note" not in outcome
     first, second = runs(engine)
-    assert (first.id, second.run_key) == (failed.id, f"{ROUTE}:{result['cycle_id']}") and second.status == "finished"
+    assert (first.id, second.run_key) == (failed.id, f"{ROUTE}:next-slot") and second.status == "finished"
     assert min(second.sample_ids) > first.summary["max_sample_id"]  # the samples after the resumed run's
     assert first.summary["auto_resumes"] == 1 and duplicated_keys(engine) == {}
 
@@ -224,6 +228,36 @@ def test_only_a_failed_newest_run_is_resumed_and_only_by_a_cycle_without_a_cycle
     assert (summary["auto_resumes"], summary["auto_resumed_by"], summary["auto_resume_given_up"]) == (
         2, ["s1", "s2"], {"by_cycle": "s3", "after_resumes": 2})
 
+
+def test_a_retried_slot_goes_on_with_the_run_it_resumed_counting_no_new_resume(tmp_path, store_url):
+    """Prefect's retry of a flow run reruns the same slot: it found the failed run finished (by itself) and opened a
+    run of its own on fresh samples, stepping the route a second time for one slot."""
+    config, engine = _store_with_runs(tmp_path, store_url)
+    run = cycle.open_run(engine, config, config.route(ROUTE), "c1")
+    _mark(engine, run.run_id, "failed")
+    assert _choose(engine, config, "s1").cycle_id == "c1"
+    for status in ("failed", "finished"):  # the resume failed again, or it went through before the retry
+        _mark(engine, run.run_id, status)
+        again = _choose(engine, config, "s1")
+        assert (again.cycle_id, again.started_as, again.resume_attempt) == ("c1", "s1", 1)
+    with session_scope(engine) as s:
+        summary = s.get(ShadowRun, run.run_id).summary
+    assert (summary["auto_resumes"], summary["auto_resumed_by"]) == (1, ["s1"])
+    assert _choose(engine, config, "s2") == cycle.CycleRunChoice("s2", "s2")  # c1 finished: the next slot's own run
+
+
+def test_a_failed_run_taken_up_again_is_running_with_its_error_kept_as_the_last_one(tmp_path, store_url):
+    """A resumed run stayed `failed` with its old error while it ran: `status` told a person to rerun a cycle that
+    was running, and a route step found busy meanwhile left it looking failed for the old reason."""
+    config, engine = _store_with_runs(tmp_path, store_url)
+    run = cycle.open_run(engine, config, config.route(ROUTE), "c1")
+    cycle.fail_run(engine, run.run_id, RuntimeError("judge away"))
+    again = cycle.open_run(engine, config, config.route(ROUTE), "c1")
+    assert (again.run_id, again.resumed) == (run.run_id, True)
+    with session_scope(engine) as s:
+        taken_up = s.get(ShadowRun, run.run_id)
+        assert taken_up.status == "running" and "error" not in taken_up.summary
+        assert taken_up.summary["last_error"] == "RuntimeError: judge away"
 
 def test_resume_failed_runs_0_turns_it_off(tmp_path, sqlite_url):
     config, engine = _store_with_runs(tmp_path, sqlite_url, orchestration={"resume_failed_runs": 0})

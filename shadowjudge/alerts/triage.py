@@ -75,7 +75,8 @@ def worst_examples(engine: Engine, run_id: int, route: RouteConfig, target: str,
 
 
 def reproduce_command(route: str, config_path: str | None, cycle_id: str) -> str:
-    """The command that reruns this cycle; without --cycle-id `run` starts a new one (fresh samples, paid calls)."""
+    """The command that reruns this cycle; without --cycle-id `run` starts a new one (fresh samples, paid calls), or
+    resumes the route's newest run if that one failed."""
     return (f"shadowjudge run --config {shlex.quote(config_path or 'CONFIG.yaml')} --route {shlex.quote(route)} "
             f"--cycle-id {shlex.quote(cycle_id)}")
 
