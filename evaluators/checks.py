@@ -111,6 +111,9 @@ class JsonCheck:
         if self.schema is not None:
             import jsonschema
 
+            if not isinstance(self.schema, Mapping):
+                raise CheckSpecError(f"check '{self.name}': schema must be a JSON Schema object (a mapping), got "
+                                     f"{type(self.schema).__name__} {self.schema!r}"[:300])
             try:
                 jsonschema.validators.validator_for(self.schema).check_schema(self.schema)
             except jsonschema.SchemaError as exc:
@@ -227,11 +230,14 @@ def build_checks(specs: Sequence[Mapping[str, Any]]) -> list[Check]:
     for i, spec in enumerate(specs):
         spec = dict(spec)
         kind = spec.pop("kind", None)
-        if kind not in _KINDS:
+        if not isinstance(kind, str) or kind not in _KINDS:
             raise CheckSpecError(f"check #{i}: kind must be one of {sorted(_KINDS)}, got {kind!r}")
         spec.setdefault("name", f"{kind}" if kind != "refusal" else "no_refusal")
         check_spec_fields(f"check #{i} ({kind})", _KINDS[kind], spec)
-        checks.append(_KINDS[kind](**spec))
+        try:
+            checks.append(_KINDS[kind](**spec))
+        except (TypeError, ValueError) as exc:  # a field of the wrong type (a schema that is a number, ...)
+            raise CheckSpecError(f"check #{i} ({kind}): {exc}") from None
     return checks
 
 

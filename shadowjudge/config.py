@@ -631,6 +631,8 @@ def _blamed_variables(loc: _Location, overridden: dict[_Location, str]) -> str:
     variable = next((v for at, v in overridden.items() if loc[:len(at)] == at), None)
     if variable:
         return f" (from env {variable})"
+    if not loc:  # the whole config: every variable is inside it, and naming them all blames the innocent
+        return ""
     inside = sorted(v for at, v in overridden.items() if at[:len(loc)] == loc)
     return f" (env sets {', '.join(inside)} inside it)" if inside else ""
 

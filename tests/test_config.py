@@ -157,6 +157,15 @@ def test_a_route_level_error_names_the_env_variables_set_inside_the_route():
         parse_config(data, "shadowjudge.yaml", environ={})
     assert "env" not in str(exc.value)
 
+
+def test_an_error_about_the_whole_config_blames_no_variable_set_somewhere_in_it():
+    data = _example()
+    data["routes"].append(data["routes"][0])
+    env = {"SHADOWJUDGE__STORE__URL": "sqlite:///elsewhere.db", "SHADOWJUDGE__SHADOW__MAX_SAMPLES": "50"}
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data, "shadowjudge.yaml", environ=env)
+    assert "names must be unique" in str(exc.value) and "env" not in str(exc.value)
+
 def test_cycle_endpoints_and_their_keys(monkeypatch):
     """`run` and the flow check every key before ingest: a missing one used to fail the shadow test, retried twice."""
     from shadowjudge.config import check_api_keys

@@ -185,7 +185,11 @@ def test_a_check_spec_error_speaks_the_configs_words_not_pythons():
     cases = [({"kind": "regex", "pattern": "a", "flags": "i", "multiline": True},
               "check #0 (regex): unknown fields flags, multiline (this kind takes: kind, pattern, must_match, name)"),
              ({"kind": "regex", "name": "id"}, "check #0 (regex): missing pattern (required for this kind)"),
-             ({"kind": "refusal", "threshold": 2}, "check #0 (refusal): unknown field threshold")]
+             ({"kind": "refusal", "threshold": 2}, "check #0 (refusal): unknown field threshold"),
+             ({"kind": "json", "schema": 3},
+              "check 'json': schema must be a JSON Schema object (a mapping), got int 3"),
+             ({"kind": ["regex"]}, "check #0: kind must be one of ['json', 'length', 'refusal', 'regex'], got "
+                                   "['regex']")]
     for spec, words in cases:
         with pytest.raises(CheckSpecError) as exc:
             build_checks([spec])
