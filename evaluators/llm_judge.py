@@ -268,7 +268,7 @@ class LlmJudge:
                 self.last_refusal = failure
             return None
         tries = f" after {attempts} attempts" if attempts > 1 else ""
-        raise LlmJudgeError(f"judge model '{self.model}' failed{tries}: {failure}") from None
+        raise LlmJudgeError(f"judge model '{self.model}' failed{tries}: {failure}{_long_wait(exc)}") from None
 
     def _endpoint(self) -> str:
         """The client's base URL without credentials or query, fit for a message."""
@@ -372,6 +372,19 @@ def retry_delay(exc: Exception, retries_done: int) -> float | None:
     if should_retry != "true" and exc.status_code not in RETRIED_STATUSES and exc.status_code < 500:
         return None
     return retry_after if retry_after else _backoff(retries_done)
+
+
+def _long_wait(exc: Exception) -> str:
+    """Why a request the server asked to retry was not: the wait it asked for is over MAX_RETRY_AFTER_S."""
+    from openai import APIStatusError
+
+    from shadowjudge.shadow.endpoint import parse_retry_after
+
+    wait_s = parse_retry_after(exc.response.headers) if isinstance(exc, APIStatusError) else None
+    if wait_s is None or wait_s <= MAX_RETRY_AFTER_S:
+        return ""
+    return (f"; the server asked to retry after {wait_s:.0f} s, longer than the {MAX_RETRY_AFTER_S:.0f} s a judge "
+            "request waits, so it was not retried")
 
 
 def _backoff(retries_done: int) -> float:

@@ -299,7 +299,8 @@ def test_a_wait_longer_than_two_minutes_is_not_waited_out(teacher_for):
     """As the SDK did: a Retry-After over two minutes fails now instead of holding the batch."""
     quota = error(429, "insufficient_quota", "You exceeded your current quota", {"retry-after": "3600"})
     with LoopbackEndpoint(lambda n, user: quota) as endpoint:
-        with pytest.raises(LlmJudgeError, match=r"RateLimitError \(HTTP 429\)"):
+        with pytest.raises(LlmJudgeError, match=r"RateLimitError \(HTTP 429\); the server asked to retry after 3600 s, "
+                           r"longer than the 120 s a judge request waits, so it was not retried"):
             teacher_for(endpoint.base_url).judge_pairs(["q"], ["a"], ["b"])
     assert len(endpoint.arrivals) == 1
 
