@@ -11,7 +11,7 @@ from sqlalchemy import select, update
 
 from shadowjudge.alerts.findings import Finding, regression_findings
 from shadowjudge.alerts.triage import build_bundle
-from shadowjudge.analysis import Classification, analyze_run
+from shadowjudge.analysis import Classification, RunAnalysis, analyze_run
 from shadowjudge.config import RouteConfig
 from shadowjudge.cycle import cycle_run_key
 from shadowjudge.store import ShadowResult, ShadowRun, TrafficSample, session_scope
@@ -127,6 +127,14 @@ def test_a_checks_alert_shows_the_answers_that_fail_a_check_with_their_names(eng
     errors = build_bundle(engine, findings["error_rate"], route, None, None, 10)["examples"]
     assert [e["sample_id"] for e in errors] == candidate.worst_sample_ids[:10]
     assert errors and all("candidate_failed_checks" not in e for e in errors)
+
+    # An analysis stored before check failures were kept: the checks alert shows the judge's worst pairs, not none.
+    stored = analysis.to_dict()
+    for c in stored["candidates"]:
+        for part in [c, *c["slices"]]:
+            part.pop("check_failures")
+    old = {f.metric: f for f in regression_findings(RunAnalysis.from_dict(stored), route) if f.slice is None}
+    assert old["checks"].sample_ids == candidate.worst_sample_ids and old["checks"].sample_ids
 
 
 def test_a_slices_checks_alert_shows_only_that_slices_failing_answers(engine):

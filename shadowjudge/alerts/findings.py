@@ -57,9 +57,9 @@ def _examples(metric: str,
     """The samples a finding on `metric` shows, worst first, and what each example adds: for `checks` the answers
     that fail more of the route's checks than the incumbent's, with the checks each side failed (the judge's worst
     pairs need not fail any); for every other metric the candidate's errors and the judge's worst pairs."""
-    if metric != "checks":
-        return examples_of.worst_sample_ids, {}
     failures = examples_of.check_failures
+    if metric != "checks" or not failures:  # (an analysis stored before check failures were kept has none)
+        return examples_of.worst_sample_ids, {}
     fields = {f.sample_id: {"candidate_failed_checks": f.candidate_failed_checks,
                             "incumbent_failed_checks": f.incumbent_failed_checks} for f in failures}
     return [f.sample_id for f in failures], fields
