@@ -5,7 +5,8 @@ Numbers that merely look like card numbers or IBANs are left alone unless their 
 so prices, order numbers and years survive; a card number must also start like one of a card network's and have
 that network's length, so most ids and timestamps (epoch milliseconds start with 1) that happen to pass Luhn
 survive too, and an IBAN in lower case must also have its country's length. A US Social Security number needs its
-layout (123-45-6789, 123 45 6789) and a number that is issued (not area 000, 666 or 9xx, group 00, serial 0000).
+layout (123-45-6789; 123 45 6789 only after a word such as `SSN`) and a number that is issued (not area 000, 666 or
+9xx, group 00, serial 0000).
 Phones need a recognised layout (international with `+`, `00` or `011`, North American with or without the trunk
 code 1, national with a trunk 0, French-style pairs); a bare run of 10 digits only when it is a valid North
 American number right after a word such as `phone` or `call`, and amounts grouped by thousands (`2 000 000 000`)
@@ -23,6 +24,9 @@ from __future__ import annotations
 import ipaddress
 import re
 import unicodedata
+from heapq import merge
+from itertools import groupby
+from operator import itemgetter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -85,14 +89,11 @@ _BEARER = re.compile(r"(?:[Bb]earer|BEARER"
                      r"|(?:[Aa]uthorization|AUTHORIZATION)[\"']?\s*[:=]\s*[\"']?(?:[Bb]asic|BASIC|[Tt]oken|TOKEN))"
                      r"\s+([A-Za-z0-9._~+/-]{8,}=*)")
 # Unicode letters and digits (`müller`, `josé`) and `o'brien`'s apostrophe on the left of the @, Unicode domain
-# labels (`bücher.de`, `例え.jp`). The address starts with a letter or digit, so a quote or dot before it stays out,
-# and only at a word's start, not after a letter and a dot, dash, plus or apostrophe either: a later start in the same
-# run could not match either, and trying none keeps a long run (`a.b.c.d...`) from being rescanned from each of its
-# letters. Combining marks are part of a word though `\w` leaves them out: text in decomposed form (`josé` as `e` +
-# U+0301) and the vowel signs of Indic and Thai scripts (`अनुराग`) would otherwise cut an address in two and leave
-# its first half. CJK scripts write no spaces between words, so their letters neither belong to a Latin local part
-# nor end a Latin top-level domain: `请联系john@example.com获取帮助` keeps its sentence. A local part that ends in a
-# CJK letter (`用户@例子.公司`) is matched by `_EMAIL_CJK_LOCAL` instead.
+# labels (`bücher.de`, `例え.jp`). The address starts with a letter or digit, so a quote or dot before it stays out.
+# Combining marks are part of a word though `\w` leaves them out: text in decomposed form (`josé` as `e` + U+0301)
+# and the vowel signs of Indic and Thai scripts (`अनुराग`) would otherwise cut an address in two and leave its first
+# half. CJK scripts write no spaces between words, so their letters neither belong to a Latin local part nor end a
+# Latin top-level domain: `请联系john@example.com获取帮助` keeps its sentence (`email_local_start`).
 _CJK = "\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef"  # CJK, kana, Hangul, full-width forms
 
 
@@ -126,35 +127,62 @@ _CJK_TLDS = sorted("""
     """.split(), key=len, reverse=True)
 _EMAIL_DOMAIN = (rf"@(?:[\w{_MARKS}-]+\.)+(?:{_TLD_LETTER}(?:{_TLD_LETTER}|[{_MARKS}])+"
                  rf"|{'|'.join(_CJK_TLDS)})")
-# Bounds on how far back from the @ a local part reaches: without them, each of the starts in a run such as
-# `a..a..a..` (a separator run lets a new one begin) scanned to the run's end, quadratic in its length (4 s for 24k
-# characters, 45 ms now). A local part has at most 64 characters (RFC 5321); a CJK run is taken whole up to
-# CJK_RUN_MAX characters (an address after a longer run of CJK letters with no space or punctuation is missed).
-LOCAL_PART_MAX = 127
-CJK_RUN_MAX = 255
-_EMAIL = re.compile(rf"{_EMAIL_WORD}(?<!(?:{_EMAIL_WORD}|[{_MARKS}]){_EMAIL_WORD})"
-                    rf"(?<!(?:{_EMAIL_WORD}|[{_MARKS}])[.%+'-]{_EMAIL_WORD})(?:{_EMAIL_WORD}|[.%+'{_MARKS}-]){{0,{LOCAL_PART_MAX}}}"
-                    rf"{_EMAIL_DOMAIN}")
-# A local part whose last letter is CJK (`用户@`, `山田@`, `사용자@`): where it starts cannot be told from the text
-# before it when no space or punctuation comes between, so the whole run of letters before the @ goes with it
-# (`请发到用户@例子.公司` loses `请发到`: better a few words too many than half an address left).
-_EMAIL_CJK_LOCAL = re.compile(rf"\w(?<![\w{_MARKS}]\w)(?<![\w{_MARKS}][.%+'-]\w)[\w.%+'{_MARKS}-]{{0,{CJK_RUN_MAX}}}"
-                              rf"(?<=[{_CJK}])(?<=\w){_EMAIL_DOMAIN}")
-_CJK_BEFORE_AT = re.compile(rf"@(?<=[{_CJK}]@)")
+# An address is found from its @: the domain is matched forward, then the local part is read backwards from the @
+# over the characters it may hold, and starts at its first letter or digit, so no start is tried for each letter of
+# a long run (`a..a..a..`) and any character may come before it (an emoji's variation selector, a decomposed kana's
+# voiced mark). A local part has at most 64 characters (RFC 5321); it is read at most LOCAL_PART_MAX characters
+# back (a URL-encoded query, `...%26email%3Djohn.doe@`, loses its earlier part to `[EMAIL]` no further back). A
+# local part whose last letter is CJK (`用户@`, `山田@`, `사용자@`) is read over CJK letters too: where it starts
+# cannot be told from the text before it when no space or punctuation comes between, so the whole run of letters
+# before the @ goes with it, up to CJK_RUN_MAX characters (`请发到用户@例子.公司` loses `请发到`: better a few words
+# too many than half an address left).
+LOCAL_PART_MAX = 128
+CJK_RUN_MAX = 256
+_EMAIL_AT = re.compile(_EMAIL_DOMAIN)
+_EMAIL_WORD_CHAR = re.compile(_EMAIL_WORD)
+_WORD_CHAR = re.compile(r"\w")
+# The local part's characters, matched on the text before the @ reversed.
+_LOCAL_RUN = re.compile(rf"(?:{_EMAIL_WORD}|[.%+'{_MARKS}-])*")
+_CJK_LOCAL_RUN = re.compile(rf"[\w.%+'{_MARKS}-]*")
+_CJK_LETTER = re.compile(rf"[{_CJK}](?<=\w)")
+
+
+def email_local_start(text: str, at: int) -> int:
+    """Where the local part of the address whose @ is at `at` starts, -1 if it has none."""
+    if at == 0:
+        return -1
+    if _CJK_LETTER.match(text, at - 1):
+        run, first, reach = _CJK_LOCAL_RUN, _WORD_CHAR, CJK_RUN_MAX
+    else:
+        run, first, reach = _LOCAL_RUN, _EMAIL_WORD_CHAR, LOCAL_PART_MAX
+    lo = max(0, at - reach)
+    start = at - run.match(text[lo:at][::-1]).end()
+    word = first.search(text, start, at)
+    return -1 if word is None else word.start()
 # Letters, digits and single spaces after a country code and two check digits; `iban_length` then finds where the
 # IBAN ends. Upper case as IBANs are printed, or lower case (typed by hand) starting a word.
 _IBAN = re.compile(r"(?:[A-Z]{2}|(?<![A-Za-z0-9])[A-Za-z]{2})\d{2}(?: ?[A-Za-z0-9]){11,30}(?![A-Za-z0-9])")
-# US Social Security numbers, 123-45-6789 or 123 45 6789 (one separator throughout), not within a longer run of
-# digit groups (a phone, a list of numbers); `_ssn_ok` then rules out the numbers never issued.
-_SSN = re.compile(r"\d(?<![\w.+-]\d)(?<!\d[ -]\d)\d\d([ -])\d\d\1\d{4}(?![\w]|[.,]\d|[ -]\d)")
+# US Social Security numbers, 123-45-6789, or 123 45 6789 only a little after a word such as `SSN` or `social
+# security` (`_SSN_CONTEXT`): numbers in a table or list are groups of 3, 2 and 4 digits too (`450 25 1200`). Not
+# within a longer run of digit groups with the same separator (a phone, a list of numbers; another number after a
+# space may follow: `123-45-6789 2 dependents`); `_ssn_ok` then rules out the numbers never issued.
+_SSN = re.compile(r"\d(?<![\w.+-]\d)(?<!\d[ -]\d)\d\d-\d\d-\d{4}(?![\w]|[.,]\d|-\d)")
+_SSN_SPACED = re.compile(r"\d(?<![\w.+-]\d)(?<!\d[ -]\d)\d\d \d\d \d{4}(?![\w]|[.,]\d| \d)")
+_SSN_CONTEXT = re.compile(r"(?i)\b(?:ssns?|ss#|ssa|social[ -]security)(?![a-z])[^\d;]*$")
 # A North American number written as a bare run of 10 digits, or 11 with the trunk code 1 (5551234567): found only
 # a little after a word that announces a phone number (`_PHONE_CONTEXT`), as ids, amounts, integer limits
 # (2147483647) and numbers in URLs (/playlist/7504851590) are bare runs of 10 digits too. Between the word and the
 # number, no digit and nothing of code or maths (an opening bracket, `=`, operators): `call f(4000000000)` and
 # `cell A1 = 2147483647` are no phone numbers.
 _PHONE_BARE = re.compile(r"[1-9](?<![\w.+/-][1-9])\d{9,10}(?![\w]|[.,]\d)")
-_PHONE_CONTEXT = re.compile(r"(?i)(?:phone|\b(?:call|tel|mobile|cell|fax|contact|whatsapp|sms|text me))"
-                            r"[^\d(\[{<>=+*/^]*$")
+# The word is a whole one (`tell`, `telescope`, `called`, `iPhone` are not it), and an id (`Contact id`, `#`) or
+# a new clause (`;`) between it and the number is not a phone's. `cell` and `SMS` name other things too (`Excel cell
+# B holds ...`, `SMS gateway processed ...`): only a few linking words may follow them (`cell: `, `my cell is `,
+# `SMS to `). Other such numbers may come between: `Phone: 5551234567, 5559876543` holds two.
+_PHONE_CONTEXT = re.compile(r"(?i)(?:\b(?:phones?|telephones?|tel|call|mobile|cellphone|fax|contact|whatsapp|text me)\b"
+                            r"(?:(?!\bids?\b)[^\d(\[{<>=+*/^;#]|(?<!\d)1?\d{10}(?!\d))*"
+                            r"|\b(?:cell|sms)\b(?:[\s:.,-]|\b(?:is|at|on|to|or|and|no|nr|num|number)\b"
+                            r"|(?<!\d)1?\d{10}(?!\d))*)$")
 CONTEXT_CHARS = 40  # how far before a finding its context word may be
 # 13 to 19 digits, optionally grouped by single spaces or dashes; not glued to other digits or letters.
 _CARD = re.compile(r"\d(?<![\w.]\d)(?:[ -]?\d){12,18}(?![\w]|[.,]\d)")
@@ -353,6 +381,9 @@ class Detector:
     # A pattern that must match in the CONTEXT_CHARS before the finding (`$` is the finding's start), for a kind
     # that looks like too many ordinary things to be taken on its shape alone.
     context: re.Pattern[str] | None = None
+    # Where the finding starts, given the text and the match's start, -1 for none: for a kind found from a marker
+    # inside it (an address from its @) whose start a forward regex would have to try at every position.
+    reach_back: Callable[[str, int], int] | None = None
 
 
 def _gate_api_key(text: str) -> bool:
@@ -371,10 +402,6 @@ def _gate_bearer(text: str) -> bool:
 
 def _gate_email(text: str) -> bool:
     return "@" in text
-
-
-def _gate_email_cjk_local(text: str) -> bool:
-    return "@" in text and _CJK_BEFORE_AT.search(text) is not None
 
 
 def _gate_ipv6(text: str) -> bool:
@@ -403,8 +430,7 @@ def builtin_text_detectors() -> list[Detector]:
         Detector(API_KEY, _API_KEY, _gate_api_key),
         Detector(API_KEY, _AWS_SECRET_KEY, _gate_aws_secret_key, group=1),
         Detector(BEARER_TOKEN, _BEARER, _gate_bearer, group=1),
-        Detector(EMAIL, _EMAIL, _gate_email),
-        Detector(EMAIL, _EMAIL_CJK_LOCAL, _gate_email_cjk_local),
+        Detector(EMAIL, _EMAIL_AT, _gate_email, reach_back=email_local_start),
         Detector(IP_ADDRESS, _IPV6, _gate_ipv6, _ipv6_ok),
     ]
 
@@ -415,6 +441,7 @@ def builtin_numeric_detectors() -> list[Detector]:
         Detector(IBAN, _IBAN, measure=iban_length),
         Detector(CARD, _CARD, None, _card_ok),
         Detector(SSN, _SSN, None, _ssn_ok),
+        Detector(SSN, _SSN_SPACED, None, _ssn_ok, context=_SSN_CONTEXT),
         Detector(IP_ADDRESS, _IPV4, None, _ipv4_ok),
         Detector(PHONE, _PHONE, None, _phone_ok),
         Detector(PHONE, _PHONE_BARE, None, _nanp_ok, context=_PHONE_CONTEXT),
@@ -425,8 +452,15 @@ _Span = tuple[int, int, int, str]  # start, end, priority, kind
 
 
 def _collect(det: Detector, text: str, lo: int, hi: int, priority: int, spans: list[_Span]) -> None:
-    """Append to `spans` what `det` finds in `text[lo:hi]` and its checks accept."""
-    for m in det.pattern.finditer(text, lo, hi):
+    """Append to `spans` what `det` finds in `text[lo:hi]` and its checks accept. A measured finding shorter than
+    its match is searched on from its end: the rest of the match may hold the next one (`DE89 ... or GB82 ...`)."""
+    search = det.pattern.search
+    pos = lo
+    while pos <= hi:
+        m = search(text, pos, hi)
+        if m is None:
+            return
+        pos = m.end() if m.end() > m.start() else m.end() + 1
         start, end = m.span(det.group)
         if det.valid is not None and not det.valid(m.group(det.group)):
             continue
@@ -434,9 +468,36 @@ def _collect(det: Detector, text: str, lo: int, hi: int, priority: int, spans: l
             end = start + det.measure(m.group(det.group))
             if end == start:
                 continue
+            pos = min(pos, end)
+        if det.reach_back is not None:
+            start = det.reach_back(text, start)
+            if start < 0:
+                continue
+        if end <= start:  # an empty match (an extra pattern such as `\d*`) hides nothing
+            continue
         if det.context is not None and det.context.search(text, max(0, start - CONTEXT_CHARS), start) is None:
             continue
         spans.append((start, end, priority, det.kind))
+
+
+def _winners(spans: list[_Span]) -> list[_Span]:
+    """The findings kept, by start: taken by priority, then start, each kept only if it overlaps none already kept.
+    One sweep per priority over the kept findings (disjoint, so sorted by end too), not a test against each one,
+    which was quadratic in the number of findings (14k e-mails took 5 s)."""
+    spans.sort(key=lambda s: (s[2], s[0]))
+    kept: list[_Span] = []
+    for _, level in groupby(spans, key=itemgetter(2)):
+        chosen: list[_Span] = []
+        k = 0
+        for span in level:
+            start, end = span[0], span[1]
+            while k < len(kept) and kept[k][1] <= start:
+                k += 1
+            if (k < len(kept) and kept[k][0] < end) or (chosen and chosen[-1][1] > start):
+                continue
+            chosen.append(span)
+        kept = list(merge(kept, chosen))
+    return kept
 
 
 class Redactor:
@@ -526,13 +587,7 @@ class Redactor:
 
     @staticmethod
     def _replace(text: str, spans: list[_Span]) -> tuple[str, dict[str, int]]:
-        # Highest priority first; a finding is kept only if it overlaps none already kept.
-        spans.sort(key=lambda s: (s[2], s[0]))
-        kept: list[_Span] = []
-        for span in spans:
-            if all(span[1] <= k[0] or span[0] >= k[1] for k in kept):
-                kept.append(span)
-        kept.sort()
+        kept = _winners(spans)
         pieces: list[str] = []
         found: dict[str, int] = {}
         last = 0
