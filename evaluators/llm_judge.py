@@ -190,6 +190,9 @@ class LlmJudge:
         self.rpm = TokenBucket.per_minute(rpm) if rpm else None
         self.tpm = TokenBucket.per_minute(tpm) if tpm else None
         self._pacing = threading.Lock()
+        # A server's Retry-After holds every request of this judge, not only the one it answered: the other threads'
+        # next attempts wait too (time.monotonic() before which none starts).
+        self._held_until = 0.0
 
     @classmethod
     def from_target(cls, target: "TargetConfig", *, timeout_s: float = 60.0, max_retries: int = 3,
@@ -234,6 +237,7 @@ class LlmJudge:
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
         reserved = count_message_tokens(messages) + self.max_tokens
         for retries_done in range(self.max_retries + 1):
+            self._wait_if_held()
             self._pace(reserved)
             try:
                 response = self._single_attempt_client.chat.completions.create(
@@ -244,6 +248,9 @@ class LlmJudge:
                 delay = retry_delay(exc, retries_done)
                 if delay is None or retries_done == self.max_retries:
                     return self._failed(exc, retries_done + 1, refused_unusable)
+                if _asked_to_wait(exc):
+                    with self._lock:
+                        self._held_until = max(self._held_until, time.monotonic() + delay)
                 time.sleep(delay)
         usage = getattr(response, "usage", None)
         self._settle(reserved, usage.total_tokens if usage is not None and usage.total_tokens else reserved)
@@ -252,6 +259,13 @@ class LlmJudge:
         if not response.choices:
             return ""
         return response.choices[0].message.content or ""
+
+    def _wait_if_held(self) -> None:
+        """Wait out a Retry-After the server gave any request of this judge."""
+        with self._lock:
+            wait_s = self._held_until - time.monotonic()
+        if wait_s > 0:
+            time.sleep(wait_s)
 
     def _failed(self, exc: Exception, attempts: int, refused_unusable: bool) -> None:
         """Count a refused request (None: an unusable verdict) or raise the failure, naming model and error class
@@ -372,6 +386,15 @@ def retry_delay(exc: Exception, retries_done: int) -> float | None:
     if should_retry != "true" and exc.status_code not in RETRIED_STATUSES and exc.status_code < 500:
         return None
     return retry_after if retry_after else _backoff(retries_done)
+
+
+def _asked_to_wait(exc: Exception) -> bool:
+    """Whether the server said how long to wait (Retry-After), which then holds all of the judge's requests."""
+    from openai import APIStatusError
+
+    from shadowjudge.shadow.endpoint import parse_retry_after
+
+    return isinstance(exc, APIStatusError) and bool(parse_retry_after(exc.response.headers))
 
 
 def _long_wait(exc: Exception) -> str:

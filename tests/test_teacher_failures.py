@@ -284,7 +284,9 @@ def test_retries_after_429_keep_to_the_teachers_rpm(teacher_for):
         [pair] = teacher.judge_pairs(["q"], ["a"], ["b"])
     assert (pair.candidate_first, pair.incumbent_first) == (1.0, 0.0)
     assert len(endpoint.arrivals) == 4
-    assert min(endpoint.gaps) >= 0.9, endpoint.gaps
+    # the first request's arrival also carries the client's cold start (up to ~0.15 s when run alone), which the
+    # limiter does not see: its gap is the shorter one
+    assert min(endpoint.gaps) >= 0.75 and min(endpoint.gaps[1:]) >= 0.9, endpoint.gaps
 
 
 def test_a_retry_waits_the_servers_retry_after(teacher_for):
@@ -294,6 +296,20 @@ def test_a_retry_waits_the_servers_retry_after(teacher_for):
         teacher_for(endpoint.base_url).judge_pairs(["q"], ["a"], ["b"])
     assert len(endpoint.arrivals) == 3 and endpoint.gaps[0] >= 0.95, endpoint.gaps
 
+
+
+def test_a_retry_after_holds_the_judges_other_requests_too(monkeypatch):
+    """Each thread waited out only its own Retry-After: with four at once, the other three kept sending requests
+    into the server's back-off (the next ones 0.3 s after the 429 asked for 1 s)."""
+    monkeypatch.setenv("TEACHER_KEY", API_KEY)
+    slow_ok = Reply(**{**verdict("A").__dict__, "delay_s": 0.3})
+    rate_limited = error(429, "rate_limit_exceeded", "Rate limit reached", {"retry-after": "1"})
+    with LoopbackEndpoint(lambda n, user: rate_limited if n == 0 else slow_ok) as endpoint:
+        target = TargetConfig(name="teacher", model=MODEL, base_url=endpoint.base_url, api_key_env="TEACHER_KEY",
+                              concurrency=4)
+        LlmJudge.from_target(target).judge_pairs(["q"] * 4, ["a"] * 4, ["b"] * 4)
+    later = endpoint.arrivals[4:]  # sent after the first four, each once a thread was free again
+    assert later and min(later) >= endpoint.arrivals[0] + 0.95, [t - endpoint.arrivals[0] for t in later]
 
 def test_a_wait_longer_than_two_minutes_is_not_waited_out(teacher_for):
     """As the SDK did: a Retry-After over two minutes fails now instead of holding the batch."""
