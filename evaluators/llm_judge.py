@@ -248,7 +248,7 @@ class LlmJudge:
                 delay = retry_delay(exc, retries_done)
                 if delay is None or retries_done == self.max_retries:
                     return self._failed(exc, retries_done + 1, refused_unusable)
-                if _asked_to_wait(exc):
+                if server_retry_after(exc):  # the server named the wait: it holds every request
                     with self._lock:
                         self._held_until = max(self._held_until, time.monotonic() + delay)
                 time.sleep(delay)
@@ -366,18 +366,26 @@ class LlmJudge:
         return [f.result() for f in futures]
 
 
+def server_retry_after(exc: Exception) -> float | None:
+    """Seconds the server asked to wait before a retry (Retry-After, retry-after-ms), read as the shadow engine
+    reads them; None when the failure is no HTTP response or names no wait."""
+    from openai import APIStatusError
+
+    from shadowjudge.shadow.endpoint import parse_retry_after
+
+    return parse_retry_after(exc.response.headers) if isinstance(exc, APIStatusError) else None
+
+
 def retry_delay(exc: Exception, retries_done: int) -> float | None:
     """Seconds to wait before retrying a failed attempt, as the openai SDK decides it; None when a retry cannot help
     (or the server asks for a wait over MAX_RETRY_AFTER_S). The server's `x-should-retry` overrides the status."""
     from openai import APIConnectionError, APIStatusError
 
-    from shadowjudge.shadow.endpoint import parse_retry_after  # the shadow engine's reading of the headers
-
     if isinstance(exc, APIConnectionError):  # timeouts included
         return _backoff(retries_done)
     if not isinstance(exc, APIStatusError):
         return None
-    retry_after = parse_retry_after(exc.response.headers)
+    retry_after = server_retry_after(exc)
     if retry_after is not None and retry_after > MAX_RETRY_AFTER_S:
         return None
     should_retry = exc.response.headers.get("x-should-retry")
@@ -388,22 +396,9 @@ def retry_delay(exc: Exception, retries_done: int) -> float | None:
     return retry_after if retry_after else _backoff(retries_done)
 
 
-def _asked_to_wait(exc: Exception) -> bool:
-    """Whether the server said how long to wait (Retry-After), which then holds all of the judge's requests."""
-    from openai import APIStatusError
-
-    from shadowjudge.shadow.endpoint import parse_retry_after
-
-    return isinstance(exc, APIStatusError) and bool(parse_retry_after(exc.response.headers))
-
-
 def _long_wait(exc: Exception) -> str:
     """Why a request the server asked to retry was not: the wait it asked for is over MAX_RETRY_AFTER_S."""
-    from openai import APIStatusError
-
-    from shadowjudge.shadow.endpoint import parse_retry_after
-
-    wait_s = parse_retry_after(exc.response.headers) if isinstance(exc, APIStatusError) else None
+    wait_s = server_retry_after(exc)
     if wait_s is None or wait_s <= MAX_RETRY_AFTER_S:
         return ""
     return (f"; the server asked to retry after {wait_s:.0f} s, longer than the {MAX_RETRY_AFTER_S:.0f} s a judge "
