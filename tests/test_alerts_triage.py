@@ -12,11 +12,14 @@ from sqlalchemy import select, update
 from shadowjudge.alerts.findings import Finding, regression_findings
 from shadowjudge.alerts.triage import build_bundle
 from shadowjudge.analysis import Classification, RunAnalysis, analyze_run
-from shadowjudge.config import RouteConfig
+from shadowjudge.config import RedactionConfig, RouteConfig
 from shadowjudge.cycle import cycle_run_key
 from shadowjudge.store import ShadowResult, ShadowRun, TrafficSample, session_scope
 from shadowjudge.tracking import mlflow_tracking
+from shadowjudge.traffic.redaction import Redactor
 from test_analysis_alpaca_runs import PROFILES, Profile, build_run, route_for
+
+REDACTOR = Redactor.from_config(RedactionConfig())
 
 
 def _finding(run_id: int | None) -> Finding:
@@ -30,13 +33,13 @@ def test_the_reproduce_command_reruns_the_alerting_cycle_not_a_new_one(engine):
         s.add(run)
         s.flush()
         run_id = run.id
-    bundle = build_bundle(engine, _finding(run_id), route_for(["c"]), None, "configs/prod.yaml", 5)
+    bundle = build_bundle(engine, _finding(run_id), route_for(["c"]), None, "configs/prod.yaml", 5, REDACTOR)
     assert bundle["reproduce"] == ("shadowjudge run --config configs/prod.yaml --route chat "
                                    "--cycle-id 20261101T0930Z")
     assert bundle["cycle_id"] == "20261101T0930Z" and bundle["run_key"] == "chat:20261101T0930Z"
     assert "golden cases" in bundle["reproduce_note"] and "ingests new traffic" in bundle["reproduce_note"]
     # a finding outside any cycle has nothing to rerun: no command that would start a new cycle
-    bundle = build_bundle(engine, _finding(None), route_for(["c"]), None, "configs/prod.yaml", 5)
+    bundle = build_bundle(engine, _finding(None), route_for(["c"]), None, "configs/prod.yaml", 5, REDACTOR)
     assert bundle["reproduce"] is None and bundle["cycle_id"] is None
 
 
@@ -114,7 +117,7 @@ def test_a_checks_alert_shows_the_answers_that_fail_a_check_with_their_names(eng
             ShadowResult.run_id == run_id, ShadowResult.target == "c", ShadowResult.error_class.is_(None))).all()
     expected = _expected(sorted(answered), candidate_fails, incumbent_fails)
     assert len(expected[0][1]) == 2 and len(expected[-1][1]) == 1
-    examples = build_bundle(engine, findings["checks"], route, None, None, 10)["examples"]
+    examples = build_bundle(engine, findings["checks"], route, None, None, 10, REDACTOR)["examples"]
     assert [(e["sample_id"], e["candidate_failed_checks"], e["incumbent_failed_checks"]) for e in examples] == \
         expected[:10]
     assert not {1, 5, 6, 7} & {e["sample_id"] for e in examples}
@@ -124,7 +127,7 @@ def test_a_checks_alert_shows_the_answers_that_fail_a_check_with_their_names(eng
     assert json.loads(json.dumps(examples)) == examples
 
     # Another metric's alert keeps its examples: the candidate's errors and the judge's worst pairs, no check names.
-    errors = build_bundle(engine, findings["error_rate"], route, None, None, 10)["examples"]
+    errors = build_bundle(engine, findings["error_rate"], route, None, None, 10, REDACTOR)["examples"]
     assert [e["sample_id"] for e in errors] == candidate.worst_sample_ids[:10]
     assert errors and all("candidate_failed_checks" not in e for e in errors)
 
@@ -155,7 +158,7 @@ def test_a_slices_checks_alert_shows_only_that_slices_failing_answers(engine):
     analysis = analyze_run(engine, run_id, route)
     findings = [f for f in regression_findings(analysis, route) if f.metric == "checks"]
     assert [f.slice for f in findings] == ["task=koala"]
-    examples = build_bundle(engine, findings[0], route, None, None, 50)["examples"]
+    examples = build_bundle(engine, findings[0], route, None, None, 50, REDACTOR)["examples"]
     koala = sorted(sid for sid in task if task[sid] == "koala" and sid % 2 == 0)
     assert [(e["sample_id"], e["slice"]) for e in examples] == [(sid, "koala") for sid in koala[:10]]
     assert all(e["candidate_failed_checks"] == ["json"] and e["incumbent_failed_checks"] == [] for e in examples)

@@ -6,12 +6,16 @@ fingerprint until the alert is resolved), so two cycles raising the same cause a
 a recurrence bumps `occurrences` instead of notifying again (unless its severity rises), and a rerun of a run (or
 window) the alert counted already changes nothing. Delivery is at-least-once: PagerDuty deduplicates by the
 fingerprint.
+
+What is stored is what may leave the system: a bundle's free texts and the message (a golden case's failures can
+quote the answer) are redacted before the alert is written, by the configured Redactor (`redaction`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -23,10 +27,11 @@ from shadowjudge.alerts.triage import build_bundle
 from shadowjudge.analysis.drift import DriftReport
 from shadowjudge.analysis.golden import GoldenReport
 from shadowjudge.analysis.regression import RunAnalysis, json_safe
-from shadowjudge.config import RouteConfig
+from shadowjudge.config import RedactionConfig, RouteConfig
 from shadowjudge.errors import InputError
 from shadowjudge.store import Alert, insert_ignoring_duplicates, session_scope
 from shadowjudge.store.models import fit_column, utcnow
+from shadowjudge.traffic.redaction import Redactor
 
 STATUSES = ("open", "acknowledged", "resolved")
 RESOLVE_RETRY_WINDOW = timedelta(days=7)
@@ -183,12 +188,17 @@ def deliver_pending(engine: Engine, sinks: Sequence[AlertSink], alert_ids: Seque
 
 
 def raise_findings(engine: Engine, findings: list[Finding], route: RouteConfig, sinks: Sequence[AlertSink],
-                   run_link: str | None, config_path: str | None, max_examples: int) -> list[Alert]:
+                   run_link: str | None, config_path: str | None, max_examples: int, *,
+                   redaction: RedactionConfig | None = None) -> list[Alert]:
     """Store every finding as an alert (new or recurred), then make one delivery pass over all pending alerts.
 
-    A cycle passes all its findings at once: each pass may wait out a dead sink's retry schedule.
+    A cycle passes all its findings at once: each pass may wait out a dead sink's retry schedule. `redaction` is the
+    config's (None: the built-in detectors, as for a config without a `redaction` section); messages and bundles are
+    redacted with it before they are stored.
     """
-    bundles = [build_bundle(engine, f, route, run_link, config_path, max_examples) for f in findings]
+    redactor = Redactor.from_config(redaction or RedactionConfig())
+    findings = [replace(f, message=redactor.redact(f.message, {})) for f in findings]
+    bundles = [build_bundle(engine, f, route, run_link, config_path, max_examples, redactor) for f in findings]
     with session_scope(engine) as s:
         ids = [_record(s, f, b) for f, b in zip(findings, bundles, strict=True)]
     deliver_pending(engine, sinks)  # these alerts, and whatever an earlier call could not deliver
@@ -202,30 +212,31 @@ def raise_findings(engine: Engine, findings: list[Finding], route: RouteConfig, 
 
 def raise_alerts(engine: Engine, analysis: RunAnalysis, route: RouteConfig, sinks: Sequence[AlertSink],
                  run_link: str | None = None, *, config_path: str | None = None, max_examples: int = 5,
-                 action: str | None = None) -> list[Alert]:
+                 action: str | None = None, redaction: RedactionConfig | None = None) -> list[Alert]:
     """Store and send an alert for every regression the analysis found (failed metrics, failing slices).
 
     `run_link` is the MLflow run; `action` says what the controller did (default: derived from the verdict);
-    `config_path` goes into the reproduce command. Returns the alerts raised or recurred by this analysis.
+    `config_path` goes into the reproduce command; `redaction` redacts what is stored and sent (`raise_findings`).
+    Returns the alerts raised or recurred by this analysis.
     """
     return raise_findings(engine, regression_findings(analysis, route, action), route, sinks, run_link, config_path,
-                          max_examples)
+                          max_examples, redaction=redaction)
 
 
 def drift_alerts(engine: Engine, report: DriftReport, route: RouteConfig, sinks: Sequence[AlertSink],
                  run_link: str | None = None, *, run_id: int | None = None, config_path: str | None = None,
-                 max_examples: int = 5) -> list[Alert]:
+                 max_examples: int = 5, redaction: RedactionConfig | None = None) -> list[Alert]:
     """Store and send an alert for every drift check that alarmed."""
     return raise_findings(engine, drift_findings(report, route, run_id), route, sinks, run_link, config_path,
-                          max_examples)
+                          max_examples, redaction=redaction)
 
 
 def golden_alerts(engine: Engine, report: GoldenReport, route: RouteConfig, sinks: Sequence[AlertSink],
                   run_link: str | None = None, *, run_id: int | None = None, config_path: str | None = None,
-                  max_examples: int = 5) -> list[Alert]:
+                  max_examples: int = 5, redaction: RedactionConfig | None = None) -> list[Alert]:
     """Store and send an alert when a candidate fails its golden regression set."""
     return raise_findings(engine, golden_findings(report, route, run_id), route, sinks, run_link, config_path,
-                          max_examples)
+                          max_examples, redaction=redaction)
 
 
 def _get(session, alert_id: int) -> Alert:

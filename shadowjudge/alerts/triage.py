@@ -3,6 +3,10 @@
 The MLflow run link, the worst examples (prompt, incumbent answer, candidate answer, scores; for a regression on
 metric `checks`, the answers that fail more checks than the incumbent's, with the checks each side failed), the
 slice, the numbers behind the finding and the command that reruns the cycle that found it.
+
+A bundle leaves the system (Slack, PagerDuty, a webhook), so every free text in it goes through the configured
+Redactor first, as ingestion's does: the answers of the candidates and of the replayed incumbent are stored as the
+models returned them, and a model can echo or make up an e-mail, a phone or a key.
 """
 
 from __future__ import annotations
@@ -16,12 +20,17 @@ from shadowjudge.alerts.findings import Finding
 from shadowjudge.config import RouteConfig
 from shadowjudge.scoring import prompt_text
 from shadowjudge.store import Judgment, ShadowResult, ShadowRun, TrafficSample, session_scope
+from shadowjudge.traffic.redaction import Redactor
 
 TEXT_LIMIT = 1500
 # What pasting the reproduce command does: a rerun of the same cycle is idempotent, except for two stages.
 REPRODUCE_NOTE = ("reruns this cycle on its stored samples: stored shadow answers, judgments and teacher verdicts are "
                   "reused and its weight step is replayed, not repeated (only a push that failed is retried); it "
                   "still ingests new traffic first and asks the golden cases again (live candidate calls)")
+# Where a bundle carries text from traffic or a model, however deep (a finding's details repeat its examples:
+# `golden.results`, `drift.details.examples`): prompts, answers, drift examples and a golden case's failures (a JSON
+# schema failure quotes the answer's value).
+FREE_TEXT_KEYS = frozenset({"prompt", "incumbent_answer", "candidate_answer", "text", "failures"})
 
 
 def _clip(text: str | None) -> str | None:
@@ -30,11 +39,27 @@ def _clip(text: str | None) -> str | None:
     return text if len(text) <= TEXT_LIMIT else text[:TEXT_LIMIT] + " [...]"
 
 
+def _redacted_clip(text: str | None, redactor: Redactor) -> str | None:
+    """Redacted, then clipped: a finding the clip cut in two would no longer be recognised (half a card number)."""
+    return None if text is None else _clip(redactor.redact(text, {}))
+
+
+def redact_free_text(value: Any, redactor: Redactor) -> Any:
+    """`value` (a bundle, or a part of one) with everything under a FREE_TEXT_KEYS key redacted; the rest (ids,
+    labels, numbers, the source keys deduplication compares) is kept as it is."""
+    if isinstance(value, dict):
+        return {key: redactor.redact_value(item, {}) if key in FREE_TEXT_KEYS else redact_free_text(item, redactor)
+                for key, item in value.items()}
+    if isinstance(value, list):
+        return [redact_free_text(item, redactor) for item in value]
+    return value
+
+
 def worst_examples(engine: Engine, run_id: int, route: RouteConfig, target: str, sample_ids: list[int],
-                   evaluator: str | None, limit: int,
+                   evaluator: str | None, limit: int, redactor: Redactor,
                    example_fields: dict[int, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """The given samples (worst first) with both answers and the judge's scores, texts clipped, and what
-    `example_fields` holds for each (a `checks` finding: the checks each side failed)."""
+    """The given samples (worst first) with both answers and the judge's scores, texts redacted and clipped, and
+    what `example_fields` holds for each (a `checks` finding: the checks each side failed)."""
     ids = sample_ids[:limit]
     if not ids:
         return []
@@ -62,9 +87,10 @@ def worst_examples(engine: Engine, run_id: int, route: RouteConfig, target: str,
             "sample_id": sid,
             "request_id": sample.request_id,
             "slice": (sample.meta or {}).get(route.slice_key) if route.slice_key else None,
-            "prompt": _clip(prompt_text(sample.messages)),
-            "incumbent_answer": _clip(replayed.output_text if replayed is not None else sample.response_text),
-            "candidate_answer": _clip(cand.output_text if cand is not None else None),
+            "prompt": _redacted_clip(prompt_text(sample.messages), redactor),
+            "incumbent_answer": _redacted_clip(replayed.output_text if replayed is not None else sample.response_text,
+                                               redactor),
+            "candidate_answer": _redacted_clip(cand.output_text if cand is not None else None, redactor),
             "candidate_error": cand.error_class if cand is not None else None,
             "candidate_score": judged.candidate_score if judged else None,
             "incumbent_score": judged.incumbent_score if judged else None,
@@ -93,15 +119,17 @@ def cycle_of(engine: Engine, route: str, run_id: int | None) -> tuple[str | None
 
 
 def build_bundle(engine: Engine, finding: Finding, route: RouteConfig, run_link: str | None,
-                 config_path: str | None, max_examples: int) -> dict[str, Any]:
+                 config_path: str | None, max_examples: int, redactor: Redactor) -> dict[str, Any]:
+    """The finding's triage bundle, its free texts redacted by `redactor` (the configured one: `redaction`)."""
+    details = redact_free_text(finding.details, redactor)
     examples: list[dict[str, Any]] = []
     if finding.kind == "regression" and finding.run_id is not None and finding.target:
         examples = worst_examples(engine, finding.run_id, route, finding.target, finding.sample_ids,
-                                  finding.details.get("evaluator"), max_examples, finding.example_fields)
+                                  details.get("evaluator"), max_examples, redactor, finding.example_fields)
     elif finding.kind == "drift":
-        examples = list((finding.details.get("drift") or {}).get("details", {}).get("examples") or [])[:max_examples]
+        examples = list((details.get("drift") or {}).get("details", {}).get("examples") or [])[:max_examples]
     elif finding.kind == "golden":
-        golden = finding.details.get("golden", {})
+        golden = details.get("golden", {})
         unanswered = finding.metric == "golden_unanswered"  # else the wrong answers (stored results may predate it)
         examples = [r for r in golden.get("results", [])
                     if not r.get("passed") and bool(r.get("unanswered")) == unanswered][:max_examples]
@@ -117,5 +145,5 @@ def build_bundle(engine: Engine, finding: Finding, route: RouteConfig, run_link:
         # no cycle (a finding raised outside one): nothing to rerun, and a `run` without --cycle-id is a new cycle
         "reproduce": reproduce_command(route.name, config_path, cycle_id) if cycle_id else None,
         "reproduce_note": REPRODUCE_NOTE if cycle_id else None,
-        **finding.details,
+        **details,
     }
