@@ -62,10 +62,17 @@ def audit(texts: list[str], examples: int) -> dict:
             "texts_per_cpu_s": round(len(texts) / cpu_s) if cpu_s else None, "examples": shown}
 
 
-# Texts built to make a detector rescan (each about 24k characters): the worst case, not a typical text.
+# Texts built to make a detector rescan (each about 24k characters): the worst case, not a typical text. A context
+# word before thousands of candidates makes each candidate search the text before it; a finding glued to the next
+# one makes a second pass over the whole text.
 ADVERSARIAL = {"separator_runs": "a.." * 8000 + "@", "quote_runs": "a''" * 8000 + "@", "dot_runs": "a." * 12000 + "@",
                "cjk_separator_runs": "用.." * 8000 + "用@例子.公司", "digit_groups": "12-" * 8000,
-               "phone_word_and_numbers": "phone " + "5551234567 " * 2200}
+               "phone_word_and_numbers": "phone " + "5551234567 " * 2200,
+               "ssn_word_and_bare_numbers": "SSN " + "123456789 " * 2400,
+               "part_label_and_ssns": "Part no. " + "123-45-6789, " * 1850,
+               "unlisted_cjk_domain_labels": "a@" + "例." * 12000,
+               "cjk_dot_latin_runs": ("張." * 100 + "a@b.co ") * 120,
+               "full_width_at_runs": "ｊ＠" * 12000, "glued_findings": "x@y.co4111111111111111" * 1100}
 
 
 def adversarial_ms() -> dict[str, float]:

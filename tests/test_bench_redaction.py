@@ -8,7 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from shadowjudge.config import RedactionConfig
+from shadowjudge.traffic.redaction import Redactor
+
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "redaction_corpus.py"
+sys.path.insert(0, str(BENCH.parent))
+from redaction_corpus import ADVERSARIAL  # noqa: E402
 
 
 def _write(path: Path, rows: list[dict]) -> None:
@@ -29,6 +34,16 @@ def test_the_corpus_audit_counts_findings_by_kind_and_shows_them_as_written(tmp_
     assert report["findings_by_kind"] == {"EMAIL": 1, "SSN": 1}
     assert report["examples"]["SSN"] == ["Dear Ada, my SSN is 123-45-6789."]
     assert report["examples"]["EMAIL"][0].startswith("Write to ada@example.com")
+    assert sorted(report["adversarial_ms"]) == sorted(ADVERSARIAL)  # every crafted text is timed
+
+
+def test_every_crafted_text_is_redacted_and_a_second_redaction_changes_nothing_more():
+    """The crafted texts are worst cases for speed; they must still come out of redaction stable."""
+    redactor = Redactor.from_config(RedactionConfig())
+    for name, text in ADVERSARIAL.items():
+        once = redactor.redact(text, {})
+        counts: dict[str, int] = {}
+        assert redactor.redact(once, counts) == once and counts == {}, name
 
 
 def test_a_directory_without_the_corpus_is_one_line_and_a_non_zero_exit(tmp_path):

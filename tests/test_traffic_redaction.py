@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
+import json
+from pathlib import Path
+
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -513,3 +517,178 @@ def test_an_extra_pattern_that_matches_nothing_inserts_no_placeholder():
 def test_crafted_cjk_runs_before_an_at_find_nothing_and_leave_the_text(redactor):
     text = (("\u7528.." * 85) + "\u7528@" + "b." * 2000 + " ") * 3
     assert redact(redactor, text) == (text, {})
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Phone 2: 4155550100", "Phone 2: [PHONE]"),  # a label's number after the word
+    ("Tel. (US) 4155550100", "Tel. (US) [PHONE]"),  # an aside in brackets
+    ("Phone:\n4155550100", "Phone:\n[PHONE]"),  # a form's value on the next line
+    ("Phone: you can reach me during office hours on weekdays at 4155550100", "Phone: you can reach me during "
+     "office hours on weekdays at [PHONE]"),  # the word 63 characters before, in the same sentence
+    ("Contact Dr. Smith at the front desk of the main building, 4155550100.",
+     "Contact Dr. Smith at the front desk of the main building, [PHONE]."),
+])
+def test_a_bare_phone_number_later_in_the_phone_words_sentence_is_replaced(redactor, text, expected):
+    assert redact(redactor, text) == (expected, {"PHONE": 1})
+
+
+@pytest.mark.parametrize("text", [
+    "Phone: see the list below. It has 2147483647 entries.",  # another sentence
+    "Phone support\nwas rated 4155550100 times",  # another line, past the label
+    "call f(x) 4000000000 times; call print(4155550100)",  # code: brackets glued to a name, or around the number
+    "Phone: you can reach me during office hours on weekdays, or on some weekends too, at 4155550100",  # too far
+    "Phone 2 is 2147483647",  # a number after the word that is no label
+])
+def test_a_bare_ten_digit_number_outside_the_phone_words_sentence_is_left_alone(redactor, text):
+    assert redact(redactor, text) == (text, {})
+
+
+@pytest.mark.parametrize("text, expected, kind", [
+    ("ｊｏｈｎ＠example.com", "[EMAIL]", "EMAIL"),
+    ("mail john＠example.com now", "mail [EMAIL] now", "EMAIL"),
+    ("请联系ｊｏｈｎ＠ｅｘａｍｐｌｅ．ｃｏｍ获取帮助", "请联系[EMAIL]获取帮助", "EMAIL"),
+    ("電話：０９０－１２３４－５６７８です", "電話：[PHONE]です", "PHONE"),
+    ("Tel：４１５-５５５-０１００", "Tel：[PHONE]", "PHONE"),
+    ("カード ４１１１ １１１１ １１１１ １１１１ で", "カード [CARD_NUMBER] で", "CARD_NUMBER"),
+])
+def test_full_width_forms_of_pii_are_replaced(redactor, text, expected, kind):
+    assert redact(redactor, text) == (expected, {kind: 1})
+
+
+def test_full_width_text_without_pii_is_left_alone(redactor):
+    text = "２０２４年１１月２２日、価格は１，２３４円です。（ＡＢＣ）"
+    assert redact(redactor, text) == (text, {})
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("張.wei@example.com", "[EMAIL]"),  # a CJK letter joined by a dot to a Latin local part belongs to it
+    ("mail 張.wei@example.com now", "mail [EMAIL] now"),
+    ("wei.張@example.cn", "[EMAIL]"),
+    # CJK top-level domains outside the known list: the IDN test ones, and any of 2-4 letters that plainly ends,
+    # after a local part that is not all CJK.
+    ("user@例子.测试", "[EMAIL]"),
+    ("user@例え.テスト", "[EMAIL]"),
+    ("mail user@例子.样本。", "mail [EMAIL]。"),
+    ("user@例子.测试获取帮助", "[EMAIL]获取帮助"),  # a known test domain ends where it is known to
+])
+def test_addresses_mixing_cjk_and_latin_or_with_an_unlisted_cjk_domain_are_replaced(redactor, text, expected):
+    assert redact(redactor, text) == (expected, {"EMAIL": 1})
+
+
+@pytest.mark.parametrize("text", [
+    "转发用户@张三.你好，谢谢",  # a CJK user name after @ with an all-CJK "local part": a mention
+    "user@例子.样本获取帮助",  # an unlisted domain glued to the sentence: where it ends is guesswork
+])
+def test_an_unlisted_cjk_domain_is_no_address_after_a_cjk_name_or_without_a_plain_end(redactor, text):
+    assert redact(redactor, text) == (text, {})
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("SSN 123456789", "SSN [SSN]"),
+    ("social security number: 123456789.", "social security number: [SSN]."),
+    ("ssn=078051120, dob 1970", "ssn=[SSN], dob 1970"),
+])
+def test_a_bare_nine_digit_ssn_after_an_ssn_word_is_replaced(redactor, text, expected):
+    assert redact(redactor, text) == (expected, {"SSN": 1})
+
+
+@settings(max_examples=150, deadline=None)
+@given(n=st.integers(min_value=100_000_000, max_value=899_999_999), before=words, after=words)
+def test_a_bare_nine_digit_number_without_an_ssn_word_is_left_alone(redactor, n, before, after):
+    text = f"{before} {n} {after}"
+    assert redact(redactor, text) == (text, {})
+
+
+@pytest.mark.parametrize("text", [
+    "Part no. 123-45-6789", "Catalogue number: 123-45-6789", "Order #123-45-6789 shipped", "Model 123-45-6789",
+    "Serial No. 123-45-6789", "SKU: 123-45-6789", "Cat. No. 123-45-6789", "Part nos. 123-45-6789, 234-56-7890",
+])
+def test_a_dashed_3_2_4_number_after_a_part_or_order_label_is_left_alone(redactor, text):
+    assert redact(redactor, text) == (text, {})
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("SSN for the order 123-45-6789", "SSN for the order [SSN]"),  # an SSN word comes before the label
+    ("My SSN (not part no.) 123-45-6789", "My SSN (not part no.) [SSN]"),
+    ("The part shipped to John, 123-45-6789", "The part shipped to John, [SSN]"),  # a part word, but no label
+])
+def test_a_dashed_ssn_after_an_ssn_word_or_not_right_after_a_label_is_replaced(redactor, text, expected):
+    assert redact(redactor, text) == (expected, {"SSN": 1})
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "traffic"
+SEEDED_PII: dict[str, list[str]] = json.loads((FIXTURES / "pii.json").read_text())
+
+
+@pytest.mark.parametrize("kind, value", [(kind, value) for kind, values in SEEDED_PII.items() for value in values])
+def test_every_value_seeded_in_the_traffic_fixtures_is_replaced_as_its_kind(redactor, kind, value):
+    out, counts = redact(redactor, f"Note: {value}, thanks.")
+    if kind == "BEARER_TOKEN":  # the scheme word is kept
+        assert out == "Note: Bearer [BEARER_TOKEN], thanks." and counts == {kind: 1}
+    else:
+        assert (out, counts) == (f"Note: [{kind}], thanks.", {kind: 1})
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("john@example.com+14155550100", "[EMAIL][PHONE]"),
+    ("a@b.co4111111111111111", "[EMAIL][CARD_NUMBER]"),
+    ("mail x@y.com123-45-6789 now", "mail [EMAIL][SSN] now"),
+])
+def test_pii_glued_to_an_address_is_replaced_in_the_same_call(redactor, text, expected):
+    assert redact(redactor, text)[0] == expected
+
+
+def _fixture_texts() -> list[str]:
+    """Every string in the traffic fixtures' records (gateway logs, OTel exports, LiteLLM rows)."""
+    def strings(value) -> list[str]:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return []
+
+    lines = gzip.decompress((FIXTURES / "gateway" / "2026-11-21.jsonl.gz").read_bytes()).decode().splitlines()
+    for name in ("gateway/2026-11-22.jsonl", "otel/export.jsonl", "litellm_spend_logs.jsonl"):
+        lines += (FIXTURES / name).read_text().splitlines()
+    return sorted({s for line in lines for s in strings(json.loads(line)) if len(s) >= 6})
+
+
+GLUE = ["", " ", "+", ".", "-", "/", ",", ":", "(", ")", "@", "_", "\n", "，", "＠"]
+PII_PIECES = [v for values in SEEDED_PII.values() for v in values] + [
+    "123456789", "SSN", "Phone", "4155550100", "張", "wei", "例子.测试", "ｊｏｈｎ＠example.com", "Part no.",
+    "fe80::1", "10.0.0.1", "john", "example.com", "123 45 6789", "１２３", "0612345678"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(PII_PIECES), st.sampled_from(GLUE)), min_size=1, max_size=6))
+def test_redacting_twice_changes_nothing_more_where_pii_is_glued_to_pii(redactor, pieces):
+    text = "".join(piece + glue for piece, glue in pieces)
+    once, _ = redact(redactor, text)
+    assert redact(redactor, once) == (once, {})
+
+
+def test_redacting_the_fixture_texts_twice_changes_nothing_more(redactor):
+    texts = _fixture_texts()
+    assert len(texts) > 100
+    for text in texts:
+        once, _ = redact(redactor, text)
+        assert redact(redactor, once) == (once, {}), text
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("SSN 123456789 123456789 123456789 123456789 123456789", "SSN [SSN] 123456789 123456789 123456789 123456789"),
+    ("Phone: [PHONE] 4155550100 and SSN [SSN] 123 45 6789", "Phone: [PHONE] 4155550100 and SSN [SSN] 123 45 6789"),
+])
+def test_a_placeholder_is_no_context_word_and_ends_the_words_reach(redactor, text, expected):
+    """Only the number right after an SSN word is one; a placeholder left by an earlier pass does not carry the word
+    on to the next number of the list, nor act as a phone or SSN word itself."""
+    assert redact(redactor, text)[0] == expected
+
+
+def test_a_configured_pattern_never_replaces_a_placeholder_so_redacting_twice_changes_nothing():
+    redactor = Redactor.from_config(RedactionConfig(extra_patterns={"constant": r"\b[A-Z][A-Z_]{4,}\b"}))
+    once = redact(redactor, "see MAX_RETRIES and sk-proj-abcdefghijklmnopqrstuvwxyz012345, mail a@b.co")
+    assert once == ("see [CONSTANT] and [API_KEY], mail [EMAIL]", {"CONSTANT": 1, "API_KEY": 1, "EMAIL": 1})
+    assert redact(redactor, once[0]) == (once[0], {})

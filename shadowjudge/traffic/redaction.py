@@ -5,13 +5,17 @@ Numbers that merely look like card numbers or IBANs are left alone unless their 
 so prices, order numbers and years survive; a card number must also start like one of a card network's and have
 that network's length, so most ids and timestamps (epoch milliseconds start with 1) that happen to pass Luhn
 survive too, and an IBAN in lower case must also have its country's length. A US Social Security number needs its
-layout (123-45-6789; 123 45 6789 only after a word such as `SSN`) and a number that is issued (not area 000, 666 or
-9xx, group 00, serial 0000).
+layout (123-45-6789, but not right after a part, order, model or SKU label; 123 45 6789 and 123456789 only after a
+word such as `SSN`) and a number that is issued (not area 000, 666 or 9xx, group 00, serial 0000).
 Phones need a recognised layout (international with `+`, `00` or `011`, North American with or without the trunk
 code 1, national with a trunk 0, French-style pairs); a bare run of 10 digits only when it is a valid North
-American number right after a word such as `phone` or `call`, and amounts grouped by thousands (`2 000 000 000`)
-are not phones. What parses as an IPv6 address but reads as code is not one: a `word::word` path made of hex
-letters (`dead::beef`, `abc::def()`) or a Python slice (`a[1::2]`, `::2`).
+American number later in the sentence of a word such as `phone` or `call`, and amounts grouped by thousands
+(`2 000 000 000`) are not phones. What parses as an IPv6 address but reads as code is not one: a `word::word`
+path made of hex letters (`dead::beef`, `abc::def()`) or a Python slice (`a[1::2]`, `::2`).
+
+Full-width forms (`ｊｏｈｎ＠example.com`, `０９０－１２３４－５６７８`) are read as ASCII. Redaction repeats until a
+pass finds nothing (PII glued to PII shows only once its neighbour is a placeholder), so redacting twice changes
+nothing more.
 
 Speed matters (every sampled request goes through here), so each detector has a cheap gate (a substring test
 in C) and its regex starts with a literal or a character class, which lets `re` skip ahead instead of trying a
@@ -24,6 +28,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import unicodedata
+from bisect import bisect_right
 from heapq import merge
 from itertools import groupby
 from operator import itemgetter
@@ -116,10 +121,13 @@ def _combining_marks() -> str:
 _MARKS = _combining_marks()
 _EMAIL_WORD = rf"[^\W{_CJK}]"
 _TLD_LETTER = rf"[^\W\d_{_CJK}]"
-# Top-level domains written in CJK scripts, which end the address wherever the sentence goes on (`例子.公司获取帮助`).
-# Only these: with no space after it, where an unknown one ends is guesswork, and `回复@张三.你好` (a reply to a user
-# name) would be an address. Longest first, so that `嘉里大酒店` is not cut to `嘉里`.
+# Top-level domains written in CJK scripts, which end the address wherever the sentence goes on (`例子.公司获取帮助`),
+# and the IDN test domains reserved for examples (`测试`, `テスト`, RFC 2606's `.test` in those scripts). Longest
+# first, so that `嘉里大酒店` is not cut to `嘉里`. Any other CJK top-level domain (`_EMAIL_AT_UNLISTED_TLD`) is one
+# only where it plainly ends, and only after a local part that is not all CJK: with no space after it, where it
+# ends is guesswork, and `回复@张三.你好` (a reply to a user name) would be an address.
 _CJK_TLDS = sorted("""
+    测试 測試 テスト 테스트
     中国 中國 香港 澳門 澳门 台湾 台灣 新加坡 公司 网络 網絡 商城 在线 中文网 我爱你 网址 网店 网站 集团
     企业 商标 游戏 娱乐 手机 信息 移动 联通 广东 佛山 时尚 微博 慈善 公益 政务 政府 购物 餐厅 健康 世界
     八卦 机构 组织机构 书籍 書籍 珠宝 点看 天主教 嘉里 嘉里大酒店 工行 中信 通販 食品 家電 商店 商業
@@ -139,6 +147,8 @@ _EMAIL_DOMAIN = (rf"@(?:[\w{_MARKS}-]+\.)+(?:{_TLD_LETTER}(?:{_TLD_LETTER}|[{_MA
 LOCAL_PART_MAX = 128
 CJK_RUN_MAX = 256
 _EMAIL_AT = re.compile(_EMAIL_DOMAIN)
+# 2 to 4 CJK letters (real ones have 2 to 5, `组织机构`), then no letter: the end of the text, a space or punctuation.
+_EMAIL_AT_UNLISTED_TLD = re.compile(rf"@(?:[\w{_MARKS}-]+\.)+(?:[{_CJK}](?<=\w)){{2,4}}(?![\w{_MARKS}])")
 _EMAIL_WORD_CHAR = re.compile(_EMAIL_WORD)
 _WORD_CHAR = re.compile(r"\w")
 # The local part's characters, matched on the text before the @ reversed.
@@ -148,27 +158,50 @@ _CJK_LETTER = re.compile(rf"[{_CJK}](?<=\w)")
 
 
 def email_local_start(text: str, at: int) -> int:
-    """Where the local part of the address whose @ is at `at` starts, -1 if it has none."""
+    """Where the local part of the address whose @ is at `at` starts, -1 if it has none. A Latin local part whose
+    dot follows a CJK letter (`張.wei@`) goes on over the CJK letters: a dot joins the two, where CJK text glued to a
+    Latin address (`请联系john@`) has none."""
     if at == 0:
         return -1
     if _CJK_LETTER.match(text, at - 1):
-        run, first, reach = _CJK_LOCAL_RUN, _WORD_CHAR, CJK_RUN_MAX
+        start, first = _run_start(text, at, _CJK_LOCAL_RUN, CJK_RUN_MAX), _WORD_CHAR
     else:
-        run, first, reach = _LOCAL_RUN, _EMAIL_WORD_CHAR, LOCAL_PART_MAX
-    lo = max(0, at - reach)
-    start = at - run.match(text[lo:at][::-1]).end()
+        start, first = _run_start(text, at, _LOCAL_RUN, LOCAL_PART_MAX), _EMAIL_WORD_CHAR
+        if 0 < start < at and text[start] == "." and _CJK_LETTER.match(text, start - 1):
+            start, first = _run_start(text, start, _CJK_LOCAL_RUN, CJK_RUN_MAX), _WORD_CHAR
     word = first.search(text, start, at)
     return -1 if word is None else word.start()
+
+
+def _run_start(text: str, end: int, run: re.Pattern[str], reach: int) -> int:
+    """Where the run of `run`'s characters that ends at `end` starts, looking at most `reach` characters back."""
+    lo = max(0, end - reach)
+    return end - run.match(text[lo:end][::-1]).end()
+
+
+def mixed_local_start(text: str, at: int) -> int:
+    """`email_local_start`, for a local part that holds a letter or digit of a non-CJK script; -1 otherwise."""
+    start = email_local_start(text, at)
+    return start if start >= 0 and _EMAIL_WORD_CHAR.search(text, start, at) is not None else -1
 # Letters, digits and single spaces after a country code and two check digits; `iban_length` then finds where the
 # IBAN ends. Upper case as IBANs are printed, or lower case (typed by hand) starting a word.
 _IBAN = re.compile(r"(?:[A-Z]{2}|(?<![A-Za-z0-9])[A-Za-z]{2})\d{2}(?: ?[A-Za-z0-9]){11,30}(?![A-Za-z0-9])")
-# US Social Security numbers, 123-45-6789, or 123 45 6789 only a little after a word such as `SSN` or `social
-# security` (`_SSN_CONTEXT`): numbers in a table or list are groups of 3, 2 and 4 digits too (`450 25 1200`). Not
-# within a longer run of digit groups with the same separator (a phone, a list of numbers; another number after a
-# space may follow: `123-45-6789 2 dependents`); `_ssn_ok` then rules out the numbers never issued.
+# US Social Security numbers, 123-45-6789, or 123 45 6789 and 123456789 only a little after a word such as `SSN`
+# or `social security` (`_SSN_CONTEXT`): numbers in a table or list are groups of 3, 2 and 4 digits too (`450 25
+# 1200`), and 9 digits are any id. Not within a longer run of digit groups with the same separator (a phone, a list
+# of numbers; another number after a space may follow: `123-45-6789 2 dependents`); `_ssn_ok` then rules out the
+# numbers never issued. Between the word and the number no digit, `;` or `[`; a placeholder (`[SSN]`) is no SSN word
+# and ends the word's reach, so that a second pass (MAX_PASSES) does not take the next number of a list. A dashed
+# one right after a part, catalogue, order, model, serial or SKU label (`Part no. 123-45-6789`,
+# `_PART_NUMBER_LABEL`) is that thing's number, unless an SSN word comes before it too.
 _SSN = re.compile(r"\d(?<![\w.+-]\d)(?<!\d[ -]\d)\d\d-\d\d-\d{4}(?![\w]|[.,]\d|-\d)")
 _SSN_SPACED = re.compile(r"\d(?<![\w.+-]\d)(?<!\d[ -]\d)\d\d \d\d \d{4}(?![\w]|[.,]\d| \d)")
-_SSN_CONTEXT = re.compile(r"(?i)\b(?:ssns?|ss#|ssa|social[ -]security)(?![a-z])[^\d;]*$")
+_SSN_BARE = re.compile(r"\d(?<![\w.+-]\d)(?<!\d[ -]\d)\d{8}(?![\w]|[.,]\d|-\d)")
+_SSN_CONTEXT = re.compile(r"(?i)(?<!\[)\b(?:ssns?|ss#|ssa|social[ -]security)(?![a-z])[^\d;\[]*$")
+# The label, then earlier numbers of a list (`Part nos. 123-45-6789, 123-45-6790`).
+_PART_NUMBER_LABEL = re.compile(r"(?i)\b(?:parts?|catalog(?:ue)?s?|cat|orders?|models?|serials?|skus?|items?)\.?"
+                                r"(?:\s*(?:no|nos|nr|num|numbers?|#|ids?|codes?)\b\.?)?\s*[:#=-]?\s*"
+                                r"(?:\d{3}-\d\d-\d{4}(?:\s*[,/&]\s*|\s+(?:and|or)\s+))*$")
 # A North American number written as a bare run of 10 digits, or 11 with the trunk code 1 (5551234567): found only
 # a little after a word that announces a phone number (`_PHONE_CONTEXT`), as ids, amounts, integer limits
 # (2147483647) and numbers in URLs (/playlist/7504851590) are bare runs of 10 digits too. Between the word and the
@@ -178,12 +211,21 @@ _PHONE_BARE = re.compile(r"[1-9](?<![\w.+/-][1-9])\d{9,10}(?![\w]|[.,]\d)")
 # The word is a whole one (`tell`, `telescope`, `called`, `iPhone` are not it), and an id (`Contact id`, `#`) or
 # a new clause (`;`) between it and the number is not a phone's. `cell` and `SMS` name other things too (`Excel cell
 # B holds ...`, `SMS gateway processed ...`): only a few linking words may follow them (`cell: `, `my cell is `,
-# `SMS to `). Other such numbers may come between: `Phone: 5551234567, 5559876543` holds two.
-_PHONE_CONTEXT = re.compile(r"(?i)(?:\b(?:phones?|telephones?|tel|call|mobile|cellphone|fax|contact|whatsapp|text me)\b"
-                            r"(?:(?!\bids?\b)[^\d(\[{<>=+*/^;#]|(?<!\d)1?\d{10}(?!\d))*"
+# `SMS to `). Other such numbers may come between: `Phone: 5551234567, 5559876543` holds two. Right after the word,
+# a label's number (`Phone 2: `) and line breaks (a form's `Phone:` above its value); further on, a closed aside in
+# brackets (`Tel. (US) `; not `call f(`, code), and no line break nor sentence end (a full stop other than an
+# abbreviation's: `Tel.`, `no.`, `Dr.`): the word may be up to PHONE_CONTEXT_CHARS before the number, further than
+# other kinds' words, as the sentence is the one that announces it.
+_PHONE_CONTEXT = re.compile(r"(?i)(?<!\[)(?:\b(?:phones?|telephones?|tel|call|mobile|cellphone|fax|contact|whatsapp"
+                            r"|text me)\b"
+                            r"(?:\s*\d{1,2}(?=\s*:))?[\s:.-]*"
+                            r"(?:(?!\bids?\b)(?![.!?]\s)[^\d\n(\[{<>=+*/^;#]"
+                            r"|(?<=\b(?:no|nr|dr|mr|ms|st))\.|(?<=\b(?:ext|mrs))\."
+                            r"|(?<=\s)\((?:[^\W\d_]|[ .,/&'-]){1,30}\)|(?<!\d)1?\d{10}(?!\d))*"
                             r"|\b(?:cell|sms)\b(?:[\s:.,-]|\b(?:is|at|on|to|or|and|no|nr|num|number)\b"
                             r"|(?<!\d)1?\d{10}(?!\d))*)$")
 CONTEXT_CHARS = 40  # how far before a finding its context word may be
+PHONE_CONTEXT_CHARS = 80
 # 13 to 19 digits, optionally grouped by single spaces or dashes; not glued to other digits or letters.
 _CARD = re.compile(r"\d(?<![\w.]\d)(?:[ -]?\d){12,18}(?![\w]|[.,]\d)")
 _IPV4 = re.compile(r"\d(?<![\w.]\d)\d{0,2}(?:\.\d{1,3}){3}(?![\w]|\.\d)")
@@ -278,8 +320,16 @@ def iban_length(candidate: str) -> int:
 def _ssn_ok(match: str) -> bool:
     """A number the Social Security Administration issues: area not 000, 666 or 900-999, group not 00, serial
     not 0000."""
-    area, group, serial = match[:3], match[4:6], match[7:]
+    digits = match if len(match) == 9 else match[:3] + match[4:6] + match[7:]
+    area, group, serial = digits[:3], digits[3:5], digits[5:]
     return area not in ("000", "666") and area[0] != "9" and group != "00" and serial != "0000"
+
+
+def part_number_label_before(text: str, start: int) -> bool:
+    """Whether a part, catalogue, order, model, serial or SKU label comes right before `start`, and no SSN word does:
+    what follows is that thing's number, shaped like an SSN or not."""
+    lo = max(0, start - CONTEXT_CHARS)
+    return _PART_NUMBER_LABEL.search(text, lo, start) is not None and _SSN_CONTEXT.search(text, lo, start) is None
 
 
 def _nanp_ok(match: str) -> bool:
@@ -378,9 +428,12 @@ class Detector:
     group: int = 0  # the part of a match that is replaced (e.g. the token after `Bearer`, not the scheme word)
     # The length of the finding at the start of a match, 0 for none: for a kind whose end the regex cannot tell.
     measure: Callable[[str], int] | None = None
-    # A pattern that must match in the CONTEXT_CHARS before the finding (`$` is the finding's start), for a kind
+    # A pattern that must match in the `context_chars` before the finding (`$` is the finding's start), for a kind
     # that looks like too many ordinary things to be taken on its shape alone.
     context: re.Pattern[str] | None = None
+    context_chars: int = CONTEXT_CHARS
+    # Whether the text before a finding (text, finding's start) shows it to be something else of the same shape.
+    look_alike: Callable[[str, int], bool] | None = None
     # Where the finding starts, given the text and the match's start, -1 for none: for a kind found from a marker
     # inside it (an address from its @) whose start a forward regex would have to try at every position.
     reach_back: Callable[[str, int], int] | None = None
@@ -422,6 +475,15 @@ _WINDOW_AFTER = 34
 _MIN_DIGITS = 7
 _MIN_DIGITS_IPV4 = 4
 _IPV4_HINT = re.compile(r"\.(?<=[0-9]\.)[0-9]")
+# Full-width forms of ASCII (U+FF01-U+FF5E: `ｊｏｈｎ＠example.com`, `０９０－１２３４－５６７８`), as CJK input
+# methods type them, are looked at as their ASCII forms: one character for one, so a finding's place is the same
+# in the text. In UTF-8 they start with EF BC or EF BD, which a bytes search finds at memchr speed (a regex class
+# is ten times slower); the ideographic space goes with them.
+_FULL_WIDTH_LEADS = (b"\xef\xbc", b"\xef\xbd")
+_FULL_WIDTH_TO_ASCII = {code: code - 0xFEE0 for code in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}
+# Passes at most over a text: a finding glued to another (`a@b.co4111111111111111`, `x@y.com+14155550100`) hides the
+# other's start from its detector until it is a placeholder, so redaction goes on until a pass finds nothing.
+MAX_PASSES = 4
 
 
 def builtin_text_detectors() -> list[Detector]:
@@ -431,6 +493,7 @@ def builtin_text_detectors() -> list[Detector]:
         Detector(API_KEY, _AWS_SECRET_KEY, _gate_aws_secret_key, group=1),
         Detector(BEARER_TOKEN, _BEARER, _gate_bearer, group=1),
         Detector(EMAIL, _EMAIL_AT, _gate_email, reach_back=email_local_start),
+        Detector(EMAIL, _EMAIL_AT_UNLISTED_TLD, _gate_email, reach_back=mixed_local_start),
         Detector(IP_ADDRESS, _IPV6, _gate_ipv6, _ipv6_ok),
     ]
 
@@ -440,11 +503,12 @@ def builtin_numeric_detectors() -> list[Detector]:
     return [
         Detector(IBAN, _IBAN, measure=iban_length),
         Detector(CARD, _CARD, None, _card_ok),
-        Detector(SSN, _SSN, None, _ssn_ok),
+        Detector(SSN, _SSN, None, _ssn_ok, look_alike=part_number_label_before),
         Detector(SSN, _SSN_SPACED, None, _ssn_ok, context=_SSN_CONTEXT),
+        Detector(SSN, _SSN_BARE, None, _ssn_ok, context=_SSN_CONTEXT),
         Detector(IP_ADDRESS, _IPV4, None, _ipv4_ok),
         Detector(PHONE, _PHONE, None, _phone_ok),
-        Detector(PHONE, _PHONE_BARE, None, _nanp_ok, context=_PHONE_CONTEXT),
+        Detector(PHONE, _PHONE_BARE, None, _nanp_ok, context=_PHONE_CONTEXT, context_chars=PHONE_CONTEXT_CHARS),
     ]
 
 
@@ -475,9 +539,17 @@ def _collect(det: Detector, text: str, lo: int, hi: int, priority: int, spans: l
                 continue
         if end <= start:  # an empty match (an extra pattern such as `\d*`) hides nothing
             continue
-        if det.context is not None and det.context.search(text, max(0, start - CONTEXT_CHARS), start) is None:
+        if det.context is not None and det.context.search(text, max(0, start - det.context_chars), start) is None:
+            continue
+        if det.look_alike is not None and det.look_alike(text, start):
             continue
         spans.append((start, end, priority, det.kind))
+
+
+def _overlaps(span: _Span, taken: list[tuple[int, int]], ends: list[int]) -> bool:
+    """Whether `span` overlaps one of `taken` (disjoint, by start; `ends` their ends)."""
+    i = bisect_right(ends, span[0])
+    return i < len(taken) and taken[i][0] < span[1]
 
 
 def _winners(spans: list[_Span]) -> list[_Span]:
@@ -519,6 +591,8 @@ class Redactor:
         self._cache: dict[str, tuple[str, tuple[tuple[str, int], ...]]] = {}
         self._cache_size = cache_size
         self._secret_keys: dict[str, bool] = {}
+        placeholder_kinds = sorted(set(self.kinds) | set(BUILTIN_KINDS), key=len, reverse=True)
+        self._placeholder = re.compile(r"\[(?:" + "|".join(map(re.escape, placeholder_kinds)) + r")\]")
 
     @classmethod
     def from_config(cls, config: RedactionConfig) -> "Redactor":
@@ -541,11 +615,14 @@ class Redactor:
                 for kind, n in hit[1]:
                     counts[kind] = counts.get(kind, 0) + n
                 return hit[0]
-        spans = self._find(text)
-        if spans:
-            result, found = self._replace(text, spans)
-        else:
-            result, found = text, {}
+        result, found = text, {}
+        for _ in range(MAX_PASSES):
+            spans = self._find(result)
+            if not spans:
+                break
+            result, found_now = self._replace(result, spans)
+            for kind, n in found_now.items():
+                found[kind] = found.get(kind, 0) + n
         for kind, n in found.items():
             counts[kind] = counts.get(kind, 0) + n
         if cacheable:
@@ -555,12 +632,28 @@ class Redactor:
         return result
 
     def _find(self, text: str) -> list[_Span]:
+        """The findings in `text`, but none overlapping a placeholder already there: a pattern that matches one (a
+        configured `[A-Z_]{5,}`) would otherwise replace it again on the next pass."""
+        spans = self._detect(text)
+        if spans and "[" in text:
+            taken = [m.span() for m in self._placeholder.finditer(text)]
+            if taken:
+                ends = [end for _, end in taken]
+                spans = [span for span in spans if not _overlaps(span, taken, ends)]
+        return spans
+
+    def _detect(self, text: str) -> list[_Span]:
+        """The findings in `text`, its full-width forms read as ASCII."""
+        encoded = text.encode("utf-8", "surrogatepass")
+        if not text.isascii() and (_FULL_WIDTH_LEADS[0] in encoded or _FULL_WIDTH_LEADS[1] in encoded):
+            text = text.translate(_FULL_WIDTH_TO_ASCII)
+            encoded = text.encode("utf-8", "surrogatepass")
         spans: list[_Span] = []
         for priority, det in enumerate(self.text_detectors):
             if det.gate is not None and not det.gate(text):
                 continue
             _collect(det, text, 0, len(text), priority, spans)
-        digits = len(text.encode("utf-8", "surrogatepass").translate(None, _NOT_DIGITS))
+        digits = len(encoded.translate(None, _NOT_DIGITS))
         if digits >= _MIN_DIGITS:
             ranked = self._numeric_ranked
         elif digits >= _MIN_DIGITS_IPV4 and _IPV4_HINT.search(text) is not None:
