@@ -8,6 +8,7 @@ targets name the env var that holds their key (`api_key_env`).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -18,7 +19,16 @@ from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from shadowjudge.errors import InputError
 
@@ -69,6 +79,27 @@ def _logged_name(value: str) -> str:
     return value
 
 
+def did_you_mean(unknown: Iterable[str], known: Iterable[str]) -> str:
+    """"; did you mean 'x'?" for the unknown words that have a near known one (a `metadata.<key>` typo is compared
+    with `metadata.`), else ''."""
+    known = list(known)
+    unknown = list(unknown)
+    pairs: list[tuple[str, str]] = []
+    for word in unknown:
+        head, dot, rest = word.partition(".")
+        if dot and difflib.get_close_matches(head, ["metadata"], n=1):
+            nearest = [f"metadata.{rest}"]
+        else:
+            nearest = difflib.get_close_matches(word, known, n=1)
+        if nearest:
+            pairs.append((word, nearest[0]))
+    if not pairs:
+        return ""
+    if len(unknown) == 1:
+        return f"; did you mean '{pairs[0][1]}'?"
+    return "; did you mean " + ", ".join(f"'{near}' for '{word}'" for word, near in pairs) + "?"
+
+
 EnvVarName = Annotated[str, AfterValidator(_env_var_name)]
 PlainName = Annotated[str, AfterValidator(_plain_name)]
 LoggedName = Annotated[str, AfterValidator(_logged_name)]
@@ -108,12 +139,52 @@ class SourceConfig(_Strict):
         return self
 
 
+def mapping_problem(source: SourceConfig) -> str | None:
+    """What is wrong with a source's mapping, judged by its reader's own presets and keys: Config checks it when the
+    file loads, so a typo is a config error naming the file and the key, not an ingest that fails (sql) or a key
+    silently never read (otel, jsonl). A SourceConfig built in code is checked when its reader opens it."""
+    if source.kind == "sql":
+        from shadowjudge.traffic.sources.sql import MappingError, effective_mapping
+
+        try:
+            effective_mapping(source.mapping, source.table)
+        except MappingError as exc:
+            return f"source '{source.name}': {exc}"
+    elif source.mapping is not None and source.kind == "otel":
+        from shadowjudge.traffic.sources.otel import MAPPABLE
+
+        if not isinstance(source.mapping, dict):
+            return (f"source '{source.name}': otel sources have no mapping presets ('{source.mapping}'): give "
+                    f"attribute names by key ({sorted(MAPPABLE)} and metadata.<key>)")
+        unknown = [k for k in source.mapping if k not in MAPPABLE and not k.startswith("metadata.")]
+        if unknown:
+            return (f"source '{source.name}': mapping keys {unknown} are not used by otel sources"
+                    f"{did_you_mean(unknown, MAPPABLE)} (known: {sorted(MAPPABLE)} and metadata.<key>)")
+    elif source.mapping is not None and source.kind == "jsonl":
+        return f"source '{source.name}': jsonl sources read OpenAI-style logs and take no 'mapping'"
+    return None
+
+
+def _metadata_scalar(value: Any) -> Any:
+    """One message for a value no member of the union takes, not one per member."""
+    if value is not None and not isinstance(value, (str, bool, int, float)):
+        raise ValueError(f"must be text, a number, true/false or null, not {type(value).__name__}")
+    return value
+
+
+MetadataValue = Annotated[str | bool | int | float | None, BeforeValidator(_metadata_scalar)]
+
+
 class SamplingConfig(_Strict):
     rate: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: str = "shadowjudge"
     routes: list[str] = Field(default_factory=list, description="Only these routes; empty means all")
     models: list[str] = Field(default_factory=list, description="Only these incumbent models; empty means all")
-    metadata_equals: dict[str, str] = Field(default_factory=dict)
+    metadata_equals: dict[str, MetadataValue] = Field(default_factory=dict, description=(
+        "Keep only requests whose metadata has these values: true/false match a JSON boolean (or the text "
+        "'true'/'false' in any case), a number an equal number (1 matches 1.0, or text that reads as it), text the "
+        "same text (or the boolean or number it spells: 'true' matches true, '1' matches 1), null a missing or null "
+        "value"))
     stratify_by: str | None = Field(default=None, description="Metadata key whose values are strata")
     per_stratum_quota: int | None = Field(default=None, gt=0)
     min_per_stratum: int = Field(default=0, ge=0, description=(
@@ -491,6 +562,14 @@ class Config(_Strict):
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
+    @field_validator("sources")
+    @classmethod
+    def _usable_mappings(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
+        problems = [problem for source in sources if (problem := mapping_problem(source))]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return sources
+
     @model_validator(mode="after")
     def _unique_names(self) -> "Config":
         for kind, names in (("source", [s.name for s in self.sources]), ("route", [r.name for r in self.routes])):
@@ -604,12 +683,15 @@ def _mapping_key(node: dict[Any, Any], part: str, kind: Any, variable: str) -> s
 
 
 def _env_value(raw: str, kind: Any) -> Any:
-    """The value as written where the field takes text: YAML would turn '20240501' into a number, cut 'a #b' at
-    its comment and refuse '@cf/...'. Elsewhere YAML gives numbers, booleans and lists, unless it fails or only
-    yields another string; validation then names the variable."""
+    """The value as written where the field takes text: YAML would turn '20240501' into a number, '0123' into 83,
+    cut 'a #b' at its comment and refuse '@cf/...'; also where it takes text or another scalar (a metadata value
+    matches the text 'true' as it matches true). Elsewhere YAML gives numbers, booleans and lists, unless it fails or
+    only yields another string; validation then names the variable."""
     options = _alternatives(kind)
     if options and all(t is str or (get_origin(t) is Literal and all(isinstance(a, str) for a in get_args(t)))
                        for t in options):
+        return raw
+    if str in options and all(t in (str, bool, int, float) for t in options):
         return raw
     try:
         parsed = yaml.safe_load(raw)

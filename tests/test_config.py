@@ -42,6 +42,9 @@ def test_fingerprint_changes_with_the_config():
     (lambda d: d["routes"][0]["candidates"][0].__setitem__("name", "__cycle__"), "routes[0]", "reserved"),
     (lambda d: d["routes"][0].__setitem__("criteria", {"weights": {"quality": 0}}), "routes[0].criteria",
      "must not all be 0"),
+    (lambda d: d["sampling"].__setitem__("metadata_equals", {"tier": [1, 2]}), "sampling.metadata_equals.tier",
+     "must be text, a number, true/false or null, not list"),
+    (lambda d: d["sources"][0].__setitem__("mapping", {"route": "r"}), "sources", "take no 'mapping'"),
 ])
 def test_bad_config_names_file_key_and_problem(tmp_path, mutate, key, words):
     data = _example()
@@ -62,6 +65,17 @@ def test_env_overrides_reach_nested_keys_and_list_items():
     assert config.store.url == "postgresql://db/x"
     assert config.routes[0].incumbent.base_url == "http://other:1/v1"
     assert config.sampling.rate == 0.2
+
+
+def test_env_text_is_kept_as_written_where_the_field_takes_text_or_another_scalar():
+    """YAML read '0123' as the octal 83 and 'true' as a boolean; a metadata value takes both text and scalars."""
+    data = _example()
+    data["sampling"]["metadata_equals"] = {"zip": "x", "premium": "x", "tier": 1}
+    env = {"SHADOWJUDGE__SAMPLING__METADATA_EQUALS__ZIP": "0123", "SHADOWJUDGE__SAMPLING__METADATA_EQUALS__PREMIUM":
+           "true", "SHADOWJUDGE__SAMPLING__METADATA_EQUALS__TIER": "2 # gold", "SHADOWJUDGE__SAMPLING__RATE": "0.5"}
+    config = parse_config(data, environ=env)
+    assert config.sampling.metadata_equals == {"zip": "0123", "premium": "true", "tier": "2 # gold"}
+    assert config.sampling.rate == 0.5  # a number field still reads YAML
 
 
 def test_env_override_with_a_bad_index_is_a_config_error():

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
@@ -59,6 +60,56 @@ def test_filters_on_window_route_model_and_metadata():
     assert s.screen(record(1, model="m9", tenant="acme"), window) == "model"
     assert s.screen(record(1, tenant="globex"), window) == "metadata"
     assert s.screen(record(1), window) == "metadata"
+
+
+@pytest.mark.parametrize("expected, logged, kept", [
+    (True, True, True), (True, "true", True), (True, "True", True), (True, False, False), (True, 1, False),
+    (False, False, True), (False, None, False), (False, 0, False),
+    ("true", True, True), ("True", True, True), ("false", False, True), ("true", "True", False),
+    (1, 1, True), (1, 1.0, True), (1, "1", True), (1, True, False), (1.5, "1.5", True), (2, 2.5, False),
+    ("1", 1, True), ("1.0", 1, True), ("0123", 123, False), ("0123", "0123", True),
+    ("acme", "acme", True), ("acme", "Acme", False), ("acme", ["acme"], False), ("7", "7.0", False),
+    (None, None, True), (None, "missing", True), (None, "x", False), ("None", None, False), ("x", "missing", False),
+])
+def test_metadata_equals_compares_logged_json_as_the_config_means_it(expected, logged, kept):
+    """A JSON boolean matched only Python's 'True', and YAML `true` was refused: a config writing `premium: true`
+    (or "true") kept nothing."""
+    s = sampler(metadata_equals={"premium": expected})
+    rec = record(1) if logged == "missing" else record(1, premium=logged)
+    assert (s.screen(rec, TimeWindow()) is None) is kept
+
+
+def test_metadata_equals_takes_yaml_scalars_from_the_file_and_text_from_the_environment():
+    text = "premium: true\ntier: 2\nratio: 0.5\nregion: null\nplan: 'True'\nzip: '0123'\n"
+    data = {"sources": [{"name": "s", "path": "x"}], "routes": [ROUTE],
+            "sampling": {"metadata_equals": yaml.safe_load(text)}}
+    values = parse_config(data, environ={}).sampling.metadata_equals
+    assert values == {"premium": True, "tier": 2, "ratio": 0.5, "region": None, "plan": "True", "zip": "0123"}
+    assert [type(v) for v in values.values()] == [bool, int, float, type(None), str, str]
+    env = {"SHADOWJUDGE__SAMPLING__METADATA_EQUALS__ZIP": "0123", "SHADOWJUDGE__SAMPLING__METADATA_EQUALS__VIP": "true"}
+    file_values = {"sampling": {"metadata_equals": {"zip": "9", "vip": False}}}
+    values = parse_config({**data, **file_values}, environ=env).sampling.metadata_equals
+    assert values == {"zip": "0123", "vip": "true"}  # as written: YAML would read 0123 as the octal 83
+    s = sampler(metadata_equals=values)
+    assert s.screen(record(1, zip="0123", vip=True), TimeWindow()) is None
+
+
+def test_an_ingest_keeps_the_requests_whose_json_boolean_the_config_names(store_url, tmp_path):
+    log = tmp_path / "log.jsonl"
+    with open(log, "w") as fh:
+        for i, premium in enumerate([True, False, True, "true", None, 1]):
+            fh.write(json.dumps({"id": f"req-{i}", "timestamp": (DAY + timedelta(seconds=i)).isoformat(),
+                                 "request": {"model": "chat-default", "messages": [{"role": "user", "content": "q"}]},
+                                 "metadata": {"premium": premium, "task": "qa" if i % 2 else "chat"}}) + "\n")
+    config = parse_config({"store": {"url": store_url}, "routes": [ROUTE],
+                           "sources": [{"name": "g", "kind": "jsonl", "path": str(log)}],
+                           "sampling": yaml.safe_load("{metadata_equals: {premium: true}, stratify_by: task}")},
+                          environ={})
+    report = ingest_sources(get_engine(store_url), config).sources[0]
+    assert report.stored == 3 and report.filtered_by == {"metadata": 3}
+    with session_scope(get_engine(store_url)) as session:
+        kept = dict(session.execute(select(TrafficSample.request_id, TrafficSample.stratum)).all())
+    assert kept == {"req-0": "chat", "req-2": "chat", "req-3": "qa"}  # strata as before: the value's text
 
 
 def test_stratum_is_the_redacted_metadata_value():

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import text
 
-from shadowjudge.config import SourceConfig
+from shadowjudge.config import ConfigError, SourceConfig
 from shadowjudge.store import get_engine, upgrade_database
 from shadowjudge.traffic import TimeWindow, TrafficError, TrafficRecord, ingest_sources, load_cursor
 from shadowjudge.traffic.sources.sql import open_source, resolve_mapping, row_record
@@ -80,6 +80,8 @@ def test_custom_mapping_and_preset_overrides():
 
 @pytest.mark.parametrize("mapping, message", [
     ("nope", "unknown mapping preset 'nope'"),
+    ({"preset": "litelm"}, "unknown mapping preset 'litelm'; did you mean 'litellm'?"),
+    ({"preset": "litellm", "end_tme": "x"}, "unknown mapping keys ['end_tme']; did you mean 'end_time'?"),
     ({"preset": "litellm", "colour": "x"}, "unknown mapping keys ['colour']"),
     ({"table": "t", "request_id": "id"}, "needs timestamp, messages (or request), model (or route)"),
 ])
@@ -87,6 +89,12 @@ def test_mapping_errors_are_clear(mapping, message):
     with pytest.raises(TrafficError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
                        .replace("]", r"\]")):
         open_source(SourceConfig(name="s", kind="sql", url="sqlite://", mapping=mapping))
+
+
+def test_a_mapping_typo_in_a_loaded_config_is_a_config_error_not_an_ingest_failure(store_url):
+    """`init` and config loading accepted `preset: litelm`; the ingest then failed with exit 1."""
+    with pytest.raises(ConfigError, match="sources: source 'c': unknown mapping preset 'litelm'; did you mean"):
+        make_config(store_url, [{"name": "c", "kind": "sql", "url": store_url, "mapping": {"preset": "litelm"}}])
 
 
 def test_missing_table_or_columns_are_reported_not_raised(store_url):

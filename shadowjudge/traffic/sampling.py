@@ -18,14 +18,16 @@ day is still going, never has.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from shadowjudge.config import SamplingConfig
+from shadowjudge.config import MetadataValue, SamplingConfig
 from shadowjudge.store import TrafficSample
 from shadowjudge.traffic.records import TrafficRecord, storable_text
 from shadowjudge.traffic.redaction import Redactor
@@ -43,6 +45,36 @@ METADATA = "metadata"
 RATE = "rate"
 DAILY_CAP = "daily_cap"
 STRATUM_QUOTA = "stratum_quota"
+
+
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
+
+
+def metadata_matches(expected: MetadataValue, value: Any) -> bool:
+    """Whether a logged metadata value (any JSON) is the configured one as a user means it: YAML `true` or the text
+    'true' matches a JSON true (and a logged 'true' or 'True': gateways log booleans as text too), 1 matches 1.0 or
+    '1', text matches the same text, null matches a missing or null value. Booleans are never numbers."""
+    if expected is None or value is None:
+        return expected is None and value is None
+    if isinstance(expected, str) and isinstance(value, str):
+        return expected == value
+    return _scalar(expected) == _scalar(value)
+
+
+def _scalar(value: Any) -> tuple[str, Any]:
+    """A metadata value keyed by kind, so that only values of one kind compare (True == 1 in Python); text that
+    spells a boolean or a JSON number is that boolean or number."""
+    if isinstance(value, bool):
+        return "bool", value
+    if isinstance(value, (int, float)):
+        return "number", value
+    if isinstance(value, str):
+        if value.lower() in ("true", "false"):
+            return "bool", value.lower() == "true"
+        if _JSON_NUMBER.fullmatch(value):
+            return "number", int(value) if value.lstrip("-").isdigit() else float(value)
+        return "text", value
+    return "other", repr(value)  # a list or an object matches no configured scalar
 
 
 def hash_fraction(seed: str, request_id: str) -> float:
@@ -123,8 +155,7 @@ class Sampler:
         if self._models and record.incumbent_model not in self._models:
             return MODEL
         for key, expected in self.config.metadata_equals.items():
-            value = record.metadata.get(key)
-            if value is None or str(value) != expected:
+            if not metadata_matches(expected, record.metadata.get(key)):
                 return METADATA
         return None
 

@@ -37,7 +37,7 @@ from sqlalchemy import Column, DateTime, MetaData, String, Table, and_, func, li
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchTableError, SQLAlchemyError
 
-from shadowjudge.config import SourceConfig
+from shadowjudge.config import SourceConfig, did_you_mean
 from shadowjudge.store import get_engine
 from shadowjudge.traffic.records import (
     UNUSABLE_ERRORS,
@@ -96,35 +96,49 @@ FIELDS = frozenset({
 PROXY_KEYS = ("litellm_", "proxy_server_request", "secret_fields", "mock_", "headers")
 
 
-def resolve_mapping(config: SourceConfig) -> dict[str, str]:
-    """The effective canonical-field -> column mapping (a preset, a dict, or a preset with overrides)."""
-    raw = config.mapping
+class MappingError(ValueError):
+    """A mapping the reader cannot use; the message names the key (the caller says which source)."""
+
+
+def effective_mapping(raw: str | dict[str, str] | None, table: str | None) -> dict[str, str]:
+    """The canonical-field -> column mapping that a source's `mapping` (a preset, a dict, or a preset with
+    overrides) and `table` give. Config loading calls it too, so a mistake is found before any ingest."""
     if isinstance(raw, str):
         if raw not in PRESETS:
-            raise TrafficError(f"source '{config.name}': unknown mapping preset '{raw}' (known: {sorted(PRESETS)})")
+            raise MappingError(f"unknown mapping preset '{raw}'{did_you_mean([raw], PRESETS)} "
+                               f"(known: {sorted(PRESETS)})")
         mapping = dict(PRESETS[raw])
     elif isinstance(raw, dict):
         overrides = dict(raw)
         preset = overrides.pop("preset", None)
         if preset is not None and preset not in PRESETS:
-            raise TrafficError(f"source '{config.name}': unknown mapping preset '{preset}' (known: {sorted(PRESETS)})")
+            raise MappingError(f"unknown mapping preset '{preset}'{did_you_mean([preset], PRESETS)} "
+                               f"(known: {sorted(PRESETS)})")
         mapping = {**PRESETS.get(preset or "", {}), **overrides}
     else:
         mapping = {}
-    if config.table:
-        mapping["table"] = config.table
+    if table:
+        mapping["table"] = table
     unknown = sorted(k for k in mapping if k not in FIELDS and not k.startswith("metadata."))
     if unknown:
-        raise TrafficError(f"source '{config.name}': unknown mapping keys {unknown} (known: {sorted(FIELDS)} "
-                           "and metadata.<key>)")
+        raise MappingError(f"unknown mapping keys {unknown}{did_you_mean(unknown, FIELDS | {'preset'})} "
+                           f"(known: {sorted(FIELDS)}, preset and metadata.<key>)")
     missing = [k for k in ("table", "request_id", "timestamp") if not mapping.get(k)]
     if not (mapping.get("messages") or mapping.get("request")):
         missing.append("messages (or request)")
     if not (mapping.get("model") or mapping.get("route")):
         missing.append("model (or route)")
     if missing:
-        raise TrafficError(f"source '{config.name}': the mapping needs {', '.join(missing)}")
+        raise MappingError(f"the mapping needs {', '.join(missing)}")
     return mapping
+
+
+def resolve_mapping(config: SourceConfig) -> dict[str, str]:
+    """The source's effective mapping; a SourceConfig built in code, not loaded from a file, is checked here."""
+    try:
+        return effective_mapping(config.mapping, config.table)
+    except MappingError as exc:
+        raise TrafficError(f"source '{config.name}': {exc}") from None
 
 
 def safe_url(url: str) -> str:
