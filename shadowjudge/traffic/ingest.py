@@ -170,6 +170,7 @@ def ingest_source(engine: Engine, source_config: SourceConfig, source: TrafficSo
     batch: list[SourceRead] = []
     try:
         cursor = None if window.is_backfill else load_cursor(engine, source_config.name)
+        report.cursor = cursor  # where this run starts: still the cursor when it reads nothing new
         for step in source.read(cursor, window):
             batch.append(step)
             if len(batch) >= source_config.batch_size:

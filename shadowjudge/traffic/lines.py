@@ -11,16 +11,21 @@ Rules that keep a reader from losing or inventing data:
 - a gzip file is complete once written (rotate, then compress); a truncated or corrupt one is reported as a
   bad line at the offset where it broke, and the file is finished;
 - a plain file that is now shorter than the cursor's offset, or whose first bytes differ from those the cursor
-  saw (`"head"`, a hash of up to the first 1 KiB), was truncated or replaced: it is read again from the start
-  (request ids make that safe); without the head check a replacement that had grown past the old offset was
-  resumed mid-line and its first records lost;
+  saw (`"head"`, a hash of the file's first `"head_bytes"`: those read, up to 64 KiB; a cursor saved before
+  `head_bytes` existed hashed up to 1 KiB), was truncated or replaced: it is read again from the start (request
+  ids make that safe); without the head check a replacement that had grown past the old offset was resumed
+  mid-line and its first records lost. 1 KiB told too little apart: OTLP exports of one service open with the
+  same resource attributes, often longer than that;
 - the lines a replaced or vanished file held past the cursor are not lost to rotation: the file whose first
   bytes match the cursor's head is its rotated self, and it is read on from the cursor's offset before
   anything else. Only files the reader would otherwise never read again are searched: names that sort before
-  the cursor's file (`requests.jsonl` -> `requests-2026-11-24.jsonl`), the same name compressed
+  the cursor's file (`requests.jsonl` -> `requests-2026-11-24.jsonl`; for a source that is one file, only that
+  file's dated names: its stem, a date or number, its extension), the same name compressed
   (`requests-2026-11-24.jsonl.gz`), and logrotate's names outside the listed suffixes (`requests.jsonl.1`,
   `requests.jsonl-20261124`, each maybe `.gz`). A false match re-reads lines, never skips them. The rotations
   made after that one (candidates modified later) are then read whole, oldest first;
+- a backfill reads those rotated files too, each log's oldest first, before the log itself;
+- a UTF-8 byte order mark opening a file is not part of its first line (offsets still count it);
 - memory stays flat: a line longer than the limit is skipped in chunks, never held whole.
 """
 
@@ -30,8 +35,9 @@ import gzip
 import hashlib
 import logging
 import os
+import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -40,32 +46,41 @@ from shadowjudge.traffic.records import SourceUnavailable
 log = logging.getLogger(__name__)
 
 GZIP_MAGIC = b"\x1f\x8b"
-HEAD_BYTES = 1024
+UTF8_BOM = b"\xef\xbb\xbf"
+HEAD_BYTES = 1 << 16  # a cursor's head hashes at most the file's first 64 KiB
+LEGACY_HEAD_BYTES = 1024  # ... and at most 1 KiB in a cursor without "head_bytes"
 _SKIP_CHUNK = 1 << 16
+# A rotation's tag: a number (logrotate's `.1`) or a date and time (`20261124`, `2026-11-24T10:00:00Z`).
+_TAG = r"\d(?:[\dTZ:._-]*[\dZ])?"
 
 
 class Line(NamedTuple):
     """A line read (or a reason it could not be), where it starts, and the cursor just past it.
 
-    `data` None and `error` None is a cursor-only step (a file just finished)."""
+    `data` None and `error` None is a cursor-only step (a file just finished). `resumed`: the line starts where
+    the cursor read from stopped, in the file it stopped in (or that file rotated), not in a replacement."""
 
     file: str
     offset: int
     data: bytes | None
     error: str | None
     cursor: dict[str, Any]
+    resumed: bool = False
 
 
 def list_files(path: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
     """The file itself, or the folder's visible regular files whose names end with one of `suffixes`."""
     root = Path(path)
-    if root.is_file():
-        return [root]
-    if root.is_dir():
-        return sorted((p for p in root.iterdir()
-                       if p.is_file() and not p.name.startswith(".") and p.name.endswith(suffixes)
-                       and _storable_name(p)),
-                      key=lambda p: p.name)
+    try:
+        if root.is_file():
+            return [root]
+        if root.is_dir():
+            return sorted((p for p in root.iterdir()
+                           if p.is_file() and not p.name.startswith(".") and p.name.endswith(suffixes)
+                           and _storable_name(p)),
+                          key=lambda p: p.name)
+    except OSError as exc:
+        raise SourceUnavailable(f"cannot list traffic path {root}: {exc.strerror or exc}") from None
     raise SourceUnavailable(f"traffic path {root} does not exist (expected a file or a folder)")
 
 
@@ -80,17 +95,23 @@ def _storable_name(file: Path) -> bool:
 
 
 def read_lines(path: str | Path, cursor: dict[str, Any] | None, max_record_bytes: int,
-               suffixes: tuple[str, ...]) -> Iterator[Line]:
-    """Every line from the cursor on, across the files under `path` in name order.
+               suffixes: tuple[str, ...], *, backfill: bool = False) -> Iterator[Line]:
+    """Every line from the cursor on, across the files under `path` in name order; with `backfill`, from the
+    beginning, each log's rotated files first (a backfill must find yesterday's lines wherever they went).
 
     A cursor inside a rotated file's tail carries `"rotated_from"`, the live name: after the tail, the file now
     under that name is read from its start."""
-    files = list_files(path, suffixes)
-    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    root = Path(path)
+    files = list_files(root, suffixes)
+    one_file = files == [root]
+    folder = root.parent if one_file else root
+    if backfill:
+        files = with_rotations(folder, files, one_file)
+        cursor = None
     cursor = cursor or {}
     name = cursor.get("file")
     live = cursor.get("rotated_from", name)
-    chain = rotated_continuation(folder, files, cursor)
+    chain = rotated_continuation(folder, files, cursor, one_file)
     if chain:
         if chain[0].name != name:
             log.warning("%s was rotated to %s: reading its last lines from there", name, chain[0].name)
@@ -101,33 +122,49 @@ def read_lines(path: str | Path, cursor: dict[str, Any] | None, max_record_bytes
                 continue  # the cursor's rotated gzip is done; the later rotations are not
             newest = bool(files) and rotated == files[-1]
             offset = int(cursor["offset"]) if index == 0 else 0
-            for line in _read_file(rotated, offset, max_record_bytes, newest=newest):
+            for line in _read_file(rotated, offset, max_record_bytes, newest=newest, resume=index == 0):
                 yield line._replace(cursor={**line.cursor, "rotated_from": live})
     resume_live = not chain and "rotated_from" not in cursor
     for index, file in enumerate(files):
         if file in chain or "rotated_from" in cursor and file.name == name:
             continue  # a rotated file: read above, or finished
-        offset, head = 0, None
+        offset, head, resume = 0, None, False
         if isinstance(live, str):
             if file.name < live:
                 continue
             if file.name == live and resume_live:
                 if cursor.get("finished"):
                     continue
-                offset, head = int(cursor.get("offset", 0)), cursor.get("head")
-        yield from _read_file(file, offset, max_record_bytes, newest=index == len(files) - 1, head=head)
+                offset, head, resume = int(cursor.get("offset", 0)), cursor_head(cursor), True
+        yield from _read_file(file, offset, max_record_bytes, newest=index == len(files) - 1, head=head,
+                              resume=resume)
 
 
-def rotated_continuation(folder: Path, files: list[Path], cursor: dict[str, Any]) -> list[Path]:
+def cursor_head(cursor: dict[str, Any]) -> tuple[str, int] | None:
+    """The cursor's head hash and how many of its file's first bytes it covers: `"head_bytes"`, or in a cursor
+    saved without it, those before its offset up to 1 KiB; None without a head."""
+    head, offset, length = cursor.get("head"), cursor.get("offset"), cursor.get("head_bytes")
+    if not isinstance(head, str) or not isinstance(offset, int):
+        return None
+    if not isinstance(length, int) or isinstance(length, bool) or not 0 < length <= HEAD_BYTES:
+        length = min(LEGACY_HEAD_BYTES, max(offset, 0))
+    return head, length
+
+
+def rotated_continuation(folder: Path, files: list[Path], cursor: dict[str, Any],
+                         one_file: bool = False) -> list[Path]:
     """The files to read before the live file's name when the cursor's place is not in the live file: first the
     one to read on from the cursor's offset (the rotated file a `"rotated_from"` cursor is in, or where the
     cursor's plain file went when its name now holds another file or none: the newest candidate, by modification
     time, whose first bytes hash to the cursor's head), then the later rotations since (candidates modified after
     it, oldest first), read whole. Empty when the cursor's file is where it was."""
-    name, head, offset = cursor.get("file"), cursor.get("head"), cursor.get("offset")
+    name, offset = cursor.get("file"), cursor.get("offset")
     live = cursor.get("rotated_from", name)
-    if not isinstance(name, str) or not isinstance(live, str) or not isinstance(offset, int) or offset <= 0:
+    head = cursor_head(cursor)
+    if not isinstance(name, str) or not isinstance(live, str) or not isinstance(offset, int) or offset < 0:
         return []
+    if offset == 0 and (head is None or head[1] == 0):
+        return []  # nothing read yet, nothing to lose
     in_rotated = "rotated_from" in cursor
     if cursor.get("finished") and not in_rotated:
         return []
@@ -135,29 +172,103 @@ def rotated_continuation(folder: Path, files: list[Path], cursor: dict[str, Any]
     match = None
     if current is not None and current.is_file():
         # a gzip cursor has no head: a rotated .gz the cursor is in is taken as it is
-        same = _head_matches(current, head, offset) if isinstance(head, str) else in_rotated
+        same = _head_matches(current, *head) if head is not None else in_rotated
         if same and not in_rotated:
             return []
         if same:
             match = current
-    candidates = _rotation_candidates(folder, files, live, name)
-    if match is None and isinstance(head, str):
-        match = next((f for _, f in reversed(candidates) if _head_matches(f, head, offset)), None)
+    candidates = _rotation_candidates(folder, files, live, name, one_file)
+    if match is None and head is not None:
+        match = next((f for _, f in reversed(candidates) if _head_matches(f, *head)), None)
     since = _mtime(match) if match is not None else None
     if match is None or since is None:
         return []
     return [match, *(f for modified, f in candidates if f != match and modified > since)]
 
 
-def _rotation_candidates(folder: Path, files: list[Path], live: str, name: str) -> list[tuple[float, Path]]:
+def _rotation_candidates(folder: Path, files: list[Path], live: str, name: str,
+                         one_file: bool) -> list[tuple[float, Path]]:
     """Files the reader would never read again, where a rotated log may be: listed names sorting before the live
-    one, the cursor file's name `.gz`, and logrotate's names the suffix filter hides; oldest first."""
+    one, the cursor file's name `.gz`, logrotate's names the suffix filter hides and, for a source that is one
+    file, that file's dated names; oldest first."""
     listed = set(files)
     candidates = {f for f in files if f.name < live}
-    candidates |= {p for p in _rotation_siblings(folder, (live, name)) if p not in listed or p.name == name + ".gz"}
+    rotations = _rotations(_folder_files(folder), live, dated=one_file, also=name)
+    candidates |= {p for p in rotations if p not in listed or p.name == name + ".gz"}
     candidates.discard(folder / live)
     dated = [(modified, f) for f in candidates if (modified := _mtime(f)) is not None]
     return sorted(dated, key=lambda item: (item[0], item[1].name))
+
+
+def with_rotations(folder: Path, files: list[Path], one_file: bool) -> list[Path]:
+    """`files` with each one's rotated files the listing leaves out (logrotate's names; for a source that is one
+    file, its dated names too) just before it, oldest first; a file and its `.gz` being made from it: only the
+    file."""
+    listed = set(files)
+    entries = [p for p in _folder_files(folder) if p not in listed]
+    out: list[Path] = []
+    for file in files:
+        rotations = {p: tag for p, tag in _rotations(entries, file.name, dated=one_file).items() if p not in out}
+        out.extend(_oldest_first(rotations))
+        out.append(file)
+    return out
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """The folder's visible entries (which are regular files `_rotations` checks, for the few names it keeps);
+    none, and a warning, where the folder cannot be listed."""
+    try:
+        return [p for p in folder.iterdir() if not p.name.startswith(".")]
+    except OSError as exc:
+        log.warning("cannot list %s to look for rotated logs: %s", folder, exc.strerror or exc)
+        return []
+
+
+def _rotations(entries: Iterable[Path], live: str, dated: bool, also: str | None = None) -> dict[Path, str]:
+    """Which of `entries` hold the log `live` rotated, each with its rotation tag ('' for the name `.gz`):
+    logrotate's names for `live` (and for `also`, a rotated name a cursor is in): `requests.jsonl.1`,
+    `requests.jsonl.2.gz`, `requests.jsonl-20261124`; with `dated`, the names sorting before `live` made of its
+    stem, a separator, a date or number and its extension (`requests-2026-11-24.jsonl`, maybe `.gz`). Other
+    names in the folder (another service's log, `requests.jsonl.bak`) are not rotations."""
+    names = [live] if also is None or also == live else [live, also]
+    logrotate = re.compile("|".join(rf"{re.escape(n)}(?:[.-](?P<t{i}>{_TAG}))?(?:\.gz)?"
+                                    for i, n in enumerate(names)))
+    stem, extension = os.path.splitext(live[:-len(".gz")] if live.endswith(".gz") else live)
+    dated_name = re.compile(rf"{re.escape(stem)}[-_.](?P<tag>{_TAG}){re.escape(extension)}(?:\.gz)?")
+    out: dict[Path, str] = {}
+    for entry in entries:
+        if entry.name == live:
+            continue
+        if found := logrotate.fullmatch(entry.name):
+            tag = next((t for t in found.groups() if t is not None), "")
+        elif dated and entry.name < live and (found := dated_name.fullmatch(entry.name)):
+            tag = found["tag"]
+        else:
+            continue
+        if _is_file(entry) and _storable_name(entry):
+            out[entry] = tag
+    return out
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def _oldest_first(rotations: dict[Path, str]) -> list[Path]:
+    """Rotated files oldest first: by rotation number (`.2` before `.1`), by date, or, where a log's rotated
+    names mix the two, by modification time. A name and its `.gz` both there is the gzip being written: the
+    plain file only."""
+    kept = {p: tag for p, tag in rotations.items()
+            if not (p.name.endswith(".gz") and p.with_name(p.name[:-len(".gz")]) in rotations)}
+    numbered = [tag.isdigit() and len(tag) < 6 for tag in kept.values()]
+    if all(numbered):
+        return sorted(kept, key=lambda p: (-int(kept[p]), p.name))
+    if not any(numbered):  # dates written alike or not (2026-11-24, 20261124) compare by their digits
+        return sorted(kept, key=lambda p: (re.sub(r"\D", "", kept[p]), p.name))
+    return sorted(kept, key=lambda p: (_mtime(p) or 0.0, p.name))
 
 
 def _mtime(file: Path) -> float | None:
@@ -167,29 +278,19 @@ def _mtime(file: Path) -> float | None:
         return None
 
 
-def _rotation_siblings(folder: Path, names: tuple[str, ...]) -> list[Path]:
-    """Rotated names for `names` the suffix filter may hide: `x.gz`, `x.1`, `x.2.gz`, `x-20261124`."""
-    try:
-        entries = list(folder.iterdir())
-    except OSError:
-        return []
-    prefixes = tuple(n + sep for n in names for sep in (".", "-"))
-    return [p for p in entries if p.name.startswith(prefixes) and p.is_file() and _storable_name(p)]
-
-
-def _head_matches(file: Path, head: str, offset: int) -> bool:
-    """Whether `file` (decompressed if gzip) starts with the bytes a cursor at `offset` hashed as `head`."""
+def _head_matches(file: Path, head: str, length: int) -> bool:
+    """Whether `file` (decompressed if gzip) starts with the `length` bytes a cursor hashed as `head`."""
     try:
         fh, _ = _open(file)
     except SourceUnavailable:
         return False
     try:
-        prefix = fh.read(HEAD_BYTES)
+        prefix = fh.read(length)
     except (EOFError, zlib.error, gzip.BadGzipFile, OSError):
         return False
     finally:
         fh.close()
-    return len(prefix) >= min(HEAD_BYTES, offset) and _head_hash(prefix, offset) == head
+    return len(prefix) >= length and _head_hash(prefix, length) == head
 
 
 def _open(file: Path) -> tuple[IO[bytes], bool]:
@@ -204,11 +305,18 @@ def _open(file: Path) -> tuple[IO[bytes], bool]:
     return raw, False
 
 
-def _head_hash(prefix: bytes, end: int) -> str:
-    return hashlib.blake2b(prefix[:min(HEAD_BYTES, end)], digest_size=8).hexdigest()
+def _head_hash(prefix: bytes, length: int) -> str:
+    return _new_head_hasher(prefix[:length]).hexdigest()
 
 
-def _read_file(file: Path, offset: int, limit: int, newest: bool, head: str | None = None) -> Iterator[Line]:
+def _new_head_hasher(data: bytes = b"") -> Any:
+    return hashlib.blake2b(data, digest_size=8)
+
+
+def _read_file(file: Path, offset: int, limit: int, newest: bool, head: tuple[str, int] | None = None,
+               resume: bool = False) -> Iterator[Line]:
+    """The lines of `file` from `offset`; with `resume`, the offset is a cursor's place in this file (checked
+    against `head` when given) and the line starting there is marked `resumed`."""
     name = file.name
     fh, gz = _open(file)
     try:
@@ -219,20 +327,27 @@ def _read_file(file: Path, offset: int, limit: int, newest: bool, head: str | No
         if not gz and os.fstat(fh.fileno()).st_size < offset:
             log.warning("%s is shorter than the cursor's offset %d: truncated or replaced, reading it again",
                         file, offset)
-            offset = 0
-        elif not gz and offset and isinstance(head, str) and _head_hash(prefix, offset) != head:
+            offset, resume = 0, False
+        elif not gz and head is not None and head[1] and _head_hash(prefix, head[1]) != head[0]:
             log.warning("%s starts with other bytes than when the cursor was saved: replaced, reading it again", file)
-            offset = 0
-        steady: dict[str, Any] | None = None  # the cursor's head once past HEAD_BYTES: the same for every line
+            offset, resume = 0, False
+        resumed_at = offset if resume else -1
+        hasher, hashed, head_now = _new_head_hasher(), 0, {}  # the head grows line by line up to HEAD_BYTES
 
         def at(end: int) -> dict[str, Any]:
-            nonlocal steady
+            nonlocal hashed, head_now
             if gz:
                 return {"file": name, "offset": end}
-            if end >= HEAD_BYTES and len(prefix) >= HEAD_BYTES:
-                steady = steady or {"head": _head_hash(prefix, end)}
-                return {"file": name, "offset": end, **steady}
-            return {"file": name, "offset": end, "head": _head_hash(prefix, end)}
+            covered = min(end, len(prefix))
+            if covered > hashed:
+                hasher.update(prefix[hashed:covered])
+                hashed, head_now = covered, {"head": hasher.hexdigest(), "head_bytes": covered}
+            return {"file": name, "offset": end, **head_now}
+
+        def line_at(start: int, data: bytes | None, error: str | None, cursor: dict[str, Any]) -> Line:
+            if start == 0 and data is not None and data.startswith(UTF8_BOM):
+                data = data[len(UTF8_BOM):]
+            return Line(name, start, data, error, cursor, start == resumed_at)
 
         pos = offset
         try:
@@ -242,15 +357,15 @@ def _read_file(file: Path, offset: int, limit: int, newest: bool, head: str | No
                 line = fh.readline(limit + 2)
                 if not line:
                     if gz:
-                        yield Line(name, pos, None, None, {"file": name, "offset": pos, "finished": True})
+                        yield line_at(pos, None, None, {"file": name, "offset": pos, "finished": True})
                     return
                 end = pos + len(line)
                 if line.endswith(b"\n"):
                     content = len(line) - (2 if line.endswith(b"\r\n") else 1)
                     if content > limit:
-                        yield Line(name, pos, None, _too_long(content, limit), at(end))
+                        yield line_at(pos, None, _too_long(content, limit), at(end))
                     else:
-                        yield Line(name, pos, line, None, at(end))
+                        yield line_at(pos, line, None, at(end))
                     pos = end
                     continue
                 if len(line) >= limit + 2:  # over the limit and not finished: skip the rest in chunks
@@ -267,18 +382,19 @@ def _read_file(file: Path, offset: int, limit: int, newest: bool, head: str | No
                         return  # still being written: decide next run
                     end = pos + total
                     size = total - (1 if complete else 0)
-                    yield Line(name, pos, None, _too_long(size, limit), at(end))
+                    yield line_at(pos, None, _too_long(size, limit), at(end))
                     pos = end
                     continue
                 if newest and not gz:
                     return  # a partial last line: the writer may still be appending to it
-                yield Line(name, pos, line, None, at(end))
+                yield line_at(pos, line, None, at(end))
                 pos = end
         except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as exc:
             if not gz:
                 raise SourceUnavailable(f"cannot read {file}: {exc}") from None
-            reason = "truncated gzip stream" if isinstance(exc, EOFError) else f"corrupt gzip stream ({type(exc).__name__})"
-            yield Line(name, pos, None, reason, {"file": name, "offset": pos, "finished": True})
+            reason = ("truncated gzip stream" if isinstance(exc, EOFError)
+                      else f"corrupt gzip stream ({type(exc).__name__})")
+            yield line_at(pos, None, reason, {"file": name, "offset": pos, "finished": True})
     finally:
         fh.close()
 

@@ -190,7 +190,7 @@ class JsonlSource:
 
     def read(self, cursor: dict[str, Any] | None, window: TimeWindow) -> Iterator[SourceRead]:
         loads = orjson.loads
-        for line in read_lines(self.path, cursor, self.max_record_bytes, SUFFIXES):
+        for line in read_lines(self.path, cursor, self.max_record_bytes, SUFFIXES, backfill=window.is_backfill):
             position = f"{line.file}:{line.offset}"
             if line.error is not None:
                 yield SourceRead(Rejected(position, line.error), line.cursor)

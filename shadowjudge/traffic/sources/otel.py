@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 
 from shadowjudge.config import SourceConfig
-from shadowjudge.traffic.lines import HEAD_BYTES, Line, read_lines
+from shadowjudge.traffic.lines import Line, read_lines
 from shadowjudge.traffic.records import (
     UNUSABLE_ERRORS,
     RecordError,
@@ -360,13 +360,13 @@ def export_spans(export: Any) -> list[tuple[dict[str, Any], Any]]:
 
 
 def mid_line_cursor(line: Line) -> dict[str, Any]:
-    """A cursor at the start of `line`, keeping what tells its file apart from a replacement or a rotated tail
-    (the head hash is the line end's only where both lie past the hashed bytes)."""
+    """A cursor at the start of `line`, keeping what tells its file apart from a replacement or a rotated tail: the
+    head of the line's end, which covers the file's first bytes up to that end (at offset 0, the bytes before the
+    line's start would identify nothing)."""
     cursor: dict[str, Any] = {"file": line.file, "offset": line.offset}
-    if "head" in line.cursor and line.offset >= HEAD_BYTES:
-        cursor["head"] = line.cursor["head"]
-    if "rotated_from" in line.cursor:
-        cursor["rotated_from"] = line.cursor["rotated_from"]
+    for key in ("head", "head_bytes", "rotated_from"):
+        if key in line.cursor:
+            cursor[key] = line.cursor[key]
     return cursor
 
 
@@ -380,12 +380,12 @@ class OtelSource:
         self.mapping = mapping
 
     def read(self, cursor: dict[str, Any] | None, window: TimeWindow) -> Iterator[SourceRead]:
-        # a cursor inside an export names the line it stopped in: the first line read, if it starts there (in the
-        # file the cursor names, or in the file that file was rotated to)
-        skip_at = cursor.get("offset") if cursor and cursor.get("span") else None
-        for line in read_lines(self.path, cursor, self.max_record_bytes, SUFFIXES):
-            resumed_line = skip_at == line.offset and (line.file == cursor["file"] or "rotated_from" in line.cursor)
-            skip_at = None
+        # a cursor inside an export names the line it stopped in: its spans before `span` are done only in the
+        # line read where the cursor stopped (its file, or that file rotated), never in a replacement's first line
+        consumed = cursor.get("span") if cursor else None
+        for line in read_lines(self.path, cursor, self.max_record_bytes, SUFFIXES, backfill=window.is_backfill):
+            first = int(consumed) if line.resumed and isinstance(consumed, int) else 0
+            consumed = None
             position = f"{line.file}:{line.offset}"
             if line.error is not None:
                 yield SourceRead(Rejected(position, line.error), line.cursor)
@@ -404,7 +404,6 @@ class OtelSource:
             except UNUSABLE_ERRORS as exc:
                 yield SourceRead(Rejected(position, unusable(exc)), line.cursor)
                 continue
-            first = int(cursor["span"]) if resumed_line else 0  # type: ignore[index]
             if not spans or first >= len(spans):
                 yield SourceRead(None, line.cursor)
                 continue
