@@ -546,3 +546,81 @@ def test_a_push_that_writes_nothing_undoes_nothing_when_the_reload_fails(tmp_pat
     result = push_weights(gw, {"inc": 95, "cand": 5})  # what the file holds already (a reconcile, a retried step)
     assert not result.ok and "reload command exited 1" in result.error
     assert path.read_text() == held and previous_revision_path(path).read_text() == held_prev
+
+
+TF_SHARED_LIST = """\
+name: corp-routing
+type: gateway-load-balancing-config
+rules:
+  - id: chat
+    type: weight-based-routing
+    when: {models: [chat]}
+    load_balance_targets: &pool
+      - target: openai-main/gpt-4o
+        weight: 100   # the EU rule shares this list
+  - id: chat-eu
+    type: weight-based-routing
+    when: {models: [chat-eu]}
+    load_balance_targets: *pool
+"""
+TF_SHARED_ENTRY = """\
+name: corp-routing
+type: gateway-load-balancing-config
+rules:
+  - id: chat
+    type: weight-based-routing
+    when: {models: [chat]}
+    load_balance_targets:
+      - &main {target: openai-main/gpt-4o, weight: 100}
+  - id: chat-eu
+    type: weight-based-routing
+    when: {models: [chat-eu]}
+    load_balance_targets: [*main]
+"""
+TF_MERGED = """\
+name: corp-routing
+type: gateway-load-balancing-config
+defaults: &defaults
+  type: weight-based-routing
+  load_balance_targets:
+    - target: openai-main/gpt-4o
+      weight: 100
+rules:
+  - id: chat
+    <<: *defaults
+    when: {models: [chat]}
+  - id: chat-eu
+    <<: *defaults
+    when: {models: [chat-eu]}
+"""
+TF_SHARED_VIRTUAL_MODEL = """\
+name: team-models
+integrations:
+  - name: chat
+    routing_config: &shared
+      type: weight-based-routing
+      load_balance_targets:
+        - target: openai-main/gpt-4o
+          weight: 100
+  - name: chat-eu
+    routing_config: *shared
+"""
+
+
+@pytest.mark.parametrize("text", [TF_SHARED_LIST, TF_SHARED_ENTRY, TF_MERGED, TF_SHARED_VIRTUAL_MODEL],
+                         ids=["aliased-list", "aliased-entry", "merge-key", "aliased-routing-config"])
+def test_truefoundry_push_leaves_rules_that_share_the_routes_block_through_an_anchor_alone(tmp_path, text):
+    path = tmp_path / "routing.yaml"
+    path.write_text(text)
+    _, gw = make_route("truefoundry", path)
+    result = push_weights(gw, {"inc": 60, "cand": 40})
+    assert result.ok and result.observed == {"inc": 60, "cand": 40}, result.error
+    before, after = yaml.safe_load(text), yaml.safe_load(path.read_text())
+    blocks = "rules" if "rules" in before else "integrations"
+    others_before = [b for b in before[blocks] if b.get("id", b.get("name")) != "chat"]
+    others_after = [b for b in after[blocks] if b.get("id", b.get("name")) != "chat"]
+    assert others_after == others_before  # chat-eu still sends everything to gpt-4o
+    chat = next(b for b in after[blocks] if b.get("id", b.get("name")) == "chat")
+    targets = chat.get("routing_config", chat)["load_balance_targets"]
+    assert [(t["target"], t["weight"]) for t in targets] == [("openai-main/gpt-4o", 60), ("azure-eu/gpt-4o-mini", 40)]
+    assert get_gateway(gw.route.gateway, gw.route).read_current().weights == {"inc": 60, "cand": 40}

@@ -525,3 +525,55 @@ def test_undoing_a_promotion_the_gateway_refused_leaves_the_state_as_it_was(stor
     assert (state.serving, state.phase, "better" in state.failed) == ("better", "promoted", False)
     undone = manual_rollback(engine, route, gateway=good, to="inc", now=T0 + timedelta(hours=6))
     assert undone.status == "applied" and good.read_back()["inc"] == 100
+
+
+def test_a_step_that_finds_the_route_locked_exits_non_zero_as_freeze_does(store_url, tmp_path):
+    from shadowjudge.routing.step import lock_name
+    from shadowjudge.store.lease import LeaseLock
+
+    cfg_path = write_config(tmp_path, store_url)
+    engine = get_engine(store_url)
+    verdicts = tmp_path / "verdicts.json"
+    verdicts.write_text('[{"target": "fragile", "verdict": "pass", "n": 200, "score": 0.6}]')
+    other = LeaseLock(engine, lock_name("chat"), holder="otherhost:1:abcd")
+    assert other.acquire()
+    try:
+        result = runner.invoke(routes_cli, ["step", "chat", "-c", str(cfg_path), "--verdicts", str(verdicts)])
+        said = " ".join(result.output.split())  # the error line wraps at the console's width
+        assert result.exit_code == 1 and "otherhost:1:abcd" in said and "nothing was decided or applied" in said
+        as_json = runner.invoke(routes_cli, ["step", "chat", "-c", str(cfg_path), "--verdicts", str(verdicts),
+                                             "--json"])
+        assert as_json.exit_code == 1 and '"status": "busy"' in as_json.stdout
+    finally:
+        other.release()
+    assert route_history(engine, "chat") == [] and not Path(load_config(cfg_path).route("chat").gateway.path).exists()
+    done = runner.invoke(routes_cli, ["step", "chat", "-c", str(cfg_path), "--verdicts", str(verdicts)])
+    assert done.exit_code == 0 and "fragile 0→1" in done.output
+
+
+def test_a_verdicts_file_that_is_not_utf8_is_refused_naming_the_file(store_url, tmp_path):
+    cfg_path = write_config(tmp_path, store_url)
+    verdicts = tmp_path / "verdicts.json"
+    verdicts.write_bytes(b'[{"target": "fragile", "verdict": "pass", "note": "\xff"}]')
+    result = runner.invoke(routes_cli, ["step", "chat", "-c", str(cfg_path), "--verdicts", str(verdicts)])
+    said = "".join(result.output.split())  # the error line wraps (a long path mid-word) at the console's width
+    assert result.exit_code == 2 and f"{verdicts}:notUTF-8text" in said, result.output
+    assert "Traceback" not in said and "UnicodeDecodeError" not in said
+
+
+def test_a_promoted_candidate_that_regresses_is_rolled_back_in_the_gateway_and_the_store(store_url, tmp_path):
+    cfg_path = write_config(tmp_path, store_url, policy={"steps": [50, 100]})
+    route = load_config(cfg_path).route("chat")
+    engine, gateway = get_engine(store_url), get_gateway(route.gateway, route)
+    for i in range(2):
+        step_route(engine, route, [CandidateVerdict("better", "pass", n=200)], gateway=gateway,
+                   now=T0 + timedelta(hours=i))
+    assert load_rollout_state(engine, route).serving == "better"
+    regressed = step_route(engine, route, [CandidateVerdict("better", "fail", score=0.1, n=200, critical_alert=True)],
+                           gateway=gateway, now=T0 + timedelta(hours=3))
+    assert regressed.decision == "rollback" and regressed.status == "applied" and regressed.serving == "inc"
+    assert gateway.read_current().weights == {"inc": 100, "fragile": 0, "better": 0}
+    state = load_rollout_state(engine, route)
+    assert state.serving == "inc" and "better" in state.failed
+    show = runner.invoke(routes_cli, ["show", "chat", "-c", str(cfg_path), "--json"])
+    assert show.exit_code == 0 and json.loads(show.stdout)[0]["config_stale"] is False

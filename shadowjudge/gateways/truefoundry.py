@@ -12,7 +12,9 @@ Two documented shapes hold the same routing block, and both are accepted:
 
 Each target entry is `{target: <model id>, weight: <0..100>}` plus whatever else the user wrote there
 (`metadata_match`, `retry_config`, `override_params`, `fallback_*`, sticky routing): only `weight` (and, as below,
-`target`) is touched, and comments, key order and other rules survive. An entry belongs to a route target when it
+`target`) is touched, and comments, key order and other rules survive. A block, list or entry the route shares with
+other rules through a YAML anchor (`&pool` ... `*pool`) or a merge key is copied into the route's rule first, so
+the push changes the route's rule only and the others keep what they had. An entry belongs to a route target when it
 names the target's `name` or its `model` (TrueFoundry ids look like `provider-account/model`); one that names the
 target's `name` is pointed at its `model`, so a target retried with a new model does not ramp up on the one that
 was rolled back. An entry for a model the route does not know must hold weight 0, or the file is refused: its
@@ -22,6 +24,7 @@ traffic would silently disappear from the sum.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from copy import deepcopy
 from typing import Any
 
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
@@ -48,8 +51,16 @@ class TrueFoundryGateway(FileGateway):
         block = self._routing_block(doc)
         if block is None:
             block = self._add_rule(doc)
+        elif _anchored(block):
+            block = self._detach(doc, block)
         block.setdefault("type", WEIGHT_BASED)
-        entries = block.setdefault("load_balance_targets", CommentedSeq())
+        # always the route's own copy: the list, or an entry of it, may be an alias (or come from a merge key)
+        # that other rules share, and the weights are this route's only
+        entries = block.get("load_balance_targets", CommentedSeq())
+        if entries is None:
+            raise GatewayConfigInvalid(f"{self.path}: rule '{self.route.name}' has an empty 'load_balance_targets' "
+                                       "(null): make it a list, [] or its targets")
+        entries = block["load_balance_targets"] = _private_copy(entries)
         owned = self._owned_entries(block)
         for target in self.route.targets:
             entry = owned.get(target.name)
@@ -116,6 +127,20 @@ class TrueFoundryGateway(FileGateway):
                 f"{self.path}: {where} routes '{self.route.name}' with '{kind}'; route weights need '{WEIGHT_BASED}'")
         return block
 
+    def _detach(self, doc: Any, block: Any) -> Any:
+        """A private copy of the route's `block`, put in its place: the block is anchored, so an alias elsewhere
+        (another virtual model's `routing_config: *shared`) is the same mapping and would change with it."""
+        private = _private_copy(block)
+        rules = _as_list(doc.get("rules"), f"{self.path}: 'rules'")
+        for i, rule in enumerate(rules):
+            if rule is block:
+                rules[i] = private
+        for model in _as_list(doc.get("integrations"), f"{self.path}: 'integrations'"):
+            if isinstance(model, dict) and model.get("name") == self.route.name:
+                if model.get("routing_config") is block:
+                    model["routing_config"] = private
+        return private
+
     def _add_rule(self, doc: Any) -> Any:
         if "integrations" in doc and "rules" not in doc:
             raise GatewayConfigInvalid(
@@ -163,6 +188,28 @@ def _new_document() -> CommentedMap:
     doc = CommentedMap(name="shadowjudge-routing", type=CONFIG_TYPE)
     doc["rules"] = CommentedSeq()
     return doc
+
+
+def _anchored(node: Any) -> bool:
+    """Whether `node` carries a YAML anchor, so aliases elsewhere in the file may be the very same object."""
+    anchor = getattr(node, "anchor", None)
+    return getattr(anchor, "value", None) is not None
+
+
+def _private_copy(node: Any) -> Any:
+    """A deep copy of `node` with the anchors inside it dropped: the originals, still referenced by their aliases,
+    keep their names, and a copy must not define the same anchor a second time."""
+    copy = deepcopy(node)
+    pending = [copy]
+    while pending:
+        item = pending.pop()
+        if _anchored(item):
+            item.anchor.value = None
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return copy
 
 
 def _shadowing_rule(rules: list[Any], block: Any, models: list[str]) -> str | None:

@@ -22,7 +22,7 @@ from rich.text import Text
 from shadowjudge.config import Config, RouteConfig, load_config
 from shadowjudge.errors import InputError, ShadowJudgeError
 from shadowjudge.routing.weights import format_weights
-from shadowjudge.subcommands import MAX_DATABASE_ID, ConfigOption, fail, literal
+from shadowjudge.subcommands import MAX_DATABASE_ID, ConfigOption, fail, literal, print_error
 
 routes_cli = typer.Typer(help="Route weights: history, state, manual gate, freeze and rollback.",
                          no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -65,8 +65,12 @@ def _print_outcome(outcome: Any, as_json: bool) -> None:
 
 
 def _exit_status(outcome: Any) -> None:
-    """Exit 1 for a push that failed, and for a dry run whose push would fail: a script checking a push first
-    must not read 0 as "safe to run"."""
+    """Exit 1 for a push that failed, for a dry run whose push would fail (a script checking a push first must not
+    read 0 as "safe to run"), and for a step that found the route locked and decided nothing, as `routes freeze`
+    does: a script must not read 0 as "stepped"."""
+    if outcome.status == "busy":
+        print_error(f"route '{outcome.route}' is locked by another writer: nothing was decided or applied; try again")
+        raise typer.Exit(1)
     if outcome.status == "failed" or (outcome.status == "dry_run" and outcome.error):
         raise typer.Exit(1)
 
@@ -154,9 +158,11 @@ def step(route: str = typer.Argument(..., help="Route name"),
 
     _, rc, engine = _open(config, route)
     try:
-        raw = json.loads(verdicts.read_text())
+        raw = json.loads(verdicts.read_text(encoding="utf-8"))
     except OSError as exc:
         raise InputError(f"{verdicts}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{verdicts}: not UTF-8 text (byte {exc.start}): expected a JSON list of verdicts") from None
     except json.JSONDecodeError as exc:
         raise InputError(f"{verdicts}: not valid JSON: {exc}") from None
     if not isinstance(raw, list) or not all(isinstance(v, dict) for v in raw):

@@ -4,12 +4,16 @@ Stepped one iteration at a time, like Flagger's or Argo Rollouts' canary control
 
 1. Rollback first. A candidate holding traffic whose verdict fails, that has a critical alert, or that was already
    marked failed, goes to 0 in this cycle, whatever the freeze switch, the gate, the dwell time or the step limit
-   say: holding a failing candidate in traffic is what none of those guards may cause. A rolled-back candidate stays
-   failed until its target config (model, endpoint) changes, as Flagger retries a canary only on a new revision.
+   say: holding a failing candidate in traffic is what none of those guards may cause. That includes a candidate
+   that was promoted and serves the route while the config still names the old incumbent: its traffic goes back
+   to the config's incumbent. A rolled-back candidate stays failed until its target config (model, endpoint)
+   changes, as Flagger retries a canary only on a new revision.
 2. Then the state must agree with the config: after a promotion the config's incumbent is stale, and the
    controller holds until the config names the promoted target as incumbent.
 3. Then freeze, the policy's proposal, and the guards on every advance: minimum dwell time and sample count since
-   the last change, the manual gate, the per-step change limit and the incumbent's minimum weight.
+   the last change, the manual gate, the per-step change limit and the incumbent's minimum weight. Under every
+   policy a candidate gains weight only on a `pass` verdict in this cycle: too little data (inconclusive), a
+   marginal result or no verdict holds its weight, and a failing one never gains.
 
 Every step is measured from what the gateway holds, as Flagger reads the router's weights each iteration: when the
 caller passes the gateway's weights and they differ from the state's (a hand edit, a redeploy of the gateway
@@ -155,6 +159,11 @@ def _decide(route: RouteConfig, observed: RolloutState, verdicts: dict[str, Cand
         proposal = _bandit(route, observed, verdicts, seed)
     if isinstance(proposal, str):
         return _hold(observed, before, proposal)
+    unearned = [n for n, w in proposal.desired.items()
+                if n != observed.serving and w > before[n] and not _passed(verdicts.get(n))]
+    if unearned:  # every policy promises this; held here too, so no policy can break it
+        return _hold(observed, before, f"{proposal.why}; refused: {unearned} would gain weight without passing "
+                                       f"this cycle ({_verdict_summary(unearned, verdicts, {})})")
     return _guarded_move(route, observed, proposal, names, now)
 
 
@@ -235,36 +244,49 @@ def _drifted(route: RouteConfig, state: RolloutState, gateway_weights: Weights |
 
 def _rollback(route: RouteConfig, state: RolloutState, verdicts: dict[str, CandidateVerdict], names: list[str],
               now: datetime) -> Decision | None:
+    """Every candidate holding traffic that fails goes to 0, its traffic to the serving target. A serving target
+    the config does not name as incumbent (promoted, or sent all traffic by hand) is still a candidate the cycle
+    judges: when it fails, all its traffic goes back to the config's incumbent, which serves the route again."""
     by_name = {t.name: t for t in route.targets}
+    incumbent = route.incumbent.name
     reasons: dict[str, str] = {}
     for name in names:
-        if name == state.serving:
+        if name == incumbent:
             continue
-        holding = state.weights.get(name, 0) > 0 or name == state.candidate
+        serving = name == state.serving
+        holding = serving or state.weights.get(name, 0) > 0 or name == state.candidate
         if not holding:
             continue
         v = verdicts.get(name)
+        # a serving target's own failed mark is a rollback whose push failed; it may also be one a person later
+        # chose to serve again (`routes rollback --to`), which only the `rolling_back` phase tells apart
+        retry = state.phase == "rolling_back" if serving else state.weights.get(name, 0) > 0
         if v is not None and v.critical_alert:
             reasons[name] = "critical alert"
         elif v is not None and v.verdict == "fail":
             reasons[name] = f"analysis failed (preference={_num(v.score)}, quality={_num(v.quality)}, n={v.n})"
-        elif name in state.failed and state.weights.get(name, 0) > 0:
+        elif name in state.failed and retry:
             reasons[name] = f"marked failed earlier ({state.failed[name].get('reason', '')}); rollback not yet in force"
     if not reasons:
         return None
     after = dict(state.weights)
     for name in reasons:
         after[name] = 0
-    after[state.serving] += 100 - sum(after.values())
+    serving = incumbent if state.serving in reasons else state.serving
+    after[serving] += 100 - sum(after.values())
     failed = dict(state.failed)
     for name, why in reasons.items():
         failed.setdefault(name, {"fingerprint": target_fingerprint(by_name[name]), "reason": why,
                                  "at": now.isoformat()})
     text = "; ".join(f"{n}: {why}" for n, why in reasons.items())
     reason = f"rollback {', '.join(reasons)} to 0 ({weights_diff(state.weights, after)}): {text}"
+    if serving != state.serving:
+        reason += (f"; '{state.serving}' served route '{route.name}' while the config names '{incumbent}' as "
+                   f"incumbent: '{incumbent}' serves it again, as `shadowjudge routes rollback {route.name} --to "
+                   f"{incumbent}` would")
     keep_candidate = state.candidate if state.candidate not in reasons else None
     phase = "progressing" if keep_candidate else "rolled_back"
-    applied = replace(state, weights=after, failed=failed, candidate=keep_candidate, phase=phase,
+    applied = replace(state, weights=after, serving=serving, failed=failed, candidate=keep_candidate, phase=phase,
                       step_index=-1 if not keep_candidate else state.step_index, step_started_at=now,
                       samples_in_step=0, approved_step=None)
     refused = replace(state, failed=failed, phase="rolling_back")
@@ -285,9 +307,15 @@ def _eligible(route: RouteConfig, state: RolloutState) -> list[str]:
     return [c.name for c in route.candidates if c.name != state.serving and c.name not in state.failed]
 
 
+def _passed(v: CandidateVerdict | None) -> bool:
+    """Whether this cycle's verdict lets a candidate gain weight: a pass without a critical alert. Too little data
+    (inconclusive), a marginal result or no verdict at all is never a pass."""
+    return v is not None and v.verdict == "pass" and not v.critical_alert
+
+
 def _ladder_start(route: RouteConfig, state: RolloutState, verdicts: dict[str, CandidateVerdict]) -> str | None:
     """The candidate a ladder with none moving starts: the first in config order that passed and never failed."""
-    return next((n for n in _eligible(route, state) if verdicts.get(n) and verdicts[n].verdict == "pass"), None)
+    return next((n for n in _eligible(route, state) if _passed(verdicts.get(n))), None)
 
 
 def _ladder(route: RouteConfig, state: RolloutState, verdicts: dict[str, CandidateVerdict]) -> Proposal | str:
@@ -319,7 +347,7 @@ def _ladder(route: RouteConfig, state: RolloutState, verdicts: dict[str, Candida
 def _cost_aware(route: RouteConfig, state: RolloutState, verdicts: dict[str, CandidateVerdict]) -> Proposal | str:
     floor = route.policy.quality_floor
     holding_unsettled = [n for n, w in state.weights.items()
-                         if w > 0 and n != state.serving and (n not in verdicts or verdicts[n].verdict != "pass")]
+                         if w > 0 and n != state.serving and not _passed(verdicts.get(n))]
     if holding_unsettled:
         n = holding_unsettled[0]
         kind = verdicts[n].verdict if n in verdicts else "missing"
@@ -331,7 +359,7 @@ def _cost_aware(route: RouteConfig, state: RolloutState, verdicts: dict[str, Can
     costs: dict[str, float] = {state.serving: min(serving_costs)}
     for c in route.candidates:
         v = verdicts.get(c.name)
-        if c.name == state.serving or c.name in state.failed or v is None or v.verdict != "pass":
+        if c.name == state.serving or c.name in state.failed or not _passed(v):
             continue
         if v.cost_per_outcome is None or (floor is not None and (v.quality is None or v.quality < floor)):
             continue
@@ -350,22 +378,31 @@ def _cost_aware(route: RouteConfig, state: RolloutState, verdicts: dict[str, Can
 
 def _bandit(route: RouteConfig, state: RolloutState, verdicts: dict[str, CandidateVerdict],
             seed: int | None) -> Proposal | str:
-    arms = [c.name for c in route.candidates if c.name != state.serving and c.name not in state.failed]
+    """Thompson sampling over the arms that passed this cycle, against the incumbent. An arm that did not pass
+    (inconclusive, marginal, no verdict, or failing while it holds no traffic) keeps its weight, as the ladder holds
+    its candidate's: its posterior may be strong, but a cycle without a pass is no evidence to give it more."""
+    arms = _eligible(route, state)
     fed = [n for n in arms if n in state.posteriors]
     if not fed:
         return "bandit: no judge scores yet for any candidate"
+    passed = [n for n in fed if _passed(verdicts.get(n))]
+    if not passed:
+        return f"bandit: no candidate passed this cycle ({_verdict_summary(arms, verdicts, {})}): weights held"
+    held = {n: state.weights[n] for n in arms if n not in passed}
+    free = 100 - sum(held.values())
     rng = np.random.default_rng(seed if seed is not None else bandit_seed(route.name, state.revision))
     draws = np.stack([rng.beta(state.posteriors[n].alpha, state.posteriors[n].beta, size=BANDIT_DRAWS)
-                      for n in fed])
+                      for n in passed])
     # The incumbent is the reference: a preference of 0.5 is "as good as the incumbent".
     reference = np.full((1, BANDIT_DRAWS), 0.5)
     winners = np.argmax(np.vstack([reference, draws]), axis=0)
     shares = {state.serving: float(np.mean(winners == 0))}
-    for i, n in enumerate(fed):
+    for i, n in enumerate(passed):
         shares[n] = float(np.mean(winners == i + 1))
-    desired = apportion(shares, list(state.weights))
+    desired = apportion({**{n: p * free for n, p in shares.items()}, **held}, list(state.weights))
     summary = ", ".join(f"{n}={shares[n]:.2f}" for n in shares)
-    return Proposal(desired, None, f"bandit: P(best) {summary}", completes=False)
+    kept = f"; held without a pass: {_verdict_summary(list(held), verdicts, {})}" if held else ""
+    return Proposal(desired, None, f"bandit: P(best) {summary}{kept}", completes=False)
 
 
 def bandit_seed(route: str, revision: int) -> int:

@@ -1,0 +1,174 @@
+"""A candidate that failed never gains traffic, under any policy, and one serving the route is rolled back too.
+
+The controller is stepped one iteration at a time, as a pure function: no store, no gateway.
+"""
+
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shadowjudge.config import parse_config
+from shadowjudge.routing.controller import Posterior, RolloutState, decide, target_fingerprint
+from shadowjudge.routing.verdicts import VERDICT_KINDS, CandidateVerdict, apply_golden_gate
+from shadowjudge.routing.weights import apportion
+
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
+NAMES = ["inc", "a", "b"]
+
+
+def make_route(policy=None, candidates=("a", "b")):
+    cfg = parse_config({
+        "sources": [{"name": "logs", "path": "x.jsonl"}],
+        "routes": [{
+            "name": "chat",
+            "incumbent": {"name": "inc", "model": "m-inc", "base_url": "http://127.0.0.1:9000/v1"},
+            "candidates": [{"name": c, "model": f"m-{c}", "base_url": f"http://127.0.0.1:90{i + 1:02d}/v1"}
+                           for i, c in enumerate(candidates)],
+            "policy": policy or {},
+        }],
+    })
+    return cfg.routes[0]
+
+
+def v(target, verdict="pass", score=0.6, n=100, **kw):
+    return CandidateVerdict(target, verdict, score=score, n=n, **kw)
+
+
+def step(route, state, verdicts, now):
+    """One cycle, and the state the next one starts from (the store bumps the revision on every step)."""
+    d = decide(route, state, {x.target: x for x in verdicts}, now)
+    return d, replace(d.applied, revision=state.revision + 1)
+
+
+def test_bandit_never_gives_traffic_to_a_candidate_that_failed_a_golden_case():
+    route = make_route({"kind": "bandit"})  # every guard at its default: no step limit
+    state = RolloutState.initial(route)
+    golden = {"a": {"n_failed": 2, "n_unanswered": 0}}
+    for i in range(3):
+        verdicts = apply_golden_gate([v("a", score=0.9, n=200), v("b", score=0.4, n=200)], golden)
+        assert verdicts[0].verdict == "fail" and verdicts[0].critical_alert
+        d, state = step(route, state, verdicts, T0 + timedelta(hours=i))
+        assert d.after["a"] == 0, d.reason
+        assert "a=fail" in d.reason
+    assert d.after == {"inc": 100, "a": 0, "b": 0}  # b, judged worse than the incumbent, earns nothing either
+
+
+def test_bandit_gives_no_traffic_on_a_plain_fail_or_on_an_inconclusive_verdict():
+    route = make_route({"kind": "bandit", "max_step_change": 20, "min_samples_per_step": 0, "min_dwell_s": 0})
+    state = RolloutState.initial(route)
+    for i in range(3):
+        d, state = step(route, state, [v("a", "fail", score=0.9, n=200), v("b", "inconclusive", score=0.9, n=200)],
+                        T0 + timedelta(hours=i))
+        assert d.action == "hold" and d.after == {"inc": 100, "a": 0, "b": 0}, d.reason
+        assert "no candidate passed this cycle (a=fail, b=inconclusive)" in d.reason
+
+
+def test_bandit_holds_an_arm_without_a_pass_at_its_weight_and_moves_the_arms_that_passed():
+    route = make_route({"kind": "bandit", "max_step_change": 20})
+    strong = {n: Posterior(90.0, 10.0, target_fingerprint(t)) for n, t in (("a", route.candidates[0]),
+                                                                          ("b", route.candidates[1]))}
+    state = replace(RolloutState.initial(route), weights={"inc": 70, "a": 0, "b": 30}, posteriors=strong)
+    for i, b_verdict in enumerate(["inconclusive", "marginal", None]):
+        verdicts = [v("a", score=0.9, n=200)] + ([v("b", b_verdict, score=0.9, n=200)] if b_verdict else [])
+        d, state = step(route, state, verdicts, T0 + timedelta(hours=i))
+        assert d.action == "advance" and d.after["b"] == 30 and d.after["a"] == d.before["a"] + 20, d.reason
+        assert "held without a pass: b=" in d.reason
+    # b passes again: it may gain once more (its posterior is as strong as a's)
+    d, _ = step(route, state, [v("a", score=0.9, n=200), v("b", score=0.9, n=200)], T0 + timedelta(hours=5))
+    assert d.action == "advance" and d.after["inc"] < d.before["inc"], d.reason
+
+
+def test_a_passing_verdict_with_a_critical_alert_starts_no_ladder_and_no_cost_aware_move():
+    ladder = make_route({"steps": [5, 25, 50, 100]})
+    d, _ = step(ladder, RolloutState.initial(ladder), [v("a", critical_alert=True), v("b", "inconclusive")], T0)
+    assert d.action == "hold" and d.after["a"] == 0, d.reason
+    d, _ = step(ladder, RolloutState.initial(ladder), [v("a", critical_alert=True), v("b")], T0)
+    assert d.action == "advance" and d.after == {"inc": 95, "a": 0, "b": 5}, d.reason
+    cheap = make_route({"kind": "cost_aware"})
+    d, _ = step(cheap, RolloutState.initial(cheap),
+                [v("a", critical_alert=True, cost_per_outcome=0.001, incumbent_cost_per_outcome=0.01)], T0)
+    assert d.action == "hold" and d.after["a"] == 0, d.reason
+
+
+def _policies():
+    return st.one_of(
+        st.fixed_dictionaries({"kind": st.just("ladder"), "steps": st.just([5, 25, 50, 100]),
+                               "max_step_change": st.integers(5, 100)}),
+        st.fixed_dictionaries({"kind": st.just("cost_aware"), "max_step_change": st.integers(1, 100)}),
+        st.fixed_dictionaries({"kind": st.just("bandit"), "max_step_change": st.integers(1, 100)}),
+    )
+
+
+def _verdict(name):
+    kinds = st.sampled_from(VERDICT_KINDS)
+    one = st.builds(CandidateVerdict, st.just(name), kinds, score=st.floats(0, 1), n=st.integers(0, 300),
+                    critical_alert=st.booleans(), cost_per_outcome=st.sampled_from([0.001, 0.02]),
+                    incumbent_cost_per_outcome=st.just(0.01))
+    return st.one_of(st.none(), one)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)  # seeded: the same examples on every run
+@given(policy=_policies(), raw=st.lists(st.integers(0, 100), min_size=3, max_size=3).filter(lambda w: sum(w) > 0),
+       fed=st.lists(st.tuples(st.floats(1, 200), st.floats(1, 200)), min_size=2, max_size=2),
+       va=_verdict("a"), vb=_verdict("b"))
+def test_under_every_policy_a_candidate_gains_weight_only_on_a_clean_pass(policy, raw, fed, va, vb):
+    route = make_route({**policy, "min_samples_per_step": 0, "min_dwell_s": 0})
+    weights = apportion(dict(zip(NAMES, raw)), NAMES)
+    holder = next((n for n in ("a", "b") if weights[n] > 0), None)
+    posteriors = {n: Posterior(alpha, beta, target_fingerprint(t))
+                  for (alpha, beta), n, t in zip(fed, ("a", "b"), route.candidates)}
+    state = replace(RolloutState.initial(route), weights=weights, posteriors=posteriors,
+                    candidate=holder if policy["kind"] == "ladder" else None)
+    verdicts = {x.target: x for x in (va, vb) if x is not None}
+    d = decide(route, state, verdicts, T0, seed=7)
+    for name in ("a", "b"):
+        got = verdicts.get(name)
+        clean_pass = got is not None and got.verdict == "pass" and not got.critical_alert
+        if not clean_pass:
+            assert d.after[name] <= d.before[name], (d.action, d.reason)
+        if got is not None and got.rolls_back:  # rolled back if it held traffic, kept at 0 if it held none
+            assert d.after[name] == 0, (d.action, d.reason)
+
+
+def _promoted(route):
+    state = RolloutState.initial(route)
+    for i in range(2):
+        d, state = step(route, state, [v("a")], T0 + timedelta(hours=i))
+    assert d.action == "promote" and state.serving == "a" and state.weights["a"] == 100
+    return state
+
+
+def test_a_promoted_candidate_that_regresses_is_rolled_back_to_the_configs_incumbent():
+    route = make_route({"steps": [50, 100]})
+    state = _promoted(route)
+    # the config still names 'inc' as incumbent, so the cycle still judges 'a' against it
+    d, state = step(route, state, [v("a", "fail", score=0.1, critical_alert=True)], T0 + timedelta(hours=3))
+    assert d.action == "rollback" and d.after == {"inc": 100, "a": 0, "b": 0}
+    assert "config names 'inc' as incumbent" in d.reason and "routes rollback chat --to inc" in d.reason
+    assert state.serving == "inc" and state.phase == "rolled_back" and "a" in state.failed
+    # 'inc' serves again: 'a' stays failed, and the rollout goes on with the other candidates
+    d, state = step(route, state, [v("a"), v("b")], T0 + timedelta(hours=4))
+    assert d.action == "advance" and d.after == {"inc": 50, "a": 0, "b": 50}, d.reason
+
+
+def test_a_promoted_candidate_that_fails_without_an_alert_is_rolled_back_and_a_refused_push_is_retried():
+    route = make_route({"steps": [50, 100], "min_dwell_s": 3600})
+    state = _promoted(route)
+    d = decide(route, state, {"a": v("a", "fail", score=0.2)}, T0 + timedelta(hours=1, minutes=1))
+    assert d.action == "rollback" and d.after["inc"] == 100 and "analysis failed" in d.reason
+    # the push failed: the refused state keeps 'a' serving and marked, and the next cycle pushes the rollback again
+    # even though its verdict recovered
+    refused = replace(d.refused, revision=state.revision + 1)
+    assert refused.serving == "a" and refused.phase == "rolling_back"
+    again = decide(route, refused, {"a": v("a")}, T0 + timedelta(hours=2))
+    assert again.action == "rollback" and again.after["inc"] == 100 and "marked failed earlier" in again.reason
+    assert again.applied.serving == "inc"
+
+
+def test_a_promoted_candidate_that_passes_is_held_until_the_config_names_it():
+    route = make_route({"steps": [50, 100]})
+    state = _promoted(route)
+    d, _ = step(route, state, [v("a", "inconclusive")], T0 + timedelta(hours=3))
+    assert d.action == "hold" and "config stale" in d.reason and d.after["a"] == 100
