@@ -28,10 +28,11 @@ def evaluation_cycle(config_path: str, route: str | None = None, cycle_id: str |
                      progress: bool = False) -> dict[str, Any]:
     """Ingest and sample, then per route: shadow-test, score (and calibrate against the teacher), analyse with the
     golden set and drift checks, log, alert, and step the weights. Without a `cycle_id` (a scheduled run), a route
-    whose newest run failed finishes that run instead of opening a new one (orchestration.resume_failed_runs)."""
+    whose newest run failed, or was left running by a cycle that is gone (killed), finishes that run instead of
+    opening a new one (orchestration.resume_failed_runs)."""
     logger = get_run_logger()
     config = load(config_path)
-    cycle_id_given = cycle_id is not None  # without one, a route whose newest run failed resumes it
+    cycle_id_given = cycle_id is not None  # without one, a route whose newest run failed or was interrupted resumes it
     cycle_id = current_cycle_id(cycle_id)
     # a scheduled cycle whose MLflow is down, or whose judge is missing, fails now, before the paid shadow calls
     check_config_tracking(config)

@@ -75,13 +75,13 @@ def ingest_task(config: Config, progress: bool = False) -> dict[str, Any]:
 
 
 @task(name="open-run", retries=2, retry_delay_seconds=5, **STAGE)
-def open_run_task(config: Config, route: RouteConfig, cycle_id: str) -> stages.RunHandle:
-    return stages.open_run(engine_of(config), config, route, cycle_id)
+def open_run_task(config: Config, route: RouteConfig, cycle_id: str, driver: str | None = None) -> stages.RunHandle:
+    return stages.open_run(engine_of(config), config, route, cycle_id, driver)
 
 
 @task(name="find-run", retries=2, retry_delay_seconds=5, **STAGE)
-def find_run_task(config: Config, route: RouteConfig, cycle_id: str) -> stages.RunHandle:
-    return stages.find_run(engine_of(config), stages.cycle_run_key(route.name, cycle_id))
+def find_run_task(config: Config, route: RouteConfig, cycle_id: str, driver: str | None = None) -> stages.RunHandle:
+    return stages.find_run(engine_of(config), stages.cycle_run_key(route.name, cycle_id), driver)
 
 
 @task(name="shadow-test", retries=2, retry_delay_seconds=10, tags=[PROVIDER_CALLS], **STAGE)
@@ -166,13 +166,12 @@ def run_route_cycle(config: Config, route: RouteConfig, cycle_id: str, ingest_re
     Each stage starts only while the lease is still ours (CycleLeaseLost otherwise).
 
     `cycle_id_given` False (a scheduled cycle, `shadowjudge run` without --cycle-id): when the route's newest run
-    failed, the cycle resumes it instead of opening run `cycle_id` (`stages.choose_cycle_run`); the outcome says so."""
+    failed or was interrupted, the cycle resumes it instead of opening run `cycle_id` (`stages.choose_cycle_run`);
+    the outcome says so. The run is marked driven by a full cycle: if this process dies before closing or failing it,
+    the next cycle started without a cycle id finds it interrupted and resumes it."""
     with stages.cycle_lease(engine_of(config), route.name, cycle_id) as lease:
-        choice = stages.choose_cycle_run(engine_of(config), config, route, cycle_id, lease,
-                                         cycle_id_given=cycle_id_given)
-        if choice.note:
-            get_run_logger().warning("route %s: %s", route.name, choice.note)
-        handle = open_run_task(config, route, choice.cycle_id)
+        choice = choose_run(config, route, cycle_id, lease, cycle_id_given)
+        handle = open_run_task(config, route, choice.cycle_id, stages.FULL_CYCLE)
         try:
             stages.ensure_lease(lease)
             shadow_report = shadow_task(config, route, handle, progress)
@@ -185,10 +184,23 @@ def run_route_cycle(config: Config, route: RouteConfig, cycle_id: str, ingest_re
                 outcome["calibration_failed"] = score_report["calibration_failed"]
             return {**outcome, **choice.outcome()}
         except (RouteBusy, stages.CycleLeaseLost):
-            raise  # the run stays open for the update-routes rerun; or it is now the new holder's to finish
+            # the run stays open for the update-routes rerun (or the next cycle without a cycle id, which finds it
+            # interrupted and resumes it); or it is now the new holder's to finish
+            raise
         except Exception as exc:
             stages.fail_run(engine_of(config), handle.run_id, exc)
             raise
+
+
+def choose_run(config: Config, route: RouteConfig, cycle_id: str, lease: stages.CycleLease,
+               cycle_id_given: bool) -> stages.CycleRunChoice:
+    """`stages.choose_cycle_run`, saying in the flow's log and in the lease's holder which run it resumed."""
+    choice = stages.choose_cycle_run(engine_of(config), config, route, cycle_id, lease, cycle_id_given=cycle_id_given)
+    if choice.note:
+        get_run_logger().warning("route %s: %s", route.name, choice.note)
+    if choice.cycle_id != cycle_id:
+        lease.relabel(choice.lease_label)
+    return choice
 
 
 def score_and_calibrate(config: Config, route: RouteConfig, handle: stages.RunHandle, config_path: str,
@@ -278,7 +290,7 @@ def fan_out_scoring(config: Config, config_path: str, route: RouteConfig, handle
     orchestration = config.orchestration
     logger = get_run_logger()
     ranges = stages.sample_ranges(handle.sample_ids, orchestration.score_batches)
-    cycle_id = stages.cycle_id_of(route, handle)
+    cycle_id = stages.cycle_id_of(route.name, handle.run_key)
     runs = []
     for first, last in ranges:
         try:
@@ -336,14 +348,22 @@ def ingest_and_sample(config_path: str, progress: bool = False) -> dict[str, Any
 
 @flow(name="shadow-test", log_prints=True)
 def shadow_test(config_path: str, route: str, cycle_id: str | None = None, progress: bool = False) -> dict[str, Any]:
-    """Open the cycle's run (fixing its sample set) and replay its samples against the route's targets."""
+    """Open the cycle's run (fixing its sample set) and replay its samples against the route's targets.
+
+    Without a `cycle_id` it chooses its run as a full cycle does (`stages.choose_cycle_run`): a failed or
+    interrupted newest run of the route is resumed, not stranded behind a new run. The result's `cycle_id` names the
+    run worked on: the later stage flows take that one."""
     config = load(config_path)
     rc = config.route(route)
+    cycle_id_given = cycle_id is not None
     cycle_id = current_cycle_id(cycle_id)
     with stages.cycle_lease(engine_of(config), rc.name, cycle_id) as lease:
-        handle = open_run_task(config, rc, cycle_id)
+        choice = choose_run(config, rc, cycle_id, lease, cycle_id_given)
+        handle = open_run_task(config, rc, choice.cycle_id, stages.STAGE_FLOWS)
+        if choice.resumed:
+            get_run_logger().warning("route %s: run the later stages with cycle_id %s", rc.name, choice.cycle_id)
         stages.ensure_lease(lease)
-        return {"run_key": handle.run_key, **shadow_task(config, rc, handle, progress)}
+        return {"run_key": handle.run_key, **choice.outcome(), **shadow_task(config, rc, handle, progress)}
 
 
 @flow(name="score", log_prints=True)
@@ -352,7 +372,7 @@ def score(config_path: str, route: str, cycle_id: str, progress: bool = False) -
     config = load(config_path)
     rc = config.route(route)
     with stages.cycle_lease(engine_of(config), rc.name, cycle_id) as lease:
-        handle = find_run_task(config, rc, cycle_id)
+        handle = find_run_task(config, rc, cycle_id, stages.STAGE_FLOWS)
         return score_and_calibrate(config, rc, handle, config_path, lease, progress)
 
 
@@ -374,7 +394,7 @@ def analyse(config_path: str, route: str, cycle_id: str) -> dict[str, Any]:
     config = load(config_path)
     rc = config.route(route)
     with stages.cycle_lease(engine_of(config), rc.name, cycle_id) as lease:
-        handle = find_run_task(config, rc, cycle_id)
+        handle = find_run_task(config, rc, cycle_id, stages.STAGE_FLOWS)
         analysed = analyse_and_log(config, rc, handle, stages.stored_reports(engine_of(config), rc, handle),
                                    config_path, lease)
     raise_if_not_logged(analysed)
@@ -389,7 +409,7 @@ def update_routes(config_path: str, route: str, cycle_id: str) -> dict[str, Any]
     config = load(config_path)
     rc = config.route(route)
     with stages.cycle_lease(engine_of(config), rc.name, cycle_id) as lease:
-        handle = find_run_task(config, rc, cycle_id)
+        handle = find_run_task(config, rc, cycle_id, stages.STAGE_FLOWS)
         analysed = analyse_and_log(config, rc, handle, stages.stored_reports(engine_of(config), rc, handle),
                                    config_path, lease)
         return decide_and_publish(config, rc, handle, analysed, lease)

@@ -51,8 +51,8 @@ def init(config: Path = ConfigOption) -> None:
 def run(config: Path = ConfigOption,
         route: Optional[str] = typer.Option(None, help="Only this route"),
         cycle_id: Optional[str] = typer.Option(None, help="Rerun/resume this cycle (default: the current minute, "
-                                               "or the route's newest run if it failed: orchestration."
-                                               "resume_failed_runs)"),
+                                               "or the route's newest run if it failed or was interrupted: "
+                                               "orchestration.resume_failed_runs)"),
         ) -> None:
     """Run one evaluation cycle (ingest, shadow-test, score, analyse, log, alert, update routes)."""
     from shadowjudge.cycle import check_cycle_id
@@ -100,7 +100,7 @@ def _print_cycle(result: dict) -> None:
         console.print(f"route [bold]{escape(name)}[/]: decision [bold]{escape(str(outcome.get('decision')))}[/], "
                       f"weights {escape(str(outcome.get('weights_before')))} -> "
                       f"{escape(str(outcome.get('weights_after')))}")
-        if outcome.get("note"):  # it resumed the route's failed run instead of starting a new one, or gave it up
+        if outcome.get("note"):  # it resumed the route's failed or interrupted run instead of a new one, or gave it up
             console.print(f"  {outcome['note']}", markup=False)
         if outcome.get("step_status") == "failed":  # the weights above were decided, not pushed
             console.print(f"  route step failed: {outcome.get('reason')}", markup=False)
@@ -118,6 +118,7 @@ def status(config: Path = ConfigOption, limit: int = typer.Option(10, min=1, max
     """Latest runs, current route weights and open alerts."""
     from sqlalchemy import select
 
+    from shadowjudge.cycle import cycle_lease_holder, unfinished_state
     from shadowjudge.store import Alert, RouteState, ShadowRun, initialised_engine, session_scope
 
     cfg = _load(config)
@@ -126,11 +127,15 @@ def status(config: Path = ConfigOption, limit: int = typer.Option(10, min=1, max
         runs = s.scalars(select(ShadowRun).order_by(ShadowRun.id.desc()).limit(limit)).all()
         states = s.scalars(select(RouteState).order_by(RouteState.route)).all()
         alerts = s.scalars(select(Alert).where(Alert.status != "resolved").order_by(Alert.id.desc()).limit(limit)).all()
+        lease_free = {route: cycle_lease_holder(engine, route) is None
+                      for route in {r.route for r in runs if r.status == "running"}}
+        left_as = {r.id: unfinished_state(r, lease_free.get(r.route, False)) for r in runs}
         t = Table(title="Latest runs")
         for col in ("id", "run", "status", "samples", "decision", "judge", "started"):
             t.add_column(col)
         for r in runs:  # stored text shown as stored: a '[/...]' in it is not Rich markup
-            t.add_row(*literal(r.id, r.run_key, r.status, len(r.sample_ids), r.decision or "-",
+            shown_status = "interrupted" if left_as[r.id] == "interrupted" else r.status  # still `running` in the store
+            t.add_row(*literal(r.id, r.run_key, shown_status, len(r.sample_ids), r.decision or "-",
                                r.judge_version or "-", r.started_at.strftime("%Y-%m-%d %H:%M:%S")))
         console.print(t)
         newest_of_route: dict[str, int] = {}
@@ -138,9 +143,10 @@ def status(config: Path = ConfigOption, limit: int = typer.Option(10, min=1, max
             if r.kind == "cycle":
                 newest_of_route.setdefault(r.route, r.id)
         for r in runs:
-            if r.status == "failed":
+            if left_as[r.id] is not None:
                 resumable = newest_of_route.get(r.route) == r.id
-                console.print(failed_run_hint(r, config, cfg.orchestration.resume_failed_runs if resumable else 0),
+                console.print(unfinished_run_hint(r, config, left_as[r.id],
+                                                  cfg.orchestration.resume_failed_runs if resumable else 0),
                               markup=False, soft_wrap=True)
         t = Table(title="Route weights")
         for col in ("route", "weights", "candidate", "phase", "step", "frozen", "revision"):
@@ -160,15 +166,17 @@ def status(config: Path = ConfigOption, limit: int = typer.Option(10, min=1, max
                   + (" (~: an estimate)" if any(str(v).startswith("~") for v in counts.values()) else ""))
 
 
-def failed_run_hint(run: ShadowRun, config: Path, resume_limit: int = 0) -> str:
-    """What a failed run left and how to finish it: no later run takes its samples (each run takes only samples
-    newer than the route's newest run), so they stay unevaluated until its cycle id is rerun, by hand or, while it
-    is the route's newest run and has automatic resumes left (`resume_limit`, 0 where none apply), by the next
-    cycle started without a cycle id."""
+def unfinished_run_hint(run: ShadowRun, config: Path, left_as: str, resume_limit: int = 0) -> str:
+    """What a failed or interrupted run (`left_as`, see cycle.unfinished_state) left and how to finish it: no later
+    run takes its samples (each run takes only samples newer than the route's newest run), so they stay unevaluated
+    until its cycle id is rerun, by hand or, while it is the route's newest run and has automatic resumes left
+    (`resume_limit`, 0 where none apply), by the next cycle started without a cycle id."""
+    from shadowjudge.cycle import cycle_id_of
+
     summary = run.summary or {}
     rerun = f"shadowjudge run -c {shlex.quote(str(config))} --route {shlex.quote(run.route)}"
-    if summary.get("cycle_id"):
-        rerun += f" --cycle-id {shlex.quote(str(summary['cycle_id']))}"
+    if run.kind == "cycle":
+        rerun += f" --cycle-id {shlex.quote(cycle_id_of(run.route, run.run_key))}"
     resumes = int(summary.get("auto_resumes", 0))
     given_up = summary.get("auto_resume_given_up")
     if given_up:
@@ -182,8 +190,13 @@ def failed_run_hint(run: ShadowRun, config: Path, resume_limit: int = 0) -> str:
                      "--cycle-id gives it up)")
     else:
         automatic = ""
-    return (f"run {run.id} ({run.run_key}) failed: {summary.get('error', 'no error recorded')}; its "
-            f"{len(run.sample_ids)} samples are evaluated by no later run until it is rerun: {rerun}{automatic}")
+    if left_as == "interrupted":
+        what = ("was interrupted: the cycle running it stopped without closing or failing it (killed, its host lost, "
+                "or its route step found the weights busy), and no cycle holds the route now")
+    else:
+        what = f"failed: {summary.get('error', 'no error recorded')}"
+    return (f"run {run.id} ({run.run_key}) {what}; its {len(run.sample_ids)} samples are evaluated by no later run "
+            f"until it is rerun: {rerun}{automatic}")
 
 
 EXACT_COUNT_BELOW = 100_000

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -23,14 +23,15 @@ from shadowjudge.config import Config, RouteConfig, incumbent_served
 from shadowjudge.errors import InputError, ShadowJudgeError
 from shadowjudge.store import (
     Judgment,
+    Lock,
     RouteWeightChange,
     ShadowResult,
     ShadowRun,
     TrafficSample,
     session_scope,
 )
-from shadowjudge.store.lease import LeaseLock, default_holder
-from shadowjudge.store.models import utcnow
+from shadowjudge.store.lease import LeaseLock, default_holder, holder_is_dead
+from shadowjudge.store.models import as_utc, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +79,44 @@ def cycle_run_key(route: str, cycle_id: str) -> str:
     return key
 
 
-def cycle_id_of(route: RouteConfig, handle: RunHandle) -> str:
-    """The cycle id a run was opened for: its run key less the route's name."""
-    return handle.run_key.removeprefix(f"{route.name}:")
+def cycle_id_of(route: str, run_key: str) -> str:
+    """The cycle id a run of `route` was opened for: its run key (`cycle_run_key`) less the route's name."""
+    return run_key.removeprefix(f"{route}:")
 
 
-def find_run(engine: Engine, run_key: str) -> RunHandle:
-    """The run a later stage works on; unlike `open_run` it never opens one (that would pick a new sample set)."""
+# Who drives a run, recorded in its summary as `driven_by` whenever one opens, resumes or works on it: a full cycle
+# holds the route's cycle lease from opening its run to closing it, so its run still `running` while that lease is
+# free was left by a cycle that is gone (`unfinished_state`); the stage flows take the lease one stage at a time, so
+# their run is legitimately `running` between stages. Runs stored before this was recorded say neither.
+FULL_CYCLE = "cycle"
+STAGE_FLOWS = "stages"
+
+
+def _record_driver(run: ShadowRun, driver: str | None) -> None:
+    if driver is not None and run.summary.get("driven_by") != driver:
+        run.summary = {**run.summary, "driven_by": driver}
+
+
+def unfinished_state(run: ShadowRun, lease_free: bool) -> str | None:
+    """'failed' for a failed run; 'interrupted' for a run a full cycle left `running` when the route's cycle lease
+    is free (`lease_free`: no cycle or stage flow works on the route, so that cycle was killed, lost its host, or
+    stopped on a busy route step); None for any other run. Either kind keeps samples no later run takes."""
+    if run.status == "failed":
+        return "failed"
+    if run.status == "running" and lease_free and (run.summary or {}).get("driven_by") == FULL_CYCLE:
+        return "interrupted"
+    return None
+
+
+def find_run(engine: Engine, run_key: str, driver: str | None = None) -> RunHandle:
+    """The run a later stage works on; unlike `open_run` it never opens one (that would pick a new sample set).
+    `driver` (given by a stage flow holding the route's cycle lease) is recorded on a run not yet finished."""
     with session_scope(engine) as s:
         run = s.scalar(select(ShadowRun).where(ShadowRun.run_key == run_key))
         if run is None:
             raise RunNotFound(f"no run '{run_key}' in the store: run the shadow test of that cycle first")
+        if run.status != "finished":
+            _record_driver(run, driver)
         return RunHandle(run.id, run.run_key, list(run.sample_ids), resumed=True)
 
 
@@ -127,9 +155,11 @@ def stored_reports(engine: Engine, route: RouteConfig, handle: RunHandle) -> dic
             "score": scoring_summary(engine, handle.run_id)}
 
 
-def open_run(engine: Engine, config: Config, route: RouteConfig, cycle_id: str) -> RunHandle:
+def open_run(engine: Engine, config: Config, route: RouteConfig, cycle_id: str,
+             driver: str | None = None) -> RunHandle:
     """Find or create the cycle's run and fix its sample set: samples of the route newer than those of its newest
-    cycle run, finished or not, that the incumbent served (at most shadow.max_samples of them).
+    cycle run, finished or not, that the incumbent served (at most shadow.max_samples of them). `driver`
+    (FULL_CYCLE or STAGE_FLOWS) is recorded on the run as `driven_by`.
 
     A run still open (its stages run one by one, or it crashed and is finished by rerunning its cycle id) keeps its
     samples: a cycle opened meanwhile taking them again would step the route twice on one set of evidence. Samples a
@@ -144,6 +174,8 @@ def open_run(engine: Engine, config: Config, route: RouteConfig, cycle_id: str) 
                 run.status = "running"
                 run.summary = {**{k: v for k, v in run.summary.items() if k != "error"},
                                "last_error": run.summary.get("error")}
+            if run.status != "finished":
+                _record_driver(run, driver)
             return RunHandle(run.id, run_key, list(run.sample_ids), resumed=True)
         last = s.scalar(select(ShadowRun).where(ShadowRun.route == route.name, ShadowRun.kind == "cycle")
                         .order_by(ShadowRun.id.desc()).limit(1))
@@ -156,13 +188,14 @@ def open_run(engine: Engine, config: Config, route: RouteConfig, cycle_id: str) 
         run = ShadowRun(run_key=run_key, route=route.name, kind="cycle", status="running",
                         config_hash=config.fingerprint(), sample_ids=sample_ids,
                         summary={"max_sample_id": read_to, "cycle_id": cycle_id,
-                                 "served_by_candidates": served_by_candidates})
+                                 "served_by_candidates": served_by_candidates,
+                                 **({"driven_by": driver} if driver is not None else {})})
         s.add(run)
         try:
             s.flush()
         except IntegrityError:  # another process opened this cycle's run since our SELECT: resume theirs
             s.rollback()
-            return find_run(engine, run_key)
+            return find_run(engine, run_key, driver)
         return RunHandle(run.id, run_key, sample_ids, resumed=False)
 
 
@@ -193,6 +226,7 @@ def _incumbent_samples_after(session: Session, route: RouteConfig, watermark: in
 
 
 CYCLE_LEASE_S = 300.0
+LEASE_HOLDER_MAX = 256  # the length of locks.holder
 
 
 class RouteBeingEvaluated(ShadowJudgeError):
@@ -203,8 +237,42 @@ class CycleLeaseLost(ShadowJudgeError):
     """Another host took the route's cycle lease over (ours expired unrenewed): this cycle must not go on beside it."""
 
 
+def cycle_lease_name(route: str) -> str:
+    return f"cycle:{route}"
+
+
+class CycleLease(LeaseLock):
+    """The route's cycle lease, held as `<host:pid:token:namespace>:<label>`; `relabel` renames it once the cycle
+    knows which run it works on (another cycle's, resumed), so a cycle it turns away names that run."""
+
+    def __init__(self, engine: Engine, route: str, label: str, ttl_s: float) -> None:
+        self.identity = default_holder()
+        super().__init__(engine, cycle_lease_name(route), holder=self._holder(label), ttl_s=ttl_s)
+        self._naming = threading.Lock()  # a renewal by the old name once the store holds the new one finds it lost
+
+    def _holder(self, label: str) -> str:
+        return f"{self.identity}:{label}"[:LEASE_HOLDER_MAX]
+
+    def renew(self) -> bool:
+        with self._naming:
+            return super().renew()
+
+    def relabel(self, label: str) -> None:
+        """Rename the holder (renewing the lease) in the store and here, in one step for the renewer thread;
+        CycleLeaseLost when the lease is no longer ours."""
+        holder = self._holder(label)
+        with self._naming:
+            with session_scope(self.engine) as s:
+                renamed = s.execute(update(Lock).where(Lock.name == self.name, Lock.holder == self.holder)
+                                    .values(holder=holder, expires_at=self._now_in(s) + self.ttl)).rowcount == 1
+            if not renamed:
+                self.held = False
+                raise lease_lost(self)
+            self.holder = holder
+
+
 @contextlib.contextmanager
-def cycle_lease(engine: Engine, route: str, cycle_id: str, ttl_s: float = CYCLE_LEASE_S) -> Iterator[LeaseLock]:
+def cycle_lease(engine: Engine, route: str, cycle_id: str, ttl_s: float = CYCLE_LEASE_S) -> Iterator[CycleLease]:
     """Hold the route's cycle lease while a cycle, or one stage flow of it, works on the route's run;
     RouteBeingEvaluated at once when another holds it (a scheduled cycle fails instead of piling up behind a long one).
 
@@ -213,7 +281,7 @@ def cycle_lease(engine: Engine, route: str, cycle_id: str, ttl_s: float = CYCLE_
     renews the lease; the holder calls `ensure_lease` before each stage, which stops it once the lease was lost. The
     lease of a cycle killed on this host is taken over at once, elsewhere when it expires.
     """
-    lease = LeaseLock(engine, f"cycle:{route}", holder=f"{default_holder()}:cycle {cycle_id}", ttl_s=ttl_s)
+    lease = CycleLease(engine, route, CycleRunChoice(cycle_id, cycle_id).lease_label, ttl_s)
     if not lease.acquire():
         holder = lease.current_holder()
         who = f"{holder[0]} (lease until {holder[1]:%Y-%m-%d %H:%M:%S} UTC)" if holder else "another cycle"
@@ -229,6 +297,15 @@ def cycle_lease(engine: Engine, route: str, cycle_id: str, ttl_s: float = CYCLE_
         stop.set()
         renewer.join()
         lease.release()
+
+
+def cycle_lease_holder(engine: Engine, route: str) -> str | None:
+    """Who holds the route's cycle lease now (for `status`); None when it is free: never taken, released, expired
+    by this host's clock, or held by a process of this host that is gone (the next cycle takes that over at once)."""
+    held = LeaseLock(engine, cycle_lease_name(route)).current_holder()
+    if held is None or as_utc(held[1]) <= datetime.now(timezone.utc) or holder_is_dead(held[0]):
+        return None
+    return held[0]
 
 
 def ensure_lease(lease: LeaseLock) -> None:
@@ -248,27 +325,34 @@ def lease_lost(lease: LeaseLock) -> CycleLeaseLost:
 
 @dataclass(frozen=True)
 class CycleRunChoice:
-    """The run a full cycle of a route works on: the one its own cycle id names, or the route's newest run, which
-    failed, resumed in its place (`choose_cycle_run`)."""
+    """The run a full cycle (or the shadow-test stage) of a route works on: the one its own cycle id names, or the
+    route's newest run, failed or interrupted, resumed in its place (`choose_cycle_run`)."""
 
     cycle_id: str  # the cycle id of the run the cycle opens or resumes
     started_as: str  # the cycle id the cycle was started with
-    resume_attempt: int = 0  # which automatic resume of the failed run this is (1-based); 0: none
+    resume_attempt: int = 0  # which automatic resume of the run this is (1-based); 0: none
     resume_limit: int = 0  # orchestration.resume_failed_runs when the choice was made
-    given_up_cycle_id: str | None = None  # a failed run whose automatic resumes were used up: left to a person
+    given_up_cycle_id: str | None = None  # a run whose automatic resumes were used up: left to a person
+    left_as: str = ""  # what the run resumed or given up was: "failed" or "interrupted" (`unfinished_state`)
 
     @property
-    def resumed_failed(self) -> bool:
+    def resumed(self) -> bool:
         return self.resume_attempt > 0
+
+    @property
+    def lease_label(self) -> str:
+        """The route's cycle lease's label: the cycle of the run worked on, and the cycle started in its place."""
+        started_as = f" (resumed by cycle {self.started_as})" if self.started_as != self.cycle_id else ""
+        return f"cycle {self.cycle_id}{started_as}"
 
     @property
     def note(self) -> str | None:
         """One line saying what the cycle did instead of the usual (None when it opened its own run as usual)."""
-        if self.resumed_failed:
-            return (f"resumed failed cycle {self.cycle_id} (automatic resume {self.resume_attempt} of "
+        if self.resumed:
+            return (f"resumed {self.left_as} cycle {self.cycle_id} (automatic resume {self.resume_attempt} of "
                     f"{self.resume_limit}) instead of starting cycle {self.started_as}")
         if self.given_up_cycle_id:
-            return (f"gave up on failed cycle {self.given_up_cycle_id}, its automatic resumes used up "
+            return (f"gave up on {self.left_as} cycle {self.given_up_cycle_id}, its automatic resumes used up "
                     f"(orchestration.resume_failed_runs: {self.resume_limit}), and started cycle {self.started_as}; "
                     f"its samples wait for `shadowjudge run --cycle-id {self.given_up_cycle_id}` "
                     "(`shadowjudge status` shows the command)")
@@ -277,8 +361,9 @@ class CycleRunChoice:
     def outcome(self) -> dict[str, Any]:
         """What the cycle's outcome records of the choice."""
         out: dict[str, Any] = {"cycle_id": self.cycle_id}
-        if self.resumed_failed:
-            out |= {"resumed_failed_cycle_id": self.cycle_id, "started_as_cycle_id": self.started_as,
+        if self.resumed:
+            resumed_key = "resumed_interrupted_cycle_id" if self.left_as == "interrupted" else "resumed_failed_cycle_id"
+            out |= {resumed_key: self.cycle_id, "started_as_cycle_id": self.started_as,
                     "resume_attempt": self.resume_attempt, "resume_limit": self.resume_limit}
         if self.given_up_cycle_id:
             out["gave_up_cycle_id"] = self.given_up_cycle_id
@@ -292,18 +377,25 @@ RESUMED_SLOT_LOOKBACK = 20  # cycle runs of the route searched for one a retried
 
 def choose_cycle_run(engine: Engine, config: Config, route: RouteConfig, cycle_id: str, lease: LeaseLock, *,
                      cycle_id_given: bool) -> CycleRunChoice:
-    """The run a full cycle of the route works on, decided while holding the route's cycle `lease`.
+    """The run a full cycle (or the shadow-test stage flow) of the route works on, decided while holding the
+    route's cycle `lease`.
 
     A cycle started without a cycle id (a scheduled one, `shadowjudge run` without --cycle-id) whose route's newest
-    run failed resumes that run instead of opening a new one: a new run would take only samples past the failed
-    run's, which no cycle would then evaluate. Each failed run is resumed automatically at most
-    `orchestration.resume_failed_runs` times (counted in its summary as `auto_resumes`); once they are used up, the
-    cycle records in its summary that it was given up (`auto_resume_given_up`) and opens its own run, so a run that
-    fails every time cannot hold the route still. A given cycle id is never redirected, and a `running` run (a cycle
-    run stage by stage, or one still going) is not resumed. The count is written in the same transaction as a
-    renewal of the lease (CycleLeaseLost when that fails), so two cycles never both resume one run. A retry of a
-    slot that resumed a run (Prefect's retry of the flow run) works on that run again, counting no new resume, as a
-    retried slot is the same cycle.
+    run failed, or was interrupted, resumes that run instead of opening a new one: a new run would take only samples
+    past its samples, which no cycle would then evaluate. Interrupted is a full cycle's run still `running` (see
+    `unfinished_state`): as this cycle holds the lease, the cycle that ran it is gone (killed, its host lost, its
+    lease taken over), or it stopped on RouteBusy, leaving the run open for a rerun of its route step, which the
+    resume is (the step is idempotent per run, so a person's later rerun replays it). A run driven stage by stage,
+    or stored before runs recorded their driver, is not resumed: it is `running` between its stage flows.
+
+    Each run is resumed automatically at most `orchestration.resume_failed_runs` times, failed and interrupted alike
+    (counted in its summary as `auto_resumes`; resumes of it interrupted are also listed in
+    `auto_resumed_interrupted_by`); once they are used up, the cycle records in its summary that it was given up
+    (`auto_resume_given_up`) and opens its own run, so a run that fails every time cannot hold the route still. A
+    given cycle id is never redirected. The count is written in the same transaction as a renewal of the lease
+    (CycleLeaseLost when that fails), so two cycles never both resume one run. A retry of a slot that resumed a run
+    (Prefect's retry of the flow run) works on that run again, counting no new resume, as a retried slot is the same
+    cycle.
     """
     as_usual = CycleRunChoice(cycle_id, cycle_id)
     limit = config.orchestration.resume_failed_runs
@@ -313,25 +405,32 @@ def choose_cycle_run(engine: Engine, config: Config, route: RouteConfig, cycle_i
         recent = list(s.scalars(select(ShadowRun).where(ShadowRun.route == route.name, ShadowRun.kind == "cycle")
                                 .order_by(ShadowRun.id.desc()).limit(RESUMED_SLOT_LOOKBACK)))
         for run in recent:  # a retried schedule slot is the same cycle: it goes on with the run it resumed
-            if cycle_id in run.summary.get("auto_resumed_by", []):
-                resumed_cycle_id = str(run.summary.get("cycle_id") or run.run_key.removeprefix(f"{route.name}:"))
-                return CycleRunChoice(resumed_cycle_id, cycle_id, resume_limit=limit,
-                                      resume_attempt=run.summary["auto_resumed_by"].index(cycle_id) + 1)
+            resumed_by = run.summary.get("auto_resumed_by", [])
+            if cycle_id in resumed_by:
+                left_as = "interrupted" if cycle_id in run.summary.get("auto_resumed_interrupted_by", []) else "failed"
+                return CycleRunChoice(cycle_id_of(route.name, run.run_key), cycle_id, resume_limit=limit,
+                                      resume_attempt=resumed_by.index(cycle_id) + 1, left_as=left_as)
         newest = recent[0] if recent else None
-        if newest is None or newest.status != "failed":
+        left_as = unfinished_state(newest, lease_free=True) if newest is not None else None
+        if left_as is None:
             return as_usual
-        failed_cycle_id = str(newest.summary.get("cycle_id") or newest.run_key.removeprefix(f"{route.name}:"))
-        if failed_cycle_id == cycle_id:  # a retry of the failed cycle's own slot: open_run resumes it by its key
+        left_cycle_id = cycle_id_of(route.name, newest.run_key)
+        if left_cycle_id == cycle_id:  # a retry of the run's own slot: open_run resumes it by its key
             return as_usual
         resumes = int(newest.summary.get("auto_resumes", 0))
         if resumes >= limit:
             newest.summary = {**newest.summary,
                               "auto_resume_given_up": {"by_cycle": cycle_id, "after_resumes": resumes}}
-            choice = CycleRunChoice(cycle_id, cycle_id, resume_limit=limit, given_up_cycle_id=failed_cycle_id)
+            choice = CycleRunChoice(cycle_id, cycle_id, resume_limit=limit, given_up_cycle_id=left_cycle_id,
+                                    left_as=left_as)
         else:
+            interrupted_by = newest.summary.get("auto_resumed_interrupted_by", [])
             newest.summary = {**newest.summary, "auto_resumes": resumes + 1,
-                              "auto_resumed_by": [*newest.summary.get("auto_resumed_by", []), cycle_id]}
-            choice = CycleRunChoice(failed_cycle_id, cycle_id, resume_attempt=resumes + 1, resume_limit=limit)
+                              "auto_resumed_by": [*newest.summary.get("auto_resumed_by", []), cycle_id],
+                              **({"auto_resumed_interrupted_by": [*interrupted_by, cycle_id]}
+                                 if left_as == "interrupted" else {})}
+            choice = CycleRunChoice(left_cycle_id, cycle_id, resume_attempt=resumes + 1, resume_limit=limit,
+                                    left_as=left_as)
         if not lease.renew_in(s):
             s.rollback()  # the count is not ours to write: the cycle that took the lease over decides
             raise lease_lost(lease)
@@ -791,7 +890,7 @@ def refuse_busy_step(route: RouteConfig, handle: RunHandle, step: dict[str, Any]
     from shadowjudge.routing.step import RouteBusy
 
     if step.get("status") == "busy":
-        cycle_id = cycle_id_of(route, handle)
+        cycle_id = cycle_id_of(route.name, handle.run_key)
         raise RouteBusy(f"the weights of route {route.name} are being changed by another writer "
                         f"({step.get('reason')}); run {handle.run_key} stays open with its verdicts not applied: "
                         f"rerun the update-routes stage of cycle {cycle_id} (prefect deployment run "

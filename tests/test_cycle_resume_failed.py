@@ -222,7 +222,7 @@ def test_only_a_failed_newest_run_is_resumed_and_only_by_a_cycle_without_a_cycle
                                 "resume_attempt": 1, "resume_limit": 2, "note": choice.note}
     assert _choose(engine, config, "s2").resume_attempt == 2
     given_up = _choose(engine, config, "s3")
-    assert (given_up.cycle_id, given_up.given_up_cycle_id, given_up.resumed_failed) == ("s3", "c1", False)
+    assert (given_up.cycle_id, given_up.given_up_cycle_id, given_up.resumed) == ("s3", "c1", False)
     with session_scope(engine) as s:
         summary = s.get(ShadowRun, run.run_id).summary
     assert (summary["auto_resumes"], summary["auto_resumed_by"], summary["auto_resume_given_up"]) == (
