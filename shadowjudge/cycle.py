@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -32,6 +32,9 @@ from shadowjudge.store import (
 )
 from shadowjudge.store.lease import LeaseLock, default_holder, holder_is_dead
 from shadowjudge.store.models import as_utc, utcnow
+
+if TYPE_CHECKING:
+    from shadowjudge.traffic.redaction import Redactor
 
 log = logging.getLogger(__name__)
 
@@ -501,11 +504,16 @@ def pair_outcomes(engine: Engine, run_id: int, evaluator: str | None) -> dict[st
     return {name: [r[i] for r in rows] for i, name in enumerate(names)}
 
 
-def samples_table(engine: Engine, run_id: int, evaluator: str | None, limit: int = 2000) -> dict[str, list[Any]]:
+def samples_table(engine: Engine, run_id: int, evaluator: str | None, route: RouteConfig, redactor: Redactor,
+                  limit: int = 2000) -> dict[str, list[Any]]:
     """The per-sample table logged to MLflow (its first `limit` rows): prompt, both answers (truncated; their full
     lengths beside them, for sorting by how much longer the candidate writes), scores and latency, one row per
-    pair."""
+    pair; `slice` is the value of the route's `slice_key`. Texts are redacted by `redactor` (the config's), then
+    truncated: replayed answers are stored as the models returned them, and a cut finding is no longer found."""
     from shadowjudge.scoring import prompt_text
+
+    def redacted(text: str | None, chars: int) -> str:
+        return redactor.redact(text, {})[:chars] if text else ""
 
     with session_scope(engine) as s:
         rows = s.execute(_pairs(run_id, evaluator, TrafficSample.request_id, TrafficSample.messages,
@@ -520,10 +528,11 @@ def samples_table(engine: Engine, run_id: int, evaluator: str | None, limit: int
     for r in rows:
         cols["request_id"].append(r.request_id)
         cols["target"].append(r.target)
-        cols["slice"].append(str(r.meta.get("task", "")) if isinstance(r.meta, dict) else "")
-        cols["prompt"].append(prompt_text(r.messages)[:2000])
-        cols["incumbent_answer"].append((r.response_text or "")[:4000])
-        cols["candidate_answer"].append((r.output_text or "")[:4000])
+        cols["slice"].append(str(r.meta.get(route.slice_key, ""))
+                             if route.slice_key and isinstance(r.meta, dict) else "")
+        cols["prompt"].append(redacted(prompt_text(r.messages), 2000))
+        cols["incumbent_answer"].append(redacted(r.response_text, 4000))
+        cols["candidate_answer"].append(redacted(r.output_text, 4000))
         cols["incumbent_chars"].append(None if r.response_text is None else len(r.response_text))
         cols["candidate_chars"].append(None if r.output_text is None else len(r.output_text))
         cols["candidate_score"].append(r.candidate_score)
@@ -729,13 +738,14 @@ def track(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle,
     """Log the cycle to MLflow; returns the run id (None when tracking is disabled)."""
     from shadowjudge.tracking import CandidateLog, CycleLog, log_cycle
     from shadowjudge.tracking.mlflow_tracking import latency_cdf, score_histogram
+    from shadowjudge.traffic.redaction import Redactor
 
     if not config.mlflow.enabled:
         return None
     check_tracking_server(config.mlflow.tracking_uri)
     shadow_report = reports.get("shadow", {})
     evaluator = reports.get("score", {}).get("evaluator")
-    table = samples_table(engine, handle.run_id, evaluator)
+    table = samples_table(engine, handle.run_id, evaluator, route, Redactor.from_config(config.redaction))
     pairs = pair_outcomes(engine, handle.run_id, evaluator)
     candidates, summary = [], {}
     for target in route.candidates:
@@ -855,7 +865,8 @@ def alert(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle,
     if analysis.get("drift"):
         findings += drift_findings(DriftReport.from_dict(analysis["drift"]), route, handle.run_id)
     alerts = raise_findings(engine, findings, route, build_sinks(config.alerts),
-                            mlflow_link(config, route, mlflow_run_id), config_path, config.alerts.max_examples)
+                            mlflow_link(config, route, mlflow_run_id), config_path, config.alerts.max_examples,
+                            redaction=config.redaction)
     return [alert_to_dict(a) for a in alerts]
 
 

@@ -309,16 +309,19 @@ def test_a_candidate_that_changed_nothing_is_rarely_failed():
 def test_the_cycles_win_rates_and_plots_count_every_pair_not_only_the_logged_tables_rows(engine):
     """The per-sample table logged to MLflow is capped (2000 rows by default, incumbent rows included); the win
     rate and the plots used to be computed from it, so a large run's figures covered its first pairs only."""
+    from shadowjudge.config import RedactionConfig
     from shadowjudge.cycle import pair_outcomes, samples_table, win_rate
+    from shadowjudge.traffic.redaction import Redactor
 
     run_id = build_run(engine, run_key="r", incumbent="claude-2", candidates={"a": GEMMA, "b": "claude-2"})
-    evaluator = analyze_run(engine, run_id, route_for(["a", "b"])).evaluator_version
+    route, redactor = route_for(["a", "b"]), Redactor.from_config(RedactionConfig())
+    evaluator = analyze_run(engine, run_id, route).evaluator_version
     pairs = pair_outcomes(engine, run_id, evaluator)
-    table = samples_table(engine, run_id, evaluator, limit=10)
+    table = samples_table(engine, run_id, evaluator, route, redactor, limit=10)
     assert len(table["target"]) == 10 and len(pairs["target"]) > 10
     assert set(pairs["target"]) == {"a", "b", "incumbent"}  # the replayed incumbent's rows count in the cap too
     assert pairs["target"].count("a") == pairs["target"].count("b") == len(pairs["target"]) // 3
-    full = samples_table(engine, run_id, evaluator, limit=100_000)
+    full = samples_table(engine, run_id, evaluator, route, redactor, limit=100_000)
     assert pairs["preference"] == full["preference"] and pairs["latency_ms"] == full["latency_ms"]
     assert win_rate([p for p, t in zip(pairs["preference"], pairs["target"]) if t == "a"])
 
