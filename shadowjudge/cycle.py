@@ -928,10 +928,26 @@ def _checks_summary(candidate: dict[str, Any]) -> str:
     return f"; checks {checks['classification']}" + (f": {per_check}" if per_check else "")
 
 
+def _recorded_step(engine: Engine, handle: RunHandle, step: dict[str, Any]) -> dict[str, Any]:
+    """The step a rerun of a finished run reports: a run older than the route's last stepped one gets an `unchanged`
+    hold from the controller (its verdicts were applied, or passed over, when it closed), which is no decision of
+    this run: the decision and weights it recorded then are kept, on the run, in MLflow and in the summary."""
+    if step.get("status") != "unchanged" or not step.get("replayed"):
+        return step
+    with session_scope(engine) as s:
+        run = s.get(ShadowRun, handle.run_id)
+        if run is None or run.status != "finished" or run.decision is None:
+            return step
+        recorded = {"decision": run.decision, "weights_before": run.summary.get("weights_before"),
+                    "weights_after": run.summary.get("weights_after")}
+    return {**step, **recorded}
+
+
 def close_cycle(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle, analysis: dict[str, Any],
                 step: dict[str, Any], alerts: list[dict[str, Any]], mlflow_run_id: str | None) -> dict[str, Any]:
     """Record the decision on the run and in MLflow, and render the cycle's markdown summary."""
     refuse_busy_step(route, handle, step)
+    step = _recorded_step(engine, handle, step)
     decision = step.get("decision", "none")
     verdicts = [f"{c['target']}: {c['verdict']} (score {c['score'] if c['score'] is not None else '-'}, "
                 f"n={c['n_judged']}/{c['n']}{_quality_summary(c)}{_checks_summary(c)})"

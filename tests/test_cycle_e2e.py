@@ -80,6 +80,16 @@ def test_cycle_end_to_end_and_rerun_adds_nothing(tmp_path, store_url, replay_ser
         runs = s.scalars(select(ShadowRun).order_by(ShadowRun.id)).all()
         assert [r.run_key for r in runs] == ["chat-default:c1", "chat-default:c2"]
         assert not set(runs[0].sample_ids) & set(runs[1].sample_ids)  # the next cycle takes the next samples
+        first = (runs[0].decision, runs[0].summary["weights_before"], runs[0].summary["weights_after"])
+
+    # A rerun of c1 after c2 stepped the route: the controller replays no step for it (its verdicts are older than
+    # those applied last), and what c1 decided when it closed stays its record, in the store and in MLflow.
+    older = evaluation_cycle(config_path=config_path, cycle_id="c1")["routes"]["chat-default"]
+    assert (older["decision"], older["weights_before"], older["weights_after"]) == first
+    with session_scope(engine) as s:
+        rerun = s.scalar(select(ShadowRun).where(ShadowRun.run_key == "chat-default:c1"))
+        assert (rerun.decision, rerun.summary["weights_before"], rerun.summary["weights_after"]) == first
+    assert client.get_run(run.mlflow_run_id).data.tags["shadowjudge.decision"] == first[0]
 
 
 def test_a_routes_checks_fail_the_candidate_that_breaks_them_through_the_real_cycle(tmp_path, store_url,
