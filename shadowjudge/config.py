@@ -142,7 +142,8 @@ class SourceConfig(_Strict):
 def mapping_problem(source: SourceConfig) -> str | None:
     """What is wrong with a source's mapping, judged by its reader's own presets and keys: Config checks it when the
     file loads, so a typo is a config error naming the file and the key, not an ingest that fails (sql) or a key
-    silently never read (otel, jsonl). A SourceConfig built in code is checked when its reader opens it."""
+    silently never read (otel, jsonl). A SourceConfig built in code skips this check: its sql mapping and otel
+    mapping keys are checked when its reader opens it, an otel preset or a jsonl mapping is ignored there."""
     if source.kind == "sql":
         from shadowjudge.traffic.sources.sql import MappingError, effective_mapping
 
