@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import threading
 from collections.abc import Iterator
@@ -151,10 +152,11 @@ def stored_reports(engine: Engine, route: RouteConfig, handle: RunHandle) -> dic
     from dataclasses import asdict
 
     from shadowjudge.shadow.engine import summarize_run
+    from shadowjudge.shadow.metrics import total_spend
 
     targets = summarize_run(engine, handle.run_id, route.targets)
     return {"shadow": {"run_id": handle.run_id, "targets": {name: asdict(t) for name, t in targets.items()},
-                       "spend_usd": sum(t.spend_usd for t in targets.values())},
+                       "spend_usd": total_spend(t.spend_usd for t in targets.values())},
             "score": scoring_summary(engine, handle.run_id)}
 
 
@@ -674,9 +676,15 @@ def drift_check(engine: Engine, config: Config, route: RouteConfig) -> dict[str,
     return report.to_dict()
 
 
-def _candidate_metrics(analysis: dict[str, Any], shadow_report: dict[str, Any], target: str) -> dict[str, float]:
-    """Flat MLflow metrics for one target: analysis effects with intervals, latency percentiles, spend."""
-    out: dict[str, float] = {}
+# The numbers of a classified metric result that can only be missing (null in the analysis's JSON) as infinities.
+INFINITE_WHEN_MISSING = ("effect", "ci_low", "ci_high", "candidate_value", "incumbent_value")
+
+
+def _candidate_metrics(analysis: dict[str, Any], shadow_report: dict[str, Any],
+                       target: str) -> dict[str, float | None]:
+    """Flat MLflow metrics for one target: analysis effects with intervals, latency percentiles, spend (None where
+    unknown: MLflow then shows no value, or NaN after an earlier one)."""
+    out: dict[str, float | None] = {}
     for cand in analysis.get("candidates", []):
         if cand["target"] != target:
             continue
@@ -685,10 +693,13 @@ def _candidate_metrics(analysis: dict[str, Any], shadow_report: dict[str, Any], 
         out["n_samples"] = cand["n"]
         out["n_judged"] = cand["n_judged"]
         for m in cand["metrics"]:
+            classified = m.get("classification") != "nodata"
             for key in ("effect", "ci_low", "ci_high", "candidate_value", "incumbent_value", "p_value",
                         "effect_at_equal_length"):
                 if m.get(key) is not None:
                     out[f"{m['metric']}.{key}"] = m[key]
+                elif classified and key in INFINITE_WHEN_MISSING:  # as MetricResult.describe reads it: unbounded
+                    out[f"{m['metric']}.{key}"] = math.inf
     report = shadow_report.get("targets", {}).get(target)
     if report:
         out["requests"] = report["requests"]

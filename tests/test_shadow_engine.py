@@ -489,3 +489,30 @@ def test_a_shadow_run_that_cannot_start_is_bad_input_not_a_transient_fault():
     assert isinstance(error, InputError) and error.exit_code == 2
     assert not transient_fault(None, None, type("State", (), {"data": error})())
 
+
+
+def test_a_target_without_a_price_has_an_unknown_spend_not_zero(engine, caplog):
+    """An unpriced target's cost per request and spend read $0 in the report and MLflow, the cheapest possible;
+    pricing it later leaves its earlier results unknown, and a budget counts only what is known to be spent."""
+    run_id, samples = store_samples(engine, 3)
+
+    def answer() -> Completion:
+        return Completion(text="fine", latency_ms=12.0, ttft_ms=3.0, itl_ms=1.0, input_tokens=10, output_tokens=5)
+
+    scripts = {name: ScriptedEndpoint([answer() for _ in samples]) for name in ("priced", "unpriced")}
+    targets = [TargetConfig(name=name, model=name, base_url="http://unused/v1", concurrency=1) for name in scripts]
+    price = Price(input_per_mtok=1000.0, output_per_mtok=1000.0)  # $0.015 a request here
+    report = asyncio.run(replay(engine, run_id, samples, targets, ShadowConfig(**FAST), {"priced": price},
+                                endpoint_factory=lambda t, key, s: scripts[t.name]))
+    priced, unpriced = report.targets["priced"], report.targets["unpriced"]
+    assert (priced.ok, unpriced.ok) == (3, 3)
+    assert priced.spend_usd == pytest.approx(0.045) and priced.cost_per_request_usd == pytest.approx(0.015)
+    assert unpriced.spend_usd is None and unpriced.cost_per_request_usd is None
+    assert report.spend_usd is None  # a total with an unknown part is not the total
+
+    caplog.set_level(logging.WARNING)
+    again = asyncio.run(replay(engine, run_id, samples, targets, ShadowConfig(**FAST, budget_usd=1.0),
+                               {"priced": price, "unpriced": price},
+                               endpoint_factory=lambda t, key, s: ScriptedEndpoint([])))
+    assert again.replayed == 0 and again.targets["unpriced"].spend_usd is None
+    assert "3 stored results have no known cost" in caplog.text and "0.0450 USD known to be spent" in caplog.text

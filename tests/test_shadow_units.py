@@ -18,6 +18,7 @@ from shadowjudge.shadow.metrics import (
     cost_per_request,
     latency_percentiles,
     request_cost,
+    total_spend,
 )
 from shadowjudge.shadow.ratelimit import TokenBucket
 
@@ -183,13 +184,28 @@ def test_costs_per_request_and_per_accepted_answer():
     costs = [0.01, 0.02, None, 0.03]
     scores = [0.9, 0.2, None, 0.7]
     hits = [False, False, False, True]
-    assert cost_per_request(costs) == pytest.approx(0.015)
-    assert cost_per_request(costs, hits) == pytest.approx(0.0075)
+    assert cost_per_request(costs) == pytest.approx(0.02)  # the unknown cost is left out, not counted as $0
+    assert cost_per_request(costs, hits) == pytest.approx(0.01)
     assert cost_per_accepted_answer(costs, scores, floor=0.5) == pytest.approx(0.03)
     assert cost_per_accepted_answer(costs, scores, floor=0.5, cache_hits=hits) == pytest.approx(0.015)
     assert cost_per_accepted_answer(costs, scores, floor=0.95) is None
     with pytest.raises(ValueError):
         cost_per_accepted_answer(costs, scores[:2], floor=0.5)
+    with pytest.raises(ValueError):
+        cost_per_request(costs, hits[:2])
+
+
+def test_an_unknown_cost_is_unknown_not_free():
+    """A target without a price stores no cost: its cost per request and per accepted answer read $0, the cheapest
+    possible, in the run report and MLflow."""
+    assert cost_per_request([None, None, None]) is None
+    assert cost_per_accepted_answer([None, None], [0.9, 0.9], floor=0.5) is None
+    assert cost_per_request([None, None], cache_hits=[True, False]) == 0.0  # a cache hit is known to be free
+    # pricing added part way through a run: the ratio over the requests whose cost is known
+    assert cost_per_accepted_answer([None, 0.02, 0.04], [0.9, 0.9, 0.1], floor=0.5) == pytest.approx(0.06)
+    assert cost_per_accepted_answer([0.02, None], [0.1, 0.9], floor=0.5) is None  # no accepted answer of known cost
+    assert total_spend([0.01, 0.02]) == pytest.approx(0.03) and total_spend([]) == 0.0
+    assert total_spend([0.01, None]) is None
 
 
 @given(st.text(), st.text(alphabet="abcdefghijklmnop0123456789", min_size=12, max_size=40))

@@ -36,7 +36,7 @@ from shadowjudge.errors import InputError
 from shadowjudge.shadow.credentials import resolve_api_key, scrub_secrets
 from shadowjudge.shadow.endpoint import AttemptError, ChatEndpoint, Completion, OpenAIEndpoint
 from shadowjudge.shadow.eventloop import run_sync
-from shadowjudge.shadow.metrics import cost_per_request, latency_percentiles, request_cost
+from shadowjudge.shadow.metrics import cost_per_request, latency_percentiles, request_cost, total_spend
 from shadowjudge.shadow.ratelimit import TokenBucket
 from shadowjudge.shadow.tokens import count_message_tokens, count_tokens
 from shadowjudge.shadow.writer import ResultWriter
@@ -70,10 +70,11 @@ class TargetReport:
     ok: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     retries: int = 0
-    spend_usd: float = 0.0  # every attempt of every request sent, failed ones included
+    spend_usd: float | None = 0.0  # every attempt of every request sent, failed ones; None: unknown (no price)
     input_tokens: int = 0
     output_tokens: int = 0
-    cost_per_request_usd: float | None = None  # mean over answered requests, their failed attempts included
+    # mean over answered requests of known cost, their failed attempts included; None: no cost known
+    cost_per_request_usd: float | None = None
     latency_ms: dict[str, Any] = field(default_factory=dict)
     ttft_ms: dict[str, Any] = field(default_factory=dict)
     tpot_ms: dict[str, Any] = field(default_factory=dict)
@@ -92,7 +93,7 @@ class ShadowReport:
     targets: dict[str, TargetReport]
     replayed: int
     already_stored: int
-    spend_usd: float
+    spend_usd: float | None  # None when a target's spend is unknown (it has no price)
     budget_usd: float | None
     budget_exhausted: bool
     error_examples: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -275,12 +276,14 @@ def _drop_unsent_placeholders(engine: Engine, run_id: int) -> None:
                                              ShadowResult.error_class == BUDGET_EXHAUSTED))
 
 
-def _stored_keys(engine: Engine, run_id: int) -> tuple[set[tuple[int, str, int]], float]:
-    """The (sample, target, attempt) keys of the run's sent requests, and what they cost."""
+def _stored_keys(engine: Engine, run_id: int) -> tuple[set[tuple[int, str, int]], float, int]:
+    """The (sample, target, attempt) keys of the run's sent requests, what those of known cost cost, and how many
+    have no known cost (their target had no price when they ran)."""
     with session_scope(engine) as s:
         rows = s.execute(select(ShadowResult.sample_id, ShadowResult.target, ShadowResult.attempt,
                                 ShadowResult.cost_usd).where(_sent(run_id))).all()
-    return {(r.sample_id, r.target, r.attempt) for r in rows}, sum(r.cost_usd or 0.0 for r in rows)
+    known = [r.cost_usd for r in rows if r.cost_usd is not None]
+    return {(r.sample_id, r.target, r.attempt) for r in rows}, sum(known), len(rows) - len(known)
 
 
 def _check_inputs(samples: Sequence[TrafficSample], targets: Sequence[TargetConfig], shadow: ShadowConfig,
@@ -309,7 +312,10 @@ async def replay(engine: Engine, run_id: int, samples: Sequence[TrafficSample], 
     """The async core of `run_shadow`; replays what is not stored yet for `run_id` and reports on the run."""
     _check_inputs(samples, targets, shadow, pricing)
     _drop_unsent_placeholders(engine, run_id)
-    stored, spent = _stored_keys(engine, run_id)
+    stored, spent, unknown_cost = _stored_keys(engine, run_id)
+    if unknown_cost and shadow.budget_usd is not None:
+        log.warning("run %s: %d stored results have no known cost (their target had no price then); the budget "
+                    "starts from the %.4f USD known to be spent", run_id, unknown_cost, spent)
     plans: dict[str, deque[_Item]] = {}
     for target in targets:
         plans[target.name] = deque(
@@ -348,7 +354,7 @@ async def replay(engine: Engine, run_id: int, samples: Sequence[TrafficSample], 
         log.warning("run %s: the spend budget (%s USD) is spent; %d requests were not sent and %d failed ones not "
                     "retried", run_id, shadow.budget_usd, not_sent, not_retried)
     return ShadowReport(run_id=run_id, targets=report, replayed=sum(r.replayed for r in runs),
-                        already_stored=len(stored), spend_usd=sum(t.spend_usd for t in report.values()),
+                        already_stored=len(stored), spend_usd=total_spend(t.spend_usd for t in report.values()),
                         budget_usd=shadow.budget_usd, budget_exhausted=bool(not_sent or not_retried),
                         error_examples={r.target.name: r.error_examples for r in runs if r.error_examples})
 
@@ -394,7 +400,7 @@ def run_shadow(engine: Engine, run_id: int, samples: list[TrafficSample], target
                   TextColumn("errors {task.fields[errors]}"), TimeRemainingColumn()) as bar:
         tasks = {t.name: bar.add_task(t.name, total=per_target, errors=0) for t in targets}
         errors: Counter[str] = Counter()
-        stored, _ = _stored_keys(engine, run_id)
+        stored, _, _ = _stored_keys(engine, run_id)
         for key in stored:
             if key[1] in tasks:
                 bar.advance(tasks[key[1]])
@@ -427,7 +433,7 @@ def summarize_run(engine: Engine, run_id: int,
         reports[name] = TargetReport(
             target=name, model=models.get(name) or (group[0].model if group else ""), requests=len(group),
             ok=len(ok), errors=dict(sorted(Counter(r.error_class for r in group if r.error_class).items())),
-            retries=sum(r.retries for r in group), spend_usd=sum(r.cost_usd or 0.0 for r in group),
+            retries=sum(r.retries for r in group), spend_usd=total_spend(r.cost_usd for r in group),
             input_tokens=sum(r.input_tokens or 0 for r in ok), output_tokens=sum(r.output_tokens or 0 for r in ok),
             cost_per_request_usd=cost_per_request([r.cost_usd for r in ok]),
             latency_ms=latency_percentiles(r.latency_ms for r in ok),

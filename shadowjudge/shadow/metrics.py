@@ -30,29 +30,48 @@ def request_cost(price: Price, input_tokens: int, output_tokens: int, cached_inp
 
 
 def cost_per_request(costs: Sequence[float | None], cache_hits: Sequence[bool] | None = None) -> float | None:
-    """Mean model cost per request; a gateway cache hit costs nothing, an unknown cost counts as zero."""
-    if not costs:
-        return None
-    return _total_cost(costs, cache_hits) / len(costs)
+    """Mean model cost of the requests whose cost is known; a gateway cache hit costs nothing.
+
+    An unknown cost (a target without a price when the request ran) is left out, not counted as free: None when no
+    cost is known, the mean of the known ones when pricing was added part way through a run.
+    """
+    known = [cost for cost, _ in _known_costs(costs, cache_hits)]
+    return sum(known) / len(known) if known else None
 
 
 def cost_per_accepted_answer(costs: Sequence[float | None], scores: Sequence[float | None], floor: float,
                              cache_hits: Sequence[bool] | None = None) -> float | None:
-    """Total model cost divided by the answers scoring at least `floor`.
+    """Total model cost divided by the answers scoring at least `floor`, over the requests whose cost is known.
 
     Failed or rejected answers still cost what they cost, which is the point: a cheap model that is often
-    rejected can cost more per useful answer. None when no answer was accepted.
+    rejected can cost more per useful answer. Requests of unknown cost are left out on both sides of the ratio, as
+    the analysis does. None when no answer of known cost was accepted.
     """
-    if len(scores) != len(costs) or (cache_hits is not None and len(cache_hits) != len(costs)):
+    if len(scores) != len(costs):
         raise ValueError("costs, scores and cache_hits must have the same length")
-    accepted = sum(1 for s in scores if s is not None and s >= floor)
+    known = _known_costs(costs, cache_hits)
+    accepted = sum(1 for _, i in known if scores[i] is not None and scores[i] >= floor)
     if accepted == 0:
         return None
-    return _total_cost(costs, cache_hits) / accepted
+    return sum(cost for cost, _ in known) / accepted
 
 
-def _total_cost(costs: Sequence[float | None], cache_hits: Sequence[bool] | None) -> float:
+def total_spend(costs: Iterable[float | None]) -> float | None:
+    """What the requests (or targets) cost together; None when any part is unknown: a sum with a part left out is
+    not the total, and an unknown cost is not $0."""
+    total = 0.0
+    for cost in costs:
+        if cost is None:
+            return None
+        total += cost
+    return total
+
+
+def _known_costs(costs: Sequence[float | None],
+                 cache_hits: Sequence[bool] | None) -> list[tuple[float, int]]:
+    """(cost, index) of each request whose cost is known: a cache hit's is 0, an unpriced request's is not known."""
     hits = cache_hits if cache_hits is not None else [False] * len(costs)
     if len(hits) != len(costs):
         raise ValueError("costs and cache_hits must have the same length")
-    return float(sum(c or 0.0 for c, hit in zip(costs, hits) if not hit))
+    return [(0.0 if hit else float(cost), i) for i, (cost, hit) in enumerate(zip(costs, hits))
+            if hit or cost is not None]

@@ -3,8 +3,13 @@
 Runs are found again by their `shadowjudge.run_key` tag, so logging a cycle twice updates the same run
 instead of creating a second one: a metric whose value changed gets a new point stamped with the time (the rerun's
 value is the latest; an unchanged value adds no point, so a plain rerun leaves every metric's history as it was),
-artifacts and the per-sample table are replaced, and params, which MLflow never changes, are kept, with those a
-rerun would have changed listed in the `shadowjudge.params_changed_by_rerun` tag.
+a metric the rerun has no value for gets a NaN point (so the first value does not stay the latest), artifacts and
+the per-sample table are replaced, and params, which MLflow never changes, are kept, with those a rerun would have
+changed listed in the `shadowjudge.params_changed_by_rerun` tag.
+
+An infinite metric (the cost per accepted answer of a candidate with none accepted) is logged as infinite; a SQL
+tracking store keeps it as the largest float (1.797e308), which still sorts and filters as the worst value, and
+the `shadowjudge.infinite_metrics` tag names the metrics whose value is infinite.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from collections.abc import Iterable, Mapping
@@ -26,6 +32,7 @@ RUN_KEY_TAG = "shadowjudge.run_key"
 TARGET_TAG = "shadowjudge.target"
 CYCLE_TARGET = "__cycle__"  # the TARGET_TAG of a cycle's parent run (config refuses it as a target name)
 PARAMS_CHANGED_TAG = "shadowjudge.params_changed_by_rerun"
+INFINITE_METRICS_TAG = "shadowjudge.infinite_metrics"
 MLFLOW_LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"  # the tag MLflow's UI reads to show a logged table
 
 
@@ -40,7 +47,7 @@ class CandidateLog:
 
     target: str
     params: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float | None] = field(default_factory=dict)  # None or NaN: no value this time
     tags: dict[str, str] = field(default_factory=dict)
 
 
@@ -51,7 +58,7 @@ class CycleLog:
     route: str
     run_key: str
     params: dict[str, Any]
-    metrics: dict[str, float]
+    metrics: dict[str, float | None]
     tags: dict[str, str]
     candidates: list[CandidateLog]
     samples_table: dict[str, list[Any]] | None = None
@@ -69,8 +76,23 @@ def _client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-def _finite(metrics: Mapping[str, float | None]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+def _metric_updates(metrics: Mapping[str, float | None], latest: Mapping[str, float]) -> dict[str, float]:
+    """The values to log: those not logged before or changed since, and NaN for a metric logged before that has no
+    value now (None, NaN, or left out), so its old value does not read as the latest. A metric never logged gets no
+    point until it has a value."""
+    values = {k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))}
+    values |= {k: math.nan for k in latest if k not in values}
+    return {k: v for k, v in values.items() if k not in latest or not _same_as_stored(latest[k], v)}
+
+
+def _same_as_stored(stored: float, value: float) -> bool:
+    """Whether the store already holds `value` as the latest: NaN equals NaN there, and a SQL store keeps an
+    infinity as the largest float of its sign (a file store keeps it as is)."""
+    if math.isnan(value):
+        return math.isnan(stored)
+    if math.isinf(value):
+        return stored in (value, math.copysign(sys.float_info.max, value))
+    return stored == value
 
 
 def default_artifact_root(tracking_uri: str) -> str | None:
@@ -124,14 +146,18 @@ def _log_values(client, run_id: str, params: Mapping[str, Any], metrics: Mapping
     wanted = {k: str(v)[:6000] for k, v in params.items()}
     # MLflow params are immutable: a rerun adds the params it did not log before, and says which it would change.
     changed = {k: v for k, v in wanted.items() if k in existing and existing[k] != v}
-    all_tags = {**tags, **({PARAMS_CHANGED_TAG: json.dumps(changed)[:5000]} if changed else {})}
+    infinite = sorted(k for k, v in metrics.items() if v is not None and math.isinf(float(v)))
+    all_tags = {**tags, **({PARAMS_CHANGED_TAG: json.dumps(changed)[:5000]} if changed else {}),
+                **({INFINITE_METRICS_TAG: ",".join(infinite)[:5000]} if infinite else {})}
     now_ms = int(time.time() * 1000)
     client.log_batch(
         run_id,
-        metrics=[Metric(k, v, now_ms, 0) for k, v in _finite(metrics).items() if latest.get(k) != v],
+        metrics=[Metric(k, v, now_ms, 0) for k, v in _metric_updates(metrics, latest).items()],
         params=[Param(k, v) for k, v in wanted.items() if k not in existing],
         tags=[RunTag(k, str(v)) for k, v in all_tags.items()],
     )
+    if not infinite and INFINITE_METRICS_TAG in data.tags:  # a rerun whose values are all finite again
+        client.delete_tag(run_id, INFINITE_METRICS_TAG)
 
 
 def _log_table(client, run_id: str, table: Mapping[str, list[Any]], artifact_file: str, tmp: Path) -> None:
