@@ -241,3 +241,17 @@ def test_criteria_reject_unknown_metrics():
         CriteriaConfig(weights={"qualty": 1})
     with pytest.raises(ValueError, match="marginal_score"):
         CriteriaConfig(pass_score=50, marginal_score=60)
+
+
+@pytest.mark.parametrize("confidence", [0.5, 0.9, 0.95, 0.99, 1 - 0.05 / 6, 1 - 0.05 / 60, 0.9999])
+def test_fewest_decisive_pairs_is_where_the_sign_test_can_first_reject(confidence):
+    """n pairs all moving one way: the exact sign test (scipy's binomial test) rejects no change at n, not at n - 1;
+    the bootstrap below it gives a point interval on such data, which is no evidence at all."""
+    from scipy.stats import binomtest
+
+    n = stats.fewest_decisive_pairs(confidence)
+    assert binomtest(n, n, 0.5).pvalue <= 1 - confidence + 1e-12
+    assert n == 1 or binomtest(n - 1, n - 1, 0.5).pvalue > 1 - confidence
+    few = np.ones(max(1, n - 1))
+    degenerate = bootstrap_interval(lambda c_: c_.mean(axis=1), [[few]], 200, confidence, seed=0)
+    assert degenerate.low == degenerate.high == 1.0  # why the analysis needs the floor

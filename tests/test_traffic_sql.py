@@ -250,3 +250,29 @@ def test_integer_request_ids_of_two_sources_do_not_collide(tmp_path):
         ids = sorted(conn.execute(text("SELECT request_id FROM traffic_samples")).scalars())
     assert ids == ["east:1", "east:2", "east:3", "west:1", "west:2", "west:3"]
     assert [r.read for r in ingest_sources(engine, make_config(store_url, sources)).sources] == [0, 0]
+
+
+def test_a_litellm_request_that_was_not_streamed_is_stored_without_a_ttft(store_url):
+    """LiteLLM sets completionStartTime = endTime for a request that was not streamed: its "TTFT" was the whole
+    latency, and against a streamed replay it made the incumbent look slow to its first token."""
+    from sqlalchemy import select
+
+    from shadowjudge.store import TrafficSample, session_scope
+
+    rows = litellm_rows()[:4]
+    unstreamed, unsaid, streamed_at_end, streamed = rows
+    unstreamed["proxy_server_request"] = {**unstreamed["proxy_server_request"], "stream": False}
+    for row in (unstreamed, unsaid, streamed_at_end):
+        row["completionStartTime"] = row["endTime"]
+    streamed_at_end["proxy_server_request"] = {**streamed_at_end["proxy_server_request"], "stream": True}
+    streamed["proxy_server_request"] = {**streamed["proxy_server_request"], "stream": True}
+    create_litellm_table(store_url, rows)
+    engine = get_engine(store_url)
+    assert ingest_sources(engine, make_config(store_url, [{**LITELLM, "url": store_url}])).sources[0].stored == 4
+    with session_scope(engine) as s:
+        stored = dict(s.execute(select(TrafficSample.request_id, TrafficSample.ttft_ms)).all())
+        latencies = dict(s.execute(select(TrafficSample.request_id, TrafficSample.latency_ms)).all())
+    assert stored[unstreamed["request_id"]] is None and stored[unsaid["request_id"]] is None
+    assert stored[streamed_at_end["request_id"]] is None  # a first token at the request's end is not one
+    assert stored[streamed["request_id"]] == pytest.approx(310)
+    assert all(latency == pytest.approx(3500) for latency in latencies.values())  # the latency is kept

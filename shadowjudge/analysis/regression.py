@@ -4,7 +4,9 @@
 criteria name (judge quality, error rate, cost per accepted outcome, P95 latency, TTFT, and on a route that declares
 checks the share of them an answer fails), classifies each against its tolerance, scores them into a verdict, and
 repeats per slice of `route.slice_key` so a candidate that is better on average but worse on one slice is caught
-with the slice named.
+with the slice named. A sample the gateway answered from its cache (measured from the logs) is left out of cost,
+latency and TTFT, which it would measure the cache on (`n_cache_hits` counts them); TTFT is compared by sample where
+both sides streamed.
 
 `criteria.confidence` holds for a candidate's whole analysis, not one interval. The overall intervals are
 Bonferroni-adjusted over the metrics the route measures, and the slices' over metrics times tested slices, each
@@ -33,6 +35,7 @@ from shadowjudge.analysis.stats import (
     Interval,
     Statistic,
     bootstrap_interval,
+    fewest_decisive_pairs,
     length_feature,
     mann_whitney_shift,
     wilcoxon_shift,
@@ -45,6 +48,8 @@ WORST_EXAMPLES = 10
 # of a P95 resamples the top two or three values, and its interval misses the declared confidence (at n = 30, 0.8%
 # false fails where 0.5% were declared; at n = 20 in slices, 0.36% for 0.125%).
 MIN_P95_VALUES = 60
+# The metrics a gateway cache hit would distort: its answer came in a few ms and was often billed nothing.
+CACHE_DISTORTED_METRICS = ("cost_per_outcome", "latency_p95", "ttft")
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,8 @@ class CandidateAnalysis:
     reasons: list[str]
     worst_sample_ids: list[int] = field(default_factory=list)
     check_failures: list[CheckFailure] = field(default_factory=list)  # the examples of metric `checks`
+    # Of the n, samples whose logged answer came from the gateway's cache: left out of cost, latency and TTFT.
+    n_cache_hits: int = 0
 
     @property
     def failing_slices(self) -> list[SliceResult]:
@@ -412,23 +419,36 @@ def _latency_p95(cand: list[TargetRecord], inc: list[TargetRecord], m: _Measure)
                         float(np.percentile(i, 95)), len(c), len(i), mw.p_value, mw.shift, mw.ci_low, mw.ci_high)
 
 
-def _ttft(cand: list[TargetRecord], inc: list[TargetRecord], m: _Measure) -> MetricResult:
-    """Hodges-Lehmann shift of time to first token, stated as a ratio to the incumbent's median."""
-    method = "Mann-Whitney U, Hodges-Lehmann shift over the incumbent's median TTFT"
-    c = _finite([r.ttft_ms for r in cand if not r.error])
-    i = _finite([r.ttft_ms for r in inc if not r.error])
-    if len(c) < m.min_n or len(i) < m.min_n:
-        return _nodata("ttft", method, "ratio", 1.0, False, len(c), len(i),
-                       f"{min(len(c), len(i))} TTFT values, {m.min_n} needed")
+def _ttft(cand: Mapping[int, TargetRecord], inc: Mapping[int, TargetRecord], m: _Measure) -> MetricResult:
+    """Time to first token on the samples where both sides have one, paired by sample: the Hodges-Lehmann shift of
+    the differences, stated as a ratio to the incumbent's median. A logged request that was not streamed has no
+    TTFT (run_data), and its prompt must then leave the candidate's side too, or the two sides' values would come
+    from different prompts."""
+    method = "Wilcoxon signed-rank, Hodges-Lehmann shift of paired TTFTs over the incumbent's median TTFT"
+    both = [(c.ttft_ms, inc[sid].ttft_ms) for sid, c in cand.items()
+            if sid in inc and not c.error and not inc[sid].error
+            and _is_number(c.ttft_ms) and _is_number(inc[sid].ttft_ms)]
+    n = len(both)
+    note = (f"{len(cand) - n} of {len(cand)} samples without a TTFT on both sides (an error, or a request not "
+            "streamed) left out") if n < len(cand) else ""
+    if n < m.min_n:
+        return _nodata("ttft", method, "ratio", 1.0, False, n, n,
+                       f"{n} samples with a TTFT on both sides, {m.min_n} needed")
+    c = np.array([c_ttft for c_ttft, _ in both], dtype=float)
+    i = np.array([i_ttft for _, i_ttft in both], dtype=float)
     base = float(np.median(i))
     if base <= 0:
-        return _nodata("ttft", method, "ratio", 1.0, False, len(c), len(i), "incumbent median TTFT is 0")
-    mw = mann_whitney_shift(i, c, m.confidence)
-    effect, lo, hi = 1 + mw.shift / base, 1 + mw.ci_low / base, 1 + mw.ci_high / base
+        return _nodata("ttft", method, "ratio", 1.0, False, n, n, "incumbent median TTFT is 0")
+    paired = wilcoxon_shift(c - i, m.confidence)
+    effect, lo, hi = 1 + paired.shift / base, 1 + paired.ci_low / base, 1 + paired.ci_high / base
     tol = m.criteria.max_ttft_ratio
     return MetricResult("ttft", classify_effect(effect, lo, hi, tol, 1.0, False), method, "ratio", effect, lo, hi,
-                        tol, 1.0, False, float(np.median(c)), base, len(c), len(i), mw.p_value, mw.shift,
-                        mw.ci_low, mw.ci_high)
+                        tol, 1.0, False, float(np.median(c)), base, n, n, paired.p_value, paired.shift,
+                        paired.ci_low, paired.ci_high, note=note)
+
+
+def _with_note(result: MetricResult, note: str) -> MetricResult:
+    return replace(result, note=f"{result.note}; {note}" if result.note else note)
 
 
 def _measure(data: RunData, target: str, ids: set[int] | None, m: _Measure) -> tuple[list[MetricResult], int, int]:
@@ -437,13 +457,19 @@ def _measure(data: RunData, target: str, ids: set[int] | None, m: _Measure) -> t
     cand = {sid: r for sid, r in sorted(data.candidates[target].items()) if ids is None or sid in ids}
     inc = {sid: r for sid, r in sorted(data.incumbent.items()) if ids is None or sid in ids}
     pairs = {sid: p for sid, p in sorted(data.judgments[target].items()) if ids is None or sid in ids}
+    # An answer the gateway served from its cache took a few ms and was often billed nothing, where the replay pays
+    # full time and price: that sample measures the cache, not either model, and leaves both sides of the speed and
+    # price comparisons (the answer itself still counts for quality, errors and checks).
+    cached = {sid for sid, r in inc.items() if r.cache_hit}
+    served_cand = {sid: r for sid, r in cand.items() if sid not in cached}
+    served_inc = {sid: r for sid, r in inc.items() if sid not in cached}
     quality = _quality(list(pairs.values()), cand, inc, m)
     metrics = [
         quality,
         _error_rate(list(cand.values()), list(inc.values()), m),
-        _cost_per_outcome(cand, inc, pairs, m),
-        _latency_p95(list(cand.values()), list(inc.values()), m),
-        _ttft(list(cand.values()), list(inc.values()), m),
+        _cost_per_outcome(served_cand, served_inc, pairs, m),
+        _latency_p95(list(served_cand.values()), list(served_inc.values()), m),
+        _ttft(served_cand, served_inc, m),
     ]
     if data.check_names:
         metrics.append(_checks(cand, inc, data.check_names, m))
@@ -451,6 +477,9 @@ def _measure(data: RunData, target: str, ids: set[int] | None, m: _Measure) -> t
                # Classified NODATA without a note of its own: its estimate or interval is NaN, not short of samples.
                else r if r.note else replace(r, note="undefined: the estimate or its interval is 0/0")
                for r in metrics]
+    if cached:
+        metrics = [_with_note(r, f"{len(cached)} gateway cache hits left out")
+                   if r.metric in CACHE_DISTORTED_METRICS else r for r in metrics]
     return metrics, len(cand), quality.n_candidate
 
 
@@ -494,10 +523,13 @@ def _analyse_candidate(data: RunData, route: RouteConfig, target: str, accept_fl
     criteria = route.criteria
     alpha = 1 - criteria.confidence
     n_metrics = len(route.canary_metrics)  # `checks` counts only where the route declares checks
-    overall = _Measure(criteria, 1 - alpha / n_metrics, criteria.min_samples, accept_floor,
-                       f"{data.run_id}|{target}|all")
+    overall_conf = 1 - alpha / n_metrics
+    # However few samples the criteria ask for, no fewer than can show a change at the confidence used: on fewer,
+    # a bootstrap interval that excludes no change is the degeneracy of resampling one or two values, not evidence.
+    min_n = max(criteria.min_samples, fewest_decisive_pairs(overall_conf))
+    overall = _Measure(criteria, overall_conf, min_n, accept_floor, f"{data.run_id}|{target}|all")
     metrics, n, n_judged = _measure(data, target, None, overall)
-    score = score_metrics(metrics, criteria, n_judged, criteria.min_samples)
+    score = score_metrics(metrics, criteria, n_judged, min_n)
     verdict, reasons = score.verdict, list(score.reasons)
 
     slices: list[SliceResult] = []
@@ -505,19 +537,22 @@ def _analyse_candidate(data: RunData, route: RouteConfig, target: str, accept_fl
         members: dict[str, set[int]] = {}
         for sid in data.candidates[target]:
             members.setdefault(data.slices.get(sid, MISSING_SLICE), set()).add(sid)
-        testable = [v for v, ids in members.items() if len(ids) >= criteria.min_slice_samples]
+        # A slice below the floor at the overall confidence cannot be decisive at the slices' stricter one either.
+        min_slice_n = max(criteria.min_slice_samples, fewest_decisive_pairs(overall_conf))
+        testable = [v for v, ids in members.items() if len(ids) >= min_slice_n]
         # Bonferroni over the slices actually tested: k slices must not give k chances of a false alarm.
         slice_conf = 1 - alpha / (n_metrics * max(1, len(testable)))
+        min_slice_n = max(min_slice_n, fewest_decisive_pairs(slice_conf))
         for value in sorted(members):
             ids = members[value]
             if value not in testable:
                 slices.append(SliceResult(route.slice_key, value, len(ids), Verdict.INCONCLUSIVE, None, [],
-                                          [f"only {len(ids)} samples, {criteria.min_slice_samples} needed"]))
+                                          [f"only {len(ids)} samples, {min_slice_n} needed"]))
                 continue
-            m = _Measure(criteria, slice_conf, criteria.min_slice_samples, accept_floor,
+            m = _Measure(criteria, slice_conf, min_slice_n, accept_floor,
                          f"{data.run_id}|{target}|{route.slice_key}={value}")
             s_metrics, s_n, s_judged = _measure(data, target, ids, m)
-            s_score = score_metrics(s_metrics, criteria, s_judged, criteria.min_slice_samples)
+            s_score = score_metrics(s_metrics, criteria, s_judged, min_slice_n)
             slices.append(SliceResult(route.slice_key, value, s_n, s_score.verdict, s_score.score, s_metrics,
                                       s_score.reasons, _worst_samples(data, target, ids),
                                       _check_failures(data, target, ids)))
@@ -533,9 +568,10 @@ def _analyse_candidate(data: RunData, route: RouteConfig, target: str, accept_fl
                 reasons.insert(0, f"slice(s) {names} fail (marked)")
             for s in failing:
                 reasons.extend(f"[{s.label}] {r}" for r in s.reasons)
+    n_cache_hits = sum(1 for sid in data.candidates[target] if sid in data.incumbent and data.incumbent[sid].cache_hit)
     return CandidateAnalysis(target, data.models.get(target, target), verdict, score.score, n, n_judged, metrics,
                              slices, reasons, _worst_samples(data, target, None),
-                             _check_failures(data, target, None))
+                             _check_failures(data, target, None), n_cache_hits)
 
 
 def analyze_run(engine: Engine, run_id: int, route: RouteConfig, evaluator_version: str | None = None,

@@ -2,7 +2,9 @@
 
 The incumbent's numbers come from its own replay in the run when its endpoint was configured (a shadow result with
 target == route.incumbent.name), so both sides are measured under the same conditions; otherwise from what the
-gateway logged for the sampled request (traffic_samples: latency, TTFT, cost, answer).
+gateway logged for the sampled request (traffic_samples: latency, TTFT, cost, answer). A logged answer the gateway
+served from its cache is marked (`cache_hit`), for the analysis to leave out of the speed and price comparisons, and a
+logged TTFT that is not one (a request that was not streamed) is dropped, as ingestion now drops it.
 On a route that declares checks (routes[].checks) every answer, the candidates' and the incumbent's from the same
 source, is run through them here: deterministic and free, so the analysis computes them from the stored answers and
 the same stored data gives the same analysis.
@@ -20,6 +22,7 @@ from shadowjudge.config import RouteConfig, incumbent_served
 from shadowjudge.errors import ShadowJudgeError
 from shadowjudge.scoring import prompt_text
 from shadowjudge.store import Judgment, ShadowResult, ShadowRun, TrafficSample, session_scope
+from shadowjudge.traffic.records import first_token_ms
 from shadowjudge.traffic.redaction import Redactor
 
 MISSING_SLICE = "(none)"
@@ -42,6 +45,7 @@ class TargetRecord:
     # Names of the route's checks the answer fails, in declared order (empty: passes them all); None when the
     # route declares no checks or there is no answer to check.
     failed_checks: tuple[str, ...] | None = None
+    cache_hit: bool = False  # a logged answer the gateway served from its cache: no measure of the model's speed
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,8 @@ def load_run_data(engine: Engine, run_id: int, route: RouteConfig, evaluator_ver
         sample_ids = set(run.sample_ids or []) | {r.sample_id for r in results}
         samples = s.execute(
             select(TrafficSample.id, TrafficSample.meta, TrafficSample.response_text, TrafficSample.latency_ms,
-                   TrafficSample.ttft_ms, TrafficSample.cost_usd, TrafficSample.incumbent_model)
+                   TrafficSample.ttft_ms, TrafficSample.cost_usd, TrafficSample.incumbent_model,
+                   TrafficSample.cache_hit, TrafficSample.params)
             .where(TrafficSample.id.in_(sample_ids)).order_by(TrafficSample.id)
         ).all() if sample_ids else []
         judgments = s.execute(
@@ -150,10 +155,13 @@ def load_run_data(engine: Engine, run_id: int, route: RouteConfig, evaluator_ver
     if replayed_incumbent:
         incumbent, source = replayed_incumbent, "replay"
     else:
-        # A logged request without an answer is counted as the incumbent's error.
-        incumbent = {t.id: TargetRecord(t.id, t.response_text is None, t.latency_ms, t.ttft_ms, t.cost_usd,
+        # A logged request without an answer is counted as the incumbent's error. Rows stored before ingestion
+        # dropped a non-streamed request's TTFT still hold it: dropped here by the same rule.
+        incumbent = {t.id: TargetRecord(t.id, t.response_text is None, t.latency_ms,
+                                        first_token_ms(t.ttft_ms, t.latency_ms, t.params), t.cost_usd,
                                         _chars(t.response_text),
-                                        failed(t.id, t.response_text, t.response_text is None, replayed=False))
+                                        failed(t.id, t.response_text, t.response_text is None, replayed=False),
+                                        cache_hit=bool(t.cache_hit))
                      for t in samples}
         source = "logs"
 

@@ -148,6 +148,15 @@ def wilcoxon_shift(differences: Sequence[float] | np.ndarray, confidence: float 
     return ShiftEstimate(float(median), float(low), float(high), p, n, n)
 
 
+def fewest_decisive_pairs(confidence: float) -> int:
+    """The fewest pairs on which a change can be significant at `confidence` (two-sided): n pairs that all move
+    the same way have a sign-test p-value of 2 * 0.5**n, the smallest any test of n pairs can give (an unpaired
+    comparison of n values a side can do no better). A percentile bootstrap of fewer values can still give an
+    interval that excludes no change (two equal values resample to a point): that is its degeneracy, not evidence."""
+    tail = (1 - confidence) / 2
+    return max(1, math.ceil(math.log2(1 / tail) - 1e-9))
+
+
 Statistic = Callable[..., np.ndarray]
 
 
