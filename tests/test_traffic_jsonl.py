@@ -306,32 +306,37 @@ def test_an_answer_that_calls_tools_keeps_its_calls_as_the_replayed_answer_shows
     assert normalise_openai_log(decoded, "t").response_text == '[{"name":"f","arguments":"{\\"x\\":1}"}]'
 
 
-@pytest.mark.parametrize("scheme", ["dated", "numbered"])
-def test_two_rotations_between_runs_lose_neither_file(tmp_path, scheme):
+@pytest.mark.parametrize("scheme, as_file", [  # a folder source, or a source that is the one file
+    ("dated", False), ("numbered", False), ("dated", True), ("numbered", True),
+    ("underscore-dated", True),  # a folder source lists `requests_2026-11-23.jsonl` as a file of its own
+])
+def test_two_rotations_between_runs_lose_neither_file(tmp_path, scheme, as_file):
     """The ingest was down for two rotations: the cursor's file went first, another whole file after it. Only
     the first was found; the second sorts before the live name (or is hidden from the listing) and was lost."""
     import os as _os
 
     live = tmp_path / "requests.jsonl"
+    source = live if as_file else tmp_path
     first, tail, second, fresh = _records("a", 3), _records("tail", 2), _records("b", 3), _records("c", 1)
     live.write_bytes(first)
-    cursor = lines_of(tmp_path)[-1].cursor
-    names = (["requests-2026-11-23.jsonl", "requests-2026-11-24.jsonl"] if scheme == "dated"
-             else ["requests.jsonl.2", "requests.jsonl.1"])
+    cursor = lines_of(source)[-1].cursor
+    names = {"dated": ["requests-2026-11-23.jsonl", "requests-2026-11-24.jsonl"],
+             "underscore-dated": ["requests_2026-11-23.jsonl", "requests_2026-11-24.jsonl"],
+             "numbered": ["requests.jsonl.2", "requests.jsonl.1"]}[scheme]
     (tmp_path / names[0]).write_bytes(first + tail)
     _os.utime(tmp_path / names[0], (1_800_000_000, 1_800_000_000))
     (tmp_path / names[1]).write_bytes(second)
     _os.utime(tmp_path / names[1], (1_800_000_600, 1_800_000_600))
     live.write_bytes(fresh)
-    steps = lines_of(tmp_path, cursor)
+    steps = lines_of(source, cursor)
     expected = (tail + second + fresh).splitlines(keepends=True)
     assert _data(steps) == expected
-    assert _data(lines_of(tmp_path, steps[-1].cursor)) == []
+    assert _data(lines_of(source, steps[-1].cursor)) == []
     for i, step in enumerate(s for s in steps if s.data):  # stopped anywhere, it goes on where it stopped
-        assert _data(lines_of(tmp_path, step.cursor)) == expected[i + 1:]
+        assert _data(lines_of(source, step.cursor)) == expected[i + 1:]
     gz = tmp_path / (names[0] + ".gz")  # the first rotation compressed (mtime kept), its cursor finished
     gz.write_bytes(gzip.compress(first + tail))
     _os.utime(gz, (1_800_000_000, 1_800_000_000))
     (tmp_path / names[0]).unlink()
     done = {"file": gz.name, "offset": len(first + tail), "finished": True, "rotated_from": "requests.jsonl"}
-    assert _data(lines_of(tmp_path, done)) == (second + fresh).splitlines(keepends=True)
+    assert _data(lines_of(source, done)) == (second + fresh).splitlines(keepends=True)

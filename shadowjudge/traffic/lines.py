@@ -20,10 +20,13 @@ Rules that keep a reader from losing or inventing data:
   bytes match the cursor's head is its rotated self, and it is read on from the cursor's offset before
   anything else. Only files the reader would otherwise never read again are searched: names that sort before
   the cursor's file (`requests.jsonl` -> `requests-2026-11-24.jsonl`; for a source that is one file, only that
-  file's dated names: its stem, a date or number, its extension), the same name compressed
-  (`requests-2026-11-24.jsonl.gz`), and logrotate's names outside the listed suffixes (`requests.jsonl.1`,
-  `requests.jsonl-20261124`, each maybe `.gz`). A false match re-reads lines, never skips them. The rotations
-  made after that one (candidates modified later) are then read whole, oldest first;
+  file's dated names: its stem, `-`, `_` or `.`, a date (year and month at least, maybe a day and a time), its
+  extension; a number there is another log's, a worker's or a shard's: `requests-2.jsonl`), the same name
+  compressed (`requests-2026-11-24.jsonl.gz`), and logrotate's names outside the listed suffixes
+  (`requests.jsonl.1`, `requests.jsonl-20261124`, each maybe `.gz`). A false match re-reads lines, never skips
+  them. The rotations made after that one (candidates modified later) are then read whole, oldest first; a
+  file source's dated names among them only when the log went to a dated name shaped alike (otherwise a warning
+  names them: reading another log as this one is worse than missing a rotation);
 - a backfill reads those rotated files too, each log's oldest first, before the log itself;
 - a UTF-8 byte order mark opening a file is not part of its first line (offsets still count it);
 - memory stays flat: a line longer than the limit is skipped in chunks, never held whole.
@@ -50,8 +53,15 @@ UTF8_BOM = b"\xef\xbb\xbf"
 HEAD_BYTES = 1 << 16  # a cursor's head hashes at most the file's first 64 KiB
 LEGACY_HEAD_BYTES = 1024  # ... and at most 1 KiB in a cursor without "head_bytes"
 _SKIP_CHUNK = 1 << 16
-# A rotation's tag: a number (logrotate's `.1`) or a date and time (`20261124`, `2026-11-24T10:00:00Z`).
-_TAG = r"\d(?:[\dTZ:._-]*[\dZ])?"
+# A rotation's tag after the live name: a number (logrotate's `.1`) or a date and time (`-20261124`,
+# `.2026-11-24_10-00-00`).
+_LOGROTATE_TAG = re.compile(r"\d(?:[\dTZ:._-]*[\dZ])?")
+# A dated name's tag, between the stem and the extension: a date, year and month at least, maybe a time
+# (`2026-11-24`, `20261124`, `2026-11-24T10`, `2026112410`). A bare number there names a shard, a worker or a
+# port (`app-2.log`, `requests-1.jsonl`, `gw-8080.log`): another log, never a rotation.
+_DATE_TAG = re.compile(r"(?:19|20)\d\d[-_.]?(?:0[1-9]|1[0-2])(?:[-_.]?(?:0[1-9]|[12]\d|3[01]))?"
+                       r"(?:[T_.-]?\d(?:[\d:._-]*\d)?Z?)?")
+_TAG_START = re.compile(r"[-_.](?=\d)")  # where a tag may start: a separator before a digit
 
 
 class Line(NamedTuple):
@@ -125,8 +135,9 @@ def read_lines(path: str | Path, cursor: dict[str, Any] | None, max_record_bytes
             for line in _read_file(rotated, offset, max_record_bytes, newest=newest, resume=index == 0):
                 yield line._replace(cursor={**line.cursor, "rotated_from": live})
     resume_live = not chain and "rotated_from" not in cursor
+    read_already = set(chain)
     for index, file in enumerate(files):
-        if file in chain or "rotated_from" in cursor and file.name == name:
+        if file in read_already or "rotated_from" in cursor and file.name == name:
             continue  # a rotated file: read above, or finished
         offset, head, resume = 0, None, False
         if isinstance(live, str):
@@ -157,7 +168,12 @@ def rotated_continuation(folder: Path, files: list[Path], cursor: dict[str, Any]
     one to read on from the cursor's offset (the rotated file a `"rotated_from"` cursor is in, or where the
     cursor's plain file went when its name now holds another file or none: the newest candidate, by modification
     time, whose first bytes hash to the cursor's head), then the later rotations since (candidates modified after
-    it, oldest first), read whole. Empty when the cursor's file is where it was."""
+    it, oldest first), read whole. Empty when the cursor's file is where it was.
+
+    A file source's dated names are later rotations only when the log went to one of them and they are named
+    alike (`requests-2026-11-24.jsonl`, then `requests-2026-11-25.jsonl`): beside a log rotated to other names,
+    such a file is as likely another program's, and reading another log's lines as this one's is worse than the
+    warning that names it."""
     name, offset = cursor.get("file"), cursor.get("offset")
     live = cursor.get("rotated_from", name)
     head = cursor_head(cursor)
@@ -179,43 +195,66 @@ def rotated_continuation(folder: Path, files: list[Path], cursor: dict[str, Any]
             match = current
     candidates = _rotation_candidates(folder, files, live, name, one_file)
     if match is None and head is not None:
-        match = next((f for _, f in reversed(candidates) if _head_matches(f, *head)), None)
+        match = next((c.file for c in reversed(candidates) if _head_matches(c.file, *head)), None)
     since = _mtime(match) if match is not None else None
     if match is None or since is None:
         return []
-    return [match, *(f for modified, f in candidates if f != match and modified > since)]
+    match_shape = _name_shape(match.name) if any(c.file == match and c.dated for c in candidates) else None
+    later: list[Path] = []
+    for candidate in candidates:
+        if candidate.file == match or candidate.modified <= since:
+            continue
+        if candidate.dated and _name_shape(candidate.file.name) != match_shape:
+            log.warning("%s is dated like a rotation of %s, but %s was rotated to %s: not reading it as one "
+                        "(a backfill reads it)", candidate.file.name, live, live, match.name)
+            continue
+        later.append(candidate.file)
+    return [match, *later]
+
+
+class _Candidate(NamedTuple):
+    modified: float
+    file: Path
+    dated: bool  # a file source's dated name (stem, date, extension), not logrotate's name nor a listed one
 
 
 def _rotation_candidates(folder: Path, files: list[Path], live: str, name: str,
-                         one_file: bool) -> list[tuple[float, Path]]:
+                         one_file: bool) -> list[_Candidate]:
     """Files the reader would never read again, where a rotated log may be: listed names sorting before the live
     one, the cursor file's name `.gz`, logrotate's names the suffix filter hides and, for a source that is one
     file, that file's dated names; oldest first."""
     listed = set(files)
-    candidates = {f for f in files if f.name < live}
-    rotations = _rotations(_folder_files(folder), live, dated=one_file, also=name)
-    candidates |= {p for p in rotations if p not in listed or p.name == name + ".gz"}
-    candidates.discard(folder / live)
-    dated = [(modified, f) for f in candidates if (modified := _mtime(f)) is not None]
-    return sorted(dated, key=lambda item: (item[0], item[1].name))
+    is_dated = {f: False for f in files if f.name < live}
+    rotated = _rotated_files(_folder_files(folder), list(dict.fromkeys((live, name))),
+                             dated_log=live if one_file else None)
+    for file, rotation in rotated.items():
+        if file not in listed or file.name == name + ".gz":
+            is_dated[file] = rotation.dated
+    is_dated.pop(folder / live, None)
+    candidates = [_Candidate(modified, f, dated) for f, dated in is_dated.items()
+                  if (modified := _mtime(f)) is not None]
+    return sorted(candidates, key=lambda c: (c.modified, c.file.name))
 
 
 def with_rotations(folder: Path, files: list[Path], one_file: bool) -> list[Path]:
     """`files` with each one's rotated files the listing leaves out (logrotate's names; for a source that is one
     file, its dated names too) just before it, oldest first; a file and its `.gz` being made from it: only the
-    file."""
+    file. The folder is listed once and each name read once: a folder of thousands of hourly logs stays fast."""
     listed = set(files)
-    entries = [p for p in _folder_files(folder) if p not in listed]
+    rotated = _rotated_files((p for p in _folder_files(folder) if p not in listed), [f.name for f in files],
+                             dated_log=files[0].name if one_file and files else None)
+    tags_by_log: dict[str, dict[Path, str]] = {}
+    for file, rotation in rotated.items():
+        tags_by_log.setdefault(rotation.live, {})[file] = rotation.tag
     out: list[Path] = []
     for file in files:
-        rotations = {p: tag for p, tag in _rotations(entries, file.name, dated=one_file).items() if p not in out}
-        out.extend(_oldest_first(rotations))
+        out.extend(_oldest_first(tags_by_log.get(file.name, {})))
         out.append(file)
     return out
 
 
 def _folder_files(folder: Path) -> list[Path]:
-    """The folder's visible entries (which are regular files `_rotations` checks, for the few names it keeps);
+    """The folder's visible entries (which are regular files `_rotated_files` checks, for the few names it keeps);
     none, and a warning, where the folder cannot be listed."""
     try:
         return [p for p in folder.iterdir() if not p.name.startswith(".")]
@@ -224,30 +263,67 @@ def _folder_files(folder: Path) -> list[Path]:
         return []
 
 
-def _rotations(entries: Iterable[Path], live: str, dated: bool, also: str | None = None) -> dict[Path, str]:
-    """Which of `entries` hold the log `live` rotated, each with its rotation tag ('' for the name `.gz`):
-    logrotate's names for `live` (and for `also`, a rotated name a cursor is in): `requests.jsonl.1`,
-    `requests.jsonl.2.gz`, `requests.jsonl-20261124`; with `dated`, the names sorting before `live` made of its
-    stem, a separator, a date or number and its extension (`requests-2026-11-24.jsonl`, maybe `.gz`). Other
-    names in the folder (another service's log, `requests.jsonl.bak`) are not rotations."""
-    names = [live] if also is None or also == live else [live, also]
-    logrotate = re.compile("|".join(rf"{re.escape(n)}(?:[.-](?P<t{i}>{_TAG}))?(?:\.gz)?"
-                                    for i, n in enumerate(names)))
-    stem, extension = os.path.splitext(live[:-len(".gz")] if live.endswith(".gz") else live)
-    dated_name = re.compile(rf"{re.escape(stem)}[-_.](?P<tag>{_TAG}){re.escape(extension)}(?:\.gz)?")
-    out: dict[Path, str] = {}
+class _Rotation(NamedTuple):
+    live: str  # the name of the log rotated
+    tag: str  # the rotation's number or date; '' for the log's own name `.gz`
+    dated: bool  # a dated name (stem, date, extension), not logrotate's (the live name, then a tag)
+
+
+def _rotated_files(entries: Iterable[Path], logs: list[str], dated_log: str | None) -> dict[Path, _Rotation]:
+    """Which of `entries` hold one of the logs named `logs` rotated: logrotate's names for each
+    (`requests.jsonl.1`, `requests.jsonl.2.gz`, `requests.jsonl-20261124`) and, for `dated_log`, its dated names
+    (`requests-2026-11-24.jsonl`, `requests_20261124.jsonl.gz`: what the name says, not where it sorts). Other
+    names (another service's log, `requests.jsonl.bak`, a worker's `requests-2.jsonl`) are not rotations. Each
+    name is read once, however many logs; one that could be two logs' rotation goes to the first in `logs`."""
+    rank = {log_name: index for index, log_name in enumerate(logs)}
+    dated_live = _without_gz(dated_log) if dated_log is not None else None
+    out: dict[Path, _Rotation] = {}
     for entry in entries:
-        if entry.name == live:
-            continue
-        if found := logrotate.fullmatch(entry.name):
-            tag = next((t for t in found.groups() if t is not None), "")
-        elif dated and entry.name < live and (found := dated_name.fullmatch(entry.name)):
-            tag = found["tag"]
-        else:
-            continue
-        if _is_file(entry) and _storable_name(entry):
-            out[entry] = tag
+        best: tuple[tuple[int, bool], _Rotation] | None = None
+        for rotation in _rotation_readings(entry.name):
+            if rotation.dated:
+                if dated_log is None or rotation.live != dated_live:
+                    continue
+                rotation = rotation._replace(live=dated_log)
+            elif rotation.live not in rank:
+                continue
+            preference = (rank[rotation.live], rotation.dated)  # logrotate's reading first
+            if best is None or preference < best[0]:
+                best = (preference, rotation)
+        if best is not None and _is_file(entry) and _storable_name(entry):
+            out[entry] = best[1]
     return out
+
+
+def _rotation_readings(name: str) -> Iterator[_Rotation]:
+    """Every way `name` can be a rotated log's: the log's name `.gz`; its name, `.` or `-`, a number or a date
+    (logrotate's), maybe `.gz`; its stem, `-`, `_` or `.`, a date, its extension (dated), maybe `.gz`."""
+    base = _without_gz(name)
+    if base != name:
+        yield _Rotation(base, "", False)
+    last_extension = os.path.splitext(base)[1]
+    extensions = ("", last_extension) if last_extension else ("",)  # the live name's extension, if it has one
+    for separator in _TAG_START.finditer(base):
+        stem_end, tag_start = separator.start(), separator.end()
+        if stem_end == 0:
+            continue
+        if separator.group() != "_" and _LOGROTATE_TAG.fullmatch(base, tag_start):
+            yield _Rotation(base[:stem_end], base[tag_start:], False)
+        for extension in extensions:
+            tag_end = len(base) - len(extension)
+            live = base[:stem_end] + extension
+            if (tag_end > tag_start and _DATE_TAG.fullmatch(base, tag_start, tag_end)
+                    and os.path.splitext(live)[1] == extension):
+                yield _Rotation(live, base[tag_start:tag_end], True)
+
+
+def _without_gz(name: str) -> str:
+    return name[:-len(".gz")] if name.endswith(".gz") else name
+
+
+def _name_shape(name: str) -> str:
+    """A rotated name with its digits masked and without `.gz`: rotations named alike have the same shape."""
+    return re.sub(r"\d", "0", _without_gz(name))
 
 
 def _is_file(path: Path) -> bool:
