@@ -6,12 +6,15 @@ process (pinned to one CPU where the OS allows):
 
 - parse+sample+redact records/s (no store) at sampling rate 1.0 (every record redacted) and at 0.1;
 - end-to-end records/s (read, sample, redact, batched INSERT into a fresh SQLite store) at the same rates;
-- peak traced memory (tracemalloc) of end-to-end ingestion for two file sizes, to show it stays flat.
+- peak traced memory (tracemalloc) of end-to-end ingestion for two file sizes, to show it stays flat;
+- seconds to find rotated files in a folder of hourly logs, each with a checksum beside it, for a backfill and
+  for a live run after a rotation, at two folder sizes (4x apart): the time must grow about 4x, not 16x.
 
 Rates are given per wall-clock second and per CPU second of this process (the second is the one-core figure
 when other jobs share the machine; SQLite's fsyncs count in the first only).
 
 Prints ONE JSON object. Usage: python bench/ingest.py [--records 40000] [--memory-records 5000]
+[--folder-logs 8000]
 """
 
 from __future__ import annotations
@@ -39,9 +42,10 @@ from shadowjudge.config import parse_config  # noqa: E402
 from shadowjudge.store import dispose_engines, get_engine, upgrade_database  # noqa: E402
 from shadowjudge.traffic import TimeWindow, TrafficRecord, ingest_sources  # noqa: E402
 from shadowjudge.traffic.ingest import sample_row  # noqa: E402
+from shadowjudge.traffic.lines import read_lines  # noqa: E402
 from shadowjudge.traffic.redaction import Redactor  # noqa: E402
 from shadowjudge.traffic.sampling import Sampler  # noqa: E402
-from shadowjudge.traffic.sources.jsonl import JsonlSource  # noqa: E402
+from shadowjudge.traffic.sources.jsonl import SUFFIXES, JsonlSource  # noqa: E402
 
 DEMO = ROOT / "shadowjudge" / "demo_data"
 ROUTE = {"name": "chat-default", "incumbent": {"name": "inc", "model": "m1", "base_url": "http://127.0.0.1:9/v1"},
@@ -131,10 +135,32 @@ def end_to_end(path: Path, rate: float, workdir: Path, trace_memory: bool = Fals
     return out
 
 
+def folder_listing(workdir: Path, logs: int) -> dict:
+    """Seconds a backfill, and a live run after the newest log was rotated, take to find rotated files among
+    `logs` hourly logs with a `.md5` beside each (a backfill used to match every name against every log)."""
+    folder = workdir / f"hourly-{logs}"
+    folder.mkdir()
+    for hour in range(logs):
+        (folder / f"gw-{hour:05d}.jsonl").write_bytes(b'{"x": 1}\n')
+        (folder / f"gw-{hour:05d}.jsonl.md5").write_bytes(b"0" * 32)
+    start = time.perf_counter()
+    read = sum(1 for line in read_lines(folder, None, 10_000, SUFFIXES, backfill=True) if line.data)
+    backfill_s = time.perf_counter() - start
+    cursor = list(read_lines(folder, None, 10_000, SUFFIXES))[-1].cursor
+    newest = folder / f"gw-{logs - 1:05d}.jsonl"
+    newest.rename(folder / f"{newest.name}.1")
+    newest.write_bytes(b'{"x": 2}\n')
+    start = time.perf_counter()
+    list(read_lines(folder, cursor, 10_000, SUFFIXES))
+    live_s = time.perf_counter() - start
+    return {"lines_read": read, "backfill_s": round(backfill_s, 3), "live_after_rotation_s": round(live_s, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=40_000)
     parser.add_argument("--memory-records", type=int, default=5_000, help="small file; the large one is 8x")
+    parser.add_argument("--folder-logs", type=int, default=8_000, help="large folder; the small one is 1/4")
     args = parser.parse_args()
     pinned = None
     if hasattr(os, "sched_setaffinity"):
@@ -163,6 +189,8 @@ def main() -> None:
                                       "peak_traced_mib": run["peak_traced_mib"]}
             path.unlink()
         result["memory_end_to_end_rate_1.0"] = memory
+        result["folder_of_hourly_logs"] = {f"{n}_logs": folder_listing(work, n)
+                                           for n in (args.folder_logs // 4, args.folder_logs)}
     result["target_records_per_s"] = 20_000
     result["machine"] = {"python": platform.python_version(), "cpu_count": os.cpu_count(),
                          "pinned_cpu": pinned, "platform": platform.platform(),
