@@ -605,10 +605,62 @@ integrations:
   - name: chat-eu
     routing_config: *shared
 """
+TF_ENTRY_MERGED_BY_OTHERS = """\
+name: corp-routing
+type: gateway-load-balancing-config
+rules:
+  - id: chat
+    type: weight-based-routing
+    when: {models: [chat]}
+    load_balance_targets:
+      - &gpt_entry
+        target: openai-main/gpt-4o
+        weight: 100
+        retry_config: {attempts: 2}
+  - id: chat-eu
+    type: weight-based-routing
+    when: {models: [chat-eu]}
+    load_balance_targets:
+      - <<: *gpt_entry
+        metadata_match: {region: eu}
+"""
+TF_RULE_MERGED_BY_OTHERS = """\
+name: corp-routing
+type: gateway-load-balancing-config
+rules:
+  - &chat_rule
+    id: chat
+    type: weight-based-routing
+    when: {models: [chat]}
+    load_balance_targets:
+      - target: openai-main/gpt-4o
+        weight: 100
+  - <<: *chat_rule
+    id: chat-eu
+    when: {models: [chat-eu]}
+"""
+TF_VIRTUAL_MODEL_MERGED_BY_OTHERS = """\
+name: team-models
+integrations:
+  - name: chat
+    routing_config: &shared
+      type: weight-based-routing
+      load_balance_targets:
+        - target: openai-main/gpt-4o
+          weight: 100
+  - name: chat-eu
+    routing_config:
+      <<: *shared
+      sticky_routing: {ttl: 60}
+"""
 
 
-@pytest.mark.parametrize("text", [TF_SHARED_LIST, TF_SHARED_ENTRY, TF_MERGED, TF_SHARED_VIRTUAL_MODEL],
-                         ids=["aliased-list", "aliased-entry", "merge-key", "aliased-routing-config"])
+@pytest.mark.parametrize("text", [TF_SHARED_LIST, TF_SHARED_ENTRY, TF_MERGED, TF_SHARED_VIRTUAL_MODEL,
+                                  TF_ENTRY_MERGED_BY_OTHERS, TF_RULE_MERGED_BY_OTHERS,
+                                  TF_VIRTUAL_MODEL_MERGED_BY_OTHERS],
+                         ids=["aliased-list", "aliased-entry", "merge-key", "aliased-routing-config",
+                              "entry-merged-by-another-rule", "rule-merged-by-another-rule",
+                              "routing-config-merged-by-another-model"])
 def test_truefoundry_push_leaves_rules_that_share_the_routes_block_through_an_anchor_alone(tmp_path, text):
     path = tmp_path / "routing.yaml"
     path.write_text(text)
@@ -624,3 +676,70 @@ def test_truefoundry_push_leaves_rules_that_share_the_routes_block_through_an_an
     targets = chat.get("routing_config", chat)["load_balance_targets"]
     assert [(t["target"], t["weight"]) for t in targets] == [("openai-main/gpt-4o", 60), ("azure-eu/gpt-4o-mini", 40)]
     assert get_gateway(gw.route.gateway, gw.route).read_current().weights == {"inc": 60, "cand": 40}
+
+
+TF_SHARED_DEFAULTS = """\
+name: corp-routing
+type: gateway-load-balancing-config
+x-retry: &retry
+  retry_config: {attempts: 3}
+rules:
+  - id: chat
+    type: weight-based-routing
+    when: {models: [chat]}
+    load_balance_targets:
+      - <<: *retry
+        target: openai-main/gpt-4o
+        weight: 100
+  - id: chat-eu
+    type: weight-based-routing
+    when: {models: [chat-eu]}
+    load_balance_targets:
+      - <<: *retry
+        target: openai-main/gpt-4o
+        weight: 100
+"""
+
+
+def test_truefoundry_push_keeps_the_routes_entries_following_the_defaults_they_merge(tmp_path):
+    """Nothing of the route's rule is shared: its entry only merges shared defaults, and must go on doing so."""
+    path = tmp_path / "routing.yaml"
+    path.write_text(TF_SHARED_DEFAULTS)
+    _, gw = make_route("truefoundry", path)
+    for weights in ({"inc": 60, "cand": 40}, {"inc": 50, "cand": 50}):
+        assert push_weights(get_gateway(gw.route.gateway, gw.route), weights).ok
+    text = path.read_text()
+    assert text.count("<<: *retry") == 2 and text.count("retry_config") == 1, text
+    # the team raises the shared retry attempts: both rules follow
+    doc = yaml.safe_load(text.replace("retry_config: {attempts: 3}", "retry_config: {attempts: 5}"))
+    chat, eu = (rule["load_balance_targets"] for rule in doc["rules"])
+    assert chat[0] == {"target": "openai-main/gpt-4o", "weight": 50, "retry_config": {"attempts": 5}}
+    assert eu[0] == {"target": "openai-main/gpt-4o", "weight": 100, "retry_config": {"attempts": 5}}
+
+
+TF_SHARED_SCALAR = """\
+name: corp-routing
+type: gateway-load-balancing-config
+rules:
+  - id: chat
+    type: weight-based-routing
+    when: {models: [chat]}
+    load_balance_targets:
+      - target: &gpt openai-main/gpt-4o
+        weight: 100
+  - id: chat-eu
+    type: weight-based-routing
+    when: {models: [chat-eu]}
+    load_balance_targets:
+      - target: *gpt
+        weight: 100
+"""
+
+
+def test_truefoundry_push_leaves_an_anchor_where_it_was_when_the_push_changes_nothing_it_names(tmp_path):
+    path = tmp_path / "routing.yaml"
+    path.write_text(TF_SHARED_SCALAR)
+    _, gw = make_route("truefoundry", path)
+    assert push_weights(gw, {"inc": 60, "cand": 40}).ok
+    chat, eu = path.read_text().split("  - id: chat-eu")
+    assert "- target: &gpt openai-main/gpt-4o\n        weight: 60\n" in chat and "- target: *gpt\n" in eu, chat + eu

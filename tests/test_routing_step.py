@@ -577,3 +577,75 @@ def test_a_promoted_candidate_that_regresses_is_rolled_back_in_the_gateway_and_t
     assert state.serving == "inc" and "better" in state.failed
     show = runner.invoke(routes_cli, ["show", "chat", "-c", str(cfg_path), "--json"])
     assert show.exit_code == 0 and json.loads(show.stdout)[0]["config_stale"] is False
+
+
+def _promote_better_then_refuse_its_rollback(store_url, tmp_path):
+    """'better' promoted (serving, the config still names 'inc'), then judged failing while the gateway refuses the
+    rollback: the rollback of the serving target is pending."""
+    cfg_path = write_config(tmp_path, store_url, policy={"steps": [50, 100]})
+    route = load_config(cfg_path).route("chat")
+    engine, good = get_engine(store_url), get_gateway(route.gateway, route)
+    for i in range(2):
+        step_route(engine, route, [CandidateVerdict("better", "pass", n=200)], gateway=good,
+                   now=T0 + timedelta(hours=i))
+    refusing = TrueFoundryGateway(route, route.gateway.path, ["false"])
+    failed = step_route(engine, route, [CandidateVerdict("better", "fail", score=0.1, n=200)], gateway=refusing,
+                        now=T0 + timedelta(hours=2))
+    assert failed.decision == "rollback" and failed.status == "failed" and good.read_back()["better"] == 100
+    return cfg_path, route, engine, good
+
+
+def test_a_pending_rollback_of_the_serving_target_is_stored_and_pushed_again_next_cycle(store_url, tmp_path):
+    _, route, engine, good = _promote_better_then_refuse_its_rollback(store_url, tmp_path)
+    state = load_rollout_state(engine, route)
+    assert (state.serving, state.phase, state.pending_rollback) == ("better", "rolling_back", "better")
+    retried = step_route(engine, route, [CandidateVerdict("better", "pass", n=200)], gateway=good,
+                         now=T0 + timedelta(hours=3))
+    assert retried.decision == "rollback" and retried.status == "applied" and retried.serving == "inc"
+    assert good.read_back()["inc"] == 100 and load_rollout_state(engine, route).pending_rollback is None
+
+
+@pytest.mark.parametrize("last_decision, pending", [("rollback", "better"), ("manual_rollback", None)])
+def test_state_stored_before_pending_rollbacks_were_kept_still_loads(store_url, tmp_path, last_decision, pending):
+    """A row written before `pending_rollback` was stored: the controller's own refused rollback of the serving
+    target is read from its last outcome; a refused manual rollback, which leaves the same phase, is not one."""
+    from shadowjudge.store import RouteState
+
+    _, route, engine, _ = _promote_better_then_refuse_its_rollback(store_url, tmp_path)
+    with session_scope(engine) as s:
+        row = s.get(RouteState, route.name)
+        row.policy_state = {k: v for k, v in row.policy_state.items() if k != "pending_rollback"}
+        row.last_outcome = {**row.last_outcome, "decision": last_decision}
+    state = load_rollout_state(engine, route)
+    assert (state.serving, state.phase, state.pending_rollback) == ("better", "rolling_back", pending)
+
+
+def test_a_step_that_finds_the_gateway_locked_says_it_is_the_gateways_lock(store_url, tmp_path):
+    from shadowjudge.routing.step import gateway_lock_name
+    from shadowjudge.store.lease import LeaseLock
+
+    cfg_path = write_config(tmp_path, store_url)
+    route = load_config(cfg_path).route("chat")
+    engine = get_engine(store_url)
+    verdicts = tmp_path / "verdicts.json"
+    verdicts.write_text('[{"target": "fragile", "verdict": "pass", "n": 200, "score": 0.6}]')
+    held = gateway_lock_name(get_gateway(route.gateway, route).name)
+    other = LeaseLock(engine, held, holder="otherhost:2:beef")  # another route's step on the same gateway file
+    assert other.acquire()
+    try:
+        result = runner.invoke(routes_cli, ["step", "chat", "-c", str(cfg_path), "--verdicts", str(verdicts)])
+    finally:
+        other.release()
+    said = " ".join(result.stderr.split())  # the error line, which wraps at the console's width
+    assert result.exit_code == 1 and said.startswith("error: route 'chat' was not stepped"), said
+    # the long lock name (the gateway file's path) may wrap anywhere: compare without whitespace
+    assert "".join(f"holds the lock '{held}'".split()) in "".join(said.split()) and "otherhost:2:beef" in said
+    assert "the gateway's lock" in said and "nothing was decided or applied" in said
+
+
+def test_a_verdicts_file_with_a_utf8_byte_order_mark_is_read(store_url, tmp_path):
+    cfg_path = write_config(tmp_path, store_url)
+    verdicts = tmp_path / "verdicts.json"
+    verdicts.write_bytes(b'\xef\xbb\xbf[{"target": "fragile", "verdict": "pass", "n": 200, "score": 0.6}]')
+    result = runner.invoke(routes_cli, ["step", "chat", "-c", str(cfg_path), "--verdicts", str(verdicts)])
+    assert result.exit_code == 0 and "fragile 0→1" in result.output, result.output

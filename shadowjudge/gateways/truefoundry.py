@@ -14,7 +14,9 @@ Each target entry is `{target: <model id>, weight: <0..100>}` plus whatever else
 (`metadata_match`, `retry_config`, `override_params`, `fallback_*`, sticky routing): only `weight` (and, as below,
 `target`) is touched, and comments, key order and other rules survive. A block, list or entry the route shares with
 other rules through a YAML anchor (`&pool` ... `*pool`) or a merge key is copied into the route's rule first, so
-the push changes the route's rule only and the others keep what they had. An entry belongs to a route target when it
+the push changes the route's rule only and the others keep what they had; only what is shared is copied, and a merge
+key inside the copy or in the route's own entries (`- <<: *retry`) stays one, so the entry keeps following the
+shared defaults. An entry belongs to a route target when it
 names the target's `name` or its `model` (TrueFoundry ids look like `provider-account/model`); one that names the
 target's `name` is pointed at its `model`, so a target retried with a new model does not ramp up on the one that
 was rolled back. An entry for a model the route does not know must hold weight 0, or the file is refused: its
@@ -23,11 +25,13 @@ traffic would silently disappear from the sum.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from copy import deepcopy
 from typing import Any
 
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.comments import Comment, CommentedMap, CommentedSeq, Format, LineCol, Tag, merge_attrib
+from ruamel.yaml.mergevalue import MergeValue
 
 from shadowjudge.gateways.base import GatewayConfigInvalid, GatewayRejected, Weights
 from shadowjudge.gateways.files import FileGateway, dump_yaml, load_yaml, model_owner, names_model
@@ -49,18 +53,14 @@ class TrueFoundryGateway(FileGateway):
     def render_text(self, text: str | None, weights: Mapping[str, int]) -> str:
         doc = self._load(text) if text and text.strip() else _new_document()
         block = self._routing_block(doc)
+        shared = _shared_nodes(doc)
         if block is None:
             block = self._add_rule(doc)
-        elif _anchored(block):
+        elif id(block) in shared:
             block = self._detach(doc, block)
         block.setdefault("type", WEIGHT_BASED)
-        # always the route's own copy: the list, or an entry of it, may be an alias (or come from a merge key)
-        # that other rules share, and the weights are this route's only
-        entries = block.get("load_balance_targets", CommentedSeq())
-        if entries is None:
-            raise GatewayConfigInvalid(f"{self.path}: rule '{self.route.name}' has an empty 'load_balance_targets' "
-                                       "(null): make it a list, [] or its targets")
-        entries = block["load_balance_targets"] = _private_copy(entries)
+        self._own_entries(block, shared)
+        entries = block["load_balance_targets"]
         owned = self._owned_entries(block)
         for target in self.route.targets:
             entry = owned.get(target.name)
@@ -127,9 +127,26 @@ class TrueFoundryGateway(FileGateway):
                 f"{self.path}: {where} routes '{self.route.name}' with '{kind}'; route weights need '{WEIGHT_BASED}'")
         return block
 
+    def _own_entries(self, block: Any, shared: set[int]) -> None:
+        """Makes the `load_balance_targets` list of `block`, and each entry of it, the route's own where another
+        part of the file shares it (`shared`: see `_shared_nodes`) or it comes through a merge key: the weights are
+        this route's only. What is not shared stays as written, anchors and merge keys included."""
+        key = "load_balance_targets"
+        entries = block.get(key, CommentedSeq())
+        if entries is None:
+            raise GatewayConfigInvalid(f"{self.path}: rule '{self.route.name}' has an empty '{key}' "
+                                       "(null): make it a list, [] or its targets")
+        if id(entries) in shared or key not in _own_keys(block):
+            block[key] = _private_copy(entries)
+            return
+        for i, entry in enumerate(_as_list(entries, f"{self.path}: rule '{self.route.name}' {key}")):
+            if id(entry) in shared:
+                entries[i] = _private_copy(entry)
+
     def _detach(self, doc: Any, block: Any) -> Any:
-        """A private copy of the route's `block`, put in its place: the block is anchored, so an alias elsewhere
-        (another virtual model's `routing_config: *shared`) is the same mapping and would change with it."""
+        """A private copy of the route's `block`, put in its place: an alias elsewhere (another virtual model's
+        `routing_config: *shared`) or a merge key (`<<: *chat_rule`) refers to the same mapping, and would change
+        with it."""
         private = _private_copy(block)
         rules = _as_list(doc.get("rules"), f"{self.path}: 'rules'")
         for i, rule in enumerate(rules):
@@ -190,26 +207,67 @@ def _new_document() -> CommentedMap:
     return doc
 
 
-def _anchored(node: Any) -> bool:
-    """Whether `node` carries a YAML anchor, so aliases elsewhere in the file may be the very same object."""
-    anchor = getattr(node, "anchor", None)
-    return getattr(anchor, "value", None) is not None
+def _shared_nodes(doc: Any) -> set[int]:
+    """The ids of the mappings and lists the document reaches more than once: through an alias (`*pool`), or as a
+    merge key's source and through every mapping that merges it (`<<: *defaults` reaches the defaults and each
+    value in them again). Changing one of these in place changes what other rules read."""
+    seen: Counter[int] = Counter()
+    pending = [doc]
+    while pending:
+        node = pending.pop()
+        if not isinstance(node, (dict, list)):
+            continue
+        seen[id(node)] += 1
+        if seen[id(node)] > 1:
+            continue
+        if isinstance(node, dict):
+            pending.extend(node.values())  # a CommentedMap's values include the merged ones
+            pending.extend(getattr(node, merge_attrib, None) or [])
+        else:
+            pending.extend(node)
+    return {node_id for node_id, count in seen.items() if count > 1}
+
+
+def _own_keys(node: Any) -> set[Any]:
+    """The keys a mapping spells out itself, not those it takes from a merge key."""
+    return {k for k, _ in node.non_merged_items()} if isinstance(node, CommentedMap) else set(node)
 
 
 def _private_copy(node: Any) -> Any:
-    """A deep copy of `node` with the anchors inside it dropped: the originals, still referenced by their aliases,
-    keep their names, and a copy must not define the same anchor a second time."""
-    copy = deepcopy(node)
-    pending = [copy]
-    while pending:
-        item = pending.pop()
-        if _anchored(item):
-            item.anchor.value = None
-        if isinstance(item, dict):
-            pending.extend(item.values())
-        elif isinstance(item, list):
-            pending.extend(item)
-    return copy
+    """A copy of `node` whose mappings and lists are new, with their comments and layout and without anchors (the
+    originals, still referenced by their aliases, keep their names, and a copy must not define one a second time).
+    A merge key in the copy still refers to the shared mapping it merges (`<<: *retry` stays `<<: *retry`); a
+    deep copy would write the merged keys out and stop following them. Scalars are immutable and shared as is."""
+    if isinstance(node, CommentedMap):
+        copy = CommentedMap()
+        for key, value in node.non_merged_items():
+            copy[key] = _private_copy(value)
+        _copy_layout(node, copy)
+        merged = getattr(node, merge_attrib, None)
+        if merged:
+            merge = MergeValue()
+            merge.extend(merged.value)
+            merge.merge_pos = merged.merge_pos
+            if merged.sequence is not None:
+                merge.set_sequence(merged.sequence)
+            copy.add_yaml_merge(merge)
+        return copy
+    if isinstance(node, CommentedSeq):
+        copy = CommentedSeq(_private_copy(item) for item in node)
+        _copy_layout(node, copy)
+        return copy
+    if isinstance(node, dict):
+        return {key: _private_copy(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_private_copy(item) for item in node]
+    return node
+
+
+def _copy_layout(node: Any, copy: Any) -> None:
+    """Comments, flow or block style, positions and tag of `node` onto `copy` (not its anchor, not its merge)."""
+    for attrib in (Comment.attrib, Format.attrib, LineCol.attrib, Tag.attrib):
+        if hasattr(node, attrib):
+            setattr(copy, attrib, deepcopy(getattr(node, attrib)))
 
 
 def _shadowing_rule(rules: list[Any], block: Any, models: list[str]) -> str | None:

@@ -67,9 +67,11 @@ def _print_outcome(outcome: Any, as_json: bool) -> None:
 def _exit_status(outcome: Any) -> None:
     """Exit 1 for a push that failed, for a dry run whose push would fail (a script checking a push first must not
     read 0 as "safe to run"), and for a step that found the route locked and decided nothing, as `routes freeze`
-    does: a script must not read 0 as "stepped"."""
+    does: a script must not read 0 as "stepped". The busy reason names the lock held: the route's own, or that of
+    its gateway's config, which every route pushing to that config shares."""
     if outcome.status == "busy":
-        print_error(f"route '{outcome.route}' is locked by another writer: nothing was decided or applied; try again")
+        held = str(outcome.reason).removeprefix("busy: ")
+        print_error(f"route '{outcome.route}' was not stepped: {held}; nothing was decided or applied; try again")
         raise typer.Exit(1)
     if outcome.status == "failed" or (outcome.status == "dry_run" and outcome.error):
         raise typer.Exit(1)
@@ -158,7 +160,7 @@ def step(route: str = typer.Argument(..., help="Route name"),
 
     _, rc, engine = _open(config, route)
     try:
-        raw = json.loads(verdicts.read_text(encoding="utf-8"))
+        raw = json.loads(verdicts.read_text(encoding="utf-8-sig"))  # a BOM (some editors write one) is no error
     except OSError as exc:
         raise InputError(f"{verdicts}: cannot read: {exc.strerror}") from None
     except UnicodeDecodeError as exc:

@@ -6,14 +6,17 @@ Stepped one iteration at a time, like Flagger's or Argo Rollouts' canary control
    marked failed, goes to 0 in this cycle, whatever the freeze switch, the gate, the dwell time or the step limit
    say: holding a failing candidate in traffic is what none of those guards may cause. That includes a candidate
    that was promoted and serves the route while the config still names the old incumbent: its traffic goes back
-   to the config's incumbent. A rolled-back candidate stays failed until its target config (model, endpoint)
-   changes, as Flagger retries a canary only on a new revision.
+   to the config's incumbent, unless that incumbent is itself marked failed: then nothing is safer to roll back
+   onto, the traffic stays where it is and the controller holds until a person decides (config stale). A
+   rolled-back candidate stays failed until its target config (model, endpoint) changes, as Flagger retries a
+   canary only on a new revision.
 2. Then the state must agree with the config: after a promotion the config's incumbent is stale, and the
    controller holds until the config names the promoted target as incumbent.
 3. Then freeze, the policy's proposal, and the guards on every advance: minimum dwell time and sample count since
    the last change, the manual gate, the per-step change limit and the incumbent's minimum weight. Under every
    policy a candidate gains weight only on a `pass` verdict in this cycle: too little data (inconclusive), a
-   marginal result or no verdict holds its weight, and a failing one never gains.
+   marginal result or no verdict never adds weight (the ladder and cost_aware hold it; the bandit may still take
+   weight away), and a failing one never gains.
 
 Every step is measured from what the gateway holds, as Flagger reads the router's weights each iteration: when the
 caller passes the gateway's weights and they differ from the state's (a hand edit, a redeploy of the gateway
@@ -68,7 +71,9 @@ class Posterior:
 @dataclass
 class RolloutState:
     """A route's rollout as the controller sees it (the `route_state` row, as plain data). `samples_for` is the
-    candidate `samples_in_step` counts for (the ladder's; None for the other policies)."""
+    candidate `samples_in_step` counts for (the ladder's; None for the other policies). `pending_rollback` is the
+    serving target whose rollback was decided but whose push failed: the next cycle pushes it again. Kept apart
+    from the phase, which a failed manual `routes rollback` (traffic to the serving target) leaves the same."""
 
     route: str
     weights: Weights
@@ -84,6 +89,7 @@ class RolloutState:
     failed: dict[str, dict[str, Any]] = field(default_factory=dict)
     posteriors: dict[str, Posterior] = field(default_factory=dict)
     revision: int = 0
+    pending_rollback: str | None = None
 
     @classmethod
     def initial(cls, route: RouteConfig) -> "RolloutState":
@@ -136,12 +142,18 @@ def _decide(route: RouteConfig, observed: RolloutState, verdicts: dict[str, Cand
 
     serving = observed.serving
     if serving != route.incumbent.name:
-        what = (f"'{serving}' was promoted and now serves route '{route.name}', but the config still names "
-                f"'{route.incumbent.name}' as incumbent: make '{serving}' the incumbent to start a new rollout"
-                if observed.phase == "promoted" else
-                f"'{serving}' serves route '{route.name}' but the config names '{route.incumbent.name}' as incumbent; "
-                f"roll back to it (`shadowjudge routes rollback {route.name} --to {route.incumbent.name}`) "
-                "or update the config")
+        incumbent = route.incumbent.name
+        if incumbent in observed.failed:
+            what = (f"'{serving}' serves route '{route.name}' but the config names '{incumbent}' as incumbent, which "
+                    f"is marked failed ({observed.failed[incumbent].get('reason', '')}): name '{serving}' as "
+                    f"incumbent again, or give '{incumbent}' a new revision (model or endpoint)")
+        elif observed.phase == "promoted":
+            what = (f"'{serving}' was promoted and now serves route '{route.name}', but the config still names "
+                    f"'{incumbent}' as incumbent: make '{serving}' the incumbent to start a new rollout")
+        else:
+            what = (f"'{serving}' serves route '{route.name}' but the config names '{incumbent}' as incumbent; "
+                    f"roll back to it (`shadowjudge routes rollback {route.name} --to {incumbent}`) "
+                    "or update the config")
         return _hold(observed, before, f"config stale: {what}")
     if observed.phase == "promoted":
         observed = replace(observed, phase="idle")
@@ -189,7 +201,12 @@ def _reconciled(route: RouteConfig, state: RolloutState, names: list[str]) -> Ro
     posteriors = {n: p for n, p in state.posteriors.items() if n in fingerprints and p.fingerprint == fingerprints[n]}
     candidate = state.candidate if state.candidate in names and state.candidate != state.serving else None
     candidate = None if candidate in failed else candidate
-    return replace(state, weights=weights, failed=failed, posteriors=posteriors, candidate=candidate)
+    # a rollback is pending only for the target that still serves, is still marked failed and is not the incumbent
+    pending = state.pending_rollback
+    if pending != state.serving or pending not in failed or pending == route.incumbent.name:
+        pending = None
+    return replace(state, weights=weights, failed=failed, posteriors=posteriors, candidate=candidate,
+                   pending_rollback=pending)
 
 
 def _observe(route: RouteConfig, state: RolloutState, verdicts: dict[str, CandidateVerdict]) -> RolloutState:
@@ -246,7 +263,9 @@ def _rollback(route: RouteConfig, state: RolloutState, verdicts: dict[str, Candi
               now: datetime) -> Decision | None:
     """Every candidate holding traffic that fails goes to 0, its traffic to the serving target. A serving target
     the config does not name as incumbent (promoted, or sent all traffic by hand) is still a candidate the cycle
-    judges: when it fails, all its traffic goes back to the config's incumbent, which serves the route again."""
+    judges: when it fails, all its traffic goes back to the config's incumbent, which serves the route again.
+    Never onto an incumbent marked failed: that is no safer than the target serving now, so the traffic stays
+    where it is and the controller holds, saying so, until a person decides (`_stranded`)."""
     by_name = {t.name: t for t in route.targets}
     incumbent = route.incumbent.name
     reasons: dict[str, str] = {}
@@ -258,17 +277,20 @@ def _rollback(route: RouteConfig, state: RolloutState, verdicts: dict[str, Candi
         if not holding:
             continue
         v = verdicts.get(name)
-        # a serving target's own failed mark is a rollback whose push failed; it may also be one a person later
-        # chose to serve again (`routes rollback --to`), which only the `rolling_back` phase tells apart
-        retry = state.phase == "rolling_back" if serving else state.weights.get(name, 0) > 0
+        # A failed mark means a rollback not yet in force: for a candidate, while it holds traffic; for the serving
+        # target, only when its own rollback's push failed (a person may serve a failed target again on purpose).
+        pending = name == state.pending_rollback if serving else state.weights.get(name, 0) > 0
         if v is not None and v.critical_alert:
             reasons[name] = "critical alert"
         elif v is not None and v.verdict == "fail":
             reasons[name] = f"analysis failed (preference={_num(v.score)}, quality={_num(v.quality)}, n={v.n})"
-        elif name in state.failed and retry:
+        elif name in state.failed and pending:
             reasons[name] = f"marked failed earlier ({state.failed[name].get('reason', '')}); rollback not yet in force"
+    stranded = None
+    if state.serving in reasons and incumbent in state.failed:
+        stranded = _stranded(route, state, reasons.pop(state.serving))
     if not reasons:
-        return None
+        return None if stranded is None else _hold(state, dict(state.weights), stranded)
     after = dict(state.weights)
     for name in reasons:
         after[name] = 0
@@ -284,13 +306,29 @@ def _rollback(route: RouteConfig, state: RolloutState, verdicts: dict[str, Candi
         reason += (f"; '{state.serving}' served route '{route.name}' while the config names '{incumbent}' as "
                    f"incumbent: '{incumbent}' serves it again, as `shadowjudge routes rollback {route.name} --to "
                    f"{incumbent}` would")
+    if stranded is not None:
+        reason += f"; {stranded}"
     keep_candidate = state.candidate if state.candidate not in reasons else None
     phase = "progressing" if keep_candidate else "rolled_back"
     applied = replace(state, weights=after, serving=serving, failed=failed, candidate=keep_candidate, phase=phase,
                       step_index=-1 if not keep_candidate else state.step_index, step_started_at=now,
-                      samples_in_step=0, approved_step=None)
-    refused = replace(state, failed=failed, phase="rolling_back")
+                      samples_in_step=0, approved_step=None, pending_rollback=None)
+    refused = replace(state, failed=failed, phase="rolling_back",
+                      pending_rollback=state.serving if serving != state.serving else state.pending_rollback)
     return Decision("rollback", dict(state.weights), after, reason, applied, refused)
+
+
+def _stranded(route: RouteConfig, state: RolloutState, why: str) -> str:
+    """Why the serving target that fails keeps its traffic: the config's incumbent, where a rollback would send it,
+    was rolled back itself. Sending everything to a target known to fail is no rollback; which target is safe now
+    (the serving one, the incumbent after all, another candidate) is a person's call."""
+    incumbent = route.incumbent.name
+    note = (f"config stale: '{state.serving}' serves route '{route.name}' and fails ({why}), but the config's "
+            f"incumbent '{incumbent}' is marked failed ({state.failed[incumbent].get('reason', '')}), so there is "
+            f"nothing safe to roll back to: traffic stays on '{state.serving}' until a person sends it to a target "
+            f"they trust (`shadowjudge routes rollback {route.name} --to <target>`) or fixes the config")
+    log.warning("route '%s': %s", route.name, note)
+    return note
 
 
 # -- policies: each proposes where the weights should go, or says why they stay ------------------------------
@@ -378,30 +416,35 @@ def _cost_aware(route: RouteConfig, state: RolloutState, verdicts: dict[str, Can
 
 def _bandit(route: RouteConfig, state: RolloutState, verdicts: dict[str, CandidateVerdict],
             seed: int | None) -> Proposal | str:
-    """Thompson sampling over the arms that passed this cycle, against the incumbent. An arm that did not pass
-    (inconclusive, marginal, no verdict, or failing while it holds no traffic) keeps its weight, as the ladder holds
-    its candidate's: its posterior may be strong, but a cycle without a pass is no evidence to give it more."""
+    """Thompson sampling over the candidates with judge scores, against the incumbent: each gets its share of the
+    draws it wins. Only an arm that passed this cycle may gain. One that did not (inconclusive, marginal, no
+    verdict, or failing while it holds no traffic) gets the smaller of its weight and its share: a cycle without
+    a pass is no evidence to give it more, but a posterior that sinks (quality slipping, `marginal`) still takes
+    its traffic away. The serving target takes back whatever the arms give up. An arm that holds traffic without a
+    score for its current revision has no share."""
     arms = _eligible(route, state)
     fed = [n for n in arms if n in state.posteriors]
-    if not fed:
+    if not fed and not any(state.weights[n] for n in arms):
         return "bandit: no judge scores yet for any candidate"
-    passed = [n for n in fed if _passed(verdicts.get(n))]
-    if not passed:
-        return f"bandit: no candidate passed this cycle ({_verdict_summary(arms, verdicts, {})}): weights held"
-    held = {n: state.weights[n] for n in arms if n not in passed}
-    free = 100 - sum(held.values())
     rng = np.random.default_rng(seed if seed is not None else bandit_seed(route.name, state.revision))
-    draws = np.stack([rng.beta(state.posteriors[n].alpha, state.posteriors[n].beta, size=BANDIT_DRAWS)
-                      for n in passed])
+    draws = [rng.beta(state.posteriors[n].alpha, state.posteriors[n].beta, size=BANDIT_DRAWS) for n in fed]
     # The incumbent is the reference: a preference of 0.5 is "as good as the incumbent".
-    reference = np.full((1, BANDIT_DRAWS), 0.5)
-    winners = np.argmax(np.vstack([reference, draws]), axis=0)
+    winners = np.argmax(np.vstack([np.full((1, BANDIT_DRAWS), 0.5), *draws]), axis=0)
     shares = {state.serving: float(np.mean(winners == 0))}
-    for i, n in enumerate(passed):
+    for i, n in enumerate(fed):
         shares[n] = float(np.mean(winners == i + 1))
-    desired = apportion({**{n: p * free for n, p in shares.items()}, **held}, list(state.weights))
+    desired = apportion(shares, list(state.weights))
+    unpassed = [n for n in arms if not _passed(verdicts.get(n))]
+    for n in unpassed:
+        desired[n] = min(desired[n], state.weights[n])
+    desired[state.serving] = 100 - sum(w for n, w in desired.items() if n != state.serving)
     summary = ", ".join(f"{n}={shares[n]:.2f}" for n in shares)
-    kept = f"; held without a pass: {_verdict_summary(list(held), verdicts, {})}" if held else ""
+    if len(unpassed) == len(arms):
+        kept = f"; no candidate passed this cycle ({_verdict_summary(arms, verdicts, state.failed)}): none gains"
+    elif unpassed:
+        kept = f"; no gain without a pass: {_verdict_summary(unpassed, verdicts, {})}"
+    else:
+        kept = ""
     return Proposal(desired, None, f"bandit: P(best) {summary}{kept}", completes=False)
 
 

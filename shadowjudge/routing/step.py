@@ -128,8 +128,10 @@ def step_route(engine: Engine, route: RouteConfig,
         holder = busy.current_holder()
         state = load_rollout_state(engine, route)
         who = f"{holder[0]} until {holder[1].isoformat()}" if holder else "another writer"
+        whose = "" if busy.name == lock_name(route.name) else (
+            " (the gateway's lock: every route that pushes to the same gateway config shares it)")
         return StepOutcome(route.name, "busy", state.weights, state.weights, state.weights,
-                           f"busy: {who} holds the lock '{busy.name}'", pushed=False,
+                           f"busy: {who} holds the lock '{busy.name}'{whose}", pushed=False,
                            status="busy", phase=state.phase, serving=state.serving)
     try:
         retrying = False
@@ -323,7 +325,21 @@ def _from_row(row: RouteState, route: RouteConfig) -> RolloutState:
         samples_in_step=row.samples_in_step or 0,
         samples_for=policy_state.get("samples_for", row.candidate if route.policy.kind == "ladder" else None),
         failed=dict(policy_state.get("failed", {})), revision=row.revision,
-        posteriors={n: _posterior_from_row(v, by_name.get(n)) for n, v in policy_state.get("posteriors", {}).items()})
+        posteriors={n: _posterior_from_row(v, by_name.get(n)) for n, v in policy_state.get("posteriors", {}).items()},
+        pending_rollback=policy_state["pending_rollback"] if "pending_rollback" in policy_state
+        else _pending_rollback_before_it_was_kept(row))
+
+
+def _pending_rollback_before_it_was_kept(row: RouteState) -> str | None:
+    """A row stored before `pending_rollback` was: the serving target's rollback is pending when the last outcome
+    is the controller's rollback that failed and took all traffic off the serving target. A failed manual
+    `routes rollback` (decision `manual_rollback`) leaves the same phase and is not one."""
+    last = row.last_outcome or {}
+    proposed = last.get("proposed") or {}
+    if (row.phase == "rolling_back" and row.serving and last.get("decision") == "rollback"
+            and last.get("status") == "failed" and proposed.get(row.serving, 0) == 0):
+        return row.serving
+    return None
 
 
 def _posterior_from_row(value: Any, target: TargetConfig | None) -> Posterior:
@@ -346,7 +362,8 @@ def _store_state(row: RouteState, state: RolloutState) -> None:
     row.approved_step = state.approved_step
     row.samples_in_step = state.samples_in_step
     row.policy_state = {"failed": state.failed, "samples_for": state.samples_for,
-                        "posteriors": {n: asdict(p) for n, p in state.posteriors.items()}}
+                        "posteriors": {n: asdict(p) for n, p in state.posteriors.items()},
+                        "pending_rollback": state.pending_rollback}
 
 
 # -- operator actions (the `shadowjudge routes` commands) --------------------------------------------------------
@@ -416,7 +433,9 @@ def rollback_decision(route: RouteConfig, state: RolloutState, to: str | None, r
     `gateway_weights` (what the gateway holds; None: unknown) win over the state's, as in the controller: a
     candidate a hand edit gave traffic is marked failed too, or the next cycle would ramp it back up. A failed push
     leaves the refused state marked and `rolling_back`, so the controller retries the rollback next cycle (undoing a
-    promotion that fails leaves the state as it was: rerun the command)."""
+    promotion that fails leaves the state as it was: rerun the command). Either way the person has chosen which
+    target serves: a rollback of the serving target the controller left pending is dropped when it goes through,
+    and when it is refused if it keeps the serving target."""
     names = [t.name for t in route.targets]
     target = to or state.serving
     if target not in names:
@@ -432,10 +451,11 @@ def rollback_decision(route: RouteConfig, state: RolloutState, to: str | None, r
             failed.setdefault(n, {"fingerprint": target_fingerprint(by_name[n]), "reason": reason,
                                   "at": now.isoformat()})
     applied = replace(state, weights=after, serving=target, candidate=None, step_index=-1, step_started_at=now,
-                      phase="rolled_back", samples_in_step=0, approved_step=None, failed=failed)
+                      phase="rolled_back", samples_in_step=0, approved_step=None, failed=failed, pending_rollback=None)
     # Refused, a rollback of the serving target's candidates is left marked for the controller to retry; undoing a
     # promotion (`to` another target than the serving one) is not the controller's to retry: state stays as it was.
-    refused = replace(state, failed=failed, phase="rolling_back") if target == state.serving else state
+    refused = replace(state, failed=failed, phase="rolling_back", pending_rollback=None) \
+        if target == state.serving else state
     text = f"{reason}: all traffic to '{target}' ({weights_diff(before, after)})"
     return Decision("rollback", before, after, text, applied, refused)
 
