@@ -792,14 +792,17 @@ def track(engine: Engine, config: Config, route: RouteConfig, handle: RunHandle,
                 "policy": route.policy.kind},
         metrics={"samples": len(handle.sample_ids), "spend_usd": shadow_report.get("spend_usd", 0.0),
                  "samples.served_by_candidates": served_by_candidates(engine, handle.run_id),
-                 "ingest.stored": reports.get("ingest", {}).get("totals", {}).get("stored", 0),
-                 "ingest.quarantined": reports.get("ingest", {}).get("totals", {}).get("quarantined", 0),
+                 **ingest_metrics(None if handle.resumed else reports.get("ingest")),
                  **{f"incumbent.{k}": v for k, v in incumbent_metrics.items()}, **summary,
                  **drift_metrics(analysis.get("drift")), **calibration_metrics(reports.get("calibration"))},
         tags={"shadowjudge.route": route.name, "shadowjudge.store_run_id": str(handle.run_id),
               # empty once a rerun calibrates: the tag of a failed calibration must not outlive it
               "shadowjudge.calibration_failed": str(reports.get("score", {}).get("calibration_failed") or "")[:5000]},
         candidates=candidates, samples_table=table, figures=figures,
+        # A stage flow has neither report, and a rerun's ingest is not the one its cycle started with (it took
+        # traffic for later cycles): what the cycle logged for them stays.
+        not_computed=tuple(f"{name}." for name in ("ingest", "calibration")
+                           if not reports.get(name) or (name == "ingest" and handle.resumed)),
         json_artifacts={"analysis.json": analysis, "shadow_report.json": shadow_report,
                         **({"calibration.json": reports["calibration"]} if reports.get("calibration") else {})},
     )
@@ -827,6 +830,14 @@ def drift_metrics(drift: dict[str, Any] | None) -> dict[str, float]:
             if r.get(field) is not None:
                 out[f"{key}.{field}"] = float(r[field])
     return out
+
+
+def ingest_metrics(ingest: dict[str, Any] | None) -> dict[str, float]:
+    """MLflow metrics of the ingest that preceded the cycle (none when a stage flow runs without one)."""
+    if not ingest or "totals" not in ingest:
+        return {}
+    totals = ingest.get("totals", {})
+    return {"ingest.stored": totals.get("stored", 0), "ingest.quarantined": totals.get("quarantined", 0)}
 
 
 def calibration_metrics(calibration: dict[str, Any] | None) -> dict[str, float]:

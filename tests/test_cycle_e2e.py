@@ -74,6 +74,8 @@ def test_cycle_end_to_end_and_rerun_adds_nothing(tmp_path, store_url, replay_ser
     assert again["routes"]["chat-default"]["weights_after"] == outcome["weights_after"]
     exp = client.get_experiment_by_name("shadowjudge/chat-default")
     assert len(client.search_runs([exp.experiment_id])) == 3  # one cycle run + one nested run per candidate
+    # the rerun's own ingest found nothing new: the cycle's run still says what the cycle's ingest stored
+    assert [m.value for m in client.get_metric_history(run.mlflow_run_id, "ingest.stored")] == [300]
 
     evaluation_cycle(config_path=config_path, cycle_id="c2")
     with session_scope(engine) as s:

@@ -86,3 +86,20 @@ def test_an_infinite_cost_on_the_first_logging_gets_its_point(tmp_path):
     parent = log_cycle(uri, "sj", _cycle({COST: math.inf}))
     child = _child(MlflowClient(uri), parent)
     assert child.data.metrics[COST] == sys.float_info.max and child.data.tags[INFINITE_METRICS_TAG] == COST
+
+
+def test_metrics_a_stage_rerun_did_not_compute_keep_their_values(tmp_path):
+    """The analyse and update-routes stage flows log the cycle again without its ingest and calibration reports:
+    every calibration.* and ingest.* metric got a NaN point, though the teacher's verdicts were still stored."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    first = {"calibration.agreement": 0.65, "calibration.pairs": 43.0, "ingest.stored": 300.0, "spend_usd": 1.0}
+    parent = log_cycle(uri, "sj", _cycle({"canary_score": 90.0}, first))
+    rerun = CycleLog("chat", "chat:20260101T0000Z", {"config_hash": "abc"}, {"samples": 40}, {},
+                     [CandidateLog("cand-a", {"model": "m-a"}, {"canary_score": 90.0}, {"verdict": "pass"})],
+                     not_computed=("calibration.", "ingest."))
+    log_cycle(uri, "sj", rerun)
+    client = MlflowClient(uri)
+    metrics = client.get_run(parent).data.metrics
+    assert (metrics["calibration.agreement"], metrics["calibration.pairs"], metrics["ingest.stored"]) == (0.65, 43, 300)
+    assert _history(client, parent, "calibration.agreement") == [0.65]
+    assert math.isnan(metrics["spend_usd"])  # computed by the rerun and now unknown: not the first run's value

@@ -64,6 +64,9 @@ class CycleLog:
     samples_table: dict[str, list[Any]] | None = None
     figures: dict[str, Any] = field(default_factory=dict)  # artifact file name -> matplotlib Figure
     json_artifacts: dict[str, Any] = field(default_factory=dict)  # artifact file name -> JSON-serialisable
+    # Metric name prefixes this log did not compute (a stage rerun has no ingest or calibration report): the values
+    # logged for them before are kept, not replaced by NaN as a metric the cycle no longer has would be.
+    not_computed: tuple[str, ...] = ()
 
 
 def experiment_name(prefix: str, route: str) -> str:
@@ -76,12 +79,14 @@ def _client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-def _metric_updates(metrics: Mapping[str, float | None], latest: Mapping[str, float]) -> dict[str, float]:
+def _metric_updates(metrics: Mapping[str, float | None], latest: Mapping[str, float],
+                    not_computed: tuple[str, ...] = ()) -> dict[str, float]:
     """The values to log: those not logged before or changed since, and NaN for a metric logged before that has no
-    value now (None, NaN, or left out), so its old value does not read as the latest. A metric never logged gets no
-    point until it has a value."""
+    value now (None, NaN, or left out, unless its name starts with one of `not_computed`), so its old value does not
+    read as the latest. A metric never logged gets no point until it has a value."""
     values = {k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))}
-    values |= {k: math.nan for k in latest if k not in values}
+    values |= {k: math.nan for k in latest
+               if k not in values and (k in metrics or not k.startswith(not_computed))}
     return {k: v for k, v in values.items() if k not in latest or not _same_as_stored(latest[k], v)}
 
 
@@ -138,7 +143,7 @@ def _find_run(client, experiment_id: str, key: str, target: str) -> str | None:
 
 
 def _log_values(client, run_id: str, params: Mapping[str, Any], metrics: Mapping[str, float],
-                tags: Mapping[str, str]) -> None:
+                tags: Mapping[str, str], not_computed: tuple[str, ...] = ()) -> None:
     from mlflow.entities import Metric, Param, RunTag
 
     data = client.get_run(run_id).data
@@ -152,7 +157,7 @@ def _log_values(client, run_id: str, params: Mapping[str, Any], metrics: Mapping
     now_ms = int(time.time() * 1000)
     client.log_batch(
         run_id,
-        metrics=[Metric(k, v, now_ms, 0) for k, v in _metric_updates(metrics, latest).items()],
+        metrics=[Metric(k, v, now_ms, 0) for k, v in _metric_updates(metrics, latest, not_computed).items()],
         params=[Param(k, v) for k, v in wanted.items() if k not in existing],
         tags=[RunTag(k, str(v)) for k, v in all_tags.items()],
     )
@@ -189,7 +194,7 @@ def log_cycle(tracking_uri: str, prefix: str, cycle: CycleLog) -> str:
                                     tags={RUN_KEY_TAG: cycle.run_key, TARGET_TAG: CYCLE_TARGET})
             run_id = run.info.run_id
         opened.append(run_id)
-        _log_values(client, run_id, cycle.params, cycle.metrics, cycle.tags)
+        _log_values(client, run_id, cycle.params, cycle.metrics, cycle.tags, cycle.not_computed)
         for cand in cycle.candidates:
             child = _find_run(client, exp_id, cycle.run_key, cand.target)
             if child is None:
