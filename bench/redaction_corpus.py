@@ -64,7 +64,9 @@ def audit(texts: list[str], examples: int) -> dict:
 
 # Texts built to make a detector rescan (each about 24k characters): the worst case, not a typical text. A context
 # word before thousands of candidates makes each candidate search the text before it; a finding glued to the next
-# one makes a second pass over the whole text.
+# one makes a second pass over the whole text. A run of abbreviations (`no.`) or separators between a phone word
+# and a character that ends its context is where a loop that can read a piece two ways backtracks exponentially
+# (24 `no.` took 32 s); a chain of findings each hidden by the one before takes one pass per finding.
 ADVERSARIAL = {"separator_runs": "a.." * 8000 + "@", "quote_runs": "a''" * 8000 + "@", "dot_runs": "a." * 12000 + "@",
                "cjk_separator_runs": "用.." * 8000 + "用@例子.公司", "digit_groups": "12-" * 8000,
                "phone_word_and_numbers": "phone " + "5551234567 " * 2200,
@@ -72,7 +74,12 @@ ADVERSARIAL = {"separator_runs": "a.." * 8000 + "@", "quote_runs": "a''" * 8000 
                "part_label_and_ssns": "Part no. " + "123-45-6789, " * 1850,
                "unlisted_cjk_domain_labels": "a@" + "例." * 12000,
                "cjk_dot_latin_runs": ("張." * 100 + "a@b.co ") * 120,
-               "full_width_at_runs": "ｊ＠" * 12000, "glued_findings": "x@y.co4111111111111111" * 1100}
+               "full_width_at_runs": "ｊ＠" * 12000, "glued_findings": "x@y.co4111111111111111" * 1100,
+               "phone_abbreviation_runs": ("phone " + "no." * 24 + "#4155550123\n") * 270,
+               "phone_glued_abbreviations": ("call " + "dr.st." * 12 + ";4155550123 ") * 280,
+               "phone_separator_runs": ("phone" + " -" * 35 + "#4155550123 ") * 280,
+               "glued_key_phone_chain": "AKIAABCDEFGHIJKLMNOP+14155550100" * 750,
+               "glued_cjk_domain_chain": "x@a.中文字符" * 2400}
 
 
 def adversarial_ms() -> dict[str, float]:

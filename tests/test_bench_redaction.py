@@ -50,3 +50,15 @@ def test_a_directory_without_the_corpus_is_one_line_and_a_non_zero_exit(tmp_path
     done = subprocess.run([sys.executable, str(BENCH), "--data", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "holds no prompts.jsonl.gz and outputs.jsonl.gz" in done.stderr
+
+
+def test_the_crafted_chains_are_redacted_whole_and_the_abbreviation_runs_find_nothing():
+    """Worst cases for speed that must also come out right: every link of a chain whose findings hide each other,
+    and no phone where a run of `no.` ends in a character no phone's context holds."""
+    redactor = Redactor.from_config(RedactionConfig())
+    expected = {"glued_key_phone_chain": {"API_KEY": 750, "PHONE": 750}, "glued_cjk_domain_chain": {"EMAIL": 2400},
+                "phone_abbreviation_runs": {}, "phone_glued_abbreviations": {}, "phone_separator_runs": {}}
+    for name, counts in expected.items():
+        found: dict[str, int] = {}
+        redactor.redact(ADVERSARIAL[name], found)
+        assert found == counts, name

@@ -11,6 +11,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from shadowjudge.config import RedactionConfig
+from shadowjudge.traffic import redaction
 from shadowjudge.traffic.redaction import Redactor, iban_valid, luhn_valid
 
 
@@ -486,7 +487,9 @@ def test_thousands_of_findings_in_one_text_are_all_replaced(redactor, text, expe
 
 def test_overlapping_findings_go_to_the_earlier_detector_then_the_earlier_start():
     spans = [(5, 9, 1, "B"), (0, 6, 0, "A"), (8, 12, 0, "A"), (10, 14, 1, "B"), (14, 16, 1, "B"), (12, 13, 2, "C")]
-    assert Redactor([], [])._replace("x" * 20, spans) == ("[A]xx[A][C]x[B]xxxx", {"A": 2, "C": 1, "B": 1})
+    kept = redaction._winners(spans)
+    assert redaction._replace("x" * 20, "x" * 20, kept, [])[0] == "[A]xx[A][C]x[B]xxxx"
+    assert [span[3] for span in kept] == ["A", "A", "C", "B"]
 
 
 def _kept_one_by_one(spans):
@@ -506,7 +509,7 @@ def test_the_findings_kept_are_those_kept_one_by_one(found):
     kept = _kept_one_by_one(spans)
     expected = "".join(text[prev[1] if prev else 0:span[0]] + f"[{span[3]}]"
                        for prev, span in zip([None] + kept[:-1], kept)) + text[kept[-1][1] if kept else 0:]
-    assert Redactor([], [])._replace(text, list(spans))[0] == expected
+    assert redaction._replace(text, text, redaction._winners(list(spans)), [])[0] == expected
 
 
 def test_an_extra_pattern_that_matches_nothing_inserts_no_placeholder():
@@ -692,3 +695,161 @@ def test_a_configured_pattern_never_replaces_a_placeholder_so_redacting_twice_ch
     once = redact(redactor, "see MAX_RETRIES and sk-proj-abcdefghijklmnopqrstuvwxyz012345, mail a@b.co")
     assert once == ("see [CONSTANT] and [API_KEY], mail [EMAIL]", {"CONSTANT": 1, "API_KEY": 1, "EMAIL": 1})
     assert redact(redactor, once[0]) == (once[0], {})
+
+
+def _backtracking_loops(pattern: str) -> list[str]:
+    """The repetitions of `pattern` that may give back what they matched (greedy or lazy) and either have no bound
+    or repeat a group: where a failing match tries every way of splitting the text between them, exponentially
+    many when the pieces overlap. Look-arounds are skipped (each is tried once per position)."""
+    import re._parser as parser
+    from re._constants import MAXREPEAT
+
+    found: list[str] = []
+
+    def walk(items) -> None:
+        for op, arg in items:
+            name = str(op)
+            if name in ("MAX_REPEAT", "MIN_REPEAT"):
+                _, most, body = arg
+                if most == MAXREPEAT or any(str(inner) in ("BRANCH", "SUBPATTERN", "MAX_REPEAT", "MIN_REPEAT",
+                                                           "POSSESSIVE_REPEAT") for inner, _ in body):
+                    found.append(str(body)[:80])
+                walk(body)
+            elif name == "POSSESSIVE_REPEAT":
+                walk(arg[2])
+            elif name == "SUBPATTERN":
+                walk(arg[-1])
+            elif name == "BRANCH":
+                for branch in arg[1]:
+                    walk(branch)
+            elif name == "ATOMIC_GROUP":
+                walk(arg)
+
+    walk(parser.parse(pattern))
+    return found
+
+
+@pytest.mark.parametrize("name", ["_PHONE_CONTEXT", "_PHONE_CONTEXT_NEXT_LINE", "_SSN_CONTEXT", "_SSN_BARE_CONTEXT",
+                                  "_PART_NUMBER_LABEL"])
+def test_the_patterns_searched_before_every_candidate_never_backtrack_into_a_loop(name):
+    """They run before every candidate number, on text anyone can send: `phone no.no.no...#4155550123` took 32 s in
+    one call while a full stop could be read two ways. Possessive loops fail in one pass over the window."""
+    assert _backtracking_loops(getattr(redaction, name).pattern) == []
+
+
+@pytest.mark.parametrize("text", [
+    ("phone " + "no." * 24 + "#4155550123\n") * 40,  # 2^24 readings of the full stops each, had they two
+    ("call " + "dr.st." * 12 + ";4155550123\n") * 40,
+    ("phone" + ":" * 36 + " ." * 18 + "#4155550123\n") * 40,
+    ("tel " + "(ab " * 18 + "4155550123\n") * 40,
+    ("SSN" + " ." * 18 + ";123 45 6789\n") * 40,
+])
+def test_crafted_runs_before_a_number_are_read_in_one_pass(redactor, text):
+    """Each number's window holds its word and a run no phone's or SSN's context reads through: one pass over it
+    takes microseconds, where two readings of each full stop took 32 s per number (the run of pytest would not
+    end). The numbers stay, as no context reaches them."""
+    assert redact(redactor, text) == (text, {})
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[Phone] 4155550123", "[Phone] [PHONE]"),  # a label in brackets is a word like any other
+    ("[phone]: 4155550123", "[phone]: [PHONE]"),
+    ("Contact details:\n[Mobile] 2125551234\n[Email] none", "Contact details:\n[Mobile] [PHONE]\n[Email] none"),
+    ("SSN [required]: 123 45 6789", "SSN [required]: [SSN]"),
+    ("**[Ssn](#ssn)**: 123 45 6789", "**[Ssn](#ssn)**: [SSN]"),
+    ("Item: 123-45-6789 is my social", "Item: [SSN] is my social"),  # a form's field, no item number label
+    ("Please call me. 4155550123", "Please call me. [PHONE]"),  # the number starts the next sentence
+    ("Call me! 4155550123", "Call me! [PHONE]"),
+    ("You can call me at\n4155550123", "You can call me at\n[PHONE]"),
+])
+def test_a_bracketed_word_or_a_number_right_after_the_words_sentence_still_counts(redactor, text, expected):
+    assert redact(redactor, text)[0] == expected
+
+
+@pytest.mark.parametrize("text", [
+    "Item #123-45-6789 shipped", "Item no. 123-45-6789",  # an item's number label is a label
+    "Phone: see the list below, it is long and has no number in it.\n5551234567",  # past the next line's reach
+])
+def test_an_item_number_label_or_a_far_sentence_is_still_no_context(redactor, text):
+    assert redact(redactor, text) == (text, {})
+
+
+@pytest.mark.parametrize("text", [
+    "My phone died last week, so I could not confirm the refund for order 2125551234 in time.",
+    "I called support from my phone yesterday and they said my account number is 4155550123, is that right?",
+    "Call of Duty: Modern Warfare III sold roughly 3105551234 hours of playtime in its first month, per the report.",
+    "Please call back tomorrow about the refund status of your recent purchase, invoice 6465550199.",
+    "The SSA processed 412345678 claims last year, according to the annual report.",
+])
+def test_a_number_named_as_another_kind_or_counting_something_is_no_phone_or_ssn(redactor, text):
+    assert redact(redactor, text) == (text, {})
+
+
+def test_a_placeholder_written_by_the_redactor_is_no_word_but_other_brackets_are(redactor):
+    """`[PHONE]` and `[SSN]` as the redactor writes them (case and all) end a word's reach; `[Phone]` does not."""
+    assert redact(redactor, "[PHONE] 4155550123")[1] == {}
+    assert redact(redactor, "SSN [EMAIL] 123 45 6789")[1] == {}
+    assert redact(redactor, "[Phone] 4155550123")[1] == {"PHONE": 1}
+
+
+GLUED_CHAIN_PIECES = ["john@example.com", "x@y.co", "+14155550100", "4111111111111111", "123-45-6789", "10.0.0.1",
+                      "sk-abcdefghijklmnopqrstuvwx", "4155550123", "a@b.io", "ghp_" + "a" * 36, "AKIAABCDEFGHIJKLMNOP",
+                      "x@a.中文字符", "DE89370400440532013000", "fe80::1", "123 45 6789", "SSN ", "phone "]
+
+
+def _redact_with_whole_passes(redactor: Redactor, text: str, monkeypatch) -> tuple[str, dict[str, int]]:
+    """Redaction whose every later pass reads the whole text again, not only around what the pass before replaced."""
+    with monkeypatch.context() as patched:
+        patched.setattr(redaction, "_rescan_regions", lambda text, spans, kept: [(-1, 10 ** 9, 0, "")])
+        return redact(redactor, text)
+
+
+@pytest.mark.parametrize("text", [
+    "john@example.com+14155550100AKIAABCDEFGHIJKLMNOP+14155550100ghp_" + "a" * 36,
+    "a@b.io4111111111111111sk-abcdefghijklmnopqrstuvwxjohn@example.com+14155550100ghp_" + "a" * 36
+    + "+14155550100AKIAABCDEFGHIJKLMNOP",
+    "+14155550100123-45-6789john@example.com4111111111111111x@y.co123-45-6789+14155550100"
+    "sk-abcdefghijklmnopqrstuvwx10.0.0.110.0.0.1",
+    "ghp_" + "a" * 36 + "AKIAABCDEFGHIJKLMNOPAKIAABCDEFGHIJKLMNOPghp_" + "a" * 36 + "123-45-6789x@y.co",
+])
+def test_a_glued_chain_is_redacted_whole_in_one_call(redactor, text, monkeypatch):
+    """Each finding hides the next from its detector until it is a placeholder: four passes left the fifth in clear."""
+    once = redact(redactor, text)
+    assert redact(redactor, once[0]) == (once[0], {})
+    assert once == _redact_with_whole_passes(Redactor.from_config(RedactionConfig()), text, monkeypatch)
+
+
+@pytest.mark.parametrize("link, kinds", [
+    ("AKIAABCDEFGHIJKLMNOP+14155550100", {"API_KEY": 1, "PHONE": 1}),
+    ("x@a.中文字符", {"EMAIL": 1}),  # found from the last one back, each once the one after it is a placeholder
+])
+def test_thousands_of_findings_each_hidden_by_the_one_before_are_all_replaced(redactor, link, kinds):
+    text = link * 1500
+    out, counts = redact(redactor, text)
+    assert counts == {kind: n * 1500 for kind, n in kinds.items()}
+    assert set(out) <= set("".join(f"[{kind}]" for kind in kinds))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(GLUED_CHAIN_PIECES), min_size=2, max_size=10))
+def test_later_passes_around_what_was_replaced_find_what_whole_passes_find(pieces):
+    text = "".join(pieces)
+    redactor = Redactor.from_config(RedactionConfig())
+    once = redact(redactor, text)
+    assert redact(redactor, once[0]) == (once[0], {})
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(redaction, "_rescan_regions", lambda text, spans, kept: [(-1, 10 ** 9, 0, "")])
+        assert redact(Redactor.from_config(RedactionConfig()), text) == once
+
+
+@pytest.mark.parametrize("text, rescanned", [
+    ("mail a@b.co now, or call +1 415 555 0100.", False),  # findings between spaces and punctuation: one pass
+    ("(a@b.co) and \"x@y.co\"", False),
+    ("john@example.com+14155550100", True),  # glued
+    ("call 4155550123 123 45 6789", True),  # a digit one space on, which the look-behind of an SSN sees
+])
+def test_a_second_pass_runs_only_where_a_finding_touches_other_text(text, rescanned):
+    redactor = Redactor.from_config(RedactionConfig())
+    spans = redactor._find(text, None)
+    assert spans
+    assert bool(redaction._rescan_regions(text, spans, redaction._winners(spans))) is rescanned

@@ -187,43 +187,61 @@ def mixed_local_start(text: str, at: int) -> int:
 # IBAN ends. Upper case as IBANs are printed, or lower case (typed by hand) starting a word.
 _IBAN = re.compile(r"(?:[A-Z]{2}|(?<![A-Za-z0-9])[A-Za-z]{2})\d{2}(?: ?[A-Za-z0-9]){11,30}(?![A-Za-z0-9])")
 # US Social Security numbers, 123-45-6789, or 123 45 6789 and 123456789 only a little after a word such as `SSN`
-# or `social security` (`_SSN_CONTEXT`): numbers in a table or list are groups of 3, 2 and 4 digits too (`450 25
-# 1200`), and 9 digits are any id. Not within a longer run of digit groups with the same separator (a phone, a list
-# of numbers; another number after a space may follow: `123-45-6789 2 dependents`); `_ssn_ok` then rules out the
-# numbers never issued. Between the word and the number no digit, `;` or `[`; a placeholder (`[SSN]`) is no SSN word
-# and ends the word's reach, so that a second pass (MAX_PASSES) does not take the next number of a list. A dashed
-# one right after a part, catalogue, order, model, serial or SKU label (`Part no. 123-45-6789`,
-# `_PART_NUMBER_LABEL`) is that thing's number, unless an SSN word comes before it too.
+# or `social security` (`_SSN_CONTEXT`; for 9 bare digits not `SSA`, the agency, whose sentences count claims and
+# payments): numbers in a table or list are groups of 3, 2 and 4 digits too (`450 25 1200`), and 9 digits are any
+# id. Not within a longer run of digit groups with the same separator (a phone, a list of numbers; another number
+# after a space may follow: `123-45-6789 2 dependents`); `_ssn_ok` then rules out the numbers never issued. Between
+# the word and the number no digit or `;`, and no placeholder (`_collect`): only the number right after the word is
+# one. A dashed one right after a part, catalogue, order, model, serial or SKU label, or an item's number label
+# (`Part no. 123-45-6789`, `Item #`; `_PART_NUMBER_LABEL`) is that thing's number, unless an SSN word comes before it
+# too.
 _SSN = re.compile(r"\d(?<![\w.+-]\d)(?<!\d[ -]\d)\d\d-\d\d-\d{4}(?![\w]|[.,]\d|-\d)")
 _SSN_SPACED = re.compile(r"\d(?<![\w.+-]\d)(?<!\d[ -]\d)\d\d \d\d \d{4}(?![\w]|[.,]\d| \d)")
 _SSN_BARE = re.compile(r"\d(?<![\w.+-]\d)(?<!\d[ -]\d)\d{8}(?![\w]|[.,]\d|-\d)")
-_SSN_CONTEXT = re.compile(r"(?i)(?<!\[)\b(?:ssns?|ss#|ssa|social[ -]security)(?![a-z])[^\d;\[]*$")
-# The label, then earlier numbers of a list (`Part nos. 123-45-6789, 123-45-6790`).
-_PART_NUMBER_LABEL = re.compile(r"(?i)\b(?:parts?|catalog(?:ue)?s?|cat|orders?|models?|serials?|skus?|items?)\.?"
-                                r"(?:\s*(?:no|nos|nr|num|numbers?|#|ids?|codes?)\b\.?)?\s*[:#=-]?\s*"
-                                r"(?:\d{3}-\d\d-\d{4}(?:\s*[,/&]\s*|\s+(?:and|or)\s+))*$")
+_SSN_CONTEXT = re.compile(r"(?i)\b(?:ssns?|ss#|ssa|social[ -]security)(?![a-z])[^\d;]*+$")
+_SSN_BARE_CONTEXT = re.compile(r"(?i)\b(?:ssns?|ss#|social[ -]security)(?![a-z])[^\d;]*+$")
+# The label, then earlier numbers of a list (`Part nos. 123-45-6789, 123-45-6790`). `Item` alone is a form's field
+# (`Item: 123-45-6789 is my social`): only with a number word. Possessive, so that a failing label costs one try.
+_PART_NUMBER_LABEL = re.compile(r"(?i)\b(?:(?:parts?|catalog(?:ue)?s?|cat|orders?|models?|serials?|skus?)\.?"
+                                r"(?:\s*+(?:no|nos|nr|num|numbers?|#|ids?|codes?)\b\.?)?+"
+                                r"|items?\.?\s*+(?:no|nos|nr|num|numbers?|#|ids?|codes?)(?![a-z])\.?)"
+                                r"\s*+[:#=-]?+\s*+(?:\d{3}-\d\d-\d{4}(?:\s*+[,/&]\s*+|\s++(?:and|or)\s++))*+$")
 # A North American number written as a bare run of 10 digits, or 11 with the trunk code 1 (5551234567): found only
 # a little after a word that announces a phone number (`_PHONE_CONTEXT`), as ids, amounts, integer limits
 # (2147483647) and numbers in URLs (/playlist/7504851590) are bare runs of 10 digits too. Between the word and the
 # number, no digit and nothing of code or maths (an opening bracket, `=`, operators): `call f(4000000000)` and
-# `cell A1 = 2147483647` are no phone numbers.
-_PHONE_BARE = re.compile(r"[1-9](?<![\w.+/-][1-9])\d{9,10}(?![\w]|[.,]\d)")
-# The word is a whole one (`tell`, `telescope`, `called`, `iPhone` are not it), and an id (`Contact id`, `#`) or
-# a new clause (`;`) between it and the number is not a phone's. `cell` and `SMS` name other things too (`Excel cell
-# B holds ...`, `SMS gateway processed ...`): only a few linking words may follow them (`cell: `, `my cell is `,
-# `SMS to `). Other such numbers may come between: `Phone: 5551234567, 5559876543` holds two. Right after the word,
-# a label's number (`Phone 2: `) and line breaks (a form's `Phone:` above its value); further on, a closed aside in
-# brackets (`Tel. (US) `; not `call f(`, code), and no line break nor sentence end (a full stop other than an
-# abbreviation's: `Tel.`, `no.`, `Dr.`): the word may be up to PHONE_CONTEXT_CHARS before the number, further than
-# other kinds' words, as the sentence is the one that announces it.
-_PHONE_CONTEXT = re.compile(r"(?i)(?<!\[)(?:\b(?:phones?|telephones?|tel|call|mobile|cellphone|fax|contact|whatsapp"
+# `cell A1 = 2147483647` are no phone numbers. Nor is one that counts something (`3105551234 hours`, `... times`).
+_COUNTED = (r"hours?|hrs|minutes?|mins|seconds?|secs|days|weeks|months|years|times|people|persons|users|views|visits"
+            r"|downloads|copies|units|items|dollars|euros|usd|eur|bytes|records|rows|claims|votes|customers"
+            r"|subscribers|followers|players|miles|km|kg|tons")
+_PHONE_BARE = re.compile(r"[1-9](?<![\w.+/-][1-9])\d{9,10}(?![\w]|[.,]\d|\s+(?i:" + _COUNTED + r")\b)")
+# The word is a whole one (`tell`, `telescope`, `called`, `iPhone` are not it), and an id (`Contact id`, `#`), a new
+# clause (`;`), a placeholder (`_collect`) or a word naming another kind of number or an amount (`order`, `invoice`,
+# `account`, `roughly`: `_OTHER_NUMBER`) between it and the number is not a phone's. `cell` and `SMS` name other
+# things too (`Excel cell B holds ...`, `SMS gateway processed ...`): only a few linking words may follow them
+# (`cell: `, `my cell is `, `SMS to `). Other such numbers may come between: `Phone: 5551234567, 5559876543` holds
+# two. Right after the word, a label's number (`Phone 2: `) and line breaks (a form's `Phone:` above its value);
+# further on, a closed aside in brackets (`Tel. (US) `; not `call f(`, code), and no line break nor sentence end (a
+# full stop other than an abbreviation's: `Tel.`, `no.`, `Dr.`): the word may be up to PHONE_CONTEXT_CHARS before
+# the number, further than other kinds' words, as the sentence is the one that announces it. A number that starts
+# the next sentence or line (`Please call me. 4155550123`, `Call me at\n4155550123`) is the word's only within
+# CONTEXT_CHARS, as other kinds' (`_PHONE_CONTEXT_NEXT_LINE`).
+# Each piece between the word and the number can be read one way only (a full stop is an abbreviation's, glued to
+# the next character, or the sentence's end before the number), and the loops are possessive: a window that is no
+# phone's context fails in one pass over it, where overlapping readings made `phone no.no.no...#` exponential.
+_OTHER_NUMBER = (r"ids?|orders?|invoices?|accounts?|acct|ref|references?|tickets?|tracking|confirmation|receipts?"
+                 r"|transactions?|bookings?|reservations?|polic(?:y|ies)|serials?|skus?|isbns?|routing"
+                 r"|roughly|approximately|approx|nearly|almost|sold|costs?|priced|paid|worth")
+_PHONE_CONTEXT_SENTENCE = (r"(?i)(?:\b(?:phones?|telephones?|tel|call|mobile|cellphone|fax|contact|whatsapp"
                             r"|text me)\b"
-                            r"(?:\s*\d{1,2}(?=\s*:))?[\s:.-]*"
-                            r"(?:(?!\bids?\b)(?![.!?]\s)[^\d\n(\[{<>=+*/^;#]"
-                            r"|(?<=\b(?:no|nr|dr|mr|ms|st))\.|(?<=\b(?:ext|mrs))\."
-                            r"|(?<=\s)\((?:[^\W\d_]|[ .,/&'-]){1,30}\)|(?<!\d)1?\d{10}(?!\d))*"
+                            r"(?:\s*+\d{1,2}+(?=\s*:))?+[\s:.-]*+"
+                            r"(?:(?!\b(?:" + _OTHER_NUMBER + r")\b)[^\d\s(\[{<>=+*/^;#.!?]|[^\S\n]"
+                            r"|\.(?<=\b(?:no|nr|dr|mr|ms|st)\.)|\.(?<=\b(?:ext|mrs)\.)|[.!?](?=[^\s.!?])"
+                            r"|(?<=\s)\((?:[^\W\d_]|[ .,/&'-]){1,30}+\)|(?<!\d)1?\d{10}(?!\d))*+"
                             r"|\b(?:cell|sms)\b(?:[\s:.,-]|\b(?:is|at|on|to|or|and|no|nr|num|number)\b"
-                            r"|(?<!\d)1?\d{10}(?!\d))*)$")
+                            r"|(?<!\d)1?\d{10}(?!\d))*+)")
+_PHONE_CONTEXT = re.compile(_PHONE_CONTEXT_SENTENCE + r"\Z")
+_PHONE_CONTEXT_NEXT_LINE = re.compile(_PHONE_CONTEXT_SENTENCE + r"[.!?]*+\s*+\Z")
 CONTEXT_CHARS = 40  # how far before a finding its context word may be
 PHONE_CONTEXT_CHARS = 80
 # 13 to 19 digits, optionally grouped by single spaces or dashes; not glued to other digits or letters.
@@ -325,10 +343,10 @@ def _ssn_ok(match: str) -> bool:
     return area not in ("000", "666") and area[0] != "9" and group != "00" and serial != "0000"
 
 
-def part_number_label_before(text: str, start: int) -> bool:
-    """Whether a part, catalogue, order, model, serial or SKU label comes right before `start`, and no SSN word does:
-    what follows is that thing's number, shaped like an SSN or not."""
-    lo = max(0, start - CONTEXT_CHARS)
+def part_number_label_before(text: str, start: int, floor: int = 0) -> bool:
+    """Whether a part, catalogue, order, model, serial or SKU label comes right before `start`, and no SSN word does
+    after `floor`: what follows is that thing's number, shaped like an SSN or not."""
+    lo = max(floor, start - CONTEXT_CHARS)
     return _PART_NUMBER_LABEL.search(text, lo, start) is not None and _SSN_CONTEXT.search(text, lo, start) is None
 
 
@@ -432,8 +450,11 @@ class Detector:
     # that looks like too many ordinary things to be taken on its shape alone.
     context: re.Pattern[str] | None = None
     context_chars: int = CONTEXT_CHARS
-    # Whether the text before a finding (text, finding's start) shows it to be something else of the same shape.
-    look_alike: Callable[[str, int], bool] | None = None
+    # Another such pattern, searched in the CONTEXT_CHARS before the finding where `context` finds nothing.
+    near_context: re.Pattern[str] | None = None
+    # Whether the text before a finding (text, finding's start, where the text it may read starts) shows it to be
+    # something else of the same shape.
+    look_alike: Callable[[str, int, int], bool] | None = None
     # Where the finding starts, given the text and the match's start, -1 for none: for a kind found from a marker
     # inside it (an address from its @) whose start a forward regex would have to try at every position.
     reach_back: Callable[[str, int], int] | None = None
@@ -481,9 +502,23 @@ _IPV4_HINT = re.compile(r"\.(?<=[0-9]\.)[0-9]")
 # is ten times slower); the ideographic space goes with them.
 _FULL_WIDTH_LEADS = (b"\xef\xbc", b"\xef\xbd")
 _FULL_WIDTH_TO_ASCII = {code: code - 0xFEE0 for code in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}
-# Passes at most over a text: a finding glued to another (`a@b.co4111111111111111`, `x@y.com+14155550100`) hides the
-# other's start from its detector until it is a placeholder, so redaction goes on until a pass finds nothing.
-MAX_PASSES = 4
+# A finding glued to another (`a@b.co4111111111111111`, `x@y.com+14155550100`) hides the other's start from its
+# detector until it is a placeholder, so redaction goes on until a pass finds nothing. A later pass looks only
+# RESCAN_MARGIN characters either side of what the pass before replaced where that touches other text, and where a
+# finding lost to an overlapping one it did not lie inside (`_rescan_regions`): each pass reads about as much as it
+# replaced, so a chain of thousands of glued findings, each hidden by the one before, costs no more than reading it
+# once per finding's neighbourhood (passes over the whole text made 22k characters of them take 7 s). It ends, as
+# every pass that goes on replaced text by a placeholder, which no detector finds (`Redactor._find`).
+RESCAN_MARGIN = 64
+# A finding that ends glued to a replaced one may start further back (an API key whose end the address after it
+# hid): the next pass also looks back over the text glued before it, up to the last space or placeholder, at most
+# RESCAN_REACH characters.
+RESCAN_REACH = 512
+_GLUED_RUN = re.compile(r"[^\s\]]*")
+# What may follow a finding and still leave the text after it as it was: a space (not before a digit, which a
+# look-behind over a separator sees: `123 45 6789`), or a closing punctuation mark before a space or the end.
+_CLOSING = frozenset(".,;:!?)]}\"'>")
+_OPENING = frozenset("([{\"'<")
 
 
 def builtin_text_detectors() -> list[Detector]:
@@ -505,25 +540,36 @@ def builtin_numeric_detectors() -> list[Detector]:
         Detector(CARD, _CARD, None, _card_ok),
         Detector(SSN, _SSN, None, _ssn_ok, look_alike=part_number_label_before),
         Detector(SSN, _SSN_SPACED, None, _ssn_ok, context=_SSN_CONTEXT),
-        Detector(SSN, _SSN_BARE, None, _ssn_ok, context=_SSN_CONTEXT),
+        Detector(SSN, _SSN_BARE, None, _ssn_ok, context=_SSN_BARE_CONTEXT),
         Detector(IP_ADDRESS, _IPV4, None, _ipv4_ok),
         Detector(PHONE, _PHONE, None, _phone_ok),
-        Detector(PHONE, _PHONE_BARE, None, _nanp_ok, context=_PHONE_CONTEXT, context_chars=PHONE_CONTEXT_CHARS),
+        Detector(PHONE, _PHONE_BARE, None, _nanp_ok, context=_PHONE_CONTEXT, context_chars=PHONE_CONTEXT_CHARS,
+                 near_context=_PHONE_CONTEXT_NEXT_LINE),
     ]
 
 
 _Span = tuple[int, int, int, str]  # start, end, priority, kind
 
 
-def _collect(det: Detector, text: str, lo: int, hi: int, priority: int, spans: list[_Span]) -> None:
+def _collect(det: Detector, text: str, lo: int, hi: int, priority: int, spans: list[_Span],
+             placeholder_ends: list[int], whole: bool) -> None:
     """Append to `spans` what `det` finds in `text[lo:hi]` and its checks accept. A measured finding shorter than
-    its match is searched on from its end: the rest of the match may hold the next one (`DE89 ... or GB82 ...`)."""
-    search = det.pattern.search
+    its match is searched on from its end: the rest of the match may hold the next one (`DE89 ... or GB82 ...`).
+    Unless `hi` is the text's end or a numeric window's (`whole`), a match is taken again with the text after `hi`,
+    as it would be on the whole text. A context word or label counts only after the last placeholder before the
+    finding (`placeholder_ends`): the placeholder stands for PII, and is no word itself."""
+    search, match = det.pattern.search, det.pattern.match
     pos = lo
     while pos <= hi:
         m = search(text, pos, hi)
         if m is None:
             return
+        if not whole:
+            found_at = m.start()
+            m = match(text, found_at)
+            if m is None:
+                pos = found_at + 1
+                continue
         pos = m.end() if m.end() > m.start() else m.end() + 1
         start, end = m.span(det.group)
         if det.valid is not None and not det.valid(m.group(det.group)):
@@ -539,9 +585,15 @@ def _collect(det: Detector, text: str, lo: int, hi: int, priority: int, spans: l
                 continue
         if end <= start:  # an empty match (an extra pattern such as `\d*`) hides nothing
             continue
-        if det.context is not None and det.context.search(text, max(0, start - det.context_chars), start) is None:
+        floor = 0
+        if placeholder_ends and (det.context is not None or det.look_alike is not None):
+            i = bisect_right(placeholder_ends, start)
+            floor = placeholder_ends[i - 1] if i else 0
+        if det.context is not None and det.context.search(text, max(floor, start - det.context_chars), start) is None \
+                and (det.near_context is None
+                     or det.near_context.search(text, max(floor, start - CONTEXT_CHARS), start) is None):
             continue
-        if det.look_alike is not None and det.look_alike(text, start):
+        if det.look_alike is not None and det.look_alike(text, start, floor):
             continue
         spans.append((start, end, priority, det.kind))
 
@@ -570,6 +622,126 @@ def _winners(spans: list[_Span]) -> list[_Span]:
             chosen.append(span)
         kept = list(merge(kept, chosen))
     return kept
+
+
+def _numeric_windows(text: str, lo: int, hi: int) -> list[tuple[int, int]]:
+    """Where numeric PII can be in `text[lo:hi]`: its digit runs, widened each side, merged where they meet."""
+    windows: list[tuple[int, int]] = []
+    n = len(text)
+    for m in _NUMERIC_RUN.finditer(text, lo, hi):
+        start, end = max(0, m.start() - _WINDOW_BEFORE), min(n, m.end() + _WINDOW_AFTER)
+        if windows and start <= windows[-1][1]:
+            windows[-1] = (windows[-1][0], end)
+        else:
+            windows.append((start, end))
+    return windows
+
+
+def _ascii_forms(text: str) -> str:
+    """`text` with its full-width forms read as ASCII, one character for one."""
+    if text.isascii():
+        return text
+    encoded = text.encode("utf-8", "surrogatepass")
+    if _FULL_WIDTH_LEADS[0] in encoded or _FULL_WIDTH_LEADS[1] in encoded:
+        return text.translate(_FULL_WIDTH_TO_ASCII)
+    return text
+
+
+def _touches_text(text: str, start: int, end: int) -> bool:
+    """Whether replacing `text[start:end]` may change what a detector sees around it: the text goes on glued to it
+    (`x@y.com+1415...`), or past one space a digit sees its digits (`4155550123 123 45 6789`)."""
+    if start > 0:
+        before = text[start - 1]
+        if before.isspace():
+            if start > 1 and text[start - 2].isdigit():
+                return True
+        elif not (before in _OPENING and (start == 1 or text[start - 2].isspace())):
+            return True
+    if end < len(text):
+        after = text[end]
+        if after.isspace():
+            if end + 1 < len(text) and text[end + 1].isdigit():
+                return True
+        elif not (after in _CLOSING and (end + 1 == len(text) or text[end + 1].isspace())):
+            return True
+    return False
+
+
+def _rescan_regions(text: str, spans: list[_Span], kept: list[_Span]) -> list[_Span]:
+    """Where the next pass must look once `kept` are replaced, as (start, end, 0, "") in `text` before the
+    replacement: around each finding that touches other text, and around each finding that lost to an overlapping
+    one without lying inside it (`john@example.com+14155550100`'s phone part may be one once the address is
+    replaced)."""
+    regions: list[_Span] = [(min(start - RESCAN_MARGIN, _run_start(text, start, _GLUED_RUN, RESCAN_REACH)),
+                             end + RESCAN_MARGIN, 0, "")
+                            for start, end, _, _ in kept if _touches_text(text, start, end)]
+    if len(spans) > len(kept):
+        starts = [span[0] for span in kept]
+        chosen = set(kept)
+        for span in spans:
+            if span in chosen:
+                continue
+            i = bisect_right(starts, span[0]) - 1
+            if i < 0 or kept[i][1] < span[1]:
+                regions.append((span[0] - RESCAN_MARGIN, span[1] + RESCAN_MARGIN, 0, ""))
+    return regions
+
+
+def _replace(text: str, seen: str, kept: list[_Span],
+             regions: list[_Span]) -> tuple[str, str, list[tuple[int, int]]]:
+    """`text` and `seen` (its ASCII reading, the same object when it has no full-width forms) with `kept` replaced by
+    placeholders, and `regions` moved to where they are in the new text, clipped and merged."""
+    pieces: list[str] = []
+    old_starts: list[int] = []
+    old_ends: list[int] = []
+    new_starts: list[int] = []
+    last = length = 0
+    for start, end, _, kind in kept:
+        pieces.append(text[last:start])
+        length += start - last
+        old_starts.append(start)
+        old_ends.append(end)
+        new_starts.append(length)
+        pieces.append(f"[{kind}]")
+        length += len(kind) + 2
+        last = end
+    pieces.append(text[last:])
+    result = "".join(pieces)
+    if seen is not text:
+        seen_pieces = [seen[a:b] if i % 2 == 0 else pieces[i] for i, (a, b) in
+                       enumerate(_piece_bounds(old_starts, old_ends, len(seen)))]
+        seen = "".join(seen_pieces)
+    else:
+        seen = result
+
+    def moved(pos: int, upper: bool) -> int:
+        i = bisect_right(old_starts, pos) - 1
+        if i < 0:
+            return pos
+        shift = new_starts[i] + len(kept[i][3]) + 2
+        if pos < old_ends[i]:
+            return shift if upper else new_starts[i]
+        return shift + pos - old_ends[i]
+
+    moved_regions: list[tuple[int, int]] = []
+    for lo, hi, _, _ in sorted(regions):
+        lo, hi = moved(max(0, lo), False), moved(min(len(text), hi), True)
+        if moved_regions and lo <= moved_regions[-1][1]:
+            moved_regions[-1] = (moved_regions[-1][0], max(hi, moved_regions[-1][1]))
+        else:
+            moved_regions.append((lo, hi))
+    return result, seen, moved_regions
+
+
+def _piece_bounds(starts: list[int], ends: list[int], length: int) -> list[tuple[int, int]]:
+    """The (start, end) of the pieces `_replace` joins: the text before each replaced span, the span, ..., the rest."""
+    bounds: list[tuple[int, int]] = []
+    last = 0
+    for start, end in zip(starts, ends):
+        bounds += [(last, start), (start, end)]
+        last = end
+    bounds.append((last, length))
+    return bounds
 
 
 class Redactor:
@@ -616,13 +788,15 @@ class Redactor:
                     counts[kind] = counts.get(kind, 0) + n
                 return hit[0]
         result, found = text, {}
-        for _ in range(MAX_PASSES):
-            spans = self._find(result)
-            if not spans:
-                break
-            result, found_now = self._replace(result, spans)
-            for kind, n in found_now.items():
-                found[kind] = found.get(kind, 0) + n
+        seen = _ascii_forms(text)
+        spans = self._find(seen, None)
+        while spans:
+            kept = _winners(spans)
+            regions = _rescan_regions(seen, spans, kept)
+            result, seen, regions = _replace(result, seen, kept, regions)
+            for kind in map(itemgetter(3), kept):
+                found[kind] = found.get(kind, 0) + 1
+            spans = self._find(seen, regions) if regions else []
         for kind, n in found.items():
             counts[kind] = counts.get(kind, 0) + n
         if cacheable:
@@ -631,66 +805,51 @@ class Redactor:
             self._cache[text] = (result, tuple(found.items()))
         return result
 
-    def _find(self, text: str) -> list[_Span]:
-        """The findings in `text`, but none overlapping a placeholder already there: a pattern that matches one (a
-        configured `[A-Z_]{5,}`) would otherwise replace it again on the next pass."""
-        spans = self._detect(text)
-        if spans and "[" in text:
-            taken = [m.span() for m in self._placeholder.finditer(text)]
-            if taken:
+    def _find(self, text: str, regions: list[tuple[int, int]] | None) -> list[_Span]:
+        """The findings in `text` (in `regions` only, unless None), but none overlapping a placeholder already there:
+        a pattern that matches one (a configured `[A-Z_]{5,}`) would otherwise replace it again on the next pass."""
+        # Placeholders where a context window or a finding may reach: all of them, or near the regions only, so
+        # that a pass reads about as much as its regions (a finding matched on past its region adds those after).
+        lo, hi = (0, len(text)) if regions is None else (max(0, regions[0][0] - 2 * PHONE_CONTEXT_CHARS),
+                                                         regions[-1][1])
+        brackets = "[" in text
+        taken = [m.span() for m in self._placeholder.finditer(text, lo, hi)] if brackets else []
+        ends = [end for _, end in taken]
+        spans = self._detect(text, regions, ends)
+        if spans and brackets:
+            furthest = max(map(itemgetter(1), spans))
+            if furthest > hi:
+                taken += [m.span() for m in self._placeholder.finditer(text, hi, furthest)]
                 ends = [end for _, end in taken]
+            if taken:
                 spans = [span for span in spans if not _overlaps(span, taken, ends)]
         return spans
 
-    def _detect(self, text: str) -> list[_Span]:
-        """The findings in `text`, its full-width forms read as ASCII."""
-        encoded = text.encode("utf-8", "surrogatepass")
-        if not text.isascii() and (_FULL_WIDTH_LEADS[0] in encoded or _FULL_WIDTH_LEADS[1] in encoded):
-            text = text.translate(_FULL_WIDTH_TO_ASCII)
-            encoded = text.encode("utf-8", "surrogatepass")
+    def _detect(self, text: str, regions: list[tuple[int, int]] | None, placeholder_ends: list[int]) -> list[_Span]:
+        """The findings in `text`, or in `regions` of it, its full-width forms already read as ASCII."""
         spans: list[_Span] = []
-        for priority, det in enumerate(self.text_detectors):
-            if det.gate is not None and not det.gate(text):
-                continue
-            _collect(det, text, 0, len(text), priority, spans)
-        digits = len(encoded.translate(None, _NOT_DIGITS))
-        if digits >= _MIN_DIGITS:
-            ranked = self._numeric_ranked
-        elif digits >= _MIN_DIGITS_IPV4 and _IPV4_HINT.search(text) is not None:
-            ranked = self._ipv4_ranked  # too few digits for any other numeric kind
-        else:
-            return spans
+        whole = regions is None
+        areas = [(0, len(text))] if whole else regions
         base = len(self.text_detectors)
-        for lo, hi in self._numeric_windows(text):
-            for offset, det in ranked:
-                _collect(det, text, lo, hi, base + offset, spans)
-        return spans
-
-    @staticmethod
-    def _numeric_windows(text: str) -> list[tuple[int, int]]:
-        windows: list[tuple[int, int]] = []
-        n = len(text)
-        for m in _NUMERIC_RUN.finditer(text):
-            lo, hi = max(0, m.start() - _WINDOW_BEFORE), min(n, m.end() + _WINDOW_AFTER)
-            if windows and lo <= windows[-1][1]:
-                windows[-1] = (windows[-1][0], hi)
+        for lo, hi in areas:
+            area = text if whole else text[lo:hi]
+            for priority, det in enumerate(self.text_detectors):
+                if det.gate is not None and not det.gate(area):
+                    continue
+                _collect(det, text, lo, hi, priority, spans, placeholder_ends, whole)
+            digits = len(area.encode("utf-8", "surrogatepass").translate(None, _NOT_DIGITS))
+            if digits >= _MIN_DIGITS:
+                ranked = self._numeric_ranked
+            elif digits >= _MIN_DIGITS_IPV4 and _IPV4_HINT.search(area) is not None:
+                ranked = self._ipv4_ranked  # too few digits for any other numeric kind
             else:
-                windows.append((lo, hi))
-        return windows
-
-    @staticmethod
-    def _replace(text: str, spans: list[_Span]) -> tuple[str, dict[str, int]]:
-        kept = _winners(spans)
-        pieces: list[str] = []
-        found: dict[str, int] = {}
-        last = 0
-        for start, end, _, kind in kept:
-            pieces.append(text[last:start])
-            pieces.append(f"[{kind}]")
-            found[kind] = found.get(kind, 0) + 1
-            last = end
-        pieces.append(text[last:])
-        return "".join(pieces), found
+                continue
+            for window_lo, window_hi in _numeric_windows(text, lo, hi):
+                # a numeric window of the whole text ends where its detectors' matches may end; a region's may not
+                window_whole = whole or window_hi == len(text)
+                for offset, det in ranked:
+                    _collect(det, text, window_lo, window_hi, base + offset, spans, placeholder_ends, window_whole)
+        return spans
 
     def _is_secret_key(self, key: Any) -> bool:
         if not isinstance(key, str):
