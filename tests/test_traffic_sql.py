@@ -252,27 +252,33 @@ def test_integer_request_ids_of_two_sources_do_not_collide(tmp_path):
     assert [r.read for r in ingest_sources(engine, make_config(store_url, sources)).sources] == [0, 0]
 
 
-def test_a_litellm_request_that_was_not_streamed_is_stored_without_a_ttft(store_url):
-    """LiteLLM sets completionStartTime = endTime for a request that was not streamed: its "TTFT" was the whole
-    latency, and against a streamed replay it made the incumbent look slow to its first token."""
+def test_a_litellm_ttft_is_stored_as_logged_and_read_by_what_the_request_said(store_url):
+    """LiteLLM sets completionStartTime = endTime for a request that was not streamed: its "TTFT" is the whole
+    latency. The store keeps what was logged, `stream` included; the analysis (`logged_ttft_ms`) drops it unless the
+    request said `stream: true`, as a one-chunk streamed answer can end in the millisecond its first token came."""
     from sqlalchemy import select
 
+    from shadowjudge.analysis.run_data import logged_ttft_ms
     from shadowjudge.store import TrafficSample, session_scope
 
-    rows = litellm_rows()[:4]
-    unstreamed, unsaid, streamed_at_end, streamed = rows
+    rows = litellm_rows()[:5]
+    unstreamed, unsaid, streamed_at_end, streamed_as_text, streamed = rows
     unstreamed["proxy_server_request"] = {**unstreamed["proxy_server_request"], "stream": False}
-    for row in (unstreamed, unsaid, streamed_at_end):
+    for row in (unstreamed, unsaid, streamed_at_end, streamed_as_text):
         row["completionStartTime"] = row["endTime"]
     streamed_at_end["proxy_server_request"] = {**streamed_at_end["proxy_server_request"], "stream": True}
+    streamed_as_text["proxy_server_request"] = {**streamed_as_text["proxy_server_request"], "stream": "true"}
     streamed["proxy_server_request"] = {**streamed["proxy_server_request"], "stream": True}
     create_litellm_table(store_url, rows)
     engine = get_engine(store_url)
-    assert ingest_sources(engine, make_config(store_url, [{**LITELLM, "url": store_url}])).sources[0].stored == 4
+    assert ingest_sources(engine, make_config(store_url, [{**LITELLM, "url": store_url}])).sources[0].stored == 5
     with session_scope(engine) as s:
-        stored = dict(s.execute(select(TrafficSample.request_id, TrafficSample.ttft_ms)).all())
-        latencies = dict(s.execute(select(TrafficSample.request_id, TrafficSample.latency_ms)).all())
-    assert stored[unstreamed["request_id"]] is None and stored[unsaid["request_id"]] is None
-    assert stored[streamed_at_end["request_id"]] is None  # a first token at the request's end is not one
-    assert stored[streamed["request_id"]] == pytest.approx(310)
-    assert all(latency == pytest.approx(3500) for latency in latencies.values())  # the latency is kept
+        stored = {request_id: (ttft, latency, params) for request_id, ttft, latency, params in s.execute(
+            select(TrafficSample.request_id, TrafficSample.ttft_ms, TrafficSample.latency_ms, TrafficSample.params))}
+    assert all(latency == pytest.approx(3500) for _, latency, _ in stored.values())
+    for row in (unstreamed, unsaid, streamed_at_end, streamed_as_text):
+        assert stored[row["request_id"]][0] == pytest.approx(3500)  # as logged, nothing lost at ingest
+    read = {request_id: logged_ttft_ms(*values) for request_id, values in stored.items()}
+    assert read[unstreamed["request_id"]] is None and read[unsaid["request_id"]] is None
+    assert read[streamed_at_end["request_id"]] == read[streamed_as_text["request_id"]] == pytest.approx(3500)
+    assert read[streamed["request_id"]] == pytest.approx(310)

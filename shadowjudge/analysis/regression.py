@@ -519,6 +519,23 @@ def _check_failures(data: RunData, target: str, ids: set[int] | None) -> list[Ch
     return [failure for _, failure in keyed[:WORST_EXAMPLES]]
 
 
+def _slice_floor(sizes: list[int], min_slice_samples: int, alpha: float, n_metrics: int) -> tuple[int, float, int]:
+    """Which slices are tested: (the fewest samples a tested slice has, the slices' confidence, the fewest values
+    a metric of one needs). Bonferroni over the slices tested, so k slices give no k chances of a false alarm; but
+    the more are tested, the stricter that confidence and the more samples a test needs to decide on (and no fewer
+    than `min_slice_samples`). The floor is the smallest at which every slice it admits can be decided at the
+    confidence of testing them all: a slice counted in the correction that could only be inconclusive would make
+    the others' intervals wider for nothing."""
+    floor = max(min_slice_samples, fewest_decisive_pairs(1 - alpha / n_metrics))  # as if one slice were tested
+    while True:
+        tested = sum(1 for size in sizes if size >= floor)
+        confidence = 1 - alpha / (n_metrics * max(1, tested))
+        decisive = max(min_slice_samples, fewest_decisive_pairs(confidence))
+        if decisive <= floor:
+            return floor, confidence, decisive
+        floor += 1
+
+
 def _analyse_candidate(data: RunData, route: RouteConfig, target: str, accept_floor: float) -> CandidateAnalysis:
     criteria = route.criteria
     alpha = 1 - criteria.confidence
@@ -537,17 +554,13 @@ def _analyse_candidate(data: RunData, route: RouteConfig, target: str, accept_fl
         members: dict[str, set[int]] = {}
         for sid in data.candidates[target]:
             members.setdefault(data.slices.get(sid, MISSING_SLICE), set()).add(sid)
-        # A slice below the floor at the overall confidence cannot be decisive at the slices' stricter one either.
-        min_slice_n = max(criteria.min_slice_samples, fewest_decisive_pairs(overall_conf))
-        testable = [v for v, ids in members.items() if len(ids) >= min_slice_n]
-        # Bonferroni over the slices actually tested: k slices must not give k chances of a false alarm.
-        slice_conf = 1 - alpha / (n_metrics * max(1, len(testable)))
-        min_slice_n = max(min_slice_n, fewest_decisive_pairs(slice_conf))
+        floor, slice_conf, min_slice_n = _slice_floor([len(ids) for ids in members.values()],
+                                                      criteria.min_slice_samples, alpha, n_metrics)
         for value in sorted(members):
             ids = members[value]
-            if value not in testable:
+            if len(ids) < floor:
                 slices.append(SliceResult(route.slice_key, value, len(ids), Verdict.INCONCLUSIVE, None, [],
-                                          [f"only {len(ids)} samples, {min_slice_n} needed"]))
+                                          [f"only {len(ids)} samples, {floor} needed"]))
                 continue
             m = _Measure(criteria, slice_conf, min_slice_n, accept_floor,
                          f"{data.run_id}|{target}|{route.slice_key}={value}")

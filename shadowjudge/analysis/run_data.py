@@ -4,7 +4,8 @@ The incumbent's numbers come from its own replay in the run when its endpoint wa
 target == route.incumbent.name), so both sides are measured under the same conditions; otherwise from what the
 gateway logged for the sampled request (traffic_samples: latency, TTFT, cost, answer). A logged answer the gateway
 served from its cache is marked (`cache_hit`), for the analysis to leave out of the speed and price comparisons, and a
-logged TTFT that is not one (a request that was not streamed) is dropped, as ingestion now drops it.
+logged TTFT that is not one (a request that was not streamed) is dropped here (`logged_ttft_ms`); the store keeps
+what the gateway logged.
 On a route that declares checks (routes[].checks) every answer, the candidates' and the incumbent's from the same
 source, is run through them here: deterministic and free, so the analysis computes them from the stored answers and
 the same stored data gives the same analysis.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import Engine, select
 
@@ -22,7 +24,7 @@ from shadowjudge.config import RouteConfig, incumbent_served
 from shadowjudge.errors import ShadowJudgeError
 from shadowjudge.scoring import prompt_text
 from shadowjudge.store import Judgment, ShadowResult, ShadowRun, TrafficSample, session_scope
-from shadowjudge.traffic.records import first_token_ms
+from shadowjudge.traffic.records import RecordError, parse_flag
 from shadowjudge.traffic.redaction import Redactor
 
 MISSING_SLICE = "(none)"
@@ -46,6 +48,32 @@ class TargetRecord:
     # route declares no checks or there is no answer to check.
     failed_checks: tuple[str, ...] | None = None
     cache_hit: bool = False  # a logged answer the gateway served from its cache: no measure of the model's speed
+
+
+def stream_requested(params: Any) -> bool | None:
+    """What the logged request body said of `stream`, as a boolean or as the text some gateways log ("true",
+    "false"); None where it says nothing usable (many logs keep no `stream` key)."""
+    value = params.get("stream") if isinstance(params, dict) else None
+    if value is None or value == "":
+        return None
+    try:
+        return parse_flag(value, "stream")
+    except RecordError:
+        return None
+
+
+def logged_ttft_ms(ttft_ms: float | None, latency_ms: float | None, params: Any) -> float | None:
+    """A logged time to first token, or None where the log holds none. A request that was not streamed has no first
+    token before its whole answer, and LiteLLM sets completionStartTime = endTime for one, so its "TTFT" is its
+    latency: compared with a streamed replay's, it reads as a slow incumbent. Where the request does not say whether
+    it streamed, a first token at or after its end is taken for that fallback; one that said `stream: true` keeps
+    its TTFT, which for a one-chunk answer logged in whole milliseconds can equal its latency."""
+    streamed = stream_requested(params)
+    if ttft_ms is None or streamed is False:
+        return None
+    if streamed is None and latency_ms is not None and ttft_ms >= latency_ms:
+        return None
+    return ttft_ms
 
 
 @dataclass(frozen=True)
@@ -155,10 +183,9 @@ def load_run_data(engine: Engine, run_id: int, route: RouteConfig, evaluator_ver
     if replayed_incumbent:
         incumbent, source = replayed_incumbent, "replay"
     else:
-        # A logged request without an answer is counted as the incumbent's error. Rows stored before ingestion
-        # dropped a non-streamed request's TTFT still hold it: dropped here by the same rule.
+        # A logged request without an answer is counted as the incumbent's error.
         incumbent = {t.id: TargetRecord(t.id, t.response_text is None, t.latency_ms,
-                                        first_token_ms(t.ttft_ms, t.latency_ms, t.params), t.cost_usd,
+                                        logged_ttft_ms(t.ttft_ms, t.latency_ms, t.params), t.cost_usd,
                                         _chars(t.response_text),
                                         failed(t.id, t.response_text, t.response_text is None, replayed=False),
                                         cache_hit=bool(t.cache_hit))

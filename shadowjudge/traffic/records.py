@@ -57,7 +57,7 @@ class TrafficRecord:
     input_tokens: int | None = None
     output_tokens: int | None = None
     latency_ms: float | None = None
-    ttft_ms: float | None = None
+    ttft_ms: float | None = None  # as logged: the analysis decides whether it is one (run_data.logged_ttft_ms)
     cost_usd: float | None = None
     cache_hit: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -65,40 +65,14 @@ class TrafficRecord:
 
     def __post_init__(self) -> None:
         """Refuse here, where the source quarantines it, a record the store or the sampler could not take: one
-        such record would otherwise fail its whole batch on every run and stop the source for good. A TTFT that is
-        not one (see `first_token_ms`) is dropped here, for every source alike."""
+        such record would otherwise fail its whole batch on every run and stop the source for good."""
         if self.timestamp.year not in SUPPORTED_YEARS:
             raise RecordError("'timestamp' is out of range")
-        self.ttft_ms = first_token_ms(self.ttft_ms, self.latency_ms, self.params)
         for name in ("messages", "params", "metadata"):
             try:
                 orjson.dumps(getattr(self, name))
             except orjson.JSONEncodeError as exc:  # nested too deeply, an integer beyond 64 bits, ...
                 raise RecordError(f"'{name}' cannot be stored as JSON ({str(exc).split(':')[0]})") from None
-
-
-def not_streamed(params: Any) -> bool:
-    """Whether the logged request body said `stream: false`; a request whose parameters do not say is not known
-    to be unstreamed (many logs keep no `stream` key)."""
-    value = params.get("stream") if isinstance(params, dict) else None
-    if value is None or value == "":
-        return False
-    try:
-        return not parse_flag(value, "stream")
-    except RecordError:
-        return False
-
-
-def first_token_ms(ttft_ms: float | None, latency_ms: float | None, params: Any) -> float | None:
-    """A logged time to first token, or None where the log holds none: a request that was not streamed has no first
-    token before its whole answer, and LiteLLM sets completionStartTime = endTime for one, so its "TTFT" is its
-    latency. A first token at or after the end of the request is that fallback too (a streamed answer's first
-    chunk comes before its last). Replays stream: compared with theirs, such a value reads as a slow incumbent."""
-    if ttft_ms is None or not_streamed(params):
-        return None
-    if latency_ms is not None and ttft_ms >= latency_ms:
-        return None
-    return ttft_ms
 
 
 @dataclass(slots=True, frozen=True)
