@@ -9,6 +9,7 @@ from evaluators.base import Evaluator
 from shadowjudge.errors import InputError
 
 if TYPE_CHECKING:
+    from evaluators.encoder import TextEmbedder
     from shadowjudge.config import JudgeConfig
 
 
@@ -94,27 +95,39 @@ def check_evaluator(judge: "JudgeConfig", tracking_uri: str) -> None:
         raise _not_a_judge(model_uri)
 
 
-def load_small_judge(model_uri: str, tracking_uri: str, *, batch_size: int = 32, backend: str | None = None):
+def load_small_judge(model_uri: str, tracking_uri: str, *, batch_size: int = 32, backend: str | None = None,
+                     embedder: "TextEmbedder | None" = None):
     """A SmallJudge from `models:/name@alias`, `models:/name/version` or a local directory.
 
-    `backend` (torch | onnx | onnx-int8) overrides the encoder runtime the judge was validated with.
+    `backend` (torch | onnx | onnx-int8) overrides the encoder runtime the judge was validated with; `embedder`
+    replaces the encoder (e.g. training's embedding cache). A registered judge that will not load is named by its
+    registry version, not by the temporary directory it was downloaded to.
     """
+    import os
     import tempfile
     from pathlib import Path
 
     from evaluators import judge_registry as reg
-    from evaluators.small_judge import SmallJudge
+    from evaluators.small_judge import JudgeLoadError, SmallJudge
+    from shadowjudge.tracking.mlflow_tracking import redact_uri
 
     if model_uri.startswith("models:/"):
         found = reg.resolve(tracking_uri, model_uri)
+        alias = f" ({model_uri.rpartition('@')[2]})" if "@" in model_uri else ""
         # load reads judge.json and head.npz whole, so the download is removed once it returns (or fails)
         with tempfile.TemporaryDirectory(prefix="shadowjudge-judge-") as download:
-            return SmallJudge.load(reg.download_judge(tracking_uri, found, Path(download)), name=found.uri,
-                                   batch_size=batch_size, backend=backend)
+            judge_dir = reg.download_judge(tracking_uri, found, Path(download))
+            try:
+                return SmallJudge.load(judge_dir, name=found.uri, batch_size=batch_size, backend=backend,
+                                       embedder=embedder)
+            except JudgeLoadError as exc:
+                reason = str(exc).replace(f"{judge_dir}{os.sep}", "").replace(f"{judge_dir}: ", "")
+                raise JudgeLoadError(f"{found.uri}{alias} in the MLflow registry at {redact_uri(tracking_uri)} "
+                                     f"will not load: {reason}") from exc
     path = Path(model_uri.removeprefix("file://"))
     if not path.is_dir():
         raise _not_a_judge(model_uri)
-    return SmallJudge.load(path, batch_size=batch_size, backend=backend)
+    return SmallJudge.load(path, batch_size=batch_size, backend=backend, embedder=embedder)
 
 
 def ensure_champion(judge: "JudgeConfig", tracking_uri: str, data_dir, *, console=None, seed: int = 0) -> str:

@@ -107,6 +107,10 @@ def train(
     registered_name: str = typer.Option("shadowjudge-judge", help="Registered model name"),
     cache_dir: Path = typer.Option(Path(".shadowjudge/cache"), help="Embedding cache (gitignored)"),
     progress: bool = typer.Option(True, help="Show a progress bar"),
+    no_contest: bool = typer.Option(False, "--no-contest",
+                                    help="Crown the new judge without measuring the current champion against it "
+                                         "(e.g. a champion whose files are gone); never one without held-out "
+                                         "figures"),
 ) -> None:
     """Train a judge, measure it on held-out models, register it (champion only if it beats the current one)."""
     from evaluators.judge_training import train_judge
@@ -118,7 +122,8 @@ def train(
         writable_directory(cache_dir, "--cache-dir")
         with progress_bar(progress) as update:
             result = train_judge(data, tracking_uri_default(tracking_uri), quick=quick, seed=seed,
-                                 registered_name=registered_name, cache_dir=cache_dir, progress=update)
+                                 registered_name=registered_name, cache_dir=cache_dir, progress=update,
+                                 contest=not no_contest)
     except ShadowJudgeError as exc:
         fail(exc)
     typer.echo(json.dumps(strict_json(result.as_dict()), indent=2, sort_keys=True, default=str))
@@ -146,8 +151,8 @@ def evaluate(
     model_uri = model_uri or f"models:/{registered_name}@champion"
     try:
         if model_uri.startswith("models:/"):  # resolved here so a missing judge's hint names this command's option
-            model_uri = resolve(uri, model_uri, instead="pass --model-uri").uri
-        judge = load_small_judge(model_uri, uri)
+            resolve(uri, model_uri, instead="pass --model-uri")
+        judge = load_small_judge(model_uri, uri)  # an error names the version and the alias it was found by
         with progress_bar(progress) as update:
             report = evaluate_judge(judge, data, prompts=prompts, seed=seed, include_seen=include_seen,
                                     progress=update)

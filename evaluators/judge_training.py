@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,8 +35,8 @@ from evaluators.preference_data import (
     split_by_model,
 )
 from evaluators.small_judge import (
-    SPEC_FILE,
     WORDS_KEY,
+    JudgeLoadError,
     JudgeSpec,
     RewardHead,
     SmallJudge,
@@ -44,6 +45,9 @@ from evaluators.small_judge import (
 )
 from evaluators.word_profile import WordProfiles, word_profiles
 from shadowjudge.errors import InputError
+
+if TYPE_CHECKING:
+    from evaluators.judge_registry import RegisteredJudge
 
 DEFAULT_CACHE_DIR = Path(".shadowjudge/cache")
 DEFAULT_EXPERIMENT = "shadowjudge-judge-training"
@@ -148,9 +152,14 @@ class TrainResult:
     champion_metrics: dict[str, float] | None
     heldout_models: list[str]
     duration_s: float
+    alias_reason: str = ""  # why the judge got its alias
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+class ChampionUnusable(InputError):
+    """The registered champion will not load: a training would fail at its contest, after all its work."""
 
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -458,8 +467,9 @@ class _PrecomputedEmbedder:
 def train_judge(data_dir: str | Path | Sequence[str | Path], tracking_uri: str, *, quick: bool, seed: int = 0,
                 registered_name: str = "shadowjudge-judge", experiment: str = DEFAULT_EXPERIMENT,
                 settings: TrainSettings | None = None, cache_dir: str | Path = DEFAULT_CACHE_DIR,
-                progress: Progress | None = None) -> TrainResult:
-    """Train, measure on held-out models, register; `champion` only if it beats the current champion.
+                progress: Progress | None = None, contest: bool = True) -> TrainResult:
+    """Train, measure on held-out models, register; `champion` only if it beats the current champion (without
+    `contest`, whatever the champion is, e.g. one that no longer loads), and never without held-out figures.
 
     `data_dir` may be several directories, trained on as one set (`load_preference_sets`)."""
     import mlflow
@@ -470,9 +480,11 @@ def train_judge(data_dir: str | Path | Sequence[str | Path], tracking_uri: str, 
     started = time.monotonic()
     settings = settings or (QUICK if quick else FULL)
     reg.check_registered_name(registered_name)
-    reg.find_alias(tracking_uri, registered_name, reg.CHAMPION)  # a registry that cannot be used fails here, not later
     if not 0 <= seed < 2 ** 32:
         raise InputError(f"seed {seed}: must be between 0 and 2**32 - 1")
+    cache = EmbeddingCache(Path(cache_dir), settings.encoder)
+    found = reg.find_alias(tracking_uri, registered_name, reg.CHAMPION)  # a registry that cannot be used fails here
+    champion = _load_champion(tracking_uri, found, cache) if found and contest else None
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -481,10 +493,12 @@ def train_judge(data_dir: str | Path | Sequence[str | Path], tracking_uri: str, 
         data = data.sample_prompts(settings.max_prompts, seed)
     if not data.pairs:
         raise PreferenceDataError(f"{data.source}: no labelled pairs whose two answers are both in outputs")
+    _require_decided(data.pairs, f"{data.source}: every labelled pair is a tie (p_b_better 0.5)")
     split = split_by_model(data, settings.heldout_fraction, seed)
+    _require_decided(split.train_pairs(data), f"{data.source}: every label of the training models "
+                     f"({', '.join(split.train_models)}) is a tie (p_b_better 0.5)")
     fit_split, validation = _validation_split(data, split, settings.validation_fraction, seed)
 
-    cache = EmbeddingCache(Path(cache_dir), settings.encoder)
     keys = sorted({(p.prompt_id, m) for p in data.pairs for m in (p.model_a, p.model_b)}
                   | {k for k in data.outputs if k[1] == REFERENCE_MODEL or k[1] in split.heldout_models})
     todo = cache.missing([data.outputs[k] for k in keys]) + cache.missing(list(data.prompts.values()))
@@ -527,42 +541,76 @@ def train_judge(data_dir: str | Path | Sequence[str | Path], tracking_uri: str, 
                 judge.spec.serving_backend = "onnx-int8" if int8["int8_ok"] else "onnx"
             mlflow.log_param("serving_backend", judge.spec.serving_backend)
 
-            champion = reg.find_alias(tracking_uri, registered_name, reg.CHAMPION)
             champion_metrics = None
-            wins = champion is None
-            if champion is not None:
-                champion_dir = reg.download_judge(tracking_uri, champion, Path(workdir) / "champion")
-                champion_spec = JudgeSpec.from_json((champion_dir / SPEC_FILE).read_text())
-                champion_embedder = (embedder if champion_spec.encoder == settings.encoder
-                                     else EmbeddingCache(Path(cache_dir), champion_spec.encoder))
-                champion_judge = SmallJudge.load(champion_dir, version=champion.uri, embedder=champion_embedder)
+            if not _measured(metrics):
+                wins, reason = False, ("no finite held-out agreement or ranking to crown it on (are the held-out "
+                                       "models' labels all ties?)")
+            elif not contest:
+                wins, reason = True, "crowned without a contest (contest=False, --no-contest)"
+            elif champion is None:
+                wins, reason = True, "no champion yet"
+            else:
+                if champion.spec.encoder == settings.encoder:
+                    champion.embedder = embedder
+                else:
+                    champion.embedder = EmbeddingCache(Path(cache_dir), champion.spec.encoder)
                 # Only models neither judge trained on, judged against each other or a reference: the champion may
                 # have been fitted on some of this split's held-out models (another seed, other data), which would
                 # flatter it.
-                seen_by_champion = set(champion_spec.trained_models)
-                contest = [m for m in split.heldout_models if m not in seen_by_champion]
-                mlflow.log_param("contest_models", ",".join(contest) or "none unseen by the champion")
-                if contest:
-                    contest_pairs = ModelSplit(split.train_models, tuple(contest)).heldout_pairs(data)
+                seen_by_champion = set(champion.spec.trained_models)
+                unseen = [m for m in split.heldout_models if m not in seen_by_champion]
+                mlflow.log_param("contest_models", ",".join(unseen) or "none unseen by the champion")
+                wins, reason = False, "the champion trained on every held-out model: no contest"
+                if unseen:
+                    contest_pairs = ModelSplit(split.train_models, tuple(unseen)).heldout_pairs(data)
                     new_metrics = metrics
-                    if len(contest) < len(split.heldout_models):
-                        new_metrics = measure(judge, data, contest_pairs, contest)
+                    if len(unseen) < len(split.heldout_models):
+                        new_metrics = measure(judge, data, contest_pairs, unseen)
                         mlflow.log_metrics({f"contest_{k}": v for k, v in new_metrics.items() if np.isfinite(v)})
-                    champion_metrics = measure(champion_judge, data, contest_pairs, contest)
+                    champion_metrics = measure(champion, data, contest_pairs, unseen)
                     mlflow.log_metrics({f"champion_{k}": v for k, v in champion_metrics.items() if np.isfinite(v)})
                     wins = _beats(new_metrics, champion_metrics)
+                    reason = f"{'beat' if wins else 'did not beat'} the champion on {len(unseen)} unseen models"
 
             judge_dir = judge.save(Path(workdir) / "judge")
             registered = reg.log_and_register(judge_dir, registered_name, tracking_uri)
             alias = reg.CHAMPION if wins else reg.CHALLENGER
             reg.set_alias(tracking_uri, registered, alias)
-            mlflow.set_tags({"alias": alias, "registered_version": registered.version})
+            mlflow.set_tags({"alias": alias, "alias_reason": reason, "registered_version": registered.version})
             run_id = run.info.run_id
     return TrainResult(
         run_id=run_id, registered_name=registered_name, version=registered.version, model_uri=registered.uri,
         alias=alias, head=chosen.name, metrics=metrics, champion_metrics=champion_metrics,
-        heldout_models=list(split.heldout_models), duration_s=time.monotonic() - started,
+        heldout_models=list(split.heldout_models), duration_s=time.monotonic() - started, alias_reason=reason,
     )
+
+
+def _load_champion(tracking_uri: str, champion: RegisteredJudge, embedder: TextEmbedder) -> SmallJudge:
+    """The champion, loaded before any training (with `embedder` until the contest gives it the right one): one whose
+    files are gone or will not load would otherwise fail every training at its contest, after all the work."""
+    from evaluators.factory import load_small_judge
+
+    try:
+        return load_small_judge(f"models:/{champion.name}@champion", tracking_uri, embedder=embedder)
+    except JudgeLoadError as exc:
+        raise ChampionUnusable(
+            f"{exc}. Training measures its judge against the champion, so it stops before training: point the "
+            f"alias 'champion' of '{champion.name}' at a version that loads (MLflow UI, or MlflowClient()."
+            f"set_registered_model_alias), or train with --no-contest (contest=False) to crown the new judge "
+            "without one"
+        ) from None
+
+
+def _require_decided(pairs: Sequence[LabelledPair], message: str) -> None:
+    """Refuse, before any training, labels that never say which answer is better: a judge fitted on ties learns
+    nothing, and measured on them has no agreement to show."""
+    if not any(abs(p.p_b_better - 0.5) > 1e-9 for p in pairs):
+        raise PreferenceDataError(f"{message}: nothing to learn which answer is better from")
+
+
+def _measured(metrics: dict[str, float]) -> bool:
+    """Whether the held-out figures can crown a judge: finite pair agreement and selection score."""
+    return math.isfinite(metrics.get("agreement", float("nan"))) and math.isfinite(selection_score(metrics))
 
 
 def _select_head(data: PreferenceData, emb: EmbeddedAnswers, split: ModelSplit, fit_split: ModelSplit,
@@ -663,6 +711,9 @@ def evaluate_judge(judge: SmallJudge, data_dir: str | Path, *, prompts: int | No
     all_models = sorted({m for _, m in data.outputs})
     models = [m for m in all_models if m not in seen or m == REFERENCE_MODEL]
     judged = [m for m in models if m != REFERENCE_MODEL]
+    if not any(m != REFERENCE_MODEL for m in all_models):
+        raise PreferenceDataError(f"{data_dir}: no outputs of a model other than the reference {REFERENCE_MODEL}: "
+                                  "nothing to measure")
     if not judged:
         raise PreferenceDataError(f"{data_dir}: every judged model in it was in the judge's training set "
                                   f"({len(seen)} models); pass include_seen to measure on them anyway")

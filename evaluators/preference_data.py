@@ -112,7 +112,9 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _field(row: dict[str, Any], key: str, kind: type, where: str) -> Any:
-    value = row.get(key)
+    if key not in row:
+        raise PreferenceDataError(f"{where}: no field '{key}' (fields: {', '.join(map(str, row))[:120] or 'none'})")
+    value = row[key]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         try:
             value = float(value)
@@ -149,6 +151,8 @@ def load_preference_data(directory: str | Path, *, require_labels: bool = True) 
             raise PreferenceDataError(f"{where}: prompt_id '{pid}' is not in prompts")
         output = row.get("output")
         outputs[(pid, _field(row, "model", str, where))] = output if isinstance(output, str) else ""
+    if not outputs:
+        raise PreferenceDataError(f"{directory}: no model outputs in {path.name}; nothing to judge")
     data = PreferenceData(prompts, outputs, [], _read_leaderboard(directory / "leaderboard.csv"), str(directory))
     path = _find(directory, "labels")
     if path.exists() or require_labels:
@@ -164,16 +168,15 @@ def _read_labels(path: Path, data: PreferenceData) -> None:
     first_seen: dict[tuple[str, str, str, str], tuple[float, int]] = {}
     for lineno, row in _read_jsonl(path):
         where = f"{path}:{lineno}"
-        if _is_missing(row.get("p_b_better")):  # AlpacaEval keeps rows its annotator could not parse
+        # A row without the fields (other column names) is malformed; only a present null / NaN is unlabelled.
+        names = [_field(row, key, str, where) for key in ("prompt_id", "model_a", "model_b")]
+        if "p_b_better" not in row:
+            _field(row, "p_b_better", float, where)
+        if _is_missing(row["p_b_better"]):  # AlpacaEval keeps rows its annotator could not parse
             data.unlabelled_rows += 1
             continue
-        pair = LabelledPair(
-            prompt_id=_field(row, "prompt_id", str, where),
-            model_a=_field(row, "model_a", str, where),
-            model_b=_field(row, "model_b", str, where),
-            p_b_better=_field(row, "p_b_better", float, where),
-            annotator=str(row.get("annotator") or ""),
-        )
+        pair = LabelledPair(*names, p_b_better=_field(row, "p_b_better", float, where),
+                            annotator=str(row.get("annotator") or ""))
         if not 0.0 <= pair.p_b_better <= 1.0:
             raise PreferenceDataError(f"{where}: p_b_better must be in [0, 1], got {pair.p_b_better}")
         key = (pair.prompt_id, pair.model_a, pair.model_b, pair.annotator)
@@ -248,13 +251,25 @@ def _is_missing(value: Any) -> bool:
     return isinstance(value, str) and value.strip().lower() in ("", "nan", "none", "null")
 
 
+LEADERBOARD_COLUMNS = ("model", "win_rate")  # lc_win_rate is optional
+
+
 def _read_leaderboard(path: Path) -> dict[str, LeaderboardRow]:
     if not path.exists():
         return {}
     rows: dict[str, LeaderboardRow] = {}
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:  # a byte-order mark is not part of the header
-            for lineno, row in enumerate(csv.DictReader(fh), 2):
+            reader = csv.DictReader(fh)
+            header = reader.fieldnames or []
+            absent = [column for column in LEADERBOARD_COLUMNS if column not in header]
+            if absent:  # another file's columns would read as "listed, not ranked" and measure nothing
+                raise PreferenceDataError(f"{path}:1: the header has no {' or '.join(map(repr, absent))} column "
+                                          f"(it needs {', '.join(LEADERBOARD_COLUMNS)}; got {','.join(header)[:120]})")
+            for lineno, row in enumerate(reader, 2):
+                if None in row or None in row.values():  # DictReader's filler for extra / missing cells
+                    raise PreferenceDataError(f"{path}:{lineno}: bad leaderboard row: {len(header)} columns in the "
+                                              "header, another number of cells here")
                 rows.update(_leaderboard_row(row, f"{path}:{lineno}", rows))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise PreferenceDataError(f"{path}: cannot read: {exc}") from None

@@ -2,9 +2,11 @@
 pairs are written as an AlpacaEval-format directory that `shadowjudge judge train --data DIR` reads.
 
 A pair is the production answer (model_a: the incumbent model) against a candidate's shadow answer (model_b: the
-target). Teacher verdicts are stored as `Judgment` rows under the teacher's version (role "label"), so a rerun, or a
-larger sample later, pays only for pairs the teacher has not judged yet; verdicts calibration already bought are
-reused too. Prompt ids hash the request id, so two requests with the same text stay two prompts.
+model the target serves). Both sides name a model by the one name `model_names` gives it, so a candidate promoted
+to incumbent stays one model and a split by model holds it out on both sides. Teacher verdicts are stored as
+`Judgment` rows under the teacher's version (role "label"), so a rerun, or a larger sample later, pays only for pairs
+the teacher has not judged yet; verdicts calibration already bought are reused too. Prompt ids hash the request id,
+so two requests with the same text stay two prompts.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +28,7 @@ from shadowjudge.store import Judgment, ShadowResult, TrafficSample, session_sco
 
 if TYPE_CHECKING:
     from evaluators.llm_judge import LlmJudge
+    from shadowjudge.config import TargetConfig
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,8 @@ class StoredPair:
     sample_id: int
     request_id: str
     target: str
-    incumbent_model: str
+    model: str  # the model the target served, as stored with its answer
+    incumbent_model: str  # the model that answered in production, named as `model_names` names it
 
     @property
     def key(self) -> tuple[int, int, str]:
@@ -71,8 +75,25 @@ def _label_order(seed: int, request_id: str, target: str) -> bytes:
     return hashlib.sha256(f"label:{seed}:{request_id}:{target}".encode()).digest()
 
 
-def stored_pairs(engine: Engine, route: str) -> list[StoredPair]:
-    """Every (sample, target) of the route with both answers, from the latest run that answered it."""
+def model_names(logged: Iterable[str], stored: Iterable[str],
+                targets: Sequence["TargetConfig"] = ()) -> dict[str, str]:
+    """The name labels give each model a gateway `logged` as the incumbent: the model of the one configured target
+    it is logged as (its model, name or `logged_as`), else the one `stored` shadow model it names (exactly, else
+    ignoring case and a provider prefix), else the logged name. Candidates are named by their stored model, so
+    after a promotion the incumbent's logs and its earlier shadow answers are one model, not two."""
+    stored = set(stored)
+    names: dict[str, str] = {}
+    for name in set(logged):
+        configured = {t.model for t in targets if t.logged_as_this(name)}
+        matching = {name} if name in stored else {m for m in stored if logged_name_matches(name, m)}
+        found = configured if len(configured) == 1 else matching
+        names[name] = found.pop() if len(found) == 1 else name
+    return names
+
+
+def stored_pairs(engine: Engine, route: str, targets: Sequence["TargetConfig"] = ()) -> list[StoredPair]:
+    """Every (sample, model) of the route with both answers, from the latest run that answered it; `targets` (the
+    route's, from its config) tell which model each name in the gateway's logs is."""
     with session_scope(engine) as s:
         rows = s.execute(
             select(ShadowResult.id, ShadowResult.run_id, ShadowResult.sample_id, ShadowResult.target,
@@ -82,12 +103,13 @@ def stored_pairs(engine: Engine, route: str) -> list[StoredPair]:
                    ShadowResult.output_text.is_not(None), TrafficSample.response_text.is_not(None))
             .order_by(ShadowResult.run_id, ShadowResult.id)
         ).all()
+    names = model_names({r.incumbent_model for r in rows}, {r.model for r in rows}, targets)
     # The incumbent's own replay (a target serving the model that answered in production, however the log spells
-    # it) is no comparison: the teacher would be paid to judge the model against itself. A target named like the
-    # incumbent model would also put two answers under one (prompt, model) name.
-    latest = {(r.sample_id, r.target): r for r in rows
-              if not logged_name_matches(r.incumbent_model, r.model) and r.target != r.incumbent_model}
-    return [StoredPair(r.id, r.run_id, r.sample_id, r.request_id, r.target, r.incumbent_model)
+    # it) is no comparison: the teacher would be paid to judge the model against itself. Keyed by model: two targets
+    # serving one model would put two answers under one (prompt, model) name, so the later one is kept.
+    latest = {(r.sample_id, r.model): r for r in rows
+              if not logged_name_matches(r.incumbent_model, r.model) and names[r.incumbent_model] != r.model}
+    return [StoredPair(r.id, r.run_id, r.sample_id, r.request_id, r.target, r.model, names[r.incumbent_model])
             for r in latest.values()]
 
 
@@ -108,12 +130,14 @@ def _read_texts(engine: Engine, pairs: list[StoredPair], chunk: int = 500) -> di
 
 def label_stored_traffic(engine: Engine, route: str, teacher: "LlmJudge", out_dir: str | Path, *,
                          max_pairs: int = 2000, seed: int = 0, batch_size: int = 16,
-                         progress: Callable[[str, int, int], None] | None = None) -> TrafficLabelReport:
-    """Judge up to `max_pairs` of the route's stored pairs with the teacher and write them to `out_dir`."""
+                         progress: Callable[[str, int, int], None] | None = None,
+                         targets: Sequence["TargetConfig"] = ()) -> TrafficLabelReport:
+    """Judge up to `max_pairs` of the route's stored pairs with the teacher and write them to `out_dir`
+    (`targets`: the route's configured targets, whose `logged_as` names the logged incumbent's model)."""
     if max_pairs < 1:
         raise PreferenceDataError(f"max_pairs must be at least 1, got {max_pairs}")
     _check_output_directory(Path(out_dir))
-    available = stored_pairs(engine, route)
+    available = stored_pairs(engine, route, targets)
     if not available:
         raise PreferenceDataError(f"route '{route}' has no stored shadow answers to label: run a cycle first")
     chosen = sorted(available, key=lambda p: _label_order(seed, p.request_id, p.target))[:max_pairs]
@@ -157,9 +181,10 @@ def label_route_traffic(config_path: str | Path, out_dir: str | Path, *, route: 
     if route is None and len(config.routes) != 1:
         raise ConfigError(f"name a route: the config has {len(config.routes)} "
                           f"({', '.join(r.name for r in config.routes)})")
-    name = config.route(route).name if route else config.routes[0].name
-    return label_stored_traffic(initialised_engine(config.store.url), name, LlmJudge.from_target(config.judge.teacher),
-                                out_dir, max_pairs=max_pairs, seed=seed, progress=progress)
+    chosen = config.route(route) if route else config.routes[0]
+    return label_stored_traffic(initialised_engine(config.store.url), chosen.name,
+                                LlmJudge.from_target(config.judge.teacher), out_dir, max_pairs=max_pairs, seed=seed,
+                                progress=progress, targets=chosen.targets)
 
 
 LABEL_FILES = ("prompts.jsonl.gz", "outputs.jsonl.gz", "labels.jsonl.gz")
@@ -183,13 +208,13 @@ def _write_directory(out: Path, pairs: list[StoredPair], texts: dict[int, _Texts
     prompts: dict[str, str] = {}
     outputs: dict[tuple[str, str], str] = {}
     labels = []
-    for p in sorted(pairs, key=lambda p: (p.request_id, p.target)):
+    for p in sorted(pairs, key=lambda p: (p.request_id, p.model)):
         pid = hashlib.sha1(p.request_id.encode()).hexdigest()[:12]
         text = texts[p.result_id]
         prompts[pid] = text.prompt
         outputs[(pid, p.incumbent_model)] = text.incumbent
-        outputs[(pid, p.target)] = text.candidate
-        labels.append({"prompt_id": pid, "model_a": p.incumbent_model, "model_b": p.target,
+        outputs[(pid, p.model)] = text.candidate
+        labels.append({"prompt_id": pid, "model_a": p.incumbent_model, "model_b": p.model,
                        "p_b_better": verdicts[p.key], "annotator": annotator})
     _write_jsonl(out / "prompts.jsonl.gz", [{"id": k, "dataset": "traffic", "instruction": v}
                                             for k, v in prompts.items()])
@@ -207,4 +232,4 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 __all__ = ["LABEL_ROLE", "StoredPair", "TrafficLabelReport", "label_route_traffic", "label_stored_traffic",
-           "stored_pairs"]
+           "model_names", "stored_pairs"]

@@ -199,3 +199,51 @@ def test_a_heldout_model_is_held_out_on_both_sides_of_a_pair(data_dir):
     assert [(p.model_a, p.model_b) for p in split.train_pairs(data)] == [("ref", "m"), ("ref", "other"),
                                                                          ("other", "m")]
     assert [(p.model_a, p.model_b) for p in split.heldout_pairs(data)] == [("ref", "held")]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "p1", "a": "ref", "b": "m", "pref": 0.8},
+     r"labels\.jsonl\.gz:2: no field 'prompt_id' \(fields: prompt, a, b, pref\)"),
+    ({k: v for k, v in LABEL.items() if k != "model_a"}, r"labels\.jsonl\.gz:2: no field 'model_a'"),
+    ({k: v for k, v in LABEL.items() if k != "p_b_better"}, r"labels\.jsonl\.gz:2: no field 'p_b_better'"),
+    ({**LABEL, "model_b": None, "p_b_better": None}, r"labels\.jsonl\.gz:2: field 'model_b' must be str"),
+])
+def test_a_label_row_with_other_columns_is_malformed_not_unlabelled(data_dir, row, message):
+    """A labels file with other column names read as 'every row unlabelled': the bench measured nothing and exited
+    0, and training blamed the outputs. Only a present null / NaN preference is a row without a label."""
+    _write(data_dir / "labels.jsonl.gz", [LABEL, row])
+    with pytest.raises(PreferenceDataError, match=message):
+        load_preference_data(data_dir)
+    _write(data_dir / "labels.jsonl.gz", [LABEL, {**LABEL, "annotator": "y", "p_b_better": None}])
+    assert load_preference_data(data_dir).unlabelled_rows == 1
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name,score\nm,1\n", r"leaderboard\.csv:1: the header has no 'model' or 'win_rate' column"),
+    ("model,lc_win_rate\nm,12\n", r"leaderboard\.csv:1: the header has no 'win_rate' column"),
+    ("", r"leaderboard\.csv:1: the header has no 'model' or 'win_rate' column"),
+    ("model,win_rate,lc_win_rate\nm,12.5,\nref\n", r"leaderboard\.csv:3: bad leaderboard row: 3 columns"),
+    ("model,win_rate\nm,12.5,1,2\n", r"leaderboard\.csv:2: bad leaderboard row: 2 columns"),
+])
+def test_a_leaderboard_without_its_columns_is_malformed_not_unranked(data_dir, text, message):
+    (data_dir / "leaderboard.csv").write_text(text)
+    with pytest.raises(PreferenceDataError, match=message):
+        load_preference_data(data_dir)
+
+
+def test_a_directory_without_model_outputs_says_so(data_dir):
+    """Empty files blamed the judge's training set ('every judged model in it was in the judge's training set')."""
+    _write(data_dir / "outputs.jsonl.gz", [])
+    with pytest.raises(PreferenceDataError, match=f"{data_dir}: no model outputs in outputs.jsonl.gz"):
+        load_preference_data(data_dir, require_labels=False)
+
+
+@pytest.mark.parametrize("name", ["MINI_DATA", "FULL_DATA"])
+def test_the_shipped_alpacaeval_sets_still_load(name):
+    from evaluators import preference_data
+
+    directory = getattr(preference_data, name)
+    if not directory.is_dir():
+        pytest.skip(f"{directory} is not beside this checkout")
+    data = load_preference_data(directory)
+    assert len(data.pairs) > 1000 and len(data.leaderboard) >= 10 and data.unlabelled_rows == 0

@@ -337,3 +337,111 @@ def test_a_replay_of_the_logged_model_is_not_a_pair_however_the_log_spells_it(sq
         s.add_all([ShadowResult(run_id=run.id, sample_id=sample.id, target="incumbent", model="inc", output_text="a"),
                    ShadowResult(run_id=run.id, sample_id=sample.id, target="cand-a", model="cand-a", output_text="b")])
     assert [p.target for p in stored_pairs(engine, "chat")] == ["cand-a"]
+
+
+def _seed_promotion(engine, logged_after: str) -> None:
+    """Before a promotion the gateway logs 'claude-instant-1.2' and target 'yi-34b' (model 'Yi-34B-Chat') is a
+    candidate; after it, the gateway logs `logged_after` for Yi, and 'claude-instant' is the candidate."""
+    now = datetime.now(timezone.utc)
+    with session_scope(engine) as s:
+        runs = [ShadowRun(run_key=key, route="chat", config_hash="h") for key in ("before", "after")]
+        s.add_all(runs)
+        s.flush()
+        for i in range(2 * N):
+            before = i < N
+            incumbent = "claude-instant-1.2" if before else logged_after
+            sample = TrafficSample(request_id=f"req-{i}", source="logs", source_position=str(i), route="chat",
+                                   incumbent_model=incumbent, messages=[{"role": "user", "content": f"question {i}"}],
+                                   response_text=_answer(i, incumbent, i % 2 == 1), request_ts=now)
+            s.add(sample)
+            s.flush()
+            candidates = ([("yi-34b", "Yi-34B-Chat"), ("llama", "llama-2-7b")] if before
+                          else [("claude-instant", "claude-instant-1.2"), ("llama", "llama-2-7b")])
+            for target, model in candidates:
+                s.add(ShadowResult(run_id=runs[0 if before else 1].id, sample_id=sample.id, target=target,
+                                   model=model, output_text=_answer(i, model, i % 2 == 0)))
+
+
+@pytest.mark.parametrize("logged_after, logged_as", [("Yi-34B-Chat", []), ("01-ai/yi-34b-chat", []),
+                                                     ("yi-34b-chat-0205", ["yi-34b-chat-0205"])])
+def test_a_promoted_candidate_is_one_model_under_one_name_on_both_sides(sqlite_url, tmp_path, logged_after,
+                                                                         logged_as):
+    """Labels named the candidate side by target ('yi-34b') and the incumbent side by the gateway's log
+    ('Yi-34B-Chat'): after a promotion one model had two names, and a split holding it out trained on its answers.
+    Both sides are named by model now, the log matched like the rest of the system matches it (case, a provider
+    prefix, the target's `logged_as`)."""
+    from evaluators.preference_data import split_by_model
+    from shadowjudge.config import TargetConfig
+
+    engine = get_engine(sqlite_url)
+    _seed_promotion(engine, logged_after)
+    targets = [TargetConfig(name="yi-34b", model="Yi-34B-Chat", base_url="http://x/v1", logged_as=logged_as),
+               TargetConfig(name="claude-instant", model="claude-instant-1.2", base_url="http://x/v1"),
+               TargetConfig(name="llama", model="llama-2-7b", base_url="http://x/v1")]
+    out = tmp_path / "labels"
+    configured = {"targets": targets} if logged_as else {}  # case and a provider prefix need no config
+    report = label_stored_traffic(engine, "chat", _teacher([]), out, max_pairs=10 * N, **configured)
+    assert report.models == ["Yi-34B-Chat", "claude-instant-1.2", "llama-2-7b"]
+    data = load_preference_data(out)
+    assert data.models() == report.models and data.judged_models() == report.models
+    assert {p.model_a for p in data.pairs} == {"claude-instant-1.2", "Yi-34B-Chat"}
+    for seed in range(10):
+        split = split_by_model(data, 0.34, seed)
+        seen_in_training = {m for p in split.train_pairs(data) for m in (p.model_a, p.model_b)}
+        assert not seen_in_training & set(split.heldout_models), (seed, split)
+
+
+def test_the_logged_incumbent_is_named_after_the_model_it_is(tmp_path):
+    from evaluators.traffic_labels import model_names
+    from shadowjudge.config import TargetConfig
+
+    stored = ["gpt-4o", "Yi-34B-Chat", "acme/llama-3", "meta-llama/llama-3"]
+    targets = [TargetConfig(name="four", model="gpt-4o", base_url="http://x/v1", logged_as=["gpt-4o-2024-08-06"])]
+    assert model_names(["OpenAI/GPT-4o", "gpt-4o-2024-08-06", "yi-34b-chat", "llama-3", "unknown"], stored,
+                       targets) == {"OpenAI/GPT-4o": "gpt-4o", "gpt-4o-2024-08-06": "gpt-4o",
+                                    "yi-34b-chat": "Yi-34B-Chat", "llama-3": "llama-3", "unknown": "unknown"}
+    assert model_names(["gpt-4o-2024-08-06"], stored) == {"gpt-4o-2024-08-06": "gpt-4o-2024-08-06"}
+
+
+def test_two_targets_serving_one_model_give_one_answer_per_prompt(sqlite_url, tmp_path):
+    """Named by model, two targets of one model would put two answers under one (prompt, model) name."""
+    from evaluators.traffic_labels import stored_pairs
+
+    engine = get_engine(sqlite_url)
+    with session_scope(engine) as s:
+        run = ShadowRun(run_key="r", route="chat", config_hash="h")
+        sample = TrafficSample(request_id="req", source="logs", source_position="0", route="chat",
+                               incumbent_model="inc", messages=[{"role": "user", "content": "question 0"}],
+                               response_text="logged", request_ts=datetime.now(timezone.utc))
+        s.add_all([run, sample])
+        s.flush()
+        s.add_all([ShadowResult(run_id=run.id, sample_id=sample.id, target=t, model="llama-3", output_text=t)
+                   for t in ("llama-together", "llama-fireworks")])
+    pairs = stored_pairs(engine, "chat")
+    assert [(p.target, p.model) for p in pairs] == [("llama-fireworks", "llama-3")]
+    label_stored_traffic(engine, "chat", _teacher([]), tmp_path / "labels")
+    data = load_preference_data(tmp_path / "labels")
+    assert [(p.model_a, p.model_b) for p in data.pairs] == [("inc", "llama-3")]
+    assert data.answer(data.pairs[0].prompt_id, "llama-3") == "llama-fireworks"
+
+
+def test_labels_from_a_config_name_the_incumbent_by_the_routes_targets(tmp_path, monkeypatch):
+    """`judge label-traffic -c CONFIG` gives the route's targets, whose `logged_as` names the logged incumbent."""
+    import yaml
+
+    from evaluators import traffic_labels
+    from shadowjudge.demo import demo_config
+    from shadowjudge.store import upgrade_database
+
+    config = demo_config(tmp_path, "http://127.0.0.1:9/v1")
+    config["store"] = {"url": f"sqlite:///{tmp_path}/store.db"}
+    upgrade_database(config["store"]["url"])
+    config["judge"] = {"evaluator": "lexical", "teacher": {"name": "t", "model": "m", "base_url": "http://x/v1"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    given = {}
+    monkeypatch.setattr(traffic_labels, "label_stored_traffic",
+                        lambda engine, route, teacher, out, **kwargs: given.update(route=route, **kwargs))
+    traffic_labels.label_route_traffic(tmp_path / "c.yaml", tmp_path / "labels")
+    route = config["routes"][0]
+    assert given["route"] == route["name"]
+    assert [t.name for t in given["targets"]] == [route["incumbent"]["name"], *(c["name"] for c in route["candidates"])]
