@@ -167,10 +167,13 @@ def run_route_cycle(config: Config, route: RouteConfig, cycle_id: str, ingest_re
 
     `cycle_id_given` False (a scheduled cycle, `shadowjudge run` without --cycle-id): when the route's newest run
     failed or was interrupted, the cycle resumes it instead of opening run `cycle_id` (`stages.choose_cycle_run`);
-    the outcome says so. The run is marked driven by a full cycle: if this process dies before closing or failing it,
-    the next cycle started without a cycle id finds it interrupted and resumes it."""
+    the outcome says so. The run is marked driven by a full cycle, and this process holds its driver lease while it
+    works on it (RouteBeingEvaluated when a live cycle that lost the route's lease still does): if this process dies
+    or stops before closing or failing it, the next cycle started without a cycle id finds it interrupted and
+    resumes it."""
     with stages.cycle_lease(engine_of(config), route.name, cycle_id) as lease:
         choice = choose_run(config, route, cycle_id, lease, cycle_id_given)
+        lease.drive(route.name, stages.cycle_run_key(route.name, choice.cycle_id), cycle_id)
         handle = open_run_task(config, route, choice.cycle_id, stages.FULL_CYCLE)
         try:
             stages.ensure_lease(lease)
@@ -185,7 +188,7 @@ def run_route_cycle(config: Config, route: RouteConfig, cycle_id: str, ingest_re
             return {**outcome, **choice.outcome()}
         except (RouteBusy, stages.CycleLeaseLost):
             # the run stays open for the update-routes rerun (or the next cycle without a cycle id, which finds it
-            # interrupted and resumes it); or it is now the new holder's to finish
+            # interrupted once this cycle released its driver lease, and resumes it)
             raise
         except Exception as exc:
             stages.fail_run(engine_of(config), handle.run_id, exc)

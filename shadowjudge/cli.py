@@ -118,7 +118,7 @@ def status(config: Path = ConfigOption, limit: int = typer.Option(10, min=1, max
     """Latest runs, current route weights and open alerts."""
     from sqlalchemy import select
 
-    from shadowjudge.cycle import cycle_lease_holder, unfinished_state
+    from shadowjudge.cycle import unfinished_states
     from shadowjudge.store import Alert, RouteState, ShadowRun, initialised_engine, session_scope
 
     cfg = _load(config)
@@ -127,9 +127,7 @@ def status(config: Path = ConfigOption, limit: int = typer.Option(10, min=1, max
         runs = s.scalars(select(ShadowRun).order_by(ShadowRun.id.desc()).limit(limit)).all()
         states = s.scalars(select(RouteState).order_by(RouteState.route)).all()
         alerts = s.scalars(select(Alert).where(Alert.status != "resolved").order_by(Alert.id.desc()).limit(limit)).all()
-        lease_free = {route: cycle_lease_holder(engine, route) is None
-                      for route in {r.route for r in runs if r.status == "running"}}
-        left_as = {r.id: unfinished_state(r, lease_free.get(r.route, False)) for r in runs}
+        left_as = unfinished_states(engine, runs)
         t = Table(title="Latest runs")
         for col in ("id", "run", "status", "samples", "decision", "judge", "started"):
             t.add_column(col)
@@ -192,7 +190,7 @@ def unfinished_run_hint(run: ShadowRun, config: Path, left_as: str, resume_limit
         automatic = ""
     if left_as == "interrupted":
         what = ("was interrupted: the cycle running it stopped without closing or failing it (killed, its host lost, "
-                "or its route step found the weights busy), and no cycle holds the route now")
+                "stalled past its lease, or its route step found the weights busy), and no cycle works on it now")
     else:
         what = f"failed: {summary.get('error', 'no error recorded')}"
     return (f"run {run.id} ({run.run_key}) {what}; its {len(run.sample_ids)} samples are evaluated by no later run "

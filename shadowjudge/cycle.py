@@ -11,7 +11,7 @@ import logging
 import math
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -31,8 +31,8 @@ from shadowjudge.store import (
     TrafficSample,
     session_scope,
 )
-from shadowjudge.store.lease import LeaseLock, default_holder, holder_is_dead
-from shadowjudge.store.models import as_utc, utcnow
+from shadowjudge.store.lease import LeaseLock, default_holder
+from shadowjudge.store.models import utcnow
 
 if TYPE_CHECKING:
     from shadowjudge.traffic.redaction import Redactor
@@ -89,9 +89,10 @@ def cycle_id_of(route: str, run_key: str) -> str:
 
 
 # Who drives a run, recorded in its summary as `driven_by` whenever one opens, resumes or works on it: a full cycle
-# holds the route's cycle lease from opening its run to closing it, so its run still `running` while that lease is
-# free was left by a cycle that is gone (`unfinished_state`); the stage flows take the lease one stage at a time, so
-# their run is legitimately `running` between stages. Runs stored before this was recorded say neither.
+# holds the route's cycle lease from opening its run to closing it, and the run's driver lease (`CycleLease.drive`)
+# for as long as its process works on the run, so its run still `running` while neither is held was left by a cycle
+# that is gone (`unfinished_state`); the stage flows take the lease one stage at a time, so their run is
+# legitimately `running` between stages. Runs stored before this was recorded say neither.
 FULL_CYCLE = "cycle"
 STAGE_FLOWS = "stages"
 
@@ -101,15 +102,35 @@ def _record_driver(run: ShadowRun, driver: str | None) -> None:
         run.summary = {**run.summary, "driven_by": driver}
 
 
-def unfinished_state(run: ShadowRun, lease_free: bool) -> str | None:
-    """'failed' for a failed run; 'interrupted' for a run a full cycle left `running` when the route's cycle lease
-    is free (`lease_free`: no cycle or stage flow works on the route, so that cycle was killed, lost its host, or
-    stopped on a busy route step); None for any other run. Either kind keeps samples no later run takes."""
+def unfinished_state(run: ShadowRun, cycle_gone: bool) -> str | None:
+    """'failed' for a failed run; 'interrupted' for a run a full cycle left `running` when that cycle is gone
+    (`cycle_gone`: no one holds the run's driver lease, nor works on the route, so the cycle was killed, lost its host,
+    stalled past the driver lease, or stopped on a busy route step or a lost lease); None for any other run. Either
+    kind keeps samples no later run takes."""
     if run.status == "failed":
         return "failed"
-    if run.status == "running" and lease_free and (run.summary or {}).get("driven_by") == FULL_CYCLE:
+    if cycle_gone and left_running_by_full_cycle(run):
         return "interrupted"
     return None
+
+
+def left_running_by_full_cycle(run: ShadowRun) -> bool:
+    return run.status == "running" and (run.summary or {}).get("driven_by") == FULL_CYCLE
+
+
+def unfinished_states(engine: Engine, runs: list[ShadowRun]) -> dict[int, str | None]:
+    """`unfinished_state` of each run (by id) as `status` shows it: a full cycle's `running` run is interrupted only
+    while no cycle holds its route's lease and no live cycle holds its driver lease."""
+    states: dict[int, str | None] = {}
+    route_free: dict[str, bool] = {}
+    for run in runs:
+        gone = False
+        if left_running_by_full_cycle(run):
+            if run.route not in route_free:
+                route_free[run.route] = cycle_lease_holder(engine, run.route) is None
+            gone = route_free[run.route] and run_driver(engine, run.run_key) is None
+        states[run.id] = unfinished_state(run, gone)
+    return states
 
 
 def find_run(engine: Engine, run_key: str, driver: str | None = None) -> RunHandle:
@@ -232,6 +253,9 @@ def _incumbent_samples_after(session: Session, route: RouteConfig, watermark: in
 
 CYCLE_LEASE_S = 300.0
 LEASE_HOLDER_MAX = 256  # the length of locks.holder
+# A run's driver lease lasts this many cycle-lease lengths from the driving cycle's last renewal: a live cycle whose
+# route lease ran out unrenewed (a stall, the store briefly away) is not taken for gone before this.
+RUN_DRIVER_LEASES = 2
 
 
 class RouteBeingEvaluated(ShadowJudgeError):
@@ -246,21 +270,64 @@ def cycle_lease_name(route: str) -> str:
     return f"cycle:{route}"
 
 
+def run_driver_lease_name(run_key: str) -> str:
+    return f"cycle-run:{run_key}"
+
+
+def run_driver_lease(engine: Engine, run_key: str, holder: str | None = None, cycle_ttl_s: float = CYCLE_LEASE_S,
+                     clock: Callable[[], datetime] | None = None) -> LeaseLock:
+    """The lease a full cycle holds on the run it works on, beside the route's cycle lease (`CycleLease.drive`)."""
+    return LeaseLock(engine, run_driver_lease_name(run_key), holder=holder, ttl_s=cycle_ttl_s * RUN_DRIVER_LEASES,
+                     clock=clock)
+
+
 class CycleLease(LeaseLock):
     """The route's cycle lease, held as `<host:pid:token:namespace>:<label>`; `relabel` renames it once the cycle
-    knows which run it works on (another cycle's, resumed), so a cycle it turns away names that run."""
+    knows which run it works on (another cycle's, resumed), so a cycle it turns away names that run.
+
+    A full cycle also holds its run's driver lease (`drive`), as `<host:pid:token:namespace>`, renewed with the
+    route's lease, and still renewed once that is lost: the process goes on with its current stage (it checks the
+    route's lease only between stages), so its run is not interrupted, and no cycle may resume it, until the
+    process has left it (released) or is known gone (killed on this host, or silent past the driver lease)."""
 
     def __init__(self, engine: Engine, route: str, label: str, ttl_s: float) -> None:
         self.identity = default_holder()
         super().__init__(engine, cycle_lease_name(route), holder=self._holder(label), ttl_s=ttl_s)
         self._naming = threading.Lock()  # a renewal by the old name once the store holds the new one finds it lost
+        self.driver: LeaseLock | None = None  # the run's driver lease, once `drive` took it
 
     def _holder(self, label: str) -> str:
         return f"{self.identity}:{label}"[:LEASE_HOLDER_MAX]
 
-    def renew(self) -> bool:
+    @property
+    def driving(self) -> bool:
+        return self.driver is not None and self.driver.held
+
+    def drive(self, route: str, run_key: str, cycle_id: str) -> None:
+        """Take the driver lease of run `run_key` before cycle `cycle_id` works on it; RouteBeingEvaluated while a
+        live cycle still holds it (one that lost the route's lease, its current stage not over)."""
+        driver = run_driver_lease(self.engine, run_key, self.identity, self.ttl.total_seconds(), self.clock)
+        if not driver.acquire():
+            raise RouteBeingEvaluated(still_driven(route, run_key, driver, f"cycle {cycle_id}"))
         with self._naming:
-            return super().renew()
+            if self.driver is not None:
+                self.driver.release()
+            self.driver = driver
+
+    def renew(self) -> bool:
+        """Renew the route's lease and the run's driver lease, in one transaction; False when the route's lease
+        was lost (the driver lease is renewed all the same while it is ours)."""
+        with self._naming, session_scope(self.engine) as s:
+            if self.driving:
+                self.driver.renew_in(s)
+            return self.held and self.renew_in(s)
+
+    def release(self) -> None:
+        """The driver lease first: a cycle that takes the route's lease then finds the run left, not driven."""
+        with self._naming:
+            if self.driver is not None:
+                self.driver.release()
+        super().release()
 
     def relabel(self, label: str) -> None:
         """Rename the holder (renewing the lease) in the store and here, in one step for the renewer thread;
@@ -306,11 +373,24 @@ def cycle_lease(engine: Engine, route: str, cycle_id: str, ttl_s: float = CYCLE_
 
 def cycle_lease_holder(engine: Engine, route: str) -> str | None:
     """Who holds the route's cycle lease now (for `status`); None when it is free: never taken, released, expired
-    by this host's clock, or held by a process of this host that is gone (the next cycle takes that over at once)."""
-    held = LeaseLock(engine, cycle_lease_name(route)).current_holder()
-    if held is None or as_utc(held[1]) <= datetime.now(timezone.utc) or holder_is_dead(held[0]):
-        return None
-    return held[0]
+    by the store's clock, or held by a process of this host that is gone (the next cycle takes that over at once)."""
+    held = LeaseLock(engine, cycle_lease_name(route)).live_holder()
+    return held[0] if held else None
+
+
+def run_driver(engine: Engine, run_key: str) -> str | None:
+    """The live cycle holding the run's driver lease (`CycleLease.drive`), judged as `cycle_lease_holder` is."""
+    held = run_driver_lease(engine, run_key).live_holder()
+    return held[0] if held else None
+
+
+def still_driven(route: str, run_key: str, driver: LeaseLock, not_starting: str) -> str:
+    """Why `not_starting` does not start beside the live cycle that still drives run `run_key`."""
+    held = driver.current_holder()
+    who = f"{held[0]} (its lease on the run until {held[1]:%Y-%m-%d %H:%M:%S} UTC)" if held else "another cycle"
+    return (f"route {route}: run {run_key} is still being worked on by {who}, a cycle that lost the route's lease "
+            f"but has not stopped: not starting {not_starting} beside it (that would replay, and pay for, its samples "
+            "again); the route's next cycle started without a cycle id resumes the run once that cycle has stopped")
 
 
 def ensure_lease(lease: LeaseLock) -> None:
@@ -387,11 +467,16 @@ def choose_cycle_run(engine: Engine, config: Config, route: RouteConfig, cycle_i
 
     A cycle started without a cycle id (a scheduled one, `shadowjudge run` without --cycle-id) whose route's newest
     run failed, or was interrupted, resumes that run instead of opening a new one: a new run would take only samples
-    past its samples, which no cycle would then evaluate. Interrupted is a full cycle's run still `running` (see
-    `unfinished_state`): as this cycle holds the lease, the cycle that ran it is gone (killed, its host lost, its
-    lease taken over), or it stopped on RouteBusy, leaving the run open for a rerun of its route step, which the
-    resume is (the step is idempotent per run, so a person's later rerun replays it). A run driven stage by stage,
-    or stored before runs recorded their driver, is not resumed: it is `running` between its stage flows.
+    past its samples, which no cycle would then evaluate. Interrupted is a full cycle's run still `running` whose
+    driver lease (`CycleLease.drive`) is free or abandoned (see `unfinished_state`): the cycle that ran it is gone
+    (killed, its host lost, silent past its driver lease, or stopped on a lost lease), or it stopped on RouteBusy,
+    leaving the run open for a rerun of its route step, which the resume is (the step is idempotent per run, so a
+    person's later rerun replays it); the abandoned driver lease is cleared in the deciding transaction. While a
+    live cycle still holds it (it lost the route's lease to this cycle, as after a stall, but is not done with its
+    current stage) this cycle fails with RouteBeingEvaluated: resuming would replay the run's samples beside it, and
+    a run of its own would strand them behind it; the cycle stops before its next stage, releasing its driver
+    lease, and the next cycle resumes the run. A run driven stage by stage, or stored before runs recorded their
+    driver, is not resumed: it is `running` between its stage flows.
 
     Each run is resumed automatically at most `orchestration.resume_failed_runs` times, failed and interrupted alike
     (counted in its summary as `auto_resumes`; resumes of it interrupted are also listed in
@@ -416,7 +501,11 @@ def choose_cycle_run(engine: Engine, config: Config, route: RouteConfig, cycle_i
                 return CycleRunChoice(cycle_id_of(route.name, run.run_key), cycle_id, resume_limit=limit,
                                       resume_attempt=resumed_by.index(cycle_id) + 1, left_as=left_as)
         newest = recent[0] if recent else None
-        left_as = unfinished_state(newest, lease_free=True) if newest is not None else None
+        if newest is not None and left_running_by_full_cycle(newest):
+            driver = run_driver_lease(engine, newest.run_key, clock=lease.clock)
+            if not driver.clear_if_abandoned_in(s):
+                raise RouteBeingEvaluated(still_driven(route.name, newest.run_key, driver, f"cycle {cycle_id}"))
+        left_as = unfinished_state(newest, cycle_gone=True) if newest is not None else None
         if left_as is None:
             return as_usual
         left_cycle_id = cycle_id_of(route.name, newest.run_key)
@@ -442,16 +531,20 @@ def choose_cycle_run(engine: Engine, config: Config, route: RouteConfig, cycle_i
     return choice
 
 
-def _renew_until(lease: LeaseLock, stop: threading.Event, every_s: float) -> None:
-    """Renew the lease every `every_s` until `stop`; a store that is briefly away is retried at the next tick."""
+def _renew_until(lease: CycleLease, stop: threading.Event, every_s: float) -> None:
+    """Renew the lease every `every_s` until `stop`; a store that is briefly away is retried at the next tick. Once
+    the route's lease is lost it goes on renewing the run's driver lease while that is ours: the cycle is still
+    working on its run until its current stage ends."""
     while not stop.wait(every_s):
+        held = lease.held
         try:
-            if not lease.renew():
+            if not lease.renew() and held:
                 log.error("lost the cycle lease %s to another cycle: this cycle stops before its next stage",
                           lease.name)
-                return
         except Exception as exc:  # noqa: BLE001 - the cycle goes on; the lease lasts ttl_s from the last renewal
             log.warning("could not renew the cycle lease %s: %s", lease.name, exc)
+        if not lease.held and not lease.driving:
+            return
 
 
 def load_samples(engine: Engine, sample_ids: list[int]) -> list[TrafficSample]:

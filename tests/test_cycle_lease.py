@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from prefect import flow
@@ -104,3 +104,46 @@ def test_the_evaluation_cycle_flow_does_not_start_a_route_another_cycle_holds(tm
             with pytest.raises(RoutesFailed, match=r"route chat-default is being evaluated by \S+:cycle held"):
                 evaluation_cycle(config_path=config_path, route=ROUTE, cycle_id="c9")
     assert _runs(engine) == {}
+
+
+def test_a_cycle_that_lost_the_routes_lease_goes_on_renewing_its_runs_driver_lease_until_it_stops(sqlite_url):
+    """It works on its run until its current stage ends: no cycle may take that run for interrupted meanwhile."""
+    engine = get_engine(sqlite_url)
+    with cycle.cycle_lease(engine, ROUTE, "k1", ttl_s=0.2) as lease:  # the driver lease lasts 0.4 s
+        lease.drive(ROUTE, f"{ROUTE}:k1", "k1")
+        with session_scope(engine) as s:  # another host took the route's lease over (ours went unrenewed)
+            s.get(Lock, cycle.cycle_lease_name(ROUTE)).holder = "elsewhere:1:beef:cycle other"
+        time.sleep(1.2)  # three driver lease lengths: only renewals by the thread keep it
+        assert not lease.held and cycle.run_driver(engine, f"{ROUTE}:k1") == lease.identity
+        with pytest.raises(cycle.CycleLeaseLost):
+            cycle.ensure_lease(lease)
+    assert cycle.run_driver(engine, f"{ROUTE}:k1") is None  # released when it stopped
+    assert LeaseLock(engine, cycle.cycle_lease_name(ROUTE)).current_holder()[0] == "elsewhere:1:beef:cycle other"
+
+
+@pytest.mark.parametrize("store_url", [pytest.param("postgresql", marks=pytest.mark.pg)], indirect=True)
+def test_status_judges_a_cycles_lease_by_the_stores_clock_not_this_hosts(tmp_path, store_url, monkeypatch):
+    """A host whose clock runs ahead of PostgreSQL's took a live cycle's lease for expired, and showed its run as
+    interrupted (a SQLite store is this host's file: its clock is the store's)."""
+    from typer.testing import CliRunner
+
+    import shadowjudge.store.lease
+    from shadowjudge.cli import app
+    from shadowjudge.config import load_config
+
+    config_path = write_cycle_config(tmp_path, store_url, "http://127.0.0.1:9/v1")
+    config, engine = load_config(config_path), get_engine(store_url)
+
+    class AheadOfTheStore(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.now(tz) + timedelta(hours=1)
+
+    with cycle.cycle_lease(engine, ROUTE, "c1"):  # a cycle working on its run
+        run = cycle.open_run(engine, config, config.route(ROUTE), "c1", cycle.FULL_CYCLE)
+        monkeypatch.setattr(cycle, "datetime", AheadOfTheStore)
+        monkeypatch.setattr(shadowjudge.store.lease, "wall_clock", lambda: AheadOfTheStore.now(timezone.utc))
+        shown = CliRunner().invoke(app, ["status", "-c", str(config_path)])
+        assert shown.exit_code == 0, shown.output
+        assert f"run {run.run_id} ({ROUTE}:c1) was interrupted" not in " ".join(shown.output.split())
+        assert cycle.cycle_lease_holder(engine, ROUTE).endswith(":cycle c1")

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -38,9 +41,19 @@ from shadowjudge.store import (
     get_engine,
     session_scope,
 )
-from shadowjudge.store.lease import LeaseLock
+from shadowjudge.store.lease import LeaseLock, pid_namespace
 from cycle_configs import cycle_config, save_config, write_cycle_config
-from test_cycle_resume_failed import FAST, ROUTE, _choose, _mark, _store_with_runs, route_cycle, rows, runs
+from test_cycle_resume_failed import (
+    FAST,
+    ROUTE,
+    _choose,
+    _mark,
+    _store_with_runs,
+    incumbent_requests,
+    route_cycle,
+    rows,
+    runs,
+)
 from test_reliability_faults import duplicated_keys
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,7 +222,8 @@ def test_status_shows_an_interrupted_run_only_while_no_cycle_holds_the_route(tmp
     said = _status(config_path)
     assert "│ interrupted │" in said  # the status column of the table
     assert (f"run {run.run_id} ({ROUTE}:c1) was interrupted: the cycle running it stopped without closing or failing "
-            f"it (killed, its host lost, or its route step found the weights busy), and no cycle holds the route now; "
+            f"it (killed, its host lost, stalled past its lease, or its route step found the weights busy), and no "
+            f"cycle works on it now; "
             f"its {len(run.sample_ids)} samples are evaluated by no later run until it is rerun: shadowjudge run -c "
             f"{config_path} --route {ROUTE} --cycle-id c1 (or the route's next cycle started without --cycle-id "
             "resumes it: automatic resume 1 of 2)") in said
@@ -311,3 +325,110 @@ def test_the_shadow_test_stage_without_a_cycle_id_resumes_a_failed_or_interrupte
     assert route_cycle(config_path, "s2", cycle_id_given=False)["cycle_id"] == "s2"
     assert duplicated_keys(engine) == {}
 
+
+
+# --- a cycle whose route lease ran out while it lives on ---
+
+def _lapse(engine, lease_name: str) -> None:
+    """The lease ran out unrenewed: as after its whole length with the process stalled or the store out of reach."""
+    with session_scope(engine) as s:
+        s.get(Lock, lease_name).expires_at = datetime(2000, 1, 1, tzinfo=timezone.utc)
+
+
+def test_a_live_cycle_whose_route_lease_ran_out_keeps_its_run_and_the_next_cycle_does_not_start_beside_it(
+        tmp_path, sqlite_url, prefect_harness, monkeypatch):
+    """Its lease expired unrenewed while its process lived on, busy with its shadow test (it checks the lease only
+    between stages): the next scheduled cycle took the lease over, found its run `running` and resumed it as
+    interrupted, so both replayed (and paid for) the same samples. It now fails, naming the live cycle; the live
+    cycle stops before its next stage, and the cycle after resumes the run, replaying nothing again."""
+    engine = get_engine(sqlite_url)
+    real_shadow = cycle.shadow
+    stalled, go_on = threading.Event(), threading.Event()
+
+    def shadow_stalled_past_its_lease(engine, config, route, handle, progress=False):
+        if handle.run_key.endswith(":k1") and not stalled.is_set():
+            _lapse(engine, cycle.cycle_lease_name(ROUTE))
+            stalled.set()
+            assert go_on.wait(120)
+        return real_shadow(engine, config, route, handle, progress=progress)
+
+    monkeypatch.setattr(cycle, "shadow", shadow_stalled_past_its_lease)
+    with ReplayServer(DEMO_DATA / "recordings.jsonl.gz", FAST) as server:
+        config_path = write_cycle_config(tmp_path, sqlite_url, server.base_url, max_samples=SAMPLES)
+        ingest_and_sample(config_path)
+        first: list = []
+        live = threading.Thread(target=lambda: first.append(route_cycle(config_path, "k1", cycle_id_given=True,
+                                                                        return_state=True)))
+        live.start()
+        try:
+            assert stalled.wait(120)
+            [run] = runs(engine)
+            with pytest.raises(cycle.RouteBeingEvaluated,
+                               match=rf"route {ROUTE}: run {ROUTE}:k1 is still being worked on by \S+ \(its lease on "
+                                     r"the run until [^)]+\), a cycle that lost the route's lease but has not stopped: "
+                                     r"not starting cycle s1 beside it"):
+                route_cycle(config_path, "s1", cycle_id_given=False)  # the next scheduled cycle
+            assert "auto_resumes" not in _summary(engine, run.id) and len(runs(engine)) == 1
+            assert "interrupted" not in _status(config_path)  # no cycle holds the route, but it still drives the run
+        finally:
+            go_on.set()
+            live.join(120)
+        with pytest.raises(cycle.CycleLeaseLost):  # it finished its shadow test, then stopped
+            first[0].result()
+        [left] = runs(engine)
+        assert (left.status, rows(engine, ShadowResult, run.id)) == ("running", 3 * SAMPLES)
+        assert f"run {run.id} ({ROUTE}:k1) was interrupted" in _status(config_path)
+
+        outcome = route_cycle(config_path, "s2", cycle_id_given=False)  # it has stopped: its run is resumed
+        assert outcome["resumed_interrupted_cycle_id"] == "k1"
+        assert incumbent_requests(server) == SAMPLES  # each sample replayed once, by the live cycle
+    [finished] = runs(engine)
+    assert (finished.id, finished.status, rows(engine, ShadowResult, run.id)) == (run.id, "finished", 3 * SAMPLES)
+    assert duplicated_keys(engine) == {}
+
+
+def test_a_run_whose_cycle_gave_no_sign_of_life_for_its_driver_lease_is_resumed(tmp_path, store_url):
+    """A cycle not dead on this host (another host's, or stalled) whose run's driver lease, two route leases long,
+    ran out unrenewed is taken for gone; a cycle that comes back to life then finds its run taken."""
+    config, engine = _store_with_runs(tmp_path, store_url)
+    [config_path] = tmp_path.glob("shadowjudge-*.yaml")
+    with cycle.cycle_lease(engine, ROUTE, "k1") as stalled:  # this process: alive on this host
+        stalled.drive(ROUTE, f"{ROUTE}:k1", "k1")
+        run = cycle.open_run(engine, config, config.route(ROUTE), "k1", cycle.FULL_CYCLE)
+        _lapse(engine, cycle.cycle_lease_name(ROUTE))
+        with pytest.raises(cycle.RouteBeingEvaluated, match=rf"run {ROUTE}:k1 is still being worked on by "
+                                                            rf"{stalled.identity} "):
+            _choose(engine, config, "s1")
+        assert "interrupted" not in _status(config_path)
+        _lapse(engine, cycle.run_driver_lease_name(run.run_key))  # silent for its driver lease too
+        assert f"run {run.run_id} ({ROUTE}:k1) was interrupted" in _status(config_path)
+        choice = _choose(engine, config, "s2")
+        assert (choice.cycle_id, choice.resume_attempt, choice.left_as) == ("k1", 1, "interrupted")
+        assert not stalled.renew() and not stalled.driving  # come back, it finds the run taken from it
+    assert _summary(engine, run.run_id)["auto_resumed_interrupted_by"] == ["s2"]
+
+
+def test_a_run_whose_cycle_was_killed_on_this_host_is_resumed_at_once(tmp_path, store_url):
+    config, engine = _store_with_runs(tmp_path, store_url)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    run = cycle.open_run(engine, config, config.route(ROUTE), "k1", cycle.FULL_CYCLE)
+    with session_scope(engine) as s:  # its driver lease still runs for hours, but its process is gone
+        s.add(Lock(name=cycle.run_driver_lease_name(run.run_key), expires_at=datetime(2999, 1, 1, tzinfo=timezone.utc),
+                   holder=f"{socket.gethostname()}:{dead}:0:{pid_namespace()}"))
+    assert _choose(engine, config, "s1").left_as == "interrupted"
+    assert LeaseLock(engine, cycle.run_driver_lease_name(run.run_key)).current_holder() is None  # cleared
+
+
+def test_a_cycle_given_the_cycle_id_of_a_run_a_live_cycle_still_works_on_does_not_start(tmp_path, store_url):
+    config, engine = _store_with_runs(tmp_path, store_url)
+    with cycle.cycle_lease(engine, ROUTE, "k1") as live:
+        live.drive(ROUTE, f"{ROUTE}:k1", "k1")
+        _lapse(engine, cycle.cycle_lease_name(ROUTE))
+        with cycle.cycle_lease(engine, ROUTE, "k1") as rerun:  # `shadowjudge run --cycle-id k1`
+            with pytest.raises(cycle.RouteBeingEvaluated, match=r"not starting cycle k1 beside it"):
+                rerun.drive(ROUTE, f"{ROUTE}:k1", "k1")
+    with cycle.cycle_lease(engine, ROUTE, "k1") as rerun:  # the live one stopped: its driver lease released
+        rerun.drive(ROUTE, f"{ROUTE}:k1", "k1")
+        assert cycle.run_driver(engine, f"{ROUTE}:k1") == rerun.identity
+    assert cycle.run_driver(engine, f"{ROUTE}:k1") is None

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import TracebackType
 
-from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy import ColumnElement, Engine, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -78,6 +78,15 @@ def holder_is_dead(holder: str) -> bool:
     return False
 
 
+def _abandoned(holder: str | None, now: datetime) -> ColumnElement[bool]:
+    """Where a lease's row may be taken over: it expired, or its holder (read as `holder`) died on this host, so
+    there is no need to wait its lease out."""
+    takeover = Lock.expires_at < now
+    if holder is not None and holder_is_dead(holder):
+        takeover = takeover | (Lock.holder == holder)
+    return takeover
+
+
 class LeaseLock:
     """`with LeaseLock(engine, "route:chat") as lock: if lock.held: ...`; released on exit, expires if we die."""
 
@@ -112,15 +121,31 @@ class LeaseLock:
         with session_scope(self.engine) as s:
             now = self._now_in(s)
             holder = s.scalar(select(Lock.holder).where(Lock.name == self.name))
-            takeover = Lock.expires_at < now
-            if holder is not None and holder_is_dead(holder):  # no need to wait out a dead holder's lease
-                takeover = takeover | (Lock.holder == holder)
             taken = s.execute(
-                update(Lock).where(Lock.name == self.name, takeover)
+                update(Lock).where(Lock.name == self.name, _abandoned(holder, now))
                 .values(holder=self.holder, expires_at=now + self.ttl)
             )
             self.held = taken.rowcount == 1
         return self.held
+
+    def clear_if_abandoned_in(self, session: Session) -> bool:
+        """In the caller's transaction, delete the lease's row if it is abandoned (what `acquire` would take over);
+        True when no one holds the lease now: it was free, or abandoned. The delete only matches a row still
+        abandoned, so a holder that renews meanwhile keeps its lease (False)."""
+        now = self._now_in(session)
+        holder = session.scalar(select(Lock.holder).where(Lock.name == self.name))
+        if holder is None:
+            return True
+        return session.execute(delete(Lock).where(Lock.name == self.name, _abandoned(holder, now))).rowcount == 1
+
+    def live_holder(self) -> tuple[str, datetime] | None:
+        """The holder and expiry while the lease holds; None when it is free or abandoned (expired by the store's
+        clock, not this host's, or held by a process of this host that is gone), as `acquire` judges it."""
+        with session_scope(self.engine) as s:
+            row = s.execute(select(Lock.holder, Lock.expires_at).where(Lock.name == self.name)).first()
+            if row is None or as_utc(row.expires_at) < self._now_in(s) or holder_is_dead(row.holder):
+                return None
+            return row.holder, as_utc(row.expires_at)
 
     def renew(self) -> bool:
         """Extend a held lease by its ttl from now; False when it was lost (it expired and another took it over)."""
