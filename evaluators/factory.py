@@ -73,6 +73,21 @@ def judge_model_uri(judge: "JudgeConfig") -> str:
     return judge.model_uri or f"models:/{judge.registered_name}@champion"
 
 
+def pinned_judge_model_uri(judge: "JudgeConfig", tracking_uri: str) -> str | None:
+    """The judge `load_evaluator` would load now, named so that it cannot move: a registry alias
+    (`models:/name@champion`) as the version it points at (`models:/name/3`); a version or a directory as it is; None
+    for an evaluator that is no small judge. Work split across processes (a run's scoring batches) loads this one, so
+    a promotion meanwhile cannot leave a run judged by two judges, of which the analysis would read one."""
+    if judge.evaluator != "small-judge":
+        return None
+    model_uri = judge_model_uri(judge)
+    if model_uri.startswith("models:/") and "@" in model_uri:
+        from evaluators import judge_registry as reg
+
+        return reg.resolve(tracking_uri, model_uri).uri
+    return model_uri
+
+
 def _not_a_judge(model_uri: str) -> EvaluatorConfigError:
     return EvaluatorConfigError(f"judge model '{model_uri}' is neither a models:/ URI nor a judge directory")
 

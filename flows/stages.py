@@ -290,9 +290,12 @@ def fan_out_scoring(config: Config, config_path: str, route: RouteConfig, handle
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
+    from evaluators.factory import pinned_judge_model_uri
+
     orchestration = config.orchestration
     logger = get_run_logger()
     ranges = stages.sample_ranges(handle.sample_ids, orchestration.score_batches)
+    judge_model_uri = pinned_judge_model_uri(config.judge, config.mlflow.tracking_uri)
     cycle_id = stages.cycle_id_of(route.name, handle.run_key)
     runs = []
     for first, last in ranges:
@@ -301,7 +304,8 @@ def fan_out_scoring(config: Config, config_path: str, route: RouteConfig, handle
                 orchestration.score_deployment, timeout=0, flow_run_name=f"{handle.run_key} samples {first}-{last}",
                 idempotency_key=f"{handle.run_key}:{first}-{last}:{flow_run.get_id()}",
                 parameters={"config_path": str(Path(config_path).resolve()), "route": route.name,
-                            "cycle_id": cycle_id, "first_sample_id": first, "last_sample_id": last}))
+                            "cycle_id": cycle_id, "first_sample_id": first, "last_sample_id": last,
+                            **({"judge_model_uri": judge_model_uri} if judge_model_uri else {})}))
         except ObjectNotFound:
             raise InputError(f"orchestration.score_batches is {orchestration.score_batches} but there is no "
                              f"deployment '{orchestration.score_deployment}': run `shadowjudge deploy` (or set "
@@ -381,11 +385,16 @@ def score(config_path: str, route: str, cycle_id: str, progress: bool = False) -
 
 @flow(name="score-batch", log_prints=True)
 def score_batch(config_path: str, route: str, cycle_id: str, first_sample_id: int,
-                last_sample_id: int) -> dict[str, Any]:
-    """Judge the pairs of one sample-id range of a cycle's run (inclusive): the unit the score stage fans out."""
+                last_sample_id: int, judge_model_uri: str | None = None) -> dict[str, Any]:
+    """Judge the pairs of one sample-id range of a cycle's run (inclusive): the unit the score stage fans out.
+    `judge_model_uri` (a small judge's pinned version, which the score stage resolved once for all its batches)
+    replaces the config's `judge.model_uri`: a batch that ran after a promotion used the new champion, and the
+    analysis, reading one judge's judgments, dropped the other batches' pairs."""
     if first_sample_id > last_sample_id:
         raise InputError(f"score-batch: first_sample_id {first_sample_id} is after last_sample_id {last_sample_id}")
     config = load(config_path)
+    if judge_model_uri:
+        config = config.model_copy(update={"judge": config.judge.model_copy(update={"model_uri": judge_model_uri})})
     rc = config.route(route)
     handle = find_run_task(config, rc, cycle_id)
     return score_range_task(config, rc, handle, (first_sample_id, last_sample_id))
