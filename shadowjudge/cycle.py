@@ -97,9 +97,17 @@ FULL_CYCLE = "cycle"
 STAGE_FLOWS = "stages"
 
 
-def _record_driver(run: ShadowRun, driver: str | None) -> None:
-    if driver is not None and run.summary.get("driven_by") != driver:
-        run.summary = {**run.summary, "driven_by": driver}
+def _record_driver(session: Session, run: ShadowRun, driver: str | None) -> None:
+    """Record who drives the run now. A stage flow refuses (RouteBeingEvaluated) a run a live full cycle still
+    drives (one that lost the route's lease, its current stage not over): it would replay, and pay for, the same
+    samples beside it, and taking the run over as `stages` would keep it from ever being resumed as interrupted."""
+    if driver is None or run.summary.get("driven_by") == driver:
+        return
+    if driver == STAGE_FLOWS and left_running_by_full_cycle(run):
+        lease = run_driver_lease(session.get_bind(), run.run_key)
+        if not lease.clear_if_abandoned_in(session):
+            raise RouteBeingEvaluated(still_driven(run.route, run.run_key, lease, "this stage flow"))
+    run.summary = {**run.summary, "driven_by": driver}
 
 
 def unfinished_state(run: ShadowRun, cycle_gone: bool) -> str | None:
@@ -141,7 +149,7 @@ def find_run(engine: Engine, run_key: str, driver: str | None = None) -> RunHand
         if run is None:
             raise RunNotFound(f"no run '{run_key}' in the store: run the shadow test of that cycle first")
         if run.status != "finished":
-            _record_driver(run, driver)
+            _record_driver(s, run, driver)
         return RunHandle(run.id, run.run_key, list(run.sample_ids), resumed=True)
 
 
@@ -201,7 +209,7 @@ def open_run(engine: Engine, config: Config, route: RouteConfig, cycle_id: str,
                 run.summary = {**{k: v for k, v in run.summary.items() if k != "error"},
                                "last_error": run.summary.get("error")}
             if run.status != "finished":
-                _record_driver(run, driver)
+                _record_driver(s, run, driver)
             return RunHandle(run.id, run_key, list(run.sample_ids), resumed=True)
         last = s.scalar(select(ShadowRun).where(ShadowRun.route == route.name, ShadowRun.kind == "cycle")
                         .order_by(ShadowRun.id.desc()).limit(1))

@@ -432,3 +432,23 @@ def test_a_cycle_given_the_cycle_id_of_a_run_a_live_cycle_still_works_on_does_no
         rerun.drive(ROUTE, f"{ROUTE}:k1", "k1")
         assert cycle.run_driver(engine, f"{ROUTE}:k1") == rerun.identity
     assert cycle.run_driver(engine, f"{ROUTE}:k1") is None
+
+
+def test_a_stage_flow_does_not_take_over_a_run_a_live_full_cycle_still_drives(tmp_path, store_url):
+    """A stage flow given the cycle id of a run whose full cycle lost the route's lease mid-stage, but lives on, took
+    the run: it replayed the samples beside the live cycle, and relabelled the run `stages`, so once that cycle
+    stopped no cycle ever resumed it."""
+    config, engine = _store_with_runs(tmp_path, store_url)
+    route = config.route(ROUTE)
+    handle = cycle.open_run(engine, config, route, "d1", cycle.FULL_CYCLE)
+    with cycle.cycle_lease(engine, ROUTE, "d1") as live:
+        live.drive(ROUTE, handle.run_key, "d1")
+        _lapse(engine, cycle.cycle_lease_name(ROUTE))
+        with pytest.raises(cycle.RouteBeingEvaluated, match="not starting this stage flow beside it"):
+            cycle.open_run(engine, config, route, "d1", cycle.STAGE_FLOWS)  # the shadow-test stage
+        with pytest.raises(cycle.RouteBeingEvaluated, match="not starting this stage flow beside it"):
+            cycle.find_run(engine, handle.run_key, cycle.STAGE_FLOWS)  # score, analyse, update-routes
+        assert runs(engine)[-1].summary["driven_by"] == cycle.FULL_CYCLE
+    # that cycle stopped (its lease on the run released): a person may finish the run stage by stage
+    assert cycle.find_run(engine, handle.run_key, cycle.STAGE_FLOWS).run_id == handle.run_id
+    assert runs(engine)[-1].summary["driven_by"] == cycle.STAGE_FLOWS
