@@ -730,7 +730,7 @@ def _backtracking_loops(pattern: str) -> list[str]:
 
 
 @pytest.mark.parametrize("name", ["_PHONE_CONTEXT", "_PHONE_CONTEXT_NEXT_LINE", "_SSN_CONTEXT", "_SSN_BARE_CONTEXT",
-                                  "_PART_NUMBER_LABEL"])
+                                  "_PART_NUMBER_LABEL", "_NAMED_NUMBER"])
 def test_the_patterns_searched_before_every_candidate_never_backtrack_into_a_loop(name):
     """They run before every candidate number, on text anyone can send: `phone no.no.no...#4155550123` took 32 s in
     one call while a full stop could be read two ways. Possessive loops fail in one pass over the window."""
@@ -782,6 +782,38 @@ def test_an_item_number_label_or_a_far_sentence_is_still_no_context(redactor, te
     "The SSA processed 412345678 claims last year, according to the annual report.",
 ])
 def test_a_number_named_as_another_kind_or_counting_something_is_no_phone_or_ssn(redactor, text):
+    assert redact(redactor, text) == (text, {})
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Call my account manager at 4155550123.", "Call my account manager at [PHONE]."),
+    ("Please call the reservations desk at 4155550123.", "Please call the reservations desk at [PHONE]."),
+    ("Phone the booking office on 4155550123", "Phone the booking office on [PHONE]"),
+    ("Contact our accounts team at 4155550123", "Contact our accounts team at [PHONE]"),
+    ("Text me about my order at 4155550123", "Text me about my order at [PHONE]"),
+    ("Call the ticket office at 4155550123", "Call the ticket office at [PHONE]"),
+    ("Call the insurance policy holder, Mrs. Lee, at 4155550123", "Call the insurance policy holder, Mrs. Lee, at "
+     "[PHONE]"),
+    ("Phone me: it costs nothing: 4155550123", "Phone me: it costs nothing: [PHONE]"),
+    ("Call me about order 2125551234 at 4155550123", "Call me about order 2125551234 at [PHONE]"),
+    ("Call me at 4155550123 days, 4155550199 evenings.", "Call me at [PHONE] days, [PHONE] evenings."),
+    ("Call me 4155550123 times two", "Call me [PHONE] times two"),
+    ("Phone: 4155550123 Hours: 9-5", "Phone: [PHONE] Hours: 9-5"),  # the next field's label, no count
+    ("Tel 4155550123 Hours 9-5", "Tel [PHONE] Hours 9-5"),
+])
+def test_a_word_naming_another_number_ends_a_phone_words_reach_only_right_before_the_number(redactor, text,
+                                                                                              expected):
+    """`account`, `order`, `costs` ... anywhere in the sentence left real phone numbers in clear; only right
+    before the number, alone or with a number word or sign, do they name it."""
+    assert redact(redactor, text)[0] == expected
+
+
+@pytest.mark.parametrize("text", [
+    "Call me about order number 2125551234", "Call about invoice #6465550199", "Phone re account: 4155550123",
+    "Call them, my account no. is 4155550123", "Contact id 4155550123", "Call: sold approx. 3105551234",
+    "Call of Duty sold 3105551234 copies", "Call of Duty sold 3105551234 HOURS",
+])
+def test_a_number_named_right_before_it_or_counting_something_is_still_no_phone(redactor, text):
     assert redact(redactor, text) == (text, {})
 
 

@@ -210,14 +210,19 @@ _PART_NUMBER_LABEL = re.compile(r"(?i)\b(?:(?:parts?|catalog(?:ue)?s?|cat|orders
 # a little after a word that announces a phone number (`_PHONE_CONTEXT`), as ids, amounts, integer limits
 # (2147483647) and numbers in URLs (/playlist/7504851590) are bare runs of 10 digits too. Between the word and the
 # number, no digit and nothing of code or maths (an opening bracket, `=`, operators): `call f(4000000000)` and
-# `cell A1 = 2147483647` are no phone numbers. Nor is one that counts something (`3105551234 hours`, `... times`).
-_COUNTED = (r"hours?|hrs|minutes?|mins|seconds?|secs|days|weeks|months|years|times|people|persons|users|views|visits"
+# `cell A1 = 2147483647` are no phone numbers. Nor is one that counts something (`3105551234 hours`, `... users`),
+# but a noun that also says when to call (`4155550123 days, 4155550199 evenings`, `... times`) is no count, nor a
+# label that starts the next field (`Phone: 4155550123 Hours: 9-5`, `Tel 4155550123 Hours 9-5`): the noun is in lower
+# or upper case, with no colon after it.
+_COUNTED = (r"hours?|hrs|minutes?|mins|seconds?|secs|weeks|months|years|people|persons|users|views|visits"
             r"|downloads|copies|units|items|dollars|euros|usd|eur|bytes|records|rows|claims|votes|customers"
             r"|subscribers|followers|players|miles|km|kg|tons")
-_PHONE_BARE = re.compile(r"[1-9](?<![\w.+/-][1-9])\d{9,10}(?![\w]|[.,]\d|\s+(?i:" + _COUNTED + r")\b)")
+_PHONE_BARE = re.compile(r"[1-9](?<![\w.+/-][1-9])\d{9,10}(?![\w]|[.,]\d|\s+(?:" + _COUNTED + "|" + _COUNTED.upper()
+                         + r")\b(?!\s*:))")
 # The word is a whole one (`tell`, `telescope`, `called`, `iPhone` are not it), and an id (`Contact id`, `#`), a new
-# clause (`;`), a placeholder (`_collect`) or a word naming another kind of number or an amount (`order`, `invoice`,
-# `account`, `roughly`: `_OTHER_NUMBER`) between it and the number is not a phone's. `cell` and `SMS` name other
+# clause (`;`) or a placeholder (`_collect`) between it and the number is not a phone's; nor is a number named as
+# another kind or as an amount (`order 2125551234`, `account no. ...`, `roughly ...`: `_NAMED_NUMBER`), while the
+# same words elsewhere between (`call my account manager at ...`) are prose like any other. `cell` and `SMS` name other
 # things too (`Excel cell B holds ...`, `SMS gateway processed ...`): only a few linking words may follow them
 # (`cell: `, `my cell is `, `SMS to `). Other such numbers may come between: `Phone: 5551234567, 5559876543` holds
 # two. Right after the word, a label's number (`Phone 2: `) and line breaks (a form's `Phone:` above its value);
@@ -232,10 +237,16 @@ _PHONE_BARE = re.compile(r"[1-9](?<![\w.+/-][1-9])\d{9,10}(?![\w]|[.,]\d|\s+(?i:
 _OTHER_NUMBER = (r"ids?|orders?|invoices?|accounts?|acct|ref|references?|tickets?|tracking|confirmation|receipts?"
                  r"|transactions?|bookings?|reservations?|polic(?:y|ies)|serials?|skus?|isbns?|routing"
                  r"|roughly|approximately|approx|nearly|almost|sold|costs?|priced|paid|worth")
+# A noun naming another kind of number, or a word saying an amount, right before the number: alone (`order
+# 2125551234`, `roughly 3105551234`) or with a number word or sign and a linking word (`invoice #6465550199`,
+# `account: ...`, `account number is ...`). Possessive, so a failing try costs one pass.
+_NAMED_NUMBER = re.compile(r"(?i)\b(?:" + _OTHER_NUMBER + r")\b\.?+[^\S\n]*+"
+                           r"(?:(?:no|nos|nr|num|numbers?|ids?)\b\.?+[^\S\n]*+|#[^\S\n]*+)?+"
+                           r"(?:(?::|is\b|was\b)[^\S\n]*+)?+\Z")
 _PHONE_CONTEXT_SENTENCE = (r"(?i)(?:\b(?:phones?|telephones?|tel|call|mobile|cellphone|fax|contact|whatsapp"
                             r"|text me)\b"
                             r"(?:\s*+\d{1,2}+(?=\s*:))?+[\s:.-]*+"
-                            r"(?:(?!\b(?:" + _OTHER_NUMBER + r")\b)[^\d\s(\[{<>=+*/^;#.!?]|[^\S\n]"
+                            r"(?:[^\d\s(\[{<>=+*/^;#.!?]|[^\S\n]"
                             r"|\.(?<=\b(?:no|nr|dr|mr|ms|st)\.)|\.(?<=\b(?:ext|mrs)\.)|[.!?](?=[^\s.!?])"
                             r"|(?<=\s)\((?:[^\W\d_]|[ .,/&'-]){1,30}+\)|(?<!\d)1?\d{10}(?!\d))*+"
                             r"|\b(?:cell|sms)\b(?:[\s:.,-]|\b(?:is|at|on|to|or|and|no|nr|num|number)\b"
@@ -348,6 +359,12 @@ def part_number_label_before(text: str, start: int, floor: int = 0) -> bool:
     after `floor`: what follows is that thing's number, shaped like an SSN or not."""
     lo = max(floor, start - CONTEXT_CHARS)
     return _PART_NUMBER_LABEL.search(text, lo, start) is not None and _SSN_CONTEXT.search(text, lo, start) is None
+
+
+def named_number_before(text: str, start: int, floor: int = 0) -> bool:
+    """Whether the words right before `start` (after `floor`) name the number there as an order's, an account's,
+    ... or as an amount (`_NAMED_NUMBER`): then it is that, not a phone, whatever phone word came before."""
+    return _NAMED_NUMBER.search(text, max(floor, start - CONTEXT_CHARS), start) is not None
 
 
 def _nanp_ok(match: str) -> bool:
@@ -544,7 +561,7 @@ def builtin_numeric_detectors() -> list[Detector]:
         Detector(IP_ADDRESS, _IPV4, None, _ipv4_ok),
         Detector(PHONE, _PHONE, None, _phone_ok),
         Detector(PHONE, _PHONE_BARE, None, _nanp_ok, context=_PHONE_CONTEXT, context_chars=PHONE_CONTEXT_CHARS,
-                 near_context=_PHONE_CONTEXT_NEXT_LINE),
+                 near_context=_PHONE_CONTEXT_NEXT_LINE, look_alike=named_number_before),
     ]
 
 
