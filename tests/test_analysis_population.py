@@ -16,6 +16,7 @@ from shadowjudge.store import ShadowResult, TrafficSample, session_scope
 from shadowjudge.traffic.records import TrafficRecord
 from shadowjudge.traffic.sources.jsonl import normalise_openai_log
 from test_analysis_alpaca_runs import PROFILES, Profile, build_run, mini, route_for
+from test_analysis_regression import slow_and_dear_run
 
 SPEED_AND_PRICE = ("cost_per_outcome", "latency_p95", "ttft")
 
@@ -50,11 +51,7 @@ def test_cache_hits_of_the_logged_incumbent_leave_the_speed_and_price_comparison
 
 
 def test_a_slower_dearer_candidate_still_fails_with_cache_hits_left_out(engine):
-    run_id = build_run(engine, run_key="r", incumbent="claude-2", replay_incumbent=False, profiles=PROFILES,
-                       candidates={"slow": "claude-2"})
-    with session_scope(engine) as s:
-        s.execute(update(ShadowResult).values(latency_ms=ShadowResult.latency_ms * 3, ttft_ms=ShadowResult.ttft_ms * 3,
-                                              cost_usd=ShadowResult.cost_usd * 4))
+    run_id = slow_and_dear_run(engine)
     _serve_from_cache(engine, 0.2)
     analysis = analyze_run(engine, run_id, route_for(["slow"]))
     slow = analysis.candidate("slow")

@@ -57,14 +57,20 @@ def test_a_worse_model_fails_overall_and_the_analysis_is_deterministic_and_json(
     assert RunAnalysis.from_dict(data).to_dict() == data
 
 
-def test_latency_error_and_cost_regressions_are_measured_against_the_logged_incumbent(engine):
-    """No incumbent replay: its latency, TTFT and cost come from the gateway log."""
+def slow_and_dear_run(engine) -> int:
+    """A run without an incumbent replay whose candidate 'slow' answers as claude-2 does, but three times slower
+    and four times dearer."""
     run_id = build_run(engine, run_key="r", incumbent="claude-2", replay_incumbent=False, profiles=PROFILES,
                        candidates={"slow": "claude-2"})
-    # The candidate answers as claude-2 does, but three times slower and four times dearer.
     with session_scope(engine) as s:
         s.execute(update(ShadowResult).values(latency_ms=ShadowResult.latency_ms * 3, ttft_ms=ShadowResult.ttft_ms * 3,
                                               cost_usd=ShadowResult.cost_usd * 4))
+    return run_id
+
+
+def test_latency_error_and_cost_regressions_are_measured_against_the_logged_incumbent(engine):
+    """No incumbent replay: its latency, TTFT and cost come from the gateway log."""
+    run_id = slow_and_dear_run(engine)
     analysis = analyze_run(engine, run_id, route_for(["slow"]))
     assert analysis.incumbent_source == "logs"
     slow_c = analysis.candidate("slow")

@@ -321,21 +321,26 @@ def test_the_training_flow_labels_production_traffic_then_trains(tmp_path, prefe
     assert len(load_preference_data(tmp_path / "labels").pairs) == 60
 
 
+def _one_sample_run(engine, incumbent_model: str, prompt: str, results: list[tuple[str, str, str]]) -> None:
+    """Run 'r' of route 'chat' over one logged request, with one stored answer per (target, model, text)."""
+    with session_scope(engine) as s:
+        run = ShadowRun(run_key="r", route="chat", config_hash="h")
+        sample = TrafficSample(request_id="req", source="logs", source_position="0", route="chat",
+                               incumbent_model=incumbent_model, messages=[{"role": "user", "content": prompt}],
+                               response_text="logged", request_ts=datetime.now(timezone.utc))
+        s.add_all([run, sample])
+        s.flush()
+        s.add_all([ShadowResult(run_id=run.id, sample_id=sample.id, target=target, model=model, output_text=text)
+                   for target, model, text in results])
+
+
 def test_a_replay_of_the_logged_model_is_not_a_pair_however_the_log_spells_it(sqlite_url):
     """The gateway logs 'anthropic/Inc' for the model the incumbent target calls 'inc': its replay was labelled as
     a pair, and the teacher paid to judge the model against itself."""
     from evaluators.traffic_labels import stored_pairs
 
     engine = get_engine(sqlite_url)
-    with session_scope(engine) as s:
-        run = ShadowRun(run_key="r", route="chat", config_hash="h")
-        sample = TrafficSample(request_id="req", source="logs", source_position="0", route="chat",
-                               incumbent_model="anthropic/Inc", messages=[{"role": "user", "content": "q"}],
-                               response_text="logged", request_ts=datetime.now(timezone.utc))
-        s.add_all([run, sample])
-        s.flush()
-        s.add_all([ShadowResult(run_id=run.id, sample_id=sample.id, target="incumbent", model="inc", output_text="a"),
-                   ShadowResult(run_id=run.id, sample_id=sample.id, target="cand-a", model="cand-a", output_text="b")])
+    _one_sample_run(engine, "anthropic/Inc", "q", [("incumbent", "inc", "a"), ("cand-a", "cand-a", "b")])
     assert [p.target for p in stored_pairs(engine, "chat")] == ["cand-a"]
 
 
@@ -408,15 +413,7 @@ def test_two_targets_serving_one_model_give_one_answer_per_prompt(sqlite_url, tm
     from evaluators.traffic_labels import stored_pairs
 
     engine = get_engine(sqlite_url)
-    with session_scope(engine) as s:
-        run = ShadowRun(run_key="r", route="chat", config_hash="h")
-        sample = TrafficSample(request_id="req", source="logs", source_position="0", route="chat",
-                               incumbent_model="inc", messages=[{"role": "user", "content": "question 0"}],
-                               response_text="logged", request_ts=datetime.now(timezone.utc))
-        s.add_all([run, sample])
-        s.flush()
-        s.add_all([ShadowResult(run_id=run.id, sample_id=sample.id, target=t, model="llama-3", output_text=t)
-                   for t in ("llama-together", "llama-fireworks")])
+    _one_sample_run(engine, "inc", "question 0", [(t, "llama-3", t) for t in ("llama-together", "llama-fireworks")])
     pairs = stored_pairs(engine, "chat")
     assert [(p.target, p.model) for p in pairs] == [("llama-fireworks", "llama-3")]
     label_stored_traffic(engine, "chat", _teacher([]), tmp_path / "labels")

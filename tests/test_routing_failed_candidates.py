@@ -4,7 +4,7 @@ The controller is stepped one iteration at a time, as a pure function: no store,
 """
 
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import pytest
 from hypothesis import given, settings
@@ -14,27 +14,9 @@ from shadowjudge.config import parse_config
 from shadowjudge.routing.controller import Posterior, RolloutState, decide, target_fingerprint
 from shadowjudge.routing.verdicts import VERDICT_KINDS, CandidateVerdict, apply_golden_gate
 from shadowjudge.routing.weights import apportion
+from test_routing_controller import T0, make_route, v
 
-T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
 NAMES = ["inc", "a", "b"]
-
-
-def make_route(policy=None, candidates=("a", "b")):
-    cfg = parse_config({
-        "sources": [{"name": "logs", "path": "x.jsonl"}],
-        "routes": [{
-            "name": "chat",
-            "incumbent": {"name": "inc", "model": "m-inc", "base_url": "http://127.0.0.1:9000/v1"},
-            "candidates": [{"name": c, "model": f"m-{c}", "base_url": f"http://127.0.0.1:90{i + 1:02d}/v1"}
-                           for i, c in enumerate(candidates)],
-            "policy": policy or {},
-        }],
-    })
-    return cfg.routes[0]
-
-
-def v(target, verdict="pass", score=0.6, n=100, **kw):
-    return CandidateVerdict(target, verdict, score=score, n=n, **kw)
 
 
 def step(route, state, verdicts, now):

@@ -561,7 +561,8 @@ def test_a_verdicts_file_that_is_not_utf8_is_refused_naming_the_file(store_url, 
     assert "Traceback" not in said and "UnicodeDecodeError" not in said
 
 
-def test_a_promoted_candidate_that_regresses_is_rolled_back_in_the_gateway_and_the_store(store_url, tmp_path):
+def _promote_better(store_url, tmp_path):
+    """'better' promoted in two passing steps: it serves the route while the config still names 'inc'."""
     cfg_path = write_config(tmp_path, store_url, policy={"steps": [50, 100]})
     route = load_config(cfg_path).route("chat")
     engine, gateway = get_engine(store_url), get_gateway(route.gateway, route)
@@ -569,6 +570,11 @@ def test_a_promoted_candidate_that_regresses_is_rolled_back_in_the_gateway_and_t
         step_route(engine, route, [CandidateVerdict("better", "pass", n=200)], gateway=gateway,
                    now=T0 + timedelta(hours=i))
     assert load_rollout_state(engine, route).serving == "better"
+    return cfg_path, route, engine, gateway
+
+
+def test_a_promoted_candidate_that_regresses_is_rolled_back_in_the_gateway_and_the_store(store_url, tmp_path):
+    cfg_path, route, engine, gateway = _promote_better(store_url, tmp_path)
     regressed = step_route(engine, route, [CandidateVerdict("better", "fail", score=0.1, n=200, critical_alert=True)],
                            gateway=gateway, now=T0 + timedelta(hours=3))
     assert regressed.decision == "rollback" and regressed.status == "applied" and regressed.serving == "inc"
@@ -582,12 +588,7 @@ def test_a_promoted_candidate_that_regresses_is_rolled_back_in_the_gateway_and_t
 def _promote_better_then_refuse_its_rollback(store_url, tmp_path):
     """'better' promoted (serving, the config still names 'inc'), then judged failing while the gateway refuses the
     rollback: the rollback of the serving target is pending."""
-    cfg_path = write_config(tmp_path, store_url, policy={"steps": [50, 100]})
-    route = load_config(cfg_path).route("chat")
-    engine, good = get_engine(store_url), get_gateway(route.gateway, route)
-    for i in range(2):
-        step_route(engine, route, [CandidateVerdict("better", "pass", n=200)], gateway=good,
-                   now=T0 + timedelta(hours=i))
+    cfg_path, route, engine, good = _promote_better(store_url, tmp_path)
     refusing = TrueFoundryGateway(route, route.gateway.path, ["false"])
     failed = step_route(engine, route, [CandidateVerdict("better", "fail", score=0.1, n=200)], gateway=refusing,
                         now=T0 + timedelta(hours=2))

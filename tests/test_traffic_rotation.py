@@ -61,6 +61,14 @@ def set_mtime(path: Path, seconds: int) -> None:
     os.utime(path, (seconds, seconds))
 
 
+def rotate_after_a_tail(live: Path) -> None:
+    """The log gets one more line ("tail0") after the cursor was saved, then logrotate moves it to `<name>.1`."""
+    live.write_bytes(requests("old0", "tail0"))
+    rotated = live.with_name(live.name + ".1")
+    live.rename(rotated)
+    set_mtime(rotated, 1_800_000_000)
+
+
 @contextmanager
 def lines_warnings() -> Iterator[list[str]]:
     """The reader's warnings, from a handler on its own logger: other tests' logging setups may keep records
@@ -143,9 +151,7 @@ def test_logrotates_other_files_are_not_rotations_either(tmp_path):
     live.write_bytes(requests("old0"))
     source = JsonlSource("s", str(tmp_path), 100_000)
     cursor = last_cursor(source)
-    live.write_bytes(requests("old0", "tail0"))
-    live.rename(tmp_path / "requests.jsonl.1")
-    set_mtime(tmp_path / "requests.jsonl.1", 1_800_000_000)
+    rotate_after_a_tail(live)
     (tmp_path / "requests.jsonl.bak").write_bytes(requests("backup0"))
     set_mtime(tmp_path / "requests.jsonl.bak", 1_800_000_600)
     live.write_bytes(requests("fresh0"))
@@ -178,9 +184,7 @@ def test_other_workers_logs_beside_a_file_source_are_never_read_as_its_rotations
     assert ids_read(source, None, window) == ["d23", "old0"]
 
     cursor = last_cursor(source)
-    live.write_bytes(requests("old0", "tail0"))
-    live.rename(tmp_path / "requests.jsonl.1")
-    set_mtime(tmp_path / "requests.jsonl.1", 1_800_000_000)
+    rotate_after_a_tail(live)
     _write_workers_logs(tmp_path, 1_800_000_600)  # the workers went on writing after the rotation
     live.write_bytes(requests("fresh0"))
     assert ids_read(source, cursor) == ["tail0", "fresh0"]
@@ -194,9 +198,7 @@ def test_a_dated_file_beside_a_log_that_logrotate_rotates_is_not_read_as_a_later
     live.write_bytes(requests("old0"))
     source = JsonlSource("s", str(live), 100_000)
     cursor = last_cursor(source)
-    live.write_bytes(requests("old0", "tail0"))
-    live.rename(tmp_path / "requests.jsonl.1")
-    set_mtime(tmp_path / "requests.jsonl.1", 1_800_000_000)
+    rotate_after_a_tail(live)
     (tmp_path / "requests-2026-11-24.jsonl").write_bytes(requests("export0"))
     set_mtime(tmp_path / "requests-2026-11-24.jsonl", 1_800_000_600)
     live.write_bytes(requests("fresh0"))
